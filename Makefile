@@ -1,0 +1,58 @@
+# The two commands of the README:
+#   make demo   sets everything up and runs the controller on the example plugins
+#   make test   sets everything up and runs lint, types, import contracts and all tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STEP := scripts/step.sh
+
+.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd
+
+demo: venv
+	@$(STEP) engines bash scripts/engines.sh docker
+	@$(STEP) images bash images/build.sh
+	$(BIN)/bhctl validate examples/plugins
+	$(BIN)/bhctl engines --engine docker
+
+test: setup
+	@$(STEP) lint $(MAKE) --no-print-directory lint
+	@$(STEP) typecheck $(MAKE) --no-print-directory typecheck
+	@$(STEP) imports $(MAKE) --no-print-directory imports
+	@$(STEP) unit $(MAKE) --no-print-directory unit
+	@$(STEP) integration $(MAKE) --no-print-directory integration
+
+setup: venv
+	@$(STEP) engines bash scripts/engines.sh docker podman
+	@$(STEP) images bash images/build.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml VERSION
+	@$(STEP) venv bash scripts/venv.sh "$(PYTHON)" "$(VENV)"
+	@touch $@
+
+engines:
+	bash scripts/engines.sh docker podman
+
+images: venv
+	PYTHON=$(BIN)/python bash images/build.sh
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck:
+	$(BIN)/mypy
+
+imports:
+	$(BIN)/lint-imports
+
+unit:
+	$(BIN)/pytest tests/unit
+
+integration:
+	$(BIN)/pytest tests/integration
+
+crd: venv
+	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml

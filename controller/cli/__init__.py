@@ -1,0 +1,1 @@
+"""``bhctl``: the command line of the controller."""

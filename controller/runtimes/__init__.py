@@ -1,0 +1,1 @@
+"""Runtime backends: everything that talks to an engine lives here and nowhere else."""

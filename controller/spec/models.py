@@ -1,0 +1,505 @@
+"""Pydantic models of the ``Plugin`` object: its metadata, spec and status.
+
+These models are the single source of truth for the spec format: the CRD's
+schema (:mod:`controller.spec.crd`) is generated from them, and every spec,
+whether read from a file or from the Kubernetes API, is validated by them.
+Field names are camelCase on the wire and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from controller.spec.quantity import Quantity
+from controller.spec.semver import Version, VersionRange
+
+API_GROUP = "blackhole.dev"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KIND = "Plugin"
+LABEL_PREFIX = f"{API_GROUP}/"
+"""Labels under this prefix belong to the controller; users may not set them."""
+
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS1123_LABEL_RE = re.compile(DNS1123_LABEL)
+CAPABILITY = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+HOST_PORT = r"^(\*\.)?[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$"
+# A Docker/OCI image reference: [registry[:port]/]path[:tag][@digest].
+IMAGE_REFERENCE = (
+    r"^(?:[a-zA-Z0-9][a-zA-Z0-9.-]*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+_LABEL_KEY_RE = re.compile(
+    r"^(?:(?P<prefix>[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/)?"
+    r"(?P<name>[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$"
+)
+_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+
+DnsLabel = Annotated[str, Field(pattern=DNS1123_LABEL, min_length=1, max_length=63)]
+"""A DNS-1123 label: lower-case letters, digits and '-', starting and ending alphanumeric."""
+
+
+class _Model(BaseModel):
+    """Base of every spec model: unknown fields are errors, camelCase on the wire."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        use_attribute_docstrings=True,
+        str_strip_whitespace=False,
+        frozen=False,
+    )
+
+
+class NetworkMode(StrEnum):
+    """How much network a plugin gets."""
+
+    NONE = "none"
+    EGRESS = "egress"
+    PRIVATE = "private"
+
+
+class RuntimeName(StrEnum):
+    """The runtimes a plugin can run on."""
+
+    PROCESS = "process"
+    DOCKER = "docker"
+    PODMAN = "podman"
+    KUBERNETES = "kubernetes"
+
+
+class Phase(StrEnum):
+    """Where a plugin is in its life, as the controller last saw it."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SWAPPING = "Swapping"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class Color(StrEnum):
+    """The two slots a plugin's instances run in, for blue/green swaps."""
+
+    BLUE = "blue"
+    GREEN = "green"
+
+
+class ObjectMeta(_Model):
+    """Standard object metadata: the name identifies the plugin."""
+
+    name: DnsLabel
+    """The plugin's name, unique per namespace: a DNS-1123 label (lower-case letters,
+    digits and '-', at most 63 characters), because it becomes part of instance,
+    network and volume names."""
+    namespace: DnsLabel | None = None
+    """The Kubernetes namespace; ignored by the single-host controller."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels copied to the plugin's instances. Keys under blackhole.dev/ are reserved
+    for the controller."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Free-form annotations, not interpreted by the controller."""
+    generation: int | None = Field(default=None, ge=0)
+    """Set by the API server (or the file source): bumped on every change of spec."""
+    uid: str | None = None
+    """Set by the API server."""
+    resource_version: str | None = Field(default=None, alias="resourceVersion")
+    """Set by the API server."""
+    creation_timestamp: datetime | None = Field(default=None, alias="creationTimestamp")
+    """Set by the API server."""
+    deletion_timestamp: datetime | None = Field(default=None, alias="deletionTimestamp")
+    """Set by the API server when the object is being deleted."""
+    finalizers: list[str] = Field(default_factory=list)
+    """Set by the controller while it still has to clean up."""
+    owner_references: list[dict[str, Any]] = Field(default_factory=list, alias="ownerReferences")
+    """Set by the API server or other controllers."""
+    managed_fields: list[dict[str, Any]] = Field(default_factory=list, alias="managedFields")
+    """Set by the API server for server-side apply."""
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            match = _LABEL_KEY_RE.match(key)
+            if match is None or len(match["name"]) > 63 or len(key) > 253:
+                raise ValueError(
+                    f'label key "{key}" is invalid; use [prefix/]name, the name at most 63 '
+                    "characters of letters, digits, '-', '_' and '.'"
+                )
+            if key.startswith(LABEL_PREFIX) or match["prefix"] == API_GROUP:
+                raise ValueError(
+                    f'label key "{key}" is reserved: keys under {LABEL_PREFIX} are set '
+                    "by the controller only"
+                )
+            if len(value) > 63 or not _LABEL_VALUE_RE.match(value):
+                raise ValueError(
+                    f'label "{key}" has invalid value "{value}"; use at most 63 letters, '
+                    "digits, '-', '_' and '.', starting and ending alphanumeric"
+                )
+        return labels
+
+
+class Permissions(_Model):
+    """What the plugin may reach. Must stay within what its manifest asks for."""
+
+    network: NetworkMode = NetworkMode.NONE
+    """none: no network at all, reached only over its Unix socket (the default);
+    egress: a network of its own, outbound only to the hosts in egress;
+    private: a network shared only with the plugins named in peers."""
+    egress: list[Annotated[str, Field(pattern=HOST_PORT)]] = Field(default_factory=list)
+    """host:port destinations the plugin may connect to, with network: egress
+    (e.g. api.example.com:443; *.example.com:443 for any subdomain)."""
+    peers: list[DnsLabel] = Field(default_factory=list)
+    """Plugins sharing the private network, with network: private."""
+    call_plugins: list[DnsLabel] = Field(default_factory=list, alias="callPlugins")
+    """Plugins this plugin may call through the gateway."""
+
+    @model_validator(mode="after")
+    def _check_network(self) -> Self:
+        if self.egress and self.network is not NetworkMode.EGRESS:
+            raise ValueError(
+                f"egress destinations are only allowed with network: egress "
+                f"(network is {self.network.value})"
+            )
+        if self.peers and self.network is not NetworkMode.PRIVATE:
+            raise ValueError(
+                f"peers are only allowed with network: private (network is {self.network.value})"
+            )
+        if self.network is NetworkMode.PRIVATE and not self.peers:
+            raise ValueError("network: private needs at least one plugin in peers")
+        for field, items in (("egress", self.egress), ("peers", self.peers)):
+            if len(set(items)) != len(items):
+                raise ValueError(f"{field} lists an entry twice")
+        for destination in self.egress:
+            port = int(destination.rsplit(":", 1)[1])
+            if not 1 <= port <= 65535:
+                raise ValueError(f'egress "{destination}": port must be 1-65535')
+        return self
+
+
+class Resources(_Model):
+    """Resource limits of each instance. Always enforced: there is no unlimited."""
+
+    cpu: Quantity = Field(default_factory=lambda: Quantity("500m"))
+    """CPU limit in cores, as a Kubernetes quantity: "500m" or "0.5" is half a core.
+    Default 500m; at least 10m."""
+    memory: Quantity = Field(default_factory=lambda: Quantity("128Mi"))
+    """Memory limit in bytes, as a Kubernetes quantity: "128Mi", "1Gi", "500M".
+    Swap is not allowed beyond it. Default 128Mi; at least 6Mi."""
+    pids: int = Field(default=64, ge=1, le=4_194_304)
+    """Maximum number of processes and threads in the instance. Default 64."""
+
+    @field_validator("cpu")
+    @classmethod
+    def _check_cpu(cls, cpu: Quantity) -> Quantity:
+        if cpu.value < 0:
+            raise ValueError(f'"{cpu}" is negative; use a positive CPU amount such as "500m"')
+        if cpu.as_millis() < 10:
+            raise ValueError(f'"{cpu}" is below the minimum of 10m (0.01 cores)')
+        return cpu
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, memory: Quantity) -> Quantity:
+        if memory.value < 0:
+            raise ValueError(f'"{memory}" is negative; use a positive amount such as "128Mi"')
+        if memory.as_int() < 6 * 2**20:
+            raise ValueError(f'"{memory}" is below the minimum of 6Mi that engines accept')
+        return memory
+
+
+def _clean_absolute_path(path: str, what: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f'{what} "{path}" must be an absolute path')
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError(f'{what} "{path}" must not contain ".."')
+    if "\x00" in path:
+        raise ValueError(f"{what} must not contain NUL")
+    return posixpath.normpath(path)
+
+
+class Volume(_Model):
+    """A volume mounted into the plugin: a named volume (the default) or a host path."""
+
+    name: DnsLabel
+    """The volume's name, unique within the plugin."""
+    mount_path: str = Field(alias="mountPath")
+    """Absolute path inside the instance, without "..", e.g. /data."""
+    size: Quantity | None = None
+    """Requested size (a Kubernetes quantity, e.g. 1Gi); a PVC request on Kubernetes."""
+    host_path: str | None = Field(default=None, alias="hostPath")
+    """A host directory to mount instead of a named volume. Must lie under the
+    controller's allowed host-path root; ".." is refused and symlinks that leave
+    the root are refused when the instance starts."""
+    read_only: bool = Field(default=False, alias="readOnly")
+    """Mount read-only."""
+
+    @field_validator("mount_path")
+    @classmethod
+    def _check_mount_path(cls, path: str) -> str:
+        path = _clean_absolute_path(path, "mountPath")
+        if path == "/":
+            raise ValueError('mountPath "/" would hide the whole root filesystem')
+        return path
+
+    @field_validator("host_path")
+    @classmethod
+    def _check_host_path(cls, path: str | None) -> str | None:
+        return None if path is None else _clean_absolute_path(path, "hostPath")
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, size: Quantity | None) -> Quantity | None:
+        if size is not None and size.value <= 0:
+            raise ValueError(f'"{size}" must be positive, e.g. "1Gi"')
+        return size
+
+
+class Health(_Model):
+    """How the controller decides an instance is healthy."""
+
+    period_seconds: int = Field(default=5, ge=1, le=3600, alias="periodSeconds")
+    """Seconds between health checks. Default 5."""
+    timeout_seconds: int = Field(default=1, ge=1, le=600, alias="timeoutSeconds")
+    """Seconds a health check may take. Default 1."""
+    failure_threshold: int = Field(default=3, ge=1, le=100, alias="failureThreshold")
+    """Consecutive failed checks after which the instance is unhealthy. Default 3."""
+    startup_deadline_seconds: int = Field(default=30, ge=1, le=3600, alias="startupDeadlineSeconds")
+    """Seconds a new instance has to become Ready before it counts as failed. Default 30."""
+
+
+class Restart(_Model):
+    """How crashed instances are restarted: exponential backoff, then a crash loop."""
+
+    max_restarts: int = Field(default=5, ge=0, le=1000, alias="maxRestarts")
+    """Restarts allowed within windowSeconds before the plugin is Degraded with reason
+    CrashLoop. Default 5."""
+    window_seconds: int = Field(default=300, ge=1, alias="windowSeconds")
+    """The window over which restarts are counted. Default 300."""
+    backoff_seconds: float = Field(default=1.0, gt=0, le=3600, alias="backoffSeconds")
+    """Delay before the first restart; doubled after each further crash. Default 1."""
+    max_backoff_seconds: float = Field(default=60.0, gt=0, le=86400, alias="maxBackoffSeconds")
+    """Upper bound of the restart delay. Default 60."""
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Self:
+        if self.max_backoff_seconds < self.backoff_seconds:
+            raise ValueError(
+                f"maxBackoffSeconds ({self.max_backoff_seconds}) must not be below "
+                f"backoffSeconds ({self.backoff_seconds})"
+            )
+        return self
+
+
+class HotSwap(_Model):
+    """How a running plugin is moved to a new version, image, config or state version."""
+
+    strategy: Literal["BlueGreen", "Recreate"] = "BlueGreen"
+    """BlueGreen: start the new version beside the old, move state and traffic, then stop
+    the old (the default). Recreate: stop the old, then start the new."""
+    auto_promote: bool = Field(default=True, alias="autoPromote")
+    """Promote the new version as soon as it is Ready and its checks pass. With false,
+    wait for `bhctl swap promote`. Default true."""
+    max_pause_milliseconds: int = Field(default=50, ge=1, le=60_000, alias="maxPauseMilliseconds")
+    """Longest time calls may be held at the flip; longer rolls back. Default 50."""
+    drain_timeout_seconds: int = Field(default=30, ge=0, le=3600, alias="drainTimeoutSeconds")
+    """Longest wait for the old version's in-flight calls to finish. Default 30."""
+    scale_down_delay_seconds: int = Field(default=30, ge=0, le=86400, alias="scaleDownDelaySeconds")
+    """Seconds the old version is kept after promotion, for instant rollback. Default 30."""
+
+
+class State(_Model):
+    """The plugin's state, carried over on a swap."""
+
+    version: int = Field(ge=1)
+    """The state schema version this image reads and writes; the SDK migrates older
+    state up to it."""
+
+
+class Dependency(_Model):
+    """Another plugin that must be Ready before this one is."""
+
+    name: DnsLabel
+    """The plugin depended on."""
+    version: VersionRange = Field(default_factory=lambda: VersionRange.parse("*"))
+    """Versions of it that will do: comparators such as ">=1.0,<2", "^1.2", "~1.2.3",
+    "1.x"; "||" between alternatives. Default "*" (any)."""
+
+
+class PluginSpec(_Model):
+    """The desired state of a plugin: what runs, how isolated, how swapped."""
+
+    image: str = Field(pattern=IMAGE_REFERENCE, max_length=512)
+    """The container image, e.g. blackhole/example-storage:1.2.0, optionally pinned by
+    @sha256 digest."""
+    version: Version
+    """The plugin's semantic version (MAJOR.MINOR.PATCH), e.g. 1.2.0."""
+    runtime: RuntimeName | None = None
+    """process, docker, podman or kubernetes. Default: the controller's runtime."""
+    provides: list[Annotated[str, Field(pattern=CAPABILITY)]] = Field(default_factory=list)
+    """Capabilities the plugin offers, searchable in the registry, e.g. storage.kv."""
+    permissions: Permissions = Field(default_factory=Permissions)
+    """What the plugin may reach. Default: no network, no calls to other plugins."""
+    resources: Resources = Field(default_factory=Resources)
+    """Limits of each instance. Default: cpu 500m, memory 128Mi, pids 64."""
+    volumes: list[Volume] = Field(default_factory=list)
+    """Volumes to mount. The root filesystem is read-only; /tmp is always a tmpfs."""
+    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(default_factory=dict)
+    """Environment variables. Names starting with BLACKHOLE_ are reserved."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Free-form configuration handed to the plugin's Initialize call."""
+    health: Health = Field(default_factory=Health)
+    """Health checking."""
+    restart: Restart = Field(default_factory=Restart)
+    """Restart policy for crashed instances."""
+    hot_swap: HotSwap = Field(default_factory=HotSwap, alias="hotSwap")
+    """How new versions replace the running one."""
+    state: State | None = None
+    """The plugin's state schema; omit for a stateless plugin (nothing is carried over)."""
+    depends_on: list[Dependency] = Field(default_factory=list, alias="dependsOn")
+    """Plugins that must be Ready first, with the versions that will do."""
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in env if k.upper().startswith("BLACKHOLE_"))
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)}: names starting with BLACKHOLE_ are reserved "
+                "for the controller"
+            )
+        return env
+
+    @field_validator("provides")
+    @classmethod
+    def _check_provides(cls, provides: list[str]) -> list[str]:
+        if len(set(provides)) != len(provides):
+            raise ValueError("a capability is listed twice")
+        return provides
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> Self:
+        names = [v.name for v in self.volumes]
+        paths = [v.mount_path for v in self.volumes]
+        for what, items in (("name", names), ("mountPath", paths)):
+            twice = sorted({i for i in items if items.count(i) > 1})
+            if twice:
+                raise ValueError(f"volumes: {what} {', '.join(twice)} used more than once")
+        if "/tmp" in paths:
+            raise ValueError("volumes: /tmp is always a private tmpfs; mount elsewhere")
+        deps = [d.name for d in self.depends_on]
+        twice = sorted({d for d in deps if deps.count(d) > 1})
+        if twice:
+            raise ValueError(f"dependsOn: {', '.join(twice)} listed more than once")
+        return self
+
+
+class Condition(_Model):
+    """A condition in the shape of Kubernetes' metav1.Condition."""
+
+    type: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
+    """Ready, Progressing or Degraded."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    """A CamelCase word saying why, e.g. InstanceHealthy or CrashLoop."""
+    message: str = Field(default="", max_length=32768)
+    """A human-readable explanation."""
+    last_transition_time: datetime = Field(alias="lastTransitionTime")
+    """When status last changed."""
+    observed_generation: int | None = Field(default=None, ge=0, alias="observedGeneration")
+    """The generation of the spec this condition was computed from."""
+
+
+class InstanceStatus(_Model):
+    """What one instance (one color) of the plugin is doing."""
+
+    color: Color
+    """blue or green."""
+    version: str
+    """The plugin version this instance runs."""
+    state: str
+    """The runtime's view: created, running, exited, ..."""
+    restarts: int = Field(default=0, ge=0)
+    """How often the controller restarted this instance."""
+    ready: bool = False
+    """Whether its health check passes."""
+    last_exit_code: int | None = Field(default=None, alias="lastExitCode")
+    """The exit code of its last crash, if any."""
+    oom_killed: bool = Field(default=False, alias="oomKilled")
+    """Whether its last crash was an out-of-memory kill."""
+
+
+class SwapStatus(_Model):
+    """The outcome of the last blue/green swap."""
+
+    from_version: str = Field(alias="from")
+    """The version swapped from."""
+    to_version: str = Field(alias="to")
+    """The version swapped to."""
+    pause_milliseconds: float | None = Field(default=None, ge=0, alias="pauseMilliseconds")
+    """How long calls were held at the flip."""
+    result: Literal["Promoted", "RolledBack", "Aborted", "InProgress"]
+    """How the swap ended."""
+    reason: str | None = None
+    """Why it rolled back or was aborted, e.g. SwapFailedImport."""
+    time: datetime | None = None
+    """When it ended."""
+
+
+class PluginStatus(_Model):
+    """The observed state of a plugin. Written by the controller only."""
+
+    phase: Phase = Phase.PENDING
+    """Pending, Running, Swapping, Degraded or Failed."""
+    observed_generation: int | None = Field(default=None, ge=0, alias="observedGeneration")
+    """The generation of the spec the controller last acted on."""
+    active_color: Color | None = Field(default=None, alias="activeColor")
+    """The color receiving calls."""
+    active_version: str | None = Field(default=None, alias="activeVersion")
+    """The version receiving calls."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Ready, Progressing and Degraded."""
+    instances: list[InstanceStatus] = Field(default_factory=list)
+    """The plugin's instances, one per color that exists."""
+    last_swap: SwapStatus | None = Field(default=None, alias="lastSwap")
+    """The last blue/green swap."""
+
+
+class Plugin(_Model):
+    """A plugin: one isolated, health-checked, hot-swappable component run by the Blackhole
+    controller."""
+
+    api_version: Literal["blackhole.dev/v1alpha1"] = Field(alias="apiVersion")
+    """The API version: blackhole.dev/v1alpha1."""
+    kind: Literal["Plugin"]
+    """The kind: Plugin."""
+    metadata: ObjectMeta
+    """Standard object metadata; metadata.name is the plugin's name."""
+    spec: PluginSpec
+    """The desired state."""
+    status: PluginStatus | None = None
+    """The observed state, written by the controller."""
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def key(self) -> str:
+        """The work-queue key: ``name``, or ``namespace/name`` on Kubernetes."""
+        ns = self.metadata.namespace
+        return f"{ns}/{self.metadata.name}" if ns else self.metadata.name
+
+    def to_document(self) -> dict[str, Any]:
+        """The object as it is written in YAML or sent to Kubernetes."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

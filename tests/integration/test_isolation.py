@@ -1,0 +1,152 @@
+"""A container made from a spec is isolated as promised, on Docker and on Podman.
+
+Each setting is checked twice: in the engine's own inspect output, and from
+inside the container, where the kernel shows what really took effect.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import docker.errors
+import pytest
+
+from controller.runtimes import container
+from controller.spec import models
+
+from .conftest import BASE_IMAGE, SESSION_LABEL, EngineUnderTest
+
+# Runs inside the container and reports what the kernel enforces.
+PROBE = r"""
+import json, os
+
+def read(*paths):
+    for path in paths:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    return None
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return line.split()[1]
+
+def writable(path):
+    try:
+        with open(os.path.join(path, ".probe"), "w") as f:
+            f.write("x")
+        os.unlink(os.path.join(path, ".probe"))
+        return True
+    except OSError:
+        return False
+
+interfaces = [l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]]
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(),
+    "cap_eff": status("CapEff"), "cap_bnd": status("CapBnd"),
+    "no_new_privs": status("NoNewPrivs"),
+    "interfaces": interfaces,
+    "root_writable": writable("/"), "tmp_writable": writable("/tmp"),
+    "memory_max": read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+    "memsw_max": read("/sys/fs/cgroup/memory.swap.max",
+                      "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"),
+    "cpu_max": read("/sys/fs/cgroup/cpu.max"),
+    "cfs_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+    "cfs_period": read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    "pids_max": read("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
+}))
+"""
+
+MEMORY = 96 * 2**20
+PODMAN_DEFAULT_CAPS = {
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETFCAP",
+    "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+
+
+def spec() -> models.PluginSpec:
+    return models.PluginSpec.model_validate(
+        {
+            "image": BASE_IMAGE,
+            "version": "1.0.0",
+            "resources": {"cpu": "250m", "memory": "96Mi", "pids": 32},
+            "env": {"GREETING": "hello"},
+        }
+    )
+
+
+def run_probe(engine: EngineUnderTest, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    options = container.container_options(spec(), name=engine.name(name), labels=engine.labels)
+    options["command"] = ["python3", "-c", PROBE]
+    created = engine.client.containers.create(**options)
+    created.start()
+    result = created.wait(timeout=60)
+    logs = created.logs(stdout=True, stderr=True).decode()
+    assert result["StatusCode"] == 0, logs
+    inspected = engine.client.api.inspect_container(engine.name(name))
+    return inspected, json.loads(logs.strip().splitlines()[-1])
+
+
+def test_engine_reports_every_isolation_setting(engine: EngineUnderTest) -> None:
+    inspected, _ = run_probe(engine, "inspect")
+    host = inspected["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["ReadonlyRootfs"] is True
+    assert host["Memory"] == MEMORY
+    assert host["MemorySwap"] == MEMORY
+    assert host["CpuQuota"] == 25_000
+    assert host["CpuPeriod"] == 100_000
+    assert host["PidsLimit"] == 32
+    dropped = {c.upper().removeprefix("CAP_") for c in host["CapDrop"]}
+    # Docker reports ALL; Podman expands ALL into the capabilities it would have granted.
+    assert dropped == {"ALL"} or dropped >= PODMAN_DEFAULT_CAPS, host["CapDrop"]
+    assert not host.get("CapAdd")
+    assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"])
+    assert host["Privileged"] is False
+    assert "/tmp" in host["Tmpfs"]
+    assert inspected["Config"]["User"] == container.DEFAULT_USER
+    assert inspected["Config"]["Labels"][SESSION_LABEL] == engine.labels[SESSION_LABEL]
+    assert "GREETING=hello" in inspected["Config"]["Env"]
+
+
+def test_kernel_enforces_every_isolation_setting(engine: EngineUnderTest) -> None:
+    _, seen = run_probe(engine, "probe")
+    assert (seen["uid"], seen["gid"]) == (65532, 65532)
+    assert int(str(seen["cap_eff"]), 16) == 0
+    assert int(str(seen["cap_bnd"]), 16) == 0
+    assert seen["no_new_privs"] == "1"
+    assert seen["interfaces"] == ["lo"]
+    assert seen["root_writable"] is False
+    assert seen["tmp_writable"] is True
+    assert int(str(seen["memory_max"])) == MEMORY
+    if seen["memsw_max"] is not None:  # absent when the kernel does not account swap
+        assert seen["memsw_max"] in (str(MEMORY), "0")
+    if seen["cpu_max"] is not None:
+        assert seen["cpu_max"] == "25000 100000"
+    else:
+        assert (seen["cfs_quota"], seen["cfs_period"]) == ("25000", "100000")
+    assert seen["pids_max"] == "32"
+
+
+def test_root_is_refused() -> None:
+    with pytest.raises(ValueError, match="never run as root"):
+        container.container_options(
+            spec(), name="x", labels={}, isolation=container.Isolation(user="0:0")
+        )
+
+
+def test_session_resources_are_labelled_for_cleanup(engine: EngineUnderTest) -> None:
+    created = engine.client.containers.create(
+        BASE_IMAGE, ["true"], name=engine.name("label"), labels=engine.labels
+    )
+    listed = engine.client.containers.list(
+        all=True, filters={"label": f"{SESSION_LABEL}={engine.labels[SESSION_LABEL]}"}
+    )
+    assert created.id in {c.id for c in listed}
+    created.remove(force=True)
+    with pytest.raises(docker.errors.NotFound):
+        engine.client.containers.get(engine.name("label"))
