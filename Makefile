@@ -56,3 +56,4 @@ integration:
 
 crd: venv
 	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml
+	$(BIN)/bhctl crd > deploy/kubernetes/crd-plugins.blackhole.dev.yaml

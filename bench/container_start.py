@@ -1,0 +1,129 @@
+"""Bare container start-up on Docker and Podman: the floor the controller is measured against.
+
+For each engine, creates and starts N containers from the base image with the
+controller's isolation settings (no network, read-only root, no capabilities,
+limits) and times create+start until the plugin's Unix socket, in a directory
+mounted from the host, accepts a connection. Prints JSON; ``--plot FILE``
+draws the distributions (needs matplotlib).
+
+    .venv/bin/python bench/container_start.py --runs 20 [--plot start.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from controller.runtimes import container
+from controller.spec import models
+
+SERVER = (
+    "import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); "
+    "[c.close() for c in iter(lambda: s.accept()[0], None)]"
+)
+LABEL = "blackhole.dev/bench"
+
+
+def wait_for_socket(path: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                return
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.0005)
+    raise TimeoutError(f"{path} did not accept within the deadline")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def measure(engine: container.Engine, image: str, runs: int) -> dict[str, Any]:
+    client = container.connect(engine)
+    spec = models.PluginSpec.model_validate({"image": image, "version": "0.0.1"})
+    run_id = uuid.uuid4().hex[:8]
+    uid, gid = (int(x) for x in container.DEFAULT_USER.split(":"))
+    samples = []
+    try:
+        for i in range(runs):
+            socket_dir = Path(tempfile.mkdtemp(prefix="bh-bench-"))
+            os.chown(socket_dir, uid, gid)
+            socket_dir.chmod(0o700)
+            options = container.container_options(
+                spec, name=f"bh-bench-{run_id}-{i}", labels={LABEL: run_id}
+            )
+            options["command"] = ["python3", "-c", SERVER, "/run/plugin/plugin.sock"]
+            options["volumes"] = {str(socket_dir): {"bind": "/run/plugin", "mode": "rw"}}
+            start = time.perf_counter()
+            created = client.containers.create(**options)
+            created.start()
+            wait_for_socket(socket_dir / "plugin.sock", time.monotonic() + 30)
+            samples.append((time.perf_counter() - start) * 1000)
+            created.remove(force=True)
+            shutil.rmtree(socket_dir, ignore_errors=True)
+    finally:
+        for leftover in client.containers.list(all=True, filters={"label": f"{LABEL}={run_id}"}):
+            leftover.remove(force=True)
+        client.close()
+    return {
+        "runs": runs,
+        "p50_ms": round(statistics.median(samples), 1),
+        "p99_ms": round(percentile(samples, 0.99), 1),
+        "min_ms": round(min(samples), 1),
+        "samples_ms": [round(s, 1) for s in samples],
+    }
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    engines = list(results["engines"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.boxplot([results["engines"][e]["samples_ms"] for e in engines], labels=engines)
+    ax.set_ylabel("create + start until the socket accepts (ms)")
+    ax.set_title(f"Bare container start-up, {results['image']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--image", default=os.environ.get("BASE_IMAGE", "blackhole/base:bookworm"))
+    parser.add_argument("--engine", action="append", type=container.Engine)
+    parser.add_argument("--plot", metavar="FILE")
+    args = parser.parse_args()
+    engines = args.engine or list(container.Engine)
+    results = {
+        "benchmark": "container_start",
+        "image": args.image,
+        "engines": {str(e): measure(e, args.image, args.runs) for e in engines},
+    }
+    if len(engines) == 2:
+        a, b = (results["engines"][str(e)]["p50_ms"] for e in engines)
+        results[f"p50_ratio_{engines[1]}_over_{engines[0]}"] = round(b / a, 2)
+    print(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
