@@ -67,3 +67,18 @@ class EngineUnavailableError(RuntimeBackendError):
 
 class InstanceNotFoundError(RuntimeBackendError):
     """The instance asked for does not exist in the runtime."""
+
+
+class TemporaryError(ControllerError):
+    """A reconcile pass failed in a way worth retrying: requeue the key with backoff.
+
+    ``delay`` overrides the backoff when the cause says how long to wait.
+    """
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(ControllerError):
+    """A reconcile pass cannot succeed until the spec changes: do not retry hot."""
