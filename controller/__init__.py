@@ -1,7 +1,8 @@
 """Blackhole plugin controller: declarative plugin specs in, isolated plugin instances out.
 
-The package's layers point one way: ``cli`` -> ``reconcile`` -> ``runtimes`` ->
-``spec`` -> ``errors`` (see the import-linter contracts in ``pyproject.toml``).
+The package's layers point one way: ``cli`` -> ``reconcile`` -> ``sources`` |
+``runtimes`` -> ``spec`` -> ``errors`` (see the import-linter contracts in
+``pyproject.toml``).
 """
 
 from importlib import metadata
