@@ -52,8 +52,15 @@ ensure_docker() {
     bh_log "docker answers"
     return
   fi
+  if [ "$(id -u)" -ne 0 ]; then
+    if pgrep -x dockerd >/dev/null; then
+      bh_die "dockerd runs but does not answer you ($(id -un)): add yourself to the 'docker' group (sudo usermod -aG docker $(id -un), then log in again), or point DOCKER_HOST at a Docker API you may use."
+    fi
+    command -v dockerd >/dev/null 2>&1 ||
+      bh_die "Docker is not installed: install it as root (Debian: sudo apt-get install docker.io), start it (sudo dockerd &), and run this script again."
+    bh_die "dockerd is installed but not running, and starting it needs root: run 'sudo dockerd &' (or 'sudo systemctl start docker') and try again."
+  fi
   command -v dockerd >/dev/null 2>&1 || apt_install docker.io
-  [ "$(id -u)" -eq 0 ] || bh_die "dockerd is installed but not running, and starting it needs root: run 'sudo dockerd &' (or 'sudo systemctl start docker') and try again."
   if [ -S /var/run/docker.sock ] && ! pgrep -x dockerd >/dev/null; then
     rm -f /var/run/docker.sock
   fi
