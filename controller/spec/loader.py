@@ -141,8 +141,6 @@ def _issues_from(
             has_value = False
         elif kind == "value_error":
             message = message.removeprefix("Value error, ")
-            if not loc or loc[-1] in {"permissions", "spec", "restart"}:
-                has_value = False
         elif kind == "string_pattern_mismatch":
             message = _pattern_help(loc, message)
         if isinstance(err.get("input"), dict | list) and kind not in {"dict_type", "list_type"}:

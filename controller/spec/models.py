@@ -55,8 +55,6 @@ class _Model(BaseModel):
         validate_by_name=True,
         serialize_by_alias=True,
         use_attribute_docstrings=True,
-        str_strip_whitespace=False,
-        frozen=False,
     )
 
 
