@@ -66,7 +66,8 @@ ensure_docker() {
   fi
   if ! pgrep -x dockerd >/dev/null; then
     bh_log "starting dockerd (log: $run_dir/dockerd.log)"
-    setsid dockerd >"$run_dir/dockerd.log" 2>&1 </dev/null &
+    # From /, so that the daemon does not hold (or depend on) the caller's directory.
+    (cd / && exec setsid dockerd >"$run_dir/dockerd.log" 2>&1 </dev/null) &
   fi
   wait_for 60 docker docker_answers || bh_die "dockerd did not answer within 60 s; its log is $run_dir/dockerd.log"
 }
@@ -110,8 +111,9 @@ ensure_podman() {
   mkdir -p "$run_dir/podman"
   rm -f "$run_dir/podman/podman.sock"
   bh_log "starting podman system service (log: $run_dir/podman.log)"
-  setsid podman system service --time=0 "unix://$run_dir/podman/podman.sock" \
-    >"$run_dir/podman.log" 2>&1 </dev/null &
+  # From /: conmon needs the service's working directory to exist for every container.
+  (cd / && exec setsid podman system service --time=0 "unix://$run_dir/podman/podman.sock" \
+    >"$run_dir/podman.log" 2>&1 </dev/null) &
   wait_for 30 podman podman_answers || bh_die "podman system service did not answer within 30 s; its log is $run_dir/podman.log"
 }
 
