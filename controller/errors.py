@@ -69,6 +69,10 @@ class InstanceNotFoundError(RuntimeBackendError):
     """The instance asked for does not exist in the runtime."""
 
 
+class InstanceConflictError(RuntimeBackendError):
+    """An instance of that name exists already (another pass, or a controller before a crash)."""
+
+
 class TemporaryError(ControllerError):
     """A reconcile pass failed in a way worth retrying: requeue the key with backoff.
 

@@ -1,4 +1,5 @@
-"""``bhctl`` commands: version, crd, validate.
+"""``bhctl`` commands: the controller (run), its admin client (apply, get, describe, delete,
+logs) and offline tools (validate, crd, engines, version).
 
 The CLI is the top layer: it may import every other part of the controller,
 and nothing imports it. It is the only place that prints.
@@ -6,18 +7,24 @@ and nothing imports it. It is the only place that prints.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import controller
-from controller.errors import EngineUnavailableError, SpecError
+from controller.admin import client as admin_client
+from controller.cli import logs, run
+from controller.errors import ControllerError, EngineUnavailableError, SpecError
 from controller.runtimes import container
 from controller.spec import crd, loader, models
 
@@ -28,7 +35,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+# Tables keep their full width when the output is piped (scripts, CI logs).
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -103,6 +111,249 @@ def engines(
     out.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+DATA_DIR = typer.Option(
+    None,
+    "--data-dir",
+    envvar="BLACKHOLE_DATA_DIR",
+    help="The controller's data directory (default /var/lib/blackhole as root).",
+)
+
+
+@app.command("run")
+def run_controller(
+    specs: Path | None = typer.Option(
+        None, "--specs", help="Directory of spec files to follow (never written)."
+    ),
+    runtime: container.Engine = typer.Option(
+        container.Engine.DOCKER, "--runtime", help="Where instances run."
+    ),
+    data_dir: Path | None = DATA_DIR,
+    workers: int = typer.Option(8, "--workers", min=1, max=256, help="Parallel reconcilers."),
+    resync_seconds: float = typer.Option(
+        300.0, "--resync-seconds", min=1.0, help="Seconds between full resyncs."
+    ),
+    host_path_root: Path | None = typer.Option(
+        None, "--host-path-root", help="Host paths in specs must lie under it (default: none)."
+    ),
+    controller_id: str = typer.Option(
+        "default",
+        "--controller-id",
+        help="Identity on the engine: a controller owns only what carries its id.",
+    ),
+    log_format: str = typer.Option("text", "--log-format", help="text or json"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+) -> None:
+    """Run the controller in the foreground until SIGTERM; instances keep running after it."""
+    if log_format not in {"text", "json"}:
+        raise typer.BadParameter(f'"{log_format}"; use text or json', param_hint="--log-format")
+    if specs is not None and not specs.is_dir():
+        raise typer.BadParameter(f"{specs} is not a directory", param_hint="--specs")
+    logs.configure(log_format, log_level)
+    options = run.Options(
+        specs=specs,
+        runtime=runtime,
+        data_dir=data_dir or run.default_data_dir(),
+        workers=workers,
+        resync_seconds=resync_seconds,
+        host_path_root=host_path_root,
+        controller_id=controller_id,
+    )
+    try:
+        asyncio.run(run.serve(options))
+    except ControllerError as e:
+        err.print(f"[red]error[/]: {escape(str(e))}")
+        raise typer.Exit(1) from None
+
+
+def _client(data_dir: Path | None) -> admin_client.AdminClient:
+    return admin_client.AdminClient(run.admin_socket(data_dir or run.default_data_dir()))
+
+
+def _fail(e: ControllerError) -> typer.Exit:
+    err.print(f"[red]error[/]: {escape(str(e))}")
+    return typer.Exit(1)
+
+
+@app.command()
+def apply(
+    files: list[Path] = typer.Option(..., "--filename", "-f", help="Spec files to apply."),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Apply specs to the running controller (kept in its data directory)."""
+    admin = _client(data_dir)
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            err.print(f"[red]error[/]: {escape(str(path))}: {escape(e.strerror or str(e))}")
+            raise typer.Exit(1) from None
+        try:
+            answer = admin.apply(text, str(path))
+        except ControllerError as e:
+            raise _fail(e) from None
+        for item in answer["applied"]:
+            out.print(f"plugin/{item['name']} applied (generation {item['generation']})")
+
+
+def _condition(document: dict[str, Any], type_: str) -> dict[str, Any]:
+    for condition in (document.get("status") or {}).get("conditions", []):
+        if condition["type"] == type_:
+            return dict(condition)
+    return {}
+
+
+def _age(since: str | None) -> str:
+    if not since:
+        return "-"
+    seconds = int((datetime.now(UTC) - datetime.fromisoformat(since)).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+_PHASE_STYLE = {"Running": "green", "Pending": "yellow", "Degraded": "red", "Failed": "red"}
+
+
+@app.command()
+def get(
+    name: str | None = typer.Argument(None, help="One plugin (default: all)."),
+    output: str = typer.Option("table", "--output", "-o", help="table, wide, json or yaml"),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """List plugins with their status."""
+    if output not in {"table", "wide", "json", "yaml"}:
+        raise typer.BadParameter(f'"{output}"; use table, wide, json or yaml', param_hint="-o")
+    admin = _client(data_dir)
+    try:
+        if name is None:
+            answer = admin.list()
+            items, errors = answer["items"], answer["errors"]
+        else:
+            items, errors = [admin.get(name)["plugin"]], []
+    except ControllerError as e:
+        raise _fail(e) from None
+    if output in {"json", "yaml"}:
+        document: Any = items[0] if name else {"apiVersion": "v1", "kind": "List", "items": items}
+        if output == "json":
+            sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        else:
+            sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
+        return
+    columns = ["NAME", "VERSION", "PHASE", "READY", "RESTARTS", "ACTIVE", "AGE"]
+    if output == "wide":
+        columns += ["IMAGE", "REASON", "MESSAGE"]
+    table = Table(*columns, box=None)
+    for item in items:
+        status = item.get("status") or {}
+        ready = _condition(item, "Ready")
+        phase = status.get("phase", "Pending")
+        restarts = sum(i.get("restarts", 0) for i in status.get("instances", []))
+        row = [
+            item["metadata"]["name"],
+            str(item["spec"]["version"]),
+            f"[{_PHASE_STYLE.get(phase, 'white')}]{phase}[/]",
+            ready.get("status", "Unknown"),
+            str(restarts),
+            status.get("activeColor", "-"),
+            _age(ready.get("lastTransitionTime")),
+        ]
+        if output == "wide":
+            message = ready.get("message", "").splitlines()
+            row += [item["spec"]["image"], ready.get("reason", "-"), message[0] if message else ""]
+        table.add_row(*(escape(c) if "[" not in c else c for c in row))
+    out.print(table)
+    for error in errors:
+        err.print(f"[yellow]warning[/]: {escape(error['origin'])}: {escape(error['message'])}")
+
+
+@app.command()
+def describe(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """Show one plugin: spec, status, conditions, instances and events."""
+    try:
+        answer = _client(data_dir).get(name)
+    except ControllerError as e:
+        raise _fail(e) from None
+    plugin, status = answer["plugin"], answer["plugin"].get("status") or {}
+    spec = plugin["spec"]
+    resources = spec.get("resources", {})
+    out.print(f"[bold]Name:[/]        {escape(plugin['metadata']['name'])}")
+    out.print(f"[bold]Declared in:[/] {escape(answer['origin'])}")
+    out.print(f"[bold]Image:[/]       {escape(spec['image'])}")
+    out.print(f"[bold]Version:[/]     {spec['version']}")
+    out.print(
+        f"[bold]Resources:[/]   cpu {resources.get('cpu')}, memory {resources.get('memory')}, "
+        f"pids {resources.get('pids')}"
+    )
+    out.print(f"[bold]Network:[/]     {spec.get('permissions', {}).get('network', 'none')}")
+    out.print(
+        f"[bold]Phase:[/]       {status.get('phase', 'Pending')} "
+        f"(generation {plugin['metadata'].get('generation')}, observed "
+        f"{status.get('observedGeneration', '-')})"
+    )
+    conditions = Table("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE", box=None, title="Conditions")
+    for c in status.get("conditions", []):
+        conditions.add_row(
+            c["type"],
+            c["status"],
+            c["reason"],
+            _age(c["lastTransitionTime"]),
+            escape(c.get("message", "")),
+        )
+    out.print(conditions)
+    instances = Table(
+        "COLOR", "VERSION", "STATE", "READY", "RESTARTS", "LAST EXIT", box=None, title="Instances"
+    )
+    for i in status.get("instances", []):
+        exit_code = i.get("lastExitCode")
+        last = "-" if exit_code is None else str(exit_code) + (" OOM" if i.get("oomKilled") else "")
+        instances.add_row(
+            i["color"],
+            i["version"],
+            i["state"],
+            str(i.get("ready", False)),
+            str(i.get("restarts", 0)),
+            last,
+        )
+    out.print(instances)
+    events = Table("TYPE", "REASON", "AGE", "COUNT", "MESSAGE", box=None, title="Events")
+    for event in answer["events"]:
+        events.add_row(
+            event["type"],
+            event["reason"],
+            _age(event["lastTimestamp"]),
+            str(event["count"]),
+            escape(event["message"]),
+        )
+    out.print(events)
+
+
+@app.command()
+def delete(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """Delete an applied plugin: its instances and networks go; named volumes stay."""
+    try:
+        _client(data_dir).delete(name)
+    except ControllerError as e:
+        raise _fail(e) from None
+    out.print(f"plugin/{name} deleted")
+
+
+@app.command("logs")
+def show_logs(
+    name: str = typer.Argument(...),
+    color: str | None = typer.Option(None, "--color", help="blue or green (default: active)."),
+    tail: int = typer.Option(100, "--tail", min=0, help="Lines to show."),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Print the last lines an instance wrote."""
+    try:
+        answer = _client(data_dir).logs(name, color, tail)
+    except ControllerError as e:
+        raise _fail(e) from None
+    for line in answer["lines"]:
+        sys.stdout.write(line + "\n")
 
 
 def main() -> None:

@@ -5,22 +5,49 @@ service``), so one docker-py client drives either. This module owns the
 connection to an engine and the translation of a :class:`PluginSpec` into
 the isolation settings of a container: no network, read-only root, tmpfs
 ``/tmp``, a non-root user, no capabilities, ``no-new-privileges``, and CPU,
-memory (swap included) and pids limits. ``docker`` is imported here only.
+memory (swap included) and pids limits, and the backend itself
+(:class:`ContainerRuntime`): instances by deterministic name and ownership
+labels, a socket directory per instance, labelled named volumes, private
+networks between plugins that name each other. ``docker`` is imported here only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import logging
 import os
+import re
+import shutil
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.types
+import requests.exceptions
 
-from controller.errors import EngineUnavailableError
+from controller.errors import (
+    EngineUnavailableError,
+    InstanceConflictError,
+    InstanceNotFoundError,
+    RuntimeBackendError,
+    SpecError,
+    SpecIssue,
+)
+from controller.runtimes import base
 from controller.spec import models
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CPU_PERIOD_US = 100_000
 """The CFS period the CPU quota is expressed in (the kernel's default, 100 ms)."""
@@ -102,33 +129,57 @@ class Isolation:
     tmp_size: str = TMP_SIZE
     """Size of the private tmpfs on /tmp."""
 
+    @property
+    def uid_gid(self) -> tuple[int, int]:
+        uid, _, gid = self.user.partition(":")
+        return int(uid), int(gid or uid)
+
 
 def container_options(
     spec: models.PluginSpec,
     *,
     name: str,
-    labels: dict[str, str],
+    labels: Mapping[str, str],
     isolation: Isolation = Isolation(),
+    socket_dir: Path | None = None,
+    volumes: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The docker-py ``containers.create`` arguments that run ``spec`` isolated.
 
     The same arguments work on Docker and on Podman's Docker-compatible API:
     CPU is set as a CFS quota (Podman's API ignores ``nano_cpus``) and swap
     is pinned to the memory limit, so a plugin gets no swap at all.
+    ``socket_dir`` is mounted at ``/run/blackhole``; ``volumes`` maps each
+    spec volume's name to the engine volume (or checked host path) behind it.
     """
     uid = isolation.user.split(":", 1)[0]
     if uid in {"0", "root"}:
         raise ValueError("plugins never run as root; configure an unprivileged uid:gid")
     memory = spec.resources.memory.as_int()
+    mounts = []
+    if socket_dir is not None:
+        mounts.append(docker.types.Mount(base.SOCKET_DIR_IN_INSTANCE, str(socket_dir), type="bind"))
+    for volume in spec.volumes:
+        source = (volumes or {})[volume.name]
+        mounts.append(
+            docker.types.Mount(
+                volume.mount_path,
+                source,
+                type="bind" if volume.host_path else "volume",
+                read_only=volume.read_only,
+            )
+        )
     return {
         "image": spec.image,
         "name": name,
-        "labels": labels,
+        "labels": dict(labels),
         "user": isolation.user,
-        "environment": dict(spec.env),
+        "environment": {**spec.env, **(env or {})},
         "network_mode": "none",
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={isolation.tmp_size}"},
+        "mounts": mounts,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "pids_limit": spec.resources.pids,
@@ -138,3 +189,446 @@ def container_options(
         "cpu_quota": spec.resources.cpu.as_millis() * CPU_PERIOD_US // 1000,
         "detach": True,
     }
+
+
+def check_host_paths(spec: models.PluginSpec, root: Path | None) -> list[SpecIssue]:
+    """Host paths must resolve, symlinks followed, to a directory under ``root``."""
+    issues = []
+    for index, volume in enumerate(spec.volumes):
+        if volume.host_path is None:
+            continue
+        field = f"spec.volumes[{index}].hostPath"
+        if root is None:
+            issues.append(
+                _issue(
+                    field,
+                    "host paths are not allowed: the controller has no host-path root "
+                    "(start it with --host-path-root DIR)",
+                    volume.host_path,
+                )
+            )
+            continue
+        real_root = root.resolve()
+        path = Path(volume.host_path)
+        if not path.is_relative_to(real_root) and not path.is_relative_to(root):
+            issues.append(
+                _issue(
+                    field,
+                    f"is outside the allowed host-path root {root}; use a directory under it",
+                    volume.host_path,
+                )
+            )
+            continue
+        real = path.resolve()
+        if not real.is_relative_to(real_root):
+            issues.append(
+                _issue(
+                    field,
+                    f"resolves through a symlink to {real}, outside the allowed "
+                    f"host-path root {root}",
+                    volume.host_path,
+                )
+            )
+        elif not real.is_dir():
+            issues.append(
+                _issue(
+                    field, "does not exist or is not a directory; create it first", volume.host_path
+                )
+            )
+    return issues
+
+
+def _issue(path: str, message: str, value: object) -> SpecIssue:
+    return SpecIssue("runtime", None, path, message, value=value, has_value=True)
+
+
+def link_network(a: str, b: str) -> str:
+    """The network two plugins share when each names the other in ``peers``."""
+    first, second = sorted((a, b))
+    digest = hashlib.sha256(f"{first}/{second}".encode()).hexdigest()[:12]
+    return f"bh-link-{digest}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the backend reaches its engine and where it keeps instance files."""
+
+    engine: Engine
+    data_dir: Path
+    """Per-instance socket directories live in ``data_dir/instances``."""
+    url: str | None = None
+    controller_id: str = "default"
+    """Several controllers may share an engine; each owns only what carries its id."""
+    host_path_root: Path | None = None
+    """Host paths must lie under this directory; None refuses host paths."""
+    isolation: Isolation = Isolation()
+    threads: int = 8
+    """Engine calls run on this many threads, so the event loop never blocks."""
+
+
+class ContainerRuntime:
+    """The Runtime protocol on Docker or Podman, through the Docker Engine API."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = str(settings.engine)
+        self._client: docker.DockerClient | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            settings.threads, thread_name_prefix=f"{self.name}-api"
+        )
+        self._owner = {
+            base.LABEL_MANAGED_BY: base.MANAGED_BY,
+            base.LABEL_CONTROLLER: settings.controller_id,
+        }
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = connect(self.settings.engine, self.settings.url)
+        return self._client
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except docker.errors.NotFound as e:
+            raise InstanceNotFoundError(f"{self.name}: {e.explanation or e}") from e
+        except docker.errors.APIError as e:
+            if e.status_code == 409:
+                raise InstanceConflictError(f"{self.name}: {e.explanation or e}") from e
+            raise RuntimeBackendError(f"{self.name}: {e.explanation or e}") from e
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+            raise EngineUnavailableError(f"{self.name} does not answer: {e}") from e
+
+    def capabilities(self) -> base.Capabilities:
+        return base.Capabilities(
+            networks=frozenset({models.NetworkMode.NONE, models.NetworkMode.PRIVATE}),
+            volumes=True,
+            host_paths=self.settings.host_path_root is not None,
+        )
+
+    def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
+        issues = check_host_paths(desired.spec, self.settings.host_path_root)
+        network = desired.spec.permissions.network
+        if network not in self.capabilities().networks:
+            issues.append(
+                _issue(
+                    "spec.permissions.network",
+                    f"is not supported on {self.name} yet; use none or private",
+                    network.value,
+                )
+            )
+        return issues
+
+    def _selector(self, **extra: str) -> dict[str, Any]:
+        labels = {**self._owner, **extra}
+        return {"label": [f"{k}={v}" for k, v in labels.items()]}
+
+    async def list_owned(self, plugin: str | None = None) -> list[base.Instance]:
+        extra = {base.LABEL_PLUGIN: plugin} if plugin else {}
+        rows = await self._call(
+            self.client.api.containers, all=True, filters=self._selector(**extra)
+        )
+        found = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            if base.LABEL_COLOR not in labels:
+                continue  # an egress proxy or other helper, not an instance
+            if row.get("State") == "running":
+                created = datetime.fromtimestamp(int(row.get("Created") or 0), UTC)
+                name, ident = _row_name(row), row.get("Id", "")
+                found.append(_instance_from_labels(name, labels, ident, started_at=created))
+                continue
+            try:
+                found.append(await self.inspect(_row_name(row)))
+            except InstanceNotFoundError:
+                continue  # removed in between
+        return found
+
+    async def inspect(self, name: str) -> base.Instance:
+        attrs = await self._call(self.client.api.inspect_container, name)
+        return _instance_from_inspect(attrs)
+
+    async def start(self, desired: base.InstanceSpec) -> base.Instance:
+        issues = self.validate(desired)
+        if issues:
+            raise SpecError(issues)
+        name = desired.name
+        socket_dir = self.socket_dir(name)
+        await self._call(self._prepare_socket_dir, socket_dir)
+        volumes = {}
+        for volume in desired.spec.volumes:
+            if volume.host_path is not None:
+                volumes[volume.name] = str(Path(volume.host_path).resolve())
+            else:
+                volumes[volume.name] = await self._call(self._ensure_volume, desired, volume.name)
+        env = {
+            "BLACKHOLE_SOCKET": f"{base.SOCKET_DIR_IN_INSTANCE}/{base.SOCKET_NAME}",
+            "BLACKHOLE_PLUGIN": desired.plugin,
+            "BLACKHOLE_VERSION": str(desired.spec.version),
+            "BLACKHOLE_COLOR": desired.color.value,
+        }
+        options = container_options(
+            desired.spec,
+            name=name,
+            labels={**desired.labels, **self._owner},
+            isolation=self.settings.isolation,
+            socket_dir=socket_dir,
+            volumes=volumes,
+            env=env,
+        )
+        links = self._links(desired)
+        if links:
+            options["network_mode"] = links[0]
+        ident = await self._call(self._create_and_start, options, desired, links)
+        return base.Instance(
+            name=name,
+            plugin=desired.plugin,
+            color=desired.color,
+            version=str(desired.spec.version),
+            spec_hash=desired.spec_hash,
+            state=base.InstanceState.RUNNING,
+            started_at=datetime.now(UTC),
+            namespace=desired.namespace,
+            id=ident,
+            labels=options["labels"],
+        )
+
+    def _links(self, desired: base.InstanceSpec) -> list[str]:
+        if desired.spec.permissions.network is not models.NetworkMode.PRIVATE:
+            return []
+        return [link_network(desired.plugin, peer) for peer in desired.spec.permissions.peers]
+
+    def _create_and_start(
+        self, options: dict[str, Any], desired: base.InstanceSpec, links: list[str]
+    ) -> str:
+        for peer, network in zip(desired.spec.permissions.peers, links, strict=True):
+            self._ensure_link(network, desired.plugin, peer)
+        created = self.client.containers.create(**options)
+        try:
+            for network in links[1:]:
+                self.client.api.connect_container_to_network(str(created.id), network)
+            created.start()
+        except BaseException:
+            with contextlib.suppress(docker.errors.DockerException):
+                created.remove(force=True)
+            raise
+        return str(created.id)
+
+    def _ensure_link(self, network: str, plugin: str, peer: str) -> None:
+        try:
+            self.client.api.inspect_network(network)
+            return
+        except docker.errors.NotFound:
+            pass
+        first, second = sorted((plugin, peer))
+        with contextlib.suppress(docker.errors.APIError):  # created meanwhile by the peer
+            self.client.api.create_network(
+                network,
+                driver="bridge",
+                internal=True,
+                labels={**self._owner, LABEL_LINK: f"{first}.{second}"},
+            )
+
+    def _ensure_volume(self, desired: base.InstanceSpec, volume: str) -> str:
+        """The engine volume behind a spec volume: created once, owned by the plugin's user."""
+        name = (
+            f"bh-{desired.namespace}-{desired.plugin}-{volume}"
+            if desired.namespace
+            else (f"bh-{desired.plugin}-{volume}")
+        )
+        try:
+            attrs = self.client.api.inspect_volume(name)
+        except docker.errors.NotFound:
+            labels = {
+                **self._owner,
+                base.LABEL_PLUGIN: desired.plugin,
+                base.LABEL_VOLUME: volume,
+            }
+            attrs = self.client.api.create_volume(name, labels=labels)
+            mountpoint = Path(attrs.get("Mountpoint") or "")
+            if mountpoint.is_dir():  # an engine on this host: hand the directory to the plugin
+                os.chown(mountpoint, *self.settings.isolation.uid_gid)
+                mountpoint.chmod(0o700)
+        return name
+
+    def socket_dir(self, name: str) -> Path:
+        """The host directory mounted into instance ``name`` at ``/run/blackhole``."""
+        return self.settings.data_dir / "instances" / name
+
+    def _prepare_socket_dir(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / base.SOCKET_NAME).unlink(missing_ok=True)
+        os.chown(path, *self.settings.isolation.uid_gid)
+        path.chmod(0o700)
+
+    async def ready(self, instance: base.Instance, timeout: float) -> bool:
+        if instance.state is not base.InstanceState.RUNNING:
+            return False
+        return await probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
+
+    async def stop(self, name: str, timeout: float) -> None:
+        with contextlib.suppress(InstanceNotFoundError):
+            await self._call(self.client.api.stop, name, timeout=max(0, round(timeout)))
+
+    async def remove(self, name: str) -> None:
+        with contextlib.suppress(InstanceNotFoundError):
+            await self._call(self._kill_and_remove, name)
+        await self._call(shutil.rmtree, self.socket_dir(name), True)
+
+    def _kill_and_remove(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.APIError):
+            self.client.api.kill(name)  # Podman's remove would wait out the stop timeout
+        self.client.api.remove_container(name, force=True)
+
+    async def release(self, plugin: str, namespace: str | None = None) -> None:
+        networks = await self._call(self.client.api.networks, filters=self._selector())
+        for network in networks:
+            members = (network.get("Labels") or {}).get(LABEL_LINK, "").split(".")
+            if plugin not in members:
+                continue
+            attrs = await self._call(self.client.api.inspect_network, network["Id"])
+            if attrs.get("Containers"):
+                continue  # the peer still uses it; its own release removes it
+            with contextlib.suppress(InstanceNotFoundError, RuntimeBackendError):
+                await self._call(self.client.api.remove_network, network["Id"])
+
+    async def logs(self, name: str, tail: int) -> list[str]:
+        raw = await self._call(self.client.api.logs, name, tail=tail, timestamps=False)
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        return text.splitlines()[-tail:] if tail else []
+
+    async def stats(self, name: str) -> base.Stats:
+        raw = await self._call(self.client.api.stats, name, stream=False)
+        cpu = raw.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage", 0)
+        memory = raw.get("memory_stats", {})
+        return base.Stats(
+            cpu_seconds=cpu / 1e9,
+            memory_bytes=int(memory.get("usage", 0)),
+            memory_limit_bytes=int(memory.get("limit", 0)),
+            pids=int(raw.get("pids_stats", {}).get("current", 0)),
+        )
+
+    async def events(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        filters = {**self._selector(), "type": "container", "event": ["start", "die", "oom"]}
+        stream = await self._call(self.client.events, decode=True, filters=filters)
+
+        def pump() -> None:
+            try:
+                for event in stream:
+                    event_data: dict[str, Any] = event  # type: ignore[assignment]
+                    labels = (event_data.get("Actor") or {}).get("Attributes") or {}
+                    plugin = labels.get(base.LABEL_PLUGIN)
+                    if plugin and base.LABEL_COLOR in labels:
+                        namespace = labels.get(base.LABEL_NAMESPACE)
+                        key = f"{namespace}/{plugin}" if namespace else plugin
+                        loop.call_soon_threadsafe(queue.put_nowait, key)
+            except Exception:  # the stream ends when it is closed or when the engine goes away
+                log.debug("%s event stream ended", self.name, exc_info=True)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed already
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        thread = threading.Thread(target=pump, name=f"{self.name}-events", daemon=True)
+        thread.start()
+        try:
+            while (key := await queue.get()) is not None:
+                yield key
+        finally:
+            stream.close()
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+
+LABEL_LINK = models.LABEL_PREFIX + "link"
+"""On a private network: the two plugins it links, as ``a.b``."""
+
+
+async def probe_socket(path: Path, timeout: float) -> bool:
+    """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
+    target = str(path)
+    directory = None
+    if len(target.encode()) > 100:  # sun_path is 108 bytes: reach it through the directory's fd
+        try:
+            directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            return False
+        target = f"/proc/self/fd/{directory}/{path.name}"
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_unix_connection(target)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if directory is not None:
+            os.close(directory)
+
+
+def _row_name(row: Mapping[str, Any]) -> str:
+    names = row.get("Names") or [""]
+    return str(names[0]).lstrip("/")
+
+
+def _instance_from_labels(
+    name: str, labels: Mapping[str, str], ident: str, **state: Any
+) -> base.Instance:
+    return base.Instance(
+        name=name,
+        plugin=labels.get(base.LABEL_PLUGIN, ""),
+        color=models.Color(labels.get(base.LABEL_COLOR, "blue")),
+        version=labels.get(base.LABEL_VERSION, ""),
+        spec_hash=labels.get(base.LABEL_SPEC_HASH, ""),
+        state=state.pop("state", base.InstanceState.RUNNING),
+        namespace=labels.get(base.LABEL_NAMESPACE) or None,
+        id=ident,
+        labels=dict(labels),
+        **state,
+    )
+
+
+_STATES = {
+    "running": base.InstanceState.RUNNING,
+    "created": base.InstanceState.CREATED,
+    "configured": base.InstanceState.CREATED,
+    "initialized": base.InstanceState.CREATED,
+    "exited": base.InstanceState.EXITED,
+    "stopped": base.InstanceState.EXITED,
+    "dead": base.InstanceState.EXITED,
+}
+
+
+def _instance_from_inspect(attrs: Mapping[str, Any]) -> base.Instance:
+    state = attrs.get("State") or {}
+    status = _STATES.get(str(state.get("Status", "")).lower(), base.InstanceState.UNKNOWN)
+    exit_code = state.get("ExitCode")
+    return _instance_from_labels(
+        str(attrs.get("Name", "")).lstrip("/"),
+        (attrs.get("Config") or {}).get("Labels") or {},
+        str(attrs.get("Id", "")),
+        state=status,
+        exit_code=None if status is not base.InstanceState.EXITED else exit_code,
+        oom_killed=bool(state.get("OOMKilled")),
+        started_at=_timestamp(state.get("StartedAt")),
+        finished_at=_timestamp(state.get("FinishedAt")),
+    )
+
+
+def _timestamp(text: object) -> datetime | None:
+    """An engine's RFC 3339 time (nanoseconds, Z or offset); None for the zero time."""
+    if not isinstance(text, str) or not text or text.startswith("0001-01-01"):
+        return None
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", text)
+    if match is None:
+        return None
+    fraction = (match[2] or ".0")[:7]
+    zone = "+00:00" if match[3] in (None, "Z") else match[3]
+    return datetime.fromisoformat(f"{match[1]}{fraction}{zone}")

@@ -1,10 +1,12 @@
-"""Desired state from a directory of spec files, watched for changes and resynced periodically.
+"""Desired state on one host: a watched directory of spec files, plus specs applied by API.
 
 Each change of a file (written, renamed, removed) reloads the directory and
 enqueues the keys of the plugins whose spec appeared, changed or went away;
 every ``resync_seconds`` all keys are enqueued again, so that drift in the
 runtime is corrected even when no file changes. The user's files are only
-ever read.
+ever read. Specs applied with ``bhctl apply`` are kept in the controller's
+:class:`~controller.sources.store.Store`, and so are generations, status and
+events: a restarted controller carries on where it stopped.
 
 An invalid file changes nothing that runs: the plugins it declared keep their
 last valid spec until the file is fixed or removed, and the file's problems
@@ -14,28 +16,42 @@ are kept in :attr:`DirectorySource.errors` for status and logs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import watchfiles
 
 from controller.errors import SpecError, SpecIssue
+from controller.sources import store as store_module
 from controller.spec import loader, models
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+APPLIED = "applied"
+"""The origin of specs applied through the admin API rather than read from a file."""
 
 
 @dataclass(frozen=True)
 class Desired:
-    """A plugin as its spec file declares it, with the generation of its spec."""
+    """A plugin as declared, its ``metadata.generation`` set, with where it was declared."""
 
     plugin: models.Plugin
-    source: Path
+    origin: str
+    """The spec file, or ``applied`` for specs applied through the admin API."""
     spec_hash: str
+
+    @property
+    def generation(self) -> int:
+        return self.plugin.metadata.generation or 0
 
 
 def spec_hash(plugin: models.Plugin) -> str:
@@ -49,61 +65,76 @@ def spec_hash(plugin: models.Plugin) -> str:
 
 
 class DirectorySource:
-    """The plugins declared by the YAML files directly in one directory."""
+    """The plugins declared by the YAML files directly in one directory and by ``apply``."""
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | None,
+        store: store_module.Store,
         enqueue: Callable[[str], None],
         *,
         resync_seconds: float = 300.0,
     ) -> None:
-        if not directory.is_dir():
+        if directory is not None and not directory.is_dir():
             raise FileNotFoundError(f"spec directory {directory} does not exist")
         self.directory = directory
+        self.store = store
         self.enqueue = enqueue
         self.resync_seconds = resync_seconds
-        self.errors: dict[Path, SpecError] = {}
-        """Files that failed to load, with their problems."""
+        self.errors: dict[str, SpecError] = {}
+        """Files (and applied specs) that failed to load, with their problems."""
         self._desired: dict[str, Desired] = {}
-        self._generations: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> Desired | None:
-        """The plugin ``key`` as declared now, or None when no file declares it."""
+        """The plugin ``key`` as declared now, or None when nothing declares it."""
         return self._desired.get(key)
 
-    def keys(self) -> list[str]:
+    def declared_keys(self) -> list[str]:
         return sorted(self._desired)
 
     def generation(self, key: str) -> int:
-        """How often ``key``'s spec changed since this source started (1 for the first)."""
-        return self._generations.get(key, 0)
+        """The generation of ``key``'s spec: 1 when first seen, bumped on every change."""
+        desired = self._desired.get(key)
+        return desired.generation if desired else 0
 
     def rescan(self) -> set[str]:
-        """Reload every file; return the keys whose spec appeared, changed or went away."""
-        by_file: dict[Path, list[Desired]] = {}
+        """Reload every spec; return the keys whose spec appeared, changed or went away."""
+        with self._lock:
+            return self._rescan()
+
+    def _rescan(self) -> set[str]:
+        by_origin: dict[str, list[Desired]] = {}
         for previous in self._desired.values():
-            by_file.setdefault(previous.source, []).append(previous)
-        errors: dict[Path, SpecError] = {}
+            by_origin.setdefault(previous.origin, []).append(previous)
+        errors: dict[str, SpecError] = {}
         fresh: dict[str, Desired] = {}
-        for path in loader.spec_files(self.directory):
+        documents: list[tuple[str, Callable[[], list[loader.LoadedPlugin]]]] = [
+            (str(path), functools.partial(loader.load_file, path))
+            for path in (loader.spec_files(self.directory) if self.directory else [])
+        ]
+        for key, text in self.store.applied().items():
+            documents.append((f"{APPLIED}:{key}", functools.partial(loader.load_text, text, key)))
+        for origin, load in documents:
+            kind = APPLIED if origin.startswith(f"{APPLIED}:") else origin
             try:
-                items = [
-                    Desired(item.plugin, path, spec_hash(item.plugin))
-                    for item in loader.load_file(path)
-                ]
+                items = [Desired(item.plugin, kind, spec_hash(item.plugin)) for item in load()]
             except SpecError as e:
-                errors[path] = e
-                items = by_file.get(path, [])  # keep the last valid specs of a broken file
+                errors[origin] = e
+                items = by_origin.get(kind, []) if kind != APPLIED else []
             for item in items:
                 key = item.plugin.key
                 if key in fresh:
-                    errors[path] = SpecError([_duplicate(path, key, fresh[key].source)])
+                    errors[origin] = SpecError([_duplicate(origin, key, fresh[key].origin)])
                     continue
-                fresh[key] = item
-        for path, error in errors.items():
-            if self.errors.get(path) is None or str(self.errors[path]) != str(error):
-                log.error("invalid spec file %s:\n%s", path, error)
+                generation = self.store.generation(key, item.spec_hash)
+                metadata = item.plugin.metadata.model_copy(update={"generation": generation})
+                fresh[key] = Desired(
+                    item.plugin.model_copy(update={"metadata": metadata}), kind, item.spec_hash
+                )
+        for origin, error in errors.items():
+            if origin not in self.errors or str(self.errors[origin]) != str(error):
+                log.error("invalid spec %s:\n%s", origin, error)
         self.errors = errors
         changed = {
             key
@@ -112,28 +143,111 @@ class DirectorySource:
             or key not in self._desired
             or fresh[key].spec_hash != self._desired[key].spec_hash
         }
-        for key in changed:
-            if key in fresh:
-                self._generations[key] = self._generations.get(key, 0) + 1
-            else:
-                self._generations.pop(key, None)
         self._desired = fresh
         return changed
 
+    async def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        def call() -> T:
+            with self._lock:
+                return fn(*args, **kwargs)
+
+        return await asyncio.to_thread(call)
+
+    # The admin API's writes.
+
+    async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
+        """Validate specs and store them, replacing earlier applies of the same names.
+
+        Raises :class:`SpecError` for an invalid spec or for a name a spec file
+        declares (files are the user's; edit the file instead), storing nothing.
+        """
+        loaded = loader.load_text(text, origin)
+        issues = []
+        for item in loaded:
+            existing = self._desired.get(item.plugin.key)
+            if existing is not None and existing.origin != APPLIED:
+                issues.append(
+                    SpecIssue(
+                        origin,
+                        None,
+                        "metadata.name",
+                        f"is declared by the spec file {existing.origin}; edit that file",
+                        value=item.plugin.key,
+                        has_value=True,
+                    )
+                )
+        if issues:
+            raise SpecError(issues)
+        for item in loaded:
+            document = json.dumps(item.plugin.to_document())
+            await self._locked(self.store.put_applied, item.plugin.key, document)
+        for key in sorted(await asyncio.to_thread(self.rescan)):
+            self.enqueue(key)
+        return [d for item in loaded if (d := self._desired.get(item.plugin.key)) is not None]
+
+    async def delete(self, key: str) -> bool:
+        """Delete an applied spec; raises :class:`SpecError` for one declared by a file."""
+        existing = self._desired.get(key)
+        if existing is not None and existing.origin != APPLIED:
+            raise SpecError(
+                [
+                    SpecIssue(
+                        existing.origin,
+                        None,
+                        "metadata.name",
+                        f"is declared by the spec file {existing.origin}; remove it from that file",
+                        value=key,
+                        has_value=True,
+                    )
+                ]
+            )
+        deleted = await self._locked(self.store.delete_applied, key)
+        for changed in sorted(await asyncio.to_thread(self.rescan)):
+            self.enqueue(changed)
+        return deleted
+
+    # Status and events, written by the reconciler.
+
+    async def read_status(self, key: str) -> models.PluginStatus | None:
+        return await self._locked(self.store.status, key)
+
+    async def write_status(self, key: str, status: models.PluginStatus) -> None:
+        await self._locked(self.store.put_status, key, status)
+
+    async def record_event(
+        self, key: str, type: store_module.EventType, reason: str, message: str
+    ) -> None:
+        await self._locked(self.store.record, key, type, reason, message)
+
+    async def events(self, key: str) -> list[store_module.Event]:
+        return await self._locked(self.store.events, key)
+
+    async def forget(self, key: str) -> None:
+        """The plugin is gone from the runtime too: drop its status and events."""
+        if key not in self._desired:
+            await self._locked(self.store.forget, key)
+
+    async def known(self) -> list[str]:
+        """Keys with recorded status: plugins that may still have instances to clean up."""
+        return await self._locked(self.store.known)
+
+    # Following changes.
+
     async def run(self, stop: asyncio.Event) -> None:
         """Load, enqueue every key, then follow changes and resync until ``stop`` is set."""
-        self.rescan()
-        for key in self.keys():
+        await asyncio.to_thread(self.rescan)
+        for key in self.declared_keys():
             self.enqueue(key)
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._watch(stop))
+            if self.directory is not None:
+                group.create_task(self._watch(self.directory, stop))
             group.create_task(self._resync(stop))
 
-    async def _watch(self, stop: asyncio.Event) -> None:
+    async def _watch(self, directory: Path, stop: asyncio.Event) -> None:
         async for _ in watchfiles.awatch(
-            self.directory, stop_event=stop, recursive=False, debounce=50, step=20
+            directory, stop_event=stop, recursive=False, debounce=50, step=20
         ):
-            for key in sorted(self.rescan()):
+            for key in sorted(await asyncio.to_thread(self.rescan)):
                 self.enqueue(key)
 
     async def _resync(self, stop: asyncio.Event) -> None:
@@ -141,14 +255,14 @@ class DirectorySource:
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.resync_seconds)
             except TimeoutError:
-                self.rescan()
-                for key in self.keys():
+                await asyncio.to_thread(self.rescan)
+                for key in self.declared_keys():
                     self.enqueue(key)
 
 
-def _duplicate(path: Path, key: str, first: Path) -> SpecIssue:
+def _duplicate(origin: str, key: str, first: str) -> SpecIssue:
     return SpecIssue(
-        str(path),
+        origin,
         None,
         "metadata.name",
         f"plugin declared twice; first in {first}; this declaration is ignored",

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from controller.sources.directory import DirectorySource
+import pytest
+
+from controller.errors import SpecError
+from controller.sources.directory import APPLIED, DirectorySource
+from controller.sources.store import Store
 
 SPEC = """\
 apiVersion: blackhole.dev/v1alpha1
@@ -19,6 +23,11 @@ spec:
 """
 
 
+def new_source(directory: Path, enqueue=lambda key: None, **kwargs) -> DirectorySource:
+    store = Store(directory.parent / f"{directory.name}-data" / "state.db")
+    return DirectorySource(directory, store, enqueue, **kwargs)
+
+
 def write(directory: Path, name: str, version: str = "0.1.0", team: str = "a") -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(SPEC.format(name=name, version=version, team=team))
@@ -26,7 +35,7 @@ def write(directory: Path, name: str, version: str = "0.1.0", team: str = "a") -
 
 
 def test_rescan_reports_added_changed_and_removed_keys(tmp_path):
-    source = DirectorySource(tmp_path, lambda key: None)
+    source = new_source(tmp_path)
     write(tmp_path, "a")
     write(tmp_path, "b")
     assert source.rescan() == {"a", "b"}
@@ -43,31 +52,31 @@ def test_rescan_reports_added_changed_and_removed_keys(tmp_path):
     (tmp_path / "b.yaml").unlink()
     assert source.rescan() == {"b"}
     assert source.get("b") is None
-    assert source.keys() == ["a"]
+    assert source.declared_keys() == ["a"]
 
 
 def test_a_broken_file_keeps_its_last_valid_specs(tmp_path):
-    source = DirectorySource(tmp_path, lambda key: None)
+    source = new_source(tmp_path)
     path = write(tmp_path, "a")
     source.rescan()
     path.write_text(path.read_text().replace("version: 0.1.0", "version: nope"))
     assert source.rescan() == set(), "an invalid edit must not touch what runs"
     assert source.get("a") is not None
-    assert "spec.version" in str(source.errors[path])
+    assert "spec.version" in str(source.errors[str(path)])
     write(tmp_path, "a", version="0.3.0")
     assert source.rescan() == {"a"}
     assert source.errors == {}
 
 
 def test_a_name_declared_twice_is_refused_in_the_second_file(tmp_path):
-    source = DirectorySource(tmp_path, lambda key: None)
+    source = new_source(tmp_path)
     write(tmp_path, "a")
     (tmp_path / "z.yaml").write_text(SPEC.format(name="a", version="9.9.9", team="x"))
     source.rescan()
     desired = source.get("a")
     assert desired is not None
     assert str(desired.plugin.spec.version) == "0.1.0"
-    assert "declared twice" in str(source.errors[tmp_path / "z.yaml"])
+    assert "declared twice" in str(source.errors[str(tmp_path / "z.yaml")])
 
 
 def test_run_enqueues_all_then_follows_changes_and_resyncs(tmp_path):
@@ -77,7 +86,7 @@ def test_run_enqueues_all_then_follows_changes_and_resyncs(tmp_path):
 
     async def body() -> None:
         stop = asyncio.Event()
-        source = DirectorySource(tmp_path, enqueued.append, resync_seconds=0.5)
+        source = new_source(tmp_path, enqueued.append, resync_seconds=0.5)
         runner = asyncio.create_task(source.run(stop))
         async with asyncio.timeout(10):
             while enqueued != ["a"]:
@@ -93,3 +102,42 @@ def test_run_enqueues_all_then_follows_changes_and_resyncs(tmp_path):
 
     asyncio.run(body())
     assert path.read_bytes() == before, "the user's file was rewritten"
+
+
+def test_generations_survive_a_restart_of_the_source(tmp_path):
+    write(tmp_path, "a")
+    source = new_source(tmp_path)
+    source.rescan()
+    write(tmp_path, "a", version="0.2.0")
+    source.rescan()
+    assert source.generation("a") == 2
+    source.store.close()
+    again = new_source(tmp_path)
+    again.rescan()
+    assert again.generation("a") == 2, "an unchanged spec keeps its generation"
+
+
+async def test_applied_specs_join_the_files_and_never_shadow_them(tmp_path):
+    write(tmp_path, "a")
+    enqueued: list[str] = []
+    source = new_source(tmp_path, enqueued.append)
+    source.rescan()
+    [applied] = await source.apply(SPEC.format(name="b", version="1.0.0", team="x"))
+    assert applied.origin == APPLIED
+    assert applied.generation == 1
+    assert source.declared_keys() == ["a", "b"]
+    assert enqueued == ["b"]
+    with pytest.raises(SpecError, match="declared by the spec file"):
+        await source.apply(SPEC.format(name="a", version="2.0.0", team="x"))
+    with pytest.raises(SpecError, match="remove it from that file"):
+        await source.delete("a")
+    assert await source.delete("b")
+    assert source.declared_keys() == ["a"]
+    assert enqueued == ["b", "b"]
+
+
+async def test_an_invalid_apply_stores_nothing(tmp_path):
+    source = new_source(tmp_path)
+    with pytest.raises(SpecError, match=r"spec\.version"):
+        await source.apply(SPEC.format(name="b", version="nope", team="x"))
+    assert source.store.applied() == {}

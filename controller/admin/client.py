@@ -1,0 +1,85 @@
+"""A small synchronous client of the admin API, for ``bhctl``."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from controller.errors import ControllerError
+
+
+class AdminError(ControllerError):
+    """The admin API answered with an error."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+        issues = body.get("issues") or []
+        message = body.get("error", f"HTTP {status}")
+        super().__init__("\n".join([message, *issues]) if issues else message)
+
+
+class ControllerNotRunningError(ControllerError):
+    """Nothing answers on the admin socket."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.path))
+        self.sock = sock
+
+
+class AdminClient:
+    """Calls the admin API of the controller whose data directory is given."""
+
+    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _call(
+        self, method: str, path: str, body: str | None = None, **query: str
+    ) -> dict[str, Any]:
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        connection = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            headers = {"Content-Type": "application/yaml"} if body is not None else {}
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = json.loads(response.read() or b"{}")
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ControllerNotRunningError(
+                f"no controller answers on {self.socket_path}: start one with bhctl run, "
+                "or point --data-dir at the one that runs"
+            ) from e
+        finally:
+            connection.close()
+        if response.status >= 400:
+            raise AdminError(response.status, data)
+        return dict(data)
+
+    def list(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/plugins")
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
+
+    def apply(self, text: str, origin: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/plugins", text, origin=origin)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
+
+    def logs(self, name: str, color: str | None, tail: int) -> dict[str, Any]:
+        query = {"tail": str(tail)} | ({"color": color} if color else {})
+        return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}/logs", **query)

@@ -1,0 +1,103 @@
+"""The running controller: source, queue, workers, runtime events and the orphan sweep.
+
+Wires a spec source and a runtime to the work queue and the worker pool,
+follows the runtime's events (a dead instance is reconciled at once, not at
+the next resync), and sweeps for orphans: keys the runtime still runs or the
+store still remembers but no spec declares, which the reconciler then
+removes. On stop it finishes the passes in flight and leaves every instance
+running; a controller started again adopts them by listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from controller.errors import ControllerError
+from controller.reconcile import queue as queue_module
+from controller.reconcile import reconciler, workers
+from controller.runtimes import base
+from controller.sources import directory
+
+log = logging.getLogger(__name__)
+
+EVENTS_RETRY_SECONDS = 2.0
+
+
+class Manager:
+    """Runs the reconcile loop for one source on one runtime until stopped."""
+
+    def __init__(
+        self,
+        source: directory.DirectorySource,
+        runtime: base.Runtime,
+        queue: queue_module.WorkQueue,
+        *,
+        workers: int = 8,
+        sweep_seconds: float | None = None,
+    ) -> None:
+        self.source = source
+        self.runtime = runtime
+        self.queue = queue
+        self.reconciler = reconciler.Reconciler(source, runtime)
+        self.pool = _pool(queue, self.reconciler, workers)
+        self.sweep_seconds = sweep_seconds or source.resync_seconds
+        self.started = asyncio.Event()
+        """Set once the first listing is queued."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile until ``stop`` is set, then drain the passes in flight."""
+        async with asyncio.TaskGroup() as group:
+            pool = group.create_task(self.pool.run(), name="workers")
+            source = group.create_task(self.source.run(stop), name="source")
+            helpers = [
+                group.create_task(self._follow_events(), name="runtime-events"),
+                group.create_task(self._sweep(stop), name="orphan-sweep"),
+            ]
+            await stop.wait()
+            log.info("stopping: finishing the passes in flight; instances keep running")
+            await source
+            await self.queue.drain()
+            await pool
+            for task in helpers:
+                task.cancel()
+
+    async def sweep(self) -> set[str]:
+        """Queue every key that runs or has a status but has no spec; return them."""
+        owned = {i.key for i in await self.runtime.list_owned()}
+        known = set(await self.source.known())
+        orphans = (owned | known) - set(self.source.declared_keys())
+        for key in sorted(orphans):
+            self.queue.add(key)
+        return orphans
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                orphans = await self.sweep()
+                if orphans:
+                    log.info("queued %d plugin(s) without a spec for removal", len(orphans))
+            except ControllerError as e:
+                log.warning("orphan sweep failed: %s", e)
+            if first:
+                self.started.set()
+                first = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.sweep_seconds)
+
+    async def _follow_events(self) -> None:
+        while True:
+            try:
+                async for key in self.runtime.events():
+                    self.queue.add(key)
+            except ControllerError as e:
+                log.warning("runtime events interrupted: %s", e)
+            await asyncio.sleep(EVENTS_RETRY_SECONDS)
+
+
+def _pool(
+    queue: queue_module.WorkQueue, reconciler: reconciler.Reconciler, size: int
+) -> workers.WorkerPool:
+    return workers.WorkerPool(queue, reconciler.reconcile, size)

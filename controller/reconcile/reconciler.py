@@ -1,0 +1,404 @@
+"""One reconcile pass: make what runs for a plugin equal what its spec declares.
+
+``reconcile(key)`` reads the whole desired state (the source) and the whole
+observed state (the runtime's ``list_owned``), acts on the difference and
+writes status; it never asks which event brought the key, so running it
+twice changes nothing the first run did not. Its neighbours: the workers
+(:mod:`controller.reconcile.workers`) call it; sources give desired state and
+keep status; runtimes run instances.
+
+Crashes are handled here, not by the engine's restart policy, so that they
+are seen and counted: a dead instance is restarted after an exponential
+backoff; past ``restart.maxRestarts`` within ``restart.windowSeconds`` the
+plugin is Degraded with reason CrashLoop, its exit code and last log lines,
+and is left stopped until its oldest restart leaves the window or its spec
+changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from controller.errors import ControllerError, PermanentError, SpecError
+from controller.reconcile import conditions
+from controller.reconcile.workers import Result
+from controller.runtimes import base
+from controller.sources import directory, store
+from controller.spec import models
+
+log = logging.getLogger(__name__)
+
+LOG_LINES = 10
+"""Log lines of a crashed instance kept in its event and condition message."""
+FIRST_PROBE = 0.02
+"""Seconds before the first readiness probe of a new instance; it grows by half each time."""
+LONGEST_PROBE = 1.0
+STOP_TIMEOUT = 10.0
+"""Seconds an instance being replaced gets to exit after SIGTERM."""
+
+
+class Source(Protocol):
+    """Where desired state comes from and where status goes back to."""
+
+    def get(self, key: str) -> directory.Desired | None: ...
+
+    async def read_status(self, key: str) -> models.PluginStatus | None: ...
+
+    async def write_status(self, key: str, status: models.PluginStatus) -> None: ...
+
+    async def record_event(
+        self, key: str, type: store.EventType, reason: str, message: str
+    ) -> None: ...
+
+    async def forget(self, key: str) -> None: ...
+
+
+@dataclass
+class _Memory:
+    """What the reconciler remembers of a plugin between passes (not persisted)."""
+
+    restarts: collections.deque[float] = field(default_factory=collections.deque)
+    """When it restarted crashed instances, within the restart window."""
+    probe_delay: float = FIRST_PROBE
+    health_failures: int = 0
+
+
+class Reconciler:
+    """Reconciles plugins on one runtime."""
+
+    def __init__(
+        self,
+        source: Source,
+        runtime: base.Runtime,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.runtime = runtime
+        self.clock = clock
+        self._memory: dict[str, _Memory] = collections.defaultdict(_Memory)
+        self._ids = itertools.count(1)
+
+    async def reconcile(self, key: str) -> Result:
+        namespace, _, name = key.rpartition("/")
+        desired = self.source.get(key)
+        observed = [
+            i
+            for i in await self.runtime.list_owned(plugin=name)
+            if (i.namespace or "") == namespace
+        ]
+        context = {"plugin": key, "reconcile_id": next(self._ids)}
+        if desired is None:
+            return await self._delete(key, name, namespace or None, observed, context)
+        context["generation"] = desired.generation
+        return await _Pass(self, key, desired, observed, context).run()
+
+    async def _delete(
+        self,
+        key: str,
+        name: str,
+        namespace: str | None,
+        observed: list[base.Instance],
+        context: dict[str, Any],
+    ) -> Result:
+        for instance in observed:
+            await self.runtime.remove(instance.name)
+            log.info("removed %s: its plugin is deleted", instance.name, extra=context)
+        await self.runtime.release(name, namespace)
+        await self.source.forget(key)
+        self._memory.pop(key, None)
+        return Result()
+
+    def forget(self, key: str) -> None:
+        self._memory.pop(key, None)
+
+
+class _Pass:
+    """The state of one pass over one plugin that still has a spec."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        key: str,
+        desired: directory.Desired,
+        observed: list[base.Instance],
+        context: dict[str, Any],
+    ) -> None:
+        self.r = reconciler
+        self.runtime = reconciler.runtime
+        self.source = reconciler.source
+        self.key = key
+        self.plugin = desired.plugin
+        self.spec = desired.plugin.spec
+        self.generation = desired.generation
+        self.observed = observed
+        self.context = context
+        self.memory = reconciler._memory[key]
+        self.now = reconciler.clock()
+
+    async def run(self) -> Result:
+        old = await self.source.read_status(self.key) or models.PluginStatus()
+        self.status = old.model_copy(deep=True)
+        color = self.status.active_color or models.Color.BLUE
+        self.context["color"] = color.value
+        self.want = base.InstanceSpec(
+            plugin=self.plugin.name,
+            color=color,
+            spec=self.spec,
+            labels=self._labels(color),
+            namespace=self.plugin.metadata.namespace,
+        )
+        issues = self.runtime.validate(self.want)
+        if issues:
+            error = SpecError(issues)
+            await self._event("Warning", "InvalidSpec", str(error))
+            self._conditions(
+                models.Phase.FAILED, ready=("False", "InvalidSpec", str(error)), degraded=True
+            )
+            await self._write(old)
+            raise PermanentError(f"{self.key}: {error}")
+        for instance in self.observed:
+            if instance.color is not color:
+                await self.runtime.remove(instance.name)
+                await self._event(
+                    "Normal", "Removed", f"removed {instance.name}: not the active color"
+                )
+        current = next((i for i in self.observed if i.color is color), None)
+        result = await self._converge(current)
+        await self._write(old)
+        return result
+
+    async def _converge(self, current: base.Instance | None) -> Result:
+        record = self._instance_status()
+        if current is None:
+            return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
+        if current.spec_hash != self.want.spec_hash:
+            await self.runtime.stop(current.name, STOP_TIMEOUT)
+            await self.runtime.remove(current.name)
+            record.restarts = 0
+            record.last_exit_code = None
+            record.oom_killed = False
+            change = (
+                f"version {current.version} -> {self.spec.version}"
+                if current.version != str(self.spec.version)
+                else "spec changed"
+            )
+            return await self._start(
+                "Replaced", f"replaced {self.want.name} (stop, then start): {change}"
+            )
+        if current.state is base.InstanceState.CREATED:
+            await self.runtime.remove(current.name)  # a start cut short, e.g. by a crash of ours
+            return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
+        if current.state is not base.InstanceState.RUNNING:
+            return await self._crashed(current, record)
+        return await self._probe(current, record)
+
+    async def _start(self, reason: str, message: str, type: store.EventType = "Normal") -> Result:
+        await self.runtime.start(self.want)
+        self.memory.probe_delay = FIRST_PROBE
+        self.memory.health_failures = 0
+        record = self._instance_status()
+        record.state = base.InstanceState.RUNNING.value
+        record.ready = False
+        record.version = str(self.spec.version)
+        await self._event(type, reason, message)
+        self._conditions(
+            models.Phase.PENDING,
+            ready=("False", "InstanceStarting", f"{self.want.name} is starting"),
+            progressing=(reason if reason != "Created" else "InstanceStarting", message),
+        )
+        return Result(requeue_after=self.memory.probe_delay)
+
+    async def _crashed(self, current: base.Instance, record: models.InstanceStatus) -> Result:
+        restart = self.spec.restart
+        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
+        record.state = current.state.value
+        record.ready = False
+        record.last_exit_code = current.exit_code
+        record.oom_killed = current.oom_killed
+        history = self.memory.restarts
+        while history and history[0] <= self.now - restart.window_seconds:
+            history.popleft()
+        if len(history) >= restart.max_restarts:
+            lines = await self._last_logs(current.name)
+            message = (
+                f"{current.name} crashed {len(history) + 1} times within "
+                f"{restart.window_seconds}s (maxRestarts {restart.max_restarts}); last "
+                f"{how}; not restarting until the spec changes or the window passes. "
+                f"Last log lines:\n{lines}"
+            )
+            if not conditions.is_true(self.status.conditions, conditions.DEGRADED):
+                await self._event("Warning", "CrashLoop", message)
+            self._conditions(
+                models.Phase.DEGRADED,
+                ready=("False", "CrashLoop", message),
+                degraded=True,
+                reason="CrashLoop",
+            )
+            retry = history[0] + restart.window_seconds - self.now if history else None
+            return Result(requeue_after=retry)
+        delay = min(restart.max_backoff_seconds, restart.backoff_seconds * 2 ** len(history))
+        finished = current.finished_at.timestamp() if current.finished_at else self.now
+        wait = finished + delay - self.now
+        if wait > 0:
+            self._conditions(
+                models.Phase.DEGRADED if history else models.Phase.PENDING,
+                ready=("False", "BackOff", f"{current.name} {how}; restarting in {wait:.1f}s"),
+                progressing=("BackOff", f"restarting {current.name} in {wait:.1f}s"),
+            )
+            return Result(requeue_after=wait)
+        lines = await self._last_logs(current.name)
+        await self.runtime.remove(current.name)
+        history.append(self.now)
+        restarts = record.restarts + 1
+        result = await self._start(
+            "Restarted",
+            f"restarted {current.name} after {how} (restart {restarts}); last log lines:\n{lines}",
+        )
+        self._instance_status().restarts = restarts
+        self._instance_status().last_exit_code = current.exit_code
+        self._instance_status().oom_killed = current.oom_killed
+        return result
+
+    async def _probe(self, current: base.Instance, record: models.InstanceStatus) -> Result:
+        health = self.spec.health
+        ready = await self.runtime.ready(current, float(health.timeout_seconds))
+        record.state = current.state.value
+        if ready:
+            self.memory.health_failures = 0
+            if not record.ready:
+                started = current.started_at.timestamp() if current.started_at else self.now
+                await self._event(
+                    "Normal",
+                    "Ready",
+                    f"{current.name} is Ready ({self.now - started:.2f}s after start)",
+                )
+            record.ready = True
+            self._conditions(
+                models.Phase.RUNNING,
+                ready=("True", "InstanceReady", f"{current.name} answers its health check"),
+            )
+            return Result(requeue_after=float(health.period_seconds))
+        if not record.ready:  # still starting
+            started = current.started_at.timestamp() if current.started_at else self.now
+            if self.now - started < health.startup_deadline_seconds:
+                delay = self.memory.probe_delay
+                self.memory.probe_delay = min(LONGEST_PROBE, delay * 1.5)
+                self._conditions(
+                    models.Phase.PENDING,
+                    ready=("False", "InstanceStarting", f"{current.name} is starting"),
+                    progressing=("InstanceStarting", f"waiting for {current.name} to be Ready"),
+                )
+                return Result(requeue_after=delay)
+            return await self._unhealthy(
+                current,
+                record,
+                f"{current.name} was not Ready within startupDeadlineSeconds "
+                f"({health.startup_deadline_seconds}s)",
+            )
+        self.memory.health_failures += 1
+        if self.memory.health_failures < health.failure_threshold:
+            return Result(requeue_after=float(health.period_seconds))
+        return await self._unhealthy(
+            current,
+            record,
+            f"{current.name} failed {self.memory.health_failures} health checks in a row",
+        )
+
+    async def _unhealthy(
+        self, current: base.Instance, record: models.InstanceStatus, why: str
+    ) -> Result:
+        await self._event("Warning", "Unhealthy", why)
+        await self.runtime.stop(current.name, STOP_TIMEOUT)
+        record.ready = False
+        stopped = await self.runtime.inspect(current.name)
+        return await self._crashed(stopped, record)
+
+    # Status.
+
+    def _labels(self, color: models.Color) -> dict[str, str]:
+        labels = {
+            **self.plugin.metadata.labels,
+            base.LABEL_PLUGIN: self.plugin.name,
+            base.LABEL_COLOR: color.value,
+            base.LABEL_VERSION: str(self.spec.version),
+            base.LABEL_SPEC_HASH: base.instance_hash(self.spec),
+        }
+        if self.plugin.metadata.namespace:
+            labels[base.LABEL_NAMESPACE] = self.plugin.metadata.namespace
+        return labels
+
+    def _instance_status(self) -> models.InstanceStatus:
+        color = self.want.color
+        for record in self.status.instances:
+            if record.color is color:
+                return record
+        record = models.InstanceStatus(
+            color=color, version=str(self.spec.version), state=base.InstanceState.UNKNOWN.value
+        )
+        self.status.instances = [i for i in self.status.instances if i.color is not color] + [
+            record
+        ]
+        return record
+
+    def _conditions(
+        self,
+        phase: models.Phase,
+        *,
+        ready: tuple[conditions.ConditionStatus, str, str],
+        progressing: tuple[str, str] | None = None,
+        degraded: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        status = self.status
+        status.phase = phase
+        status.observed_generation = self.generation
+        status.active_color = self.want.color
+        status.active_version = str(self.spec.version)
+        status.instances = [i for i in status.instances if i.color is self.want.color]
+        found = status.conditions
+        found = conditions.set_condition(found, conditions.READY, *ready, self.generation)
+        if progressing is None:
+            found = conditions.set_condition(
+                found,
+                conditions.PROGRESSING,
+                "False",
+                "Reconciled",
+                "observed state matches the spec",
+                self.generation,
+            )
+        else:
+            found = conditions.set_condition(
+                found, conditions.PROGRESSING, "True", *progressing, self.generation
+            )
+        if degraded:
+            found = conditions.set_condition(
+                found, conditions.DEGRADED, "True", reason or ready[1], ready[2], self.generation
+            )
+        else:
+            found = conditions.set_condition(
+                found, conditions.DEGRADED, "False", "AsExpected", "", self.generation
+            )
+        status.conditions = found
+
+    async def _write(self, old: models.PluginStatus) -> None:
+        if self.status != old:
+            await self.source.write_status(self.key, self.status)
+
+    async def _event(self, type: store.EventType, reason: str, message: str) -> None:
+        level = logging.INFO if type == "Normal" else logging.WARNING
+        log.log(level, "%s: %s", reason, message, extra=self.context)
+        await self.source.record_event(self.key, type, reason, message)
+
+    async def _last_logs(self, name: str) -> str:
+        try:
+            lines = await self.runtime.logs(name, LOG_LINES)
+        except ControllerError as e:  # logs are a courtesy: never fail a pass for them
+            return f"(logs unavailable: {e})"
+        return "\n".join(lines) if lines else "(no output)"

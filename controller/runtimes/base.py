@@ -1,0 +1,201 @@
+"""The ``Runtime`` protocol every backend implements, and the records it speaks in.
+
+In the shape of Nomad's ``DriverPlugin``: a backend says what it can do
+(:meth:`Runtime.capabilities`), checks what it is asked to run
+(:meth:`Runtime.validate`), lists what it runs for this controller
+(:meth:`Runtime.list_owned`), and starts, inspects, probes, stops and removes
+instances by their deterministic name. The reconciler talks to backends only
+through this module; backends never read specs from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from controller.errors import SpecIssue
+from controller.spec import models
+
+MANAGED_BY = "blackhole-controller"
+LABEL_MANAGED_BY = models.LABEL_PREFIX + "managed-by"
+LABEL_CONTROLLER = models.LABEL_PREFIX + "controller"
+LABEL_PLUGIN = models.LABEL_PREFIX + "plugin"
+LABEL_NAMESPACE = models.LABEL_PREFIX + "namespace"
+LABEL_COLOR = models.LABEL_PREFIX + "color"
+LABEL_VERSION = models.LABEL_PREFIX + "version"
+LABEL_SPEC_HASH = models.LABEL_PREFIX + "spec-hash"
+LABEL_VOLUME = models.LABEL_PREFIX + "volume"
+
+SOCKET_DIR_IN_INSTANCE = "/run/blackhole"
+"""Where an instance finds its socket directory."""
+SOCKET_NAME = "plugin.sock"
+"""The file name of the socket a plugin listens on, inside its socket directory."""
+
+
+class InstanceState(StrEnum):
+    """What a runtime says an instance is doing."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+
+
+def instance_name(plugin: str, color: models.Color, namespace: str | None = None) -> str:
+    """The deterministic name of a plugin's instance: ``bh-<plugin>-<color>``."""
+    prefix = f"bh-{namespace}-" if namespace else "bh-"
+    return f"{prefix}{plugin}-{color.value}"
+
+
+def instance_hash(spec: models.PluginSpec) -> str:
+    """A digest of what an instance is made from: a change of it needs a new instance.
+
+    Health, restart, hot-swap settings, dependencies, capabilities and which
+    plugins it may call are read by the controller and the gateway, not by the
+    instance, so changing them replaces nothing.
+    """
+    made_of = spec.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude_none=True,
+        include={
+            "image",
+            "version",
+            "runtime",
+            "permissions",
+            "resources",
+            "volumes",
+            "env",
+            "config",
+            "state",
+        },
+    )
+    made_of.get("permissions", {}).pop("callPlugins", None)
+    text = json.dumps(made_of, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One instance to run: a plugin's spec in one color, with its ownership labels."""
+
+    plugin: str
+    color: models.Color
+    spec: models.PluginSpec
+    labels: Mapping[str, str]
+    """Every label the instance carries: the plugin's own and the controller's."""
+    namespace: str | None = None
+
+    @property
+    def name(self) -> str:
+        return instance_name(self.plugin, self.color, self.namespace)
+
+    @property
+    def spec_hash(self) -> str:
+        return self.labels[LABEL_SPEC_HASH]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance as the runtime reports it."""
+
+    name: str
+    plugin: str
+    color: models.Color
+    version: str
+    spec_hash: str
+    state: InstanceState
+    exit_code: int | None = None
+    oom_killed: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    namespace: str | None = None
+    id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The key of the plugin it belongs to."""
+        return f"{self.namespace}/{self.plugin}" if self.namespace else self.plugin
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports, so that specs asking for more are refused up front."""
+
+    networks: frozenset[models.NetworkMode]
+    volumes: bool
+    host_paths: bool
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A point-in-time resource reading of one instance."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    memory_limit_bytes: int
+    pids: int
+
+
+class Runtime(Protocol):
+    """What the reconciler needs from a place that runs plugin instances."""
+
+    name: str
+
+    def capabilities(self) -> Capabilities:
+        """What this backend can run."""
+        ...
+
+    def validate(self, desired: InstanceSpec) -> list[SpecIssue]:
+        """Problems that would stop ``desired`` from starting here; empty when none."""
+        ...
+
+    async def list_owned(self, plugin: str | None = None) -> list[Instance]:
+        """Every instance this controller owns (of ``plugin`` only, when given)."""
+        ...
+
+    async def start(self, desired: InstanceSpec) -> Instance:
+        """Create and start ``desired``; its name must be free (remove the old one first)."""
+        ...
+
+    async def inspect(self, name: str) -> Instance:
+        """The instance called ``name``; raises :class:`InstanceNotFoundError`."""
+        ...
+
+    async def ready(self, instance: Instance, timeout: float) -> bool:
+        """Whether ``instance`` answers its health check within ``timeout`` seconds."""
+        ...
+
+    async def stop(self, name: str, timeout: float) -> None:
+        """Ask the instance to stop, kill it after ``timeout`` seconds; no error if gone."""
+        ...
+
+    async def remove(self, name: str) -> None:
+        """Remove the instance (stopping it at once); no error if it is already gone."""
+        ...
+
+    async def release(self, plugin: str, namespace: str | None = None) -> None:
+        """Remove what the plugin's instances shared (networks); called once none is left."""
+        ...
+
+    async def logs(self, name: str, tail: int) -> list[str]:
+        """The instance's last ``tail`` lines of output."""
+        ...
+
+    async def stats(self, name: str) -> Stats:
+        """The instance's current resource use."""
+        ...
+
+    def events(self) -> AsyncIterator[str]:
+        """Keys of plugins whose instances changed state (died, started), as they happen."""
+        ...
+
+    async def close(self) -> None:
+        """Release the backend's connections and threads."""
+        ...

@@ -1,0 +1,163 @@
+"""An in-memory runtime: the Runtime protocol with no engine behind it.
+
+For tests of the reconciler that need no Docker, and as the third backend
+of the contract suite, which runs the same assertions against it as against
+Docker and Podman so that it cannot drift from them. Instances "run" until
+:meth:`MemoryRuntime.crash` says they died; every call is counted in
+:attr:`MemoryRuntime.calls`, so a test can check that a pass wrote nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from controller.errors import InstanceConflictError, InstanceNotFoundError, SpecError, SpecIssue
+from controller.runtimes import base
+from controller.spec import models
+
+WRITES = frozenset({"start", "stop", "remove", "release"})
+"""The calls that change what runs."""
+
+
+class MemoryRuntime:
+    """Instances as records in a dict, owned by one controller id."""
+
+    def __init__(self, controller_id: str = "default") -> None:
+        self.name = "memory"
+        self.controller_id = controller_id
+        self.instances: dict[str, base.Instance] = {}
+        self.output: dict[str, list[str]] = collections.defaultdict(list)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.unready: set[str] = set()
+        """Names of instances whose health check fails."""
+        self._ids = itertools.count(1)
+        self._events: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def capabilities(self) -> base.Capabilities:
+        return base.Capabilities(
+            networks=frozenset({models.NetworkMode.NONE}), volumes=True, host_paths=False
+        )
+
+    def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
+        issues = []
+        for index, volume in enumerate(desired.spec.volumes):
+            if volume.host_path is not None:
+                issues.append(
+                    SpecIssue(
+                        "runtime",
+                        None,
+                        f"spec.volumes[{index}].hostPath",
+                        "host paths are not allowed on the memory runtime",
+                        value=volume.host_path,
+                        has_value=True,
+                    )
+                )
+        return issues
+
+    async def list_owned(self, plugin: str | None = None) -> list[base.Instance]:
+        self.calls["list_owned"] += 1
+        return [
+            i
+            for i in self.instances.values()
+            if i.labels.get(base.LABEL_CONTROLLER) == self.controller_id
+            and (plugin is None or i.plugin == plugin)
+        ]
+
+    async def start(self, desired: base.InstanceSpec) -> base.Instance:
+        self.calls["start"] += 1
+        issues = self.validate(desired)
+        if issues:
+            raise SpecError(issues)
+        if desired.name in self.instances:
+            raise InstanceConflictError(f"memory: {desired.name} exists")
+        instance = base.Instance(
+            name=desired.name,
+            plugin=desired.plugin,
+            color=desired.color,
+            version=str(desired.spec.version),
+            spec_hash=desired.spec_hash,
+            state=base.InstanceState.RUNNING,
+            started_at=datetime.now(UTC),
+            namespace=desired.namespace,
+            id=f"mem-{next(self._ids)}",
+            labels={
+                **desired.labels,
+                base.LABEL_MANAGED_BY: base.MANAGED_BY,
+                base.LABEL_CONTROLLER: self.controller_id,
+            },
+        )
+        self.instances[desired.name] = instance
+        self.output[desired.name].append(f"{desired.plugin} {desired.spec.version} started")
+        self._events.put_nowait(instance.key)
+        return instance
+
+    async def inspect(self, name: str) -> base.Instance:
+        self.calls["inspect"] += 1
+        try:
+            return self.instances[name]
+        except KeyError:
+            raise InstanceNotFoundError(f"memory: no instance {name}") from None
+
+    async def ready(self, instance: base.Instance, timeout: float) -> bool:
+        self.calls["ready"] += 1
+        current = self.instances.get(instance.name)
+        return (
+            current is not None
+            and current.state is base.InstanceState.RUNNING
+            and instance.name not in self.unready
+        )
+
+    def crash(self, name: str, exit_code: int = 137, *, oom: bool = False, line: str = "") -> None:
+        """Make a running instance die, as a kill or an out-of-memory kill would."""
+        instance = self.instances[name]
+        if line:
+            self.output[name].append(line)
+        self.instances[name] = replace(
+            instance,
+            state=base.InstanceState.EXITED,
+            exit_code=exit_code,
+            oom_killed=oom,
+            finished_at=datetime.now(UTC),
+        )
+        self._events.put_nowait(instance.key)
+
+    async def stop(self, name: str, timeout: float) -> None:
+        self.calls["stop"] += 1
+        if name in self.instances and self.instances[name].state is base.InstanceState.RUNNING:
+            self.crash(name, exit_code=0)
+
+    async def remove(self, name: str) -> None:
+        self.calls["remove"] += 1
+        self.instances.pop(name, None)
+        self.output.pop(name, None)
+
+    async def release(self, plugin: str, namespace: str | None = None) -> None:
+        self.calls["release"] += 1
+
+    async def logs(self, name: str, tail: int) -> list[str]:
+        self.calls["logs"] += 1
+        if name not in self.instances:
+            raise InstanceNotFoundError(f"memory: no instance {name}")
+        return self.output[name][-tail:] if tail else []
+
+    async def stats(self, name: str) -> base.Stats:
+        self.calls["stats"] += 1
+        if name not in self.instances:
+            raise InstanceNotFoundError(f"memory: no instance {name}")
+        return base.Stats(cpu_seconds=0.0, memory_bytes=0, memory_limit_bytes=0, pids=1)
+
+    async def events(self) -> AsyncIterator[str]:
+        while (key := await self._events.get()) is not None:
+            yield key
+
+    async def close(self) -> None:
+        self._events.put_nowait(None)
+
+    def writes(self) -> int:
+        """How many calls changed what runs."""
+        return sum(self.calls[c] for c in WRITES)

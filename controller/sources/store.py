@@ -1,0 +1,198 @@
+"""The single-host controller's own records, in SQLite (WAL) in its data directory.
+
+Holds what a Kubernetes API server would hold for the cluster controller:
+specs applied through the admin API (``bhctl apply``), each plugin's
+generation and last status, and a bounded log of events per plugin. The
+user's spec files are never written; everything the controller learns goes
+here, so a restarted controller keeps generations, restart counts and events.
+
+Synchronous and not thread-safe: :class:`~controller.sources.directory.DirectorySource`
+calls it from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from controller.spec import models
+
+EVENTS_KEPT = 50
+"""Events kept per plugin; older ones are dropped."""
+
+EventType = Literal["Normal", "Warning"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS applied (
+    key TEXT PRIMARY KEY,
+    document TEXT NOT NULL,
+    applied_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plugins (
+    key TEXT PRIMARY KEY,
+    spec_hash TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    status TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    first_time TEXT NOT NULL,
+    last_time TEXT NOT NULL,
+    type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS events_by_key ON events (key, id);
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the controller did or saw, like a Kubernetes Event; repeats are counted."""
+
+    type: EventType
+    reason: str
+    message: str
+    first_time: datetime
+    last_time: datetime
+    count: int = 1
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "reason": self.reason,
+            "message": self.message,
+            "firstTimestamp": self.first_time.isoformat(),
+            "lastTimestamp": self.last_time.isoformat(),
+            "count": self.count,
+        }
+
+
+class Store:
+    """One SQLite database file; created with its tables on first use."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # Specs applied through the admin API.
+
+    def applied(self) -> dict[str, str]:
+        """Applied specs by key, each as the YAML or JSON text it was applied with."""
+        return dict(self._db.execute("SELECT key, document FROM applied ORDER BY key"))
+
+    def put_applied(self, key: str, document: str) -> None:
+        self._db.execute(
+            "INSERT INTO applied (key, document, applied_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET document = excluded.document, "
+            "applied_at = excluded.applied_at",
+            (key, document, _now().isoformat()),
+        )
+
+    def delete_applied(self, key: str) -> bool:
+        return self._db.execute("DELETE FROM applied WHERE key = ?", (key,)).rowcount > 0
+
+    # Generations and status.
+
+    def generation(self, key: str, spec_hash: str) -> int:
+        """The generation of ``key`` with this spec: unchanged for the same hash, else bumped."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT spec_hash, generation FROM plugins WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None and row[0] == spec_hash:
+                return int(row[1])
+            generation = 1 if row is None else int(row[1]) + 1
+            self._db.execute(
+                "INSERT INTO plugins (key, spec_hash, generation) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET spec_hash = excluded.spec_hash, "
+                "generation = excluded.generation",
+                (key, spec_hash, generation),
+            )
+            return generation
+
+    def status(self, key: str) -> models.PluginStatus | None:
+        row = self._db.execute("SELECT status FROM plugins WHERE key = ?", (key,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return models.PluginStatus.model_validate_json(row[0])
+
+    def put_status(self, key: str, status: models.PluginStatus) -> None:
+        text = status.model_dump_json(by_alias=True, exclude_none=True)
+        self._db.execute("UPDATE plugins SET status = ? WHERE key = ?", (text, key))
+
+    def forget(self, key: str) -> None:
+        """Drop everything about a plugin that is gone: its status, generation and events."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM plugins WHERE key = ?", (key,))
+            self._db.execute("DELETE FROM events WHERE key = ?", (key,))
+
+    def known(self) -> list[str]:
+        """Keys that have a status or generation recorded."""
+        return [row[0] for row in self._db.execute("SELECT key FROM plugins ORDER BY key")]
+
+    # Events.
+
+    def record(self, key: str, type: EventType, reason: str, message: str) -> None:
+        now = _now().isoformat()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            last = self._db.execute(
+                "SELECT id, type, reason, message FROM events WHERE key = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (key,),
+            ).fetchone()
+            if last is not None and tuple(last[1:]) == (type, reason, message):
+                self._db.execute(
+                    "UPDATE events SET count = count + 1, last_time = ? WHERE id = ?",
+                    (now, last[0]),
+                )
+                return
+            self._db.execute(
+                "INSERT INTO events (key, first_time, last_time, type, reason, message) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, now, now, type, reason, message),
+            )
+            self._db.execute(
+                "DELETE FROM events WHERE key = ? AND id NOT IN "
+                "(SELECT id FROM events WHERE key = ? ORDER BY id DESC LIMIT ?)",
+                (key, key, EVENTS_KEPT),
+            )
+
+    def events(self, key: str) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT type, reason, message, first_time, last_time, count FROM events "
+            "WHERE key = ? ORDER BY id",
+            (key,),
+        )
+        return [
+            Event(
+                type=row[0],
+                reason=row[1],
+                message=row[2],
+                first_time=datetime.fromisoformat(row[3]),
+                last_time=datetime.fromisoformat(row[4]),
+                count=int(row[5]),
+            )
+            for row in rows
+        ]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
