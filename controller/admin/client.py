@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.errors import ControllerError
+from controller.runtimes import base
 
 
 class AdminError(ControllerError):
@@ -35,7 +36,8 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(str(self.path))
+        with base.unix_address(self.path) as address:
+            sock.connect(address)
         self.sock = sock
 
 
@@ -57,7 +59,7 @@ class AdminClient:
             connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             data = json.loads(response.read() or b"{}")
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             raise ControllerNotRunningError(
                 f"no controller answers on {self.socket_path}: start one with bhctl run, "
                 "or point --data-dir at the one that runs"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,12 @@ class AdminServer:
     async def start(self) -> None:
         await self._runner.setup()
         self.path.unlink(missing_ok=True)
-        site = web.UnixSite(self._runner, str(self.path))
-        await site.start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with base.unix_address(self.path) as address:
+            sock.bind(address)
         self.path.chmod(0o600)
+        site = web.SockSite(self._runner, sock)
+        await site.start()
         log.info("admin API on unix://%s", self.path)
 
     async def stop(self) -> None:
@@ -150,7 +154,12 @@ class AdminServer:
                 text=_error(f'color "{color_text}": use blue or green'),
                 content_type="application/json",
             ) from None
-        name = base.instance_name(desired.plugin.name, color, desired.plugin.metadata.namespace)
+        name = base.instance_name(
+            desired.plugin.name,
+            color,
+            desired.plugin.metadata.namespace,
+            self.runtime.controller_id,
+        )
         try:
             lines = await self.runtime.logs(name, tail)
         except InstanceNotFoundError:

@@ -153,6 +153,7 @@ class _Pass:
             spec=self.spec,
             labels=self._labels(color),
             namespace=self.plugin.metadata.namespace,
+            controller_id=self.runtime.controller_id,
         )
         issues = self.runtime.validate(self.want)
         if issues:

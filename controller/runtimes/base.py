@@ -10,12 +10,15 @@ through this module; backends never read specs from disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 from controller.errors import SpecIssue
@@ -37,6 +40,28 @@ SOCKET_NAME = "plugin.sock"
 """The file name of the socket a plugin listens on, inside its socket directory."""
 
 
+SUN_PATH_MAX = 107
+"""Longest Unix socket path the kernel takes (sun_path is 108 bytes with its NUL)."""
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address for ``path`` that fits in sun_path, however deep the directory is.
+
+    Long paths are reached through ``/proc/self/fd`` of their open directory,
+    which works for ``bind`` and ``connect`` alike.
+    """
+    text = str(path)
+    if len(text.encode()) <= SUN_PATH_MAX:
+        yield text
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
+
+
 class InstanceState(StrEnum):
     """What a runtime says an instance is doing."""
 
@@ -46,10 +71,23 @@ class InstanceState(StrEnum):
     UNKNOWN = "unknown"
 
 
-def instance_name(plugin: str, color: models.Color, namespace: str | None = None) -> str:
-    """The deterministic name of a plugin's instance: ``bh-<plugin>-<color>``."""
-    prefix = f"bh-{namespace}-" if namespace else "bh-"
-    return f"{prefix}{plugin}-{color.value}"
+DEFAULT_CONTROLLER = "default"
+
+
+def instance_name(
+    plugin: str,
+    color: models.Color,
+    namespace: str | None = None,
+    controller_id: str = DEFAULT_CONTROLLER,
+) -> str:
+    """The deterministic name of a plugin's instance: ``bh-<plugin>-<color>``.
+
+    A namespace, and a controller id other than the default, are put in front
+    of the plugin's name, so that controllers sharing an engine never collide.
+    """
+    scope = [] if controller_id == DEFAULT_CONTROLLER else [controller_id]
+    scope += [namespace] if namespace else []
+    return "-".join(["bh", *scope, plugin, color.value])
 
 
 def instance_hash(spec: models.PluginSpec) -> str:
@@ -90,10 +128,11 @@ class InstanceSpec:
     labels: Mapping[str, str]
     """Every label the instance carries: the plugin's own and the controller's."""
     namespace: str | None = None
+    controller_id: str = DEFAULT_CONTROLLER
 
     @property
     def name(self) -> str:
-        return instance_name(self.plugin, self.color, self.namespace)
+        return instance_name(self.plugin, self.color, self.namespace, self.controller_id)
 
     @property
     def spec_hash(self) -> str:
@@ -147,6 +186,8 @@ class Runtime(Protocol):
     """What the reconciler needs from a place that runs plugin instances."""
 
     name: str
+    controller_id: str
+    """This controller's identity on the runtime: it owns only what carries it."""
 
     def capabilities(self) -> Capabilities:
         """What this backend can run."""

@@ -257,7 +257,7 @@ class Settings:
     data_dir: Path
     """Per-instance socket directories live in ``data_dir/instances``."""
     url: str | None = None
-    controller_id: str = "default"
+    controller_id: str = base.DEFAULT_CONTROLLER
     """Several controllers may share an engine; each owns only what carries its id."""
     host_path_root: Path | None = None
     """Host paths must lie under this directory; None refuses host paths."""
@@ -272,6 +272,7 @@ class ContainerRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = str(settings.engine)
+        self.controller_id = settings.controller_id
         self._client: docker.DockerClient | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
             settings.threads, thread_name_prefix=f"{self.name}-api"
@@ -294,7 +295,7 @@ class ContainerRuntime:
         except docker.errors.NotFound as e:
             raise InstanceNotFoundError(f"{self.name}: {e.explanation or e}") from e
         except docker.errors.APIError as e:
-            if e.status_code == 409:
+            if e.status_code == 409 or "already in use" in str(e.explanation):  # Podman: 500
                 raise InstanceConflictError(f"{self.name}: {e.explanation or e}") from e
             raise RuntimeBackendError(f"{self.name}: {e.explanation or e}") from e
         except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
@@ -512,14 +513,21 @@ class ContainerRuntime:
     async def events(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        filters = {**self._selector(), "type": "container", "event": ["start", "die", "oom"]}
+        # One label, and actions picked here: Podman 4 honours only the first value of a
+        # repeated filter key.
+        filters = {"label": [f"{base.LABEL_CONTROLLER}={self.controller_id}"]}
         stream = await self._call(self.client.events, decode=True, filters=filters)
 
         def pump() -> None:
             try:
                 for event in stream:
                     event_data: dict[str, Any] = event  # type: ignore[assignment]
+                    action = str(event_data.get("Action") or event_data.get("status") or "")
+                    if event_data.get("Type") != "container" or action not in _EVENTS:
+                        continue
                     labels = (event_data.get("Actor") or {}).get("Attributes") or {}
+                    if labels.get(base.LABEL_MANAGED_BY) != base.MANAGED_BY:
+                        continue
                     plugin = labels.get(base.LABEL_PLUGIN)
                     if plugin and base.LABEL_COLOR in labels:
                         namespace = labels.get(base.LABEL_NAMESPACE)
@@ -545,32 +553,24 @@ class ContainerRuntime:
             self._client.close()
 
 
+_EVENTS = frozenset({"start", "die", "oom"})
+"""Container events that send the plugin to the queue."""
 LABEL_LINK = models.LABEL_PREFIX + "link"
 """On a private network: the two plugins it links, as ``a.b``."""
 
 
 async def probe_socket(path: Path, timeout: float) -> bool:
     """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
-    target = str(path)
-    directory = None
-    if len(target.encode()) > 100:  # sun_path is 108 bytes: reach it through the directory's fd
-        try:
-            directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-        except OSError:
-            return False
-        target = f"/proc/self/fd/{directory}/{path.name}"
     try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_unix_connection(target)
+        with base.unix_address(path) as address:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_unix_connection(address)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return True
     except (OSError, TimeoutError):
         return False
-    finally:
-        if directory is not None:
-            os.close(directory)
 
 
 def _row_name(row: Mapping[str, Any]) -> str:

@@ -27,7 +27,7 @@ WRITES = frozenset({"start", "stop", "remove", "release"})
 class MemoryRuntime:
     """Instances as records in a dict, owned by one controller id."""
 
-    def __init__(self, controller_id: str = "default") -> None:
+    def __init__(self, controller_id: str = base.DEFAULT_CONTROLLER) -> None:
         self.name = "memory"
         self.controller_id = controller_id
         self.instances: dict[str, base.Instance] = {}

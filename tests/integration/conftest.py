@@ -1,28 +1,53 @@
 """Fixtures for the real engines: Docker and Podman, each through its own API socket.
 
-Everything a test creates carries the session label ``blackhole.dev/test-session``
-and is removed by that label when the session ends, whether the tests passed
-or not. An engine that does not answer is an error, never a skip: start the
-engines with ``scripts/engines.sh``.
+Everything a test creates carries the session label ``blackhole.dev/test-session``,
+or belongs to a controller id of this session, and is removed by label when the
+session ends, whether the tests passed or not. An engine that does not answer
+is an error, never a skip: start the engines with ``scripts/engines.sh``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import pytest
 
-from controller.runtimes import container
+from controller.admin import client as admin_client
+from controller.runtimes import base, container
 
 SESSION = uuid.uuid4().hex[:12]
 SESSION_LABEL = "blackhole.dev/test-session"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "blackhole/base:bookworm")
+PLUGIN_IMAGE = "blackhole/test-plugin:1"
+"""The plugin the tests run (``tests/integration/plugin``); its behaviour is set by env MODE."""
+PLUGIN_DIR = Path(__file__).parent / "plugin"
+BHCTL = Path(sys.executable).parent / "bhctl"
+
+_controller_ids = itertools.count(1)
+CONTROLLER_IDS: list[str] = []
+"""Every controller id this session used; their resources are removed at the end."""
+
+T = TypeVar("T")
+
+
+def new_controller_id() -> str:
+    ident = f"test-{SESSION}-{next(_controller_ids)}"
+    CONTROLLER_IDS.append(ident)
+    return ident
 
 
 @dataclass
@@ -39,28 +64,188 @@ class EngineUnderTest:
     def name(self, suffix: str) -> str:
         return f"bh-test-{SESSION}-{suffix}"
 
+    def owned_by(self, controller_id: str) -> list[Any]:
+        selector: dict[str, Any] = {"label": f"{base.LABEL_CONTROLLER}={controller_id}"}
+        return list(self.client.containers.list(all=True, filters=selector))
 
-def remove_session_resources(client: docker.DockerClient) -> None:
-    selector: dict[str, str | list[str] | bool] = {"label": f"{SESSION_LABEL}={SESSION}"}
+    def kill_main_process(self, name: str) -> None:
+        """``kill -9`` of the instance's main process, as seen from the host."""
+        pid = self.client.api.inspect_container(name)["State"]["Pid"]
+        os.kill(pid, signal.SIGKILL)
+
+
+def _remove(client: docker.DockerClient, label: str) -> None:
+    selector: dict[str, Any] = {"label": label}
     for item in client.containers.list(all=True, filters=selector):
         with contextlib.suppress(docker.errors.NotFound):
             item.remove(force=True, v=True)
     for network in client.networks.list(filters=selector):
-        network.remove()
+        with contextlib.suppress(docker.errors.NotFound):
+            network.remove()
     for volume in client.volumes.list(filters=selector):
-        volume.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            volume.remove(force=True)
+
+
+def remove_session_resources(client: docker.DockerClient) -> None:
+    _remove(client, f"{SESSION_LABEL}={SESSION}")
+    for ident in CONTROLLER_IDS:
+        _remove(client, f"{base.LABEL_CONTROLLER}={ident}")
+
+
+def _ensure_plugin_image(kind: container.Engine, client: docker.DockerClient) -> None:
+    if kind is container.Engine.DOCKER:
+        client.images.build(
+            path=str(PLUGIN_DIR), tag=PLUGIN_IMAGE, buildargs={"BASE_IMAGE": BASE_IMAGE}, rm=True
+        )
+        return
+    builder = container.connect(container.Engine.DOCKER)
+    try:
+        _ensure_plugin_image(container.Engine.DOCKER, builder)
+        data = io.BytesIO()
+        for chunk in builder.images.get(PLUGIN_IMAGE).save(named=True):
+            data.write(chunk)
+        client.images.load(data.getvalue())
+    finally:
+        builder.close()
+
+
+_ENGINES: dict[container.Engine, EngineUnderTest] = {}
+
+
+def get_engine(kind: container.Engine) -> EngineUnderTest:
+    """The session's connection to ``kind``, with the test plugin image loaded."""
+    if kind not in _ENGINES:
+        client = container.connect(kind)
+        try:
+            client.images.get(BASE_IMAGE)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"{kind} lacks {BASE_IMAGE}: build it with images/base/build.sh")
+        _ensure_plugin_image(kind, client)
+        _ENGINES[kind] = EngineUnderTest(kind, client)
+    return _ENGINES[kind]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_engines_at_the_end() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for engine in _ENGINES.values():
+            remove_session_resources(engine.client)
+            engine.client.close()
 
 
 @pytest.fixture(scope="session", params=list(container.Engine), ids=str)
-def engine(request: pytest.FixtureRequest) -> Iterator[EngineUnderTest]:
-    kind: container.Engine = request.param
-    client = container.connect(kind)
+def engine(request: pytest.FixtureRequest) -> EngineUnderTest:
+    return get_engine(request.param)
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T = condition()
+    while not last:
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(0.05)
+        last = condition()
+    return last
+
+
+SPEC = """\
+apiVersion: blackhole.dev/v1alpha1
+kind: Plugin
+metadata:
+  name: {name}
+spec:
+  image: {image}
+  version: {version}
+"""
+
+
+@dataclass
+class ControllerProcess:
+    """``bhctl run`` as a real process on one engine, with its own specs and data directory."""
+
+    engine: EngineUnderTest
+    root: Path
+    controller_id: str = field(default_factory=new_controller_id)
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.specs = self.root / "specs"
+        self.data = self.root / "data"
+        self.specs.mkdir(parents=True, exist_ok=True)
+        self.log = self.root / "controller.log"
+        self.admin = admin_client.AdminClient(self.data / "admin.sock", timeout=30)
+
+    def start(self) -> None:
+        command = [
+            str(BHCTL), "run", "--specs", str(self.specs), "--runtime", str(self.engine.kind),
+            "--data-dir", str(self.data), "--controller-id", self.controller_id,
+            "--resync-seconds", "5", *self.extra_args,
+        ]  # fmt: skip
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, what=f"the controller to answer (log: {self.log})")
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(f"controller exited with {self.process.returncode}:\n{self.log_text()}")
+        try:
+            self.admin.list()
+        except admin_client.ControllerNotRunningError:
+            return False
+        return True
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout=60)
+
+    def write(self, name: str, body: str = "", version: str = "1.0.0") -> Path:
+        text = SPEC.format(name=name, image=PLUGIN_IMAGE, version=version) + body
+        path = self.specs / f"{name}.yaml"
+        staged = path.with_suffix(".tmp")
+        staged.write_text(text)
+        staged.rename(path)  # atomically, so no half-written file is ever read
+        return path
+
+    def plugins(self) -> dict[str, dict[str, Any]]:
+        return {i["metadata"]["name"]: i for i in self.admin.list()["items"]}
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.plugins().get(name, {}).get("status") or {})
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        for item in self.status(name).get("conditions", []):
+            if item["type"] == type_:
+                return dict(item)
+        return {}
+
+    def ready(self, *names: str) -> bool:
+        return all(self.condition(n, "Ready").get("status") == "True" for n in names)
+
+    def containers(self) -> dict[str, Any]:
+        return {c.name: c for c in self.engine.owned_by(self.controller_id)}
+
+
+@pytest.fixture
+def controller(engine: EngineUnderTest, tmp_path: Path) -> Iterator[ControllerProcess]:
+    process = ControllerProcess(engine, tmp_path)
     try:
-        client.images.get(BASE_IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.fail(f"{kind} lacks {BASE_IMAGE}: build it with images/base/build.sh")
-    try:
-        yield EngineUnderTest(kind, client)
+        yield process
     finally:
-        remove_session_resources(client)
-        client.close()
+        if process.process is not None and process.process.poll() is None:
+            process.kill()
+        _remove(engine.client, f"{base.LABEL_CONTROLLER}={process.controller_id}")

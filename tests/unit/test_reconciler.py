@@ -49,8 +49,14 @@ class World:
         self.clock = Clock()
         self.reconciler = Reconciler(self.source, self.runtime, clock=self.clock)
 
-    def write(self, name: str, version: str = "1.0.0", team: str = "a", memory: str = "64Mi",
-              extra: str = "") -> None:
+    def write(
+        self,
+        name: str,
+        version: str = "1.0.0",
+        team: str = "a",
+        memory: str = "64Mi",
+        extra: str = "",
+    ) -> None:
         text = SPEC.format(name=name, version=version, team=team, memory=memory, extra=extra)
         (self.specs / f"{name}.yaml").write_text(text)
         self.source.rescan()
@@ -120,7 +126,8 @@ async def test_a_crash_is_restarted_after_backoff_and_counted(world: World) -> N
     result = await world.reconciler.reconcile("echo")
     assert result.requeue_after is not None
     assert 0 < result.requeue_after <= 1.0, "first restart waits backoffSeconds"
-    assert world.runtime.instances["bh-echo-blue"].state is base.InstanceState.EXITED
+    state = world.runtime.instances["bh-echo-blue"].state
+    assert state is base.InstanceState.EXITED
     world.clock.offset += 1.1
     status = await world.settle("echo")
     assert world.runtime.instances["bh-echo-blue"].state is base.InstanceState.RUNNING
