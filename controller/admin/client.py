@@ -36,8 +36,12 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        with base.unix_address(self.path) as address:
-            sock.connect(address)
+        try:
+            with base.unix_address(self.path) as address:
+                sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
 
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from controller.errors import PermanentError, TemporaryError
+from controller.errors import ControllerError, PermanentError, TemporaryError
 from controller.reconcile.queue import ShutDownError, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class WorkerPool:
                 self.queue.add_after(key, e.delay)
             else:
                 self.queue.add_rate_limited(key)
+        except ControllerError as e:  # a runtime refused or failed: retry with backoff
+            log.warning("reconcile of %s failed: %s", key, e, extra={"plugin": key})
+            self.queue.add_rate_limited(key)
         except Exception:
             log.exception("reconcile of %s failed", key, extra={"plugin": key})
             self.queue.add_rate_limited(key)

@@ -90,6 +90,18 @@ def instance_name(
     return "-".join(["bh", *scope, plugin, color.value])
 
 
+def volume_name(
+    plugin: str,
+    volume: str,
+    namespace: str | None = None,
+    controller_id: str = DEFAULT_CONTROLLER,
+) -> str:
+    """The engine volume behind a spec volume: ``bh-<plugin>-<volume>``, scoped like instances."""
+    scope = [] if controller_id == DEFAULT_CONTROLLER else [controller_id]
+    scope += [namespace] if namespace else []
+    return "-".join(["bh", *scope, plugin, volume])
+
+
 def instance_hash(spec: models.PluginSpec) -> str:
     """A digest of what an instance is made from: a change of it needs a new instance.
 

@@ -242,10 +242,10 @@ def _issue(path: str, message: str, value: object) -> SpecIssue:
     return SpecIssue("runtime", None, path, message, value=value, has_value=True)
 
 
-def link_network(a: str, b: str) -> str:
+def link_network(a: str, b: str, controller_id: str = base.DEFAULT_CONTROLLER) -> str:
     """The network two plugins share when each names the other in ``peers``."""
     first, second = sorted((a, b))
-    digest = hashlib.sha256(f"{first}/{second}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{controller_id}/{first}/{second}".encode()).hexdigest()[:12]
     return f"bh-link-{digest}"
 
 
@@ -277,6 +277,7 @@ class ContainerRuntime:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             settings.threads, thread_name_prefix=f"{self.name}-api"
         )
+        self._network_lock = threading.Lock()
         self._owner = {
             base.LABEL_MANAGED_BY: base.MANAGED_BY,
             base.LABEL_CONTROLLER: settings.controller_id,
@@ -398,7 +399,10 @@ class ContainerRuntime:
     def _links(self, desired: base.InstanceSpec) -> list[str]:
         if desired.spec.permissions.network is not models.NetworkMode.PRIVATE:
             return []
-        return [link_network(desired.plugin, peer) for peer in desired.spec.permissions.peers]
+        return [
+            link_network(desired.plugin, peer, self.controller_id)
+            for peer in desired.spec.permissions.peers
+        ]
 
     def _create_and_start(
         self, options: dict[str, Any], desired: base.InstanceSpec, links: list[str]
@@ -417,27 +421,26 @@ class ContainerRuntime:
         return str(created.id)
 
     def _ensure_link(self, network: str, plugin: str, peer: str) -> None:
-        try:
-            self.client.api.inspect_network(network)
-            return
-        except docker.errors.NotFound:
-            pass
-        first, second = sorted((plugin, peer))
-        with contextlib.suppress(docker.errors.APIError):  # created meanwhile by the peer
+        # Engines allow two networks of one name; the lock keeps the two peers' passes
+        # from both creating it.
+        with self._network_lock:
+            try:
+                self.client.api.inspect_network(network)
+                return
+            except docker.errors.NotFound:
+                pass
+            first, second = sorted((plugin, peer))
             self.client.api.create_network(
                 network,
                 driver="bridge",
                 internal=True,
+                check_duplicate=True,
                 labels={**self._owner, LABEL_LINK: f"{first}.{second}"},
             )
 
     def _ensure_volume(self, desired: base.InstanceSpec, volume: str) -> str:
         """The engine volume behind a spec volume: created once, owned by the plugin's user."""
-        name = (
-            f"bh-{desired.namespace}-{desired.plugin}-{volume}"
-            if desired.namespace
-            else (f"bh-{desired.plugin}-{volume}")
-        )
+        name = base.volume_name(desired.plugin, volume, desired.namespace, desired.controller_id)
         try:
             attrs = self.client.api.inspect_volume(name)
         except docker.errors.NotFound:
