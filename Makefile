@@ -11,9 +11,9 @@ STEP := scripts/step.sh
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
-	@$(STEP) images bash images/build.sh
+	@$(STEP) images env PYTHON=$(BIN)/python bash images/build.sh
 	$(BIN)/bhctl validate examples/plugins
-	$(BIN)/bhctl engines --engine docker
+	@bash scripts/demo.sh $(BIN)/bhctl
 
 test: setup
 	@$(STEP) lint $(MAKE) --no-print-directory lint

@@ -30,11 +30,17 @@ load_into_podman() {
   fi
 }
 
-build() {  # build NAME DOCKERFILE CONTEXT
-  local image="blackhole/$1:$(cat "$top/VERSION")"
-  bh_log "docker build $image"
-  docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "$2" -t "$image" "$3" >/dev/null
-  load_into_podman "$image"
+build() {  # build IMAGE DOCKERFILE CONTEXT
+  bh_log "docker build $1"
+  # The Debian engine has no BuildKit: drop the client's notice about the legacy builder.
+  docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "RUNTIME_IMAGE=$runtime" \
+    -f "$2" -t "$1" "$3" 2>&1 >/dev/null | sed '/legacy builder is deprecated/,/environment-variable/d;/^$/d' >&2
+  load_into_podman "$1"
 }
 
-build plugin-runtime "$top/images/plugin-runtime/Dockerfile" "$wheels"
+runtime="blackhole/plugin-runtime:$(cat "$top/VERSION")"
+build "$runtime" "$top/images/plugin-runtime/Dockerfile" "$wheels"
+# The example plugins, tagged as examples/plugins/*.yaml name them.
+build blackhole/example-echo:0.1.0 "$top/examples/echo/Dockerfile" "$top/examples/echo"
+build blackhole/example-storage:1.2.0 "$top/examples/storage/Dockerfile" "$top/examples/storage"
+build blackhole/example-analytics:1.0.0 "$top/examples/analytics/Dockerfile" "$top/examples/analytics"

@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -369,6 +370,7 @@ class ContainerRuntime:
             "BLACKHOLE_PLUGIN": desired.plugin,
             "BLACKHOLE_VERSION": str(desired.spec.version),
             "BLACKHOLE_COLOR": desired.color.value,
+            "BLACKHOLE_CONFIG": json.dumps(desired.spec.config, sort_keys=True),
         }
         options = container_options(
             desired.spec,

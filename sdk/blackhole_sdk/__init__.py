@@ -5,6 +5,10 @@ the plugin protocol (``blackhole.plugin.v1``) this SDK implements; the
 controller refuses plugins whose protocol version it does not support.
 """
 
+from blackhole_sdk.plugin import Plugin, PluginError, serve
+
+__all__ = ["PROTOCOL_PACKAGE", "PROTOCOL_VERSION", "Plugin", "PluginError", "serve"]
+
 __version__ = "0.1.0"
 
 PROTOCOL_VERSION = 1
