@@ -6,7 +6,7 @@
 # root, installs Debian's packages, starts the engine in the background and
 # waits for it. Anywhere else it prints what the user must do and fails.
 #
-# Usage: scripts/engines.sh [docker] [podman] [prometheus]   (default: docker podman)
+# Usage: scripts/engines.sh [docker] [podman] [prometheus] [compose]   (default: docker podman)
 # Writes the endpoints to "$BLACKHOLE_RUN_DIR/engines.env" for the tools to source.
 set -euo pipefail
 
@@ -125,12 +125,21 @@ ensure_prometheus() {
   apt_install prometheus
 }
 
+ensure_compose() {  # the peer the benchmarks compare with: Debian's docker-compose 1.29
+  if command -v docker-compose >/dev/null 2>&1; then
+    bh_log "docker-compose installed"
+    return
+  fi
+  apt_install docker-compose
+}
+
 for engine in "${want[@]}"; do
   case $engine in
     docker) ensure_docker ;;
     podman) ensure_podman ;;
     prometheus) ensure_prometheus ;;
-    *) bh_die "unknown engine '$engine'; use docker, podman or prometheus" ;;
+    compose) ensure_compose ;;
+    *) bh_die "unknown engine '$engine'; use docker, podman, prometheus or compose" ;;
   esac
 done
 

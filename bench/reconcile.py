@@ -1,0 +1,307 @@
+"""Reconcile N plugins on Docker, side by side with ``docker-compose up -d`` of the same N services.
+
+For each N: the controller (in this process, on the real engine) is given N
+spec files at once, and the time until every plugin is Ready is taken, with
+the growth of the process's resident memory per plugin; then every key is
+resynced unchanged and the runtime calls it makes are counted (writes must
+be zero). The same N services, with the same image and isolation settings,
+are brought up by Debian's docker-compose 1.29, timed until ``up -d``
+returns and until every service's socket accepts. A resync of 1,000
+unchanged specs on the in-memory runtime shows the write count at scale.
+
+Prints JSON; ``--plot FILE`` draws the times. Needs Docker, docker-compose
+(``scripts/engines.sh docker compose``) and the example images
+(``images/build.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from controller.reconcile import manager, queue
+from controller.runtimes import base, container, memory
+from controller.sources import directory, store
+
+IMAGE = "blackhole/example-echo:0.1.0"
+SPEC = """\
+apiVersion: blackhole.dev/v1alpha1
+kind: Plugin
+metadata: {{name: {name}}}
+spec:
+  image: {image}
+  version: 1.0.0
+  resources: {{cpu: 100m, memory: 64Mi, pids: 32}}
+"""
+
+
+class CountingRuntime:
+    """A runtime that counts the calls made to the one it wraps."""
+
+    def __init__(self, inner: base.Runtime) -> None:
+        self.inner = inner
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if not callable(attribute):
+            return attribute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+async def until_idle(work: queue.WorkQueue) -> None:
+    while len(work) or work.processing:
+        await asyncio.sleep(0.01)
+
+
+async def measure_controller(n: int, workers: int, root: Path) -> dict[str, Any]:
+    ident = f"bench-{uuid.uuid4().hex[:8]}"
+    specs, data = root / "specs", root / "data"
+    specs.mkdir(parents=True)
+    records = store.Store(data / "state.db")
+    work = queue.WorkQueue()
+    source = directory.DirectorySource(specs, records, work.add, resync_seconds=3600)
+    real = container.ContainerRuntime(
+        container.Settings(
+            engine=container.Engine.DOCKER, data_dir=data, controller_id=ident, threads=workers
+        )
+    )
+    runtime = CountingRuntime(real)
+    control = manager.Manager(source, runtime, work, workers=workers)
+    stop = asyncio.Event()
+    task = asyncio.create_task(control.run(stop))
+    try:
+        await control.started.wait()
+        gc.collect()
+        baseline = rss_bytes()
+        keys = [f"p{i:03d}" for i in range(n)]
+        start = time.perf_counter()
+        for key in keys:
+            (specs / f"{key}.yaml").write_text(SPEC.format(name=key, image=IMAGE))
+        pending = set(keys)
+        while pending:
+            await asyncio.sleep(0.05)
+            pending = {k for k in pending if not _ready(records.status(k))}
+        elapsed = time.perf_counter() - start
+        gc.collect()
+        growth = rss_bytes() - baseline
+        await until_idle(work)
+        runtime.calls.clear()
+        for key in keys:
+            work.add(key)
+        await until_idle(work)
+        resync = dict(runtime.calls)
+        return {
+            "ready_seconds": round(elapsed, 2),
+            "rss_growth_bytes_per_plugin": round(growth / n),
+            "resync_calls": resync,
+            "resync_writes": sum(resync.get(c, 0) for c in memory.WRITES),
+        }
+    finally:
+        stop.set()
+        await task
+        for instance in await real.list_owned():
+            await real.remove(instance.name)
+        await real.close()
+        records.close()
+
+
+def _ready(status: Any) -> bool:
+    return status is not None and any(
+        c.type == "Ready" and c.status == "True" for c in status.conditions
+    )
+
+
+def compose_file(n: int, sockets: Path) -> str:
+    services = {}
+    for i in range(n):
+        name = f"p{i:03d}"
+        directory = sockets / name
+        directory.mkdir(parents=True)
+        os.chown(directory, 65532, 65532)
+        directory.chmod(0o700)
+        services[name] = {
+            "image": IMAGE,
+            "network_mode": "none",
+            "read_only": True,
+            "tmpfs": ["/tmp:rw,nosuid,nodev,noexec,size=64m"],
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "user": "65532:65532",
+            "mem_limit": "64m",
+            "memswap_limit": "64m",
+            "cpu_quota": 10000,
+            "cpu_period": 100000,
+            "pids_limit": 32,
+            "environment": {"BLACKHOLE_SOCKET": "/run/blackhole/plugin.sock"},
+            "volumes": [f"{directory}:/run/blackhole"],
+        }
+    return json.dumps({"version": "2.4", "services": services}, indent=1)
+
+
+def accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def measure_compose(n: int, root: Path) -> dict[str, Any]:
+    if shutil.which("docker-compose") is None:
+        sys.exit("docker-compose is missing: run scripts/engines.sh docker compose")
+    sockets = root / "sockets"
+    path = root / "docker-compose.yml"
+    path.write_text(compose_file(n, sockets))
+    project = f"bhbench{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "COMPOSE_PARALLEL_LIMIT": str(n + 10)}
+    command = ["docker-compose", "-p", project, "-f", str(path)]
+    try:
+        start = time.perf_counter()
+        subprocess.run([*command, "up", "-d", "--quiet-pull"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        up = time.perf_counter() - start
+        pending = {sockets / f"p{i:03d}" / "plugin.sock" for i in range(n)}
+        while pending:
+            pending = {p for p in pending if not accepts(p)}
+            if pending:
+                time.sleep(0.05)
+        ready = time.perf_counter() - start
+    finally:
+        subprocess.run([*command, "down", "-t", "0"], env=env, check=False, capture_output=True)
+    return {"up_seconds": round(up, 2), "ready_seconds": round(ready, 2)}
+
+
+async def resync_on_memory(n: int, root: Path) -> dict[str, Any]:
+    specs = root / "specs"
+    specs.mkdir(parents=True)
+    for i in range(n):
+        (specs / f"m{i:04d}.yaml").write_text(SPEC.format(name=f"m{i:04d}", image=IMAGE))
+    records = store.Store(root / "data" / "state.db")
+    work = queue.WorkQueue()
+    source = directory.DirectorySource(specs, records, work.add, resync_seconds=3600)
+    runtime = memory.MemoryRuntime()
+    control = manager.Manager(source, runtime, work, workers=8)
+    stop = asyncio.Event()
+    task = asyncio.create_task(control.run(stop))
+    await control.started.wait()
+    while not all(_ready(records.status(k)) for k in source.declared_keys()):
+        await asyncio.sleep(0.05)
+    await until_idle(work)
+    runtime.calls.clear()
+    start = time.perf_counter()
+    for key in source.declared_keys():
+        work.add(key)
+    await until_idle(work)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    await task
+    records.close()
+    return {
+        "specs": n,
+        "resync_seconds": round(elapsed, 2),
+        "calls": dict(runtime.calls),
+        "writes": runtime.writes(),
+    }
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    sizes = [r["n"] for r in results["runs"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.27
+    xs = range(len(sizes))
+    ax.bar([x - width for x in xs], [r["controller"]["ready_seconds"] for r in results["runs"]],
+           width, label="controller: all Ready")  # fmt: skip
+    ax.bar(list(xs), [r["compose"]["up_seconds"] for r in results["runs"]], width,
+           label="compose: up -d returned")  # fmt: skip
+    ax.bar([x + width for x in xs], [r["compose"]["ready_seconds"] for r in results["runs"]],
+           width, label="compose: all sockets accept")  # fmt: skip
+    ax.set_xticks(list(xs), [str(s) for s in sizes])
+    ax.set_xlabel("plugins")
+    ax.set_ylabel("seconds")
+    ax.set_title("Bringing up N isolated plugins on Docker")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    for n in args.n:
+        with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
+            root = Path(temp)
+            controller = await measure_controller(n, args.workers, root / "controller")
+            compose = await asyncio.to_thread(measure_compose, n, root / "compose")
+        runs.append(
+            {
+                "n": n,
+                "controller": controller,
+                "compose": compose,
+                "ratio_controller_over_compose_up": round(
+                    controller["ready_seconds"] / compose["up_seconds"], 2
+                ),
+                "ratio_controller_over_compose_ready": round(
+                    controller["ready_seconds"] / compose["ready_seconds"], 2
+                ),
+            }
+        )
+    with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
+        at_scale = await resync_on_memory(args.resync_specs, Path(temp))
+    return {
+        "benchmark": "reconcile",
+        "image": IMAGE,
+        "workers": args.workers,
+        "runs": runs,
+        "resync_in_memory": at_scale,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, action="append", help="plugins (default 10, 50, 200)")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--resync-specs", type=int, default=1000)
+    parser.add_argument("--plot", metavar="FILE")
+    args = parser.parse_args()
+    args.n = args.n or [10, 50, 200]
+    results = asyncio.run(main_async(args))
+    print(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
