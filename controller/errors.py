@@ -86,3 +86,20 @@ class TemporaryError(ControllerError):
 
 class PermanentError(ControllerError):
     """A reconcile pass cannot succeed until the spec changes: do not retry hot."""
+
+
+class PluginCallError(ControllerError):
+    """A call over the plugin protocol failed; ``code`` is the gRPC status code's name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class IncompatiblePluginError(ControllerError):
+    """The plugin's handshake says it cannot work with this controller or its spec."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -11,6 +11,9 @@ import asyncio
 import json
 import platform
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,20 @@ def run_controller(
         "--controller-id",
         help="Identity on the engine: a controller owns only what carries its id.",
     ),
+    gateway_addr: str = typer.Option(
+        "127.0.0.1:8080", "--gateway-addr", help="The gateway's HTTP address, HOST:PORT."
+    ),
+    gateway_grpc_addr: str = typer.Option(
+        "127.0.0.1:8081",
+        "--gateway-grpc-addr",
+        help='The gateway\'s gRPC address, HOST:PORT ("" for none).',
+    ),
+    gateway_tokens: Path | None = typer.Option(
+        None,
+        "--gateway-tokens",
+        help="YAML file of bearer tokens and the plugins each may call (mode 0600). "
+        "Without it the gateway listens on loopback only and asks for no token.",
+    ),
     log_format: str = typer.Option("text", "--log-format", help="text or json"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
@@ -159,6 +176,9 @@ def run_controller(
         resync_seconds=resync_seconds,
         host_path_root=host_path_root,
         controller_id=controller_id,
+        gateway_address=gateway_addr,
+        gateway_grpc_address=gateway_grpc_addr or None,
+        gateway_tokens=gateway_tokens,
     )
     try:
         asyncio.run(run.serve(options))
@@ -354,6 +374,69 @@ def show_logs(
         raise _fail(e) from None
     for line in answer["lines"]:
         sys.stdout.write(line + "\n")
+
+
+@app.command()
+def call(
+    name: str = typer.Argument(..., help="The plugin."),
+    method: str = typer.Argument(..., help="The method to call."),
+    data: str = typer.Option(
+        "", "--data", "-d", help="The payload: JSON, or @FILE to read it from a file."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", min=0.001, help="Seconds (at most the plugin's own timeout)."
+    ),
+    gateway: str | None = typer.Option(
+        None,
+        "--gateway",
+        envvar="BLACKHOLE_GATEWAY",
+        help="The gateway's HOST:PORT (default: what the running controller says).",
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar="BLACKHOLE_TOKEN", help="Bearer token, when the gateway asks."
+    ),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Call a plugin through the gateway and print its answer."""
+    payload = data.encode()
+    if data.startswith("@"):
+        try:
+            payload = Path(data[1:]).read_bytes()
+        except OSError as e:
+            raise typer.BadParameter(f"{data[1:]}: {e.strerror}", param_hint="--data") from None
+    if payload:
+        try:
+            json.loads(payload)
+        except ValueError as e:
+            raise typer.BadParameter(f"not JSON: {e}", param_hint="--data") from None
+    address = gateway or run.gateway_address(data_dir or run.default_data_dir())
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if timeout is not None:
+        headers["X-Timeout-Seconds"] = f"{timeout:g}"
+    url = f"http://{address}/v1/plugins/{urllib.parse.quote(name)}/call/{urllib.parse.quote(method)}"
+    request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=(timeout or 30) + 5) as response:
+            body = response.read()
+    except urllib.error.HTTPError as e:
+        answer = e.read()
+        try:
+            problem = json.loads(answer)
+            message = f"{problem['error']} ({e.code} {problem.get('reason', '')})"
+        except (ValueError, KeyError, TypeError):
+            message = f"{e.code} {answer.decode(errors='replace')}"
+        err.print(f"[red]error[/]: {escape(message)}")
+        raise typer.Exit(1) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        err.print(f"[red]error[/]: cannot reach the gateway at {address}: {escape(str(reason))}")
+        raise typer.Exit(1) from None
+    try:
+        print(json.dumps(json.loads(body), indent=2) if body else "")
+    except ValueError:
+        sys.stdout.buffer.write(body)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -20,9 +22,13 @@ from pathlib import Path
 
 from controller.admin import server
 from controller.errors import ControllerError
+from controller.gateway import auth, router
+from controller.gateway import server as gateway_server
+from controller.protocol import client
 from controller.reconcile import manager, queue
 from controller.runtimes import container
 from controller.sources import directory, store
+from controller.spec import models
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,26 @@ def admin_socket(data_dir: Path) -> Path:
     return data_dir / "admin.sock"
 
 
+def gateway_file(data_dir: Path) -> Path:
+    """Where a running controller says its gateway listens, for ``bhctl call``."""
+    return data_dir / "gateway.json"
+
+
+def gateway_address(data_dir: Path) -> str:
+    """The HTTP address of the gateway of the controller on ``data_dir`` (else the default)."""
+    try:
+        return str(json.loads(gateway_file(data_dir).read_text())["http"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Options.gateway_address
+
+
+def write_gateway_file(data_dir: Path, bound: dict[str, str]) -> None:
+    path = gateway_file(data_dir)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(bound) + "\n")
+    temporary.replace(path)
+
+
 @dataclass(frozen=True)
 class Options:
     specs: Path | None
@@ -50,6 +76,9 @@ class Options:
     resync_seconds: float
     host_path_root: Path | None
     controller_id: str
+    gateway_address: str = "127.0.0.1:8080"
+    gateway_grpc_address: str | None = "127.0.0.1:8081"
+    gateway_tokens: Path | None = None
 
 
 class AlreadyRunningError(ControllerError):
@@ -72,8 +101,45 @@ def _lock(data_dir: Path) -> Iterator[None]:
         yield
 
 
+class GatewayConfigError(ControllerError):
+    """The gateway's settings would expose plugins, or cannot be read."""
+
+
+def gateway_tokens(options: Options) -> auth.Tokens | None:
+    """The gateway's tokens; refuses to let anyone on the network call plugins unauthenticated."""
+    if options.gateway_tokens is not None:
+        return auth.Tokens.load(options.gateway_tokens)
+    for address in (options.gateway_address, options.gateway_grpc_address):
+        if address and not _loopback(address):
+            raise GatewayConfigError(
+                f"the gateway would listen on {address} without authentication: anyone who "
+                "reaches it could call every plugin. Give --gateway-tokens FILE, or listen "
+                "on a loopback address"
+            )
+    return None
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _lookup(source: directory.DirectorySource) -> gateway_server.Lookup:
+    def lookup(key: str) -> models.Plugin | None:
+        desired = source.get(key)
+        return desired.plugin if desired is not None else None
+
+    return lookup
+
+
 async def serve(options: Options) -> None:
     """Run the controller until SIGTERM/SIGINT."""
+    tokens = gateway_tokens(options)
     with _lock(options.data_dir):
         records = store.Store(options.data_dir / "state.db")
         work = queue.WorkQueue()
@@ -103,12 +169,22 @@ async def serve(options: Options) -> None:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        plugins = client.Clients()
+        routes = router.Router()
+        gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
         admin = server.AdminServer(source, runtime, admin_socket(options.data_dir))
         await admin.start()
         try:
-            await manager.Manager(source, runtime, work, workers=options.workers).run(stop)
+            bound = await gateway.start(options.gateway_address, options.gateway_grpc_address)
+            write_gateway_file(options.data_dir, bound)
+            control = manager.Manager(
+                source, runtime, work, plugins, routes=routes, workers=options.workers
+            )
+            await control.run(stop)
         finally:
+            await gateway.stop()
             await admin.stop()
+            await plugins.close()
             await runtime.close()
             records.close()
         log.info("stopped")

@@ -33,14 +33,16 @@ class Manager:
         source: directory.DirectorySource,
         runtime: base.Runtime,
         queue: queue_module.WorkQueue,
+        plugins: reconciler.Plugins,
         *,
+        routes: reconciler.Routes | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
         self.source = source
         self.runtime = runtime
         self.queue = queue
-        self.reconciler = reconciler.Reconciler(source, runtime)
+        self.reconciler = reconciler.Reconciler(source, runtime, plugins, routes=routes)
         self.pool = _pool(queue, self.reconciler, workers)
         self.sweep_seconds = sweep_seconds or source.resync_seconds
         self.started = asyncio.Event()

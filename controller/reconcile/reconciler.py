@@ -23,9 +23,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
-from controller.errors import ControllerError, PermanentError, SpecError
+from controller.errors import (
+    ControllerError,
+    IncompatiblePluginError,
+    InstanceNotFoundError,
+    PermanentError,
+    SpecError,
+)
+from controller.protocol import client
 from controller.reconcile import conditions
 from controller.reconcile.workers import Result
 from controller.runtimes import base
@@ -41,6 +48,38 @@ FIRST_PROBE = 0.02
 LONGEST_PROBE = 1.0
 STOP_TIMEOUT = 10.0
 """Seconds an instance being replaced gets to exit after SIGTERM."""
+
+
+class Plugins(Protocol):
+    """The plugin protocol, as used here (:class:`~controller.protocol.client.Clients`)."""
+
+    async def handshake(
+        self, endpoint: str, want: base.InstanceSpec, timeout: float
+    ) -> client.Handshake: ...
+
+    async def healthy(self, endpoint: str, timeout: float) -> bool: ...
+
+    async def drop(self, endpoint: str) -> None: ...
+
+
+class Routes(Protocol):
+    """Where calls go (:class:`~controller.gateway.router.Router`): set when Ready, else cleared."""
+
+    def set_route(
+        self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
+    ) -> None: ...
+
+    def clear_route(self, key: str) -> None: ...
+
+
+class NoRoutes:
+    """Routes for a controller without a gateway."""
+
+    def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
+        pass
+
+    def clear_route(self, key: str) -> None:
+        pass
 
 
 class Source(Protocol):
@@ -67,6 +106,8 @@ class _Memory:
     """When it restarted crashed instances, within the restart window."""
     probe_delay: float = FIRST_PROBE
     health_failures: int = 0
+    handshaken: str = ""
+    """The id of the instance whose handshake succeeded."""
 
 
 class Reconciler:
@@ -76,11 +117,15 @@ class Reconciler:
         self,
         source: Source,
         runtime: base.Runtime,
+        plugins: Plugins,
         *,
+        routes: Routes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.runtime = runtime
+        self.plugins = plugins
+        self.routes = routes or NoRoutes()
         self.clock = clock
         self._memory: dict[str, _Memory] = collections.defaultdict(_Memory)
         self._ids = itertools.count(1)
@@ -88,16 +133,32 @@ class Reconciler:
     async def reconcile(self, key: str) -> Result:
         namespace, _, name = key.rpartition("/")
         desired = self.source.get(key)
-        observed = [
-            i
-            for i in await self.runtime.list_owned(plugin=name)
-            if (i.namespace or "") == namespace
-        ]
+        observed = await self._observe(name, namespace or None)
         context = {"plugin": key, "reconcile_id": next(self._ids)}
         if desired is None:
             return await self._delete(key, name, namespace or None, observed, context)
         context["generation"] = desired.generation
         return await _Pass(self, key, desired, observed, context).run()
+
+    async def _observe(self, name: str, namespace: str | None) -> list[base.Instance]:
+        """The plugin's instances that this controller owns, found by their deterministic names.
+
+        Two inspections by name cost the engine far less than a filtered
+        list, which walks every container it has: with hundreds of plugins
+        starting, the lists of the readiness passes would crowd out the
+        creates. An instance with a plugin's name but not our labels is
+        not ours, and is left alone.
+        """
+        found = []
+        for color in models.Color:
+            instance_name = base.instance_name(name, color, namespace, self.runtime.controller_id)
+            try:
+                instance = await self.runtime.inspect(instance_name)
+            except InstanceNotFoundError:
+                continue
+            if base.owned_by(instance, self.runtime.controller_id, name, namespace):
+                found.append(instance)
+        return found
 
     async def _delete(
         self,
@@ -107,8 +168,10 @@ class Reconciler:
         observed: list[base.Instance],
         context: dict[str, Any],
     ) -> Result:
+        self.routes.clear_route(key)
         for instance in observed:
             await self.runtime.remove(instance.name)
+            await self.plugins.drop(self.runtime.endpoint(instance))
             log.info("removed %s: its plugin is deleted", instance.name, extra=context)
         await self.runtime.release(name, namespace)
         await self.source.forget(key)
@@ -144,6 +207,7 @@ class _Pass:
 
     async def run(self) -> Result:
         old = await self.source.read_status(self.key) or models.PluginStatus()
+        self.old = old
         self.status = old.model_copy(deep=True)
         color = self.status.active_color or models.Color.BLUE
         self.context["color"] = color.value
@@ -166,7 +230,7 @@ class _Pass:
             raise PermanentError(f"{self.key}: {error}")
         for instance in self.observed:
             if instance.color is not color:
-                await self.runtime.remove(instance.name)
+                await self._remove(instance)
                 await self._event(
                     "Normal", "Removed", f"removed {instance.name}: not the active color"
                 )
@@ -180,8 +244,9 @@ class _Pass:
         if current is None:
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
         if current.spec_hash != self.want.spec_hash:
+            self.r.routes.clear_route(self.key)
             await self.runtime.stop(current.name, STOP_TIMEOUT)
-            await self.runtime.remove(current.name)
+            await self._remove(current)
             record.restarts = 0
             record.last_exit_code = None
             record.oom_killed = False
@@ -194,9 +259,10 @@ class _Pass:
                 "Replaced", f"replaced {self.want.name} (stop, then start): {change}"
             )
         if current.state is base.InstanceState.CREATED:
-            await self.runtime.remove(current.name)  # a start cut short, e.g. by a crash of ours
+            await self._remove(current)  # a start cut short, e.g. by a crash of ours
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
         if current.state is not base.InstanceState.RUNNING:
+            self.r.routes.clear_route(self.key)
             return await self._crashed(current, record)
         return await self._probe(current, record)
 
@@ -255,7 +321,7 @@ class _Pass:
             )
             return Result(requeue_after=wait)
         lines = await self._last_logs(current.name)
-        await self.runtime.remove(current.name)
+        await self._remove(current)
         history.append(self.now)
         restarts = record.restarts + 1
         result = await self._start(
@@ -269,9 +335,17 @@ class _Pass:
 
     async def _probe(self, current: base.Instance, record: models.InstanceStatus) -> Result:
         health = self.spec.health
-        ready = await self.runtime.ready(current, float(health.timeout_seconds))
+        timeout = float(health.timeout_seconds)
+        endpoint = self.runtime.endpoint(current)
+        if record.ready and self.memory.handshaken == current.id:
+            ready = await self.r.plugins.healthy(endpoint, timeout)
+        else:
+            ready = await self.runtime.ready(current, timeout) and await self._handshake(
+                current, endpoint, timeout
+            )
         record.state = current.state.value
         if ready:
+            self.r.routes.set_route(self.key, endpoint, current.name, self.spec)
             self.memory.health_failures = 0
             if not record.ready:
                 started = current.started_at.timestamp() if current.started_at else self.now
@@ -303,6 +377,7 @@ class _Pass:
                 f"{current.name} was not Ready within startupDeadlineSeconds "
                 f"({health.startup_deadline_seconds}s)",
             )
+        self.r.routes.clear_route(self.key)
         self.memory.health_failures += 1
         if self.memory.health_failures < health.failure_threshold:
             return Result(requeue_after=float(health.period_seconds))
@@ -311,6 +386,45 @@ class _Pass:
             record,
             f"{current.name} failed {self.memory.health_failures} health checks in a row",
         )
+
+    async def _handshake(self, current: base.Instance, endpoint: str, timeout: float) -> bool:
+        """Initialize the instance (idempotent) and check what it says; True when it is healthy.
+
+        A plugin that speaks another protocol version, or whose state
+        version is not the spec's, can never work: it is removed and the
+        plugin is Failed until its spec changes.
+        """
+        try:
+            handshake = await self.r.plugins.handshake(endpoint, self.want, timeout)
+        except IncompatiblePluginError as e:
+            await self._refuse(current, e.reason, str(e))
+        except ControllerError as e:
+            log.debug("handshake with %s failed: %s", current.name, e, extra=self.context)
+            return False
+        expected = self.spec.state.version if self.spec.state else 0
+        if handshake.state_version != expected:
+            await self._refuse(
+                current,
+                "StateVersionMismatch",
+                f"{current.name} reads and writes state version {handshake.state_version}, "
+                f"but spec.state.version is {expected or 'not set (no state)'}",
+            )
+        self.memory.handshaken = current.id
+        return await self.r.plugins.healthy(endpoint, timeout)
+
+    async def _refuse(self, current: base.Instance, reason: str, message: str) -> NoReturn:
+        await self._remove(current)
+        await self._event("Warning", reason, message)
+        self._conditions(models.Phase.FAILED, ready=("False", reason, message), degraded=True)
+        self.status.instances = []
+        await self._write(self.old)
+        raise PermanentError(f"{self.key}: {message}")
+
+    async def _remove(self, instance: base.Instance) -> None:
+        if instance.color is self.want.color:
+            self.r.routes.clear_route(self.key)
+        await self.runtime.remove(instance.name)
+        await self.r.plugins.drop(self.runtime.endpoint(instance))
 
     async def _unhealthy(
         self, current: base.Instance, record: models.InstanceStatus, why: str

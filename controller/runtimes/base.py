@@ -175,6 +175,20 @@ class Instance:
         return f"{self.namespace}/{self.plugin}" if self.namespace else self.plugin
 
 
+def owned_by(
+    instance: Instance, controller_id: str, plugin: str, namespace: str | None = None
+) -> bool:
+    """Whether ``instance`` carries the labels of ``controller_id``'s instance of ``plugin``."""
+    labels = instance.labels
+    return (
+        labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+        and labels.get(LABEL_CONTROLLER) == controller_id
+        and labels.get(LABEL_PLUGIN) == plugin
+        and (labels.get(LABEL_NAMESPACE) or None) == namespace
+        and LABEL_COLOR in labels
+    )
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend supports, so that specs asking for more are refused up front."""
@@ -222,7 +236,11 @@ class Runtime(Protocol):
         ...
 
     async def ready(self, instance: Instance, timeout: float) -> bool:
-        """Whether ``instance`` answers its health check within ``timeout`` seconds."""
+        """Whether ``instance``'s endpoint accepts connections within ``timeout`` seconds."""
+        ...
+
+    def endpoint(self, instance: Instance) -> str:
+        """Where the plugin protocol reaches ``instance``: ``unix:PATH`` or ``HOST:PORT``."""
         ...
 
     async def stop(self, name: str, timeout: float) -> None:

@@ -112,6 +112,9 @@ class MemoryRuntime:
             and instance.name not in self.unready
         )
 
+    def endpoint(self, instance: base.Instance) -> str:
+        return f"memory:{instance.name}"
+
     def crash(self, name: str, exit_code: int = 137, *, oom: bool = False, line: str = "") -> None:
         """Make a running instance die, as a kill or an out-of-memory kill would."""
         instance = self.instances[name]

@@ -315,6 +315,31 @@ class HotSwap(_Model):
     """Seconds the old version is kept after promotion, for instant rollback. Default 30."""
 
 
+class RateLimit(_Model):
+    """A token bucket: calls beyond it are answered 429 with Retry-After."""
+
+    calls_per_second: float = Field(gt=0, le=1_000_000, alias="callsPerSecond")
+    """Calls per second admitted on average."""
+    burst: int = Field(default=0, ge=0, le=1_000_000)
+    """Calls admitted at once above the rate. Default 0: the rate, rounded up."""
+
+
+class Gateway(_Model):
+    """How the gateway admits calls to this plugin."""
+
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600, alias="timeoutSeconds")
+    """Longest a call may take; callers may ask for less (X-Timeout-Seconds), never more.
+    Past it the caller gets 504. Default 30."""
+    max_concurrent_calls: int = Field(default=64, ge=1, le=100_000, alias="maxConcurrentCalls")
+    """Calls in flight at once; more are answered 429. Default 64."""
+    rate_limit: RateLimit | None = Field(default=None, alias="rateLimit")
+    """A token-bucket rate limit. Default: none."""
+    max_request_bytes: Quantity = Field(
+        default_factory=lambda: Quantity("1Mi"), alias="maxRequestBytes"
+    )
+    """Largest request body; larger is answered 413. Default 1Mi."""
+
+
 class State(_Model):
     """The plugin's state, carried over on a swap."""
 
@@ -361,6 +386,8 @@ class PluginSpec(_Model):
     """Restart policy for crashed instances."""
     hot_swap: HotSwap = Field(default_factory=HotSwap, alias="hotSwap")
     """How new versions replace the running one."""
+    gateway: Gateway = Field(default_factory=Gateway)
+    """How the gateway admits calls: timeout, concurrency, rate and size limits."""
     state: State | None = None
     """The plugin's state schema; omit for a stateless plugin (nothing is carried over)."""
     depends_on: list[Dependency] = Field(default_factory=list, alias="dependsOn")

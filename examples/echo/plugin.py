@@ -6,6 +6,8 @@ from blackhole_sdk import Plugin, serve
 
 
 class Echo(Plugin):
+    provides = ("examples.echo",)
+
     def handle(self, method: str, payload: Any) -> Any:
         return {"method": method, "payload": payload}
 

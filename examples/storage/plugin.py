@@ -1,32 +1,84 @@
-"""A key-value store: put, get, delete and list over string keys."""
+"""A key-value store: put, get, delete and list over string keys; its state is the map.
 
+State version 2 (this release) keeps a revision per key:
+``{"entries": {key: {"value": ..., "revision": n}}}``. Version 1 (release
+1.0) kept the plain map ``{key: value}``; the migration below turns one into
+the other when a 1.x instance hands its state over. ``KV_STATE_VERSION=1``
+builds the 1.0 behaviour, so the upgrade from 1.0 can be tried for real.
+"""
+
+import json
+import os
 from typing import Any
 
-from blackhole_sdk import Plugin, PluginError, serve
+import grpc
+from blackhole_sdk import Plugin, PluginError, migration, serve
 
 
 class KeyValueStore(Plugin):
+    provides = ("storage.kv",)
+    state_version = 2
+
     def initialize(self, config: dict[str, Any]) -> None:
-        self.data: dict[str, Any] = {}
-        self.shards = int(config.get("shards", 1))
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.max_keys = int(config.get("maxKeys", 1_000_000))
 
     def handle(self, method: str, payload: Any) -> Any:
         payload = payload or {}
         if method == "put":
-            self.data[str(payload["key"])] = payload.get("value")
-            return {"stored": payload["key"]}
+            key = _key(payload)
+            if key not in self.entries and len(self.entries) >= self.max_keys:
+                raise PluginError(f"full: {self.max_keys} keys", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            revision = self.entries.get(key, {}).get("revision", 0) + 1
+            self.entries[key] = {"value": payload.get("value"), "revision": revision}
+            return {"key": key, "revision": revision}
         if method == "get":
-            key = str(payload["key"])
-            if key not in self.data:
-                raise PluginError(f"no key {key!r}")
-            return {"key": key, "value": self.data[key]}
+            key = _key(payload)
+            if key not in self.entries:
+                raise PluginError(f"no key {key!r}", grpc.StatusCode.NOT_FOUND)
+            return {"key": key, **self.entries[key]}
         if method == "delete":
-            return {"deleted": self.data.pop(str(payload["key"]), None) is not None}
+            return {"deleted": self.entries.pop(_key(payload), None) is not None}
         if method == "list":
             prefix = str(payload.get("prefix", ""))
-            return {"keys": sorted(k for k in self.data if k.startswith(prefix))}
-        raise PluginError(f"unknown method {method!r}; use put, get, delete or list")
+            return {"keys": sorted(k for k in self.entries if k.startswith(prefix))}
+        raise PluginError(
+            f"unknown method {method!r}; use put, get, delete or list",
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+
+    def export_state(self) -> bytes:
+        return json.dumps({"entries": self.entries}, sort_keys=True).encode()
+
+    def import_state(self, state: bytes) -> None:
+        self.entries = json.loads(state)["entries"] if state else {}
+
+    @migration(1, 2)
+    def add_revisions(self, state: bytes) -> bytes:
+        plain = json.loads(state) if state else {}
+        entries = {k: {"value": v, "revision": 1} for k, v in plain.items()}
+        return json.dumps({"entries": entries}, sort_keys=True).encode()
+
+
+class KeyValueStoreV1(KeyValueStore):
+    """Release 1.0: the same calls, state kept as the plain map (state version 1)."""
+
+    state_version = 1
+
+    def export_state(self) -> bytes:
+        plain = {k: e["value"] for k, e in self.entries.items()}
+        return json.dumps(plain, sort_keys=True).encode()
+
+    def import_state(self, state: bytes) -> None:
+        plain = json.loads(state) if state else {}
+        self.entries = {k: {"value": v, "revision": 1} for k, v in plain.items()}
+
+
+def _key(payload: dict[str, Any]) -> str:
+    if "key" not in payload:
+        raise PluginError('the payload needs a "key"')
+    return str(payload["key"])
 
 
 if __name__ == "__main__":
-    serve(KeyValueStore())
+    serve(KeyValueStoreV1() if os.environ.get("KV_STATE_VERSION") == "1" else KeyValueStore())

@@ -1,118 +1,184 @@
-"""The ``Plugin`` base class and ``serve()``: a plugin listening on its Unix socket.
+"""The ``Plugin`` base class a plugin author subclasses, and state migrations.
 
-The controller starts each instance with ``BLACKHOLE_SOCKET`` (where to
-listen), ``BLACKHOLE_PLUGIN``, ``BLACKHOLE_VERSION``, ``BLACKHOLE_COLOR`` and
-``BLACKHOLE_CONFIG`` (the spec's ``config`` as JSON). ``serve()`` listens
-there, answers calls, and on SIGTERM stops taking connections, lets the
-calls in flight finish and exits 0. Logs go to stderr.
-
-Calls are JSON lines: ``{"method": ..., "payload": ...}`` in, ``{"result":
-...}`` or ``{"error": ...}`` out, one per line, many per connection.
+A plugin answers calls (:meth:`Plugin.handle`, JSON in and out, or
+:meth:`Plugin.handle_bytes` for raw payloads), says whether it is healthy,
+and, if it keeps state, exports it as bytes and imports bytes exported by
+another instance. ``state_version`` names the format of those bytes; a
+method decorated with :func:`migration` turns one version into the next, and
+the SDK chains them when an instance imports an older state. The server
+(:mod:`blackhole_sdk.server`) calls these methods; nothing here knows gRPC
+beyond the status code a :class:`PluginError` carries.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import inspect
 import json
-import logging
-import os
-import signal
-import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar, TypeVar
 
-log = logging.getLogger("blackhole_sdk")
+import grpc
+
+F = TypeVar("F", bound=Callable[..., bytes])
 
 
 class PluginError(Exception):
-    """A call failed in a way the caller should see: its message is sent back."""
+    """A call failed in a way the caller should see: its message is sent back.
+
+    ``status`` is the gRPC status code the caller gets; the gateway maps it
+    to HTTP (``INVALID_ARGUMENT`` 400, ``NOT_FOUND`` 404, ``FAILED_PRECONDITION``
+    409, ``UNIMPLEMENTED`` 501, ...).
+    """
+
+    def __init__(self, message: str, status: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
+        super().__init__(message)
+        self.status = status
+
+
+class MigrationError(PluginError):
+    """State of one version cannot be turned into another."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def resolve(value: Any) -> Any:
+    """``value``, awaited first when a plugin method was ``async``."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def invoke(method: Callable[..., object], *args: Any) -> Any:
+    """Call a plugin's method, plain or ``async``, and return what it gave."""
+    return await resolve(method(*args))
+
+
+def encode(result: Any) -> bytes:
+    """An answer as bytes: bytes as they are, anything else as JSON."""
+    if isinstance(result, bytes | bytearray | memoryview):
+        return bytes(result)
+    try:
+        return json.dumps(result, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise PluginError(
+            f"the answer cannot be encoded as JSON: {e}", grpc.StatusCode.INTERNAL
+        ) from e
+
+
+def migration(from_version: int, to_version: int) -> Callable[[F], F]:
+    """Declare a method that turns state bytes of ``from_version`` into ``to_version``.
+
+    ::
+
+        class Store(Plugin):
+            state_version = 2
+
+            @migration(1, 2)
+            def _add_timestamps(self, state: bytes) -> bytes: ...
+    """
+    if to_version <= from_version or from_version < 1:
+        raise ValueError(f"migration({from_version}, {to_version}): versions must increase from 1")
+
+    def mark(method: F) -> F:
+        method.__blackhole_migration__ = (from_version, to_version)  # type: ignore[attr-defined]
+        return method
+
+    return mark
 
 
 class Plugin:
-    """Subclass it: override ``initialize`` and ``handle`` (and ``health`` if it can fail)."""
+    """Subclass it: override ``handle`` (and the others a plugin needs).
+
+    Class attributes describe the plugin to the controller at the handshake:
+    ``provides`` (its capabilities) and ``state_version`` (0 when it keeps no
+    state). Methods may be plain or ``async``; plain ones run on the server's
+    event loop, so keep them quick or make them ``async``.
+    """
+
+    provides: ClassVar[tuple[str, ...]] = ()
+    state_version: ClassVar[int] = 0
+    _migrations: ClassVar[dict[int, tuple[int, str]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        steps: dict[int, tuple[int, str]] = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                mark = getattr(value, "__blackhole_migration__", None)
+                if mark is not None:
+                    steps[mark[0]] = (mark[1], name)
+        cls._migrations = steps
 
     def initialize(self, config: dict[str, Any]) -> None:
         """Called once before the first call, with the spec's ``config``."""
 
     def handle(self, method: str, payload: Any) -> Any:
-        """Answer one call; raise :class:`PluginError` to send an error back."""
-        raise PluginError(f"unknown method {method!r}")
+        """Answer one call: ``payload`` is the decoded JSON body (None when empty).
+
+        Return anything JSON can encode; raise :class:`PluginError` to send
+        an error back.
+        """
+        raise PluginError(f"unknown method {method!r}", grpc.StatusCode.UNIMPLEMENTED)
+
+    def handle_bytes(self, method: str, metadata: dict[str, str], payload: bytes) -> Any:
+        """Answer one call with raw bytes; by default decodes JSON and calls :meth:`handle`.
+
+        May return ``bytes`` (sent as they are) or anything :meth:`handle` may.
+        """
+        try:
+            decoded = json.loads(payload) if payload else None
+        except ValueError as e:
+            raise PluginError(f"the payload is not JSON: {e}") from None
+        return self.handle(method, decoded)
+
+    async def handle_stream(
+        self, method: str, metadata: dict[str, str], chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """Answer a streamed call; by default joins the chunks and answers as ``handle_bytes``."""
+        payload = b"".join([chunk async for chunk in chunks])
+        yield encode(await resolve(self.handle_bytes(method, metadata, payload)))
 
     def health(self) -> bool:
         """Whether the plugin can take calls."""
         return True
 
+    def export_state(self) -> bytes:
+        """The plugin's whole state, in format ``state_version``."""
+        if self.state_version:
+            raise PluginError(
+                f"{type(self).__name__} declares state_version {self.state_version} "
+                "but does not override export_state",
+                grpc.StatusCode.UNIMPLEMENTED,
+            )
+        return b""
 
-class _Server:
-    def __init__(self, plugin: Plugin) -> None:
-        self.plugin = plugin
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+    def import_state(self, state: bytes) -> None:
+        """Take over ``state``, already migrated to ``state_version``, replacing what it had."""
+        if self.state_version:
+            raise PluginError(
+                f"{type(self).__name__} declares state_version {self.state_version} "
+                "but does not override import_state",
+                grpc.StatusCode.UNIMPLEMENTED,
+            )
 
-    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                self.in_flight += 1
-                self.idle.clear()
-                try:
-                    answer = self.call(line)
-                finally:
-                    self.in_flight -= 1
-                    if self.in_flight == 0:
-                        self.idle.set()
-                writer.write(json.dumps(answer).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    def call(self, line: bytes) -> dict[str, Any]:
-        try:
-            request = json.loads(line)
-            method = request["method"]
-        except (ValueError, KeyError, TypeError):
-            return {"error": 'a call is a JSON object with "method" and "payload"'}
-        if method == "health":
-            return {"result": {"healthy": self.plugin.health()}}
-        try:
-            return {"result": self.plugin.handle(str(method), request.get("payload"))}
-        except PluginError as e:
-            return {"error": str(e)}
-
-
-async def _serve(plugin: Plugin, path: Path) -> None:
-    config = json.loads(os.environ.get("BLACKHOLE_CONFIG") or "{}")
-    plugin.initialize(config)
-    server_state = _Server(plugin)
-    path.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(server_state.connection, path=str(path))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    log.info(
-        "%s %s listening on %s",
-        os.environ.get("BLACKHOLE_PLUGIN", type(plugin).__name__),
-        os.environ.get("BLACKHOLE_VERSION", ""),
-        path,
-    )
-    await stop.wait()
-    log.info("draining: %d call(s) in flight", server_state.in_flight)
-    server.close()
-    await server_state.idle.wait()
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def serve(plugin: Plugin, socket_path: str | None = None) -> None:
-    """Serve ``plugin`` on ``socket_path`` (default ``$BLACKHOLE_SOCKET``) until SIGTERM."""
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    path = socket_path or os.environ.get("BLACKHOLE_SOCKET")
-    if not path:
-        sys.exit("no socket to listen on: set BLACKHOLE_SOCKET or pass socket_path")
-    asyncio.run(_serve(plugin, Path(path)))
+    def migrate(self, state: bytes, from_version: int) -> bytes:
+        """``state`` of ``from_version`` turned into ``state_version`` by the declared steps."""
+        target = self.state_version
+        if from_version == target:
+            return state
+        if from_version > target:
+            raise MigrationError(
+                f"state version {from_version} is newer than this plugin's ({target}); "
+                "a plugin cannot read state from the future"
+            )
+        version = from_version
+        while version != target:
+            step = self._migrations.get(version)
+            if step is None or step[0] > target:
+                declared = ", ".join(f"{a}->{b}" for a, (b, _) in sorted(self._migrations.items()))
+                raise MigrationError(
+                    f"no migration from state version {version} towards {target}; "
+                    f"declared: {declared or 'none'}"
+                )
+            state = getattr(self, step[1])(state)
+            version = step[0]
+        return state

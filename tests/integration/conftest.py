@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +29,15 @@ import docker
 import docker.errors
 import pytest
 
+import controller
 from controller.admin import client as admin_client
 from controller.runtimes import base, container
 
 SESSION = uuid.uuid4().hex[:12]
 SESSION_LABEL = "blackhole.dev/test-session"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "blackhole/base:bookworm")
+RUNTIME_IMAGE = f"blackhole/plugin-runtime:{controller.__version__}"
+"""The plugin runtime image (``images/build.sh``), which the test plugin builds on."""
 PLUGIN_IMAGE = "blackhole/test-plugin:1"
 """The plugin the tests run (``tests/integration/plugin``); its behaviour is set by env MODE."""
 PLUGIN_DIR = Path(__file__).parent / "plugin"
@@ -98,7 +104,10 @@ def remove_session_resources(client: docker.DockerClient) -> None:
 def _ensure_plugin_image(kind: container.Engine, client: docker.DockerClient) -> None:
     if kind is container.Engine.DOCKER:
         client.images.build(
-            path=str(PLUGIN_DIR), tag=PLUGIN_IMAGE, buildargs={"BASE_IMAGE": BASE_IMAGE}, rm=True
+            path=str(PLUGIN_DIR),
+            tag=PLUGIN_IMAGE,
+            buildargs={"RUNTIME_IMAGE": RUNTIME_IMAGE},
+            rm=True,
         )
         return
     builder = container.connect(container.Engine.DOCKER)
@@ -120,9 +129,9 @@ def get_engine(kind: container.Engine) -> EngineUnderTest:
     if kind not in _ENGINES:
         client = container.connect(kind)
         try:
-            client.images.get(BASE_IMAGE)
+            client.images.get(RUNTIME_IMAGE)
         except docker.errors.ImageNotFound:
-            pytest.fail(f"{kind} lacks {BASE_IMAGE}: build it with images/base/build.sh")
+            pytest.fail(f"{kind} lacks {RUNTIME_IMAGE}: build the images with images/build.sh")
         _ensure_plugin_image(kind, client)
         _ENGINES[kind] = EngineUnderTest(kind, client)
     return _ENGINES[kind]
@@ -187,7 +196,8 @@ class ControllerProcess:
         command = [
             str(BHCTL), "run", "--specs", str(self.specs), "--runtime", str(self.engine.kind),
             "--data-dir", str(self.data), "--controller-id", self.controller_id,
-            "--resync-seconds", "5", *self.extra_args,
+            "--resync-seconds", "5", "--gateway-addr", "127.0.0.1:0",
+            "--gateway-grpc-addr", "127.0.0.1:0", *self.extra_args,
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -201,6 +211,35 @@ class ControllerProcess:
         except admin_client.ControllerNotRunningError:
             return False
         return True
+
+    def gateway(self, kind: str = "http") -> str:
+        """The address the controller's gateway listens on."""
+        return str(json.loads((self.data / "gateway.json").read_text())[kind])
+
+    def call(
+        self,
+        name: str,
+        method: str,
+        payload: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float = 30,
+    ) -> tuple[int, Any, dict[str, str]]:
+        """A call through the gateway: HTTP status, decoded JSON answer, response headers."""
+        data = body if body is not None else json.dumps(payload).encode()
+        request = urllib.request.Request(
+            f"http://{self.gateway()}/v1/plugins/{name}/call/{method}",
+            data=data,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, answer, got = response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as e:
+            status, answer, got = e.code, e.read(), dict(e.headers)
+        return status, (json.loads(answer) if answer else None), got
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

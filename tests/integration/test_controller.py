@@ -304,7 +304,7 @@ def test_the_cli_prints_plugins_as_objects_and_tables(controller):
     assert "InstanceReady" in described
     assert "Created" in described
     logs = bhctl(controller, "logs", "alpha").stdout
-    assert "listening on /run/blackhole/plugin.sock" in logs
+    assert "listening on unix:/run/blackhole/plugin.sock" in logs
     missing = bhctl(controller, "describe", "nope")
     assert missing.returncode == 1
     assert 'no plugin "nope"' in missing.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.errors import PermanentError
+from controller.protocol import memory as memory_protocol
 from controller.reconcile import conditions
 from controller.reconcile.reconciler import Reconciler
 from controller.runtimes import base
@@ -47,7 +48,8 @@ class World:
         self.source = DirectorySource(self.specs, self.store, self.queued.append)
         self.runtime = MemoryRuntime()
         self.clock = Clock()
-        self.reconciler = Reconciler(self.source, self.runtime, clock=self.clock)
+        self.plugins = memory_protocol.MemoryPlugins(self.runtime)
+        self.reconciler = Reconciler(self.source, self.runtime, self.plugins, clock=self.clock)
 
     def write(
         self,

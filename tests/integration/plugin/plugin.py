@@ -1,32 +1,75 @@
-"""A test plugin: listens on its socket, or misbehaves as its MODE says.
+"""The plugin the integration tests run: serves the protocol, or misbehaves as MODE says.
 
-MODE=serve (default): listen on $BLACKHOLE_SOCKET until SIGTERM.
-MODE=crash: print a line and exit 3 at once.
+MODE=serve (default): serve until SIGTERM. Methods: ``echo`` (answers its
+payload), ``sleep`` (``{"seconds": s}``), ``put``/``get`` (a map: its
+state), ``crash`` (the process dies in the middle of the call), ``connect``
+(``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
+and says what happened). MODE=crash: print a line and exit 3 at once.
 MODE=mute: run, but never listen (never Ready).
 """
 
+import asyncio
+import json
 import os
-import signal
 import socket
 import sys
 import time
+from typing import Any
+
+from blackhole_sdk import Plugin, PluginError, serve
 
 mode = os.environ.get("MODE", "serve")
 print(f"test plugin {os.environ.get('BLACKHOLE_PLUGIN')} mode={mode}", flush=True)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+class TestPlugin(Plugin):
+    state_version = int(os.environ.get("STATE_VERSION", "0"))
+
+    def initialize(self, config: dict[str, Any]) -> None:
+        self.data: dict[str, Any] = {}
+
+    async def handle(self, method: str, payload: Any) -> Any:
+        payload = payload or {}
+        if method == "echo":
+            return payload
+        if method == "sleep":
+            await asyncio.sleep(float(payload["seconds"]))
+            return {"slept": payload["seconds"]}
+        if method == "put":
+            self.data[str(payload["key"])] = payload.get("value")
+            return {"stored": payload["key"]}
+        if method == "get":
+            return {"value": self.data.get(str(payload["key"]))}
+        if method == "crash":
+            print("crashing in the middle of a call", file=sys.stderr, flush=True)
+            os._exit(3)
+        if method == "connect":
+            return {"result": _connect(payload)}
+        raise PluginError(f"unknown method {method!r}")
+
+    def export_state(self) -> bytes:
+        return json.dumps(self.data, sort_keys=True).encode()
+
+    def import_state(self, state: bytes) -> None:
+        self.data = json.loads(state) if state else {}
+
+
+def _connect(target: dict[str, Any]) -> str:
+    family = socket.AF_UNIX if "path" in target else socket.AF_INET
+    address: Any = target["path"] if "path" in target else (target["host"], int(target["port"]))
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(address)
+        except OSError as e:
+            return f"refused: {e}"
+    return "connected"
+
+
 if mode == "crash":
     print("boom: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
 if mode == "mute":
     while True:
         time.sleep(3600)
-path = os.environ["BLACKHOLE_SOCKET"]
-if os.path.exists(path):
-    os.unlink(path)
-server = socket.socket(socket.AF_UNIX)
-server.bind(path)
-server.listen()
-print("listening on", path, flush=True)
-while True:
-    connection, _ = server.accept()
-    connection.close()
+serve(TestPlugin())

@@ -1,0 +1,176 @@
+"""Where each plugin's calls go, and the gates in front of it.
+
+The reconciler sets a plugin's route when its active instance is Ready and
+clears it when it is not (calls then get 503 at once). Each plugin has a
+gate: a count of calls in flight (per instance, so that a swap can wait for
+an instance to go idle), a token bucket, and a hold: while held, new calls
+wait, and :meth:`Router.release` lets them through to whichever instance is
+active by then. The HTTP and gRPC front ends
+(:mod:`controller.gateway.server`) pass every call through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from controller.spec import models
+
+
+class Refused(Exception):
+    """A call the gate does not let through: HTTP ``status``, a CamelCase ``reason``, a message."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` kept."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(max(burst, math.ceil(rate), 1))
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """Take a token: 0 if there was one, else the seconds until there is."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class Gate:
+    """One plugin's route and limits."""
+
+    endpoint: str | None = None
+    instance: str | None = None
+    in_flight: int = 0
+    bucket: TokenBucket | None = None
+    bucket_spec: models.RateLimit | None = None
+    open: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when calls may pass; cleared while held."""
+    held: int = 0
+    """Calls waiting at the hold."""
+
+    def __post_init__(self) -> None:
+        self.open.set()
+
+
+class Router:
+    """The routes of every plugin, keyed like the reconciler's keys."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, Gate] = collections.defaultdict(Gate)
+        self.by_endpoint: collections.Counter[str] = collections.Counter()
+        """Calls in flight to each endpoint."""
+        self._idle: dict[str, asyncio.Event] = {}
+        self.listeners: list[Callable[[str], None]] = []
+        """Called with a plugin's key when its route changes."""
+
+    # What the reconciler and the swap coordinator call.
+
+    def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
+        gate = self.gates[key]
+        changed = gate.endpoint != endpoint
+        gate.endpoint, gate.instance = endpoint, instance
+        if changed:
+            self._changed(key)
+        limit = spec.gateway.rate_limit
+        if limit != gate.bucket_spec:
+            gate.bucket_spec = limit
+            gate.bucket = TokenBucket(limit.calls_per_second, limit.burst) if limit else None
+
+    def clear_route(self, key: str) -> None:
+        gate = self.gates.get(key)
+        if gate is not None and gate.endpoint is not None:
+            gate.endpoint = gate.instance = None
+            self._changed(key)
+
+    def _changed(self, key: str) -> None:
+        for listener in self.listeners:
+            listener(key)
+
+    def route(self, key: str) -> str | None:
+        gate = self.gates.get(key)
+        return gate.endpoint if gate else None
+
+    def hold(self, key: str) -> None:
+        """Make new calls to ``key`` wait until :meth:`release`."""
+        self.gates[key].open.clear()
+
+    def release(self, key: str) -> None:
+        """Let held and new calls through, to the route as it is now."""
+        self.gates[key].open.set()
+
+    def in_flight(self, endpoint: str) -> int:
+        return self.by_endpoint[endpoint]
+
+    async def wait_idle(self, endpoint: str, timeout: float) -> int:
+        """Wait until no call is in flight to ``endpoint``, or ``timeout``; what is left."""
+        if self.by_endpoint[endpoint]:
+            idle = self._idle.setdefault(endpoint, asyncio.Event())
+            idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), timeout)
+        return self.by_endpoint[endpoint]
+
+    # What the front ends call.
+
+    @contextlib.asynccontextmanager
+    async def admit(self, key: str, spec: models.PluginSpec, timeout: float) -> AsyncIterator[str]:
+        """Let one call through to ``key``'s active endpoint, or raise :class:`Refused`."""
+        gate = self.gates[key]
+        if gate.bucket is not None:
+            wait = gate.bucket.take()
+            if wait:
+                raise Refused(429, "RateLimited", f"{key}: over its rate limit", retry_after=wait)
+        if gate.in_flight >= spec.gateway.max_concurrent_calls:
+            raise Refused(
+                429,
+                "TooManyCalls",
+                f"{key}: {gate.in_flight} calls in flight, its limit "
+                f"(spec.gateway.maxConcurrentCalls)",
+                retry_after=1,
+            )
+        gate.in_flight += 1
+        try:
+            if not gate.open.is_set():
+                gate.held += 1
+                try:
+                    async with asyncio.timeout(timeout):
+                        await gate.open.wait()
+                except TimeoutError:
+                    raise Refused(
+                        504, "HeldTooLong", f"{key}: held past the call's timeout"
+                    ) from None
+                finally:
+                    gate.held -= 1
+            endpoint = gate.endpoint
+            if endpoint is None:
+                raise Refused(503, "PluginNotReady", f"{key} has no Ready instance")
+            self.by_endpoint[endpoint] += 1
+            try:
+                yield endpoint
+            finally:
+                self.by_endpoint[endpoint] -= 1
+                if not self.by_endpoint[endpoint]:
+                    del self.by_endpoint[endpoint]
+                    idle = self._idle.get(endpoint)
+                    if idle is not None:
+                        idle.set()
+        finally:
+            gate.in_flight -= 1

@@ -1,0 +1,393 @@
+"""The gateway's front ends: HTTP/JSON and gRPC ``Handle`` passthrough, one name per plugin.
+
+- ``POST /v1/plugins/{name}/call/{method}``: the body is the call's payload
+  (JSON by convention, passed through as bytes); the answer is the plugin's.
+  ``X-Timeout-Seconds`` asks for a shorter timeout than the spec's.
+- gRPC ``blackhole.plugin.v1.Plugin/Handle`` with metadata
+  ``x-blackhole-plugin: NAME``: the request and answer pass through as bytes.
+
+Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
+file is configured (401 without a known token, 403 for a plugin the token
+does not list). A plugin calls others over ``gateway.sock`` beside its own
+socket, and only those its spec's ``permissions.callPlugins`` lists.
+
+Errors are JSON ``{"error": message, "reason": CamelCase}``: 404 unknown
+plugin, 413 too large, 429 rate or concurrency limit (with Retry-After), 503
+no Ready instance (at once), 504 timeout, 502 the instance failed the call
+(it crashed or dropped the connection); a plugin's own errors map from
+their gRPC status (400, 404, 409, 501, 500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from blackhole_sdk.proto import plugin_pb2
+
+from controller.errors import ControllerError, PluginCallError
+from controller.gateway import auth, router
+from controller.protocol import client
+from controller.spec import models
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 << 20
+"""No plugin's limit may take the gateway past this, in bytes."""
+PLUGIN_HEADER = "x-blackhole-plugin"
+GATEWAY_SOCKET = "gateway.sock"
+"""The socket beside each plugin's own through which it calls other plugins."""
+
+_HTTP_FROM_GRPC = {
+    "INVALID_ARGUMENT": 400,
+    "OUT_OF_RANGE": 400,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "FAILED_PRECONDITION": 409,
+    "ABORTED": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNKNOWN": 500,
+    "DATA_LOSS": 500,
+    "DEADLINE_EXCEEDED": 504,
+    "UNAVAILABLE": 502,
+    "CANCELLED": 502,
+}
+_GRPC_FROM_HTTP = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+Lookup = Callable[[str], models.Plugin | None]
+"""The declared plugin of a key, or None."""
+
+
+class GatewayError(ControllerError):
+    """The gateway cannot start."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a call: a token's holder, a plugin, or anyone (no tokens configured)."""
+
+    name: str
+    may_call: Callable[[str], bool]
+
+
+class Gateway:
+    """Admits, routes and answers calls for every declared plugin."""
+
+    def __init__(
+        self,
+        lookup: Lookup,
+        routes: router.Router,
+        clients: client.Clients,
+        *,
+        tokens: auth.Tokens | None = None,
+    ) -> None:
+        self.lookup = lookup
+        self.router = routes
+        self.clients = clients
+        self.tokens = tokens
+        app = web.Application(client_max_size=MAX_BODY)
+        app.add_routes(
+            [
+                web.get("/healthz", self._healthz),
+                web.post("/v1/plugins/{name}/call/{method}", self._http_call),
+            ]
+        )
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._grpc: grpc.aio.Server | None = None
+        self._plugin_sites: dict[str, tuple[str, web.BaseSite]] = {}
+        """Per plugin key: the gateway socket its active instance calls through."""
+        self._sockets: dict[str, str] = {}
+        """Per gateway socket path: the key of the plugin calling through it."""
+        self._sync = asyncio.Lock()
+        routes.listeners.append(self._routes_changed)
+
+    # Life cycle.
+
+    async def start(self, http_address: str, grpc_address: str | None) -> dict[str, str]:
+        """Listen on ``http_address`` (and ``grpc_address``); port 0 picks a free one.
+
+        Returns the addresses really listened on: ``{"http": ..., "grpc": ...}``.
+        """
+        await self._runner.setup()
+        host, port = _split(http_address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError as e:
+            listener.close()
+            raise GatewayError(f"the gateway cannot listen on {http_address}: {e.strerror}") from e
+        bound = {"http": _join(host, listener.getsockname()[1])}
+        await web.SockSite(self._runner, listener).start()
+        log.info("gateway: HTTP on http://%s", bound["http"])
+        if grpc_address:
+            self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY)])
+            handler = grpc.method_handlers_generic_handler(
+                "blackhole.plugin.v1.Plugin",
+                {"Handle": grpc.unary_unary_rpc_method_handler(self._grpc_handle)},
+            )
+            self._grpc.add_generic_rpc_handlers((handler,))
+            grpc_host, _ = _split(grpc_address)
+            try:
+                grpc_port = self._grpc.add_insecure_port(grpc_address)
+            except RuntimeError as e:
+                raise GatewayError(f"the gateway cannot listen on {grpc_address}: {e}") from e
+            bound["grpc"] = _join(grpc_host, grpc_port)
+            await self._grpc.start()
+            log.info("gateway: gRPC on %s", bound["grpc"])
+        return bound
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        for path, site in list(self._plugin_sites.values()):
+            await site.stop()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        await self._runner.cleanup()
+
+    # Plugins calling plugins.
+
+    def _routes_changed(self, key: str) -> None:
+        asyncio.get_running_loop().create_task(self._sync_plugin_site(key))
+
+    async def _sync_plugin_site(self, key: str) -> None:
+        """Give ``key``'s active instance a gateway socket when its spec lets it call others."""
+        async with self._sync:
+            endpoint = self.router.route(key)
+            plugin = self.lookup(key)
+            wanted = None
+            calls = plugin is not None and bool(plugin.spec.permissions.call_plugins)
+            if endpoint and endpoint.startswith("unix:") and calls:
+                wanted = str(Path(endpoint.removeprefix("unix:")).parent / GATEWAY_SOCKET)
+            current = self._plugin_sites.get(key)
+            if current is not None and current[0] == wanted:
+                return
+            if current is not None:
+                self._plugin_sites.pop(key)
+                self._sockets.pop(current[0], None)
+                await current[1].stop()
+                with contextlib.suppress(OSError):
+                    os.unlink(current[0])
+            if wanted is None:
+                return
+            try:
+                site = await self._listen_for(wanted)
+            except OSError as e:
+                log.warning("no gateway socket for %s: %s", key, e)
+                return
+            self._plugin_sites[key] = (wanted, site)
+            self._sockets[wanted] = key
+
+    async def _listen_for(self, path: str) -> web.BaseSite:
+        directory = Path(path).parent
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        try:
+            sock.bind(f"/proc/self/fd/{fd}/{GATEWAY_SOCKET}")
+            owner = os.stat(directory)
+            os.chown(path, owner.st_uid, owner.st_gid)
+            os.chmod(path, 0o600)
+        finally:
+            os.close(fd)
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        return site
+
+    # Who calls.
+
+    def _caller(self, authorization: str | None, sockname: Any) -> Caller:
+        if isinstance(sockname, str) and sockname:
+            path = sockname
+            for known, key in self._sockets.items():
+                if os.path.basename(path) == GATEWAY_SOCKET and _same(known, path):
+                    plugin = self.lookup(key)
+                    allowed = set(plugin.spec.permissions.call_plugins) if plugin else set()
+                    return Caller(f"plugin {key}", allowed.__contains__)
+            raise router.Refused(403, "UnknownCaller", "this socket belongs to no plugin now")
+        if self.tokens is None:
+            return Caller("anonymous", lambda _plugin: True)
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise router.Refused(401, "Unauthenticated", "send Authorization: Bearer TOKEN")
+        token = self.tokens.find(presented.strip())
+        if token is None:
+            raise router.Refused(401, "Unauthenticated", "unknown token")
+        return Caller(f"token {token.name}", token.allows)
+
+    def _plugin(self, caller: Caller, name: str) -> models.Plugin:
+        plugin = self.lookup(name)
+        if plugin is None:
+            raise router.Refused(404, "PluginNotFound", f'no plugin "{name}"')
+        if not caller.may_call(name):
+            raise router.Refused(403, "Forbidden", f'{caller.name} may not call "{name}"')
+        return plugin
+
+    # HTTP.
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _http_call(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        method = request.match_info["method"]
+        try:
+            caller = self._caller(
+                request.headers.get("Authorization"),
+                request.transport.get_extra_info("sockname") if request.transport else None,
+            )
+            plugin = self._plugin(caller, name)
+            limits = plugin.spec.gateway
+            limit = limits.max_request_bytes.as_int()
+            if request.content_length is not None and request.content_length > limit:
+                raise _too_large(name, request.content_length, limit)
+            body = await _read(request, name, limit)
+            timeout = _timeout(request.headers.get("X-Timeout-Seconds"), limits.timeout_seconds)
+            answer = await self._forward(name, plugin.spec, method, body, timeout)
+        except router.Refused as e:
+            return _refusal(e)
+        return web.Response(body=answer, content_type="application/json")
+
+    async def _forward(
+        self, name: str, spec: models.PluginSpec, method: str, body: bytes, timeout: float
+    ) -> bytes:
+        deadline = time.monotonic() + timeout
+        async with self.router.admit(name, spec, timeout) as endpoint:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
+            try:
+                return await self.clients.get(endpoint).handle(method, body, timeout=left)
+            except PluginCallError as e:
+                raise _from_plugin(name, e, timeout) from None
+
+    # gRPC passthrough.
+
+    async def _grpc_handle(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        metadata = dict(context.invocation_metadata() or ())
+        name = str(metadata.get(PLUGIN_HEADER, ""))
+        try:
+            caller = self._caller(str(metadata.get("authorization", "")) or None, None)
+            if not name:
+                raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
+            plugin = self._plugin(caller, name)
+            limits = plugin.spec.gateway
+            limit = limits.max_request_bytes.as_int()
+            if len(request) > limit:
+                raise _too_large(name, len(request), limit)
+            left = context.time_remaining()
+            timeout = (
+                min(limits.timeout_seconds, left) if left is not None else limits.timeout_seconds
+            )
+            decoded = plugin_pb2.HandleRequest.FromString(request)
+            answer = await self._forward(
+                name, plugin.spec, decoded.method, decoded.payload, timeout
+            )
+        except router.Refused as e:
+            await context.abort(_GRPC_FROM_HTTP.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
+        return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
+
+
+def _same(a: str, b: str) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return a == b
+
+
+async def _read(request: web.Request, name: str, limit: int) -> bytes:
+    if request.content_length is not None:
+        return await request.read()
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(name, len(body), limit)
+    return bytes(body)
+
+
+def _too_large(name: str, size: int, limit: int) -> router.Refused:
+    return router.Refused(
+        413,
+        "RequestTooLarge",
+        f"{name}: a request of {size} bytes is over its limit of {limit} "
+        "(spec.gateway.maxRequestBytes)",
+    )
+
+
+def _timeout(asked: str | None, most: float) -> float:
+    if asked is None:
+        return most
+    try:
+        value = float(asked)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise router.Refused(
+            400, "BadTimeout", f"X-Timeout-Seconds: {asked!r} is not a positive number"
+        )
+    return min(value, most)
+
+
+def _from_plugin(name: str, e: PluginCallError, timeout: float) -> router.Refused:
+    if e.code == "DEADLINE_EXCEEDED":
+        return router.Refused(504, "Timeout", f"{name} did not answer within {timeout:g}s")
+    status = _HTTP_FROM_GRPC.get(e.code, 502)
+    if status == 502:
+        return router.Refused(502, "PluginFailed", f"{name} failed the call: {e.message}")
+    return router.Refused(status, "PluginError", e.message)
+
+
+def _refusal(e: router.Refused) -> web.Response:
+    headers = {}
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(e.retry_after)))
+    if e.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="blackhole"'
+    return web.Response(
+        status=e.status,
+        text=json.dumps({"error": str(e), "reason": e.reason}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)

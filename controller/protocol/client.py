@@ -1,0 +1,254 @@
+"""The controller's client of the plugin protocol: handshake, health, calls, state, drain.
+
+One gRPC channel per instance endpoint (``unix:PATH`` locally, ``HOST:PORT``
+across hosts), opened on first use and shared by the reconciler, the gateway
+and the swap coordinator; :meth:`Clients.drop` closes it when its instance
+goes. gRPC errors become :class:`~controller.errors.PluginCallError` here,
+so ``grpc`` never reaches the callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from blackhole_sdk.proto import plugin_pb2, plugin_pb2_grpc
+from grpc_health.v1 import health_pb2
+
+from controller.errors import IncompatiblePluginError, PluginCallError
+from controller.runtimes import base
+
+PROTOCOL_VERSION = 1
+"""The plugin protocol version this controller speaks."""
+SUPPORTED_PROTOCOL_VERSIONS = frozenset({1})
+"""The plugin protocol versions whose plugins this controller runs."""
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 16 << 20
+
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # One local peer per channel: no proxies, no DNS, no waiting for a
+    # connection that a plugin's crash took away.
+    ("grpc.enable_http_proxy", 0),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What a plugin said of itself in ``Initialize``."""
+
+    protocol_version: int
+    provides: tuple[str, ...]
+    state_version: int
+    sdk: str
+
+
+@dataclass(frozen=True)
+class State:
+    """A plugin's exported state."""
+
+    version: int
+    data: bytes
+    sha256: str
+
+
+class PluginClient:
+    """The protocol's calls to one instance."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._directory: int | None = None
+        target = endpoint
+        if endpoint.startswith("unix:"):
+            path = endpoint.removeprefix("unix:")
+            if len(path.encode()) > base.SUN_PATH_MAX:
+                # Reached through the open directory, however deep it is (see base.unix_address).
+                self._directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+                target = f"unix:/proc/self/fd/{self._directory}/{os.path.basename(path)}"
+        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self.stub = plugin_pb2_grpc.PluginStub(self.channel)
+        self._check = self.channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        self._raw_handle: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(
+            "/blackhole.plugin.v1.Plugin/Handle"
+        )
+
+    async def initialize(
+        self,
+        *,
+        plugin: str,
+        version: str,
+        color: str,
+        config: Mapping[str, Any],
+        timeout: float,
+    ) -> Handshake:
+        """The handshake; raises :class:`IncompatiblePluginError` when the versions disagree."""
+        request = plugin_pb2.InitializeRequest(
+            protocol_version=PROTOCOL_VERSION,
+            plugin=plugin,
+            version=version,
+            color=color,
+            config_json=json.dumps(dict(config), sort_keys=True).encode(),
+        )
+        try:
+            answer = await self.stub.Initialize(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.FAILED_PRECONDITION and "protocol version" in (
+                e.details() or ""
+            ):
+                raise IncompatiblePluginError("ProtocolMismatch", e.details() or "") from e
+            raise _error(e) from e
+        if answer.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
+            raise IncompatiblePluginError(
+                "ProtocolMismatch",
+                f"the plugin speaks protocol version {answer.protocol_version}; this controller "
+                f"runs {sorted(SUPPORTED_PROTOCOL_VERSIONS)}",
+            )
+        return Handshake(
+            protocol_version=answer.protocol_version,
+            provides=tuple(answer.provides),
+            state_version=answer.state_version,
+            sdk=answer.sdk,
+        )
+
+    async def healthy(self, timeout: float) -> bool:
+        """Whether ``grpc.health.v1`` says SERVING within ``timeout``; False on any failure."""
+        try:
+            answer = await self._check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def handle(
+        self,
+        method: str,
+        payload: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        request = plugin_pb2.HandleRequest(method=method, metadata=metadata or {}, payload=payload)
+        try:
+            answer = await self.stub.Handle(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from e
+        return bytes(answer.payload)
+
+    async def handle_raw(self, request: bytes, timeout: float | None) -> bytes:
+        """``Handle`` with a request already encoded; the response as it came (for relays)."""
+        try:
+            return bytes(await self._raw_handle(request, timeout=timeout))
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from e
+
+    async def export_state(self, timeout: float) -> State:
+        """The plugin's state; its size and sha256 are checked against what it announced."""
+        parts: list[bytes] = []
+        header: tuple[int, int, str] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in self.stub.ExportState(plugin_pb2.ExportStateRequest()):
+                    header = header or (chunk.state_version, chunk.size, chunk.sha256)
+                    parts.append(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from e
+        except TimeoutError:
+            raise PluginCallError("DEADLINE_EXCEEDED", f"export took over {timeout}s") from None
+        if header is None:
+            raise PluginCallError("DATA_LOSS", "the plugin exported no chunk")
+        data = b"".join(parts)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != header[1] or digest != header[2]:
+            raise PluginCallError(
+                "DATA_LOSS",
+                f"exported state damaged: {len(data)} bytes with sha256 {digest[:12]}..., "
+                f"announced {header[1]} bytes and {header[2][:12]}...",
+            )
+        return State(version=header[0], data=data, sha256=digest)
+
+    async def import_state(self, state: State, timeout: float) -> State:
+        """Hand ``state`` over; the plugin's state version, size and digest after migrating."""
+
+        async def chunks() -> AsyncIterator[plugin_pb2.StateChunk]:
+            for start in range(0, max(len(state.data), 1), CHUNK_BYTES):
+                yield plugin_pb2.StateChunk(
+                    state_version=state.version,
+                    size=len(state.data),
+                    sha256=state.sha256,
+                    data=state.data[start : start + CHUNK_BYTES],
+                )
+
+        try:
+            answer = await self.stub.ImportState(chunks(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from e
+        return State(version=answer.state_version, data=b"", sha256=answer.sha256)
+
+    async def drain(self, timeout: float, *, resume: bool = False) -> int:
+        """Stop the instance taking calls (or resume); the calls it still had in flight."""
+        request = plugin_pb2.DrainRequest(timeout_milliseconds=round(timeout * 1000), resume=resume)
+        try:
+            answer = await self.stub.Drain(request, timeout=timeout + 5)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from e
+        return int(answer.in_flight)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self._directory is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._directory)
+            self._directory = None
+
+
+def _error(e: grpc.aio.AioRpcError) -> PluginCallError:
+    return PluginCallError(e.code().name, e.details() or "")
+
+
+class Clients:
+    """One :class:`PluginClient` per endpoint, shared by everyone who calls plugins."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, PluginClient] = {}
+
+    def get(self, endpoint: str) -> PluginClient:
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = self._clients[endpoint] = PluginClient(endpoint)
+        return client
+
+    async def handshake(self, endpoint: str, want: base.InstanceSpec, timeout: float) -> Handshake:
+        """``Initialize`` the instance of ``want`` at ``endpoint`` with its spec's config."""
+        return await self.get(endpoint).initialize(
+            plugin=want.plugin,
+            version=str(want.spec.version),
+            color=want.color.value,
+            config=want.spec.config,
+            timeout=timeout,
+        )
+
+    async def healthy(self, endpoint: str, timeout: float) -> bool:
+        return await self.get(endpoint).healthy(timeout)
+
+    async def drop(self, endpoint: str) -> None:
+        """Close the channel to ``endpoint`` (its instance is gone or replaced)."""
+        client = self._clients.pop(endpoint, None)
+        if client is not None:
+            await client.close()
+
+    async def close(self) -> None:
+        for endpoint in list(self._clients):
+            await self.drop(endpoint)

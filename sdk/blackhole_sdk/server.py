@@ -1,0 +1,332 @@
+"""``serve()``: a :class:`~blackhole_sdk.plugin.Plugin` behind the plugin protocol over gRPC.
+
+The controller starts each instance with ``BLACKHOLE_SOCKET`` (the Unix
+socket to listen on; ``BLACKHOLE_ADDRESS``, a ``host:port``, where plugins
+are reached over TCP), ``BLACKHOLE_PLUGIN``, ``BLACKHOLE_VERSION`` and
+``BLACKHOLE_COLOR``. The server answers ``blackhole.plugin.v1.Plugin`` and
+``grpc.health.v1.Health`` (NOT_SERVING until ``Initialize``), and on SIGTERM
+drains (stops taking calls, lets those in flight finish) and exits 0. Logs
+go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from blackhole_sdk import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, __version__
+from blackhole_sdk.plugin import Plugin, PluginError, encode, invoke, resolve
+from blackhole_sdk.proto import plugin_pb2, plugin_pb2_grpc
+
+log = logging.getLogger("blackhole_sdk")
+
+CHUNK_BYTES = 1 << 20
+"""Size of the state and stream chunks sent."""
+DRAIN_GRACE_SECONDS = 30.0
+"""How long SIGTERM waits for calls in flight."""
+MAX_MESSAGE_BYTES = 16 << 20
+"""Largest single message accepted (state chunks and Handle payloads)."""
+
+
+class Servicer(plugin_pb2_grpc.PluginServicer):
+    """The protocol's calls, turned into calls of one plugin object."""
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.config: dict[str, Any] | None = None
+        self.answer: plugin_pb2.InitializeResponse | None = None
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # The handshake.
+
+    async def Initialize(
+        self, request: plugin_pb2.InitializeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> plugin_pb2.InitializeResponse:
+        if request.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not supported; this plugin's "
+                f"SDK ({__version__}) speaks {sorted(SUPPORTED_PROTOCOL_VERSIONS)}",
+            )
+        try:
+            config = json.loads(request.config_json) if request.config_json else {}
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"config is not JSON: {e}")
+        if self.answer is not None:
+            if config != self.config:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "already initialized with another config; start a new instance to change it",
+                )
+            return self.answer
+        try:
+            await invoke(self.plugin.initialize, config)
+        except PluginError as e:
+            await context.abort(e.status, f"initialize failed: {e}")
+        self.config = config
+        self.answer = plugin_pb2.InitializeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            provides=list(self.plugin.provides),
+            state_version=self.plugin.state_version,
+            sdk=f"blackhole-plugin-sdk/{__version__}",
+        )
+        log.info(
+            "initialized %s %s (%s)",
+            request.plugin or type(self.plugin).__name__,
+            request.version,
+            request.color or "no color",
+        )
+        return self.answer
+
+    # Calls.
+
+    async def _enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.answer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not initialized yet")
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining: not taking calls")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def Handle(
+        self, request: plugin_pb2.HandleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> plugin_pb2.HandleResponse:
+        await self._enter(context)
+        try:
+            result = await resolve(
+                self.plugin.handle_bytes(request.method, dict(request.metadata), request.payload)
+            )
+            return plugin_pb2.HandleResponse(payload=encode(result))
+        except PluginError as e:
+            await context.abort(e.status, str(e))
+        except Exception as e:  # a plugin's bug is the caller's INTERNAL, not the server's death
+            log.exception("%s failed", request.method)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"{request.method}: {type(e).__name__}: {e}"
+            )
+        finally:
+            self._leave()
+
+    async def HandleStream(
+        self,
+        request_iterator: AsyncIterator[plugin_pb2.HandleChunk],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[plugin_pb2.HandleChunk]:
+        await self._enter(context)
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or not first.method:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "the first chunk names no method"
+                )
+            assert first is not None
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield first.data
+                async for chunk in request_iterator:
+                    yield chunk.data
+
+            try:
+                async for data in self.plugin.handle_stream(
+                    first.method, dict(first.metadata), chunks()
+                ):
+                    for start in range(0, max(len(data), 1), CHUNK_BYTES):
+                        yield plugin_pb2.HandleChunk(data=data[start : start + CHUNK_BYTES])
+            except PluginError as e:
+                await context.abort(e.status, str(e))
+        finally:
+            self._leave()
+
+    # State.
+
+    async def ExportState(
+        self, request: plugin_pb2.ExportStateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[plugin_pb2.StateChunk]:
+        try:
+            state = bytes(await resolve(self.plugin.export_state()))
+        except PluginError as e:
+            await context.abort(e.status, f"export failed: {e}")
+        digest = hashlib.sha256(state).hexdigest()
+        version = self.plugin.state_version
+        for start in range(0, max(len(state), 1), CHUNK_BYTES):
+            yield plugin_pb2.StateChunk(
+                state_version=version,
+                size=len(state),
+                sha256=digest,
+                data=state[start : start + CHUNK_BYTES],
+            )
+
+    async def ImportState(
+        self,
+        request_iterator: AsyncIterator[plugin_pb2.StateChunk],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> plugin_pb2.ImportStateResponse:
+        parts: list[bytes] = []
+        header: tuple[int, int, str] | None = None
+        async for chunk in request_iterator:
+            this = (chunk.state_version, chunk.size, chunk.sha256)
+            if header is None:
+                header = this
+            elif this != header:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "state chunks disagree on version, size or sha256",
+                )
+            parts.append(chunk.data)
+        if header is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no state chunk was sent")
+        assert header is not None
+        version, size, digest = header
+        state = b"".join(parts)
+        if len(state) != size or hashlib.sha256(state).hexdigest() != digest:
+            await context.abort(
+                grpc.StatusCode.DATA_LOSS,
+                f"state damaged in transfer: {len(state)} bytes with sha256 "
+                f"{hashlib.sha256(state).hexdigest()[:12]}..., "
+                f"expected {size} and {digest[:12]}...",
+            )
+        try:
+            migrated = self.plugin.migrate(state, version)
+            await invoke(self.plugin.import_state, migrated)
+        except PluginError as e:
+            await context.abort(e.status, f"import failed: {e}")
+        log.info(
+            "imported %d bytes of state version %d as version %d",
+            size,
+            version,
+            self.plugin.state_version,
+        )
+        return plugin_pb2.ImportStateResponse(
+            state_version=self.plugin.state_version,
+            size=len(migrated),
+            sha256=hashlib.sha256(migrated).hexdigest(),
+        )
+
+    # Draining.
+
+    async def Drain(
+        self, request: plugin_pb2.DrainRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> plugin_pb2.DrainResponse:
+        if request.resume:
+            self.draining = False
+            log.info("resumed: taking calls again")
+            return plugin_pb2.DrainResponse(in_flight=self.in_flight)
+        timeout = request.timeout_milliseconds / 1000 or None
+        return plugin_pb2.DrainResponse(in_flight=await self.drain(timeout))
+
+    async def drain(self, timeout: float | None) -> int:
+        """Stop taking calls; wait up to ``timeout`` s for those in flight; the number left."""
+        self.draining = True
+        log.info("draining: %d call(s) in flight", self.in_flight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("drain deadline passed with %d call(s) in flight", self.in_flight)
+        return self.in_flight
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1``: SERVING once initialized and while ``Plugin.health()`` says so."""
+
+    def __init__(self, servicer: Servicer) -> None:
+        self.servicer = servicer
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", SERVICE_NAME):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        serving = self.servicer.answer is not None and bool(
+            await resolve(self.servicer.plugin.health())
+        )
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+SERVICE_NAME = "blackhole.plugin.v1.Plugin"
+
+
+def server_for(plugin: Plugin) -> tuple[grpc.aio.Server, Servicer]:
+    """A gRPC server (not yet bound or started) answering for ``plugin``."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    servicer = Servicer(plugin)
+    plugin_pb2_grpc.add_PluginServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(servicer), server)
+    return server, servicer
+
+
+def address_from_environment() -> str:
+    """Where to listen: ``unix:$BLACKHOLE_SOCKET``, else ``$BLACKHOLE_ADDRESS``."""
+    if path := os.environ.get("BLACKHOLE_SOCKET"):
+        return f"unix:{path}"
+    if address := os.environ.get("BLACKHOLE_ADDRESS"):
+        return address
+    sys.exit("no address to listen on: set BLACKHOLE_SOCKET or BLACKHOLE_ADDRESS, or pass one")
+
+
+async def serve_async(plugin: Plugin, address: str, stop: asyncio.Event) -> None:
+    """Serve ``plugin`` on ``address`` until ``stop`` is set, then drain and stop."""
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:").removeprefix("//")
+        if os.path.exists(path):
+            os.unlink(path)
+    server, servicer = server_for(plugin)
+    server.add_insecure_port(address)
+    started = time.monotonic()
+    await server.start()
+    log.info(
+        "%s %s listening on %s (%.0f ms)",
+        os.environ.get("BLACKHOLE_PLUGIN", type(plugin).__name__),
+        os.environ.get("BLACKHOLE_VERSION", ""),
+        address,
+        (time.monotonic() - started) * 1000,
+    )
+    await stop.wait()
+    left = await servicer.drain(DRAIN_GRACE_SECONDS)
+    await server.stop(grace=1.0 if left else 0)
+    log.info("stopped")
+
+
+def serve(plugin: Plugin, address: str | None = None) -> None:
+    """Serve ``plugin`` on ``address`` (default: from the environment) until SIGTERM; exit 0."""
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    target = address or address_from_environment()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_async(plugin, target, stop)
+
+    asyncio.run(main())
