@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STEP := scripts/step.sh
 
-.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd
+.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd proto
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
@@ -57,3 +57,6 @@ integration:
 crd: venv
 	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml
 	$(BIN)/bhctl crd > deploy/kubernetes/crd-plugins.blackhole.dev.yaml
+
+proto: venv
+	bash scripts/proto.sh $(BIN)/python

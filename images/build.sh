@@ -30,17 +30,24 @@ load_into_podman() {
   fi
 }
 
-build() {  # build IMAGE DOCKERFILE CONTEXT
-  bh_log "docker build $1"
+build() {  # build IMAGE DOCKERFILE CONTEXT [--build-arg NAME=VALUE...]
+  local image=$1 dockerfile=$2 context=$3
+  shift 3
+  bh_log "docker build $image"
   # The Debian engine has no BuildKit: drop the client's notice about the legacy builder.
   docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "RUNTIME_IMAGE=$runtime" \
-    -f "$2" -t "$1" "$3" 2>&1 >/dev/null | sed '/legacy builder is deprecated/,/environment-variable/d;/^$/d' >&2
-  load_into_podman "$1"
+    "$@" -f "$dockerfile" -t "$image" "$context" 2>&1 >/dev/null |
+    sed '/legacy builder is deprecated/,/environment-variable/d;/^$/d' >&2
+  load_into_podman "$image"
 }
 
 runtime="blackhole/plugin-runtime:$(cat "$top/VERSION")"
 build "$runtime" "$top/images/plugin-runtime/Dockerfile" "$wheels"
 # The example plugins, tagged as examples/plugins/*.yaml name them.
 build blackhole/example-echo:0.1.0 "$top/examples/echo/Dockerfile" "$top/examples/echo"
+# The storage example's releases: 1.0.0 keeps state version 1, the later ones version 2.
+build blackhole/example-storage:1.0.0 "$top/examples/storage/Dockerfile" "$top/examples/storage" \
+  --build-arg STATE_VERSION=1
+build blackhole/example-storage:1.1.0 "$top/examples/storage/Dockerfile" "$top/examples/storage"
 build blackhole/example-storage:1.2.0 "$top/examples/storage/Dockerfile" "$top/examples/storage"
 build blackhole/example-analytics:1.0.0 "$top/examples/analytics/Dockerfile" "$top/examples/analytics"

@@ -415,7 +415,9 @@ def call(
         headers["Authorization"] = f"Bearer {token}"
     if timeout is not None:
         headers["X-Timeout-Seconds"] = f"{timeout:g}"
-    url = f"http://{address}/v1/plugins/{urllib.parse.quote(name)}/call/{urllib.parse.quote(method)}"
+    url = (
+        f"http://{address}/v1/plugins/{urllib.parse.quote(name)}/call/{urllib.parse.quote(method)}"
+    )
     request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=(timeout or 30) + 5) as response:

@@ -40,6 +40,7 @@ from blackhole_sdk.proto import plugin_pb2
 from controller.errors import ControllerError, PluginCallError
 from controller.gateway import auth, router
 from controller.protocol import client
+from controller.runtimes import base
 from controller.spec import models
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
 """No plugin's limit may take the gateway past this, in bytes."""
 PLUGIN_HEADER = "x-blackhole-plugin"
-GATEWAY_SOCKET = "gateway.sock"
-"""The socket beside each plugin's own through which it calls other plugins."""
+GATEWAY_SOCKET = base.GATEWAY_SOCKET_NAME
 
 _HTTP_FROM_GRPC = {
     "INVALID_ARGUMENT": 400,
@@ -82,6 +82,16 @@ _GRPC_FROM_HTTP = {
 
 Lookup = Callable[[str], models.Plugin | None]
 """The declared plugin of a key, or None."""
+
+
+@dataclass(frozen=True)
+class _PluginSite:
+    path: str
+    name: str
+    """The name the bound socket reports, by which its connections are known."""
+    site: web.BaseSite
+    directory: int
+    """The open descriptor of the socket's directory."""
 
 
 class GatewayError(ControllerError):
@@ -120,10 +130,10 @@ class Gateway:
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._grpc: grpc.aio.Server | None = None
-        self._plugin_sites: dict[str, tuple[str, web.BaseSite]] = {}
+        self._plugin_sites: dict[str, _PluginSite] = {}
         """Per plugin key: the gateway socket its active instance calls through."""
         self._sockets: dict[str, str] = {}
-        """Per gateway socket path: the key of the plugin calling through it."""
+        """Per bound socket name (as connections report it): the key of the plugin calling."""
         self._sync = asyncio.Lock()
         routes.listeners.append(self._routes_changed)
 
@@ -167,10 +177,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        for path, site in list(self._plugin_sites.values()):
-            await site.stop()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        for key in list(self._plugin_sites):
+            await self._close_plugin_site(key)
         await self._runner.cleanup()
 
     # Plugins calling plugins.
@@ -188,14 +196,10 @@ class Gateway:
             if endpoint and endpoint.startswith("unix:") and calls:
                 wanted = str(Path(endpoint.removeprefix("unix:")).parent / GATEWAY_SOCKET)
             current = self._plugin_sites.get(key)
-            if current is not None and current[0] == wanted:
+            if current is not None and current.path == wanted:
                 return
             if current is not None:
-                self._plugin_sites.pop(key)
-                self._sockets.pop(current[0], None)
-                await current[1].stop()
-                with contextlib.suppress(OSError):
-                    os.unlink(current[0])
+                await self._close_plugin_site(key)
             if wanted is None:
                 return
             try:
@@ -203,37 +207,48 @@ class Gateway:
             except OSError as e:
                 log.warning("no gateway socket for %s: %s", key, e)
                 return
-            self._plugin_sites[key] = (wanted, site)
-            self._sockets[wanted] = key
+            self._plugin_sites[key] = site
+            self._sockets[site.name] = key
 
-    async def _listen_for(self, path: str) -> web.BaseSite:
+    async def _close_plugin_site(self, key: str) -> None:
+        site = self._plugin_sites.pop(key)
+        self._sockets.pop(site.name, None)
+        await site.site.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(site.path)
+        os.close(site.directory)
+
+    async def _listen_for(self, path: str) -> _PluginSite:
+        # Bound through the directory's descriptor, kept open while the site listens:
+        # any depth fits in sun_path, and the name connections report stays unique.
         directory = Path(path).parent
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(f"/proc/self/fd/{fd}/{GATEWAY_SOCKET}")
             owner = os.stat(directory)
             os.chown(path, owner.st_uid, owner.st_gid)
             os.chmod(path, 0o600)
-        finally:
+            site = web.SockSite(self._runner, sock)
+            await site.start()
+        except BaseException:
+            sock.close()
             os.close(fd)
-        site = web.SockSite(self._runner, sock)
-        await site.start()
-        return site
+            raise
+        return _PluginSite(path, str(sock.getsockname()), site, fd)
 
     # Who calls.
 
     def _caller(self, authorization: str | None, sockname: Any) -> Caller:
         if isinstance(sockname, str) and sockname:
-            path = sockname
-            for known, key in self._sockets.items():
-                if os.path.basename(path) == GATEWAY_SOCKET and _same(known, path):
-                    plugin = self.lookup(key)
-                    allowed = set(plugin.spec.permissions.call_plugins) if plugin else set()
-                    return Caller(f"plugin {key}", allowed.__contains__)
-            raise router.Refused(403, "UnknownCaller", "this socket belongs to no plugin now")
+            key = self._sockets.get(sockname)
+            plugin = self.lookup(key) if key else None
+            if key is None or plugin is None:
+                raise router.Refused(403, "UnknownCaller", "this socket belongs to no plugin now")
+            allowed = frozenset(plugin.spec.permissions.call_plugins)
+            return Caller(f"plugin {key}", allowed.__contains__)
         if self.tokens is None:
             return Caller("anonymous", lambda _plugin: True)
         scheme, _, presented = (authorization or "").partition(" ")
@@ -317,12 +332,6 @@ class Gateway:
         except router.Refused as e:
             await context.abort(_GRPC_FROM_HTTP.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
         return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
-
-
-def _same(a: str, b: str) -> bool:
-    with contextlib.suppress(OSError):
-        return os.path.samefile(a, b)
-    return a == b
 
 
 async def _read(request: web.Request, name: str, limit: int) -> bytes:

@@ -108,6 +108,8 @@ class _Memory:
     health_failures: int = 0
     handshaken: str = ""
     """The id of the instance whose handshake succeeded."""
+    refused: str = ""
+    """The spec hash whose plugin failed its handshake for good: not started again."""
 
 
 class Reconciler:
@@ -228,6 +230,11 @@ class _Pass:
             )
             await self._write(old)
             raise PermanentError(f"{self.key}: {error}")
+        if self.memory.refused == self.want.spec_hash:
+            for instance in self.observed:  # e.g. adopted after a restart of ours
+                await self._remove(instance)
+            return Result()  # Failed until the spec changes: its status says why
+        self.memory.refused = ""
         for instance in self.observed:
             if instance.color is not color:
                 await self._remove(instance)
@@ -413,6 +420,7 @@ class _Pass:
         return await self.r.plugins.healthy(endpoint, timeout)
 
     async def _refuse(self, current: base.Instance, reason: str, message: str) -> NoReturn:
+        self.memory.refused = self.want.spec_hash
         await self._remove(current)
         await self._event("Warning", reason, message)
         self._conditions(models.Phase.FAILED, ready=("False", reason, message), degraded=True)

@@ -38,6 +38,8 @@ SOCKET_DIR_IN_INSTANCE = "/run/blackhole"
 """Where an instance finds its socket directory."""
 SOCKET_NAME = "plugin.sock"
 """The file name of the socket a plugin listens on, inside its socket directory."""
+GATEWAY_SOCKET_NAME = "gateway.sock"
+"""The socket beside it through which the plugin calls other plugins (when its spec allows)."""
 
 
 SUN_PATH_MAX = 107

@@ -372,6 +372,7 @@ class ContainerRuntime:
             "BLACKHOLE_VERSION": str(desired.spec.version),
             "BLACKHOLE_COLOR": desired.color.value,
             "BLACKHOLE_CONFIG": json.dumps(desired.spec.config, sort_keys=True),
+            "BLACKHOLE_GATEWAY_SOCKET": f"{base.SOCKET_DIR_IN_INSTANCE}/{base.GATEWAY_SOCKET_NAME}",
         }
         options = container_options(
             desired.spec,

@@ -29,14 +29,14 @@ import docker
 import docker.errors
 import pytest
 
-import controller
+from controller import __version__ as controller_version
 from controller.admin import client as admin_client
 from controller.runtimes import base, container
 
 SESSION = uuid.uuid4().hex[:12]
 SESSION_LABEL = "blackhole.dev/test-session"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "blackhole/base:bookworm")
-RUNTIME_IMAGE = f"blackhole/plugin-runtime:{controller.__version__}"
+RUNTIME_IMAGE = f"blackhole/plugin-runtime:{controller_version}"
 """The plugin runtime image (``images/build.sh``), which the test plugin builds on."""
 PLUGIN_IMAGE = "blackhole/test-plugin:1"
 """The plugin the tests run (``tests/integration/plugin``); its behaviour is set by env MODE."""
@@ -254,8 +254,10 @@ class ControllerProcess:
         self.process.terminate()
         return self.process.wait(timeout=60)
 
-    def write(self, name: str, body: str = "", version: str = "1.0.0") -> Path:
-        text = SPEC.format(name=name, image=PLUGIN_IMAGE, version=version) + body
+    def write(
+        self, name: str, body: str = "", version: str = "1.0.0", image: str = PLUGIN_IMAGE
+    ) -> Path:
+        text = SPEC.format(name=name, image=image, version=version) + body
         path = self.specs / f"{name}.yaml"
         staged = path.with_suffix(".tmp")
         staged.write_text(text)

@@ -179,3 +179,36 @@ async def test_a_spec_the_runtime_refuses_creates_nothing(world: World) -> None:
     status = world.store.status("echo")
     assert status is not None
     assert status.phase is models.Phase.FAILED
+
+
+async def test_a_plugin_of_another_protocol_version_is_failed_and_not_retried(world: World) -> None:
+    world.write("old")
+    world.plugins.incompatible.add("bh-old-blue")
+    with pytest.raises(PermanentError, match="protocol version 99"):
+        await world.settle("old")
+    await world.settle("old")  # an unchanged spec is not started again
+    status = world.store.status("old")
+    assert status is not None
+    assert status.phase is models.Phase.FAILED
+    ready = conditions.find(status.conditions, "Ready")
+    assert ready is not None
+    assert ready.reason == "ProtocolMismatch"
+    assert world.runtime.instances == {}
+    assert world.runtime.calls["start"] == 1
+    world.plugins.incompatible.clear()
+    world.write("old", version="1.0.1")  # a new spec is tried again
+    status = await world.settle("old")
+    assert conditions.is_true(status.conditions, "Ready")
+
+
+async def test_a_state_version_other_than_the_spec_says_is_refused(world: World) -> None:
+    world.write("kv", extra="  state: {version: 2}\n")
+    world.plugins.state_versions["bh-kv-blue"] = 1
+    with pytest.raises(PermanentError, match="state version 1"):
+        await world.settle("kv")
+    status = world.store.status("kv")
+    assert status is not None
+    ready = conditions.find(status.conditions, "Ready")
+    assert ready is not None
+    assert ready.reason == "StateVersionMismatch"
+    assert world.runtime.instances == {}

@@ -4,7 +4,8 @@ MODE=serve (default): serve until SIGTERM. Methods: ``echo`` (answers its
 payload), ``sleep`` (``{"seconds": s}``), ``put``/``get`` (a map: its
 state), ``crash`` (the process dies in the middle of the call), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
-and says what happened). MODE=crash: print a line and exit 3 at once.
+and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
+another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
 MODE=mute: run, but never listen (never Ready).
 """
 
@@ -16,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from blackhole_sdk import Plugin, PluginError, serve
+from blackhole_sdk import Plugin, PluginError, calls, serve
 
 mode = os.environ.get("MODE", "serve")
 print(f"test plugin {os.environ.get('BLACKHOLE_PLUGIN')} mode={mode}", flush=True)
@@ -45,6 +46,14 @@ class TestPlugin(Plugin):
             os._exit(3)
         if method == "connect":
             return {"result": _connect(payload)}
+        if method == "call":
+            try:
+                answer = await calls.call(
+                    payload["plugin"], payload["method"], payload.get("payload")
+                )
+            except calls.CallFailed as e:
+                return {"failed": e.http_status, "reason": e.reason}
+            return {"answer": answer}
         raise PluginError(f"unknown method {method!r}")
 
     def export_state(self) -> bytes:

@@ -1,0 +1,144 @@
+"""The gateway's router and tokens, without plugins: gates, holds, buckets, the tokens file."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from controller.cli import run
+from controller.gateway import auth, router
+from controller.runtimes import container
+from controller.spec import models
+
+
+def spec(**gateway: object) -> models.PluginSpec:
+    return models.PluginSpec.model_validate(
+        {"image": "blackhole/x:1", "version": "1.0.0", "gateway": gateway}
+    )
+
+
+async def test_no_route_is_refused_at_once_and_a_route_is_followed() -> None:
+    routes = router.Router()
+    with pytest.raises(router.Refused) as down:
+        async with routes.admit("kv", spec(), 5):
+            pass
+    assert (down.value.status, down.value.reason) == (503, "PluginNotReady")
+    routes.set_route("kv", "unix:/a.sock", "bh-kv-blue", spec())
+    async with routes.admit("kv", spec(), 5) as endpoint:
+        assert endpoint == "unix:/a.sock"
+        assert routes.in_flight("unix:/a.sock") == 1
+    assert routes.in_flight("unix:/a.sock") == 0
+    routes.clear_route("kv")
+    assert routes.route("kv") is None
+
+
+async def test_held_calls_wait_and_go_to_the_route_set_before_release() -> None:
+    routes = router.Router()
+    routes.set_route("kv", "unix:/blue.sock", "bh-kv-blue", spec())
+    routes.hold("kv")
+    reached: list[str] = []
+
+    async def one_call() -> None:
+        async with routes.admit("kv", spec(), 5) as endpoint:
+            reached.append(endpoint)
+
+    calls = [asyncio.create_task(one_call()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert reached == []
+    assert routes.gates["kv"].held == 3
+    routes.set_route("kv", "unix:/green.sock", "bh-kv-green", spec())
+    routes.release("kv")
+    await asyncio.gather(*calls)
+    assert reached == ["unix:/green.sock"] * 3
+
+
+async def test_a_hold_longer_than_the_call_timeout_is_a_504() -> None:
+    routes = router.Router()
+    routes.set_route("kv", "unix:/blue.sock", "bh-kv-blue", spec())
+    routes.hold("kv")
+    with pytest.raises(router.Refused) as held:
+        async with routes.admit("kv", spec(), 0.05):
+            pass
+    assert held.value.status == 504
+
+
+async def test_wait_idle_returns_when_the_last_call_ends() -> None:
+    routes = router.Router()
+    routes.set_route("kv", "unix:/blue.sock", "bh-kv-blue", spec())
+    release = asyncio.Event()
+
+    async def slow_call() -> None:
+        async with routes.admit("kv", spec(), 5):
+            await release.wait()
+
+    task = asyncio.create_task(slow_call())
+    await asyncio.sleep(0.01)
+    assert await routes.wait_idle("unix:/blue.sock", 0.05) == 1, "the deadline passed"
+    waiting = asyncio.create_task(routes.wait_idle("unix:/blue.sock", 5))
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await waiting == 0
+    await task
+
+
+async def test_concurrency_and_rate_limits() -> None:
+    routes = router.Router()
+    narrow = spec(maxConcurrentCalls=1, rateLimit={"callsPerSecond": 1000, "burst": 2})
+    routes.set_route("kv", "unix:/blue.sock", "bh-kv-blue", narrow)
+    async with routes.admit("kv", narrow, 5):
+        with pytest.raises(router.Refused) as busy:
+            async with routes.admit("kv", narrow, 5):
+                pass
+        assert (busy.value.status, busy.value.reason) == (429, "TooManyCalls")
+    bucket = router.TokenBucket(rate=2, burst=2)
+    assert bucket.take() == 0
+    assert bucket.take() == 0
+    wait = bucket.take()
+    assert 0.4 < wait <= 0.5
+
+
+def test_tokens_file(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    digest = hashlib.sha256(b"hashed-token-value").hexdigest()
+    path.write_text(
+        "tokens:\n"
+        "  - {name: clear, token: clear-token-0123456789, plugins: [kv]}\n"
+        f"  - {{name: hashed, sha256: {digest}, plugins: ['*']}}\n"
+    )
+    path.chmod(0o600)
+    tokens = auth.Tokens.load(path)
+    clear = tokens.find("clear-token-0123456789")
+    assert clear is not None
+    assert clear.allows("kv")
+    assert not clear.allows("other")
+    hashed = tokens.find("hashed-token-value")
+    assert hashed is not None
+    assert hashed.allows("anything")
+    assert tokens.find("nope") is None
+    path.chmod(0o644)
+    with pytest.raises(auth.TokensFileError, match="chmod 600"):
+        auth.Tokens.load(path)
+    path.chmod(0o600)
+    path.write_text("tokens:\n  - {name: short, token: abc, plugins: [kv]}\n")
+    with pytest.raises(auth.TokensFileError, match=r"tokens\[0\]: needs sha256"):
+        auth.Tokens.load(path)
+
+
+def test_the_gateway_is_not_exposed_without_tokens(tmp_path: Path) -> None:
+    options = run.Options(
+        specs=None,
+        runtime=container.Engine.DOCKER,
+        data_dir=tmp_path,
+        workers=1,
+        resync_seconds=60,
+        host_path_root=None,
+        controller_id="default",
+        gateway_address="0.0.0.0:8080",
+    )
+    with pytest.raises(run.GatewayConfigError, match="without authentication"):
+        run.gateway_tokens(options)
+    assert run.gateway_tokens(dataclasses.replace(options, gateway_address="[::1]:8080")) is None
