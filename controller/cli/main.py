@@ -181,7 +181,8 @@ def run_controller(
         gateway_tokens=gateway_tokens,
     )
     try:
-        asyncio.run(run.serve(options))
+        with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
+            runner.run(run.serve(options))
     except ControllerError as e:
         err.print(f"[red]error[/]: {escape(str(e))}")
         raise typer.Exit(1) from None
