@@ -49,7 +49,7 @@ imports:
 	$(BIN)/lint-imports
 
 unit:
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/unit examples
 
 integration:
 	$(BIN)/pytest tests/integration

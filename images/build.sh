@@ -15,11 +15,15 @@ export DOCKER_BUILDKIT=0
 
 bash "$top/images/base/build.sh"
 
-wheels="$top/build/wheels"
-rm -rf "$wheels"
-mkdir -p "$wheels"
-bh_log "building wheels into $wheels"
+# Wheels for the images, built on the host: containers cannot reach a package index.
+wheels="$top/build/wheels"                # the SDK and its dependencies, for plugins
+controller_wheels="$top/build/wheels-controller"  # the controller and all it needs
+rm -rf "$wheels" "$controller_wheels"
+mkdir -p "$wheels" "$controller_wheels"
+bh_log "building wheels into $wheels and $controller_wheels"
 "$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" "$top/sdk" pip
+"$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$controller_wheels" \
+  --find-links "$wheels" "$top/sdk" "$top" pip
 
 load_into_podman() {
   local run_dir
@@ -41,8 +45,10 @@ build() {  # build IMAGE DOCKERFILE CONTEXT [--build-arg NAME=VALUE...]
   load_into_podman "$image"
 }
 
-runtime="blackhole/plugin-runtime:$(cat "$top/VERSION")"
+version=$(cat "$top/VERSION")
+runtime="blackhole/plugin-runtime:$version"
 build "$runtime" "$top/images/plugin-runtime/Dockerfile" "$wheels"
+build "blackhole/controller:$version" "$top/images/controller/Dockerfile" "$controller_wheels"
 # The example plugins, tagged as examples/plugins/*.yaml name them.
 build blackhole/example-echo:0.1.0 "$top/examples/echo/Dockerfile" "$top/examples/echo"
 # The storage example's releases: 1.0.0 keeps state version 1, the later ones version 2.

@@ -39,11 +39,17 @@ print(sum(any(c["type"] == "Ready" and c["status"] == "True"
 done
 "$bhctl" get -o wide
 [ "$ready" = "$names" ] || bh_die "not every example plugin became Ready; see $log_file"
+echo
+bh_log "a call through the gateway: bhctl call kv-store put, then get"
+"$bhctl" call kv-store put --data '{"key": "greeting", "value": "hello"}' >/dev/null
+"$bhctl" call kv-store get --data '{"key": "greeting"}'
 cat <<EOT
 
 The controller runs in the background (pid $(cat "$pid_file"), log $log_file).
 Try:  $bhctl describe kv-store
       $bhctl logs kv-store
+      $bhctl call analytics ingest --data '{"value": 3}'
+      curl -s -X POST localhost:8080/v1/plugins/echo/call/ping -d '{"hello": 1}'
       edit $top/examples/plugins/echo.yaml and watch $bhctl get
 Stop: kill $(cat "$pid_file")    (the plugins keep running; a new controller adopts them)
 EOT

@@ -1,4 +1,4 @@
-"""The plugin runtime image carries the SDK, installed offline from wheels built on the host."""
+"""The images: the plugin runtime carries the SDK, the controller bhctl; both installed offline."""
 
 from __future__ import annotations
 
@@ -31,3 +31,34 @@ def test_plugin_runtime_image_has_the_sdk_and_runs_unprivileged(engine: EngineUn
         remove=False,
     )
     assert output.decode().split() == ["65532", "1", "True"]
+
+
+def test_controller_image_runs_bhctl_unprivileged(engine: EngineUnderTest) -> None:
+    image = f"blackhole/controller:{VERSION}"
+    try:
+        engine.client.images.get(image)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"{engine.kind} lacks {image}: build the images with images/build.sh")
+    output = engine.client.containers.run(
+        image,
+        ["version"],
+        name=engine.name("controller-image"),
+        labels=engine.labels,
+        network_mode="none",
+        remove=False,
+    )
+    assert output.decode().startswith(f"bhctl {VERSION} ")
+    probe = (
+        "import os, uvloop, grpc, controller.gateway.server; "
+        "print(os.getuid(), os.environ['BLACKHOLE_DATA_DIR'])"
+    )
+    output = engine.client.containers.run(
+        image,
+        [probe],
+        entrypoint=["python3", "-c"],
+        name=engine.name("controller-image-imports"),
+        labels=engine.labels,
+        network_mode="none",
+        remove=False,
+    )
+    assert output.decode().split() == ["65532", "/var/lib/blackhole"]
