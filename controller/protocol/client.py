@@ -243,6 +243,18 @@ class Clients:
     async def healthy(self, endpoint: str, timeout: float) -> bool:
         return await self.get(endpoint).healthy(timeout)
 
+    async def call(self, endpoint: str, method: str, payload: bytes, timeout: float) -> bytes:
+        return await self.get(endpoint).handle(method, payload, timeout=timeout)
+
+    async def export_state(self, endpoint: str, timeout: float) -> State:
+        return await self.get(endpoint).export_state(timeout)
+
+    async def import_state(self, endpoint: str, state: State, timeout: float) -> State:
+        return await self.get(endpoint).import_state(state, timeout)
+
+    async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int:
+        return await self.get(endpoint).drain(timeout, resume=resume)
+
     async def drop(self, endpoint: str) -> None:
         """Close the channel to ``endpoint`` (its instance is gone or replaced)."""
         client = self._clients.pop(endpoint, None)

@@ -8,6 +8,7 @@ the reconciler runs unchanged with no engine and no plugin process.
 from __future__ import annotations
 
 import collections
+import hashlib
 
 from controller.errors import IncompatiblePluginError, PluginCallError
 from controller.protocol import client
@@ -28,6 +29,13 @@ class MemoryPlugins:
         self.runtime = runtime
         self.state_versions: dict[str, int] = {}
         self.incompatible: set[str] = set()
+        self.states: dict[str, bytes] = {}
+        """Each instance's state, by instance name."""
+        self.declared: dict[str, int] = {}
+        """Each handshaken instance's state version."""
+        self.draining: set[str] = set()
+        self.failing: dict[str, str] = {}
+        """Instance name to the protocol call that fails on it (e.g. "import_state")."""
         self.calls: collections.Counter[str] = collections.Counter()
 
     def _name(self, endpoint: str) -> str:
@@ -45,10 +53,11 @@ class MemoryPlugins:
         if not await self.healthy(endpoint, timeout):
             raise PluginCallError("UNAVAILABLE", f"{name} does not answer")
         declared = want.spec.state.version if want.spec.state else 0
+        self.declared[name] = self.state_versions.get(name, declared)
         return client.Handshake(
             protocol_version=1,
             provides=tuple(want.spec.provides),
-            state_version=self.state_versions.get(name, declared),
+            state_version=self.declared[name],
             sdk="memory",
         )
 
@@ -61,6 +70,42 @@ class MemoryPlugins:
             and current.state is base.InstanceState.RUNNING
             and name not in self.runtime.unready
         )
+
+    def _answering(self, endpoint: str, what: str) -> str:
+        self.calls[what] += 1
+        name = self._name(endpoint)
+        current = self.runtime.instances.get(name)
+        if current is None or current.state is not base.InstanceState.RUNNING:
+            raise PluginCallError("UNAVAILABLE", f"{name} does not answer")
+        if self.failing.get(name) == what:
+            raise PluginCallError("INTERNAL", f"{name}: {what} failed on purpose")
+        return name
+
+    async def call(self, endpoint: str, method: str, payload: bytes, timeout: float) -> bytes:
+        name = self._answering(endpoint, "call")
+        if name in self.draining:
+            raise PluginCallError("UNAVAILABLE", "draining: not taking calls")
+        return payload
+
+    async def export_state(self, endpoint: str, timeout: float) -> client.State:
+        name = self._answering(endpoint, "export_state")
+        data = self.states.get(name, b"")
+        return client.State(self.declared.get(name, 0), data, hashlib.sha256(data).hexdigest())
+
+    async def import_state(
+        self, endpoint: str, state: client.State, timeout: float
+    ) -> client.State:
+        name = self._answering(endpoint, "import_state")
+        version = self.declared.get(name, 0)
+        if state.version > version:
+            raise PluginCallError("FAILED_PRECONDITION", f"state version {state.version} is newer")
+        self.states[name] = state.data
+        return client.State(version, b"", hashlib.sha256(state.data).hexdigest())
+
+    async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int:
+        name = self._answering(endpoint, "drain")
+        (self.draining.discard if resume else self.draining.add)(name)
+        return 0
 
     async def drop(self, endpoint: str) -> None:
         self.calls["drop"] += 1

@@ -298,6 +298,18 @@ class Restart(_Model):
         return self
 
 
+class Check(_Model):
+    """A call made to the new version before it is promoted, and the answer it must give."""
+
+    method: str = Field(min_length=1, max_length=256)
+    """The method to call."""
+    payload: Any = None
+    """The payload, as JSON. Default: none."""
+    expect: Any = None
+    """What the answer must contain: equal values, or for objects, these keys with these
+    values (others may be there too). Default: any answer that is not an error."""
+
+
 class HotSwap(_Model):
     """How a running plugin is moved to a new version, image, config or state version."""
 
@@ -313,6 +325,8 @@ class HotSwap(_Model):
     """Longest wait for the old version's in-flight calls to finish. Default 30."""
     scale_down_delay_seconds: int = Field(default=30, ge=0, le=86400, alias="scaleDownDelaySeconds")
     """Seconds the old version is kept after promotion, for instant rollback. Default 30."""
+    checks: list[Check] = Field(default_factory=list)
+    """Calls the new version must answer as expected before it is promoted."""
 
 
 class RateLimit(_Model):
@@ -464,6 +478,38 @@ class InstanceStatus(_Model):
     """Whether its last crash was an out-of-memory kill."""
 
 
+class SwapStep(StrEnum):
+    """Where a swap in progress is."""
+
+    STARTING = "Starting"
+    """The new color is starting; the old one serves."""
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    """The new color is Ready and passed its checks; waiting for bhctl swap promote."""
+    PROMOTING = "Promoting"
+    """Calls are held while state moves and the route flips."""
+    PROMOTED = "Promoted"
+    """The new color serves; the old one is kept until scaleDownDelaySeconds pass."""
+
+
+class SwapProgress(_Model):
+    """A swap in progress, persisted so that a restarted controller resumes or rolls it back."""
+
+    step: SwapStep
+    """Where it is."""
+    from_color: Color = Field(alias="fromColor")
+    """The color that served when it began."""
+    to_color: Color = Field(alias="toColor")
+    """The color being brought in."""
+    from_version: str = Field(alias="fromVersion")
+    to_version: str = Field(alias="toVersion")
+    to_hash: str = Field(alias="toHash")
+    """The spec hash of the instance being brought in."""
+    started: datetime
+    """When it began."""
+    promoted: datetime | None = None
+    """When the route flipped to the new color."""
+
+
 class SwapStatus(_Model):
     """The outcome of the last blue/green swap."""
 
@@ -475,6 +521,9 @@ class SwapStatus(_Model):
     """How long calls were held at the flip."""
     result: Literal["Promoted", "RolledBack", "Aborted", "InProgress"]
     """How the swap ended."""
+    to_hash: str | None = Field(default=None, alias="toHash")
+    """The spec hash swapped to; a rolled-back hash is not tried again until the spec
+    changes."""
     reason: str | None = None
     """Why it rolled back or was aborted, e.g. SwapFailedImport."""
     time: datetime | None = None
@@ -498,6 +547,8 @@ class PluginStatus(_Model):
     """The plugin's instances, one per color that exists."""
     last_swap: SwapStatus | None = Field(default=None, alias="lastSwap")
     """The last blue/green swap."""
+    swap: SwapProgress | None = None
+    """The swap in progress, if any."""
 
 
 class Plugin(_Model):
