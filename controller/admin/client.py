@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -86,6 +87,24 @@ class AdminClient:
     def delete(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
 
+    def swap(self, name: str, action: str) -> dict[str, Any]:
+        return self._call("POST", f"{_plugin(name)}/swap/{urllib.parse.quote(action, safe='')}")
+
+    def state_history(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"{_plugin(name)}/state")
+
+    def state_export(self, name: str, snapshot: int | None) -> dict[str, Any]:
+        query = {"snapshot": str(snapshot)} if snapshot is not None else {}
+        return self._call("GET", f"{_plugin(name)}/state/export", **query)
+
+    def state_import(self, name: str, state_version: int, data: bytes) -> dict[str, Any]:
+        body = json.dumps({"stateVersion": state_version, "data": base64.b64encode(data).decode()})
+        return self._call("POST", f"{_plugin(name)}/state/import", body)
+
     def logs(self, name: str, color: str | None, tail: int) -> dict[str, Any]:
         query = {"tail": str(tail)} | ({"color": color} if color else {})
         return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}/logs", **query)
+
+
+def _plugin(name: str) -> str:
+    return f"/v1/plugins/{urllib.parse.quote(name, safe='')}"

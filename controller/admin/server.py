@@ -14,6 +14,10 @@ Only the owner of the data directory can reach it; there is no other auth.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
+import hashlib
 import json
 import logging
 import socket
@@ -23,9 +27,13 @@ from typing import Any
 from aiohttp import web
 
 from controller.errors import ControllerError, InstanceNotFoundError, SpecError
+from controller.gateway import router
+from controller.protocol import client
+from controller.reconcile import manager, reconciler
 from controller.runtimes import base
 from controller.sources import directory
 from controller.spec import models
+from controller.state import snapshots
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +45,19 @@ class AdminServer:
     """Serves the admin API for one source and runtime."""
 
     def __init__(
-        self, source: directory.DirectorySource, runtime: base.Runtime, path: Path
+        self,
+        source: directory.DirectorySource,
+        runtime: base.Runtime,
+        path: Path,
+        *,
+        control: manager.Manager | None = None,
+        plugins: client.Clients | None = None,
     ) -> None:
         self.source = source
         self.runtime = runtime
         self.path = path
+        self.control = control
+        self.plugins = plugins
         app = web.Application(client_max_size=MAX_BODY)
         app.add_routes(
             [
@@ -51,6 +67,10 @@ class AdminServer:
                 web.get("/v1/plugins/{name}", self._get),
                 web.delete("/v1/plugins/{name}", self._delete),
                 web.get("/v1/plugins/{name}/logs", self._logs),
+                web.post("/v1/plugins/{name}/swap/{action}", self._swap),
+                web.get("/v1/plugins/{name}/state", self._state_history),
+                web.get("/v1/plugins/{name}/state/export", self._state_export),
+                web.post("/v1/plugins/{name}/state/import", self._state_import),
             ]
         )
         self._runner = web.AppRunner(app, access_log=None)
@@ -169,6 +189,122 @@ class AdminServer:
         except ControllerError as e:
             raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
         return web.json_response({"instance": name, "lines": lines})
+
+    # Swaps and state.
+
+    def _reconciler(self) -> reconciler.Reconciler:
+        if self.control is None or self.plugins is None:
+            raise web.HTTPServiceUnavailable(
+                text=_error("this controller does not run swaps"), content_type="application/json"
+            )
+        return self.control.reconciler
+
+    async def _swap(self, request: web.Request) -> web.Response:
+        desired = self._desired(request)
+        action = request.match_info["action"]
+        if action not in ("promote", "abort"):
+            return web.json_response({"error": f"{action!r}: use promote or abort"}, status=404)
+        target = self._reconciler()
+        status = await self.source.read_status(desired.plugin.key)
+        if status is None or status.swap is None:
+            return web.json_response(
+                {"error": f"{desired.plugin.key} has no swap in progress"}, status=409
+            )
+        if action == "promote" and status.swap.step is models.SwapStep.PROMOTED:
+            return web.json_response(
+                {"error": f"{desired.plugin.key}: the swap is promoted already"}, status=409
+            )
+        target.request(desired.plugin.key, action)
+        assert self.control is not None
+        self.control.queue.add(desired.plugin.key)
+        return web.json_response({"plugin": desired.plugin.key, "requested": action})
+
+    async def _state_history(self, request: web.Request) -> web.Response:
+        desired = self._desired(request)
+        history = await asyncio.to_thread(self._snapshots().history, desired.plugin.key)
+        return web.json_response({"snapshots": [s.to_document() for s in history]})
+
+    async def _active(self, key: str) -> tuple[client.Clients, models.PluginStatus, str]:
+        """The plugin clients, the status and the endpoint of ``key``'s serving instance."""
+        routes = self._reconciler().routes
+        status = await self.source.read_status(key)
+        endpoint = routes.route(key) if isinstance(routes, router.Router) else None
+        if self.plugins is None or status is None or endpoint is None:
+            raise web.HTTPConflict(
+                text=_error(f"{key} has no Ready instance to take its state from or to"),
+                content_type="application/json",
+            )
+        return self.plugins, status, endpoint
+
+    def _snapshots(self) -> snapshots.Snapshots:
+        states = self._reconciler().snapshots
+        if states is None:
+            raise web.HTTPServiceUnavailable(
+                text=_error("this controller keeps no state snapshots"),
+                content_type="application/json",
+            )
+        return states
+
+    async def _state_export(self, request: web.Request) -> web.Response:
+        """A stored snapshot (``?snapshot=ID``), or the live state of the active instance."""
+        desired = self._desired(request)
+        key = desired.plugin.key
+        states = self._snapshots()
+        if "snapshot" in request.query:
+            try:
+                snapshot = await asyncio.to_thread(states.get, key, int(request.query["snapshot"]))
+            except (ValueError, ControllerError) as e:
+                raise web.HTTPNotFound(text=_error(str(e)), content_type="application/json") from e
+        else:
+            plugins, status, endpoint = await self._active(key)
+            try:
+                state = await plugins.export_state(endpoint, 60)
+            except ControllerError as e:
+                raise web.HTTPBadGateway(
+                    text=_error(str(e)), content_type="application/json"
+                ) from e
+            snapshot = await asyncio.to_thread(
+                states.save, key, status.active_version or "", state.version, state.data, "export"
+            )
+            snapshot = dataclasses.replace(snapshot, data=state.data)
+        return web.json_response(
+            {"snapshot": snapshot.to_document(), "data": base64.b64encode(snapshot.data).decode()}
+        )
+
+    async def _state_import(self, request: web.Request) -> web.Response:
+        """Replace the active instance's state; what it had is kept as a snapshot first."""
+        desired = self._desired(request)
+        key = desired.plugin.key
+        try:
+            body = await request.json()
+            version = int(body["stateVersion"])
+            data = base64.b64decode(body["data"], validate=True)
+        except (ValueError, KeyError, TypeError) as e:
+            raise web.HTTPBadRequest(
+                text=_error(f'send {{"stateVersion": N, "data": base64}}: {e}'),
+                content_type="application/json",
+            ) from e
+        states = self._snapshots()
+        plugins, status, endpoint = await self._active(key)
+        routes = self._reconciler().routes
+        routes.hold(key)  # no call sees half of the old state and half of the new
+        try:
+            await routes.wait_idle(endpoint, desired.plugin.spec.hot_swap.drain_timeout_seconds)
+            before = await plugins.export_state(endpoint, 60)
+            saved = await asyncio.to_thread(
+                states.save, key, status.active_version or "", before.version, before.data,
+                "before-import",
+            )  # fmt: skip
+            state = client.State(version, data, hashlib.sha256(data).hexdigest())
+            after = await plugins.import_state(endpoint, state, 60)
+        except ControllerError as e:
+            raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
+        finally:
+            routes.release(key)
+        return web.json_response(
+            {"plugin": key, "stateVersion": after.version, "sha256": after.sha256,
+             "previous": saved.to_document()}
+        )  # fmt: skip
 
 
 def _error(message: str) -> str:

@@ -8,6 +8,7 @@ and nothing imports it. It is the only place that prints.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import platform
 import sys
@@ -375,6 +376,94 @@ def show_logs(
         raise _fail(e) from None
     for line in answer["lines"]:
         sys.stdout.write(line + "\n")
+
+
+swap_app = typer.Typer(help="Steer a blue/green swap in progress.", no_args_is_help=True)
+state_app = typer.Typer(help="Plugins' state snapshots.", no_args_is_help=True)
+app.add_typer(swap_app, name="swap")
+app.add_typer(state_app, name="state")
+
+
+@swap_app.command("promote")
+def swap_promote(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """Promote a new version that waits for it (hotSwap.autoPromote: false)."""
+    _swap(name, "promote", data_dir)
+
+
+@swap_app.command("abort")
+def swap_abort(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """Roll a swap back: before promotion, or within the scale-down window after it."""
+    _swap(name, "abort", data_dir)
+
+
+def _swap(name: str, action: str, data_dir: Path | None) -> None:
+    try:
+        _client(data_dir).swap(name, action)
+    except ControllerError as e:
+        raise _fail(e) from None
+    out.print(f"{action} requested for {escape(name)}; watch bhctl describe {escape(name)}")
+
+
+@state_app.command("history")
+def state_history(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """The state snapshots kept for a plugin, oldest first."""
+    try:
+        snapshots = _client(data_dir).state_history(name)["snapshots"]
+    except ControllerError as e:
+        raise _fail(e) from None
+    table = Table("ID", "TAKEN", "VERSION", "STATE VERSION", "SIZE", "SHA256", "REASON")
+    for s in snapshots:
+        table.add_row(
+            str(s["id"]), _age(s["takenAt"]), s["pluginVersion"], str(s["stateVersion"]),
+            str(s["size"]), s["sha256"][:12], s["reason"],
+        )  # fmt: skip
+    out.print(table)
+
+
+@state_app.command("export")
+def state_export(
+    name: str = typer.Argument(...),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write the state to."),
+    snapshot: int | None = typer.Option(
+        None, "--snapshot", help="A stored snapshot's id (default: the live state, kept too)."
+    ),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Write a plugin's state (live, or a stored snapshot) to a file."""
+    try:
+        answer = _client(data_dir).state_export(name, snapshot)
+    except ControllerError as e:
+        raise _fail(e) from None
+    output.write_bytes(base64.b64decode(answer["data"]))
+    meta = answer["snapshot"]
+    out.print(
+        f"wrote {meta['size']} bytes of state version {meta['stateVersion']} "
+        f"(sha256 {meta['sha256'][:12]}..., snapshot {meta['id']}) to {escape(str(output))}"
+    )
+
+
+@state_app.command("import")
+def state_import(
+    name: str = typer.Argument(...),
+    source: Path = typer.Argument(..., help="File of state bytes, e.g. from bhctl state export."),
+    state_version: int = typer.Option(
+        ..., "--state-version", min=1, help="The state version the bytes are in."
+    ),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Replace a plugin's state (calls held meanwhile); what it had is kept as a snapshot."""
+    try:
+        data = source.read_bytes()
+    except OSError as e:
+        raise typer.BadParameter(f"{source}: {e.strerror}", param_hint="SOURCE") from None
+    try:
+        answer = _client(data_dir).state_import(name, state_version, data)
+    except ControllerError as e:
+        raise _fail(e) from None
+    out.print(
+        f"imported {len(data)} bytes into {escape(name)} (now state version "
+        f"{answer['stateVersion']}); its previous state is snapshot {answer['previous']['id']}"
+    )
 
 
 @app.command()

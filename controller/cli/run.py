@@ -29,6 +29,7 @@ from controller.reconcile import manager, queue
 from controller.runtimes import container
 from controller.sources import directory, store
 from controller.spec import models
+from controller.state import snapshots
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +185,29 @@ async def serve(options: Options) -> None:
         plugins = client.Clients()
         routes = router.Router()
         gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
-        admin = server.AdminServer(source, runtime, admin_socket(options.data_dir))
+        states = snapshots.Snapshots(options.data_dir / "snapshots.db")
+        control = manager.Manager(
+            source,
+            runtime,
+            work,
+            plugins,
+            routes=routes,
+            snapshots=states,
+            workers=options.workers,
+        )
+        admin = server.AdminServer(
+            source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins
+        )
         await admin.start()
         try:
             bound = await gateway.start(options.gateway_address, options.gateway_grpc_address)
             write_gateway_file(options.data_dir, bound)
-            control = manager.Manager(
-                source, runtime, work, plugins, routes=routes, workers=options.workers
-            )
             await control.run(stop)
         finally:
             await gateway.stop()
             await admin.stop()
             await plugins.close()
             await runtime.close()
+            states.close()
             records.close()
         log.info("stopped")

@@ -108,4 +108,9 @@ class MemoryPlugins:
         return 0
 
     async def drop(self, endpoint: str) -> None:
+        """The instance is gone: a new one of its name starts afresh."""
         self.calls["drop"] += 1
+        name = self._name(endpoint)
+        self.draining.discard(name)
+        self.states.pop(name, None)
+        self.declared.pop(name, None)

@@ -19,6 +19,7 @@ from controller.reconcile import queue as queue_module
 from controller.reconcile import reconciler, workers
 from controller.runtimes import base
 from controller.sources import directory
+from controller.state import snapshots as snapshots_module
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,16 @@ class Manager:
         plugins: reconciler.Plugins,
         *,
         routes: reconciler.Routes | None = None,
+        snapshots: snapshots_module.Snapshots | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
         self.source = source
         self.runtime = runtime
         self.queue = queue
-        self.reconciler = reconciler.Reconciler(source, runtime, plugins, routes=routes)
+        self.reconciler = reconciler.Reconciler(
+            source, runtime, plugins, routes=routes, snapshots=snapshots
+        )
         self.pool = _pool(queue, self.reconciler, workers)
         self.sweep_seconds = sweep_seconds or source.resync_seconds
         self.started = asyncio.Event()

@@ -32,12 +32,13 @@ from controller.errors import (
     PermanentError,
     SpecError,
 )
-from controller.protocol import client
 from controller.reconcile import conditions
 from controller.reconcile.workers import Result
 from controller.runtimes import base
 from controller.sources import directory, store
 from controller.spec import models
+from controller.state import snapshots as snapshots_module
+from controller.swap import coordinator
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +51,14 @@ STOP_TIMEOUT = 10.0
 """Seconds an instance being replaced gets to exit after SIGTERM."""
 
 
-class Plugins(Protocol):
+class Plugins(coordinator.Plugins, Protocol):
     """The plugin protocol, as used here (:class:`~controller.protocol.client.Clients`)."""
-
-    async def handshake(
-        self, endpoint: str, want: base.InstanceSpec, timeout: float
-    ) -> client.Handshake: ...
-
-    async def healthy(self, endpoint: str, timeout: float) -> bool: ...
 
     async def drop(self, endpoint: str) -> None: ...
 
 
-class Routes(Protocol):
+class Routes(coordinator.Routes, Protocol):
     """Where calls go (:class:`~controller.gateway.router.Router`): set when Ready, else cleared."""
-
-    def set_route(
-        self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
-    ) -> None: ...
 
     def clear_route(self, key: str) -> None: ...
 
@@ -80,6 +71,15 @@ class NoRoutes:
 
     def clear_route(self, key: str) -> None:
         pass
+
+    def hold(self, key: str) -> None:
+        pass
+
+    def release(self, key: str) -> None:
+        pass
+
+    async def wait_idle(self, endpoint: str, timeout: float) -> int:
+        return 0
 
 
 class Source(Protocol):
@@ -106,8 +106,8 @@ class _Memory:
     """When it restarted crashed instances, within the restart window."""
     probe_delay: float = FIRST_PROBE
     health_failures: int = 0
-    handshaken: str = ""
-    """The id of the instance whose handshake succeeded."""
+    handshaken: set[str] = field(default_factory=set)
+    """The ids of the instances whose handshake succeeded."""
     refused: str = ""
     """The spec hash whose plugin failed its handshake for good: not started again."""
 
@@ -122,12 +122,15 @@ class Reconciler:
         plugins: Plugins,
         *,
         routes: Routes | None = None,
+        snapshots: snapshots_module.Snapshots | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.runtime = runtime
         self.plugins = plugins
-        self.routes = routes or NoRoutes()
+        self.routes: Routes = routes or NoRoutes()
+        self.snapshots = snapshots
+        self._requests: dict[str, str] = {}
         self.clock = clock
         self._memory: dict[str, _Memory] = collections.defaultdict(_Memory)
         self._ids = itertools.count(1)
@@ -183,6 +186,13 @@ class Reconciler:
     def forget(self, key: str) -> None:
         self._memory.pop(key, None)
 
+    def request(self, key: str, action: str) -> None:
+        """Ask the next pass over ``key`` to ``promote`` or ``abort`` its swap."""
+        self._requests[key] = action
+
+    def take_request(self, key: str) -> str | None:
+        return self._requests.pop(key, None)
+
 
 class _Pass:
     """The state of one pass over one plugin that still has a spec."""
@@ -206,6 +216,9 @@ class _Pass:
         self.context = context
         self.memory = reconciler._memory[key]
         self.now = reconciler.clock()
+        self.plugins = reconciler.plugins
+        self.routes = reconciler.routes
+        self.snapshots = reconciler.snapshots
 
     async def run(self) -> Result:
         old = await self.source.read_status(self.key) or models.PluginStatus()
@@ -213,14 +226,7 @@ class _Pass:
         self.status = old.model_copy(deep=True)
         color = self.status.active_color or models.Color.BLUE
         self.context["color"] = color.value
-        self.want = base.InstanceSpec(
-            plugin=self.plugin.name,
-            color=color,
-            spec=self.spec,
-            labels=self._labels(color),
-            namespace=self.plugin.metadata.namespace,
-            controller_id=self.runtime.controller_id,
-        )
+        self.want = self.want_for(color)
         issues = self.runtime.validate(self.want)
         if issues:
             error = SpecError(issues)
@@ -228,22 +234,86 @@ class _Pass:
             self._conditions(
                 models.Phase.FAILED, ready=("False", "InvalidSpec", str(error)), degraded=True
             )
-            await self._write(old)
+            await self._write(self.old)
             raise PermanentError(f"{self.key}: {error}")
         if self.memory.refused == self.want.spec_hash:
             for instance in self.observed:  # e.g. adopted after a restart of ours
                 await self._remove(instance)
             return Result()  # Failed until the spec changes: its status says why
         self.memory.refused = ""
+        request = self.r.take_request(self.key)
+        swaps = coordinator.Coordinator(self)
+        if self.status.swap is not None:
+            delay = await swaps.advance(request)
+            await self._write(self.old)
+            return Result(requeue_after=delay)
+        if request is not None:
+            await self._event("Normal", "NoSwap", f"no swap in progress to {request}")
         for instance in self.observed:
             if instance.color is not color:
                 await self._remove(instance)
                 await self._event(
                     "Normal", "Removed", f"removed {instance.name}: not the active color"
                 )
+        self.status.instances = [i for i in self.status.instances if i.color is color]
         current = next((i for i in self.observed if i.color is color), None)
-        result = await self._converge(current)
-        await self._write(old)
+        if self._swap_wanted(current):
+            assert current is not None
+            delay, _ = await swaps.begin(current)
+            result = Result(requeue_after=delay)
+        elif self._swap_refused(current):
+            assert current is not None
+            result = await self._hold_back(current)
+        else:
+            result = await self._converge(current)
+        await self._write(self.old)
+        return result
+
+    def _swap_wanted(self, current: base.Instance | None) -> bool:
+        """Whether a change should be made blue/green: a Ready instance of another spec."""
+        return (
+            current is not None
+            and current.spec_hash != self.want.spec_hash
+            and current.state is base.InstanceState.RUNNING
+            and self.spec.hot_swap.strategy == "BlueGreen"
+            and self.instance_status(current.color).ready
+            and not self._swap_refused(current)
+        )
+
+    def _swap_refused(self, current: base.Instance | None) -> bool:
+        """Whether a swap to this very spec rolled back: not tried again until it changes."""
+        last = self.status.last_swap
+        return (
+            current is not None
+            and current.state is base.InstanceState.RUNNING
+            and current.spec_hash != self.want.spec_hash
+            and last is not None
+            and last.result in ("RolledBack", "Aborted")
+            and last.to_hash == self.want.spec_hash
+        )
+
+    async def _hold_back(self, current: base.Instance) -> Result:
+        """Keep the old instance serving after a rolled-back swap, and say so."""
+        degraded = conditions.find(self.status.conditions, conditions.DEGRADED)
+        result = await self._probe(current, self.instance_status(current.color))
+        last = self.status.last_swap
+        assert last is not None
+        self.status.phase = models.Phase.DEGRADED
+        if degraded is not None and degraded.status == "True" and degraded.reason == last.reason:
+            message = degraded.message  # the rollback's own account, with its details
+        else:
+            message = (
+                f"the swap to {last.to_version} rolled back ({last.reason}); {current.name} "
+                f"({current.version}) serves until the spec changes"
+            )
+        self.status.conditions = conditions.set_condition(
+            self.status.conditions,
+            conditions.DEGRADED,
+            "True",
+            last.reason or "SwapRolledBack",
+            message,
+            self.generation,
+        )
         return result
 
     async def _converge(self, current: base.Instance | None) -> Result:
@@ -277,6 +347,8 @@ class _Pass:
         await self.runtime.start(self.want)
         self.memory.probe_delay = FIRST_PROBE
         self.memory.health_failures = 0
+        self.status.active_color = self.want.color
+        self.status.active_version = str(self.spec.version)
         record = self._instance_status()
         record.state = base.InstanceState.RUNNING.value
         record.ready = False
@@ -344,7 +416,7 @@ class _Pass:
         health = self.spec.health
         timeout = float(health.timeout_seconds)
         endpoint = self.runtime.endpoint(current)
-        if record.ready and self.memory.handshaken == current.id:
+        if record.ready and current.id in self.memory.handshaken:
             ready = await self.r.plugins.healthy(endpoint, timeout)
         else:
             ready = await self.runtime.ready(current, timeout) and await self._handshake(
@@ -353,6 +425,8 @@ class _Pass:
         record.state = current.state.value
         if ready:
             self.r.routes.set_route(self.key, endpoint, current.name, self.spec)
+            self.status.active_color = current.color
+            self.status.active_version = current.version
             self.memory.health_failures = 0
             if not record.ready:
                 started = current.started_at.timestamp() if current.started_at else self.now
@@ -416,7 +490,7 @@ class _Pass:
                 f"{current.name} reads and writes state version {handshake.state_version}, "
                 f"but spec.state.version is {expected or 'not set (no state)'}",
             )
-        self.memory.handshaken = current.id
+        self.memory.handshaken.add(current.id)
         return await self.r.plugins.healthy(endpoint, timeout)
 
     async def _refuse(self, current: base.Instance, reason: str, message: str) -> NoReturn:
@@ -429,8 +503,9 @@ class _Pass:
         raise PermanentError(f"{self.key}: {message}")
 
     async def _remove(self, instance: base.Instance) -> None:
-        if instance.color is self.want.color:
+        if instance.color is self.status.active_color and self.status.swap is None:
             self.r.routes.clear_route(self.key)
+        self.memory.handshaken.discard(instance.id)
         await self.runtime.remove(instance.name)
         await self.r.plugins.drop(self.runtime.endpoint(instance))
 
@@ -445,6 +520,48 @@ class _Pass:
 
     # Status.
 
+    # What the swap coordinator uses (coordinator.Context).
+
+    def want_for(self, color: models.Color) -> base.InstanceSpec:
+        return base.InstanceSpec(
+            plugin=self.plugin.name,
+            color=color,
+            spec=self.spec,
+            labels=self._labels(color),
+            namespace=self.plugin.metadata.namespace,
+            controller_id=self.runtime.controller_id,
+        )
+
+    def instance_status(self, color: models.Color) -> models.InstanceStatus:
+        return self._instance_status(color)
+
+    async def event(self, type: store.EventType, reason: str, message: str) -> None:
+        await self._event(type, reason, message)
+
+    def set_conditions(
+        self,
+        phase: models.Phase,
+        *,
+        ready: tuple[conditions.ConditionStatus, str, str],
+        progressing: tuple[str, str] | None = None,
+        degraded: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        self._conditions(
+            phase, ready=ready, progressing=progressing, degraded=degraded, reason=reason
+        )
+
+    async def persist(self) -> None:
+        """Write the status now, not at the end of the pass."""
+        await self.source.write_status(self.key, self.status)
+        self.old = self.status.model_copy(deep=True)
+
+    async def remove(self, instance: base.Instance) -> None:
+        await self._remove(instance)
+
+    async def last_logs(self, name: str) -> str:
+        return await self._last_logs(name)
+
     def _labels(self, color: models.Color) -> dict[str, str]:
         labels = {
             **self.plugin.metadata.labels,
@@ -457,8 +574,8 @@ class _Pass:
             labels[base.LABEL_NAMESPACE] = self.plugin.metadata.namespace
         return labels
 
-    def _instance_status(self) -> models.InstanceStatus:
-        color = self.want.color
+    def _instance_status(self, color: models.Color | None = None) -> models.InstanceStatus:
+        color = color or self.want.color
         for record in self.status.instances:
             if record.color is color:
                 return record
@@ -482,9 +599,6 @@ class _Pass:
         status = self.status
         status.phase = phase
         status.observed_generation = self.generation
-        status.active_color = self.want.color
-        status.active_version = str(self.spec.version)
-        status.instances = [i for i in status.instances if i.color is self.want.color]
         found = status.conditions
         found = conditions.set_condition(found, conditions.READY, *ready, self.generation)
         if progressing is None:

@@ -90,6 +90,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             continue
         else:
             out[key] = value
+    if "type" not in out and "anyOf" not in out:  # Any: a JSON value of any kind
+        out["x-kubernetes-preserve-unknown-fields"] = True
     if out.get("type") == "object" and "properties" not in out:
         values = node.get("additionalProperties")
         if isinstance(values, dict) and values.get("type") not in {None, "object"}:

@@ -501,7 +501,9 @@ class SwapProgress(_Model):
     to_color: Color = Field(alias="toColor")
     """The color being brought in."""
     from_version: str = Field(alias="fromVersion")
+    """The version that served when it began."""
     to_version: str = Field(alias="toVersion")
+    """The version being brought in."""
     to_hash: str = Field(alias="toHash")
     """The spec hash of the instance being brought in."""
     started: datetime

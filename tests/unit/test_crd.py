@@ -94,7 +94,11 @@ def test_schema_is_structural():
 
     def walk(node: dict[str, Any], path: str) -> None:
         assert "$ref" not in node, path
-        assert "type" in node or node.get("x-kubernetes-int-or-string"), path
+        assert (
+            "type" in node
+            or node.get("x-kubernetes-int-or-string")
+            or node.get("x-kubernetes-preserve-unknown-fields")
+        ), path
         assert not ("properties" in node and "additionalProperties" in node), path
         for name, sub in node.get("properties", {}).items():
             walk(sub, f"{path}.{name}")

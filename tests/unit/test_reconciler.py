@@ -109,11 +109,11 @@ async def test_a_label_change_restarts_nothing(world: World) -> None:
     assert status.observed_generation == 2
 
 
-async def test_a_resource_change_replaces_the_instance(world: World) -> None:
-    world.write("echo")
+async def test_a_resource_change_of_a_recreate_plugin_replaces_the_instance(world: World) -> None:
+    world.write("echo", extra="  hotSwap: {strategy: Recreate}\n")
     await world.settle("echo")
     first = world.runtime.instances["bh-echo-blue"].id
-    world.write("echo", memory="96Mi")
+    world.write("echo", memory="96Mi", extra="  hotSwap: {strategy: Recreate}\n")
     status = await world.settle("echo")
     assert world.runtime.instances["bh-echo-blue"].id != first
     assert status.observed_generation == 2

@@ -1,0 +1,157 @@
+"""Snapshots of plugins' state in SQLite (WAL) in the controller's data directory.
+
+Each snapshot is what a plugin exported at a swap (or by ``bhctl state
+export``): its bytes with the plugin version, state version, sha256 and
+size, written in one transaction, so a snapshot is either whole or absent.
+The last :data:`KEPT` per plugin are kept. The swap coordinator writes them;
+``bhctl state`` and ``bhctl swap undo`` read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from controller.errors import ControllerError
+
+KEPT = 10
+"""Snapshots kept per plugin."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    plugin_version TEXT NOT NULL,
+    state_version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    taken_at TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_key ON snapshots (key, id);
+"""
+
+
+class SnapshotNotFoundError(ControllerError):
+    """No such snapshot."""
+
+
+class SnapshotDamagedError(ControllerError):
+    """A snapshot's bytes do not match its sha256."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    key: str
+    plugin_version: str
+    state_version: int
+    sha256: str
+    size: int
+    taken_at: datetime
+    reason: str
+    data: bytes = b""
+
+    def to_document(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "plugin": self.key,
+            "pluginVersion": self.plugin_version,
+            "stateVersion": self.state_version,
+            "sha256": self.sha256,
+            "size": self.size,
+            "takenAt": self.taken_at.isoformat(),
+            "reason": self.reason,
+        }
+
+
+class Snapshots:
+    """One SQLite file of snapshots, safe to use from one thread at a time."""
+
+    def __init__(self, path: Path, kept: int = KEPT) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.kept = kept
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def save(
+        self, key: str, plugin_version: str, state_version: int, data: bytes, reason: str
+    ) -> Snapshot:
+        """Keep ``data`` as the newest snapshot of ``key``; drop those past the last N."""
+        digest = hashlib.sha256(data).hexdigest()
+        taken = datetime.now(UTC)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cursor = self._db.execute(
+                "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, "
+                "taken_at, reason, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, plugin_version, state_version, digest, len(data), taken.isoformat(),
+                 reason, data),
+            )  # fmt: skip
+            self._db.execute(
+                "DELETE FROM snapshots WHERE key = ? AND id NOT IN "
+                "(SELECT id FROM snapshots WHERE key = ? ORDER BY id DESC LIMIT ?)",
+                (key, key, self.kept),
+            )
+        return Snapshot(
+            int(cursor.lastrowid or 0), key, plugin_version, state_version, digest, len(data),
+            taken, reason,
+        )  # fmt: skip
+
+    def history(self, key: str) -> list[Snapshot]:
+        """The snapshots of ``key``, oldest first, without their bytes."""
+        rows = self._db.execute(
+            "SELECT id, key, plugin_version, state_version, sha256, size, taken_at, reason "
+            "FROM snapshots WHERE key = ? ORDER BY id",
+            (key,),
+        )
+        return [_snapshot(row) for row in rows]
+
+    def get(
+        self, key: str, ident: int | None = None, *, max_state_version: int | None = None
+    ) -> Snapshot:
+        """A snapshot with its bytes: ``ident``, else the newest (of at most that state version)."""
+        query = (
+            "SELECT id, key, plugin_version, state_version, sha256, size, taken_at, reason, data "
+            "FROM snapshots WHERE key = ?"
+        )
+        arguments: list[object] = [key]
+        if ident is not None:
+            query += " AND id = ?"
+            arguments.append(ident)
+        if max_state_version is not None:
+            query += " AND state_version <= ?"
+            arguments.append(max_state_version)
+        row = self._db.execute(query + " ORDER BY id DESC LIMIT 1", arguments).fetchone()
+        if row is None:
+            which = f"snapshot {ident}" if ident is not None else "snapshot"
+            raise SnapshotNotFoundError(f"{key} has no {which}; see bhctl state history {key}")
+        snapshot = _snapshot(row[:8])
+        data = bytes(row[8])
+        if hashlib.sha256(data).hexdigest() != snapshot.sha256:
+            raise SnapshotDamagedError(f"snapshot {snapshot.id} of {key} does not match its sha256")
+        return Snapshot(**{**snapshot.__dict__, "data": data})
+
+
+def _snapshot(row: tuple[object, ...]) -> Snapshot:
+    return Snapshot(
+        id=int(str(row[0])),
+        key=str(row[1]),
+        plugin_version=str(row[2]),
+        state_version=int(str(row[3])),
+        sha256=str(row[4]),
+        size=int(str(row[5])),
+        taken_at=datetime.fromisoformat(str(row[6])),
+        reason=str(row[7]),
+    )

@@ -1,0 +1,1 @@
+"""Blue/green swaps: a new version brought in beside the old one, with its state."""

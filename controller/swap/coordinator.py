@@ -1,0 +1,535 @@
+"""The blue/green swap of one plugin, advanced one reconcile pass at a time.
+
+A swap begins when the spec of a Ready plugin changes what its instance is
+made of. Its progress lives in the plugin's status (``status.swap``), so a
+controller that dies at any step finds it when it starts again:
+
+1. Starting: the other color starts beside the active one and must become
+   Ready (handshake, health) within ``startupDeadlineSeconds``, then answer
+   the spec's pre-promotion checks; with ``autoPromote: false`` it waits
+   for ``bhctl swap promote``.
+2. Promoting, in one go: the gateway holds the plugin's new calls; the old
+   color drains (its calls in flight reach zero, bounded by
+   ``drainTimeoutSeconds``) and freezes; its state is exported and imported
+   into the new color, which migrates it; the status records the new color
+   as active, in one write; the route flips and the held calls go to the
+   new color. The time calls were held is ``lastSwap.pauseMilliseconds``.
+3. Promoted: the old color is kept, frozen, for ``scaleDownDelaySeconds``;
+   then it is removed and the swap is done.
+
+Any failure rolls back: the route stays on (or returns to) the old color,
+which takes calls again with its state as it was frozen; the new color is
+removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
+``SwapFailedChecks``, ``SwapFailedImport``, ...), and that spec is not tried
+again until it changes. A controller that died while Promoting rolls back
+and tries again; one that died after the flip goes on from Promoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from controller.errors import ControllerError, IncompatiblePluginError
+from controller.protocol import client
+from controller.runtimes import base
+from controller.spec import models
+from controller.state import snapshots as snapshots_module
+
+log = logging.getLogger(__name__)
+
+CRASH_AT_VARIABLE = "BLACKHOLE_SWAP_CRASH_AT"
+"""Fault injection for tests: the controller SIGKILLs itself when a swap reaches this point."""
+STATE_TIMEOUT = 60.0
+"""Longest an export or import of state may take, in seconds."""
+FIRST_PROBE = 0.02
+LONGEST_PROBE = 1.0
+
+
+class Plugins(Protocol):
+    """The plugin protocol calls a swap makes (:class:`~controller.protocol.client.Clients`)."""
+
+    async def handshake(
+        self, endpoint: str, want: base.InstanceSpec, timeout: float
+    ) -> client.Handshake: ...
+
+    async def healthy(self, endpoint: str, timeout: float) -> bool: ...
+
+    async def call(self, endpoint: str, method: str, payload: bytes, timeout: float) -> bytes: ...
+
+    async def export_state(self, endpoint: str, timeout: float) -> client.State: ...
+
+    async def import_state(
+        self, endpoint: str, state: client.State, timeout: float
+    ) -> client.State: ...
+
+    async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int: ...
+
+
+class Routes(Protocol):
+    """The gateway's routes, as a swap moves them (:class:`~controller.gateway.router.Router`)."""
+
+    def set_route(
+        self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
+    ) -> None: ...
+
+    def hold(self, key: str) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+    async def wait_idle(self, endpoint: str, timeout: float) -> int: ...
+
+
+class Context(Protocol):
+    """One reconcile pass, as the swap sees it."""
+
+    key: str
+    spec: models.PluginSpec
+    status: models.PluginStatus
+    observed: list[base.Instance]
+    now: float
+
+    @property
+    def runtime(self) -> base.Runtime: ...
+
+    @property
+    def plugins(self) -> Plugins: ...
+
+    @property
+    def routes(self) -> Routes: ...
+
+    @property
+    def snapshots(self) -> snapshots_module.Snapshots | None: ...
+
+    def want_for(self, color: models.Color) -> base.InstanceSpec: ...
+
+    def instance_status(self, color: models.Color) -> models.InstanceStatus: ...
+
+    async def event(self, type: Any, reason: str, message: str) -> None: ...
+
+    def set_conditions(
+        self,
+        phase: models.Phase,
+        *,
+        ready: tuple[Any, str, str],
+        progressing: tuple[str, str] | None = None,
+        degraded: bool = False,
+        reason: str | None = None,
+    ) -> None: ...
+
+    async def persist(self) -> None: ...
+
+    async def remove(self, instance: base.Instance) -> None: ...
+
+    async def last_logs(self, name: str) -> str: ...
+
+
+class SwapFailure(Exception):
+    """A step failed: the swap rolls back with this CamelCase reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _checkpoint(point: str) -> None:
+    if os.environ.get(CRASH_AT_VARIABLE) == point:
+        log.warning("%s=%s: killing the controller here", CRASH_AT_VARIABLE, point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def other(color: models.Color) -> models.Color:
+    return models.Color.GREEN if color is models.Color.BLUE else models.Color.BLUE
+
+
+def _matches(answer: Any, expect: Any) -> bool:
+    if isinstance(expect, dict):
+        return isinstance(answer, dict) and all(
+            k in answer and _matches(answer[k], v) for k, v in expect.items()
+        )
+    return bool(answer == expect)
+
+
+class Coordinator:
+    """Begins and advances the swap of the plugin of one pass."""
+
+    def __init__(self, context: Context) -> None:
+        self.c = context
+        self.probe_delay: dict[str, float] = {}
+
+    # Beginning.
+
+    async def begin(self, current: base.Instance) -> tuple[float | None, str]:
+        """Start the other color beside ``current``; the requeue delay and what happened."""
+        c = self.c
+        target = other(current.color)
+        want = c.want_for(target)
+        for stale in c.observed:
+            if stale.color is target:
+                await c.remove(stale)
+        c.status.swap = models.SwapProgress(
+            step=models.SwapStep.STARTING,
+            from_color=current.color,
+            to_color=target,
+            from_version=current.version,
+            to_version=str(c.spec.version),
+            to_hash=want.spec_hash,
+            started=datetime.fromtimestamp(c.now, UTC),
+        )
+        await c.runtime.start(want)
+        record = c.instance_status(target)
+        record.version, record.state, record.ready = str(c.spec.version), "running", False
+        record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
+        message = (
+            f"swapping {current.version} -> {c.spec.version}: started {want.name} beside "
+            f"{current.name}"
+        )
+        await c.event("Normal", "SwapStarted", message)
+        self._swapping("SwapStarting", message)
+        return FIRST_PROBE, message
+
+    # Advancing.
+
+    async def advance(self, request: str | None) -> float | None:
+        """One step of the swap in progress; the requeue delay (None: none needed)."""
+        c = self.c
+        progress = c.status.swap
+        assert progress is not None
+        old = self._instance(progress.from_color)
+        new = self._instance(progress.to_color)
+        try:
+            if progress.step is models.SwapStep.PROMOTED:
+                return await self._promoted(progress, old, new, request)
+            if progress.step is models.SwapStep.PROMOTING:
+                raise SwapFailure(
+                    "SwapInterrupted",
+                    "the controller stopped while calls were held; the old color serves again "
+                    "and the swap starts over",
+                )
+            if request == "abort":
+                raise SwapFailure("SwapAborted", "aborted by bhctl swap abort")
+            if progress.to_hash != c.want_for(progress.to_color).spec_hash:
+                raise SwapFailure(
+                    "SwapSuperseded",
+                    f"the spec changed again during the swap to {progress.to_version}",
+                )
+            if old is None or old.state is not base.InstanceState.RUNNING:
+                raise SwapFailure(
+                    "SwapSourceLost",
+                    f"the {progress.from_color.value} instance stopped during the swap",
+                )
+            if new is None or new.state is base.InstanceState.CREATED:
+                if new is not None:
+                    await c.remove(new)
+                await c.runtime.start(c.want_for(progress.to_color))
+                return FIRST_PROBE
+            if new.state is not base.InstanceState.RUNNING:
+                lines = await c.last_logs(new.name)
+                how = f"exit code {new.exit_code}" + (" (OOM killed)" if new.oom_killed else "")
+                raise SwapFailure(
+                    "SwapFailedCrashed",
+                    f"{new.name} exited before promotion ({how}); last log lines:\n{lines}",
+                )
+            if not await self._ready(progress, new):
+                waited = c.now - progress.started.timestamp()
+                deadline = c.spec.health.startup_deadline_seconds
+                if waited > deadline:
+                    raise SwapFailure(
+                        "SwapFailedNotReady",
+                        f"{new.name} was not Ready within startupDeadlineSeconds ({deadline}s)",
+                    )
+                delay = self.probe_delay.get(new.name, FIRST_PROBE)
+                self.probe_delay[new.name] = min(LONGEST_PROBE, delay * 1.5)
+                self._swapping("SwapStarting", f"waiting for {new.name} to be Ready")
+                return delay
+            c.instance_status(progress.to_color).ready = True
+            await self._checks(new)
+            if not c.spec.hot_swap.auto_promote and request != "promote":
+                if progress.step is not models.SwapStep.AWAITING_PROMOTION:
+                    progress.step = models.SwapStep.AWAITING_PROMOTION
+                    await c.event(
+                        "Normal",
+                        "SwapAwaitingPromotion",
+                        f"{new.name} ({progress.to_version}) is Ready and passed its checks; "
+                        f"promote it with bhctl swap promote {c.key}",
+                    )
+                self._swapping("SwapAwaitingPromotion", f"{new.name} waits for bhctl swap promote")
+                return float(c.spec.health.period_seconds)
+            return await self._promote(progress, old, new)
+        except SwapFailure as failure:
+            return await self._roll_back(progress, old, new, failure)
+
+    def _instance(self, color: models.Color) -> base.Instance | None:
+        return next((i for i in self.c.observed if i.color is color), None)
+
+    async def _ready(self, progress: models.SwapProgress, new: base.Instance) -> bool:
+        c = self.c
+        timeout = float(c.spec.health.timeout_seconds)
+        if not await c.runtime.ready(new, timeout):
+            return False
+        endpoint = c.runtime.endpoint(new)
+        try:
+            handshake = await c.plugins.handshake(endpoint, c.want_for(progress.to_color), timeout)
+        except IncompatiblePluginError as e:
+            raise SwapFailure("SwapFailedHandshake", str(e)) from None
+        except ControllerError:
+            return False
+        expected = c.spec.state.version if c.spec.state else 0
+        if handshake.state_version != expected:
+            raise SwapFailure(
+                "SwapFailedHandshake",
+                f"{new.name} reads and writes state version {handshake.state_version}, but "
+                f"spec.state.version is {expected or 'not set (no state)'}",
+            )
+        return await c.plugins.healthy(endpoint, timeout)
+
+    async def _checks(self, new: base.Instance) -> None:
+        c = self.c
+        endpoint = c.runtime.endpoint(new)
+        timeout = float(c.spec.gateway.timeout_seconds)
+        for index, check in enumerate(c.spec.hot_swap.checks):
+            where = f"spec.hotSwap.checks[{index}] ({check.method})"
+            payload = b"" if check.payload is None else json.dumps(check.payload).encode()
+            try:
+                raw = await c.plugins.call(endpoint, check.method, payload, timeout)
+                answer = json.loads(raw) if raw else None
+            except (ControllerError, ValueError) as e:
+                raise SwapFailure("SwapFailedChecks", f"{where} failed: {e}") from None
+            if check.expect is not None and not _matches(answer, check.expect):
+                raise SwapFailure(
+                    "SwapFailedChecks",
+                    f"{where} answered {json.dumps(answer)[:500]}, "
+                    f"expected {json.dumps(check.expect)}",
+                )
+
+    # Promoting: the pause.
+
+    async def _promote(
+        self, progress: models.SwapProgress, old: base.Instance, new: base.Instance
+    ) -> float | None:
+        c = self.c
+        swap = c.spec.hot_swap
+        old_endpoint, new_endpoint = c.runtime.endpoint(old), c.runtime.endpoint(new)
+        progress.step = models.SwapStep.PROMOTING
+        await c.persist()
+        _checkpoint("promoting")
+        state: client.State | None = None
+        started = time.monotonic()
+        c.routes.hold(c.key)
+        try:
+            left = await c.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
+            if left:
+                raise SwapFailure(
+                    "SwapFailedDrain",
+                    f"{left} call(s) still in flight on {old.name} after drainTimeoutSeconds "
+                    f"({swap.drain_timeout_seconds}s)",
+                )
+            try:
+                await c.plugins.drain(old_endpoint, float(swap.drain_timeout_seconds))
+            except ControllerError as e:
+                raise SwapFailure("SwapFailedDrain", f"{old.name} did not drain: {e}") from None
+            _checkpoint("drained")
+            if c.spec.state is not None:
+                try:
+                    state = await c.plugins.export_state(old_endpoint, STATE_TIMEOUT)
+                except ControllerError as e:
+                    raise SwapFailure("SwapFailedExport", f"{old.name}: {e}") from None
+                _checkpoint("exported")
+                try:
+                    await c.plugins.import_state(new_endpoint, state, STATE_TIMEOUT)
+                except ControllerError as e:
+                    raise SwapFailure("SwapFailedImport", f"{new.name}: {e}") from None
+                _checkpoint("imported")
+            held = (time.monotonic() - started) * 1000
+            if held > swap.max_pause_milliseconds:
+                raise SwapFailure(
+                    "SwapFailedPause",
+                    f"calls were held {held:.0f} ms, over maxPauseMilliseconds "
+                    f"({swap.max_pause_milliseconds})",
+                )
+            progress.step = models.SwapStep.PROMOTED
+            progress.promoted = datetime.fromtimestamp(c.now, UTC)
+            c.status.active_color = progress.to_color
+            c.status.active_version = progress.to_version
+            await c.persist()
+            _checkpoint("flipped")
+            c.routes.set_route(c.key, new_endpoint, new.name, c.spec)
+        except SwapFailure:
+            await self._resume(old_endpoint)
+            c.routes.release(c.key)
+            raise
+        c.routes.release(c.key)
+        pause = (time.monotonic() - started) * 1000
+        c.status.last_swap = models.SwapStatus(
+            from_version=progress.from_version,
+            to_version=progress.to_version,
+            pause_milliseconds=round(pause, 3),
+            result="InProgress",
+            to_hash=progress.to_hash,
+        )
+        if state is not None and c.snapshots is not None:
+            await asyncio.to_thread(
+                c.snapshots.save, c.key, progress.from_version, state.version, state.data, "swap"
+            )
+        await c.event(
+            "Normal",
+            "SwapPromoted",
+            f"{new.name} ({progress.to_version}) serves; calls were held {pause:.1f} ms"
+            + (f"; {len(state.data)} bytes of state moved" if state is not None else "")
+            + f"; {old.name} is kept {swap.scale_down_delay_seconds}s for rollback",
+        )
+        self._swapping(
+            "SwapPromoted", f"{old.name} is kept for rollback until the scale-down delay passes"
+        )
+        return min(float(c.spec.health.period_seconds), float(swap.scale_down_delay_seconds))
+
+    async def _resume(self, endpoint: str) -> None:
+        try:
+            await self.c.plugins.drain(endpoint, 5.0, resume=True)
+        except ControllerError as e:
+            log.warning("%s: could not tell %s to take calls again: %s", self.c.key, endpoint, e)
+
+    # Promoted: the scale-down window.
+
+    async def _promoted(
+        self,
+        progress: models.SwapProgress,
+        old: base.Instance | None,
+        new: base.Instance | None,
+        request: str | None,
+    ) -> float | None:
+        c = self.c
+        if new is None or new.state is not base.InstanceState.RUNNING:
+            raise SwapFailure(
+                "SwapFailedAfterPromotion",
+                f"the {progress.to_color.value} instance stopped within the scale-down window",
+            )
+        if request in ("abort", "undo"):
+            raise SwapFailure("SwapAborted", f"rolled back by bhctl swap {request}")
+        endpoint = c.runtime.endpoint(new)
+        if not await c.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds)):
+            raise SwapFailure(
+                "SwapFailedAfterPromotion", f"{new.name} failed its health check after promotion"
+            )
+        c.routes.set_route(c.key, endpoint, new.name, c.spec)
+        assert progress.promoted is not None
+        kept = c.now - progress.promoted.timestamp()
+        window = float(c.spec.hot_swap.scale_down_delay_seconds)
+        changed = progress.to_hash != c.want_for(progress.to_color).spec_hash
+        if kept < window and not changed:
+            return min(float(c.spec.health.period_seconds), window - kept)
+        if old is not None:
+            await c.remove(old)
+        c.status.instances = [i for i in c.status.instances if i.color is progress.to_color]
+        c.status.swap = None
+        if c.status.last_swap is not None:
+            c.status.last_swap.result = "Promoted"
+            c.status.last_swap.time = datetime.now(UTC)
+        await c.event(
+            "Normal",
+            "SwapCompleted",
+            f"swap to {progress.to_version} done; removed the {progress.from_color.value} instance",
+        )
+        c.set_conditions(
+            models.Phase.RUNNING,
+            ready=("True", "InstanceReady", f"{new.name} answers its health check"),
+        )
+        return 0.0 if changed else float(c.spec.health.period_seconds)
+
+    # Rolling back.
+
+    async def _roll_back(
+        self,
+        progress: models.SwapProgress,
+        old: base.Instance | None,
+        new: base.Instance | None,
+        failure: SwapFailure,
+    ) -> float | None:
+        c = self.c
+        message = str(failure)
+        promoted = progress.step is models.SwapStep.PROMOTED
+        old_alive = old is not None and old.state is base.InstanceState.RUNNING
+        c.routes.hold(c.key)
+        try:
+            if promoted and old_alive and old is not None:
+                message += await self._return_state(old, new)
+            if old_alive and old is not None:
+                old_endpoint = c.runtime.endpoint(old)
+                await self._resume(old_endpoint)
+                c.routes.set_route(c.key, old_endpoint, old.name, c.spec)
+            c.status.active_color = progress.from_color
+            c.status.active_version = progress.from_version
+        finally:
+            c.routes.release(c.key)
+        if new is not None:
+            await c.remove(new)
+        c.status.instances = [i for i in c.status.instances if i.color is progress.from_color]
+        c.status.swap = None
+        quiet = failure.reason in ("SwapInterrupted", "SwapSuperseded", "SwapSourceLost")
+        aborted = failure.reason == "SwapAborted"
+        c.status.last_swap = models.SwapStatus(
+            from_version=progress.from_version,
+            to_version=progress.to_version,
+            pause_milliseconds=c.status.last_swap.pause_milliseconds
+            if promoted and c.status.last_swap
+            else None,
+            result="Aborted" if aborted else "RolledBack",
+            reason=failure.reason,
+            to_hash=None if quiet else progress.to_hash,
+            time=datetime.now(UTC),
+        )
+        await c.event(
+            "Normal" if quiet else "Warning",
+            failure.reason,
+            f"swap {progress.from_version} -> {progress.to_version} rolled back: {message}",
+        )
+        await c.persist()
+        if quiet:
+            return 0.0  # the next pass starts over from what runs
+        serving = f"{old.name} serves" if old_alive and old is not None else "nothing serves"
+        c.set_conditions(
+            models.Phase.DEGRADED,
+            ready=(
+                "True" if old_alive else "False",
+                failure.reason,
+                f"swap to {progress.to_version} rolled back: {message}; {serving}",
+            ),
+            degraded=True,
+        )
+        return float(c.spec.health.period_seconds)
+
+    async def _return_state(self, old: base.Instance, new: base.Instance | None) -> str:
+        """After promotion: hand what the new color wrote back to the old one, if it can.
+
+        Called with the plugin's calls held.
+        """
+        c = self.c
+        if c.spec.state is None:
+            return ""
+        if new is None or new.state is not base.InstanceState.RUNNING:
+            return "; the new color is gone: the old one serves the state frozen at the swap"
+        new_endpoint = c.runtime.endpoint(new)
+        try:
+            await c.routes.wait_idle(new_endpoint, float(c.spec.hot_swap.drain_timeout_seconds))
+            state = await c.plugins.export_state(new_endpoint, STATE_TIMEOUT)
+            await c.plugins.import_state(c.runtime.endpoint(old), state, STATE_TIMEOUT)
+        except ControllerError as e:
+            return (
+                f"; the new color's state could not be handed back ({e}): the old one serves "
+                "the state frozen at the swap"
+            )
+        return "; the new color's state was handed back to the old one"
+
+    def _swapping(self, reason: str, message: str) -> None:
+        c = self.c
+        c.set_conditions(
+            models.Phase.SWAPPING,
+            ready=("True", "InstanceReady", "the active color serves while the swap goes on"),
+            progressing=(reason, message),
+        )

@@ -1,0 +1,166 @@
+"""Blue/green swaps on the in-memory runtime: promotion, every rollback, requests, interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controller.reconcile import conditions
+from controller.spec import models
+from controller.state import snapshots
+
+from .test_reconciler import World
+
+STATEFUL = "  state: {{version: {state}}}\n  hotSwap: {{scaleDownDelaySeconds: 30{swap}}}\n"
+
+
+def write(world: World, version: str, state: int = 1, swap: str = "") -> None:
+    world.write("kv", version=version, extra=STATEFUL.format(state=state, swap=swap))
+
+
+@pytest.fixture
+def kv(tmp_path: Path) -> World:
+    world = World(tmp_path)
+    world.reconciler.snapshots = snapshots.Snapshots(tmp_path / "data" / "snapshots.db")
+    write(world, "1.0.0")
+    return world
+
+
+async def ready_on_blue(world: World) -> None:
+    status = await world.settle("kv")
+    assert conditions.is_true(status.conditions, "Ready")
+    world.plugins.states["bh-kv-blue"] = b'{"a": 1}'
+
+
+async def test_a_new_version_takes_over_with_the_state_and_the_old_goes_later(kv: World) -> None:
+    await ready_on_blue(kv)
+    write(kv, "1.1.0")
+    status = await kv.settle("kv")
+    assert status.active_color is models.Color.GREEN
+    assert status.active_version == "1.1.0"
+    assert status.swap is not None
+    assert status.swap.step is models.SwapStep.PROMOTED
+    assert status.last_swap is not None
+    assert status.last_swap.pause_milliseconds is not None
+    assert kv.plugins.states["bh-kv-green"] == b'{"a": 1}', "the state moved"
+    assert "bh-kv-blue" in kv.plugins.draining, "the old color is frozen, not changed"
+    assert set(kv.runtime.instances) == {"bh-kv-blue", "bh-kv-green"}, "kept for rollback"
+    [snapshot] = kv.reconciler.snapshots.history("kv")  # type: ignore[union-attr]
+    assert (snapshot.plugin_version, snapshot.reason) == ("1.0.0", "swap")
+
+    kv.clock.offset += 31
+    status = await kv.settle("kv")
+    assert set(kv.runtime.instances) == {"bh-kv-green"}
+    assert status.swap is None
+    assert status.phase is models.Phase.RUNNING
+    assert status.last_swap is not None
+    assert status.last_swap.result == "Promoted"
+    assert [i.color for i in status.instances] == [models.Color.GREEN]
+    reasons = [e.reason for e in kv.store.events("kv")]
+    assert reasons[-3:] == ["SwapStarted", "SwapPromoted", "SwapCompleted"]
+
+
+async def test_a_failed_import_rolls_back_and_is_not_tried_again(kv: World) -> None:
+    await ready_on_blue(kv)
+    kv.plugins.failing["bh-kv-green"] = "import_state"
+    write(kv, "1.1.0")
+    status = await kv.settle("kv")
+    assert set(kv.runtime.instances) == {"bh-kv-blue"}
+    assert status.active_color is models.Color.BLUE
+    assert status.phase is models.Phase.DEGRADED
+    degraded = conditions.find(status.conditions, "Degraded")
+    assert degraded is not None
+    assert degraded.reason == "SwapFailedImport"
+    assert conditions.is_true(status.conditions, "Ready"), "the old color still serves"
+    assert "bh-kv-blue" not in kv.plugins.draining, "it takes calls again"
+    assert kv.plugins.states["bh-kv-blue"] == b'{"a": 1}'
+    starts = kv.runtime.calls["start"]
+    await kv.settle("kv")
+    assert kv.runtime.calls["start"] == starts, "the same spec is not swapped to again"
+    write(kv, "1.1.1")
+    kv.plugins.failing.clear()
+    status = await kv.settle("kv")
+    assert status.active_version == "1.1.1", "a new spec is tried"
+
+
+async def test_a_new_color_that_never_gets_ready_rolls_back(kv: World) -> None:
+    await ready_on_blue(kv)
+    kv.runtime.unready.add("bh-kv-green")
+    write(kv, "1.1.0")
+    await kv.settle("kv")
+    kv.clock.offset += 31
+    status = await kv.settle("kv")
+    degraded = conditions.find(status.conditions, "Degraded")
+    assert degraded is not None
+    assert degraded.reason == "SwapFailedNotReady"
+    assert set(kv.runtime.instances) == {"bh-kv-blue"}
+
+
+async def test_a_crash_after_promotion_returns_to_the_old_color(kv: World) -> None:
+    await ready_on_blue(kv)
+    write(kv, "1.1.0")
+    await kv.settle("kv")
+    kv.runtime.crash("bh-kv-green", 1)
+    status = await kv.settle("kv")
+    assert status.active_color is models.Color.BLUE
+    assert set(kv.runtime.instances) == {"bh-kv-blue"}
+    degraded = conditions.find(status.conditions, "Degraded")
+    assert degraded is not None
+    assert degraded.reason == "SwapFailedAfterPromotion"
+    assert kv.plugins.states["bh-kv-blue"] == b'{"a": 1}', "the frozen state serves again"
+
+
+async def test_checks_and_manual_promotion(kv: World) -> None:
+    await ready_on_blue(kv)
+    check = ', autoPromote: false, checks: [{method: echo, payload: {x: 1}, expect: {x: 1}}]'
+    write(kv, "1.1.0", swap=check)
+    status = await kv.settle("kv")
+    assert status.swap is not None
+    assert status.swap.step is models.SwapStep.AWAITING_PROMOTION
+    assert status.active_color is models.Color.BLUE
+    kv.reconciler.request("kv", "promote")
+    status = await kv.settle("kv", passes=1)
+    assert status.active_color is models.Color.GREEN
+
+    bad = ', checks: [{method: echo, payload: {x: 1}, expect: {x: 2}}]'
+    write(kv, "1.2.0", swap=bad)
+    kv.clock.offset += 31
+    status = await kv.settle("kv")
+    degraded = conditions.find(status.conditions, "Degraded")
+    assert degraded is not None
+    assert degraded.reason == "SwapFailedChecks"
+    assert 'expected {"x": 2}' in degraded.message
+    assert status.active_color is models.Color.GREEN
+
+
+async def test_abort_puts_the_old_color_back(kv: World) -> None:
+    await ready_on_blue(kv)
+    write(kv, "1.1.0", swap=", autoPromote: false")
+    await kv.settle("kv")
+    kv.reconciler.request("kv", "abort")
+    status = await kv.settle("kv", passes=1)
+    assert status.last_swap is not None
+    assert (status.last_swap.result, status.last_swap.reason) == ("Aborted", "SwapAborted")
+    assert set(kv.runtime.instances) == {"bh-kv-blue"}
+
+
+async def test_a_swap_cut_short_while_promoting_starts_over(kv: World) -> None:
+    await ready_on_blue(kv)
+    write(kv, "1.1.0", swap=", autoPromote: false")
+    status = await kv.settle("kv")
+    assert status.swap is not None
+    # As a controller killed with calls held would have left it:
+    status.swap.step = models.SwapStep.PROMOTING
+    kv.store.put_status("kv", status)
+    kv.plugins.draining.add("bh-kv-blue")
+    status = await kv.settle("kv", passes=1)
+    assert status.swap is None
+    assert "bh-kv-blue" not in kv.plugins.draining
+    assert set(kv.runtime.instances) == {"bh-kv-blue"}
+    assert status.last_swap is not None
+    assert status.last_swap.reason == "SwapInterrupted"
+    status = await kv.settle("kv")
+    assert status.swap is not None, "and it begins again"
+    assert json.loads(kv.plugins.states["bh-kv-blue"]) == {"a": 1}
