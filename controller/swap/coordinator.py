@@ -357,6 +357,12 @@ class Coordinator:
             progress.promoted = datetime.fromtimestamp(c.now, UTC)
             c.status.active_color = progress.to_color
             c.status.active_version = progress.to_version
+            c.status.last_swap = models.SwapStatus(
+                from_version=progress.from_version,
+                to_version=progress.to_version,
+                result="InProgress",
+                to_hash=progress.to_hash,
+            )
             await c.persist()
             _checkpoint("flipped")
             c.routes.set_route(c.key, new_endpoint, new.name, c.spec)
@@ -366,13 +372,7 @@ class Coordinator:
             raise
         c.routes.release(c.key)
         pause = (time.monotonic() - started) * 1000
-        c.status.last_swap = models.SwapStatus(
-            from_version=progress.from_version,
-            to_version=progress.to_version,
-            pause_milliseconds=round(pause, 3),
-            result="InProgress",
-            to_hash=progress.to_hash,
-        )
+        c.status.last_swap.pause_milliseconds = round(pause, 3)
         if state is not None and c.snapshots is not None:
             await asyncio.to_thread(
                 c.snapshots.save, c.key, progress.from_version, state.version, state.data, "swap"

@@ -192,7 +192,7 @@ class ControllerProcess:
         self.log = self.root / "controller.log"
         self.admin = admin_client.AdminClient(self.data / "admin.sock", timeout=30)
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         command = [
             str(BHCTL), "run", "--specs", str(self.specs), "--runtime", str(self.engine.kind),
             "--data-dir", str(self.data), "--controller-id", self.controller_id,
@@ -200,7 +200,9 @@ class ControllerProcess:
             "--gateway-grpc-addr", "127.0.0.1:0", *self.extra_args,
         ]  # fmt: skip
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         wait_for(self._answers, what=f"the controller to answer (log: {self.log})")
 
     def _answers(self) -> bool:

@@ -114,7 +114,7 @@ async def test_a_crash_after_promotion_returns_to_the_old_color(kv: World) -> No
 
 async def test_checks_and_manual_promotion(kv: World) -> None:
     await ready_on_blue(kv)
-    check = ', autoPromote: false, checks: [{method: echo, payload: {x: 1}, expect: {x: 1}}]'
+    check = ", autoPromote: false, checks: [{method: echo, payload: {x: 1}, expect: {x: 1}}]"
     write(kv, "1.1.0", swap=check)
     status = await kv.settle("kv")
     assert status.swap is not None
@@ -124,7 +124,7 @@ async def test_checks_and_manual_promotion(kv: World) -> None:
     status = await kv.settle("kv", passes=1)
     assert status.active_color is models.Color.GREEN
 
-    bad = ', checks: [{method: echo, payload: {x: 1}, expect: {x: 2}}]'
+    bad = ", checks: [{method: echo, payload: {x: 1}, expect: {x: 2}}]"
     write(kv, "1.2.0", swap=bad)
     kv.clock.offset += 31
     status = await kv.settle("kv")

@@ -6,7 +6,9 @@ state), ``crash`` (the process dies in the middle of the call), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
 and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
 another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
-MODE=mute: run, but never listen (never Ready).
+MODE=mute: run, but never listen (never Ready). STATE_VERSION: the state
+version it declares (default 0: none); CRASH_AFTER_IMPORT=S: exit 3 S seconds
+after importing state; FAIL=import: refuse every import.
 """
 
 import asyncio
@@ -60,7 +62,13 @@ class TestPlugin(Plugin):
         return json.dumps(self.data, sort_keys=True).encode()
 
     def import_state(self, state: bytes) -> None:
+        if os.environ.get("FAIL") == "import":
+            raise PluginError("this build cannot read that state (FAIL=import)")
         self.data = json.loads(state) if state else {}
+        crash_after = os.environ.get("CRASH_AFTER_IMPORT")
+        if crash_after:
+            print(f"crashing {crash_after}s after this import", file=sys.stderr, flush=True)
+            asyncio.get_running_loop().call_later(float(crash_after), os._exit, 3)
 
 
 def _connect(target: dict[str, Any]) -> str:
