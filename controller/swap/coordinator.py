@@ -320,6 +320,7 @@ class Coordinator:
         await c.persist()
         _checkpoint("promoting")
         state: client.State | None = None
+        note = ""
         started = time.monotonic()
         c.routes.hold(c.key)
         try:
@@ -341,8 +342,11 @@ class Coordinator:
                 except ControllerError as e:
                     raise SwapFailure("SwapFailedExport", f"{old.name}: {e}") from None
                 _checkpoint("exported")
+                handed = state
+                if state.version > c.spec.state.version:
+                    handed, note = await self._older_state(state, c.spec.state.version)
                 try:
-                    await c.plugins.import_state(new_endpoint, state, STATE_TIMEOUT)
+                    await c.plugins.import_state(new_endpoint, handed, STATE_TIMEOUT)
                 except ControllerError as e:
                     raise SwapFailure("SwapFailedImport", f"{new.name}: {e}") from None
                 _checkpoint("imported")
@@ -382,12 +386,39 @@ class Coordinator:
             "SwapPromoted",
             f"{new.name} ({progress.to_version}) serves; calls were held {pause:.1f} ms"
             + (f"; {len(state.data)} bytes of state moved" if state is not None else "")
+            + note
             + f"; {old.name} is kept {swap.scale_down_delay_seconds}s for rollback",
         )
         self._swapping(
             "SwapPromoted", f"{old.name} is kept for rollback until the scale-down delay passes"
         )
         return min(float(c.spec.health.period_seconds), float(swap.scale_down_delay_seconds))
+
+    async def _older_state(self, state: client.State, version: int) -> tuple[client.State, str]:
+        """Going back to an older state version: the newest snapshot it can read.
+
+        State cannot be migrated backwards; what was written since that
+        snapshot is not carried back (it stays in the snapshot of this swap).
+        """
+        c = self.c
+        if c.snapshots is None:
+            raise SwapFailure(
+                "SwapFailedImport", "no state store to go back to an older state from"
+            )
+        try:
+            snapshot = await asyncio.to_thread(c.snapshots.get, c.key, max_state_version=version)
+        except ControllerError as e:
+            raise SwapFailure(
+                "SwapFailedImport",
+                f"state version {state.version} cannot go back to version {version}, and "
+                f"there is no snapshot of version {version} or older: {e}",
+            ) from None
+        note = (
+            f"; state version {state.version} cannot go back to {version}: the state is "
+            f"snapshot {snapshot.id} ({snapshot.plugin_version}, "
+            f"taken {snapshot.taken_at:%Y-%m-%d %H:%M:%S}Z)"
+        )
+        return client.State(snapshot.state_version, snapshot.data, snapshot.sha256), note
 
     async def _resume(self, endpoint: str) -> None:
         try:

@@ -164,3 +164,20 @@ async def test_a_swap_cut_short_while_promoting_starts_over(kv: World) -> None:
     status = await kv.settle("kv")
     assert status.swap is not None, "and it begins again"
     assert json.loads(kv.plugins.states["bh-kv-blue"]) == {"a": 1}
+
+
+async def test_going_back_to_an_older_state_version_takes_the_newest_snapshot_it_reads(
+    kv: World,
+) -> None:
+    await ready_on_blue(kv)  # 1.0.0, state version 1: {"a": 1}
+    write(kv, "2.0.0", state=2)
+    await kv.settle("kv")
+    kv.plugins.states["bh-kv-green"] = b'{"a": 1, "written-by": 2}'
+    kv.clock.offset += 31
+    await kv.settle("kv")
+    write(kv, "1.0.0", state=1)  # back, e.g. after 2.0.0 misbehaved
+    status = await kv.settle("kv")
+    assert status.active_version == "1.0.0"
+    assert kv.plugins.states[f"bh-kv-{status.active_color}"] == b'{"a": 1}'
+    promoted = [e for e in kv.store.events("kv") if e.reason == "SwapPromoted"][-1]
+    assert "cannot go back to 1: the state is snapshot 1 (1.0.0" in promoted.message
