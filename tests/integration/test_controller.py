@@ -25,7 +25,11 @@ MI = 2**20
 
 
 def inspect(controller: ControllerProcess, plugin: str) -> dict[str, Any]:
-    name = base.instance_name(plugin, models.Color.BLUE, None, controller.controller_id)
+    """The engine's view of the plugin's one instance (whichever its color)."""
+    names = [
+        base.instance_name(plugin, color, None, controller.controller_id) for color in models.Color
+    ]
+    [name] = [n for n in names if n in controller.containers()]
     return dict(controller.engine.client.api.inspect_container(name))
 
 
@@ -103,27 +107,32 @@ def test_three_specs_become_three_isolated_ready_instances(controller, host_root
 
 
 def test_spec_edits_are_followed_and_deletions_clean_up(controller):
+    swap = "  hotSwap: {scaleDownDelaySeconds: 0}\n"
     controller.write(
-        "alpha", "  resources: {memory: 64Mi}\n  volumes: [{name: data, mountPath: /data}]\n"
+        "alpha", "  resources: {memory: 64Mi}\n  volumes: [{name: data, mountPath: /data}]\n" + swap
     )
     controller.start()
     wait_for(lambda: controller.ready("alpha"), what="alpha Ready")
     assert controller.status("alpha")["observedGeneration"] == 1
     first = inspect(controller, "alpha")["Id"]
     controller.write(
-        "alpha", "  resources: {memory: 96Mi}\n  volumes: [{name: data, mountPath: /data}]\n"
+        "alpha", "  resources: {memory: 96Mi}\n  volumes: [{name: data, mountPath: /data}]\n" + swap
     )
     wait_for(
         lambda: (
-            controller.status("alpha").get("observedGeneration") == 2 and controller.ready("alpha")
+            controller.status("alpha").get("observedGeneration") == 2
+            and controller.ready("alpha")
+            and (controller.status("alpha").get("lastSwap") or {}).get("result") == "Promoted"
+            and len(controller.containers()) == 1
         ),
-        what="generation 2 Ready",
+        what="generation 2 swapped in",
     )
     attrs = inspect(controller, "alpha")
-    assert attrs["Id"] != first, "a resource change replaces the instance"
+    assert attrs["Id"] != first, "a resource change brings in a new instance, blue/green"
+    assert attrs["Name"].endswith("alpha-green")
     assert attrs["HostConfig"]["Memory"] == 96 * MI
     events = controller.admin.get("alpha")["events"]
-    assert "Replaced" in [e["reason"] for e in events]
+    assert {"SwapStarted", "SwapPromoted", "SwapCompleted"} <= {e["reason"] for e in events}
 
     volume = {m["Destination"]: m for m in attrs["Mounts"]}["/data"]["Name"]
     (controller.specs / "alpha.yaml").unlink()
