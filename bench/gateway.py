@@ -66,7 +66,7 @@ async def controller(root: Path) -> AsyncIterator[tuple[str, str, str]]:
     command = [
         str(bhctl), "run", "--specs", str(specs), "--data-dir", str(data),
         "--controller-id", ident, "--gateway-addr", "127.0.0.1:0",
-        "--gateway-grpc-addr", "127.0.0.1:0", "--log-level", "warning",
+        "--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "", "--log-level", "warning",
     ]  # fmt: skip
     log = (root / "controller.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -78,7 +78,7 @@ async def controller(root: Path) -> AsyncIterator[tuple[str, str, str]]:
                 log_path = root / "controller.log"
                 raise SystemExit(f"the controller did not get echo Ready; see {log_path}")
             await asyncio.sleep(0.1)
-        gateway = json.loads((data / "gateway.json").read_text())
+        gateway = json.loads((data / "addresses.json").read_text())
         instance = base.instance_name("echo", models.Color.BLUE, None, ident)
         direct = f"unix:{data / 'instances' / instance / base.SOCKET_NAME}"
         yield direct, gateway["http"], gateway["grpc"]

@@ -124,14 +124,14 @@ async def controller(root: Path) -> AsyncIterator[tuple[Path, admin_client.Admin
     command = [
         str(bhctl), "run", "--specs", str(specs), "--data-dir", str(data),
         "--controller-id", ident, "--gateway-addr", "127.0.0.1:0",
-        "--gateway-grpc-addr", "", "--log-level", "warning",
+        "--gateway-grpc-addr", "", "--metrics-addr", "", "--log-level", "warning",
     ]  # fmt: skip
     log = (root / "controller.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     admin = admin_client.AdminClient(data / "admin.sock", timeout=10)
     try:
         await until(lambda: _status(admin).get("activeVersion") == VERSIONS[0], 120, process)
-        gateway = json.loads((data / "gateway.json").read_text())["http"]
+        gateway = json.loads((data / "addresses.json").read_text())["http"]
         yield specs, admin, gateway
     finally:
         process.terminate()

@@ -87,6 +87,9 @@ class AdminClient:
     def delete(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
 
+    def top(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/top")
+
     def swap(self, name: str, action: str) -> dict[str, Any]:
         return self._call("POST", f"{_plugin(name)}/swap/{urllib.parse.quote(action, safe='')}")
 

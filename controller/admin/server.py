@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from aiohttp import web
 
 from controller.errors import ControllerError, InstanceNotFoundError, SpecError
 from controller.gateway import router
+from controller.metrics import telemetry
 from controller.protocol import client
 from controller.reconcile import manager, reconciler
 from controller.runtimes import base
@@ -58,6 +60,8 @@ class AdminServer:
         self.path = path
         self.control = control
         self.plugins = plugins
+        self._cpu: dict[str, tuple[float, float]] = {}
+        """Per instance: when its CPU time was last read, and what it was."""
         app = web.Application(client_max_size=MAX_BODY)
         app.add_routes(
             [
@@ -71,6 +75,7 @@ class AdminServer:
                 web.get("/v1/plugins/{name}/state", self._state_history),
                 web.get("/v1/plugins/{name}/state/export", self._state_export),
                 web.post("/v1/plugins/{name}/state/import", self._state_import),
+                web.get("/v1/top", self._top),
             ]
         )
         self._runner = web.AppRunner(app, access_log=None)
@@ -189,6 +194,51 @@ class AdminServer:
         except ControllerError as e:
             raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
         return web.json_response({"instance": name, "lines": lines})
+
+    async def _top(self, request: web.Request) -> web.Response:
+        """Every running instance's resource use, read from its cgroup now."""
+        metrics = self._reconciler().metrics
+        rows = await asyncio.to_thread(self._readings, metrics)
+        return web.json_response({"instances": rows})
+
+    def _readings(self, metrics: telemetry.Metrics) -> list[dict[str, Any]]:
+        tracked = dict(metrics.instances)
+        stale = [n for n in tracked if time.monotonic() - self._cpu.get(n, (0.0, 0.0))[0] > 10]
+        if stale:  # a CPU rate needs two readings: take a first one now
+            for name in stale:
+                reading = metrics.cgroups.read(tracked[name].pid)
+                if reading is not None:
+                    self._cpu[name] = (time.monotonic(), reading.cpu_seconds)
+            time.sleep(0.25)
+        rows = []
+        for name, instance in sorted(tracked.items()):
+            reading = metrics.cgroups.read(instance.pid)
+            if reading is None:
+                continue
+            now = time.monotonic()
+            then, cpu = self._cpu.get(name, (now, reading.cpu_seconds))
+            self._cpu[name] = (now, reading.cpu_seconds)
+            rows.append(
+                {
+                    "instance": name,
+                    "plugin": instance.plugin,
+                    "namespace": instance.namespace,
+                    "color": instance.color,
+                    "version": instance.version,
+                    "cpuCores": (reading.cpu_seconds - cpu) / (now - then) if now > then else 0.0,
+                    "memoryWorkingSetBytes": reading.memory_working_set_bytes,
+                    "memoryLimitBytes": reading.memory_limit_bytes,
+                    "pids": reading.pids,
+                    "networkReceiveBytes": reading.network_receive_bytes,
+                    "networkTransmitBytes": reading.network_transmit_bytes,
+                    "fsReadBytes": reading.fs_read_bytes,
+                    "fsWriteBytes": reading.fs_write_bytes,
+                    "oomEvents": reading.oom_events,
+                }
+            )
+        for name in set(self._cpu) - set(tracked):
+            del self._cpu[name]
+        return rows
 
     # Swaps and state.
 

@@ -12,6 +12,7 @@ import base64
 import json
 import platform
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +23,7 @@ from typing import Any
 import typer
 import yaml
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,6 +31,7 @@ import controller
 from controller.admin import client as admin_client
 from controller.cli import logs, run
 from controller.errors import ControllerError, EngineUnavailableError, SpecError
+from controller.metrics import violations
 from controller.runtimes import container
 from controller.spec import crd, loader, models
 
@@ -160,6 +163,31 @@ def run_controller(
         help="YAML file of bearer tokens and the plugins each may call (mode 0600). "
         "Without it the gateway listens on loopback only and asks for no token.",
     ),
+    metrics_addr: str = typer.Option(
+        "127.0.0.1:9100",
+        "--metrics-addr",
+        help='Where /metrics is served, HOST:PORT ("" for none).',
+    ),
+    memory_alert_share: float = typer.Option(
+        0.9,
+        "--memory-alert-share",
+        min=0.01,
+        max=1.0,
+        help="MemoryNearLimit: working set above this share of the limit ...",
+    ),
+    memory_alert_seconds: float = typer.Option(
+        60.0, "--memory-alert-seconds", min=0, help="... for this many seconds."
+    ),
+    throttle_alert_ratio: float = typer.Option(
+        0.25,
+        "--throttle-alert-ratio",
+        min=0.0,
+        max=1.0,
+        help="CPUThrottled: the share of CPU periods throttled above this.",
+    ),
+    restart_burst: int = typer.Option(
+        3, "--restart-burst", min=1, help="RestartBurst: this many restarts within 5 minutes."
+    ),
     log_format: str = typer.Option("text", "--log-format", help="text or json"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
@@ -180,6 +208,13 @@ def run_controller(
         gateway_address=gateway_addr,
         gateway_grpc_address=gateway_grpc_addr or None,
         gateway_tokens=gateway_tokens,
+        metrics_address=metrics_addr or None,
+        thresholds=violations.Thresholds(
+            memory_share=memory_alert_share,
+            memory_seconds=memory_alert_seconds,
+            throttled_ratio=throttle_alert_ratio,
+            restart_burst=restart_burst,
+        ),
     )
     try:
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
@@ -376,6 +411,58 @@ def show_logs(
         raise _fail(e) from None
     for line in answer["lines"]:
         sys.stdout.write(line + "\n")
+
+
+@app.command()
+def top(
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until Ctrl-C."),
+    interval: float = typer.Option(2.0, "--interval", min=0.5, help="Seconds between refreshes."),
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """The plugins' resource use, read from their cgroups (as /metrics is)."""
+    admin = _client(data_dir)
+
+    def table() -> Table:
+        rows = admin.top()["instances"]
+        grid = Table("PLUGIN", "COLOR", "VERSION", "CPU", "MEMORY", "LIMIT", "MEM%", "PIDS",
+                     "NET RX/TX", "DISK R/W")  # fmt: skip
+        for row in rows:
+            limit = row["memoryLimitBytes"]
+            share = f"{row['memoryWorkingSetBytes'] / limit:.0%}" if limit else "-"
+            grid.add_row(
+                (f"{row['namespace']}/" if row["namespace"] else "") + row["plugin"],
+                row["color"],
+                row["version"],
+                f"{row['cpuCores'] * 1000:.0f}m",
+                _bytes(row["memoryWorkingSetBytes"]),
+                _bytes(limit) if limit else "-",
+                share,
+                str(row["pids"]),
+                f"{_bytes(row['networkReceiveBytes'])}/{_bytes(row['networkTransmitBytes'])}",
+                f"{_bytes(row['fsReadBytes'])}/{_bytes(row['fsWriteBytes'])}",
+            )
+        return grid
+
+    try:
+        if not watch:
+            out.print(table())
+            return
+        with Live(table(), console=out, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval)
+                live.update(table())
+    except ControllerError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        return
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "Ki", "Mi", "Gi"):
+        if value < 1024 or unit == "Gi":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}Gi"
 
 
 swap_app = typer.Typer(help="Steer a blue/green swap in progress.", no_args_is_help=True)

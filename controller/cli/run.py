@@ -17,13 +17,15 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import controller
 from controller.admin import server
 from controller.errors import ControllerError
 from controller.gateway import auth, router
 from controller.gateway import server as gateway_server
+from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
 from controller.runtimes import container
@@ -48,21 +50,21 @@ def admin_socket(data_dir: Path) -> Path:
     return data_dir / "admin.sock"
 
 
-def gateway_file(data_dir: Path) -> Path:
-    """Where a running controller says its gateway listens, for ``bhctl call``."""
-    return data_dir / "gateway.json"
+def addresses_file(data_dir: Path) -> Path:
+    """Where a running controller says it listens (gateway, metrics), for ``bhctl call``."""
+    return data_dir / "addresses.json"
 
 
 def gateway_address(data_dir: Path) -> str:
     """The HTTP address of the gateway of the controller on ``data_dir`` (else the default)."""
     try:
-        return str(json.loads(gateway_file(data_dir).read_text())["http"])
+        return str(json.loads(addresses_file(data_dir).read_text())["http"])
     except (OSError, ValueError, KeyError, TypeError):
         return Options.gateway_address
 
 
-def write_gateway_file(data_dir: Path, bound: dict[str, str]) -> None:
-    path = gateway_file(data_dir)
+def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
+    path = addresses_file(data_dir)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(bound) + "\n")
     temporary.replace(path)
@@ -80,6 +82,8 @@ class Options:
     gateway_address: str = "127.0.0.1:8080"
     gateway_grpc_address: str | None = "127.0.0.1:8081"
     gateway_tokens: Path | None = None
+    metrics_address: str | None = "127.0.0.1:9100"
+    thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -183,7 +187,8 @@ async def serve(options: Options) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         plugins = client.Clients()
-        routes = router.Router()
+        metrics = telemetry.Metrics(version=controller.__version__)
+        routes = router.Router(metrics)
         gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
         states = snapshots.Snapshots(options.data_dir / "snapshots.db")
         control = manager.Manager(
@@ -193,17 +198,23 @@ async def serve(options: Options) -> None:
             plugins,
             routes=routes,
             snapshots=states,
+            metrics=metrics,
+            thresholds=options.thresholds,
             workers=options.workers,
         )
+        exposition_server = exposition.MetricsServer(metrics.registry)
         admin = server.AdminServer(
             source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins
         )
         await admin.start()
         try:
             bound = await gateway.start(options.gateway_address, options.gateway_grpc_address)
-            write_gateway_file(options.data_dir, bound)
+            if options.metrics_address:
+                bound["metrics"] = await exposition_server.start(options.metrics_address)
+            write_addresses(options.data_dir, bound)
             await control.run(stop)
         finally:
+            await exposition_server.stop()
             await gateway.stop()
             await admin.stop()
             await plugins.close()

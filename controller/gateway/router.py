@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from controller.metrics import telemetry
 from controller.spec import models
 
 
@@ -73,7 +74,8 @@ class Gate:
 class Router:
     """The routes of every plugin, keyed like the reconciler's keys."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: telemetry.Metrics | None = None) -> None:
+        self.metrics = metrics or telemetry.Metrics()
         self.gates: dict[str, Gate] = collections.defaultdict(Gate)
         self.by_endpoint: collections.Counter[str] = collections.Counter()
         """Calls in flight to each endpoint."""
@@ -137,8 +139,10 @@ class Router:
         if gate.bucket is not None:
             wait = gate.bucket.take()
             if wait:
+                self.metrics.rate_limited.labels(key).inc()
                 raise Refused(429, "RateLimited", f"{key}: over its rate limit", retry_after=wait)
         if gate.in_flight >= spec.gateway.max_concurrent_calls:
+            self.metrics.rate_limited.labels(key).inc()
             raise Refused(
                 429,
                 "TooManyCalls",
@@ -147,9 +151,13 @@ class Router:
                 retry_after=1,
             )
         gate.in_flight += 1
+        in_flight = self.metrics.in_flight.labels(key)
+        in_flight.inc()
         try:
             if not gate.open.is_set():
                 gate.held += 1
+                held = self.metrics.held.labels(key)
+                held.inc()
                 try:
                     async with asyncio.timeout(timeout):
                         await gate.open.wait()
@@ -159,6 +167,7 @@ class Router:
                     ) from None
                 finally:
                     gate.held -= 1
+                    held.dec()
             endpoint = gate.endpoint
             if endpoint is None:
                 raise Refused(503, "PluginNotReady", f"{key} has no Ready instance")
@@ -174,3 +183,4 @@ class Router:
                         idle.set()
         finally:
             gate.in_flight -= 1
+            in_flight.dec()

@@ -275,6 +275,7 @@ class Gateway:
     async def _http_call(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         method = request.match_info["method"]
+        started = time.perf_counter()
         try:
             caller = self._caller(
                 request.headers.get("Authorization"),
@@ -289,7 +290,10 @@ class Gateway:
             timeout = _timeout(request.headers.get("X-Timeout-Seconds"), limits.timeout_seconds)
             answer = await self._forward(name, plugin.spec, method, body, timeout)
         except router.Refused as e:
+            if e.reason != "PluginNotFound":  # names nobody declared stay out of the labels
+                self.router.metrics.answered(name, method, e.status, started)
             return _refusal(e)
+        self.router.metrics.answered(name, method, 200, started)
         return web.Response(body=answer, content_type="application/json")
 
     async def _forward(
@@ -312,6 +316,8 @@ class Gateway:
     ) -> bytes:
         metadata = dict(context.invocation_metadata() or ())
         name = str(metadata.get(PLUGIN_HEADER, ""))
+        started = time.perf_counter()
+        method = ""
         try:
             caller = self._caller(str(metadata.get("authorization", "")) or None, None)
             if not name:
@@ -326,11 +332,13 @@ class Gateway:
                 min(limits.timeout_seconds, left) if left is not None else limits.timeout_seconds
             )
             decoded = plugin_pb2.HandleRequest.FromString(request)
-            answer = await self._forward(
-                name, plugin.spec, decoded.method, decoded.payload, timeout
-            )
+            method = decoded.method
+            answer = await self._forward(name, plugin.spec, method, decoded.payload, timeout)
         except router.Refused as e:
+            if name and e.reason != "PluginNotFound":
+                self.router.metrics.answered(name, method, e.status, started)
             await context.abort(_GRPC_FROM_HTTP.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
+        self.router.metrics.answered(name, method, 200, started)
         return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
 
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 
 from controller.errors import ControllerError
+from controller.metrics import telemetry, violations
 from controller.reconcile import queue as queue_module
 from controller.reconcile import reconciler, workers
 from controller.runtimes import base
@@ -24,6 +25,8 @@ from controller.state import snapshots as snapshots_module
 log = logging.getLogger(__name__)
 
 EVENTS_RETRY_SECONDS = 2.0
+VIOLATIONS_SECONDS = 5.0
+"""How often resource use is checked against the violation thresholds."""
 
 
 class Manager:
@@ -38,16 +41,29 @@ class Manager:
         *,
         routes: reconciler.Routes | None = None,
         snapshots: snapshots_module.Snapshots | None = None,
+        metrics: telemetry.Metrics | None = None,
+        thresholds: violations.Thresholds | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
         self.source = source
         self.runtime = runtime
         self.queue = queue
+        self.metrics = metrics or telemetry.Metrics()
+        self.violations = violations.Violations(self.metrics, thresholds or violations.Thresholds())
         self.reconciler = reconciler.Reconciler(
-            source, runtime, plugins, routes=routes, snapshots=snapshots
+            source,
+            runtime,
+            plugins,
+            routes=routes,
+            snapshots=snapshots,
+            metrics=self.metrics,
+            violations=self.violations,
         )
         self.pool = _pool(queue, self.reconciler, workers)
+        self.metrics.queue_depth.set_function(lambda: len(queue))
+        self.metrics.busy_workers.set_function(lambda: self.pool.busy)
+        self.pool.observe = self._observe
         self.sweep_seconds = sweep_seconds or source.resync_seconds
         self.started = asyncio.Event()
         """Set once the first listing is queued."""
@@ -60,6 +76,7 @@ class Manager:
             helpers = [
                 group.create_task(self._follow_events(), name="runtime-events"),
                 group.create_task(self._sweep(stop), name="orphan-sweep"),
+                group.create_task(self._watch_resources(stop), name="resource-violations"),
             ]
             await stop.wait()
             log.info("stopping: finishing the passes in flight; instances keep running")
@@ -92,6 +109,18 @@ class Manager:
                 first = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.sweep_seconds)
+
+    def _observe(self, result: str, seconds: float) -> None:
+        self.metrics.reconciles.labels(result).inc()
+        self.metrics.reconcile_seconds.observe(seconds)
+
+    async def _watch_resources(self, stop: asyncio.Event) -> None:
+        """Evaluate resource violations every few seconds; queue the plugins they change."""
+        while not stop.is_set():
+            for key in await asyncio.to_thread(self.violations.evaluate):
+                self.queue.add(key)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=VIOLATIONS_SECONDS)
 
     async def _follow_events(self) -> None:
         while True:

@@ -32,6 +32,8 @@ from controller.errors import (
     PermanentError,
     SpecError,
 )
+from controller.metrics import telemetry
+from controller.metrics import violations as violations_module
 from controller.reconcile import conditions
 from controller.reconcile.workers import Result
 from controller.runtimes import base
@@ -123,6 +125,8 @@ class Reconciler:
         *,
         routes: Routes | None = None,
         snapshots: snapshots_module.Snapshots | None = None,
+        metrics: telemetry.Metrics | None = None,
+        violations: violations_module.Violations | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
@@ -130,6 +134,11 @@ class Reconciler:
         self.plugins = plugins
         self.routes: Routes = routes or NoRoutes()
         self.snapshots = snapshots
+        self.metrics = metrics or telemetry.Metrics()
+        self.violations = violations or violations_module.Violations(self.metrics)
+        self.phases: dict[str, str] = {}
+        """Each plugin's phase as last written, for the plugins-by-phase metric."""
+        self.metrics.count_phases(lambda: dict(collections.Counter(self.phases.values())))
         self._requests: dict[str, str] = {}
         self.clock = clock
         self._memory: dict[str, _Memory] = collections.defaultdict(_Memory)
@@ -139,11 +148,29 @@ class Reconciler:
         namespace, _, name = key.rpartition("/")
         desired = self.source.get(key)
         observed = await self._observe(name, namespace or None)
+        for instance in observed:
+            self._track(instance)
         context = {"plugin": key, "reconcile_id": next(self._ids)}
         if desired is None:
             return await self._delete(key, name, namespace or None, observed, context)
         context["generation"] = desired.generation
         return await _Pass(self, key, desired, observed, context).run()
+
+    def _track(self, instance: base.Instance) -> None:
+        """Export the instance's resources while it runs on this host."""
+        running = instance.state is base.InstanceState.RUNNING and instance.pid
+        self.metrics.track(
+            instance.name,
+            telemetry.Tracked(
+                pid=instance.pid or 0,
+                plugin=instance.plugin,
+                version=instance.version,
+                color=instance.color.value,
+                namespace=instance.namespace or "",
+            )
+            if running
+            else None,
+        )
 
     async def _observe(self, name: str, namespace: str | None) -> list[base.Instance]:
         """The plugin's instances that this controller owns, found by their deterministic names.
@@ -174,7 +201,10 @@ class Reconciler:
         context: dict[str, Any],
     ) -> Result:
         self.routes.clear_route(key)
+        self.violations.forget(key)
+        self.phases.pop(key, None)
         for instance in observed:
+            self.metrics.track(instance.name, None)
             await self.runtime.remove(instance.name)
             await self.plugins.drop(self.runtime.endpoint(instance))
             log.info("removed %s: its plugin is deleted", instance.name, extra=context)
@@ -219,6 +249,7 @@ class _Pass:
         self.plugins = reconciler.plugins
         self.routes = reconciler.routes
         self.snapshots = reconciler.snapshots
+        self.metrics = reconciler.metrics
 
     async def run(self) -> Result:
         old = await self.source.read_status(self.key) or models.PluginStatus()
@@ -368,6 +399,12 @@ class _Pass:
         record.ready = False
         record.last_exit_code = current.exit_code
         record.oom_killed = current.oom_killed
+        if current.oom_killed:
+            self.r.violations.oom_killed(
+                self.key,
+                f"{current.name} was killed for memory (limit {self.spec.resources.memory}); "
+                "raise spec.resources.memory or find what grows",
+            )
         history = self.memory.restarts
         while history and history[0] <= self.now - restart.window_seconds:
             history.popleft()
@@ -402,6 +439,8 @@ class _Pass:
         lines = await self._last_logs(current.name)
         await self._remove(current)
         history.append(self.now)
+        self.r.metrics.restarts.labels(self.key).inc()
+        self.r.violations.restarted(self.key)
         restarts = record.restarts + 1
         result = await self._start(
             "Restarted",
@@ -506,6 +545,7 @@ class _Pass:
         if instance.color is self.status.active_color and self.status.swap is None:
             self.r.routes.clear_route(self.key)
         self.memory.handshaken.discard(instance.id)
+        self.r.metrics.track(instance.name, None)
         await self.runtime.remove(instance.name)
         await self.r.plugins.drop(self.runtime.endpoint(instance))
 
@@ -625,8 +665,28 @@ class _Pass:
         status.conditions = found
 
     async def _write(self, old: models.PluginStatus) -> None:
+        await self._violations()
+        self.r.phases[self.key] = self.status.phase.value
         if self.status != old:
             await self.source.write_status(self.key, self.status)
+
+    async def _violations(self) -> None:
+        """Resource violations as conditions: True while they last, an event when they flip."""
+        active = self.r.violations.current(self.key)
+        for kind in violations_module.KINDS:
+            message = active.get(kind)
+            found = conditions.find(self.status.conditions, kind)
+            if message is not None:
+                if found is None or found.status != "True":
+                    await self._event("Warning", kind, message)
+                self.status.conditions = conditions.set_condition(
+                    self.status.conditions, kind, "True", kind, message, self.generation
+                )
+            elif found is not None and found.status == "True":
+                await self._event("Normal", f"{kind}Resolved", f"{kind} no longer holds")
+                self.status.conditions = conditions.set_condition(
+                    self.status.conditions, kind, "False", "Resolved", "", self.generation
+                )
 
     async def _event(self, type: store.EventType, reason: str, message: str) -> None:
         level = logging.INFO if type == "Normal" else logging.WARNING

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class WorkerPool:
         self.size = size
         self.busy = 0
         """Workers running a pass right now."""
+        self.observe: Callable[[str, float], None] = lambda result, seconds: None
+        """Told each pass's result (success, requeue, retry, error, permanent) and duration."""
 
     async def run(self) -> None:
         """Run the workers; returns once the queue is shut down and every pass has ended."""
@@ -57,13 +60,16 @@ class WorkerPool:
             except ShutDownError:
                 return
             self.busy += 1
+            started = time.perf_counter()
+            outcome = "error"
             try:
-                await self._process(key)
+                outcome = await self._process(key)
             finally:
                 self.busy -= 1
                 self.queue.done(key)
+                self.observe(outcome, time.perf_counter() - started)
 
-    async def _process(self, key: str) -> None:
+    async def _process(self, key: str) -> str:
         try:
             result = await self.handler(key)
         except asyncio.CancelledError:
@@ -71,19 +77,24 @@ class WorkerPool:
         except PermanentError as e:
             log.warning("reconcile of %s failed permanently: %s", key, e, extra={"plugin": key})
             self.queue.forget(key)
+            return "permanent"
         except TemporaryError as e:
             log.info("reconcile of %s will be retried: %s", key, e, extra={"plugin": key})
             if e.delay is not None:
                 self.queue.add_after(key, e.delay)
             else:
                 self.queue.add_rate_limited(key)
+            return "retry"
         except ControllerError as e:  # a runtime refused or failed: retry with backoff
             log.warning("reconcile of %s failed: %s", key, e, extra={"plugin": key})
             self.queue.add_rate_limited(key)
+            return "error"
         except Exception:
             log.exception("reconcile of %s failed", key, extra={"plugin": key})
             self.queue.add_rate_limited(key)
-        else:
-            self.queue.forget(key)
-            if result.requeue_after is not None:
-                self.queue.add_after(key, result.requeue_after)
+            return "error"
+        self.queue.forget(key)
+        if result.requeue_after is not None:
+            self.queue.add_after(key, result.requeue_after)
+            return "requeue"
+        return "success"

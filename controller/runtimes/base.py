@@ -170,6 +170,8 @@ class Instance:
     namespace: str | None = None
     id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    """The main process on this host, when it runs here (its cgroup holds the instance)."""
 
     @property
     def key(self) -> str:

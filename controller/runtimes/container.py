@@ -634,6 +634,7 @@ def _instance_from_inspect(attrs: Mapping[str, Any]) -> base.Instance:
         oom_killed=bool(state.get("OOMKilled")),
         started_at=_timestamp(state.get("StartedAt")),
         finished_at=_timestamp(state.get("FinishedAt")),
+        pid=int(state.get("Pid") or 0) or None,
     )
 
 

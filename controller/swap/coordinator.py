@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from controller.errors import ControllerError, IncompatiblePluginError
+from controller.metrics import telemetry
 from controller.protocol import client
 from controller.runtimes import base
 from controller.spec import models
@@ -106,6 +107,9 @@ class Context(Protocol):
 
     @property
     def snapshots(self) -> snapshots_module.Snapshots | None: ...
+
+    @property
+    def metrics(self) -> telemetry.Metrics: ...
 
     def want_for(self, color: models.Color) -> base.InstanceSpec: ...
 
@@ -377,6 +381,7 @@ class Coordinator:
         c.routes.release(c.key)
         pause = (time.monotonic() - started) * 1000
         c.status.last_swap.pause_milliseconds = round(pause, 3)
+        c.metrics.swap_pause.labels(c.key).observe(pause / 1000)
         if state is not None and c.snapshots is not None:
             await asyncio.to_thread(
                 c.snapshots.save, c.key, progress.from_version, state.version, state.data, "swap"
@@ -462,6 +467,7 @@ class Coordinator:
         if c.status.last_swap is not None:
             c.status.last_swap.result = "Promoted"
             c.status.last_swap.time = datetime.now(UTC)
+        c.metrics.swaps.labels(c.key, "Promoted").inc()
         await c.event(
             "Normal",
             "SwapCompleted",
@@ -515,6 +521,8 @@ class Coordinator:
             to_hash=None if quiet else progress.to_hash,
             time=datetime.now(UTC),
         )
+        c.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
+        c.metrics.rollbacks.labels(c.key, failure.reason).inc()
         await c.event(
             "Normal" if quiet else "Warning",
             failure.reason,

@@ -197,7 +197,8 @@ class ControllerProcess:
             str(BHCTL), "run", "--specs", str(self.specs), "--runtime", str(self.engine.kind),
             "--data-dir", str(self.data), "--controller-id", self.controller_id,
             "--resync-seconds", "5", "--gateway-addr", "127.0.0.1:0",
-            "--gateway-grpc-addr", "127.0.0.1:0", *self.extra_args,
+            "--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+            *self.extra_args,
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -216,7 +217,7 @@ class ControllerProcess:
 
     def gateway(self, kind: str = "http") -> str:
         """The address the controller's gateway listens on."""
-        return str(json.loads((self.data / "gateway.json").read_text())[kind])
+        return str(json.loads((self.data / "addresses.json").read_text())[kind])
 
     def call(
         self,

@@ -1,0 +1,185 @@
+"""Resource use of one process tree, read from its cgroup files and ``/proc/<pid>/net/dev``.
+
+Works for cgroup v1 (one hierarchy per controller) and v2 (one unified
+hierarchy), for any engine that puts each instance in a cgroup of its own:
+Docker, Podman, and processes started in their own cgroup. A reading is a
+handful of small file reads (about 0.1 ms), against one to two seconds for
+a stats call to Docker's API. Files that are missing (a controller that is
+not mounted, an instance that just died) read as absent, never as an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One instance's resource use, cumulative counters since it started."""
+
+    cpu_seconds: float
+    cpu_periods: int
+    cpu_throttled_periods: int
+    cpu_throttled_seconds: float
+    memory_working_set_bytes: int
+    memory_usage_bytes: int
+    memory_limit_bytes: int
+    """0 when there is no limit."""
+    oom_events: int
+    pids: int
+    fs_read_bytes: int
+    fs_write_bytes: int
+    network_receive_bytes: int
+    network_receive_packets: int
+    network_transmit_bytes: int
+    network_transmit_packets: int
+
+
+class Cgroups:
+    """Reads instances' cgroups; remembers each process's cgroup paths."""
+
+    def __init__(self, root: Path = ROOT) -> None:
+        self.root = root
+        self.unified = (root / "cgroup.controllers").exists()
+        self._paths: dict[int, dict[str, str]] = {}
+
+    def read(self, pid: int) -> Reading | None:
+        """The reading for the cgroup of ``pid``; None when the process is gone."""
+        paths = self._paths.get(pid)
+        if paths is None:
+            paths = _cgroup_paths(pid)
+            if paths is None:
+                return None
+            if len(self._paths) > 10_000:
+                self._paths.clear()
+            self._paths[pid] = paths
+        network = _network(pid)
+        if network is None:
+            self._paths.pop(pid, None)
+            return None
+        if self.unified:
+            return self._read_v2(self.root / paths.get("", "/").lstrip("/"), network)
+        return self._read_v1(paths, network)
+
+    def _v1(self, paths: dict[str, str], controller: str) -> Path:
+        return self.root / controller / paths.get(controller, "/").lstrip("/")
+
+    def _read_v1(self, paths: dict[str, str], network: tuple[int, int, int, int]) -> Reading:
+        cpu = self._v1(paths, "cpu")
+        cpuacct = self._v1(paths, "cpuacct")
+        memory = self._v1(paths, "memory")
+        throttling = _keyed(cpu / "cpu.stat")
+        memory_stat = _keyed(memory / "memory.stat")
+        usage = _int(memory / "memory.usage_in_bytes")
+        inactive = memory_stat.get("total_inactive_file", memory_stat.get("inactive_file", 0))
+        limit = _int(memory / "memory.limit_in_bytes")
+        read, write = _blkio(self._v1(paths, "blkio") / "blkio.throttle.io_service_bytes")
+        return Reading(
+            cpu_seconds=_int(cpuacct / "cpuacct.usage") / 1e9,
+            cpu_periods=throttling.get("nr_periods", 0),
+            cpu_throttled_periods=throttling.get("nr_throttled", 0),
+            cpu_throttled_seconds=throttling.get("throttled_time", 0) / 1e9,
+            memory_working_set_bytes=max(0, usage - inactive),
+            memory_usage_bytes=usage,
+            memory_limit_bytes=0 if limit >= 1 << 62 else limit,
+            oom_events=_keyed(memory / "memory.oom_control").get("oom_kill", 0),
+            pids=_int(self._v1(paths, "pids") / "pids.current"),
+            fs_read_bytes=read,
+            fs_write_bytes=write,
+            network_receive_bytes=network[0],
+            network_receive_packets=network[1],
+            network_transmit_bytes=network[2],
+            network_transmit_packets=network[3],
+        )
+
+    def _read_v2(self, group: Path, network: tuple[int, int, int, int]) -> Reading:
+        cpu = _keyed(group / "cpu.stat")
+        memory_stat = _keyed(group / "memory.stat")
+        usage = _int(group / "memory.current")
+        read = write = 0
+        for line in _lines(group / "io.stat"):
+            fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+            read += int(fields.get("rbytes", 0))
+            write += int(fields.get("wbytes", 0))
+        return Reading(
+            cpu_seconds=cpu.get("usage_usec", 0) / 1e6,
+            cpu_periods=cpu.get("nr_periods", 0),
+            cpu_throttled_periods=cpu.get("nr_throttled", 0),
+            cpu_throttled_seconds=cpu.get("throttled_usec", 0) / 1e6,
+            memory_working_set_bytes=max(0, usage - memory_stat.get("inactive_file", 0)),
+            memory_usage_bytes=usage,
+            memory_limit_bytes=_int(group / "memory.max"),
+            oom_events=_keyed(group / "memory.events").get("oom_kill", 0),
+            pids=_int(group / "pids.current"),
+            fs_read_bytes=read,
+            fs_write_bytes=write,
+            network_receive_bytes=network[0],
+            network_receive_packets=network[1],
+            network_transmit_bytes=network[2],
+            network_transmit_packets=network[3],
+        )
+
+
+def _cgroup_paths(pid: int) -> dict[str, str] | None:
+    """Controller name to cgroup path, from ``/proc/<pid>/cgroup`` ("" for the unified one)."""
+    paths = {}
+    for line in _lines(Path(f"/proc/{pid}/cgroup")):
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path
+    return paths or None
+
+
+def _network(pid: int) -> tuple[int, int, int, int] | None:
+    """Receive bytes and packets, transmit bytes and packets, over every interface but lo."""
+    lines = _lines(Path(f"/proc/{pid}/net/dev"))
+    if not lines:
+        return None
+    totals = [0, 0, 0, 0]
+    for line in lines[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        values = counters.split()
+        for index, column in enumerate((0, 1, 8, 9)):
+            totals[index] += int(values[column])
+    return totals[0], totals[1], totals[2], totals[3]
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            return handle.read().decode().splitlines()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        return []
+
+
+def _int(path: Path) -> int:
+    lines = _lines(path)
+    if not lines:
+        return 0
+    text = lines[0].strip()
+    return 0 if text == "max" else int(text)
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    values = {}
+    for line in _lines(path):
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            values[key] = int(value)
+    return values
+
+
+def _blkio(path: Path) -> tuple[int, int]:
+    read = write = 0
+    for line in _lines(path):
+        fields = line.split()
+        if len(fields) == 3 and fields[1] == "Read":
+            read += int(fields[2])
+        elif len(fields) == 3 and fields[1] == "Write":
+            write += int(fields[2])
+    return read, write

@@ -1,0 +1,62 @@
+"""``/metrics`` over HTTP: the registry in Prometheus' text format, collected off the event loop.
+
+Collection reads every instance's cgroup files; it runs in a thread, so a
+scrape never stalls reconciles or gateway calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from controller.errors import ControllerError
+
+log = logging.getLogger(__name__)
+
+
+class MetricsServerError(ControllerError):
+    """The metrics endpoint cannot listen."""
+
+
+class MetricsServer:
+    """Serves ``GET /metrics`` (and ``/healthz``) for one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        app = web.Application()
+        app.add_routes([web.get("/metrics", self._metrics), web.get("/healthz", self._healthz)])
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self, address: str) -> str:
+        """Listen on ``HOST:PORT`` (port 0 picks one); the address really listened on."""
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise MetricsServerError(f"{address!r}: use HOST:PORT, e.g. 127.0.0.1:9100")
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, int(port)))
+        except OSError as e:
+            listener.close()
+            raise MetricsServerError(f"metrics cannot listen on {address}: {e.strerror}") from e
+        await self._runner.setup()
+        await web.SockSite(self._runner, listener).start()
+        bound_port = listener.getsockname()[1]
+        bound = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+        log.info("metrics on http://%s/metrics", bound)
+        return bound
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})

@@ -1,0 +1,282 @@
+"""The controller's Prometheus metrics, all under ``blackhole_``, on one injected registry.
+
+- what the controller does: reconciles by result and their duration, queue
+  depth, busy workers, plugins by phase, restarts, swaps by result and their
+  pauses, rollbacks, resource violations, build info;
+- what the gateway does: calls by plugin, method and code, their duration,
+  calls in flight and held, calls refused by a rate limit;
+- what each instance uses, read from its cgroup at each scrape by
+  :class:`InstanceCollector` (named after cAdvisor's ``container_*``
+  metrics, with labels ``plugin``, ``version``, ``color``, ``namespace``), so a
+  removed instance's series vanish by themselves.
+
+Labels are bounded: plugins are declared, colors two, methods capped per
+plugin (:data:`METHODS_PER_PLUGIN`, then ``other``).
+"""
+
+from __future__ import annotations
+
+import collections
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controller.metrics import cgroups
+
+METHODS_PER_PLUGIN = 50
+"""Distinct method labels kept per plugin; others count as "other"."""
+_METHOD = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """An instance whose resources are exported: its process and its labels."""
+
+    pid: int
+    plugin: str
+    version: str
+    color: str
+    namespace: str
+
+
+class Metrics:
+    """Every metric the controller exports, and the instances it reads."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.reconciles = Counter(
+            "blackhole_reconcile", "Reconcile passes, by result.", ["result"], registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "blackhole_reconcile_duration_seconds",
+            "Time of one reconcile pass.",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "blackhole_workqueue_depth", "Keys waiting in the work queue.", registry=r
+        )
+        self.busy_workers = Gauge(
+            "blackhole_workers_busy", "Workers reconciling a key right now.", registry=r
+        )
+        self.restarts = Counter(
+            "blackhole_instance_restarts",
+            "Crashed or unhealthy instances the controller restarted.",
+            ["plugin"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "blackhole_swaps",
+            "Blue/green swaps ended, by result.",
+            ["plugin", "result"],
+            registry=r,
+        )
+        self.swap_pause = Histogram(
+            "blackhole_swap_pause_seconds",
+            "How long calls were held at a swap's flip.",
+            ["plugin"],
+            buckets=_PAUSE,
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "blackhole_swap_rollbacks",
+            "Swaps rolled back, by reason.",
+            ["plugin", "reason"],
+            registry=r,
+        )
+        self.violations = Counter(
+            "blackhole_resource_violations",
+            "Resource violations seen: MemoryNearLimit, CPUThrottled, OOMKilled, RestartBurst.",
+            ["plugin", "kind"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "blackhole_gateway_requests",
+            "Calls answered by the gateway, by plugin, method and HTTP code.",
+            ["plugin", "method", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "blackhole_gateway_request_duration_seconds",
+            "Time the gateway took to answer a call.",
+            ["plugin"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "blackhole_gateway_in_flight", "Calls in flight to a plugin.", ["plugin"], registry=r
+        )
+        self.held = Gauge(
+            "blackhole_gateway_held", "Calls held while a plugin swaps.", ["plugin"], registry=r
+        )
+        self.rate_limited = Counter(
+            "blackhole_gateway_rate_limited",
+            "Calls refused with 429 by a rate or concurrency limit.",
+            ["plugin"],
+            registry=r,
+        )
+        Info("blackhole_build", "The controller's version.", registry=r).info(
+            {"version": version, "python": platform.python_version()}
+        )
+        self._phases: Callable[[], dict[str, int]] | None = None
+        self.instances: dict[str, Tracked] = {}
+        """Instance name to what is exported of it."""
+        self.cgroups = cgroups.Cgroups()
+        self._methods: dict[str, set[str]] = collections.defaultdict(set)
+        self.collector = InstanceCollector(self)
+        r.register(self.collector)
+
+    # The controller.
+
+    def track(self, name: str, tracked: Tracked | None) -> None:
+        """Export ``name``'s resources (None: stop, it is gone)."""
+        if tracked is None:
+            self.instances.pop(name, None)
+        else:
+            self.instances[name] = tracked
+
+    def count_phases(self, phases: Callable[[], dict[str, int]]) -> None:
+        """Read plugins by phase from ``phases`` at each scrape."""
+        self._phases = phases
+
+    # The gateway.
+
+    def method(self, plugin: str, method: str) -> str:
+        """``method`` as a label value: bounded in number and in form."""
+        known = self._methods[plugin]
+        if method in known:
+            return method
+        if len(known) < METHODS_PER_PLUGIN and _METHOD.match(method):
+            known.add(method)
+            return method
+        return "other"
+
+    def answered(self, plugin: str, method: str, code: int, started: float) -> None:
+        self.requests.labels(plugin, self.method(plugin, method), str(code)).inc()
+        self.request_seconds.labels(plugin).observe(time.perf_counter() - started)
+
+
+class InstanceCollector(Collector):
+    """Reads every tracked instance's cgroup at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # the families are dynamic; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["plugin", "version", "color", "namespace"]
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "cpu": CounterMetricFamily(
+                "blackhole_container_cpu_usage_seconds",
+                "CPU time consumed by the instance.",
+                labels=labels,
+            ),
+            "periods": CounterMetricFamily(
+                "blackhole_container_cpu_cfs_periods",
+                "CFS enforcement periods that elapsed.",
+                labels=labels,
+            ),
+            "throttled_periods": CounterMetricFamily(
+                "blackhole_container_cpu_cfs_throttled_periods",
+                "CFS periods in which the instance was throttled.",
+                labels=labels,
+            ),
+            "throttled": CounterMetricFamily(
+                "blackhole_container_cpu_cfs_throttled_seconds",
+                "Time the instance was throttled by its CPU limit.",
+                labels=labels,
+            ),
+            "working_set": GaugeMetricFamily(
+                "blackhole_container_memory_working_set_bytes",
+                "Memory in use less inactive file pages, as the OOM killer sees it.",
+                labels=labels,
+            ),
+            "usage": GaugeMetricFamily(
+                "blackhole_container_memory_usage_bytes",
+                "Memory in use, page cache included.",
+                labels=labels,
+            ),
+            "limit": GaugeMetricFamily(
+                "blackhole_container_spec_memory_limit_bytes",
+                "The instance's memory limit.",
+                labels=labels,
+            ),
+            "oom": CounterMetricFamily(
+                "blackhole_container_oom_events",
+                "Processes of the instance killed for memory.",
+                labels=labels,
+            ),
+            "pids": GaugeMetricFamily(
+                "blackhole_container_processes", "Processes and threads running.", labels=labels
+            ),
+            "reads": CounterMetricFamily(
+                "blackhole_container_fs_reads_bytes",
+                "Bytes read from block devices.",
+                labels=labels,
+            ),
+            "writes": CounterMetricFamily(
+                "blackhole_container_fs_writes_bytes",
+                "Bytes written to block devices.",
+                labels=labels,
+            ),
+            "rx": CounterMetricFamily(
+                "blackhole_container_network_receive_bytes",
+                "Bytes received, loopback excluded.",
+                labels=labels,
+            ),
+            "rx_packets": CounterMetricFamily(
+                "blackhole_container_network_receive_packets",
+                "Packets received, loopback excluded.",
+                labels=labels,
+            ),
+            "tx": CounterMetricFamily(
+                "blackhole_container_network_transmit_bytes",
+                "Bytes sent, loopback excluded.",
+                labels=labels,
+            ),
+            "tx_packets": CounterMetricFamily(
+                "blackhole_container_network_transmit_packets",
+                "Packets sent, loopback excluded.",
+                labels=labels,
+            ),
+        }
+        for tracked in list(self.metrics.instances.values()):
+            reading = self.metrics.cgroups.read(tracked.pid)
+            if reading is None:
+                continue
+            values = [tracked.plugin, tracked.version, tracked.color, tracked.namespace]
+            families["cpu"].add_metric(values, reading.cpu_seconds)
+            families["periods"].add_metric(values, reading.cpu_periods)
+            families["throttled_periods"].add_metric(values, reading.cpu_throttled_periods)
+            families["throttled"].add_metric(values, reading.cpu_throttled_seconds)
+            families["working_set"].add_metric(values, reading.memory_working_set_bytes)
+            families["usage"].add_metric(values, reading.memory_usage_bytes)
+            families["limit"].add_metric(values, reading.memory_limit_bytes)
+            families["oom"].add_metric(values, reading.oom_events)
+            families["pids"].add_metric(values, reading.pids)
+            families["reads"].add_metric(values, reading.fs_read_bytes)
+            families["writes"].add_metric(values, reading.fs_write_bytes)
+            families["rx"].add_metric(values, reading.network_receive_bytes)
+            families["rx_packets"].add_metric(values, reading.network_receive_packets)
+            families["tx"].add_metric(values, reading.network_transmit_bytes)
+            families["tx_packets"].add_metric(values, reading.network_transmit_packets)
+        yield from families.values()
+        phases = self.metrics._phases
+        if phases is not None:
+            family = GaugeMetricFamily(
+                "blackhole_plugins", "Declared plugins, by phase.", labels=["phase"]
+            )
+            for phase, count in sorted(phases().items()):
+                family.add_metric([phase], count)
+            yield family
