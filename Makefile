@@ -23,7 +23,7 @@ test: setup
 	@$(STEP) integration $(MAKE) --no-print-directory integration
 
 setup: venv
-	@$(STEP) engines bash scripts/engines.sh docker podman
+	@$(STEP) engines bash scripts/engines.sh docker podman prometheus
 	@$(STEP) images bash images/build.sh
 
 venv: $(VENV)/.installed
@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml sdk/pyproject.toml VERSION
 	@touch $@
 
 engines:
-	bash scripts/engines.sh docker podman
+	bash scripts/engines.sh docker podman prometheus
 
 images: venv
 	PYTHON=$(BIN)/python bash images/build.sh

@@ -50,7 +50,7 @@ class Cgroups:
         """The reading for the cgroup of ``pid``; None when the process is gone."""
         paths = self._paths.get(pid)
         if paths is None:
-            paths = _cgroup_paths(pid)
+            paths = cgroup_paths(pid)
             if paths is None:
                 return None
             if len(self._paths) > 10_000:
@@ -123,7 +123,7 @@ class Cgroups:
         )
 
 
-def _cgroup_paths(pid: int) -> dict[str, str] | None:
+def cgroup_paths(pid: int) -> dict[str, str] | None:
     """Controller name to cgroup path, from ``/proc/<pid>/cgroup`` ("" for the unified one)."""
     paths = {}
     for line in _lines(Path(f"/proc/{pid}/cgroup")):

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller.metrics import cgroups
+from controller.metrics import cgroups, oom
 
 METHODS_PER_PLUGIN = 50
 """Distinct method labels kept per plugin; others count as "other"."""
@@ -127,10 +127,12 @@ class Metrics:
         Info("blackhole_build", "The controller's version.", registry=r).info(
             {"version": version, "python": platform.python_version()}
         )
-        self._phases: Callable[[], dict[str, int]] | None = None
+        self._plugins: Callable[[], dict[str, tuple[str, bool]]] | None = None
         self.instances: dict[str, Tracked] = {}
         """Instance name to what is exported of it."""
         self.cgroups = cgroups.Cgroups()
+        self.oom: oom.OomWatch | None = None
+        """Told of every tracked instance, to see its OOM kills as they happen."""
         self._methods: dict[str, set[str]] = collections.defaultdict(set)
         self.collector = InstanceCollector(self)
         r.register(self.collector)
@@ -141,12 +143,16 @@ class Metrics:
         """Export ``name``'s resources (None: stop, it is gone)."""
         if tracked is None:
             self.instances.pop(name, None)
+            if self.oom is not None:
+                self.oom.unwatch(name)
         else:
             self.instances[name] = tracked
+            if self.oom is not None:
+                self.oom.watch(name, tracked.pid)
 
-    def count_phases(self, phases: Callable[[], dict[str, int]]) -> None:
-        """Read plugins by phase from ``phases`` at each scrape."""
-        self._phases = phases
+    def follow_plugins(self, plugins: Callable[[], dict[str, tuple[str, bool]]]) -> None:
+        """Read each plugin's phase and readiness from ``plugins`` at each scrape."""
+        self._plugins = plugins
 
     # The gateway.
 
@@ -272,11 +278,20 @@ class InstanceCollector(Collector):
             families["tx"].add_metric(values, reading.network_transmit_bytes)
             families["tx_packets"].add_metric(values, reading.network_transmit_packets)
         yield from families.values()
-        phases = self.metrics._phases
-        if phases is not None:
-            family = GaugeMetricFamily(
+        follow = self.metrics._plugins
+        if follow is not None:
+            plugins = follow()
+            by_phase = GaugeMetricFamily(
                 "blackhole_plugins", "Declared plugins, by phase.", labels=["phase"]
             )
-            for phase, count in sorted(phases().items()):
-                family.add_metric([phase], count)
-            yield family
+            for phase, count in sorted(collections.Counter(p for p, _ in plugins.values()).items()):
+                by_phase.add_metric([phase], count)
+            yield by_phase
+            ready = GaugeMetricFamily(
+                "blackhole_plugin_ready",
+                "1 when the plugin's active instance answers its health check, else 0.",
+                labels=["plugin"],
+            )
+            for key, (_, is_ready) in sorted(plugins.items()):
+                ready.add_metric([key], 1.0 if is_ready else 0.0)
+            yield ready

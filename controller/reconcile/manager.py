@@ -15,7 +15,7 @@ import contextlib
 import logging
 
 from controller.errors import ControllerError
-from controller.metrics import telemetry, violations
+from controller.metrics import oom, telemetry, violations
 from controller.reconcile import queue as queue_module
 from controller.reconcile import reconciler, workers
 from controller.runtimes import base
@@ -64,6 +64,7 @@ class Manager:
         self.metrics.queue_depth.set_function(lambda: len(queue))
         self.metrics.busy_workers.set_function(lambda: self.pool.busy)
         self.pool.observe = self._observe
+        self.metrics.oom = oom.OomWatch(self._oom_killed)
         self.sweep_seconds = sweep_seconds or source.resync_seconds
         self.started = asyncio.Event()
         """Set once the first listing is queued."""
@@ -85,6 +86,8 @@ class Manager:
             await pool
             for task in helpers:
                 task.cancel()
+            if self.metrics.oom is not None:
+                self.metrics.oom.close()
 
     async def sweep(self) -> set[str]:
         """Queue every key that runs or has a status but has no spec; return them."""
@@ -109,6 +112,14 @@ class Manager:
                 first = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.sweep_seconds)
+
+    def _oom_killed(self, name: str) -> None:
+        tracked = self.metrics.instances.get(name)
+        if tracked is None:
+            return
+        key = f"{tracked.namespace}/{tracked.plugin}" if tracked.namespace else tracked.plugin
+        self.violations.oom_killed(key, f"{name} was killed for memory (the kernel's OOM killer)")
+        self.queue.add(key)
 
     def _observe(self, result: str, seconds: float) -> None:
         self.metrics.reconciles.labels(result).inc()

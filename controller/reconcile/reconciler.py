@@ -18,6 +18,7 @@ changes.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -136,9 +137,9 @@ class Reconciler:
         self.snapshots = snapshots
         self.metrics = metrics or telemetry.Metrics()
         self.violations = violations or violations_module.Violations(self.metrics)
-        self.phases: dict[str, str] = {}
-        """Each plugin's phase as last written, for the plugins-by-phase metric."""
-        self.metrics.count_phases(lambda: dict(collections.Counter(self.phases.values())))
+        self.phases: dict[str, tuple[str, bool]] = {}
+        """Each plugin's phase and readiness as last written, for the metrics."""
+        self.metrics.follow_plugins(lambda: dict(self.phases))
         self._requests: dict[str, str] = {}
         self.clock = clock
         self._memory: dict[str, _Memory] = collections.defaultdict(_Memory)
@@ -393,6 +394,12 @@ class _Pass:
         return Result(requeue_after=self.memory.probe_delay)
 
     async def _crashed(self, current: base.Instance, record: models.InstanceStatus) -> Result:
+        if (
+            not current.oom_killed
+            and current.exit_code == 137
+            and "OOMKilled" in self.r.violations.current(self.key)
+        ):  # the kernel said so, though the engine did not (Podman on cgroup v1)
+            current = dataclasses.replace(current, oom_killed=True)
         restart = self.spec.restart
         how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
         record.state = current.state.value
@@ -666,7 +673,10 @@ class _Pass:
 
     async def _write(self, old: models.PluginStatus) -> None:
         await self._violations()
-        self.r.phases[self.key] = self.status.phase.value
+        self.r.phases[self.key] = (
+            self.status.phase.value,
+            conditions.is_true(self.status.conditions, conditions.READY),
+        )
         if self.status != old:
             await self.source.write_status(self.key, self.status)
 

@@ -3,6 +3,8 @@
 MODE=serve (default): serve until SIGTERM. Methods: ``echo`` (answers its
 payload), ``sleep`` (``{"seconds": s}``), ``put``/``get`` (a map: its
 state), ``crash`` (the process dies in the middle of the call), ``connect``
+``spin`` (``{"seconds": s}``: burns CPU), ``allocate`` (``{"mib": n}``:
+holds that much memory), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
 and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
 another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
@@ -43,6 +45,16 @@ class TestPlugin(Plugin):
             return {"stored": payload["key"]}
         if method == "get":
             return {"value": self.data.get(str(payload["key"]))}
+        if method == "spin":  # burn CPU for a while, on the event loop
+            until = time.monotonic() + float(payload["seconds"])
+            while time.monotonic() < until:
+                sum(i * i for i in range(10_000))
+            return {"spun": payload["seconds"]}
+        if method == "allocate":  # grow by this many MiB, past the limit if asked
+            self.ballast = [bytearray(1 << 20) for _ in range(int(payload["mib"]))]
+            for block in self.ballast:
+                block[::4096] = b"x" * len(block[::4096])
+            return {"allocated": payload["mib"]}
         if method == "crash":
             print("crashing in the middle of a call", file=sys.stderr, flush=True)
             os._exit(3)
