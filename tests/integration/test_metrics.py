@@ -207,3 +207,12 @@ def test_a_plugin_past_its_memory_limit_is_oom_killed_and_reported(controller):
         scrape(controller),
         re.MULTILINE,
     )
+
+
+def test_the_shipped_prometheus_config_and_alert_rules_pass_promtool():
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing: run scripts/engines.sh prometheus")
+    folder = TOP / "deploy" / "prometheus"
+    for command in (["check", "config", "prometheus.yml"], ["test", "rules", "rules.test.yml"]):
+        done = subprocess.run(["promtool", *command], cwd=folder, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
