@@ -97,7 +97,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
     engines = list(results["engines"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.boxplot([results["engines"][e]["samples_ms"] for e in engines], labels=engines)
+    ax.boxplot([results["engines"][e]["samples_ms"] for e in engines], tick_labels=engines)
     ax.set_ylabel("create + start until the socket accepts (ms)")
     ax.set_title(f"Bare container start-up, {results['image']}")
     fig.tight_layout()

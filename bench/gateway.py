@@ -220,7 +220,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.boxplot(
         [[t * 1000 for t in samples[n]] for n in samples],
-        labels=list(samples),
+        tick_labels=list(samples),
         showfliers=False,
     )
     ax.set_ylabel("milliseconds per call (concurrency 1)")

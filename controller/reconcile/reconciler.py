@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 
 LOG_LINES = 10
 """Log lines of a crashed instance kept in its event and condition message."""
-FIRST_PROBE = 0.02
-"""Seconds before the first readiness probe of a new instance; it grows by half each time."""
+FIRST_PROBE = 0.05
+"""Seconds before the first readiness probe of a new instance; it grows by half each time.
+
+The runtime's events usually say sooner when the instance's socket appears."""
 LONGEST_PROBE = 1.0
 STOP_TIMEOUT = 10.0
 """Seconds an instance being replaced gets to exit after SIGTERM."""

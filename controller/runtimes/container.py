@@ -35,6 +35,7 @@ import docker
 import docker.errors
 import docker.types
 import requests.exceptions
+import watchfiles
 from docker.models import containers as docker_containers
 
 from controller.errors import (
@@ -280,6 +281,8 @@ class ContainerRuntime:
             settings.threads, thread_name_prefix=f"{self.name}-api"
         )
         self._network_lock = threading.Lock()
+        self._starting: dict[str, str] = {}
+        """Instances started and not yet listening: their name to their plugin's key."""
         self._owner = {
             base.LABEL_MANAGED_BY: base.MANAGED_BY,
             base.LABEL_CONTROLLER: settings.controller_id,
@@ -360,6 +363,9 @@ class ContainerRuntime:
         name = desired.name
         socket_dir = self.socket_dir(name)
         await self._call(self._prepare_socket_dir, socket_dir)
+        self._starting[name] = (
+            f"{desired.namespace}/{desired.plugin}" if desired.namespace else desired.plugin
+        )
         volumes = {}
         for volume in desired.spec.volumes:
             if volume.host_path is not None:
@@ -556,11 +562,35 @@ class ContainerRuntime:
 
         thread = threading.Thread(target=pump, name=f"{self.name}-events", daemon=True)
         thread.start()
+        sockets = asyncio.create_task(self._watch_sockets(queue), name=f"{self.name}-sockets")
         try:
             while (key := await queue.get()) is not None:
                 yield key
         finally:
+            sockets.cancel()
             stream.close()
+
+    async def _watch_sockets(self, queue: asyncio.Queue[str | None]) -> None:
+        """Queue a plugin's key the moment its instance's socket appears: it can be Ready now.
+
+        Readiness is then seen when it happens, not at the next probe, and
+        instances that start take no engine calls while they are starting.
+        """
+        instances = self.settings.data_dir / "instances"
+        instances.mkdir(parents=True, exist_ok=True)
+        async for changes in watchfiles.awatch(
+            instances,
+            watch_filter=lambda change, path: (
+                change is watchfiles.Change.added and path.endswith("/" + base.SOCKET_NAME)
+            ),
+            debounce=20,
+            step=5,
+            recursive=True,
+        ):
+            for _, path in changes:
+                key = self._starting.pop(Path(path).parent.name, None)
+                if key is not None:
+                    queue.put_nowait(key)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

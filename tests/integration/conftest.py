@@ -286,6 +286,17 @@ class ControllerProcess:
         return self.engine.owned_by(self.controller_id)
 
 
+def bhctl(controller: ControllerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``bhctl ARGS --data-dir`` of ``controller``; its exit status is the caller's to check."""
+    return subprocess.run(
+        [str(BHCTL), *args, "--data-dir", str(controller.data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.fixture
 def controller(engine: EngineUnderTest, tmp_path: Path) -> Iterator[ControllerProcess]:
     process = ControllerProcess(engine, tmp_path)

@@ -19,7 +19,7 @@ import pytest
 from controller.runtimes import base
 from controller.spec import models
 
-from .conftest import BHCTL, PLUGIN_IMAGE, ControllerProcess, wait_for
+from .conftest import BHCTL, PLUGIN_IMAGE, ControllerProcess, bhctl, wait_for
 
 MI = 2**20
 
@@ -31,16 +31,6 @@ def inspect(controller: ControllerProcess, plugin: str) -> dict[str, Any]:
     ]
     [name] = [n for n in names if n in controller.containers()]
     return dict(controller.engine.client.api.inspect_container(name))
-
-
-def bhctl(controller: ControllerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BHCTL), *args, "--data-dir", str(controller.data)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture

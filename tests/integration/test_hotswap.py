@@ -9,6 +9,7 @@ to exactly one active color with every key.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from controller.runtimes import base
 from controller.spec import models
 from controller.swap import coordinator
 
-from .conftest import ControllerProcess, wait_for
+from .conftest import ControllerProcess, bhctl, wait_for
 
 STORAGE = "blackhole/example-storage:{}"
 KV = """\
@@ -196,3 +197,31 @@ def test_a_controller_killed_at_each_step_of_the_flip_converges(controller, step
     wait_for(lambda: swap_done(controller, "1.1.0"), timeout=60, what="the swap done after restart")
     assert len(controller.containers()) == 1, "exactly one active color"
     assert all_readable(controller, written) == [], "no key lost"
+
+
+def test_state_snapshots_through_the_cli(controller, tmp_path):
+    write_kv(controller, "1.0.0", state=1, delay=0)
+    controller.start()
+    wait_for(lambda: controller.ready("kv"), what="kv Ready")
+    assert controller.call("kv", "put", {"key": "a", "value": 1})[0] == 200
+    write_kv(controller, "1.1.0", state=2, delay=0)
+    wait_for(lambda: swap_done(controller, "1.1.0"), what="the swap to 1.1.0")
+
+    history = bhctl(controller, "state", "history", "kv").stdout
+    assert "1.0.0" in history
+    assert "swap" in history
+    exported = tmp_path / "kv.state"
+    assert bhctl(controller, "state", "export", "kv", "-o", str(exported)).returncode == 0
+    state = json.loads(exported.read_bytes())
+    assert state["entries"]["a"] == {"value": 1, "revision": 1}
+
+    state["entries"] = {"b": {"value": "restored", "revision": 7}}
+    exported.write_text(json.dumps(state))
+    imported = bhctl(controller, "state", "import", "kv", str(exported), "--state-version", "2")
+    assert imported.returncode == 0, imported.stderr
+    assert controller.call("kv", "get", {"key": "b"})[1]["value"] == "restored"
+    assert controller.call("kv", "get", {"key": "a"})[0] == 404
+    assert "before-import" in bhctl(controller, "state", "history", "kv").stdout
+    failed = bhctl(controller, "swap", "promote", "kv")
+    assert failed.returncode == 1
+    assert "no swap in progress" in failed.stderr

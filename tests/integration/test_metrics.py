@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ControllerProcess, wait_for
+from .conftest import ControllerProcess, bhctl, wait_for
 
 TOP = Path(__file__).resolve().parents[2]
 RULES = TOP / "deploy" / "prometheus" / "rules.yml"
@@ -216,3 +216,14 @@ def test_the_shipped_prometheus_config_and_alert_rules_pass_promtool():
     for command in (["check", "config", "prometheus.yml"], ["test", "rules", "rules.test.yml"]):
         done = subprocess.run(["promtool", *command], cwd=folder, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bhctl_top_shows_each_instance(controller):
+    controller.write("alpha", "  resources: {memory: 96Mi}\n")
+    controller.start()
+    wait_for(lambda: controller.ready("alpha"), what="alpha Ready")
+    shown = bhctl(controller, "top")
+    assert shown.returncode == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if "alpha" in line]
+    assert "blue" in row
+    assert "96.0Mi" in row
