@@ -252,18 +252,24 @@ class AdminServer:
     async def _swap(self, request: web.Request) -> web.Response:
         desired = self._desired(request)
         action = request.match_info["action"]
-        if action not in ("promote", "abort"):
-            return web.json_response({"error": f"{action!r}: use promote or abort"}, status=404)
+        if action not in ("promote", "abort", "undo"):
+            return web.json_response(
+                {"error": f"{action!r}: use promote, abort or undo"}, status=404
+            )
         target = self._reconciler()
-        status = await self.source.read_status(desired.plugin.key)
-        if status is None or status.swap is None:
-            return web.json_response(
-                {"error": f"{desired.plugin.key} has no swap in progress"}, status=409
-            )
-        if action == "promote" and status.swap.step is models.SwapStep.PROMOTED:
-            return web.json_response(
-                {"error": f"{desired.plugin.key}: the swap is promoted already"}, status=409
-            )
+        key = desired.plugin.key
+        status = await self.source.read_status(key) or models.PluginStatus()
+        if status.swap is None and action != "undo":
+            return web.json_response({"error": f"{key} has no swap in progress"}, status=409)
+        if status.swap is None:
+            last = status.last_swap
+            if last is None or last.result != "Promoted" or not last.from_hash:
+                return web.json_response(
+                    {"error": f"{key}: no promoted swap to undo; edit its spec instead"},
+                    status=409,
+                )
+        elif action == "promote" and status.swap.step is models.SwapStep.PROMOTED:
+            return web.json_response({"error": f"{key}: the swap is promoted already"}, status=409)
         target.request(desired.plugin.key, action)
         assert self.control is not None
         self.control.queue.add(desired.plugin.key)

@@ -483,6 +483,15 @@ def swap_abort(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR
     _swap(name, "abort", data_dir)
 
 
+@swap_app.command("undo")
+def swap_undo(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """Go back to the version the last swap came from, its state from the latest snapshot.
+
+    It stays (condition Pinned) until the plugin's spec changes.
+    """
+    _swap(name, "undo", data_dir)
+
+
 def _swap(name: str, action: str, data_dir: Path | None) -> None:
     try:
         _client(data_dir).swap(name, action)

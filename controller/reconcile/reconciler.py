@@ -17,6 +17,7 @@ changes.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import itertools
@@ -157,7 +158,21 @@ class Reconciler:
         if desired is None:
             return await self._delete(key, name, namespace or None, observed, context)
         context["generation"] = desired.generation
-        return await _Pass(self, key, desired, observed, context).run()
+        pinned = await self._pinned(key, desired)
+        return await _Pass(self, key, desired, observed, context, pinned).run()
+
+    async def _pinned(self, key: str, desired: directory.Desired) -> models.PluginSpec | None:
+        """The spec ``bhctl swap undo`` pinned over the declared one, while that is unchanged."""
+        if self.specs is None:
+            return None
+        pin = await asyncio.to_thread(self.specs.pinned, key)
+        if pin is None:
+            return None
+        declared_hash, text = pin
+        if declared_hash != desired.spec_hash:
+            await asyncio.to_thread(self.specs.unpin, key)  # the spec changed: it rules again
+            return None
+        return models.PluginSpec.model_validate_json(text)
 
     def _track(self, instance: base.Instance) -> None:
         """Export the instance's resources while it runs on this host."""
@@ -216,6 +231,11 @@ class Reconciler:
         self._memory.pop(key, None)
         return Result()
 
+    @property
+    def specs(self) -> snapshots_module.Specs | None:
+        """Instances' specs and pins, kept with the state snapshots (none without them)."""
+        return snapshots_module.Specs(self.snapshots) if self.snapshots is not None else None
+
     def forget(self, key: str) -> None:
         self._memory.pop(key, None)
 
@@ -237,13 +257,16 @@ class _Pass:
         desired: directory.Desired,
         observed: list[base.Instance],
         context: dict[str, Any],
+        pinned: models.PluginSpec | None = None,
     ) -> None:
         self.r = reconciler
         self.runtime = reconciler.runtime
         self.source = reconciler.source
         self.key = key
+        self.desired = desired
         self.plugin = desired.plugin
-        self.spec = desired.plugin.spec
+        self.spec = pinned or desired.plugin.spec
+        self.pinned = pinned is not None
         self.generation = desired.generation
         self.observed = observed
         self.context = context
@@ -281,7 +304,9 @@ class _Pass:
             delay = await swaps.advance(request)
             await self._write(self.old)
             return Result(requeue_after=delay)
-        if request is not None:
+        if request == "undo":
+            await self._undo()
+        elif request is not None:
             await self._event("Normal", "NoSwap", f"no swap in progress to {request}")
         for instance in self.observed:
             if instance.color is not color:
@@ -302,6 +327,29 @@ class _Pass:
             result = await self._converge(current)
         await self._write(self.old)
         return result
+
+    async def _undo(self) -> None:
+        """Pin the spec the last swap came from; the pass then swaps back to it."""
+        last = self.status.last_swap
+        specs = self.r.specs
+        text = None
+        if specs is not None and last is not None and last.from_hash:
+            text = await asyncio.to_thread(specs.get, self.key, last.from_hash)
+        if text is None or last is None:
+            await self._event(
+                "Warning", "UndoImpossible", "no finished swap whose previous spec is known"
+            )
+            return
+        assert specs is not None
+        await asyncio.to_thread(specs.pin, self.key, self.desired.spec_hash, text)
+        self.spec = models.PluginSpec.model_validate_json(text)
+        self.pinned = True
+        self.want = self.want_for(self.want.color)
+        await self._event(
+            "Normal",
+            "Undo",
+            f"going back to {last.from_version} (bhctl swap undo); it stays until the spec changes",
+        )
 
     def _swap_wanted(self, current: base.Instance | None) -> bool:
         """Whether a change should be made blue/green: a Ready instance of another spec."""
@@ -379,6 +427,7 @@ class _Pass:
 
     async def _start(self, reason: str, message: str, type: store.EventType = "Normal") -> Result:
         await self.runtime.start(self.want)
+        await self.remember(self.want)
         self.memory.probe_delay = FIRST_PROBE
         self.memory.health_failures = 0
         self.status.active_color = self.want.color
@@ -608,6 +657,12 @@ class _Pass:
     async def remove(self, instance: base.Instance) -> None:
         await self._remove(instance)
 
+    async def remember(self, want: base.InstanceSpec) -> None:
+        """Keep what ``want`` is made from, so that a swap away from it can be undone."""
+        if self.r.specs is not None:
+            text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
+            await asyncio.to_thread(self.r.specs.save, self.key, want.spec_hash, text)
+
     async def last_logs(self, name: str) -> str:
         return await self._last_logs(name)
 
@@ -675,6 +730,21 @@ class _Pass:
 
     async def _write(self, old: models.PluginStatus) -> None:
         await self._violations()
+        found = conditions.find(self.status.conditions, "Pinned")
+        if self.pinned:
+            self.status.conditions = conditions.set_condition(
+                self.status.conditions,
+                "Pinned",
+                "True",
+                "SwapUndone",
+                f"runs {self.spec.version} (bhctl swap undo), not the declared "
+                f"{self.plugin.spec.version}, until the spec changes",
+                self.generation,
+            )
+        elif found is not None and found.status == "True":
+            self.status.conditions = conditions.set_condition(
+                self.status.conditions, "Pinned", "False", "SpecChanged", "", self.generation
+            )
         self.r.phases[self.key] = (
             self.status.phase.value,
             conditions.is_true(self.status.conditions, conditions.READY),

@@ -502,6 +502,8 @@ class SwapProgress(_Model):
     """The color being brought in."""
     from_version: str = Field(alias="fromVersion")
     """The version that served when it began."""
+    from_hash: str = Field(default="", alias="fromHash")
+    """The spec hash of the instance that served when it began."""
     to_version: str = Field(alias="toVersion")
     """The version being brought in."""
     to_hash: str = Field(alias="toHash")
@@ -526,6 +528,8 @@ class SwapStatus(_Model):
     to_hash: str | None = Field(default=None, alias="toHash")
     """The spec hash swapped to; a rolled-back hash is not tried again until the spec
     changes."""
+    from_hash: str | None = Field(default=None, alias="fromHash")
+    """The spec hash swapped from: what bhctl swap undo goes back to."""
     reason: str | None = None
     """Why it rolled back or was aborted, e.g. SwapFailedImport."""
     time: datetime | None = None

@@ -33,6 +33,19 @@ CREATE TABLE IF NOT EXISTS snapshots (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_key ON snapshots (key, id);
+CREATE TABLE IF NOT EXISTS specs (
+    key TEXT NOT NULL,
+    instance_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    saved_at TEXT NOT NULL,
+    PRIMARY KEY (key, instance_hash)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    key TEXT PRIMARY KEY,
+    declared_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    pinned_at TEXT NOT NULL
+);
 """
 
 
@@ -142,6 +155,57 @@ class Snapshots:
         if hashlib.sha256(data).hexdigest() != snapshot.sha256:
             raise SnapshotDamagedError(f"snapshot {snapshot.id} of {key} does not match its sha256")
         return Snapshot(**{**snapshot.__dict__, "data": data})
+
+
+class Specs:
+    """What each instance was made from, and the specs ``bhctl swap undo`` pins over declared ones.
+
+    Kept beside the snapshots: undoing a swap needs the previous version's
+    spec, which the user's files no longer hold.
+    """
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self._db = snapshots._db
+        self.kept = snapshots.kept
+
+    def save(self, key: str, instance_hash: str, spec: str) -> None:
+        now = datetime.now(UTC).isoformat()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO specs (key, instance_hash, spec, saved_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key, instance_hash) DO UPDATE SET saved_at = excluded.saved_at",
+                (key, instance_hash, spec, now),
+            )
+            self._db.execute(
+                "DELETE FROM specs WHERE key = ? AND instance_hash NOT IN (SELECT instance_hash "
+                "FROM specs WHERE key = ? ORDER BY saved_at DESC LIMIT ?)",
+                (key, key, self.kept),
+            )
+
+    def get(self, key: str, instance_hash: str) -> str | None:
+        row = self._db.execute(
+            "SELECT spec FROM specs WHERE key = ? AND instance_hash = ?", (key, instance_hash)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def pin(self, key: str, declared_hash: str, spec: str) -> None:
+        self._db.execute(
+            "INSERT INTO pins (key, declared_hash, spec, pinned_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET declared_hash = excluded.declared_hash, "
+            "spec = excluded.spec, pinned_at = excluded.pinned_at",
+            (key, declared_hash, spec, datetime.now(UTC).isoformat()),
+        )
+
+    def pinned(self, key: str) -> tuple[str, str] | None:
+        """The declared spec hash a pin holds for, and the spec pinned over it."""
+        row = self._db.execute(
+            "SELECT declared_hash, spec FROM pins WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def unpin(self, key: str) -> None:
+        self._db.execute("DELETE FROM pins WHERE key = ?", (key,))
 
 
 def _snapshot(row: tuple[object, ...]) -> Snapshot:

@@ -131,6 +131,8 @@ class Context(Protocol):
 
     async def remove(self, instance: base.Instance) -> None: ...
 
+    async def remember(self, want: base.InstanceSpec) -> None: ...
+
     async def last_logs(self, name: str) -> str: ...
 
 
@@ -182,11 +184,13 @@ class Coordinator:
             from_color=current.color,
             to_color=target,
             from_version=current.version,
+            from_hash=current.spec_hash,
             to_version=str(c.spec.version),
             to_hash=want.spec_hash,
             started=datetime.fromtimestamp(c.now, UTC),
         )
         await c.runtime.start(want)
+        await c.remember(want)
         record = c.instance_status(target)
         record.version, record.state, record.ready = str(c.spec.version), "running", False
         record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
@@ -216,8 +220,8 @@ class Coordinator:
                     "the controller stopped while calls were held; the old color serves again "
                     "and the swap starts over",
                 )
-            if request == "abort":
-                raise SwapFailure("SwapAborted", "aborted by bhctl swap abort")
+            if request in ("abort", "undo"):
+                raise SwapFailure("SwapAborted", f"aborted by bhctl swap {request}")
             if progress.to_hash != c.want_for(progress.to_color).spec_hash:
                 raise SwapFailure(
                     "SwapSuperseded",
@@ -368,6 +372,7 @@ class Coordinator:
             c.status.last_swap = models.SwapStatus(
                 from_version=progress.from_version,
                 to_version=progress.to_version,
+                from_hash=progress.from_hash or None,
                 result="InProgress",
                 to_hash=progress.to_hash,
             )

@@ -181,3 +181,32 @@ async def test_going_back_to_an_older_state_version_takes_the_newest_snapshot_it
     assert kv.plugins.states[f"bh-kv-{status.active_color}"] == b'{"a": 1}'
     promoted = [e for e in kv.store.events("kv") if e.reason == "SwapPromoted"][-1]
     assert "cannot go back to 1: the state is snapshot 1 (1.0.0" in promoted.message
+
+
+async def test_undo_goes_back_to_the_previous_spec_until_the_spec_changes(kv: World) -> None:
+    await ready_on_blue(kv)  # 1.0.0, state version 1
+    write(kv, "1.1.0", state=2)
+    await kv.settle("kv")
+    kv.clock.offset += 31
+    status = await kv.settle("kv")
+    assert status.active_version == "1.1.0"
+    assert status.swap is None
+    kv.reconciler.request("kv", "undo")
+    status = await kv.settle("kv")
+    assert status.active_version == "1.0.0"
+    assert status.swap is not None, "a swap back, blue/green like any other"
+    assert kv.plugins.states[f"bh-kv-{status.active_color}"] == b'{"a": 1}'
+    pinned = conditions.find(status.conditions, "Pinned")
+    assert pinned is not None
+    assert pinned.status == "True"
+    assert "not the declared 1.1.0" in pinned.message
+    kv.clock.offset += 31
+    status = await kv.settle("kv")
+    assert status.active_version == "1.0.0", "the pin holds while the spec is unchanged"
+    write(kv, "1.2.0", state=2)
+    kv.clock.offset += 31
+    status = await kv.settle("kv", passes=8)
+    assert status.active_version == "1.2.0"
+    pinned = conditions.find(status.conditions, "Pinned")
+    assert pinned is not None
+    assert pinned.status == "False"
