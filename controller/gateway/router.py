@@ -26,11 +26,20 @@ from controller.spec import models
 class Refused(Exception):
     """A call the gate does not let through: HTTP ``status``, a CamelCase ``reason``, a message."""
 
-    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        retry_after: float | None = None,
+        grpc_code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
+        self.grpc_code = grpc_code
+        """The plugin's own gRPC status, passed through as it was."""
 
 
 class TokenBucket:
@@ -66,6 +75,8 @@ class Gate:
     """Set when calls may pass; cleared while held."""
     held: int = 0
     """Calls waiting at the hold."""
+    holds: int = 0
+    """Holders of the hold (a swap, a state import): calls pass when none is left."""
 
     def __post_init__(self) -> None:
         self.open.set()
@@ -111,12 +122,17 @@ class Router:
         return gate.endpoint if gate else None
 
     def hold(self, key: str) -> None:
-        """Make new calls to ``key`` wait until :meth:`release`."""
-        self.gates[key].open.clear()
+        """Make new calls to ``key`` wait until every holder has called :meth:`release`."""
+        gate = self.gates[key]
+        gate.holds += 1
+        gate.open.clear()
 
     def release(self, key: str) -> None:
-        """Let held and new calls through, to the route as it is now."""
-        self.gates[key].open.set()
+        """Let held and new calls through, to the route as it is now, once no hold is left."""
+        gate = self.gates[key]
+        gate.holds = max(0, gate.holds - 1)
+        if not gate.holds:
+            gate.open.set()
 
     def in_flight(self, endpoint: str) -> int:
         return self.by_endpoint[endpoint]
@@ -160,7 +176,8 @@ class Router:
                 held.inc()
                 try:
                     async with asyncio.timeout(timeout):
-                        await gate.open.wait()
+                        while not gate.open.is_set():  # held again before this call woke
+                            await gate.open.wait()
                 except TimeoutError:
                     raise Refused(
                         504, "HeldTooLong", f"{key}: held past the call's timeout"

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ MAX_BODY = 64 << 20
 """No plugin's limit may take the gateway past this, in bytes."""
 PLUGIN_HEADER = "x-blackhole-plugin"
 GATEWAY_SOCKET = base.GATEWAY_SOCKET_NAME
+_CALL_PATH = re.compile(r"^/v1/plugins/(?P<name>[^/]+)/call/(?P<method>[^/]+)$")
 
 _HTTP_FROM_GRPC = {
     "INVALID_ARGUMENT": 400,
@@ -73,6 +76,9 @@ _GRPC_FROM_HTTP = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     502: grpc.StatusCode.UNAVAILABLE,
@@ -86,10 +92,10 @@ Lookup = Callable[[str], models.Plugin | None]
 
 @dataclass(frozen=True)
 class _PluginSite:
+    """A plugin's own gateway socket, served by a server that knows whose it is."""
+
     path: str
-    name: str
-    """The name the bound socket reports, by which its connections are known."""
-    site: web.BaseSite
+    runner: web.BaseRunner
     directory: int
     """The open descriptor of the socket's directory."""
 
@@ -132,8 +138,7 @@ class Gateway:
         self._grpc: grpc.aio.Server | None = None
         self._plugin_sites: dict[str, _PluginSite] = {}
         """Per plugin key: the gateway socket its active instance calls through."""
-        self._sockets: dict[str, str] = {}
-        """Per bound socket name (as connections report it): the key of the plugin calling."""
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sync = asyncio.Lock()
         routes.listeners.append(self._routes_changed)
 
@@ -177,14 +182,17 @@ class Gateway:
     async def stop(self) -> None:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        for key in list(self._plugin_sites):
-            await self._close_plugin_site(key)
+        async with self._sync:
+            for key in list(self._plugin_sites):
+                await self._close_plugin_site(key)
         await self._runner.cleanup()
 
     # Plugins calling plugins.
 
     def _routes_changed(self, key: str) -> None:
-        asyncio.get_running_loop().create_task(self._sync_plugin_site(key))
+        task = asyncio.get_running_loop().create_task(self._sync_plugin_site(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _sync_plugin_site(self, key: str) -> None:
         """Give ``key``'s active instance a gateway socket when its spec lets it call others."""
@@ -203,52 +211,66 @@ class Gateway:
             if wanted is None:
                 return
             try:
-                site = await self._listen_for(wanted)
+                self._plugin_sites[key] = await self._listen_for(key, wanted)
             except OSError as e:
                 log.warning("no gateway socket for %s: %s", key, e)
-                return
-            self._plugin_sites[key] = site
-            self._sockets[site.name] = key
 
     async def _close_plugin_site(self, key: str) -> None:
         site = self._plugin_sites.pop(key)
-        self._sockets.pop(site.name, None)
-        await site.site.stop()
-        with contextlib.suppress(OSError):
-            os.unlink(site.path)
-        os.close(site.directory)
-
-    async def _listen_for(self, path: str) -> _PluginSite:
-        # Bound through the directory's descriptor, kept open while the site listens:
-        # any depth fits in sun_path, and the name connections report stays unique.
-        directory = Path(path).parent
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(f"/proc/self/fd/{fd}/{GATEWAY_SOCKET}")
-            owner = os.stat(directory)
-            os.chown(path, owner.st_uid, owner.st_gid)
-            os.chmod(path, 0o600)
-            site = web.SockSite(self._runner, sock)
-            await site.start()
+            await site.runner.cleanup()  # closes its connections too: none outlives the site
+            with contextlib.suppress(OSError):
+                os.unlink(GATEWAY_SOCKET, dir_fd=site.directory)
+        finally:
+            os.close(site.directory)
+
+    async def _listen_for(self, key: str, path: str) -> _PluginSite:
+        """A server on ``path`` whose every call comes from plugin ``key``.
+
+        The directory belongs to the plugin's user, who could swap names in
+        it: the socket is made through the directory's descriptor, with its
+        mode from the umask and its owner set without following links.
+        """
+        directory = Path(path).parent
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        runner: web.BaseRunner | None = None
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(GATEWAY_SOCKET, dir_fd=fd)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            previous = os.umask(0o177)
+            try:
+                sock.bind(f"/proc/self/fd/{fd}/{GATEWAY_SOCKET}")
+            finally:
+                os.umask(previous)
+            owner = os.fstat(fd)
+            os.chown(GATEWAY_SOCKET, owner.st_uid, owner.st_gid, dir_fd=fd, follow_symlinks=False)
+            runner = web.ServerRunner(
+                web.Server(functools.partial(self._plugin_call, key)),
+                access_log=None,
+                handle_signals=False,
+            )
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
         except BaseException:
-            sock.close()
+            if runner is not None:
+                await runner.cleanup()
             os.close(fd)
             raise
-        return _PluginSite(path, str(sock.getsockname()), site, fd)
+        return _PluginSite(path, runner, fd)
+
+    async def _plugin_call(self, key: str, request: web.BaseRequest) -> web.Response:
+        match = _CALL_PATH.match(request.path)
+        if request.method != "POST" or match is None:
+            return _refusal(router.Refused(404, "NotFound", "POST /v1/plugins/NAME/call/METHOD"))
+        plugin = self.lookup(key)
+        allowed = frozenset(plugin.spec.permissions.call_plugins) if plugin else frozenset()
+        caller = Caller(f"plugin {key}", allowed.__contains__)
+        return await self._answer(request, match["name"], match["method"], caller)
 
     # Who calls.
 
-    def _caller(self, authorization: str | None, sockname: Any) -> Caller:
-        if isinstance(sockname, str) and sockname:
-            key = self._sockets.get(sockname)
-            plugin = self.lookup(key) if key else None
-            if key is None or plugin is None:
-                raise router.Refused(403, "UnknownCaller", "this socket belongs to no plugin now")
-            allowed = frozenset(plugin.spec.permissions.call_plugins)
-            return Caller(f"plugin {key}", allowed.__contains__)
+    def _caller(self, authorization: str | None) -> Caller:
         if self.tokens is None:
             return Caller("anonymous", lambda _plugin: True)
         scheme, _, presented = (authorization or "").partition(" ")
@@ -275,12 +297,17 @@ class Gateway:
     async def _http_call(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         method = request.match_info["method"]
+        try:
+            caller = self._caller(request.headers.get("Authorization"))
+        except router.Refused as e:
+            return _refusal(e)
+        return await self._answer(request, name, method, caller)
+
+    async def _answer(
+        self, request: web.BaseRequest, name: str, method: str, caller: Caller
+    ) -> web.Response:
         started = time.perf_counter()
         try:
-            caller = self._caller(
-                request.headers.get("Authorization"),
-                request.transport.get_extra_info("sockname") if request.transport else None,
-            )
             plugin = self._plugin(caller, name)
             limits = plugin.spec.gateway
             limit = limits.max_request_bytes.as_int()
@@ -319,7 +346,7 @@ class Gateway:
         started = time.perf_counter()
         method = ""
         try:
-            caller = self._caller(str(metadata.get("authorization", "")) or None, None)
+            caller = self._caller(str(metadata.get("authorization", "")) or None)
             if not name:
                 raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
             plugin = self._plugin(caller, name)
@@ -337,12 +364,15 @@ class Gateway:
         except router.Refused as e:
             if name and e.reason != "PluginNotFound":
                 self.router.metrics.answered(name, method, e.status, started)
-            await context.abort(_GRPC_FROM_HTTP.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
+            code = _GRPC_FROM_HTTP.get(e.status, grpc.StatusCode.UNKNOWN)
+            if e.grpc_code is not None and e.grpc_code in grpc.StatusCode.__members__:
+                code = grpc.StatusCode[e.grpc_code]
+            await context.abort(code, str(e))
         self.router.metrics.answered(name, method, 200, started)
         return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
 
 
-async def _read(request: web.Request, name: str, limit: int) -> bytes:
+async def _read(request: web.BaseRequest, name: str, limit: int) -> bytes:
     if request.content_length is not None:
         return await request.read()
     body = bytearray()
@@ -382,7 +412,7 @@ def _from_plugin(name: str, e: PluginCallError, timeout: float) -> router.Refuse
     status = _HTTP_FROM_GRPC.get(e.code, 502)
     if status == 502:
         return router.Refused(502, "PluginFailed", f"{name} failed the call: {e.message}")
-    return router.Refused(status, "PluginError", e.message)
+    return router.Refused(status, "PluginError", e.message, grpc_code=e.code)
 
 
 def _refusal(e: router.Refused) -> web.Response:

@@ -5,9 +5,10 @@ on cgroup v1 reports exit code 137 and ``OOMKilled: false``), and a reading
 every few seconds misses a kill that takes milliseconds. So each tracked
 instance's memory cgroup gets an eventfd registered on ``memory.oom_control``
 (``cgroup.event_control``); the kernel signals it at the OOM, while the
-cgroup still exists, and the watcher confirms it by the cgroup's
-``oom_kill`` count before reporting. The same eventfd fires when the cgroup
-is removed; that is told apart by the count not having moved.
+cgroup still exists, and once more when the cgroup is removed. So a signal
+while the cgroup exists, or two signals read at once after it is gone, is
+taken as an OOM kill (the OOM killer is on for every instance, so an OOM
+there kills); one signal after it is gone is only the instance ending.
 
 On cgroup v2 there is no such notification: there the OOM kills are known
 from the engine's report and from ``memory.events`` at each reading.

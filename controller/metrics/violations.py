@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.metrics import telemetry
+from controller.metrics import cgroups, telemetry
 
 KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
 
@@ -62,17 +62,27 @@ class Violations:
         default_factory=lambda: collections.defaultdict(collections.deque)
     )
 
+    def read(self) -> dict[str, tuple[telemetry.Tracked, cgroups.Reading]]:
+        """Every tracked instance's reading: file reads only, safe to run in a thread."""
+        readings = {}
+        for name, tracked in list(self.metrics.instances.items()):
+            reading = self.metrics.cgroups.read(tracked.pid)
+            if reading is not None:
+                readings[name] = (tracked, reading)
+        return readings
+
     def evaluate(self) -> set[str]:
-        """Read every tracked instance; the keys whose violations began or ended."""
+        """Read and apply at once (for callers that do not mind reading on the event loop)."""
+        return self.apply(self.read())
+
+    def apply(self, readings: dict[str, tuple[telemetry.Tracked, cgroups.Reading]]) -> set[str]:
+        """Turn readings into violations, on the event loop; the keys that began or ended one."""
         now = self.clock()
         t = self.thresholds
         changed: set[str] = set()
         found: dict[str, dict[str, str]] = collections.defaultdict(dict)
-        for name, tracked in list(self.metrics.instances.items()):
-            reading = self.metrics.cgroups.read(tracked.pid)
+        for name, (tracked, reading) in readings.items():
             key = f"{tracked.namespace}/{tracked.plugin}" if tracked.namespace else tracked.plugin
-            if reading is None:
-                continue
             seen = self._seen[name]
             limit = reading.memory_limit_bytes
             if limit and reading.memory_working_set_bytes > t.memory_share * limit:

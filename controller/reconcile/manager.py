@@ -128,7 +128,8 @@ class Manager:
     async def _watch_resources(self, stop: asyncio.Event) -> None:
         """Evaluate resource violations every few seconds; queue the plugins they change."""
         while not stop.is_set():
-            for key in await asyncio.to_thread(self.violations.evaluate):
+            readings = await asyncio.to_thread(self.violations.read)
+            for key in self.violations.apply(readings):
                 self.queue.add(key)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=VIOLATIONS_SECONDS)

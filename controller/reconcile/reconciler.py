@@ -66,8 +66,6 @@ class Plugins(coordinator.Plugins, Protocol):
 class Routes(coordinator.Routes, Protocol):
     """Where calls go (:class:`~controller.gateway.router.Router`): set when Ready, else cleared."""
 
-    def clear_route(self, key: str) -> None: ...
-
 
 class NoRoutes:
     """Routes for a controller without a gateway."""
@@ -267,6 +265,8 @@ class _Pass:
         self.plugin = desired.plugin
         self.spec = pinned or desired.plugin.spec
         self.pinned = pinned is not None
+        self.held_back = False
+        """Whether the old version runs on because the swap to this spec rolled back."""
         self.generation = desired.generation
         self.observed = observed
         self.context = context
@@ -316,12 +316,17 @@ class _Pass:
                 )
         self.status.instances = [i for i in self.status.instances if i.color is color]
         current = next((i for i in self.observed if i.color is color), None)
+        if self._swap_refused(current):
+            assert current is not None
+            kept = await self._spec_of(current)
+            if kept is not None:  # the old version goes on as it was, restarts included
+                self.spec, self.held_back = kept, True
+                self.want = self.want_for(color)
         if self._swap_wanted(current):
             assert current is not None
             delay, _ = await swaps.begin(current)
             result = Result(requeue_after=delay)
-        elif self._swap_refused(current):
-            assert current is not None
+        elif self._swap_refused(current) and current is not None:
             result = await self._hold_back(current)
         else:
             result = await self._converge(current)
@@ -362,12 +367,18 @@ class _Pass:
             and not self._swap_refused(current)
         )
 
+    async def _spec_of(self, instance: base.Instance) -> models.PluginSpec | None:
+        specs = self.r.specs
+        if specs is None:
+            return None
+        text = await asyncio.to_thread(specs.get, self.key, instance.spec_hash)
+        return models.PluginSpec.model_validate_json(text) if text is not None else None
+
     def _swap_refused(self, current: base.Instance | None) -> bool:
         """Whether a swap to this very spec rolled back: not tried again until it changes."""
         last = self.status.last_swap
         return (
             current is not None
-            and current.state is base.InstanceState.RUNNING
             and current.spec_hash != self.want.spec_hash
             and last is not None
             and last.result in ("RolledBack", "Aborted")
@@ -375,28 +386,24 @@ class _Pass:
         )
 
     async def _hold_back(self, current: base.Instance) -> Result:
-        """Keep the old instance serving after a rolled-back swap, and say so."""
-        degraded = conditions.find(self.status.conditions, conditions.DEGRADED)
-        result = await self._probe(current, self.instance_status(current.color))
-        last = self.status.last_swap
-        assert last is not None
-        self.status.phase = models.Phase.DEGRADED
-        if degraded is not None and degraded.status == "True" and degraded.reason == last.reason:
-            message = degraded.message  # the rollback's own account, with its details
+        """Keep an old instance whose spec is not known serving: health checks, no handshake.
+
+        Its handshake would be checked against the refused spec; and a crash
+        of it has nothing to restart but that spec, which _converge then does.
+        """
+        record = self.instance_status(current.color)
+        if current.state is not base.InstanceState.RUNNING:
+            return await self._converge(current)
+        health = self.spec.health
+        endpoint = self.runtime.endpoint(current)
+        record.state = current.state.value
+        record.ready = await self.r.plugins.healthy(endpoint, float(health.timeout_seconds))
+        if record.ready:
+            self.r.routes.set_route(self.key, endpoint, current.name, self.spec)
         else:
-            message = (
-                f"the swap to {last.to_version} rolled back ({last.reason}); {current.name} "
-                f"({current.version}) serves until the spec changes"
-            )
-        self.status.conditions = conditions.set_condition(
-            self.status.conditions,
-            conditions.DEGRADED,
-            "True",
-            last.reason or "SwapRolledBack",
-            message,
-            self.generation,
-        )
-        return result
+            self.r.routes.clear_route(self.key)
+        self.held_back = True
+        return Result(requeue_after=float(health.period_seconds))
 
     async def _converge(self, current: base.Instance | None) -> Result:
         record = self._instance_status()
@@ -730,6 +737,21 @@ class _Pass:
 
     async def _write(self, old: models.PluginStatus) -> None:
         await self._violations()
+        last = self.status.last_swap
+        if self.held_back and last is not None and self.status.swap is None:
+            degraded = conditions.find(self.old.conditions, conditions.DEGRADED)  # before the pass
+            keep = degraded is not None and degraded.reason == last.reason and degraded.message
+            self.status.phase = models.Phase.DEGRADED
+            self.status.conditions = conditions.set_condition(
+                self.status.conditions,
+                conditions.DEGRADED,
+                "True",
+                last.reason or "SwapRolledBack",
+                (degraded.message if keep and degraded else "")
+                or f"the swap to {last.to_version} rolled back ({last.reason}); "
+                f"{last.from_version} serves until the spec changes",
+                self.generation,
+            )
         found = conditions.find(self.status.conditions, "Pinned")
         if self.pinned:
             self.status.conditions = conditions.set_condition(

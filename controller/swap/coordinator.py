@@ -80,6 +80,8 @@ class Routes(Protocol):
         self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
     ) -> None: ...
 
+    def clear_route(self, key: str) -> None: ...
+
     def hold(self, key: str) -> None: ...
 
     def release(self, key: str) -> None: ...
@@ -340,7 +342,7 @@ class Coordinator:
                     f"({swap.drain_timeout_seconds}s)",
                 )
             try:
-                await c.plugins.drain(old_endpoint, float(swap.drain_timeout_seconds))
+                await c.plugins.drain(old_endpoint, max(0.001, float(swap.drain_timeout_seconds)))
             except ControllerError as e:
                 raise SwapFailure("SwapFailedDrain", f"{old.name} did not drain: {e}") from None
             _checkpoint("drained")
@@ -379,7 +381,7 @@ class Coordinator:
             await c.persist()
             _checkpoint("flipped")
             c.routes.set_route(c.key, new_endpoint, new.name, c.spec)
-        except SwapFailure:
+        except BaseException:  # a failed step, or anything else: the old color serves again
             await self._resume(old_endpoint)
             c.routes.release(c.key)
             raise
@@ -451,8 +453,15 @@ class Coordinator:
                 "SwapFailedAfterPromotion",
                 f"the {progress.to_color.value} instance stopped within the scale-down window",
             )
-        if request in ("abort", "undo"):
+        old_alive = old is not None and old.state is base.InstanceState.RUNNING
+        if request in ("abort", "undo") and old_alive:
             raise SwapFailure("SwapAborted", f"rolled back by bhctl swap {request}")
+        if request in ("abort", "undo"):
+            await c.event(
+                "Warning",
+                "SwapNotAborted",
+                f"the {progress.from_color.value} instance is gone: nothing to go back to",
+            )
         endpoint = c.runtime.endpoint(new)
         if not await c.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds)):
             raise SwapFailure(
@@ -497,6 +506,11 @@ class Coordinator:
         message = str(failure)
         promoted = progress.step is models.SwapStep.PROMOTED
         old_alive = old is not None and old.state is base.InstanceState.RUNNING
+        quiet = failure.reason in ("SwapInterrupted", "SwapSuperseded", "SwapSourceLost")
+        aborted = failure.reason == "SwapAborted"
+        # Everything the route and the status say changes while calls are held, and is
+        # persisted before they are released: a controller dying after this finds the
+        # old color active, never the one being removed.
         c.routes.hold(c.key)
         try:
             if promoted and old_alive and old is not None:
@@ -505,27 +519,29 @@ class Coordinator:
                 old_endpoint = c.runtime.endpoint(old)
                 await self._resume(old_endpoint)
                 c.routes.set_route(c.key, old_endpoint, old.name, c.spec)
+            else:
+                c.routes.clear_route(c.key)
             c.status.active_color = progress.from_color
             c.status.active_version = progress.from_version
+            c.status.instances = [i for i in c.status.instances if i.color is progress.from_color]
+            c.status.swap = None
+            c.status.last_swap = models.SwapStatus(
+                from_version=progress.from_version,
+                to_version=progress.to_version,
+                pause_milliseconds=c.status.last_swap.pause_milliseconds
+                if promoted and c.status.last_swap
+                else None,
+                result="Aborted" if aborted else "RolledBack",
+                reason=failure.reason,
+                to_hash=None if quiet else progress.to_hash,
+                from_hash=progress.from_hash or None,
+                time=datetime.now(UTC),
+            )
+            await c.persist()
         finally:
             c.routes.release(c.key)
         if new is not None:
             await c.remove(new)
-        c.status.instances = [i for i in c.status.instances if i.color is progress.from_color]
-        c.status.swap = None
-        quiet = failure.reason in ("SwapInterrupted", "SwapSuperseded", "SwapSourceLost")
-        aborted = failure.reason == "SwapAborted"
-        c.status.last_swap = models.SwapStatus(
-            from_version=progress.from_version,
-            to_version=progress.to_version,
-            pause_milliseconds=c.status.last_swap.pause_milliseconds
-            if promoted and c.status.last_swap
-            else None,
-            result="Aborted" if aborted else "RolledBack",
-            reason=failure.reason,
-            to_hash=None if quiet else progress.to_hash,
-            time=datetime.now(UTC),
-        )
         c.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
         c.metrics.rollbacks.labels(c.key, failure.reason).inc()
         await c.event(
@@ -533,7 +549,6 @@ class Coordinator:
             failure.reason,
             f"swap {progress.from_version} -> {progress.to_version} rolled back: {message}",
         )
-        await c.persist()
         if quiet:
             return 0.0  # the next pass starts over from what runs
         serving = f"{old.name} serves" if old_alive and old is not None else "nothing serves"
@@ -559,8 +574,15 @@ class Coordinator:
         if new is None or new.state is not base.InstanceState.RUNNING:
             return "; the new color is gone: the old one serves the state frozen at the swap"
         new_endpoint = c.runtime.endpoint(new)
+        drain = max(0.001, float(c.spec.hot_swap.drain_timeout_seconds))
         try:
-            await c.routes.wait_idle(new_endpoint, float(c.spec.hot_swap.drain_timeout_seconds))
+            left = await c.routes.wait_idle(new_endpoint, drain)
+            left = left or await c.plugins.drain(new_endpoint, drain)
+            if left:
+                return (
+                    f"; {left} call(s) were still in flight on the new color: the old one "
+                    "serves the state frozen at the swap"
+                )
             state = await c.plugins.export_state(new_endpoint, STATE_TIMEOUT)
             await c.plugins.import_state(c.runtime.endpoint(old), state, STATE_TIMEOUT)
         except ControllerError as e:

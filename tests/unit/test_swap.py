@@ -210,3 +210,45 @@ async def test_undo_goes_back_to_the_previous_spec_until_the_spec_changes(kv: Wo
     pinned = conditions.find(status.conditions, "Pinned")
     assert pinned is not None
     assert pinned.status == "False"
+
+
+async def test_after_a_rollback_the_old_version_runs_on_through_restarts_and_crashes(
+    kv: World,
+) -> None:
+    await ready_on_blue(kv)
+    kv.plugins.failing["bh-kv-green"] = "import_state"
+    write(kv, "1.1.0", state=2)
+    await kv.settle("kv")
+    # A restarted controller: nothing in memory, the same records.
+    from controller.reconcile.reconciler import Reconciler
+
+    snapshots_db = kv.reconciler.snapshots
+    kv.reconciler = Reconciler(
+        kv.source, kv.runtime, kv.plugins, snapshots=snapshots_db, clock=kv.clock
+    )
+    status = await kv.settle("kv")
+    assert set(kv.runtime.instances) == {"bh-kv-blue"}
+    assert status.phase is models.Phase.DEGRADED
+    assert conditions.is_true(status.conditions, "Ready")
+    degraded = conditions.find(status.conditions, "Degraded")
+    assert degraded is not None
+    assert degraded.reason == "SwapFailedImport"
+    kv.runtime.crash("bh-kv-blue", 1)
+    kv.clock.offset += 5
+    status = await kv.settle("kv")
+    [instance] = kv.runtime.instances.values()
+    assert instance.version == "1.0.0", "restarted as what it was, not as the refused spec"
+    assert instance.state.value == "running"
+    assert status.phase is models.Phase.DEGRADED
+
+
+async def test_an_abort_with_the_old_color_gone_keeps_the_new_one(kv: World) -> None:
+    await ready_on_blue(kv)
+    write(kv, "1.1.0", state=2)
+    await kv.settle("kv")
+    kv.runtime.crash("bh-kv-blue", 1)
+    kv.reconciler.request("kv", "abort")
+    status = await kv.settle("kv", passes=1)
+    assert status.active_color is models.Color.GREEN
+    assert "bh-kv-green" in kv.runtime.instances
+    assert "SwapNotAborted" in [e.reason for e in kv.store.events("kv")]
