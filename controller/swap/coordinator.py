@@ -537,6 +537,19 @@ class Coordinator:
                 from_hash=progress.from_hash or None,
                 time=datetime.now(UTC),
             )
+            if not quiet:
+                serving = (
+                    f"{old.name} serves" if old_alive and old is not None else "nothing serves"
+                )
+                c.set_conditions(
+                    models.Phase.DEGRADED,
+                    ready=(
+                        "True" if old_alive else "False",
+                        failure.reason,
+                        f"swap to {progress.to_version} rolled back: {message}; {serving}",
+                    ),
+                    degraded=True,
+                )
             await c.persist()
         finally:
             c.routes.release(c.key)
@@ -551,16 +564,6 @@ class Coordinator:
         )
         if quiet:
             return 0.0  # the next pass starts over from what runs
-        serving = f"{old.name} serves" if old_alive and old is not None else "nothing serves"
-        c.set_conditions(
-            models.Phase.DEGRADED,
-            ready=(
-                "True" if old_alive else "False",
-                failure.reason,
-                f"swap to {progress.to_version} rolled back: {message}; {serving}",
-            ),
-            degraded=True,
-        )
         return float(c.spec.health.period_seconds)
 
     async def _return_state(self, old: base.Instance, new: base.Instance | None) -> str:
