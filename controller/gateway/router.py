@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.metrics import telemetry
 from controller.spec import models
@@ -77,6 +78,8 @@ class Gate:
     """Calls waiting at the hold."""
     holds: int = 0
     """Holders of the hold (a swap, a state import): calls pass when none is left."""
+    in_flight_gauge: Any = None
+    """This plugin's child of the in-flight gauge, once made."""
 
     def __post_init__(self) -> None:
         self.open.set()
@@ -167,7 +170,9 @@ class Router:
                 retry_after=1,
             )
         gate.in_flight += 1
-        in_flight = self.metrics.in_flight.labels(key)
+        in_flight = gate.in_flight_gauge
+        if in_flight is None:
+            in_flight = gate.in_flight_gauge = self.metrics.in_flight.labels(key)
         in_flight.inc()
         try:
             if not gate.open.is_set():

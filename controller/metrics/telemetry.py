@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -134,6 +135,8 @@ class Metrics:
         self.oom: oom.OomWatch | None = None
         """Told of every tracked instance, to see its OOM kills as they happen."""
         self._methods: dict[str, set[str]] = collections.defaultdict(set)
+        self._answers: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
         self.collector = InstanceCollector(self)
         r.register(self.collector)
 
@@ -167,8 +170,18 @@ class Metrics:
         return "other"
 
     def answered(self, plugin: str, method: str, code: int, started: float) -> None:
-        self.requests.labels(plugin, self.method(plugin, method), str(code)).inc()
-        self.request_seconds.labels(plugin).observe(time.perf_counter() - started)
+        """Count one call the gateway answered (on its hot path: label children are cached)."""
+        key = (plugin, method, code)
+        counter = self._answers.get(key)
+        if counter is None:
+            counter = self.requests.labels(plugin, self.method(plugin, method), str(code))
+            if len(self._answers) < 100_000:
+                self._answers[key] = counter
+        counter.inc()
+        duration = self._durations.get(plugin)
+        if duration is None:
+            duration = self._durations[plugin] = self.request_seconds.labels(plugin)
+        duration.observe(time.perf_counter() - started)
 
 
 class InstanceCollector(Collector):
