@@ -465,7 +465,7 @@ def _bytes(value: float) -> str:
     return f"{value:.1f}Gi"
 
 
-swap_app = typer.Typer(help="Steer a blue/green swap in progress.", no_args_is_help=True)
+swap_app = typer.Typer(help="Steer a blue/green swap: promote, abort, undo.", no_args_is_help=True)
 state_app = typer.Typer(help="Plugins' state snapshots.", no_args_is_help=True)
 app.add_typer(swap_app, name="swap")
 app.add_typer(state_app, name="state")
