@@ -78,6 +78,8 @@ class Gate:
     """Calls waiting at the hold."""
     holds: int = 0
     """Holders of the hold (a swap, a state import): calls pass when none is left."""
+    calls: tuple[str, ...] = ()
+    """The plugins it may call, as its route was last set: a change re-makes its socket."""
     in_flight_gauge: Any = None
     """This plugin's child of the in-flight gauge, once made."""
 
@@ -101,8 +103,9 @@ class Router:
 
     def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
         gate = self.gates[key]
-        changed = gate.endpoint != endpoint
-        gate.endpoint, gate.instance = endpoint, instance
+        calls = tuple(spec.permissions.call_plugins)
+        changed = gate.endpoint != endpoint or gate.calls != calls
+        gate.endpoint, gate.instance, gate.calls = endpoint, instance, calls
         if changed:
             self._changed(key)
         limit = spec.gateway.rate_limit

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -522,6 +523,10 @@ class _Pass:
         endpoint = self.runtime.endpoint(current)
         if record.ready and current.id in self.memory.handshaken:
             ready = await self.r.plugins.healthy(endpoint, timeout)
+            if not ready:  # left draining by a swap that could not resume it? Resume it.
+                with contextlib.suppress(ControllerError):
+                    await self.r.plugins.drain(endpoint, timeout, resume=True)
+                    ready = await self.r.plugins.healthy(endpoint, timeout)
         else:
             ready = await self.runtime.ready(current, timeout) and await self._handshake(
                 current, endpoint, timeout

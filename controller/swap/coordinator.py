@@ -246,6 +246,7 @@ class Coordinator:
                     "SwapFailedCrashed",
                     f"{new.name} exited before promotion ({how}); last log lines:\n{lines}",
                 )
+            await self._check_serving(old)
             if not await self._ready(progress, new):
                 waited = c.now - progress.started.timestamp()
                 deadline = c.spec.health.startup_deadline_seconds
@@ -274,6 +275,17 @@ class Coordinator:
             return await self._promote(progress, old, new)
         except SwapFailure as failure:
             return await self._roll_back(progress, old, new, failure)
+
+    async def _check_serving(self, old: base.Instance) -> None:
+        """Keep health-checking the color that serves while the new one starts or waits."""
+        c = self.c
+        endpoint = c.runtime.endpoint(old)
+        record = c.instance_status(old.color)
+        record.ready = await c.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds))
+        if record.ready:
+            c.routes.set_route(c.key, endpoint, old.name, c.spec)
+        else:
+            c.routes.clear_route(c.key)
 
     def _instance(self, color: models.Color) -> base.Instance | None:
         return next((i for i in self.c.observed if i.color is color), None)
@@ -597,8 +609,14 @@ class Coordinator:
 
     def _swapping(self, reason: str, message: str) -> None:
         c = self.c
+        active = c.status.active_color
+        serving = active is None or c.instance_status(active).ready
         c.set_conditions(
             models.Phase.SWAPPING,
-            ready=("True", "InstanceReady", "the active color serves while the swap goes on"),
+            ready=(
+                ("True", "InstanceReady", "the active color serves while the swap goes on")
+                if serving
+                else ("False", "ActiveUnhealthy", "the active color fails its health check")
+            ),
             progressing=(reason, message),
         )

@@ -245,7 +245,7 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
-    """``grpc.health.v1``: SERVING once initialized and while ``Plugin.health()`` says so."""
+    """``grpc.health.v1``: SERVING once initialized, unless draining, while ``health()`` says so."""
 
     def __init__(self, servicer: Servicer) -> None:
         self.servicer = servicer
@@ -255,8 +255,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         if request.service not in ("", SERVICE_NAME):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        serving = self.servicer.answer is not None and bool(
-            await resolve(self.servicer.plugin.health())
+        serving = (
+            self.servicer.answer is not None
+            and not self.servicer.draining
+            and bool(await resolve(self.servicer.plugin.health()))
         )
         status = (
             health_pb2.HealthCheckResponse.SERVING

@@ -142,3 +142,16 @@ def test_the_gateway_is_not_exposed_without_tokens(tmp_path: Path) -> None:
     with pytest.raises(run.GatewayConfigError, match="without authentication"):
         run.gateway_tokens(options)
     assert run.gateway_tokens(dataclasses.replace(options, gateway_address="[::1]:8080")) is None
+
+
+def test_a_change_of_the_plugins_it_may_call_is_announced() -> None:
+    routes = router.Router()
+    changed: list[str] = []
+    routes.listeners.append(changed.append)
+    caller = models.PluginSpec.model_validate(
+        {"image": "blackhole/x:1", "version": "1.0.0", "permissions": {"callPlugins": ["kv"]}}
+    )
+    routes.set_route("app", "unix:/a.sock", "bh-app-blue", spec())
+    routes.set_route("app", "unix:/a.sock", "bh-app-blue", spec())
+    routes.set_route("app", "unix:/a.sock", "bh-app-blue", caller)
+    assert changed == ["app", "app"], "set, then the new permission; the same route is no change"

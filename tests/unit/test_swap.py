@@ -252,3 +252,19 @@ async def test_an_abort_with_the_old_color_gone_keeps_the_new_one(kv: World) -> 
     assert status.active_color is models.Color.GREEN
     assert "bh-kv-green" in kv.runtime.instances
     assert "SwapNotAborted" in [e.reason for e in kv.store.events("kv")]
+
+
+async def test_the_serving_color_is_health_checked_while_the_new_one_waits(kv: World) -> None:
+    await ready_on_blue(kv)
+    write(kv, "1.1.0", state=2, swap=", autoPromote: false")
+    status = await kv.settle("kv")
+    assert status.swap is not None
+    assert status.swap.step is models.SwapStep.AWAITING_PROMOTION
+    kv.runtime.unready.add("bh-kv-blue")
+    status = await kv.settle("kv", passes=1)
+    ready = conditions.find(status.conditions, "Ready")
+    assert ready is not None
+    assert (ready.status, ready.reason) == ("False", "ActiveUnhealthy")
+    kv.runtime.unready.clear()
+    status = await kv.settle("kv", passes=1)
+    assert conditions.is_true(status.conditions, "Ready")
