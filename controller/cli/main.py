@@ -350,6 +350,18 @@ def describe(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) 
         f"(generation {plugin['metadata'].get('generation')}, observed "
         f"{status.get('observedGeneration', '-')})"
     )
+    if swap := status.get("swap"):
+        out.print(
+            f"[bold]Swap:[/]        {swap['fromVersion']} ({swap['fromColor']}) -> "
+            f"{swap['toVersion']} ({swap['toColor']}): {swap['step']}"
+        )
+    if last := status.get("lastSwap"):
+        pause = last.get("pauseMilliseconds")
+        out.print(
+            f"[bold]Last swap:[/]   {last['from']} -> {last['to']}: {last['result']}"
+            + (f" ({last['reason']})" if last.get("reason") else "")
+            + (f", calls held {pause} ms" if pause is not None else "")
+        )
     conditions = Table("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE", box=None, title="Conditions")
     for c in status.get("conditions", []):
         conditions.add_row(

@@ -207,6 +207,8 @@ def test_state_snapshots_through_the_cli(controller, tmp_path):
     write_kv(controller, "1.1.0", state=2, delay=0)
     wait_for(lambda: swap_done(controller, "1.1.0"), what="the swap to 1.1.0")
 
+    described = bhctl(controller, "describe", "kv").stdout
+    assert "Last swap:   1.0.0 -> 1.1.0: Promoted, calls held" in described
     history = bhctl(controller, "state", "history", "kv").stdout
     assert "1.0.0" in history
     assert "swap" in history
