@@ -288,15 +288,15 @@ class _Pass:
         issues = self.runtime.validate(self.want)
         if issues:
             error = SpecError(issues)
-            await self._event("Warning", "InvalidSpec", str(error))
-            self._conditions(
+            await self.event("Warning", "InvalidSpec", str(error))
+            self.set_conditions(
                 models.Phase.FAILED, ready=("False", "InvalidSpec", str(error)), degraded=True
             )
             await self._write(self.old)
             raise PermanentError(f"{self.key}: {error}")
         if self.memory.refused == self.want.spec_hash:
             for instance in self.observed:  # e.g. adopted after a restart of ours
-                await self._remove(instance)
+                await self.remove(instance)
             return Result()  # Failed until the spec changes: its status says why
         self.memory.refused = ""
         request = self.r.take_request(self.key)
@@ -308,11 +308,11 @@ class _Pass:
         if request == "undo":
             await self._undo()
         elif request is not None:
-            await self._event("Normal", "NoSwap", f"no swap in progress to {request}")
+            await self.event("Normal", "NoSwap", f"no swap in progress to {request}")
         for instance in self.observed:
             if instance.color is not color:
-                await self._remove(instance)
-                await self._event(
+                await self.remove(instance)
+                await self.event(
                     "Normal", "Removed", f"removed {instance.name}: not the active color"
                 )
         self.status.instances = [i for i in self.status.instances if i.color is color]
@@ -342,7 +342,7 @@ class _Pass:
         if specs is not None and last is not None and last.from_hash:
             text = await asyncio.to_thread(specs.get, self.key, last.from_hash)
         if text is None or last is None:
-            await self._event(
+            await self.event(
                 "Warning", "UndoImpossible", "no finished swap whose previous spec is known"
             )
             return
@@ -351,7 +351,7 @@ class _Pass:
         self.spec = models.PluginSpec.model_validate_json(text)
         self.pinned = True
         self.want = self.want_for(self.want.color)
-        await self._event(
+        await self.event(
             "Normal",
             "Undo",
             f"going back to {last.from_version} (bhctl swap undo); it stays until the spec changes",
@@ -407,13 +407,13 @@ class _Pass:
         return Result(requeue_after=float(health.period_seconds))
 
     async def _converge(self, current: base.Instance | None) -> Result:
-        record = self._instance_status()
+        record = self.instance_status()
         if current is None:
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
         if current.spec_hash != self.want.spec_hash:
             self.r.routes.clear_route(self.key)
             await self.runtime.stop(current.name, STOP_TIMEOUT)
-            await self._remove(current)
+            await self.remove(current)
             record.restarts = 0
             record.last_exit_code = None
             record.oom_killed = False
@@ -426,7 +426,7 @@ class _Pass:
                 "Replaced", f"replaced {self.want.name} (stop, then start): {change}"
             )
         if current.state is base.InstanceState.CREATED:
-            await self._remove(current)  # a start cut short, e.g. by a crash of ours
+            await self.remove(current)  # a start cut short, e.g. by a crash of ours
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
         if current.state is not base.InstanceState.RUNNING:
             self.r.routes.clear_route(self.key)
@@ -440,12 +440,12 @@ class _Pass:
         self.memory.health_failures = 0
         self.status.active_color = self.want.color
         self.status.active_version = str(self.spec.version)
-        record = self._instance_status()
+        record = self.instance_status()
         record.state = base.InstanceState.RUNNING.value
         record.ready = False
         record.version = str(self.spec.version)
-        await self._event(type, reason, message)
-        self._conditions(
+        await self.event(type, reason, message)
+        self.set_conditions(
             models.Phase.PENDING,
             ready=("False", "InstanceStarting", f"{self.want.name} is starting"),
             progressing=(reason if reason != "Created" else "InstanceStarting", message),
@@ -475,7 +475,7 @@ class _Pass:
         while history and history[0] <= self.now - restart.window_seconds:
             history.popleft()
         if len(history) >= restart.max_restarts:
-            lines = await self._last_logs(current.name)
+            lines = await self.last_logs(current.name)
             message = (
                 f"{current.name} crashed {len(history) + 1} times within "
                 f"{restart.window_seconds}s (maxRestarts {restart.max_restarts}); last "
@@ -483,8 +483,8 @@ class _Pass:
                 f"Last log lines:\n{lines}"
             )
             if not conditions.is_true(self.status.conditions, conditions.DEGRADED):
-                await self._event("Warning", "CrashLoop", message)
-            self._conditions(
+                await self.event("Warning", "CrashLoop", message)
+            self.set_conditions(
                 models.Phase.DEGRADED,
                 ready=("False", "CrashLoop", message),
                 degraded=True,
@@ -496,14 +496,14 @@ class _Pass:
         finished = current.finished_at.timestamp() if current.finished_at else self.now
         wait = finished + delay - self.now
         if wait > 0:
-            self._conditions(
+            self.set_conditions(
                 models.Phase.DEGRADED if history else models.Phase.PENDING,
                 ready=("False", "BackOff", f"{current.name} {how}; restarting in {wait:.1f}s"),
                 progressing=("BackOff", f"restarting {current.name} in {wait:.1f}s"),
             )
             return Result(requeue_after=wait)
-        lines = await self._last_logs(current.name)
-        await self._remove(current)
+        lines = await self.last_logs(current.name)
+        await self.remove(current)
         history.append(self.now)
         self.r.metrics.restarts.labels(self.key).inc()
         self.r.violations.restarted(self.key)
@@ -512,9 +512,9 @@ class _Pass:
             "Restarted",
             f"restarted {current.name} after {how} (restart {restarts}); last log lines:\n{lines}",
         )
-        self._instance_status().restarts = restarts
-        self._instance_status().last_exit_code = current.exit_code
-        self._instance_status().oom_killed = current.oom_killed
+        self.instance_status().restarts = restarts
+        self.instance_status().last_exit_code = current.exit_code
+        self.instance_status().oom_killed = current.oom_killed
         return result
 
     async def _probe(self, current: base.Instance, record: models.InstanceStatus) -> Result:
@@ -539,13 +539,13 @@ class _Pass:
             self.memory.health_failures = 0
             if not record.ready:
                 started = current.started_at.timestamp() if current.started_at else self.now
-                await self._event(
+                await self.event(
                     "Normal",
                     "Ready",
                     f"{current.name} is Ready ({self.now - started:.2f}s after start)",
                 )
             record.ready = True
-            self._conditions(
+            self.set_conditions(
                 models.Phase.RUNNING,
                 ready=("True", "InstanceReady", f"{current.name} answers its health check"),
             )
@@ -555,7 +555,7 @@ class _Pass:
             if self.now - started < health.startup_deadline_seconds:
                 delay = self.memory.probe_delay
                 self.memory.probe_delay = min(LONGEST_PROBE, delay * 1.5)
-                self._conditions(
+                self.set_conditions(
                     models.Phase.PENDING,
                     ready=("False", "InstanceStarting", f"{current.name} is starting"),
                     progressing=("InstanceStarting", f"waiting for {current.name} to be Ready"),
@@ -604,14 +604,14 @@ class _Pass:
 
     async def _refuse(self, current: base.Instance, reason: str, message: str) -> NoReturn:
         self.memory.refused = self.want.spec_hash
-        await self._remove(current)
-        await self._event("Warning", reason, message)
-        self._conditions(models.Phase.FAILED, ready=("False", reason, message), degraded=True)
+        await self.remove(current)
+        await self.event("Warning", reason, message)
+        self.set_conditions(models.Phase.FAILED, ready=("False", reason, message), degraded=True)
         self.status.instances = []
         await self._write(self.old)
         raise PermanentError(f"{self.key}: {message}")
 
-    async def _remove(self, instance: base.Instance) -> None:
+    async def remove(self, instance: base.Instance) -> None:
         if instance.color is self.status.active_color and self.status.swap is None:
             self.r.routes.clear_route(self.key)
         self.memory.handshaken.discard(instance.id)
@@ -622,7 +622,7 @@ class _Pass:
     async def _unhealthy(
         self, current: base.Instance, record: models.InstanceStatus, why: str
     ) -> Result:
-        await self._event("Warning", "Unhealthy", why)
+        await self.event("Warning", "Unhealthy", why)
         await self.runtime.stop(current.name, STOP_TIMEOUT)
         record.ready = False
         stopped = await self.runtime.inspect(current.name)
@@ -642,41 +642,16 @@ class _Pass:
             controller_id=self.runtime.controller_id,
         )
 
-    def instance_status(self, color: models.Color) -> models.InstanceStatus:
-        return self._instance_status(color)
-
-    async def event(self, type: store.EventType, reason: str, message: str) -> None:
-        await self._event(type, reason, message)
-
-    def set_conditions(
-        self,
-        phase: models.Phase,
-        *,
-        ready: tuple[conditions.ConditionStatus, str, str],
-        progressing: tuple[str, str] | None = None,
-        degraded: bool = False,
-        reason: str | None = None,
-    ) -> None:
-        self._conditions(
-            phase, ready=ready, progressing=progressing, degraded=degraded, reason=reason
-        )
-
     async def persist(self) -> None:
         """Write the status now, not at the end of the pass."""
         await self.source.write_status(self.key, self.status)
         self.old = self.status.model_copy(deep=True)
-
-    async def remove(self, instance: base.Instance) -> None:
-        await self._remove(instance)
 
     async def remember(self, want: base.InstanceSpec) -> None:
         """Keep what ``want`` is made from, so that a swap away from it can be undone."""
         if self.r.specs is not None:
             text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
             await asyncio.to_thread(self.r.specs.save, self.key, want.spec_hash, text)
-
-    async def last_logs(self, name: str) -> str:
-        return await self._last_logs(name)
 
     def _labels(self, color: models.Color) -> dict[str, str]:
         labels = {
@@ -690,7 +665,7 @@ class _Pass:
             labels[base.LABEL_NAMESPACE] = self.plugin.metadata.namespace
         return labels
 
-    def _instance_status(self, color: models.Color | None = None) -> models.InstanceStatus:
+    def instance_status(self, color: models.Color | None = None) -> models.InstanceStatus:
         color = color or self.want.color
         for record in self.status.instances:
             if record.color is color:
@@ -703,7 +678,7 @@ class _Pass:
         ]
         return record
 
-    def _conditions(
+    def set_conditions(
         self,
         phase: models.Phase,
         *,
@@ -787,22 +762,22 @@ class _Pass:
             found = conditions.find(self.status.conditions, kind)
             if message is not None:
                 if found is None or found.status != "True":
-                    await self._event("Warning", kind, message)
+                    await self.event("Warning", kind, message)
                 self.status.conditions = conditions.set_condition(
                     self.status.conditions, kind, "True", kind, message, self.generation
                 )
             elif found is not None and found.status == "True":
-                await self._event("Normal", f"{kind}Resolved", f"{kind} no longer holds")
+                await self.event("Normal", f"{kind}Resolved", f"{kind} no longer holds")
                 self.status.conditions = conditions.set_condition(
                     self.status.conditions, kind, "False", "Resolved", "", self.generation
                 )
 
-    async def _event(self, type: store.EventType, reason: str, message: str) -> None:
+    async def event(self, type: store.EventType, reason: str, message: str) -> None:
         level = logging.INFO if type == "Normal" else logging.WARNING
         log.log(level, "%s: %s", reason, message, extra=self.context)
         await self.source.record_event(self.key, type, reason, message)
 
-    async def _last_logs(self, name: str) -> str:
+    async def last_logs(self, name: str) -> str:
         try:
             lines = await self.runtime.logs(name, LOG_LINES)
         except ControllerError as e:  # logs are a courtesy: never fail a pass for them
