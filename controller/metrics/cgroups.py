@@ -67,7 +67,7 @@ class Cgroups:
     def _v1(self, paths: dict[str, str], controller: str) -> Path:
         return self.root / controller / paths.get(controller, "/").lstrip("/")
 
-    def _read_v1(self, paths: dict[str, str], network: tuple[int, int, int, int]) -> Reading:
+    def _read_v1(self, paths: dict[str, str], network: dict[str, int]) -> Reading:
         cpu = self._v1(paths, "cpu")
         cpuacct = self._v1(paths, "cpuacct")
         memory = self._v1(paths, "memory")
@@ -89,13 +89,10 @@ class Cgroups:
             pids=_int(self._v1(paths, "pids") / "pids.current"),
             fs_read_bytes=read,
             fs_write_bytes=write,
-            network_receive_bytes=network[0],
-            network_receive_packets=network[1],
-            network_transmit_bytes=network[2],
-            network_transmit_packets=network[3],
+            **network,
         )
 
-    def _read_v2(self, group: Path, network: tuple[int, int, int, int]) -> Reading:
+    def _read_v2(self, group: Path, network: dict[str, int]) -> Reading:
         cpu = _keyed(group / "cpu.stat")
         memory_stat = _keyed(group / "memory.stat")
         usage = _int(group / "memory.current")
@@ -116,10 +113,7 @@ class Cgroups:
             pids=_int(group / "pids.current"),
             fs_read_bytes=read,
             fs_write_bytes=write,
-            network_receive_bytes=network[0],
-            network_receive_packets=network[1],
-            network_transmit_bytes=network[2],
-            network_transmit_packets=network[3],
+            **network,
         )
 
 
@@ -133,8 +127,8 @@ def cgroup_paths(pid: int) -> dict[str, str] | None:
     return paths or None
 
 
-def _network(pid: int) -> tuple[int, int, int, int] | None:
-    """Receive bytes and packets, transmit bytes and packets, over every interface but lo."""
+def _network(pid: int) -> dict[str, int] | None:
+    """The network counters of :class:`Reading`, summed over every interface but lo."""
     lines = _lines(Path(f"/proc/{pid}/net/dev"))
     if not lines:
         return None
@@ -146,7 +140,16 @@ def _network(pid: int) -> tuple[int, int, int, int] | None:
         values = counters.split()
         for index, column in enumerate((0, 1, 8, 9)):
             totals[index] += int(values[column])
-    return totals[0], totals[1], totals[2], totals[3]
+    return dict(zip(_NETWORK_FIELDS, totals, strict=True))
+
+
+_NETWORK_FIELDS = (
+    "network_receive_bytes",
+    "network_receive_packets",
+    "network_transmit_bytes",
+    "network_transmit_packets",
+)
+"""The Reading fields of /proc/<pid>/net/dev's columns 0, 1, 8 and 9."""
 
 
 def _lines(path: Path) -> list[str]:
