@@ -12,12 +12,12 @@ calls it from one thread at a time.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from controller import database
 from controller.spec import models
 
 EVENTS_KEPT = 50
@@ -77,14 +77,8 @@ class Store:
     """One SQLite database file; created with its tables on first use."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        path.chmod(0o600)
+        self._db = database.connect(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

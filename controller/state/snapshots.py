@@ -10,11 +10,11 @@ The last :data:`KEPT` per plugin are kept. The swap coordinator writes them;
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from controller import database
 from controller.errors import ControllerError
 
 KEPT = 10
@@ -86,14 +86,8 @@ class Snapshots:
     """One SQLite file of snapshots, safe to use from one thread at a time."""
 
     def __init__(self, path: Path, kept: int = KEPT) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.kept = kept
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        path.chmod(0o600)
+        self._db = database.connect(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,25 @@
+"""Opening one of the controller's SQLite files, the same way for every store.
+
+WAL journal with ``synchronous=NORMAL`` (a commit is atomic and survives a
+crash of the controller; only a power loss may take the last ones back),
+a busy timeout for the moments two threads write, autocommit so that each
+store opens its own transactions, the schema created on first use, and the
+file readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def connect(path: Path, schema: str) -> sqlite3.Connection:
+    """``path`` opened (and created, with ``schema``) for use from any one thread at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(schema)
+    path.chmod(0o600)
+    return db
