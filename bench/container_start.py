@@ -17,12 +17,13 @@ import os
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import support
 
 from controller.runtimes import container
 from controller.spec import models
@@ -88,13 +89,7 @@ def measure(engine: container.Engine, image: str, runs: int) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    plt = support.pyplot()
     engines = list(results["engines"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.boxplot([results["engines"][e]["samples_ms"] for e in engines], tick_labels=engines)

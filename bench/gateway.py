@@ -22,21 +22,19 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
+import support
 from blackhole_sdk.proto import plugin_pb2
 
-from controller.admin import client as admin_client
-from controller.runtimes import base, container
+from controller.runtimes import base
 from controller.spec import models
 
 IMAGE = "blackhole/example-echo:0.1.0"
@@ -58,49 +56,13 @@ Call = Callable[[], Awaitable[None]]
 @contextlib.asynccontextmanager
 async def controller(root: Path) -> AsyncIterator[tuple[str, str, str]]:
     """``bhctl run`` on Docker with the echo plugin; yields (direct, http, grpc) addresses."""
-    specs, data = root / "specs", root / "data"
-    specs.mkdir(parents=True)
-    (specs / "echo.yaml").write_text(SPEC)
-    ident = f"bench-{uuid.uuid4().hex[:8]}"
-    bhctl = Path(sys.executable).parent / "bhctl"
-    command = [
-        str(bhctl), "run", "--specs", str(specs), "--data-dir", str(data),
-        "--controller-id", ident, "--gateway-addr", "127.0.0.1:0",
-        "--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "", "--log-level", "warning",
-    ]  # fmt: skip
-    log = (root / "controller.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        admin = admin_client.AdminClient(data / "admin.sock", timeout=5)
-        deadline = time.monotonic() + 120
-        while not _ready(admin):
-            if process.poll() is not None or time.monotonic() > deadline:
-                log_path = root / "controller.log"
-                raise SystemExit(f"the controller did not get echo Ready; see {log_path}")
-            await asyncio.sleep(0.1)
-        gateway = json.loads((data / "addresses.json").read_text())
-        instance = base.instance_name("echo", models.Color.BLUE, None, ident)
-        direct = f"unix:{data / 'instances' / instance / base.SOCKET_NAME}"
-        yield direct, gateway["http"], gateway["grpc"]
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
-        client = container.connect(container.Engine.DOCKER)
-        for found in client.containers.list(
-            all=True, filters={"label": f"{base.LABEL_CONTROLLER}={ident}"}
-        ):
-            found.remove(force=True)
-        client.close()
-
-
-def _ready(admin: admin_client.AdminClient) -> bool:
-    try:
-        items = admin.list()["items"]
-    except admin_client.ControllerNotRunningError:
-        return False
-    conditions = (items[0].get("status") or {}).get("conditions", []) if items else []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    options = ("--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "")
+    async with support.controller(root, {"echo.yaml": SPEC}, *options) as running:
+        await running.until(lambda: running.status("echo"))
+        addresses = running.addresses()
+        instance = base.instance_name("echo", models.Color.BLUE, None, running.ident)
+        direct = f"unix:{running.data / 'instances' / instance / base.SOCKET_NAME}"
+        yield direct, addresses["http"], addresses["grpc"]
 
 
 def grpc_call(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Call:
@@ -209,13 +171,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    plt = support.pyplot()
     samples = results["samples"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.boxplot(

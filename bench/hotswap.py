@@ -32,17 +32,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
+import support
 from blackhole_sdk.proto import plugin_pb2
-
-from controller.admin import client as admin_client
-from controller.runtimes import base, container
 
 VERSIONS = ("1.1.0", "1.2.0")
 IMAGE = "blackhole/example-storage:{}"
@@ -114,67 +112,21 @@ def downtimes(load: Load, moments: list[float]) -> list[float]:
 # The controller.
 
 
-@contextlib.asynccontextmanager
-async def controller(root: Path) -> AsyncIterator[tuple[Path, admin_client.AdminClient, str]]:
-    specs, data = root / "specs", root / "data"
-    specs.mkdir(parents=True)
-    (specs / "kv.yaml").write_text(SPEC.format(version=VERSIONS[0]))
-    ident = f"bench-{uuid.uuid4().hex[:8]}"
-    bhctl = Path(sys.executable).parent / "bhctl"
-    command = [
-        str(bhctl), "run", "--specs", str(specs), "--data-dir", str(data),
-        "--controller-id", ident, "--gateway-addr", "127.0.0.1:0",
-        "--gateway-grpc-addr", "", "--metrics-addr", "", "--log-level", "warning",
-    ]  # fmt: skip
-    log = (root / "controller.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    admin = admin_client.AdminClient(data / "admin.sock", timeout=10)
-    try:
-        await until(lambda: _status(admin).get("activeVersion") == VERSIONS[0], 120, process)
-        gateway = json.loads((data / "addresses.json").read_text())["http"]
-        yield specs, admin, gateway
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
-        client = container.connect(container.Engine.DOCKER)
-        for found in client.containers.list(
-            all=True, filters={"label": f"{base.LABEL_CONTROLLER}={ident}"}
-        ):
-            found.remove(force=True)
-        client.close()
-
-
-def _status(admin: admin_client.AdminClient) -> dict[str, Any]:
-    try:
-        items = admin.list()["items"]
-    except admin_client.ControllerNotRunningError:
-        return {}
-    ready = items and any(
-        c["type"] == "Ready" and c["status"] == "True"
-        for c in (items[0].get("status") or {}).get("conditions", [])
-    )
-    return dict(items[0].get("status") or {}) if ready else {}
-
-
-async def until(
-    condition: Callable[[], bool], timeout: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(condition):
-        if process is not None and process.poll() is not None:
-            sys.exit("the controller exited; see its log")
-        if time.monotonic() > deadline:
-            sys.exit(f"timed out after {timeout}s")
-        await asyncio.sleep(0.05)
-
-
 async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     async with (
-        controller(root) as (specs, admin, gateway),
+        support.controller(
+            root,
+            {"kv.yaml": SPEC.format(version=VERSIONS[0])},
+            "--gateway-grpc-addr",
+            "",
+            "--metrics-addr",
+            "",
+        ) as ours,
         aiohttp.ClientSession(connector=connector) as session,
     ):
+        await ours.until(lambda: ours.status("kv").get("activeVersion") == VERSIONS[0])
+        gateway, specs = ours.addresses()["http"], ours.specs
 
         async def put(key: str, value: int) -> bool:
             url = f"http://{gateway}/v1/plugins/kv/call/put"
@@ -187,7 +139,7 @@ async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, 
 
         load = Load(put, args.rate)
         stop = asyncio.Event()
-        running = asyncio.create_task(load.run(stop))
+        loading = asyncio.create_task(load.run(stop))
         pauses, results = [], []
         await asyncio.sleep(1)
         for i in range(args.swaps):
@@ -195,7 +147,7 @@ async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, 
             (specs / "kv.yaml").write_text(SPEC.format(version=version))
 
             def done(version: str = version) -> bool:
-                status = _status(admin)
+                status = ours.status("kv")
                 last = status.get("lastSwap") or {}
                 return (
                     status.get("swap") is None
@@ -203,8 +155,8 @@ async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, 
                     and last.get("result") in ("Promoted", "RolledBack")
                 )
 
-            await until(done, 120)
-            last = _status(admin)["lastSwap"]
+            await ours.until(done)
+            last = ours.status("kv")["lastSwap"]
             results.append(last["result"])
             if last["result"] == "Promoted":
                 pauses.append(float(last["pauseMilliseconds"]))
@@ -213,7 +165,7 @@ async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, 
                 await asyncio.sleep(1)
             await asyncio.sleep(0.2)
         stop.set()
-        await running
+        await loading
         lost = [
             key
             for key, value in load.acknowledged.items()
@@ -343,13 +295,7 @@ async def measure_compose(args: argparse.Namespace, root: Path) -> dict[str, Any
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    plt = support.pyplot()
     pauses = results["controller"]["pauses_ms"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(pauses) + 1), pauses, "o-", label="controller: calls held (ms)")

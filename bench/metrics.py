@@ -19,12 +19,12 @@ import concurrent.futures
 import json
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
 
 import docker
+import support
 from prometheus_client import generate_latest
 
 from controller.metrics import telemetry
@@ -102,13 +102,7 @@ def docker_stats(names: list[tuple[str, int]], timeout: float) -> dict[str, Any]
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    plt = support.pyplot()
     runs = results["runs"]
     sizes = [r["n"] for r in runs]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -32,6 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import support
+
 from controller.protocol import client
 from controller.protocol import memory as memory_protocol
 from controller.reconcile import manager, queue
@@ -241,13 +243,7 @@ async def resync_on_memory(n: int, root: Path) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    plt = support.pyplot()
     sizes = [r["n"] for r in results["runs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.27

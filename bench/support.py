@@ -1,0 +1,95 @@
+"""What the benchmarks share: a real controller process to measure, waiting, and plotting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.admin import client as admin_client
+from controller.runtimes import base, container
+
+
+@dataclass
+class Controller:
+    """``bhctl run`` on Docker in a folder of its own."""
+
+    specs: Path
+    data: Path
+    ident: str
+    admin: admin_client.AdminClient
+    process: subprocess.Popen[bytes]
+
+    def addresses(self) -> dict[str, str]:
+        """Where its gateway (and metrics) listen."""
+        return dict(json.loads((self.data / "addresses.json").read_text()))
+
+    def status(self, name: str) -> dict[str, Any]:
+        """The plugin's status while it is Ready; empty otherwise."""
+        try:
+            items = {i["metadata"]["name"]: i for i in self.admin.list()["items"]}
+        except admin_client.ControllerNotRunningError:
+            return {}
+        status = dict((items.get(name) or {}).get("status") or {})
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])
+        )
+        return status if ready else {}
+
+    async def until(self, condition: Callable[[], object], timeout: float = 120) -> None:
+        """Wait for ``condition`` (read in a thread); exit if the controller dies or time is up."""
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(condition):
+            if self.process.poll() is not None:
+                sys.exit(f"the controller exited; see {self.data.parent / 'controller.log'}")
+            if time.monotonic() > deadline:
+                sys.exit(f"timed out after {timeout}s; see {self.data.parent / 'controller.log'}")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def controller(root: Path, specs: dict[str, str], *options: str) -> AsyncIterator[Controller]:
+    """Run ``bhctl run`` on the spec files ``specs`` (name to text); remove all it made after."""
+    folder, data = root / "specs", root / "data"
+    folder.mkdir(parents=True)
+    for name, text in specs.items():
+        (folder / name).write_text(text)
+    ident = f"bench-{uuid.uuid4().hex[:8]}"
+    command = [
+        str(Path(sys.executable).parent / "bhctl"), "run", "--specs", str(folder),
+        "--data-dir", str(data), "--controller-id", ident, "--gateway-addr", "127.0.0.1:0",
+        "--log-level", "warning", *options,
+    ]  # fmt: skip
+    with (root / "controller.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    admin = admin_client.AdminClient(data / "admin.sock", timeout=10)
+    try:
+        yield Controller(folder, data, ident, admin, process)
+    finally:
+        process.terminate()
+        process.wait(30)
+        client = container.connect(container.Engine.DOCKER)
+        selector: dict[str, str | list[str] | bool] = {"label": f"{base.LABEL_CONTROLLER}={ident}"}
+        for found in client.containers.list(all=True, filters=selector):
+            found.remove(force=True)
+        client.close()
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing to files, or an exit that says how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+    return plt
