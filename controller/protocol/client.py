@@ -4,7 +4,9 @@ One gRPC channel per instance endpoint (``unix:PATH`` locally, ``HOST:PORT``
 across hosts), opened on first use and shared by the reconciler, the gateway
 and the swap coordinator; :meth:`Clients.drop` closes it when its instance
 goes. gRPC errors become :class:`~controller.errors.PluginCallError` here,
-so ``grpc`` never reaches the callers.
+so ``grpc`` never reaches the callers. Where a runtime gives its instances a
+token (plugins reached over TCP, on Kubernetes), every call on the channel
+carries it as ``authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +64,40 @@ class State:
     sha256: str
 
 
+class _Token(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call on a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
 class PluginClient:
     """The protocol's calls to one instance."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, token: str | None = None) -> None:
         self.endpoint = endpoint
         self._directory: int | None = None
         target = endpoint
@@ -75,7 +107,9 @@ class PluginClient:
                 # Reached through the open directory, however deep it is (see base.unix_address).
                 self._directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
                 target = f"unix:/proc/self/fd/{self._directory}/{os.path.basename(path)}"
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(
+            target, options=_OPTIONS, interceptors=[_Token(token)] if token else None
+        )
         self.stub = plugin_pb2_grpc.PluginStub(self.channel)
         self._check = self.channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -219,15 +253,21 @@ def _error(e: grpc.aio.AioRpcError) -> PluginCallError:
 
 
 class Clients:
-    """One :class:`PluginClient` per endpoint, shared by everyone who calls plugins."""
+    """One :class:`PluginClient` per endpoint, shared by everyone who calls plugins.
 
-    def __init__(self) -> None:
+    ``tokens`` gives the token an endpoint's instance expects, if any (the
+    runtime that made the instance knows it).
+    """
+
+    def __init__(self, tokens: Callable[[str], str | None] | None = None) -> None:
         self._clients: dict[str, PluginClient] = {}
+        self._tokens = tokens
 
     def get(self, endpoint: str) -> PluginClient:
         client = self._clients.get(endpoint)
         if client is None:
-            client = self._clients[endpoint] = PluginClient(endpoint)
+            token = self._tokens(endpoint) if self._tokens else None
+            client = self._clients[endpoint] = PluginClient(endpoint, token)
         return client
 
     async def handshake(self, endpoint: str, want: base.InstanceSpec, timeout: float) -> Handshake:

@@ -4,22 +4,30 @@ The controller starts each instance with ``BLACKHOLE_SOCKET`` (the Unix
 socket to listen on; ``BLACKHOLE_ADDRESS``, a ``host:port``, where plugins
 are reached over TCP), ``BLACKHOLE_PLUGIN``, ``BLACKHOLE_VERSION`` and
 ``BLACKHOLE_COLOR``. The server answers ``blackhole.plugin.v1.Plugin`` and
-``grpc.health.v1.Health`` (NOT_SERVING until ``Initialize``), and on SIGTERM
-drains (stops taking calls, lets those in flight finish) and exits 0. Logs
-go to stderr.
+``grpc.health.v1.Health`` (NOT_SERVING until ``Initialize``; the service
+``liveness`` is SERVING while the process answers at all, for probes that
+must not restart a plugin waiting for its handshake), and on SIGTERM drains
+(stops taking calls, lets those in flight finish) and exits 0. Logs go to
+stderr.
+
+Reached over TCP, a plugin is started with ``BLACKHOLE_PLUGIN_TOKEN`` too:
+every call of the plugin protocol must then carry ``authorization: Bearer
+<token>``, and is refused with UNAUTHENTICATED otherwise (health checks
+reveal nothing and need no token).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -253,6 +261,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
+        if request.service == LIVENESS:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
         if request.service not in ("", SERVICE_NAME):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         serving = (
@@ -269,15 +279,61 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
 
 SERVICE_NAME = "blackhole.plugin.v1.Plugin"
+LIVENESS = "liveness"
+"""The health service that is SERVING as long as the server answers (for liveness probes)."""
 
 
-def server_for(plugin: Plugin) -> tuple[grpc.aio.Server, Servicer]:
-    """A gRPC server (not yet bound or started) answering for ``plugin``."""
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuses protocol calls without ``authorization: Bearer <token>`` (health is open)."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self.expected):
+            return handler
+        return _refuse(handler)
+
+
+def _refuse(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid plugin token is required")
+
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid plugin token is required")
+        yield  # abort raises: never reached; makes this a stream handler
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    return grpc.stream_stream_rpc_method_handler(abort_stream)
+
+
+def server_for(plugin: Plugin, token: str | None = None) -> tuple[grpc.aio.Server, Servicer]:
+    """A gRPC server (not yet bound or started) answering for ``plugin``.
+
+    With ``token``, protocol calls must carry it (see :class:`TokenCheck`).
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
+        interceptors=[TokenCheck(token)] if token else None,
     )
     servicer = Servicer(plugin)
     plugin_pb2_grpc.add_PluginServicer_to_server(servicer, server)
@@ -300,7 +356,7 @@ async def serve_async(plugin: Plugin, address: str, stop: asyncio.Event) -> None
         path = address.removeprefix("unix:").removeprefix("//")
         if os.path.exists(path):
             os.unlink(path)
-    server, servicer = server_for(plugin)
+    server, servicer = server_for(plugin, os.environ.get("BLACKHOLE_PLUGIN_TOKEN") or None)
     server.add_insecure_port(address)
     started = time.monotonic()
     await server.start()
