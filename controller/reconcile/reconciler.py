@@ -640,12 +640,25 @@ class _Pass:
             labels=self._labels(color),
             namespace=self.plugin.metadata.namespace,
             controller_id=self.runtime.controller_id,
+            owner_uid=self.plugin.metadata.uid,
         )
 
     async def persist(self) -> None:
-        """Write the status now, not at the end of the pass."""
+        """Write the status now, not at the end of the pass; then move the stable address."""
         await self.source.write_status(self.key, self.status)
         self.old = self.status.model_copy(deep=True)
+        try:
+            await self._route()
+        except ControllerError as e:
+            # The gateway already follows the written status; the pass's end tries again.
+            log.warning("%s: moving the stable address failed: %s", self.key, e)
+
+    async def _route(self) -> None:
+        """The runtime's stable address (a Service, on Kubernetes) follows the active color."""
+        if self.status.active_color is not None:
+            await self.runtime.route(
+                self.plugin.name, self.plugin.metadata.namespace, self.status.active_color
+            )
 
     async def remember(self, want: base.InstanceSpec) -> None:
         """Keep what ``want`` is made from, so that a swap away from it can be undone."""
@@ -753,6 +766,7 @@ class _Pass:
         )
         if self.status != old:
             await self.source.write_status(self.key, self.status)
+        await self._route()
 
     async def _violations(self) -> None:
         """Resource violations as conditions: True while they last, an event when they flip."""

@@ -143,6 +143,8 @@ class InstanceSpec:
     """Every label the instance carries: the plugin's own and the controller's."""
     namespace: str | None = None
     controller_id: str = DEFAULT_CONTROLLER
+    owner_uid: str | None = None
+    """The uid of the Plugin object it belongs to, where the source has one (Kubernetes)."""
 
     @property
     def name(self) -> str:
@@ -172,6 +174,8 @@ class Instance:
     labels: Mapping[str, str] = field(default_factory=dict)
     pid: int | None = None
     """The main process on this host, when it runs here (its cgroup holds the instance)."""
+    address: str | None = None
+    """``host:port`` where it is reached over the network, for runtimes that reach it so."""
 
     @property
     def key(self) -> str:
@@ -257,6 +261,10 @@ class Runtime(Protocol):
 
     async def release(self, plugin: str, namespace: str | None = None) -> None:
         """Remove what the plugin's instances shared (networks); called once none is left."""
+        ...
+
+    async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
+        """Point the plugin's stable address at ``color`` (runtimes without one do nothing)."""
         ...
 
     async def logs(self, name: str, tail: int) -> list[str]:

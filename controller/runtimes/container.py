@@ -557,6 +557,9 @@ class ContainerRuntime:
             with contextlib.suppress(InstanceNotFoundError, RuntimeBackendError):
                 await self._call(self.client.api.remove_network, network["Id"])
 
+    async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
+        """Nothing to move: on one host, plugins are reached only through the gateway."""
+
     async def logs(self, name: str, tail: int) -> list[str]:
         raw = await self._call(self.client.api.logs, name, tail=tail, timestamps=False)
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)

@@ -33,6 +33,8 @@ class MemoryRuntime:
         self.instances: dict[str, base.Instance] = {}
         self.output: dict[str, list[str]] = collections.defaultdict(list)
         self.calls: collections.Counter[str] = collections.Counter()
+        self.routed: dict[str, models.Color] = {}
+        """Where each plugin's stable address points (see :meth:`route`)."""
         self.unready: set[str] = set()
         """Names of instances whose health check fails."""
         self._ids = itertools.count(1)
@@ -141,6 +143,10 @@ class MemoryRuntime:
 
     async def release(self, plugin: str, namespace: str | None = None) -> None:
         self.calls["release"] += 1
+
+    async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
+        self.calls["route"] += 1
+        self.routed[f"{namespace}/{plugin}" if namespace else plugin] = color
 
     async def logs(self, name: str, tail: int) -> list[str]:
         self.calls["logs"] += 1

@@ -1,0 +1,619 @@
+"""The Kubernetes backend: each instance is a one-replica Deployment in its plugin's namespace.
+
+What it makes is in :mod:`controller.runtimes.kubernetes_manifests`. Writes
+are idempotent get-then-create-or-merge-patch, not server-side apply: the
+controller is the only writer of these objects (the Lease makes sure there is
+one controller acting), a merge patch of the fields it owns converges from any
+state, and it needs nothing of the API server beyond what every version has.
+Deployments and pods are read from two informers (list, then watch, by the
+controller's labels), so inspecting costs no request; the instance's state
+comes from its pod: running, or exited with the code and OOM kill of its last
+termination (the kubelet restarts a crashed container; the controller's
+crash-loop rules see every exit). Plugins are reached over TCP at their pod's
+IP, with the per-plugin token of the plugin's Secret on every call.
+
+The stable Service ``bh-<plugin>`` follows the active color (:meth:`route`),
+so in-cluster callers that hold the token see the flip of a blue/green swap
+when the gateway does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from controller import kubeapi
+from controller.errors import (
+    InstanceConflictError,
+    InstanceNotFoundError,
+    RuntimeBackendError,
+    SpecIssue,
+)
+from controller.runtimes import base
+from controller.runtimes import kubernetes_manifests as manifests
+from controller.spec import models
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+SYNC_SECONDS = 30.0
+"""How long the first listing may take before the backend gives up."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    controller_id: str = base.DEFAULT_CONTROLLER
+    controller_namespace: str = "default"
+    """Where the controller's pods run: the only ones a plugin's NetworkPolicy lets in."""
+    namespaces: tuple[str, ...] = ()
+    """The namespaces whose plugins this controller runs; empty for all."""
+    default_namespace: str = "default"
+    """Where a plugin declared without a namespace runs."""
+
+
+class KubernetesRuntime:
+    """Plugin instances as Deployments, reached over TCP with a per-plugin token."""
+
+    name = "kubernetes"
+
+    def __init__(self, settings: Settings, api: client.ApiClient) -> None:
+        self.settings = settings
+        self.controller_id = settings.controller_id
+        self.apps = client.AppsV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
+        selector = ",".join(
+            [
+                f"{base.LABEL_MANAGED_BY}={base.MANAGED_BY}",
+                f"{base.LABEL_CONTROLLER}={settings.controller_id}",
+            ]
+        )
+        self._deployments = kubeapi.Informer(
+            "deployments",
+            self._listers(
+                self.apps.list_namespaced_deployment, self.apps.list_deployment_for_all_namespaces
+            ),
+            self._changed,
+            label_selector=selector,
+        )
+        self._pods = kubeapi.Informer(
+            "pods",
+            self._listers(self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces),
+            self._changed,
+            label_selector=selector,
+        )
+        self._names: dict[str, kubeapi.ObjectKey] = {}
+        """Instance name -> (namespace, Deployment name)."""
+        self._tokens: dict[str, str] = {}
+        """Plugin key -> its protocol token."""
+        self._endpoint_keys: dict[str, str] = {}
+        self._routed: dict[str, models.Color] = {}
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._started = False
+
+    def _listers(
+        self, namespaced: kubeapi.Lister, everywhere: kubeapi.Lister
+    ) -> list[tuple[kubeapi.Lister, dict[str, Any]]]:
+        if self.settings.namespaces:
+            return [(namespaced, {"namespace": n}) for n in self.settings.namespaces]
+        return [(everywhere, {})]
+
+    # What it can do.
+
+    def capabilities(self) -> base.Capabilities:
+        return base.Capabilities(
+            networks=frozenset(models.NetworkMode), volumes=True, host_paths=False
+        )
+
+    def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
+        issues = []
+        for index, volume in enumerate(desired.spec.volumes):
+            if volume.host_path is not None:
+                issues.append(
+                    SpecIssue(
+                        "",
+                        None,
+                        f"spec.volumes[{index}].hostPath",
+                        "host paths are not available on Kubernetes; give the volume a size "
+                        "and it becomes a PersistentVolumeClaim",
+                        value=volume.host_path,
+                        has_value=True,
+                    )
+                )
+        if desired.spec.permissions.call_plugins:
+            issues.append(
+                SpecIssue(
+                    "",
+                    None,
+                    "spec.permissions.callPlugins",
+                    "plugin-to-plugin calls go through the gateway's socket beside each "
+                    "instance, which only the single-host runtimes provide",
+                    value=desired.spec.permissions.call_plugins,
+                    has_value=True,
+                )
+            )
+        namespace = self._namespace(desired.namespace)
+        if self.settings.namespaces and namespace not in self.settings.namespaces:
+            issues.append(
+                SpecIssue(
+                    "",
+                    None,
+                    "metadata.namespace",
+                    f"this controller runs plugins in {', '.join(self.settings.namespaces)} only",
+                    value=namespace,
+                    has_value=True,
+                )
+            )
+        return issues
+
+    # Observing.
+
+    async def _sync(self) -> None:
+        if not self._started:
+            self._started = True
+            self._deployments.start()
+            self._pods.start()
+        try:
+            async with asyncio.timeout(SYNC_SECONDS):
+                await self._deployments.synced.wait()
+                await self._pods.synced.wait()
+        except TimeoutError:
+            raise RuntimeBackendError(
+                f"the Kubernetes API did not list deployments and pods within {SYNC_SECONDS:.0f}s"
+            ) from None
+
+    def _changed(self, before: kubeapi.Object | None, after: kubeapi.Object | None) -> None:
+        for obj in (before, after):
+            if obj is None:
+                continue
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            plugin = labels.get(base.LABEL_PLUGIN)
+            if not plugin:
+                continue
+            namespace = labels.get(base.LABEL_NAMESPACE) or None
+            if "template" in (obj.get("spec") or {}):  # a Deployment, not a pod
+                color = labels.get(base.LABEL_COLOR)
+                if color in {c.value for c in models.Color}:
+                    name = base.instance_name(
+                        plugin, models.Color(color), namespace, self.controller_id
+                    )
+                    if obj is after:
+                        self._names[name] = kubeapi.key_of(obj)
+                    elif after is None:
+                        self._names.pop(name, None)
+            self._queue.put_nowait(f"{namespace}/{plugin}" if namespace else plugin)
+
+    async def list_owned(self, plugin: str | None = None) -> list[base.Instance]:
+        await self._sync()
+        found = []
+        for deployment in self._deployments.items():
+            instance = self._instance(deployment)
+            if instance is not None and (plugin is None or instance.plugin == plugin):
+                found.append(instance)
+        return found
+
+    async def inspect(self, name: str) -> base.Instance:
+        await self._sync()
+        where = self._names.get(name)
+        deployment = self._deployments.get(where) if where else None
+        instance = self._instance(deployment) if deployment else None
+        if instance is None:
+            raise InstanceNotFoundError(f"no instance {name}")
+        return instance
+
+    def _instance(self, deployment: kubeapi.Object) -> base.Instance | None:
+        metadata = deployment.get("metadata") or {}
+        labels = metadata.get("labels") or {}
+        try:
+            color = models.Color(labels.get(base.LABEL_COLOR, ""))
+        except ValueError:
+            return None
+        plugin = labels.get(base.LABEL_PLUGIN, "")
+        namespace = labels.get(base.LABEL_NAMESPACE) or None
+        pod = self._pod(metadata.get("namespace") or "", plugin, color)
+        state, exit_code, oom, started, finished = _state(deployment, pod)
+        address = ((pod or {}).get("status") or {}).get("podIP")
+        return base.Instance(
+            name=base.instance_name(plugin, color, namespace, self.controller_id),
+            plugin=plugin,
+            color=color,
+            version=labels.get(base.LABEL_VERSION, ""),
+            spec_hash=labels.get(base.LABEL_SPEC_HASH, ""),
+            state=state,
+            exit_code=exit_code,
+            oom_killed=oom,
+            started_at=started,
+            finished_at=finished,
+            namespace=namespace,
+            id=str(metadata.get("uid") or metadata.get("name")),
+            labels=dict(labels),
+            address=f"{address}:{manifests.PROTOCOL_PORT}" if address else None,
+        )
+
+    def _pod(self, namespace: str, plugin: str, color: models.Color) -> kubeapi.Object | None:
+        """The color's newest pod that is not being deleted."""
+        want = manifests.color_selector(plugin, color, self.controller_id)
+        candidates = []
+        for pod in self._pods.items():
+            metadata = pod.get("metadata") or {}
+            labels = metadata.get("labels") or {}
+            if metadata.get("namespace") != namespace or metadata.get("deletionTimestamp"):
+                continue
+            if all(labels.get(k) == v for k, v in want.items()):
+                candidates.append(pod)
+        candidates.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp")))
+        return candidates[-1] if candidates else None
+
+    # Starting and stopping.
+
+    def _namespace(self, namespace: str | None) -> str:
+        return namespace or self.settings.default_namespace
+
+    async def start(self, desired: base.InstanceSpec) -> base.Instance:
+        await self._sync()
+        namespace = self._namespace(desired.namespace)
+        owner = manifests.Owner(desired.plugin, desired.owner_uid) if desired.owner_uid else None
+        key = _key(desired.plugin, desired.namespace)
+        await self._ensure_token(desired.plugin, namespace, key, owner)
+        await self._apply(
+            "networkpolicy",
+            manifests.network_policy(desired, namespace, self.settings.controller_namespace, owner),
+        )
+        for volume in desired.spec.volumes:
+            await self._create_if_missing("pvc", manifests.claim(desired, volume, namespace, owner))
+        await self._apply("service", manifests.color_service(desired, namespace, owner))
+        stable = manifests.stable_service(
+            desired.plugin, desired.color, namespace, self.controller_id, owner
+        )
+        if await self._create_if_missing("service", stable):
+            self._routed[key] = desired.color
+        body = manifests.deployment(desired, namespace, owner)
+        raw = await self._request(
+            f"creating {_describe(body)}", self.apps.create_namespaced_deployment, namespace, body
+        )
+        self._deployments.put(raw)
+        self._changed(None, raw)
+        instance = self._instance(raw)
+        assert instance is not None  # it carries the labels it was made with
+        log.info("created deployment %s/%s", namespace, body["metadata"]["name"])
+        return instance
+
+    async def stop(self, name: str, timeout: float) -> None:
+        """Scale to zero: the pod gets SIGTERM and its grace period, as on any Kubernetes."""
+        where = self._names.get(name)
+        if where is None:
+            return
+        namespace, object_name = where
+        patch = {"spec": {"replicas": 0}}
+        with contextlib.suppress(InstanceNotFoundError):
+            raw = await self._patch(
+                "stopping", self.apps.patch_namespaced_deployment, object_name, namespace, patch
+            )
+            self._deployments.put(raw)
+
+    async def remove(self, name: str) -> None:
+        where = self._names.get(name)
+        if where is None:
+            return
+        namespace, object_name = where
+        for delete in (
+            self.apps.delete_namespaced_deployment,
+            self.core.delete_namespaced_service,
+        ):
+            await self._delete(delete, object_name, namespace)
+        self._names.pop(name, None)
+
+    async def release(self, plugin: str, namespace: str | None = None) -> None:
+        """The plugin is deleted: its stable Service, NetworkPolicy, token and volumes go too."""
+        where = self._namespace(namespace)
+        cid = self.controller_id
+        await self._delete(
+            self.core.delete_namespaced_service, manifests.stable_name(plugin, cid), where
+        )
+        await self._delete(
+            self.networking.delete_namespaced_network_policy,
+            manifests.policy_name(plugin, cid),
+            where,
+        )
+        await self._delete(
+            self.core.delete_namespaced_secret, manifests.token_name(plugin, cid), where
+        )
+        claims = await self._list_claims(plugin, where)
+        for claim in claims:
+            await self._delete(self.core.delete_namespaced_persistent_volume_claim, claim, where)
+        key = _key(plugin, namespace)
+        self._tokens.pop(key, None)
+        self._routed.pop(key, None)
+
+    async def _list_claims(self, plugin: str, namespace: str) -> list[str]:
+        selector = ",".join(
+            f"{k}={v}" for k, v in manifests.plugin_selector(plugin, self.controller_id).items()
+        )
+        listing = await self._request(
+            f"listing the volumes of {plugin}",
+            self.core.list_namespaced_persistent_volume_claim,
+            namespace,
+            label_selector=selector,
+        )
+        names = []
+        for item in listing.get("items") or []:
+            metadata = item.get("metadata") or {}
+            labels = metadata.get("labels") or {}
+            if labels.get(base.LABEL_PLUGIN) == plugin and labels.get(base.LABEL_VOLUME):
+                names.append(str(metadata["name"]))
+        return names
+
+    async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
+        """Point the stable Service at ``color``'s pod."""
+        key = _key(plugin, namespace)
+        if self._routed.get(key) is color:
+            return
+        selector = manifests.color_selector(plugin, color, self.controller_id)
+        with contextlib.suppress(InstanceNotFoundError):
+            await self._patch(
+                "routing",
+                self.core.patch_namespaced_service,
+                manifests.stable_name(plugin, self.controller_id),
+                self._namespace(namespace),
+                {"spec": {"selector": selector}},
+            )
+            self._routed[key] = color
+            log.info("stable service of %s now selects %s", key, color.value)
+
+    # Reaching instances.
+
+    async def ready(self, instance: base.Instance, timeout: float) -> bool:
+        """Whether the instance's pod has an address that accepts connections."""
+        if instance.address is None:
+            return False
+        await self._ensure_token_loaded(instance)
+        host, _, port = instance.address.rpartition(":")
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, int(port))
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    def endpoint(self, instance: base.Instance) -> str:
+        if instance.address is not None:
+            endpoint = instance.address
+        else:
+            namespace, object_name = self._names.get(instance.name) or (
+                self._namespace(instance.namespace),
+                manifests.object_name(instance.plugin, instance.color, self.controller_id),
+            )
+            endpoint = f"{object_name}.{namespace}.svc:{manifests.PROTOCOL_PORT}"
+        self._endpoint_keys[endpoint] = instance.key
+        return endpoint
+
+    def token(self, endpoint: str) -> str | None:
+        """The token the instance at ``endpoint`` expects (for the protocol's clients)."""
+        key = self._endpoint_keys.get(endpoint)
+        return self._tokens.get(key) if key else None
+
+    async def _ensure_token_loaded(self, instance: base.Instance) -> None:
+        if instance.key in self._tokens:
+            return
+        namespace = self._namespace(instance.namespace)
+        name = manifests.token_name(instance.plugin, self.controller_id)
+        secret = await self._read(self.core.read_namespaced_secret, name, namespace)
+        if secret is not None:
+            self._tokens[instance.key] = _token_of(secret)
+
+    async def _ensure_token(
+        self, plugin: str, namespace: str, key: str, owner: manifests.Owner | None
+    ) -> None:
+        name = manifests.token_name(plugin, self.controller_id)
+        secret = await self._read(self.core.read_namespaced_secret, name, namespace)
+        if secret is None:
+            token = secrets.token_urlsafe(32)
+            body = manifests.token_secret(plugin, token, namespace, self.controller_id, owner)
+            await self._request(
+                f"creating {_describe(body)}", self.core.create_namespaced_secret, namespace, body
+            )
+            self._tokens[key] = token
+        else:
+            self._tokens[key] = _token_of(secret)
+
+    async def logs(self, name: str, tail: int) -> list[str]:
+        instance = await self.inspect(name)
+        namespace = self._namespace(instance.namespace)
+        pod = self._pod(namespace, instance.plugin, instance.color)
+        if pod is None:
+            return []
+        text = await self._text(
+            f"reading the logs of {name}",
+            self.core.read_namespaced_pod_log,
+            pod["metadata"]["name"],
+            namespace,
+            container=manifests.CONTAINER,
+            tail_lines=tail,
+        )
+        return text.splitlines()
+
+    async def stats(self, name: str) -> base.Stats:
+        raise RuntimeBackendError(
+            "on Kubernetes, resource use comes from the kubelet's cAdvisor metrics "
+            "(container_* series, label blackhole.dev/plugin); see the Grafana dashboard"
+        )
+
+    async def events(self) -> AsyncIterator[str]:
+        await self._sync()
+        while True:
+            yield await self._queue.get()
+
+    async def close(self) -> None:
+        self._deployments.stop()
+        self._pods.stop()
+
+    # The API, in threads, its errors translated.
+
+    async def _request(
+        self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> kubeapi.Object:
+        """One API call in a thread and its JSON answer; 404 and 409 become their errors."""
+        text = await self._text(doing, fn, *args, **kwargs)
+        return dict(json.loads(text)) if text else {}
+
+    async def _text(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        try:
+            response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+        except ApiException as e:
+            message = str(kubeapi.error(e, doing))
+            if e.status == 404:
+                raise InstanceNotFoundError(message) from e
+            if e.status == 409:
+                raise InstanceConflictError(message) from e
+            raise RuntimeBackendError(message) from e
+        except urllib3.exceptions.HTTPError as e:
+            raise RuntimeBackendError(str(kubeapi.error(e, doing))) from e
+        data = response.data
+        return data.decode() if isinstance(data, bytes) else str(data or "")
+
+    async def _read(
+        self, fn: Callable[..., Any], name: str, namespace: str
+    ) -> kubeapi.Object | None:
+        try:
+            return await self._request(f"reading {namespace}/{name}", fn, name, namespace)
+        except InstanceNotFoundError:
+            return None
+
+    async def _patch(
+        self, doing: str, fn: Callable[..., Any], name: str, namespace: str, patch: dict[str, Any]
+    ) -> kubeapi.Object:
+        return await self._request(
+            f"{doing} {namespace}/{name}", fn, name, namespace, patch, _content_type=MERGE_PATCH
+        )
+
+    async def _delete(self, fn: Callable[..., Any], name: str, namespace: str) -> None:
+        with contextlib.suppress(InstanceNotFoundError):
+            await self._request(
+                f"deleting {namespace}/{name}", fn, name, namespace, propagation_policy="Background"
+            )
+
+    def _methods(
+        self, kind: str
+    ) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """(read, create, patch) of a kind."""
+        if kind == "service":
+            c = self.core
+            return (
+                c.read_namespaced_service,
+                c.create_namespaced_service,
+                c.patch_namespaced_service,
+            )
+        if kind == "pvc":
+            c = self.core
+            return (
+                c.read_namespaced_persistent_volume_claim,
+                c.create_namespaced_persistent_volume_claim,
+                c.patch_namespaced_persistent_volume_claim,
+            )
+        n = self.networking
+        return (
+            n.read_namespaced_network_policy,
+            n.create_namespaced_network_policy,
+            n.patch_namespaced_network_policy,
+        )
+
+    async def _create_if_missing(self, kind: str, body: dict[str, Any]) -> bool:
+        """Create ``body`` unless it exists; True when created."""
+        read, create, _ = self._methods(kind)
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        if await self._read(read, name, namespace) is not None:
+            return False
+        try:
+            await self._request(f"creating {_describe(body)}", create, namespace, body)
+        except InstanceConflictError:
+            return False
+        return True
+
+    async def _apply(self, kind: str, body: dict[str, Any]) -> None:
+        """Create ``body``, or merge-patch its labels and spec over what exists."""
+        if await self._create_if_missing(kind, body):
+            return
+        _, _, patch = self._methods(kind)
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        change = {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]}
+        with contextlib.suppress(InstanceNotFoundError):
+            await self._patch("updating", patch, name, namespace, change)
+
+
+def _key(plugin: str, namespace: str | None) -> str:
+    return f"{namespace}/{plugin}" if namespace else plugin
+
+
+def _describe(body: dict[str, Any]) -> str:
+    metadata = body.get("metadata") or {}
+    return f"{body.get('kind', 'object')} {metadata.get('namespace')}/{metadata.get('name')}"
+
+
+def _token_of(secret: kubeapi.Object) -> str:
+    data = secret.get("data") or {}
+    if manifests.TOKEN_KEY in data:
+        return base64.b64decode(data[manifests.TOKEN_KEY]).decode()
+    # An API server stand-in that does not fold stringData into data.
+    return str((secret.get("stringData") or {}).get(manifests.TOKEN_KEY, ""))
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _state(
+    deployment: kubeapi.Object, pod: kubeapi.Object | None
+) -> tuple[base.InstanceState, int | None, bool, datetime | None, datetime | None]:
+    """(state, exit code, OOM-killed, started, finished) of a color from its pod.
+
+    A Deployment whose pod is not running yet (scheduling, pulling) counts as
+    running but not ready: the startup deadline judges it. One scaled to zero
+    (stopped) or whose container last terminated counts as exited.
+    """
+    replicas = (deployment.get("spec") or {}).get("replicas", 1)
+    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+    mine = next((s for s in statuses if s.get("name") == manifests.CONTAINER), None)
+    state = (mine or {}).get("state") or {}
+    last = (mine or {}).get("lastState") or {}
+    terminated = state.get("terminated") or (
+        last.get("terminated") if "running" not in state else None
+    )
+    if "running" in state and replicas:
+        return (
+            base.InstanceState.RUNNING,
+            None,
+            False,
+            _time(state["running"].get("startedAt")),
+            None,
+        )
+    if terminated:
+        return (
+            base.InstanceState.EXITED,
+            terminated.get("exitCode"),
+            terminated.get("reason") == "OOMKilled",
+            _time(terminated.get("startedAt")),
+            _time(terminated.get("finishedAt")),
+        )
+    if not replicas:
+        return base.InstanceState.EXITED, None, False, None, None
+    return base.InstanceState.RUNNING, None, False, None, None

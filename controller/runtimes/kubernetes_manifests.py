@@ -1,0 +1,407 @@
+"""The objects the Kubernetes backend makes for a plugin, as plain manifests.
+
+Pure functions of an :class:`~controller.runtimes.base.InstanceSpec` and the
+backend's settings, so that every manifest can be validated offline against
+the Kubernetes schemas. Per plugin:
+
+- a **Deployment per color** (one replica, ``Recreate``): non-root,
+  read-only root filesystem, all capabilities dropped, no privilege
+  escalation, seccomp ``RuntimeDefault``, no service-account token; requests
+  and limits from the spec; gRPC readiness (``grpc.health.v1``, SERVING once
+  the controller's handshake is done) and liveness (the ``liveness`` health
+  service) probes;
+- a **headless Service per color** that publishes its pod before it is Ready
+  (the controller must reach a pod to shake hands with it), and a **stable
+  Service** ``bh-<plugin>`` whose selector follows the active color;
+- a **NetworkPolicy** denying everything but the protocol port from the
+  controller's pods (where the gateway runs), plus the egress and peers the
+  spec grants;
+- a **PVC** per volume, and a **Secret** with the plugin's protocol token.
+
+Everything carries the controller's ownership labels and an ownerReference
+to the Plugin object, so Kubernetes' garbage collector removes what the
+controller could not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from controller.runtimes import base
+from controller.spec import models
+
+Manifest = dict[str, Any]
+
+PROTOCOL_PORT = 7000
+"""The port plugins listen on in their pods."""
+PORT_NAME = "grpc"
+PLUGIN_USER = 65532
+"""The user plugins run as (the plugin runtime image's)."""
+TOKEN_KEY = "token"
+CONTAINER = "plugin"
+CONTROLLER_POD_LABELS = {
+    "app.kubernetes.io/name": "blackhole",
+    "app.kubernetes.io/component": "controller",
+}
+"""Labels of the controller's pods (the Helm chart sets them): the only ones let in."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The Plugin object everything of a plugin belongs to."""
+
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": models.API_VERSION,
+            "kind": models.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def object_name(plugin: str, color: models.Color, controller_id: str) -> str:
+    """The name of a color's Deployment and Service, unique within the plugin's namespace."""
+    return base.instance_name(plugin, color, None, controller_id)
+
+
+def stable_name(plugin: str, controller_id: str) -> str:
+    scope = [] if controller_id == base.DEFAULT_CONTROLLER else [controller_id]
+    return "-".join(["bh", *scope, plugin])
+
+
+def token_name(plugin: str, controller_id: str) -> str:
+    return f"{stable_name(plugin, controller_id)}-token"
+
+
+def policy_name(plugin: str, controller_id: str) -> str:
+    return stable_name(plugin, controller_id)
+
+
+def claim_name(plugin: str, volume: str, controller_id: str) -> str:
+    return base.volume_name(plugin, volume, None, controller_id)
+
+
+def plugin_selector(plugin: str, controller_id: str) -> dict[str, str]:
+    """Labels every pod of the plugin carries, whatever its color."""
+    return {
+        base.LABEL_MANAGED_BY: base.MANAGED_BY,
+        base.LABEL_CONTROLLER: controller_id,
+        base.LABEL_PLUGIN: plugin,
+    }
+
+
+def color_selector(plugin: str, color: models.Color, controller_id: str) -> dict[str, str]:
+    return {**plugin_selector(plugin, controller_id), base.LABEL_COLOR: color.value}
+
+
+def _metadata(
+    name: str, namespace: str, labels: dict[str, str], owner: Owner | None
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    if owner is not None:
+        metadata["ownerReferences"] = [owner.reference()]
+    return metadata
+
+
+def _owned_labels(plugin: str, controller_id: str) -> dict[str, str]:
+    return plugin_selector(plugin, controller_id)
+
+
+def deployment(desired: base.InstanceSpec, namespace: str, owner: Owner | None) -> Manifest:
+    spec = desired.spec
+    cid = desired.controller_id
+    labels = {**desired.labels, **color_selector(desired.plugin, desired.color, cid)}
+    env = [
+        {"name": "BLACKHOLE_ADDRESS", "value": f"0.0.0.0:{PROTOCOL_PORT}"},
+        {"name": "BLACKHOLE_PLUGIN", "value": desired.plugin},
+        {"name": "BLACKHOLE_VERSION", "value": str(spec.version)},
+        {"name": "BLACKHOLE_COLOR", "value": desired.color.value},
+        {
+            "name": "BLACKHOLE_PLUGIN_TOKEN",
+            "valueFrom": {
+                "secretKeyRef": {"name": token_name(desired.plugin, cid), "key": TOKEN_KEY}
+            },
+        },
+    ]
+    env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
+    health = spec.health
+    probe_timing = {
+        "periodSeconds": health.period_seconds,
+        "timeoutSeconds": health.timeout_seconds,
+        "failureThreshold": health.failure_threshold,
+    }
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    for volume in spec.volumes:
+        mounts.append(
+            {
+                "name": f"v-{volume.name}",
+                "mountPath": volume.mount_path,
+                "readOnly": volume.read_only,
+            }
+        )
+        volumes.append(
+            {
+                "name": f"v-{volume.name}",
+                "persistentVolumeClaim": {
+                    "claimName": claim_name(desired.plugin, volume.name, cid)
+                },
+            }
+        )
+    resources = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
+    container = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": env,
+        "ports": [{"name": PORT_NAME, "containerPort": PROTOCOL_PORT, "protocol": "TCP"}],
+        "resources": {"requests": resources, "limits": resources},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": PLUGIN_USER,
+            "runAsGroup": PLUGIN_USER,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "readinessProbe": {"grpc": {"port": PROTOCOL_PORT}, **probe_timing},
+        "livenessProbe": {
+            "grpc": {"port": PROTOCOL_PORT, "service": "liveness"},
+            "initialDelaySeconds": health.startup_deadline_seconds,
+            **probe_timing,
+        },
+        "volumeMounts": mounts,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(
+            object_name(desired.plugin, desired.color, cid), namespace, labels, owner
+        ),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "revisionHistoryLimit": 1,
+            "selector": {"matchLabels": color_selector(desired.plugin, desired.color, cid)},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": PLUGIN_USER,
+                        "runAsGroup": PLUGIN_USER,
+                        "fsGroup": PLUGIN_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def color_service(desired: base.InstanceSpec, namespace: str, owner: Owner | None) -> Manifest:
+    cid = desired.controller_id
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            object_name(desired.plugin, desired.color, cid),
+            namespace,
+            color_selector(desired.plugin, desired.color, cid),
+            owner,
+        ),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": color_selector(desired.plugin, desired.color, cid),
+            "ports": [_port()],
+        },
+    }
+
+
+def stable_service(
+    plugin: str, color: models.Color, namespace: str, controller_id: str, owner: Owner | None
+) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            stable_name(plugin, controller_id),
+            namespace,
+            _owned_labels(plugin, controller_id),
+            owner,
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": color_selector(plugin, color, controller_id),
+            "ports": [_port()],
+        },
+    }
+
+
+def _port() -> dict[str, Any]:
+    return {
+        "name": PORT_NAME,
+        "port": PROTOCOL_PORT,
+        "targetPort": PORT_NAME,
+        "protocol": "TCP",
+        "appProtocol": "grpc",
+    }
+
+
+def network_policy(
+    desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
+) -> Manifest:
+    """Default deny; in: the controller's pods on the protocol port (and peers); out: the spec's."""
+    cid = desired.controller_id
+    permissions = desired.spec.permissions
+    ingress: list[dict[str, Any]] = [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": controller_namespace}
+                    },
+                    "podSelector": {"matchLabels": dict(CONTROLLER_POD_LABELS)},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": PROTOCOL_PORT}],
+        }
+    ]
+    egress: list[dict[str, Any]] = []
+    if permissions.network is models.NetworkMode.EGRESS:
+        egress += _egress(permissions.egress)
+    if permissions.network is models.NetworkMode.PRIVATE:
+        peers = {
+            "podSelector": {
+                "matchLabels": {base.LABEL_MANAGED_BY: base.MANAGED_BY, base.LABEL_CONTROLLER: cid},
+                "matchExpressions": [
+                    {
+                        "key": base.LABEL_PLUGIN,
+                        "operator": "In",
+                        "values": sorted(permissions.peers),
+                    }
+                ],
+            }
+        }
+        ingress.append({"from": [peers]})
+        egress.append({"to": [peers]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(
+            policy_name(desired.plugin, cid), namespace, _owned_labels(desired.plugin, cid), owner
+        ),
+        "spec": {
+            "podSelector": {"matchLabels": plugin_selector(desired.plugin, cid)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": ingress,
+            "egress": egress,
+        },
+    }
+
+
+def _egress(destinations: list[str]) -> list[dict[str, Any]]:
+    """``host:port`` destinations as egress rules.
+
+    An IP address becomes that address alone; a name cannot be written in a
+    NetworkPolicy, so it becomes its port to any address outside the cluster's
+    private ranges, plus DNS to resolve it.
+    """
+    rules: list[dict[str, Any]] = []
+    named_ports: set[int] = set()
+    for destination in destinations:
+        host, _, port = destination.rpartition(":")
+        host = host.strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            named_ports.add(int(port))
+            continue
+        prefix = 32 if address.version == 4 else 128
+        rules.append(
+            {
+                "to": [{"ipBlock": {"cidr": f"{address}/{prefix}"}}],
+                "ports": [{"protocol": "TCP", "port": int(port)}],
+            }
+        )
+    if named_ports:
+        rules.append(
+            {
+                "to": [
+                    {
+                        "ipBlock": {
+                            "cidr": "0.0.0.0/0",
+                            "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+                        }
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": p} for p in sorted(named_ports)],
+            }
+        )
+        rules.append({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]})
+    return rules
+
+
+def claim(
+    desired: base.InstanceSpec, volume: models.Volume, namespace: str, owner: Owner | None
+) -> Manifest:
+    cid = desired.controller_id
+    labels = {**_owned_labels(desired.plugin, cid), base.LABEL_VOLUME: volume.name}
+    size = str(volume.size) if volume.size is not None else "1Gi"
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(
+            claim_name(desired.plugin, volume.name, cid), namespace, labels, owner
+        ),
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": size}},
+        },
+    }
+
+
+def token_secret(
+    plugin: str, token: str, namespace: str, controller_id: str, owner: Owner | None
+) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(
+            token_name(plugin, controller_id),
+            namespace,
+            _owned_labels(plugin, controller_id),
+            owner,
+        ),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def all_for(
+    desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
+) -> list[Manifest]:
+    """Every object ``desired`` needs, in the order they are made (for validation and docs)."""
+    return [
+        token_secret(desired.plugin, "example-token", namespace, desired.controller_id, owner),
+        network_policy(desired, namespace, controller_namespace, owner),
+        *[claim(desired, v, namespace, owner) for v in desired.spec.volumes],
+        color_service(desired, namespace, owner),
+        stable_service(desired.plugin, desired.color, namespace, desired.controller_id, owner),
+        deployment(desired, namespace, owner),
+    ]
