@@ -64,7 +64,7 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> client
     return client.ApiClient(configuration)
 
 
-def error(e: ApiException | urllib3.exceptions.HTTPError, doing: str) -> KubernetesApiError:
+def error(e: Exception, doing: str) -> KubernetesApiError:
     """The API's failure as the controller's error, with the server's message."""
     if isinstance(e, ApiException):
         message = e.reason or ""

@@ -33,7 +33,7 @@ from controller.metrics import telemetry
 from controller.protocol import client
 from controller.reconcile import manager, reconciler
 from controller.runtimes import base
-from controller.sources import directory
+from controller.sources import base as sources_base
 from controller.spec import models
 from controller.state import snapshots
 
@@ -48,7 +48,7 @@ class AdminServer:
 
     def __init__(
         self,
-        source: directory.DirectorySource,
+        source: sources_base.Source,
         runtime: base.Runtime,
         path: Path,
         *,
@@ -98,7 +98,7 @@ class AdminServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def _document(self, desired: directory.Desired) -> dict[str, Any]:
+    async def _document(self, desired: sources_base.Desired) -> dict[str, Any]:
         status = await self.source.read_status(desired.plugin.key)
         plugin = desired.plugin.model_copy(update={"status": status or models.PluginStatus()})
         return plugin.to_document()
@@ -112,7 +112,7 @@ class AdminServer:
         errors = [{"origin": o, "message": str(e)} for o, e in sorted(self.source.errors.items())]
         return web.json_response({"items": items, "errors": errors})
 
-    def _desired(self, request: web.Request) -> directory.Desired:
+    def _desired(self, request: web.Request) -> sources_base.Desired:
         name = request.match_info["name"]
         desired = self.source.get(name)
         if desired is None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import platform
+import socket
 import sys
 import time
 import urllib.error
@@ -190,12 +192,60 @@ def run_controller(
     ),
     log_format: str = typer.Option("text", "--log-format", help="text or json"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    on_kubernetes: bool = typer.Option(
+        False,
+        "--kubernetes",
+        help="Follow Plugin objects on Kubernetes and run them as pods (instead of --specs "
+        "and --runtime).",
+    ),
+    kubeconfig: str | None = typer.Option(
+        None, "--kubeconfig", help="With --kubernetes: default the pod's service account."
+    ),
+    watch_namespace: list[str] | None = typer.Option(
+        None, "--watch-namespace", help="With --kubernetes: a namespace to follow (repeat); all."
+    ),
+    leader_elect: bool = typer.Option(
+        True,
+        "--leader-elect/--no-leader-elect",
+        help="With --kubernetes: act only while holding the Lease, so replicas are safe.",
+    ),
+    lease_name: str = typer.Option("blackhole-controller", "--lease-name"),
+    lease_namespace: str | None = typer.Option(
+        None, "--lease-namespace", help="Default: $POD_NAMESPACE, else default."
+    ),
+    lease_seconds: float = typer.Option(15.0, "--lease-seconds", min=1.0),
+    renew_seconds: float = typer.Option(10.0, "--renew-seconds", min=0.5),
+    retry_seconds: float = typer.Option(2.0, "--retry-seconds", min=0.1),
 ) -> None:
     """Run the controller in the foreground until SIGTERM; instances keep running after it."""
     if log_format not in {"text", "json"}:
         raise typer.BadParameter(f'"{log_format}"; use text or json', param_hint="--log-format")
     if specs is not None and not specs.is_dir():
         raise typer.BadParameter(f"{specs} is not a directory", param_hint="--specs")
+    if on_kubernetes and specs is not None:
+        raise typer.BadParameter(
+            "Plugin objects are the specs on Kubernetes; drop --specs", param_hint="--specs"
+        )
+    kubernetes = None
+    if on_kubernetes:
+        namespace = lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+        pod = os.environ.get("POD_NAME") or None
+        try:
+            kubernetes = run.KubernetesOptions(
+                kubeconfig=kubeconfig,
+                namespaces=tuple(watch_namespace or ()),
+                controller_namespace=namespace,
+                leader_elect=leader_elect,
+                lease_name=lease_name,
+                lease_seconds=lease_seconds,
+                renew_seconds=renew_seconds,
+                retry_seconds=retry_seconds,
+                identity=pod or f"{socket.gethostname()}-{os.getpid()}",
+                pod=pod,
+            )
+            kubernetes.lease()
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--lease-seconds") from None
     logs.configure(log_format, log_level)
     options = run.Options(
         specs=specs,
@@ -215,6 +265,7 @@ def run_controller(
             throttled_ratio=throttle_alert_ratio,
             restart_burst=restart_burst,
         ),
+        kubernetes=kubernetes,
     )
     try:
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:

@@ -19,8 +19,10 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import controller
+from controller import kubeapi, lease
 from controller.admin import server
 from controller.errors import ControllerError
 from controller.gateway import auth, router
@@ -28,8 +30,11 @@ from controller.gateway import server as gateway_server
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
-from controller.runtimes import container
+from controller.runtimes import base, container
+from controller.runtimes import kubernetes as kubernetes_runtime
+from controller.sources import base as sources_base
 from controller.sources import directory, store
+from controller.sources import kubernetes as kubernetes_source
 from controller.spec import models
 from controller.state import snapshots
 
@@ -71,6 +76,34 @@ def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
 
 
 @dataclass(frozen=True)
+class KubernetesOptions:
+    """``bhctl run --kubernetes``: Plugin objects in, Deployments out, one leader at a time."""
+
+    kubeconfig: str | None = None
+    """None: the pod's service account, else the default kubeconfig."""
+    namespaces: tuple[str, ...] = ()
+    controller_namespace: str = "default"
+    leader_elect: bool = True
+    lease_name: str = "blackhole-controller"
+    lease_seconds: float = 15.0
+    renew_seconds: float = 10.0
+    retry_seconds: float = 2.0
+    identity: str = ""
+    pod: str | None = None
+
+    def lease(self) -> lease.Settings:
+        return lease.Settings(
+            name=self.lease_name,
+            namespace=self.controller_namespace,
+            identity=self.identity,
+            lease_seconds=self.lease_seconds,
+            renew_seconds=self.renew_seconds,
+            retry_seconds=self.retry_seconds,
+            pod=self.pod,
+        )
+
+
+@dataclass(frozen=True)
 class Options:
     specs: Path | None
     runtime: container.Engine
@@ -84,6 +117,7 @@ class Options:
     gateway_tokens: Path | None = None
     metrics_address: str | None = "127.0.0.1:9100"
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
+    kubernetes: KubernetesOptions | None = None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -146,7 +180,7 @@ def _loopback(address: str) -> bool:
         return False
 
 
-def _lookup(source: directory.DirectorySource) -> gateway_server.Lookup:
+def _lookup(source: sources_base.Source) -> gateway_server.Lookup:
     def lookup(key: str) -> models.Plugin | None:
         desired = source.get(key)
         return desired.plugin if desired is not None else None
@@ -154,12 +188,87 @@ def _lookup(source: directory.DirectorySource) -> gateway_server.Lookup:
     return lookup
 
 
+class LostLeadershipError(ControllerError):
+    """Another controller took the Lease: this one stopped acting."""
+
+
 async def serve(options: Options) -> None:
-    """Run the controller until SIGTERM/SIGINT."""
+    """Run the controller until SIGTERM/SIGINT (or, on Kubernetes, until it stops leading)."""
     tokens = gateway_tokens(options)
     with _lock(options.data_dir):
-        records = store.Store(options.data_dir / "state.db")
-        work = queue.WorkQueue()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        metrics = telemetry.Metrics(version=controller.__version__)
+        exposition_server = exposition.MetricsServer(metrics.registry)
+        bound: dict[str, str] = {}
+        election: lease.Election | None = None
+        lost = asyncio.Event()
+        try:
+            # /metrics answers while waiting for the Lease: a follower is healthy too.
+            if options.metrics_address:
+                bound["metrics"] = await exposition_server.start(options.metrics_address)
+            api = None
+            if options.kubernetes is not None:
+                api = kubeapi.connect(options.kubernetes.kubeconfig)
+                if options.kubernetes.leader_elect:
+                    election = lease.Election(api, options.kubernetes.lease())
+                    if not await election.acquire(stop):
+                        return
+            await _lead(options, tokens, metrics, bound, stop, api, election, lost)
+        finally:
+            if election is not None and not lost.is_set():
+                await election.release()
+            await exposition_server.stop()
+        if lost.is_set():
+            raise LostLeadershipError(
+                "another controller took the Lease; stopped acting (exit 1, to be restarted)"
+            )
+        log.info("stopped")
+
+
+async def _lead(
+    options: Options,
+    tokens: auth.Tokens | None,
+    metrics: telemetry.Metrics,
+    bound: dict[str, str],
+    stop: asyncio.Event,
+    api: Any,
+    election: lease.Election | None,
+    lost: asyncio.Event,
+) -> None:
+    """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
+    records = store.Store(options.data_dir / "state.db")
+    work = queue.WorkQueue()
+    source: sources_base.Source
+    runtime: base.Runtime
+    plugins: client.Clients
+    if options.kubernetes is not None:
+        k8s = options.kubernetes
+        source = kubernetes_source.KubernetesSource(
+            api,
+            records,
+            work.add,
+            namespaces=k8s.namespaces,
+            resync_seconds=options.resync_seconds,
+        )
+        backend = kubernetes_runtime.KubernetesRuntime(
+            kubernetes_runtime.Settings(
+                controller_id=options.controller_id,
+                controller_namespace=k8s.controller_namespace,
+                namespaces=k8s.namespaces,
+            ),
+            api,
+        )
+        runtime, plugins = backend, client.Clients(tokens=backend.token)
+        log.info(
+            "controller %s on Kubernetes (%s), data in %s",
+            options.controller_id,
+            ", ".join(k8s.namespaces) or "all namespaces",
+            options.data_dir,
+        )
+    else:
         source = directory.DirectorySource(
             options.specs, records, work.add, resync_seconds=options.resync_seconds
         )
@@ -172,6 +281,7 @@ async def serve(options: Options) -> None:
                 threads=options.workers,
             )
         )
+        plugins = client.Clients()
         info = await asyncio.to_thread(container.describe, options.runtime)
         log.info(
             "controller %s on %s %s (API %s), specs from %s, data in %s",
@@ -182,43 +292,43 @@ async def serve(options: Options) -> None:
             options.specs or "the admin API only",
             options.data_dir,
         )
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        plugins = client.Clients()
-        metrics = telemetry.Metrics(version=controller.__version__)
-        routes = router.Router(metrics)
-        gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
-        states = snapshots.Snapshots(options.data_dir / "snapshots.db")
-        control = manager.Manager(
-            source,
-            runtime,
-            work,
-            plugins,
-            routes=routes,
-            snapshots=states,
-            metrics=metrics,
-            thresholds=options.thresholds,
-            workers=options.workers,
-        )
-        exposition_server = exposition.MetricsServer(metrics.registry)
-        admin = server.AdminServer(
-            source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins
-        )
-        await admin.start()
-        try:
-            bound = await gateway.start(options.gateway_address, options.gateway_grpc_address)
-            if options.metrics_address:
-                bound["metrics"] = await exposition_server.start(options.metrics_address)
-            write_addresses(options.data_dir, bound)
-            await control.run(stop)
-        finally:
-            await exposition_server.stop()
-            await gateway.stop()
-            await admin.stop()
-            await plugins.close()
-            await runtime.close()
-            states.close()
-            records.close()
-        log.info("stopped")
+    routes = router.Router(metrics)
+    gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
+    states = snapshots.Snapshots(options.data_dir / "snapshots.db")
+    control = manager.Manager(
+        source,
+        runtime,
+        work,
+        plugins,
+        routes=routes,
+        snapshots=states,
+        metrics=metrics,
+        thresholds=options.thresholds,
+        workers=options.workers,
+    )
+    admin = server.AdminServer(
+        source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins
+    )
+    await admin.start()
+    holding = None
+    try:
+        bound.update(await gateway.start(options.gateway_address, options.gateway_grpc_address))
+        write_addresses(options.data_dir, bound)
+        if election is not None:
+            holding = asyncio.create_task(_hold(election, stop, lost), name="lease")
+        await control.run(stop)
+    finally:
+        if holding is not None:
+            holding.cancel()
+        await gateway.stop()
+        await admin.stop()
+        await plugins.close()
+        await runtime.close()
+        states.close()
+        records.close()
+
+
+async def _hold(election: lease.Election, stop: asyncio.Event, lost: asyncio.Event) -> None:
+    await election.hold(stop, lost)
+    if lost.is_set():
+        stop.set()

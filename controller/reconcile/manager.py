@@ -19,7 +19,7 @@ from controller.metrics import oom, telemetry, violations
 from controller.reconcile import queue as queue_module
 from controller.reconcile import reconciler, workers
 from controller.runtimes import base
-from controller.sources import directory
+from controller.sources import base as sources_base
 from controller.state import snapshots as snapshots_module
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Manager:
 
     def __init__(
         self,
-        source: directory.DirectorySource,
+        source: sources_base.Source,
         runtime: base.Runtime,
         queue: queue_module.WorkQueue,
         plugins: reconciler.Plugins,

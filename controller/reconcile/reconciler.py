@@ -40,7 +40,8 @@ from controller.metrics import violations as violations_module
 from controller.reconcile import conditions
 from controller.reconcile.workers import Result
 from controller.runtimes import base
-from controller.sources import directory, store
+from controller.sources import base as sources_base
+from controller.sources import store
 from controller.spec import models
 from controller.state import snapshots as snapshots_module
 from controller.swap import coordinator
@@ -90,7 +91,7 @@ class NoRoutes:
 class Source(Protocol):
     """Where desired state comes from and where status goes back to."""
 
-    def get(self, key: str) -> directory.Desired | None: ...
+    def get(self, key: str) -> sources_base.Desired | None: ...
 
     async def read_status(self, key: str) -> models.PluginStatus | None: ...
 
@@ -160,7 +161,7 @@ class Reconciler:
         pinned = await self._pinned(key, desired)
         return await _Pass(self, key, desired, observed, context, pinned).run()
 
-    async def _pinned(self, key: str, desired: directory.Desired) -> models.PluginSpec | None:
+    async def _pinned(self, key: str, desired: sources_base.Desired) -> models.PluginSpec | None:
         """The spec ``bhctl swap undo`` pinned over the declared one, while that is unchanged."""
         if self.specs is None:
             return None
@@ -253,7 +254,7 @@ class _Pass:
         self,
         reconciler: Reconciler,
         key: str,
-        desired: directory.Desired,
+        desired: sources_base.Desired,
         observed: list[base.Instance],
         context: dict[str, Any],
         pinned: models.PluginSpec | None = None,

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -30,6 +28,7 @@ import watchfiles
 
 from controller.errors import SpecError, SpecIssue
 from controller.sources import store as store_module
+from controller.sources.base import Desired, spec_hash
 from controller.spec import loader, models
 
 log = logging.getLogger(__name__)
@@ -38,30 +37,6 @@ T = TypeVar("T")
 
 APPLIED = "applied"
 """The origin of specs applied through the admin API rather than read from a file."""
-
-
-@dataclass(frozen=True)
-class Desired:
-    """A plugin as declared, its ``metadata.generation`` set, with where it was declared."""
-
-    plugin: models.Plugin
-    origin: str
-    """The spec file, or ``applied`` for specs applied through the admin API."""
-    spec_hash: str
-
-    @property
-    def generation(self) -> int:
-        return self.plugin.metadata.generation or 0
-
-
-def spec_hash(plugin: models.Plugin) -> str:
-    """A short, stable digest of what the user declared (spec and labels)."""
-    declared = {
-        "spec": plugin.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "labels": plugin.metadata.labels,
-    }
-    text = json.dumps(declared, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class DirectorySource:
