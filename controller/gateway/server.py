@@ -2,9 +2,10 @@
 
 - ``POST /v1/plugins/{name}/call/{method}``: the body is the call's payload
   (JSON by convention, passed through as bytes); the answer is the plugin's.
-  ``X-Timeout-Seconds`` asks for a shorter timeout than the spec's.
+  ``X-Timeout-Seconds`` asks for a shorter timeout than the spec's. Plugins
+  on Kubernetes are ``/v1/namespaces/{namespace}/plugins/{name}/call/{method}``.
 - gRPC ``blackhole.plugin.v1.Plugin/Handle`` with metadata
-  ``x-blackhole-plugin: NAME``: the request and answer pass through as bytes.
+  ``x-blackhole-plugin: NAME`` (``NAMESPACE/NAME`` on Kubernetes): the request and answer pass through as bytes.
 
 Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
 file is configured (401 without a known token, 403 for a plugin the token
@@ -132,6 +133,9 @@ class Gateway:
             [
                 web.get("/healthz", self._healthz),
                 web.post("/v1/plugins/{name}/call/{method}", self._http_call),
+                web.post(
+                    "/v1/namespaces/{namespace}/plugins/{name}/call/{method}", self._http_call
+                ),
             ]
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -296,6 +300,8 @@ class Gateway:
 
     async def _http_call(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if namespace := request.match_info.get("namespace"):
+            name = f"{namespace}/{name}"  # plugins on Kubernetes: their key
         method = request.match_info["method"]
         try:
             caller = self._caller(request.headers.get("Authorization"))
