@@ -197,13 +197,14 @@ class Informer:
                     **self._selector(),
                     resource_version=version or None,
                     allow_watch_bookmarks=True,
+                    deserialize=False,
                     timeout_seconds=WATCH_SECONDS,
                     _request_timeout=WATCH_SECONDS + 30,
                 ):
                     if self._stop.is_set():
                         stream.stop()
                         return
-                    raw = event.get("raw_object") or {}
+                    raw = event.get("raw_object") or event.get("object") or {}
                     if event["type"] == "ERROR":
                         if raw.get("code") == 410:
                             raise _Gone()
@@ -216,6 +217,11 @@ class Informer:
                 if e.status == 410:
                     raise _Gone() from e
                 raise
+            except KeyError as e:
+                # The client's check of ERROR events without deserializing: it
+                # looks for a key that only deserialized events have. Such an
+                # event is most often 410 Gone; listing again is right either way.
+                raise _Gone() from e
 
     def _apply(self, kind: str, obj: Object, scope: str | None) -> None:
         key = key_of(obj)

@@ -1,0 +1,573 @@
+"""A Kubernetes API for tests: kmock's emulator, extended, and a kubelet that runs pods on Docker.
+
+No API server can run on this machine, so the controller's Kubernetes code
+talks to ``kmock`` (a maintained HTTP emulator of the API) over real HTTP,
+with the official client. kmock lacks some semantics the controller relies
+on; :class:`ApiServer` adds the smallest faithful version of each:
+
+- **object identity and versions**: ``uid``, ``creationTimestamp``,
+  ``generation`` (bumped when ``spec`` changes, not by status writes) and a
+  cluster-wide ``resourceVersion`` bumped on every write;
+- **optimistic concurrency**: a write that carries a stale
+  ``metadata.resourceVersion`` gets ``409 Conflict`` (merge patches and PUT);
+- **PUT** (replace), which kmock does not route;
+- **label selectors** (equality-based, as the controller uses them) on list
+  and watch;
+- Secrets' ``stringData`` folded into base64 ``data``.
+
+It does NOT do: server-side apply, field validation against the CRD schema,
+garbage collection through ownerReferences, NetworkPolicy enforcement,
+Events' aggregation, or Table output for kubectl's printer columns. Tests
+check what those would act on (the ownerReferences, the NetworkPolicy
+objects validated offline, the printer columns' JSON paths), not their effect.
+
+:class:`Kubelet` stands in for the controller manager and kubelet: for each
+Deployment with replicas it makes a Pod object and runs the pod's container
+on the real Docker engine (its image, env with Secret references resolved,
+user, read-only root, dropped capabilities, memory and CPU limits; emptyDirs
+and PVCs as tmpfs), reports the container's IP as the pod IP, restarts it when
+it exits (``restartCount``, ``lastState.terminated``), and stops and removes
+it when the Deployment goes or is scaled to zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime
+import itertools
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import docker
+import docker.errors
+import kmock
+import yaml
+from kubernetes import client as k8s_client
+
+from controller.spec import quantity
+
+DEPLOYMENTS = "apps/v1/deployments"
+PODS = "v1/pods"
+RESOURCES = [
+    "blackhole.dev/v1alpha1/plugins",
+    DEPLOYMENTS,
+    PODS,
+    "v1/services",
+    "v1/secrets",
+    "v1/persistentvolumeclaims",
+    "v1/events",
+    "networking.k8s.io/v1/networkpolicies",
+    "coordination.k8s.io/v1/leases",
+]
+KUBELET_LABEL = "blackhole.dev/test-kubelet"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def matches(obj: dict[str, Any], selector: str | None) -> bool:
+    """Whether ``obj``'s labels satisfy an equality-based selector (``a=b,c!=d,e,!f``)."""
+    if not selector:
+        return True
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in selector.split(","):
+        term = term.strip()
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.split("=", 1)
+            if labels.get(key.rstrip("=")) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class Conflict(kmock.KubernetesError):
+    status = 409
+    reason = "Conflict"
+    message = (
+        "Operation cannot be fulfilled: the object has been modified; "
+        "please apply your changes to the latest version and try again"
+    )
+
+
+def _patched(obj: dict[str, Any], patch: Any) -> dict[str, Any]:
+    from kmock._internal import dicts
+
+    return dict(copy.deepcopy(dicts.patch_dict(copy.deepcopy(obj), patch)))
+
+
+class ApiServer(kmock.KubernetesEmulator):
+    """kmock's emulator with the semantics listed in the module's docstring."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+        self._writes = asyncio.Lock()
+        resources: Any = self.resources
+        for resource in RESOURCES:
+            resources[resource] = {}
+
+    def _next(self) -> str:
+        return str(next(self._versions))
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        if request.resource is None or request.method == "GET":
+            return await super()._handle(request)
+        async with self._writes:
+            if request.method == "PUT" and request.name:
+                return await self._replace(request)
+            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                self._stamp_created(request)
+            elif request.action == kmock.action.UPDATE and request.name:
+                self._stamp_patch(request)
+            return await super()._handle(request)
+
+    def _key(self, request: Any) -> tuple[Any, str | None, str]:
+        return (request.resource, request.namespace, request.name)
+
+    def _stored(self, request: Any) -> dict[str, Any] | None:
+        key = self._key(request)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return dict(self.objects[key].raw)
+
+    def _stamp_created(self, request: Any) -> None:
+        data = request.data
+        metadata = data.setdefault("metadata", {})
+        if request.namespace:
+            metadata["namespace"] = request.namespace
+        metadata.setdefault("uid", str(uuid.uuid4()))
+        metadata.setdefault("creationTimestamp", _now())
+        metadata["resourceVersion"] = self._next()
+        metadata["generation"] = 1
+        if data.get("kind") == "Secret" and "stringData" in data:
+            folded = {
+                k: base64.b64encode(v.encode()).decode() for k, v in data["stringData"].items()
+            }
+            data["data"] = {**(data.get("data") or {}), **folded}
+            del data["stringData"]
+
+    def _stamp_patch(self, request: Any) -> None:
+        stored = self._stored(request)
+        if stored is None:
+            return  # kmock answers 404
+        patch = request.data
+        current = stored["metadata"].get("resourceVersion")
+        if isinstance(patch, dict):
+            wanted = (patch.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != current:
+                raise Conflict()
+        after = _patched(stored, patch)
+        bumped: dict[str, Any] = {"resourceVersion": self._next()}
+        if request.subresource is None and after.get("spec") != stored.get("spec"):
+            bumped["generation"] = int(stored["metadata"].get("generation") or 1) + 1
+        if isinstance(patch, dict):
+            patch.setdefault("metadata", {}).update(bumped)
+        else:
+            patch.extend(
+                {"op": "add", "path": f"/metadata/{k}", "value": v} for k, v in bumped.items()
+            )
+
+    async def _replace(self, request: Any) -> aiohttp.web.StreamResponse:
+        stored = self._stored(request)
+        if stored is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        body = dict(request.data)
+        metadata = dict(body.get("metadata") or {})
+        given = metadata.get("resourceVersion")
+        if given is not None and given != stored["metadata"].get("resourceVersion"):
+            raise Conflict()
+        for kept in ("uid", "creationTimestamp", "namespace", "generation"):
+            if kept in stored["metadata"]:
+                metadata[kept] = stored["metadata"][kept]
+        metadata["resourceVersion"] = self._next()
+        if body.get("spec") != stored.get("spec"):
+            metadata["generation"] = int(stored["metadata"].get("generation") or 1) + 1
+        body["metadata"] = metadata
+        self.objects[self._key(request)].create(body)
+        await self._buses[request.resource].put({"type": "MODIFIED", "object": body})
+        return aiohttp.web.json_response(body)
+
+    async def _serve_list(self, request: Any) -> Any:
+        payload: Any = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        payload["items"] = [i for i in payload["items"] if matches(i, selector)]
+        payload["metadata"] = {"resourceVersion": self._next()}
+        return payload
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        selector = request.params.get("labelSelector")
+        event: Any
+        async for event in super()._serve_watch(request):
+            if isinstance(event, bytes) or matches(event.get("object") or {}, selector):
+                yield event
+
+    # The kubelet's writes, inside the server's loop.
+
+    async def store(self, resource: str, obj: dict[str, Any]) -> None:
+        """Store ``obj`` (created or replaced) and tell the watchers."""
+        async with self._writes:
+            ref = kmock.resource(resource)
+            metadata = obj["metadata"]
+            key = (ref, metadata.get("namespace"), metadata["name"])
+            metadata["resourceVersion"] = self._next()
+            exists = key in self.objects and not self.objects[key].deleted
+            if exists:
+                self.objects[key].create(obj)
+            else:
+                self.objects[key] = obj
+            await self._buses[ref].put({"type": "MODIFIED" if exists else "ADDED", "object": obj})
+
+    async def discard(self, resource: str, namespace: str, name: str) -> None:
+        async with self._writes:
+            ref = kmock.resource(resource)
+            key = (ref, namespace, name)
+            if key in self.objects and not self.objects[key].deleted:
+                raw = self.objects[key].raw
+                self.objects[key].delete()
+                await self._buses[ref].put({"type": "DELETED", "object": raw})
+
+    def live(self, resource: str) -> list[dict[str, Any]]:
+        ref = kmock.resource(resource)
+        return [
+            copy.deepcopy(dict(obj.raw))
+            for (res, _, _), obj in list(self.objects.items())
+            if res == ref and not obj.deleted
+        ]
+
+
+@dataclass
+class _Pod:
+    name: str
+    namespace: str
+    deployment_uid: str
+    container: str
+    restarts: int = 0
+    image_id: str = ""
+    container_id: str = ""
+    last: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+
+
+class Kubelet:
+    """Runs the pods of the API server's Deployments as Docker containers (see the module)."""
+
+    def __init__(self, server: ApiServer, docker_client: docker.DockerClient, session: str) -> None:
+        self.server = server
+        self.docker = docker_client
+        self.session = session
+        self.pods: dict[str, _Pod] = {}
+        """Deployment uid -> its pod."""
+
+    async def run(self) -> None:
+        while True:
+            await self.sync()
+            await asyncio.sleep(0.2)
+
+    async def sync(self) -> None:
+        wanted = {}
+        for deployment in self.server.live(DEPLOYMENTS):
+            if (deployment.get("spec") or {}).get("replicas", 1):
+                wanted[deployment["metadata"]["uid"]] = deployment
+        for uid in list(self.pods):
+            if uid not in wanted:
+                await self._stop(self.pods.pop(uid))
+        for uid, deployment in wanted.items():
+            pod = self.pods.get(uid)
+            if pod is None:
+                self.pods[uid] = await self._start(deployment)
+            else:
+                await self._observe(pod, deployment)
+
+    async def _start(self, deployment: dict[str, Any]) -> _Pod:
+        metadata = deployment["metadata"]
+        namespace = metadata["namespace"]
+        template = deployment["spec"]["template"]
+        name = f"{metadata['name']}-{uuid.uuid4().hex[:5]}"
+        spec = template["spec"]
+        container = spec["containers"][0]
+        pod = _Pod(name, namespace, metadata["uid"], f"bhk-{self.session}-{namespace}-{name}")
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": _now(),
+                "labels": dict(template["metadata"]["labels"]),
+                "ownerReferences": [
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "ReplicaSet",
+                        "name": metadata["name"],
+                        "uid": metadata["uid"],
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": spec,
+            "status": {"phase": "Pending"},
+        }
+        await self.server.store(PODS, obj)
+        await asyncio.to_thread(self._run_container, pod, namespace, spec, container)
+        await self._observe(pod, deployment)
+        return pod
+
+    def _run_container(
+        self, pod: _Pod, namespace: str, spec: dict[str, Any], container: dict[str, Any]
+    ) -> None:
+        env = {}
+        for item in container.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
+                env[item["name"]] = self._secret(namespace, ref["name"], ref["key"])
+        security = container.get("securityContext") or {}
+        user = f"{security.get('runAsUser', 65532)}:{security.get('runAsGroup', 65532)}"
+        limits = (container.get("resources") or {}).get("limits") or {}
+        tmpfs = {}
+        for mount in container.get("volumeMounts") or []:
+            tmpfs[mount["mountPath"]] = (
+                f"size=64m,uid={user.split(':')[0]},gid={user.split(':')[1]}"
+            )
+        self.docker.containers.run(
+            container["image"],
+            name=pod.container,
+            detach=True,
+            environment=env,
+            user=user,
+            read_only=bool(security.get("readOnlyRootFilesystem")),
+            cap_drop=["ALL"]
+            if "ALL" in (security.get("capabilities") or {}).get("drop", [])
+            else [],
+            security_opt=["no-new-privileges"]
+            if not security.get("allowPrivilegeEscalation", True)
+            else [],
+            mem_limit=quantity.Quantity(limits["memory"]).as_int() if "memory" in limits else None,
+            nano_cpus=int(quantity.Quantity(limits["cpu"]).value * 1_000_000_000)
+            if "cpu" in limits
+            else None,
+            tmpfs=tmpfs,
+            labels={KUBELET_LABEL: self.session},
+        )
+
+    def _secret(self, namespace: str, name: str, key: str) -> str:
+        for secret in self.server.live("v1/secrets"):
+            metadata = secret["metadata"]
+            if metadata.get("namespace") == namespace and metadata["name"] == name:
+                return base64.b64decode(secret["data"][key]).decode()
+        raise KeyError(f"secret {namespace}/{name} has no {key}")
+
+    async def _observe(self, pod: _Pod, deployment: dict[str, Any]) -> None:
+        try:
+            attrs = await asyncio.to_thread(self.docker.api.inspect_container, pod.container)
+        except docker.errors.NotFound:
+            return
+        state = attrs["State"]
+        pod.image_id, pod.container_id = attrs["Image"], attrs["Id"]
+        address = attrs["NetworkSettings"]["IPAddress"] or None
+        if state["Running"]:
+            container_state: dict[str, Any] = {"running": {"startedAt": state["StartedAt"]}}
+        else:
+            pod.restarts += 1
+            pod.last = {
+                "terminated": {
+                    "exitCode": state["ExitCode"],
+                    "reason": "OOMKilled" if state["OOMKilled"] else "Error",
+                    "startedAt": state["StartedAt"],
+                    "finishedAt": state["FinishedAt"],
+                }
+            }
+            container_state = {"waiting": {"reason": "CrashLoopBackOff"}}
+            await self._report(pod, deployment, container_state, None)
+            await asyncio.sleep(1.0)  # the kubelet's back-off, shortened
+            await asyncio.to_thread(self.docker.api.start, pod.container)
+            return
+        await self._report(pod, deployment, container_state, address)
+
+    async def _report(
+        self,
+        pod: _Pod,
+        deployment: dict[str, Any],
+        container_state: dict[str, Any],
+        address: str | None,
+    ) -> None:
+        status = {
+            "phase": "Running",
+            "podIP": address,
+            "containerStatuses": [
+                {
+                    "name": "plugin",
+                    "image": deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+                    "imageID": f"docker-pullable://{pod.image_id}",
+                    "containerID": f"docker://{pod.container_id}",
+                    "state": container_state,
+                    "lastState": pod.last or {},
+                    "restartCount": pod.restarts,
+                    "ready": "running" in container_state,
+                }
+            ],
+        }
+        if not address:
+            del status["podIP"]
+        if status == pod.status:
+            return
+        pod.status = status
+        current = next(
+            (
+                p
+                for p in self.server.live(PODS)
+                if p["metadata"]["name"] == pod.name and p["metadata"]["namespace"] == pod.namespace
+            ),
+            None,
+        )
+        if current is not None:
+            current["status"] = status
+            await self.server.store(PODS, current)
+
+    async def _stop(self, pod: _Pod) -> None:
+        def stop() -> None:
+            try:
+                self.docker.api.stop(pod.container, timeout=30)
+                self.docker.api.remove_container(pod.container, force=True)
+            except docker.errors.NotFound:
+                pass
+
+        await asyncio.to_thread(stop)
+        await self.server.discard(PODS, pod.namespace, pod.name)
+
+    def clean(self) -> None:
+        for container in self.docker.containers.list(
+            all=True, filters={"label": f"{KUBELET_LABEL}={self.session}"}
+        ):
+            container.remove(force=True)
+
+
+class Cluster:
+    """The API server and kubelet above, served from a thread of their own."""
+
+    def __init__(self, docker_client: docker.DockerClient, directory: Path) -> None:
+        self.session = uuid.uuid4().hex[:8]
+        self.docker = docker_client
+        self.directory = directory
+        self.loop = asyncio.new_event_loop()
+        self.server: ApiServer | None = None
+        self.kubelet: Kubelet | None = None
+        self.url = ""
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="kmock", daemon=True)
+
+    def __enter__(self) -> Cluster:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the API server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+        if self.kubelet is not None:
+            self.kubelet.clean()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with ApiServer() as server, kmock.Server(server) as http:
+            self.server = server
+            self.url = str(http.url).rstrip("/")
+            self.kubelet = Kubelet(server, self.docker, self.session)
+            task = asyncio.create_task(self.kubelet.run())
+            self._ready.set()
+            await self._stop.wait()
+            task.cancel()
+            for pod in list(self.kubelet.pods.values()):
+                await self.kubelet._stop(pod)
+
+    def kubeconfig(self) -> Path:
+        path = self.directory / "kubeconfig"
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
+            "current-context": "kmock",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def api(self) -> k8s_client.ApiClient:
+        configuration = k8s_client.Configuration()
+        configuration.host = self.url
+        return k8s_client.ApiClient(configuration)
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """Every request so far as (verb, resource, subresource), for the RBAC check."""
+        assert self.server is not None
+        seen = []
+        for request in list(self.server):
+            if request.resource is None:
+                continue
+            if request.method == "GET":
+                verb = "watch" if request.params.get("watch") == "true" else "list"
+                verb = "get" if request.name and verb == "list" else verb
+            else:
+                verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[
+                    request.method
+                ]
+            seen.append((verb, str(request.resource), request.subresource or ""))
+        return seen
+
+    def call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+
+def plugins(api: k8s_client.ApiClient) -> k8s_client.CustomObjectsApi:
+    return k8s_client.CustomObjectsApi(api)
+
+
+def printer_columns(crd_path: Path) -> list[dict[str, Any]]:
+    crd = yaml.safe_load(crd_path.read_text())
+    return list(crd["spec"]["versions"][0]["additionalPrinterColumns"])
+
+
+def json_path(obj: dict[str, Any], path: str) -> Any:
+    """The value at a simple ``.a.b`` JSON path (as the CRD's printer columns use)."""
+    value: Any = obj
+    for part in path.strip(".").split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def iter_items(listing: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from listing.get("items") or []
+
+
+__all__ = ["Cluster", "json", "json_path", "matches", "printer_columns"]
