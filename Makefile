@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STEP := scripts/step.sh
 
-.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd proto
+.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd manifests proto
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
@@ -23,6 +23,7 @@ test: setup
 	@$(STEP) integration $(MAKE) --no-print-directory integration
 
 setup: venv
+	@$(STEP) helm bash scripts/helm.sh tools $(BIN)
 	@$(STEP) engines bash scripts/engines.sh docker podman prometheus
 	@$(STEP) images bash images/build.sh
 
@@ -57,6 +58,11 @@ integration:
 crd: venv
 	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml
 	$(BIN)/bhctl crd > deploy/kubernetes/crd-plugins.blackhole.dev.yaml
+
+# The chart rendered as plain manifests (deploy/kubernetes/blackhole.yaml), after
+# copying the alert rules and the dashboard into the chart.
+manifests: venv
+	BIN_DIR=$(BIN) bash scripts/helm.sh manifests
 
 proto: venv
 	bash scripts/proto.sh $(BIN)/python
