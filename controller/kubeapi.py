@@ -44,8 +44,21 @@ class KubernetesApiError(ControllerError):
         self.status = status
 
 
-def connect(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """A client from the pod's service account when in a cluster, else from a kubeconfig."""
+def connect(
+    kubeconfig: str | None = None, context: str | None = None, *, agent: str = ""
+) -> client.ApiClient:
+    """A client from the pod's service account when in a cluster, else from a kubeconfig.
+
+    ``agent`` is sent as the User-Agent, so that the API server's audit log
+    tells the controller's replicas apart.
+    """
+    api = _client(kubeconfig, context)
+    if agent:
+        api.user_agent = agent
+    return api
+
+
+def _client(kubeconfig: str | None, context: str | None) -> client.ApiClient:
     if kubeconfig is None:
         try:
             config.load_incluster_config()

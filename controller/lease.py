@@ -177,7 +177,7 @@ class Election:
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this candidate leads (True) or ``stop`` is set (False)."""
-        await self._label(False)
+        await self.label(False)
         log.info(
             "lease %s/%s: %s is waiting to lead",
             self.settings.namespace,
@@ -186,7 +186,7 @@ class Election:
         )
         while not stop.is_set():
             if await self.try_acquire_or_renew():
-                await self._label(True)
+                await self.label(True)
                 return True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.retry_seconds)
@@ -207,7 +207,7 @@ class Election:
                     self.settings.name,
                     self.clock() - self._renewed_at,
                 )
-                await self._label(False)
+                await self.label(False)
                 lost.set()
                 return
 
@@ -223,7 +223,7 @@ class Election:
         if not self.leading:
             return
         self.leading = False
-        await self._label(False)
+        await self.label(False)
         with contextlib.suppress(ApiException, urllib3.exceptions.HTTPError, OSError):
             await asyncio.to_thread(self._give_up)
 
@@ -241,7 +241,7 @@ class Election:
         )
         log.info("lease %s: released by %s", self.settings.name, self.settings.identity)
 
-    async def _label(self, leader: bool) -> None:
+    async def label(self, leader: bool) -> None:
         """Put the leader label on this pod, or take it off (the gateway's Service follows it)."""
         pod = self.settings.pod
         if not pod:

@@ -211,11 +211,17 @@ async def serve(options: Options) -> None:
                 bound["metrics"] = await exposition_server.start(options.metrics_address)
             api = None
             if options.kubernetes is not None:
-                api = kubeapi.connect(options.kubernetes.kubeconfig)
-                if options.kubernetes.leader_elect:
-                    election = lease.Election(api, options.kubernetes.lease())
-                    if not await election.acquire(stop):
-                        return
+                api = kubeapi.connect(
+                    options.kubernetes.kubeconfig,
+                    agent=f"blackhole-controller/{controller.__version__} "
+                    f"({options.kubernetes.identity})",
+                )
+                election = lease.Election(api, options.kubernetes.lease())
+                if not options.kubernetes.leader_elect:
+                    await election.label(True)  # the only replica: the gateway's Service needs it
+                    election = None
+                elif not await election.acquire(stop):
+                    return
             await _lead(options, tokens, metrics, bound, stop, api, election, lost)
         finally:
             if election is not None and not lost.is_set():

@@ -268,8 +268,12 @@ class _Pod:
 class Kubelet:
     """Runs the pods of the API server's Deployments as Docker containers (see the module)."""
 
-    def __init__(self, server: ApiServer, docker_client: docker.DockerClient, session: str) -> None:
+    def __init__(
+        self, server: ApiServer, docker_client: docker.DockerClient, session: str, logs: Path
+    ) -> None:
         self.server = server
+        self.logs = logs
+        """Where each pod's output is kept when it is removed (for the failures' reports)."""
         self.docker = docker_client
         self.session = session
         self.pods: dict[str, _Pod] = {}
@@ -446,6 +450,10 @@ class Kubelet:
         def stop() -> None:
             try:
                 self.docker.api.stop(pod.container, timeout=30)
+                self.logs.mkdir(parents=True, exist_ok=True)
+                (self.logs / f"{pod.namespace}-{pod.name}.log").write_bytes(
+                    self.docker.api.logs(pod.container)
+                )
                 self.docker.api.remove_container(pod.container, force=True)
             except docker.errors.NotFound:
                 pass
@@ -500,7 +508,7 @@ class Cluster:
         async with ApiServer() as server, kmock.Server(server) as http:
             self.server = server
             self.url = str(http.url).rstrip("/")
-            self.kubelet = Kubelet(server, self.docker, self.session)
+            self.kubelet = Kubelet(server, self.docker, self.session, self.directory / "pods")
             task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
             await self._stop.wait()
@@ -542,6 +550,24 @@ class Cluster:
                 ]
             seen.append((verb, str(request.resource), request.subresource or ""))
         return seen
+
+    def writes(self) -> list[tuple[str, str]]:
+        """Every write so far, in order: (path, body as text)."""
+        assert self.server is not None
+        return [
+            (str(r.url.path), r.text or "")
+            for r in list(self.server)
+            if r.resource is not None and r.method != "GET"
+        ]
+
+    def writers(self) -> list[tuple[str, str]]:
+        """(User-Agent, path) of every write so far."""
+        assert self.server is not None
+        return [
+            (str(r.headers.get("User-Agent", "")), str(r.url.path))
+            for r in list(self.server)
+            if r.resource is not None and r.method != "GET"
+        ]
 
     def call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)

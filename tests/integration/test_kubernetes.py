@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from controller.runtimes import base
-from controller.spec import models
+from controller import __version__ as controller_version
+from controller import kubeapi
+from controller.runtimes import base, container
 
 from . import kube
 from .conftest import (
@@ -37,12 +37,16 @@ from .conftest import (
     new_controller_id,
     wait_for,
 )
-from controller.runtimes import container
 
 CRD = Path(__file__).parents[2] / "charts" / "blackhole" / "crds" / "plugins.blackhole.dev.yaml"
 NAMESPACE = "plugins"
 SYSTEM = "blackhole-system"
 GROUP, VERSION, PLURAL = "blackhole.dev", "v1alpha1", "plugins"
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The JSON of a response read with ``_preload_content=False`` (no client models)."""
+    return dict(json.loads(response.data))
 
 
 @dataclass
@@ -89,8 +93,10 @@ class Api:
 
     def plugin(self, name: str) -> dict[str, Any] | None:
         try:
-            return dict(
-                self.objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+            return _json(
+                self.objects.get_namespaced_custom_object(
+                    GROUP, VERSION, NAMESPACE, PLURAL, name, _preload_content=False
+                )
             )
         except ApiException as e:
             if e.status == 404:
@@ -114,7 +120,7 @@ class Api:
             "persistentvolumeclaims": self.core.list_namespaced_persistent_volume_claim,
             "secrets": self.core.list_namespaced_secret,
         }[kind](NAMESPACE, _preload_content=False)
-        items = json.loads(listing.data)["items"]
+        items = _json(listing)["items"]
         return {
             i["metadata"]["name"]
             for i in items
@@ -129,7 +135,7 @@ class Api:
             "persistentvolumeclaims": self.core.read_namespaced_persistent_volume_claim,
             "secrets": self.core.read_namespaced_secret,
         }[kind]
-        return dict(json.loads(read(name, NAMESPACE, _preload_content=False).data))
+        return _json(read(name, NAMESPACE, _preload_content=False))
 
 
 @pytest.fixture
@@ -137,8 +143,7 @@ def api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
     if request.node.get_closest_marker("cluster"):
         if not os.environ.get("KUBECONFIG"):
             pytest.fail("-m cluster needs KUBECONFIG naming a cluster (kind, k3d) to test against")
-        k8s_config.load_kube_config()
-        with k8s_client.ApiClient() as real:
+        with kubeapi.connect(os.environ["KUBECONFIG"]) as real:
             yield Api(real, Path(os.environ["KUBECONFIG"]))
         return
     engine = get_engine(container.Engine.DOCKER)
@@ -245,9 +250,7 @@ def test_a_plugin_object_becomes_a_deployment_services_policy_and_volumes(
 ):
     controller = controllers[0]
     controller.start()
-    api.apply_plugin(
-        "kv", _spec(volumes=[{"name": "data", "mountPath": "/data", "size": "1Gi"}])
-    )
+    api.apply_plugin("kv", _spec(volumes=[{"name": "data", "mountPath": "/data", "size": "1Gi"}]))
     wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
     cid = controller.controller_id
     blue = f"bh-{cid}-kv-blue"
@@ -258,7 +261,8 @@ def test_a_plugin_object_becomes_a_deployment_services_policy_and_volumes(
     deployment = api.read("deployments", blue)
     pod = deployment["spec"]["template"]["spec"]
     security = pod["containers"][0]["securityContext"]
-    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["runAsNonRoot"]
+    assert security["readOnlyRootFilesystem"]
     assert security["capabilities"]["drop"] == ["ALL"]
     assert security["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["containers"][0]["resources"]["limits"] == {"cpu": "250m", "memory": "64Mi"}
@@ -275,3 +279,141 @@ def test_a_plugin_object_becomes_a_deployment_services_policy_and_volumes(
     # The plugin protocol refuses a caller without the plugin's token.
     token = base64.b64decode(api.read("secrets", f"bh-{cid}-kv-token")["data"]["token"]).decode()
     assert len(token) > 30
+
+
+def test_deleting_the_plugin_removes_everything_then_the_object(
+    api: Api, controllers: list[KubeController]
+):
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("gone", _spec(volumes=[{"name": "data", "mountPath": "/data", "size": "1Gi"}]))
+    wait_for(lambda: api.ready("gone"), timeout=90, what=f"gone Ready ({controller.log})")
+    api.objects.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "gone")
+    wait_for(lambda: api.plugin("gone") is None, timeout=60, what="the Plugin object deleted")
+    for kind in ("deployments", "services", "networkpolicies", "persistentvolumeclaims", "secrets"):
+        assert api.names(kind) == set(), kind
+
+
+def _stable_color(api: Api, controller: KubeController, name: str) -> str:
+    service = api.read("services", f"bh-{controller.controller_id}-{name}")
+    return str(service["spec"]["selector"][base.LABEL_COLOR])
+
+
+def test_a_version_change_swaps_blue_green_and_flips_the_stable_service_after_the_import(
+    api: Api, controllers: list[KubeController]
+):
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("kv", _spec(env={"STATE_VERSION": "1"}, state={"version": 1}))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    for key in range(20):
+        assert controller.call("kv", "put", {"key": key, "value": f"v{key}"})[0] == 200
+    assert _stable_color(api, controller, "kv") == "blue"
+    api.apply_plugin("kv", _spec("1.1.0", env={"STATE_VERSION": "1"}, state={"version": 1}))
+
+    def promoted() -> bool:
+        last = api.status("kv").get("lastSwap") or {}
+        return last.get("result") == "Promoted" and last.get("to") == "1.1.0"
+
+    wait_for(promoted, timeout=120, what=f"the swap to 1.1.0 ({controller.log})")
+    assert api.status("kv")["activeColor"] == "green"
+    wait_for(lambda: _stable_color(api, controller, "kv") == "green", what="the stable Service")
+    for key in range(20):
+        assert controller.call("kv", "get", {"key": key}) == (200, {"value": f"v{key}"})
+    wait_for(
+        lambda: api.names("deployments") == {f"bh-{controller.controller_id}-kv-green"},
+        timeout=60,
+        what="blue scaled down",
+    )
+    if api.cluster is not None:
+        # In the order the API server saw them: the status write that flipped to
+        # green (the swap promoted: state imported) came before the Service's flip.
+        requests = api.cluster.writes()
+        flip = next(
+            i
+            for i, (path, body) in enumerate(requests)
+            if path.endswith("/plugins/kv/status") and '"activeColor": "green"' in body
+        )
+        moved = next(
+            i
+            for i, (path, body) in enumerate(requests)
+            if path.endswith(f"/services/bh-{controller.controller_id}-kv") and '"green"' in body
+        )
+        assert flip < moved
+
+
+def test_a_failed_import_rolls_back_to_the_old_color(api: Api, controllers: list[KubeController]):
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("kv", _spec(env={"STATE_VERSION": "1"}, state={"version": 1}))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    assert controller.call("kv", "put", {"key": "a", "value": 1})[0] == 200
+    failing = {"STATE_VERSION": "1", "FAIL": "import"}
+    api.apply_plugin("kv", _spec("1.1.0", env=failing, state={"version": 1}))
+
+    def rolled_back() -> bool:
+        return (api.status("kv").get("lastSwap") or {}).get("result") == "RolledBack"
+
+    wait_for(rolled_back, timeout=120, what=f"the rollback ({controller.log})")
+    status = api.status("kv")
+    assert status["lastSwap"]["reason"] == "SwapFailedImport"
+    assert status["activeColor"] == "blue"
+    assert _stable_color(api, controller, "kv") == "blue"
+    assert controller.call("kv", "get", {"key": "a"}) == (200, {"value": 1})
+    wait_for(
+        lambda: api.names("deployments") == {f"bh-{controller.controller_id}-kv-blue"},
+        timeout=60,
+        what="green removed",
+    )
+
+
+def _leader(api: Api, controller: KubeController) -> str:
+    """Who holds the controllers' Lease ("" for nobody)."""
+    try:
+        response = k8s_client.CoordinationV1Api(api.client).read_namespaced_lease(
+            f"bh-{controller.controller_id}", SYSTEM, _preload_content=False
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return ""
+        raise
+    return str(_json(response)["spec"].get("holderIdentity") or "")
+
+
+def test_only_the_lease_holder_acts_and_the_other_takes_over(
+    api: Api, controllers: list[KubeController]
+):
+    first = controllers[0]
+    second = KubeController(api, first.root, first.engine, "two", first.controller_id)
+    controllers.append(second)
+    first.start()
+    wait_for(lambda: _leader(api, first) != "", timeout=30, what="a leader")
+    leader = _leader(api, first)
+    second.start()
+    api.apply_plugin("one", _spec())
+    wait_for(lambda: api.ready("one"), timeout=90, what=f"one Ready ({first.log})")
+    assert _leader(api, first) == leader
+    assert first.process is not None
+    assert second.process is not None
+    assert leader.endswith(f"-{first.process.pid}")
+    if api.cluster is not None:
+        # Every write but the Lease's came from the leader (by its User-Agent).
+        writers = {
+            agent
+            for agent, path in api.cluster.writers()
+            if "/leases" not in path and agent.startswith("blackhole-controller/")
+        }
+        assert writers == {f"blackhole-controller/{controller_version} ({leader})"}
+    assert "Created" not in second.log_text()
+    # The leader stops renewing (frozen): the other takes over and acts.
+    os.kill(first.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _leader(api, first) not in ("", leader), timeout=30, what="a takeover")
+        api.apply_plugin("two", _spec())
+        wait_for(lambda: api.ready("two"), timeout=90, what=f"two Ready ({second.log})")
+        assert "Created" in second.log_text()
+    finally:
+        os.kill(first.process.pid, signal.SIGCONT)
+    # The old leader sees it lost the Lease and steps down: it exits 1, to be restarted.
+    assert first.process.wait(timeout=30) == 1
+    assert "lost" in first.log_text()
