@@ -5,7 +5,8 @@
   ``X-Timeout-Seconds`` asks for a shorter timeout than the spec's. Plugins
   on Kubernetes are ``/v1/namespaces/{namespace}/plugins/{name}/call/{method}``.
 - gRPC ``blackhole.plugin.v1.Plugin/Handle`` with metadata
-  ``x-blackhole-plugin: NAME`` (``NAMESPACE/NAME`` on Kubernetes): the request and answer pass through as bytes.
+  ``x-blackhole-plugin: NAME`` (``NAMESPACE/NAME`` on Kubernetes): the request
+  and answer pass through as bytes.
 
 Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
 file is configured (401 without a known token, 403 for a plugin the token

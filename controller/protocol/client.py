@@ -99,6 +99,7 @@ class PluginClient:
 
     def __init__(self, endpoint: str, token: str | None = None) -> None:
         self.endpoint = endpoint
+        self.token = token
         self._directory: int | None = None
         target = endpoint
         if endpoint.startswith("unix:"):
@@ -262,11 +263,19 @@ class Clients:
     def __init__(self, tokens: Callable[[str], str | None] | None = None) -> None:
         self._clients: dict[str, PluginClient] = {}
         self._tokens = tokens
+        self._closing: set[asyncio.Future[None]] = set()
 
     def get(self, endpoint: str) -> PluginClient:
+        token = self._tokens(endpoint) if self._tokens else None
         client = self._clients.get(endpoint)
+        if client is not None and client.token != token:
+            # The address now belongs to another plugin's instance (pod IPs are
+            # reused): its token, not the old one, on a channel of its own.
+            closing = asyncio.ensure_future(client.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            client = None
         if client is None:
-            token = self._tokens(endpoint) if self._tokens else None
             client = self._clients[endpoint] = PluginClient(endpoint, token)
         return client
 
@@ -304,3 +313,5 @@ class Clients:
     async def close(self) -> None:
         for endpoint in list(self._clients):
             await self.drop(endpoint)
+        if self._closing:
+            await asyncio.gather(*self._closing)

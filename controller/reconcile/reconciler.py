@@ -453,6 +453,16 @@ class _Pass:
         )
         return Result(requeue_after=self.memory.probe_delay)
 
+    def _backoff_left(self, current: base.Instance, restarts: int) -> float:
+        """Seconds until a crashed instance may be restarted (exponential backoff)."""
+        restart = self.spec.restart
+        delay = min(restart.max_backoff_seconds, restart.backoff_seconds * 2.0**restarts)
+        finished = current.finished_at.timestamp() if current.finished_at else self.now
+        return finished + delay - self.now
+
+    def _backing_off(self, current: base.Instance, restarts: int) -> bool:
+        return self._backoff_left(current, restarts) > 0
+
     async def _crashed(self, current: base.Instance, record: models.InstanceStatus) -> Result:
         if (
             not current.oom_killed
@@ -475,6 +485,10 @@ class _Pass:
         history = self.memory.restarts
         while history and history[0] <= self.now - restart.window_seconds:
             history.popleft()
+        held = len(history) >= restart.max_restarts or self._backing_off(current, len(history))
+        if held and self.runtime.capabilities().restarts_crashed:
+            # Held down: where the platform would restart it by itself, stop it.
+            await self.runtime.stop(current.name, STOP_TIMEOUT)
         if len(history) >= restart.max_restarts:
             lines = await self.last_logs(current.name)
             message = (
@@ -493,9 +507,7 @@ class _Pass:
             )
             retry = history[0] + restart.window_seconds - self.now if history else None
             return Result(requeue_after=retry)
-        delay = min(restart.max_backoff_seconds, restart.backoff_seconds * 2 ** len(history))
-        finished = current.finished_at.timestamp() if current.finished_at else self.now
-        wait = finished + delay - self.now
+        wait = self._backoff_left(current, len(history))
         if wait > 0:
             self.set_conditions(
                 models.Phase.DEGRADED if history else models.Phase.PENDING,

@@ -204,6 +204,9 @@ class Capabilities:
     networks: frozenset[models.NetworkMode]
     volumes: bool
     host_paths: bool
+    restarts_crashed: bool = False
+    """Whether the platform restarts an exited instance by itself (a kubelet does): the
+    controller then stops one it decides not to restart yet."""
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,10 @@ class KubernetesRuntime:
 
     def capabilities(self) -> base.Capabilities:
         return base.Capabilities(
-            networks=frozenset(models.NetworkMode), volumes=True, host_paths=False
+            networks=frozenset(models.NetworkMode),
+            volumes=True,
+            host_paths=False,
+            restarts_crashed=True,
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
@@ -222,7 +225,7 @@ class KubernetesRuntime:
             return None
         plugin = labels.get(base.LABEL_PLUGIN, "")
         namespace = labels.get(base.LABEL_NAMESPACE) or None
-        pod = self._pod(metadata.get("namespace") or "", plugin, color)
+        pod = self._pod(deployment)
         state, exit_code, oom, started, finished = _state(deployment, pod)
         address = ((pod or {}).get("status") or {}).get("podIP")
         return base.Instance(
@@ -242,16 +245,18 @@ class KubernetesRuntime:
             address=f"{address}:{manifests.PROTOCOL_PORT}" if address else None,
         )
 
-    def _pod(self, namespace: str, plugin: str, color: models.Color) -> kubeapi.Object | None:
-        """The color's newest pod that is not being deleted."""
-        want = manifests.color_selector(plugin, color, self.controller_id)
+    def _pod(self, deployment: kubeapi.Object) -> kubeapi.Object | None:
+        """The Deployment's pod (of this Deployment, not of a removed one of the same name)."""
+        namespace = (deployment.get("metadata") or {}).get("namespace")
+        template = ((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        want = template.get("labels") or {}
         candidates = []
         for pod in self._pods.items():
             metadata = pod.get("metadata") or {}
             labels = metadata.get("labels") or {}
             if metadata.get("namespace") != namespace or metadata.get("deletionTimestamp"):
                 continue
-            if all(labels.get(k) == v for k, v in want.items()):
+            if want and all(labels.get(k) == v for k, v in want.items()):
                 candidates.append(pod)
         candidates.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp")))
         return candidates[-1] if candidates else None
@@ -279,7 +284,7 @@ class KubernetesRuntime:
         )
         if await self._create_if_missing("service", stable):
             self._routed[key] = desired.color
-        body = manifests.deployment(desired, namespace, owner)
+        body = manifests.deployment(desired, namespace, owner, secrets.token_hex(6))
         raw = await self._request(
             f"creating {_describe(body)}", self.apps.create_namespaced_deployment, namespace, body
         )
@@ -432,11 +437,12 @@ class KubernetesRuntime:
             self._tokens[key] = _token_of(secret)
 
     async def logs(self, name: str, tail: int) -> list[str]:
-        instance = await self.inspect(name)
-        namespace = self._namespace(instance.namespace)
-        pod = self._pod(namespace, instance.plugin, instance.color)
+        where = self._names.get(name)
+        deployment = self._deployments.get(where) if where else None
+        pod = self._pod(deployment) if deployment else None
         if pod is None:
             return []
+        namespace = pod["metadata"]["namespace"]
         text = await self._text(
             f"reading the logs of {name}",
             self.core.read_namespaced_pod_log,

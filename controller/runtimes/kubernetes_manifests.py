@@ -41,6 +41,9 @@ PLUGIN_USER = 65532
 """The user plugins run as (the plugin runtime image's)."""
 TOKEN_KEY = "token"
 CONTAINER = "plugin"
+LABEL_RUN = models.LABEL_PREFIX + "run"
+"""Set anew on each Deployment made: tells its pods from a removed predecessor's of the
+same name (which may still be terminating)."""
 CONTROLLER_POD_LABELS = {
     "app.kubernetes.io/name": "blackhole",
     "app.kubernetes.io/component": "controller",
@@ -114,10 +117,13 @@ def _owned_labels(plugin: str, controller_id: str) -> dict[str, str]:
     return plugin_selector(plugin, controller_id)
 
 
-def deployment(desired: base.InstanceSpec, namespace: str, owner: Owner | None) -> Manifest:
+def deployment(
+    desired: base.InstanceSpec, namespace: str, owner: Owner | None, run: str = "0"
+) -> Manifest:
     spec = desired.spec
     cid = desired.controller_id
     labels = {**desired.labels, **color_selector(desired.plugin, desired.color, cid)}
+    pod_labels = {**labels, LABEL_RUN: run}
     env = [
         {"name": "BLACKHOLE_ADDRESS", "value": f"0.0.0.0:{PROTOCOL_PORT}"},
         {"name": "BLACKHOLE_PLUGIN", "value": desired.plugin},
@@ -193,7 +199,7 @@ def deployment(desired: base.InstanceSpec, namespace: str, owner: Owner | None) 
             "revisionHistoryLimit": 1,
             "selector": {"matchLabels": color_selector(desired.plugin, desired.color, cid)},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": pod_labels},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,

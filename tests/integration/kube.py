@@ -215,7 +215,11 @@ class ApiServer(kmock.KubernetesEmulator):
         selector = request.params.get("labelSelector")
         event: Any
         async for event in super()._serve_watch(request):
-            if isinstance(event, bytes) or matches(event.get("object") or {}, selector):
+            if (
+                isinstance(event, bytes)
+                or event.get("type") == "ERROR"
+                or matches(event.get("object") or {}, selector)
+            ):
                 yield event
 
     # The kubelet's writes, inside the server's loop.
@@ -242,6 +246,23 @@ class ApiServer(kmock.KubernetesEmulator):
                 raw = self.objects[key].raw
                 self.objects[key].delete()
                 await self._buses[ref].put({"type": "DELETED", "object": raw})
+
+    async def expire(self) -> None:
+        """End every watch with ``410 Gone``, as a server does when its history is compacted."""
+        gone = {
+            "type": "ERROR",
+            "object": {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": "too old resource version",
+                "reason": "Expired",
+                "code": 410,
+            },
+        }
+        for resource in RESOURCES:
+            await self._buses[kmock.resource(resource)].put(gone)
 
     def live(self, resource: str) -> list[dict[str, Any]]:
         ref = kmock.resource(resource)
@@ -468,6 +489,16 @@ class Kubelet:
             container.remove(force=True)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request as RBAC sees it."""
+
+    verb: str
+    group: str
+    resource: str
+    namespace: str | None
+
+
 class Cluster:
     """The API server and kubelet above, served from a thread of their own."""
 
@@ -534,12 +565,14 @@ class Cluster:
         configuration.host = self.url
         return k8s_client.ApiClient(configuration)
 
-    def requests(self) -> list[tuple[str, str, str]]:
-        """Every request so far as (verb, resource, subresource), for the RBAC check."""
+    def requests(self, agent_prefix: str = "") -> list[Call]:
+        """Every request so far, as RBAC sees it, of clients whose User-Agent starts so."""
         assert self.server is not None
         seen = []
         for request in list(self.server):
             if request.resource is None:
+                continue
+            if not str(request.headers.get("User-Agent", "")).startswith(agent_prefix):
                 continue
             if request.method == "GET":
                 verb = "watch" if request.params.get("watch") == "true" else "list"
@@ -548,8 +581,15 @@ class Cluster:
                 verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[
                     request.method
                 ]
-            seen.append((verb, str(request.resource), request.subresource or ""))
+            resource = str(request.resource.plural)
+            if request.subresource:
+                resource = f"{resource}/{request.subresource}"
+            seen.append(Call(verb, request.resource.group or "", resource, request.namespace))
         return seen
+
+    def expire_watches(self) -> None:
+        assert self.server is not None
+        self.call(self.server.expire())
 
     def writes(self) -> list[tuple[str, str]]:
         """Every write so far, in order: (path, body as text)."""

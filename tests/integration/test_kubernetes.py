@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
@@ -138,12 +139,20 @@ class Api:
         return _json(read(name, NAMESPACE, _preload_content=False))
 
 
-@pytest.fixture
+@pytest.fixture(params=["kmock", pytest.param("cluster", marks=pytest.mark.cluster)])
 def api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
-    if request.node.get_closest_marker("cluster"):
+    if request.param == "cluster":
         if not os.environ.get("KUBECONFIG"):
             pytest.fail("-m cluster needs KUBECONFIG naming a cluster (kind, k3d) to test against")
         with kubeapi.connect(os.environ["KUBECONFIG"]) as real:
+            core = k8s_client.CoreV1Api(real)
+            for namespace in (NAMESPACE, SYSTEM):
+                body: Any = {"metadata": {"name": namespace}}
+                try:
+                    core.create_namespace(body)
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
             yield Api(real, Path(os.environ["KUBECONFIG"]))
         return
     engine = get_engine(container.Engine.DOCKER)
@@ -417,3 +426,105 @@ def test_only_the_lease_holder_acts_and_the_other_takes_over(
     # The old leader sees it lost the Lease and steps down: it exits 1, to be restarted.
     assert first.process.wait(timeout=30) == 1
     assert "lost" in first.log_text()
+
+
+RULES = Path(__file__).parents[2] / "charts" / "blackhole" / "files" / "rbac-rules.yaml"
+REQUIRED_WITHOUT_A_CALL = {("blackhole.dev", "plugins/finalizers", "update")}
+"""Granted though never called: ownerReferences with blockOwnerDeletion need it (the
+OwnerReferencesPermissionEnforcement admission plugin checks it on every create)."""
+
+
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
+    api: Api, controllers: list[KubeController]
+):
+    """Everything the controller does, on the stand-in that records every request.
+
+    Plugins with volumes and state, a blue/green swap, a crash loop (its logs
+    read), deletion, and a leader labelling its pod then giving the Lease up.
+    """
+    assert api.cluster is not None
+    pod: Any = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "blackhole-0", "namespace": SYSTEM},
+        "spec": {"containers": [{"name": "controller", "image": "blackhole/controller"}]},
+    }
+    api.core.create_namespaced_pod(SYSTEM, pod)
+    controller = controllers[0]
+    controller.start(env={"POD_NAME": "blackhole-0", "POD_NAMESPACE": SYSTEM})
+    stateful: dict[str, Any] = {"env": {"STATE_VERSION": "1"}, "state": {"version": 1}}
+    volume: dict[str, Any] = {"volumes": [{"name": "data", "mountPath": "/data", "size": "1Gi"}]}
+    api.apply_plugin("kv", _spec(**stateful, **volume))
+    api.apply_plugin("crashy", _spec(env={"MODE": "crash"}, restart={"maxRestarts": 0}))
+    recreate: dict[str, Any] = {"hotSwap": {"strategy": "Recreate"}}
+    api.apply_plugin("plain", _spec(**recreate))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    wait_for(lambda: api.ready("plain"), timeout=90, what=f"plain Ready ({controller.log})")
+    api.apply_plugin("plain", _spec("1.0.1", **recreate))  # stopped, then replaced
+    api.apply_plugin("kv", _spec("1.1.0", **stateful, **volume))
+    wait_for(
+        lambda: (api.status("kv").get("lastSwap") or {}).get("result") == "Promoted",
+        timeout=120,
+        what="the swap",
+    )
+    wait_for(
+        lambda: api.status("crashy").get("phase") == "Degraded", timeout=90, what="a crash loop"
+    )
+    leader = api.core.read_namespaced_pod("blackhole-0", SYSTEM).metadata
+    assert leader is not None
+    assert (leader.labels or {}).get("blackhole.dev/leader") == "true"
+    wait_for(
+        lambda: api.ready("plain") and api.status("plain").get("activeVersion") == "1.0.1",
+        timeout=90,
+        what="plain replaced",
+    )
+    for name in ("kv", "crashy", "plain"):
+        api.objects.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+    wait_for(lambda: all(api.plugin(n) is None for n in ("kv", "crashy", "plain")), timeout=60)
+    controller.stop()
+
+    calls = api.cluster.requests(agent_prefix="blackhole-controller/")
+    used_watched = {(c.group, c.resource, c.verb) for c in calls if c.namespace != SYSTEM}
+    used_release = {(c.group, c.resource, c.verb) for c in calls if c.namespace == SYSTEM}
+    rules = yaml.safe_load(RULES.read_text())
+    watched = _granted(rules["watched"])
+    release = _granted(rules["release"])
+    differences = {
+        "granted in the watched namespaces, never used": watched
+        - used_watched
+        - REQUIRED_WITHOUT_A_CALL,
+        "used in the watched namespaces, not granted": used_watched - watched,
+        "granted in the release namespace, never used": release - used_release,
+        "used in the release namespace, not granted": used_release - release,
+    }
+    wrong = {k: sorted(v) for k, v in differences.items() if v}
+    if wrong:
+        pytest.fail("the chart's RBAC rules and the calls made differ:\n" + yaml.safe_dump(wrong))
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_watch_that_expires_is_listed_again(api: Api, controllers: list[KubeController]):
+    """410 Gone on every watch: the informers list again, and keep following changes."""
+    assert api.cluster is not None
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("before", _spec())
+    wait_for(lambda: api.ready("before"), timeout=90, what=f"before Ready ({controller.log})")
+    api.cluster.expire_watches()
+    wait_for(
+        lambda: controller.log_text().count("410 Gone") >= 3,
+        what="plugins, deployments and pods listed again",
+    )
+    api.apply_plugin("after", _spec())
+    wait_for(lambda: api.ready("after"), timeout=90, what=f"after Ready ({controller.log})")

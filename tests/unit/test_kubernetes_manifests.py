@@ -1,0 +1,131 @@
+"""Every object the Kubernetes runtime makes validates, strictly, against Kubernetes' schemas.
+
+Strict: an unknown or misplaced field is an error, as a server with field
+validation would refuse it. Against 1.29 (the oldest the chart supports)
+and the newest version kubernetes-validate bundles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from controller.runtimes import base
+from controller.runtimes import kubernetes_manifests as manifests
+from controller.spec import models
+
+VERSIONS = ["1.29", kubernetes_validate.utils.latest_version()]
+OWNER = manifests.Owner("kv", "6f1c1c2e-8a3b-4a52-9d1e-3f0c2b1a0e55")
+
+
+def _desired(**spec: Any) -> base.InstanceSpec:
+    plugin_spec = models.PluginSpec.model_validate(
+        {"image": "blackhole/example-storage:1.2.0", "version": "1.2.0", **spec}
+    )
+    labels = {
+        base.LABEL_PLUGIN: "kv",
+        base.LABEL_COLOR: "green",
+        base.LABEL_VERSION: "1.2.0",
+        base.LABEL_SPEC_HASH: base.instance_hash(plugin_spec),
+        base.LABEL_NAMESPACE: "team-a",
+    }
+    return base.InstanceSpec(
+        plugin="kv",
+        color=models.Color.GREEN,
+        spec=plugin_spec,
+        labels=labels,
+        namespace="team-a",
+        controller_id="default",
+        owner_uid=OWNER.uid,
+    )
+
+
+SPECS: dict[str, dict[str, Any]] = {
+    "minimal": {},
+    "everything": {
+        "resources": {"cpu": "250m", "memory": "96Mi", "pids": 32},
+        "volumes": [
+            {"name": "data", "mountPath": "/data", "size": "2Gi"},
+            {"name": "cache", "mountPath": "/cache", "readOnly": True},
+        ],
+        "env": {"LOG_LEVEL": "debug"},
+        "permissions": {"network": "egress", "egress": ["10.1.2.3:5432", "api.example.com:443"]},
+        "health": {"periodSeconds": 2, "timeoutSeconds": 1, "failureThreshold": 5},
+    },
+    "private": {"permissions": {"network": "private", "peers": ["analytics", "search"]}},
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_every_manifest_validates_strictly(case: str, version: str):
+    made = manifests.all_for(_desired(**SPECS[case]), "team-a", "blackhole-system", OWNER)
+    kinds = [m["kind"] for m in made]
+    assert {"Deployment", "Service", "NetworkPolicy", "Secret"} <= set(kinds)
+    for manifest in made:
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_validation_would_catch_a_misplaced_field():
+    deployment = manifests.deployment(_desired(), "team-a", OWNER)
+    deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFilesystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
+
+
+def test_the_pod_is_locked_down_and_probed_over_grpc():
+    pod = manifests.deployment(_desired(**SPECS["everything"]), "team-a", OWNER)["spec"]["template"]
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    assert container["resources"] == {
+        "requests": {"cpu": "250m", "memory": "96Mi"},
+        "limits": {"cpu": "250m", "memory": "96Mi"},
+    }
+    assert container["readinessProbe"]["grpc"] == {"port": manifests.PROTOCOL_PORT}
+    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+    token = next(e for e in container["env"] if e["name"] == "BLACKHOLE_PLUGIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "bh-kv-token"
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"][1:]]
+    assert claims == ["bh-kv-data", "bh-kv-cache"]
+
+
+def test_the_network_policy_lets_in_only_the_controller_and_lets_out_what_the_spec_says():
+    policy = manifests.network_policy(
+        _desired(**SPECS["everything"]), "team-a", "blackhole-system", OWNER
+    )["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    (source,) = ingress["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "blackhole-system"
+    }
+    assert source["podSelector"]["matchLabels"] == manifests.CONTROLLER_POD_LABELS
+    assert ingress["ports"] == [{"protocol": "TCP", "port": manifests.PROTOCOL_PORT}]
+    by_ip, by_name, dns = policy["egress"]
+    assert by_ip["to"] == [{"ipBlock": {"cidr": "10.1.2.3/32"}}]
+    assert by_ip["ports"] == [{"protocol": "TCP", "port": 5432}]
+    assert by_name["ports"] == [{"protocol": "TCP", "port": 443}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+
+
+def test_no_network_means_no_egress_at_all():
+    policy = manifests.network_policy(_desired(), "team-a", "blackhole-system", OWNER)["spec"]
+    assert policy["egress"] == []
+
+
+def test_the_color_service_publishes_its_pod_before_it_is_ready():
+    service = manifests.color_service(_desired(), "team-a", OWNER)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    stable = manifests.stable_service("kv", models.Color.BLUE, "team-a", "default", OWNER)
+    assert stable["spec"]["selector"][base.LABEL_COLOR] == "blue"
+    assert stable["metadata"]["ownerReferences"] == [OWNER.reference()]
