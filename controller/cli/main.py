@@ -92,7 +92,7 @@ def validate(
         spec = item.plugin.spec
         out.print(
             f"[green]valid[/]  {escape(item.source)}: {item.plugin.key} "
-            f"{spec.version} ({escape(spec.image)})"
+            f"{spec.version or spec.bundle} ({escape(spec.image or 'from the bundle')})"
         )
 
 
