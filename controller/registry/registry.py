@@ -275,23 +275,24 @@ class Registry:
             item.opened = await asyncio.to_thread(bundle_module.Bundle, item.path)
             item.opened.source = item.source
             item.key_id = await asyncio.to_thread(self.check, item.opened)
-        manifests = {s.opened.manifest.name: s for s in staged if s.opened is not None}
-        if len(manifests) != len(staged):
-            raise RegistryError("an install may hold one version of each plugin only")
-        self._check_dependencies([s.opened.manifest for s in staged if s.opened is not None])
-        order = dependencies.start_order(
-            {name: [d.name for d in s.opened.manifest.requires] for name, s in manifests.items()
-             if s.opened is not None}
-        )  # fmt: skip
-        loaded: dict[str, bool] = {}
-        for name in order:
-            if name in manifests and (opened := manifests[name].opened) is not None:
-                loaded[name] = await self._load(opened)
+        chosen: dict[str, tuple[_Staged, bundle_module.Bundle]] = {}
+        for item in staged:
+            if item.opened is not None:
+                chosen.setdefault(item.opened.manifest.ref, (item, item.opened))
+        self._check_dependencies([opened.manifest for _, opened in chosen.values()])
+        graph: dict[str, list[str]] = {}
+        for _, opened in chosen.values():
+            graph.setdefault(opened.manifest.name, []).extend(
+                d.name for d in opened.manifest.requires
+            )
+        rank = {name: i for i, name in enumerate(dependencies.start_order(graph))}
+        order = sorted(
+            chosen.values(),
+            key=lambda pair: (rank[pair[1].manifest.name], pair[1].manifest.version),
+        )
+        loaded = [await self._load(opened) for _, opened in order]
         done = []
-        for name in order:
-            if name not in manifests or (opened := manifests[name].opened) is None:
-                continue
-            item = manifests[name]
+        for (item, opened), was_loaded in zip(order, loaded, strict=True):
             entry = await asyncio.to_thread(
                 self.catalog.add,
                 opened.manifest,
@@ -301,22 +302,24 @@ class Registry:
                 item.sha256,
                 item.source,
             )
-            opened.close()
             log.info("installed %s from %s", entry.manifest.ref, item.source)
-            done.append(Installed(entry, item.downloaded, loaded[name]))
+            done.append(Installed(entry, item.downloaded, was_loaded))
+        for item in staged:
+            if item.opened is not None:
+                item.opened.close()
         return done
 
     def _check_dependencies(self, new: Sequence[manifest_module.Manifest]) -> None:
         """Everything ``new`` requires is installed or part of the install, without cycles."""
-        by_name = {m.name: m for m in new}
 
         def available(plugin: str) -> list[dependencies.Candidate]:
-            if plugin in by_name:
-                return [by_name[plugin]]
-            return list(self.catalog.versions(plugin))
+            offered: list[dependencies.Candidate] = [m for m in new if m.name == plugin]
+            known = {m.version for m in offered}
+            offered += [e for e in self.catalog.versions(plugin) if e.version not in known]
+            return offered
 
-        exact = [(m.name, VersionRange.parse(f"={m.version}")) for m in new]
-        dependencies.resolve(exact, available)
+        for found in new:
+            dependencies.resolve([(found.name, VersionRange.parse(f"={found.version}"))], available)
 
     async def _load(self, opened: bundle_module.Bundle) -> bool:
         """Load the bundle's image unless the engine has it; whether it was loaded."""
