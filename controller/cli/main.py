@@ -29,7 +29,7 @@ from rich.table import Table
 
 import controller
 from controller.admin import client as admin_client
-from controller.cli import logs, run
+from controller.cli import logs, plugin, run
 from controller.errors import ControllerError, EngineUnavailableError, SpecError
 from controller.metrics import violations
 from controller.runtimes import container
@@ -188,6 +188,11 @@ def run_controller(
     restart_burst: int = typer.Option(
         3, "--restart-burst", min=1, help="RestartBurst: this many restarts within 5 minutes."
     ),
+    plugins_dir: Path | None = typer.Option(
+        None, "--plugins-dir", help="Install every plugin bundle in this directory at start."
+    ),
+    trust_dir: Path | None = plugin.TRUST_DIR,
+    policy: Path | None = plugin.POLICY,
     log_format: str = typer.Option("text", "--log-format", help="text or json"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
@@ -215,6 +220,9 @@ def run_controller(
             throttled_ratio=throttle_alert_ratio,
             restart_burst=restart_burst,
         ),
+        plugins_dir=plugins_dir,
+        trust_dir=trust_dir,
+        policy=policy,
     )
     try:
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
@@ -479,6 +487,7 @@ def _bytes(value: float) -> str:
 
 swap_app = typer.Typer(help="Steer a blue/green swap: promote, abort, undo.", no_args_is_help=True)
 state_app = typer.Typer(help="Plugins' state snapshots.", no_args_is_help=True)
+app.add_typer(plugin.app, name="plugin")
 app.add_typer(swap_app, name="swap")
 app.add_typer(state_app, name="state")
 

@@ -28,6 +28,7 @@ from controller.gateway import server as gateway_server
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
+from controller.registry import registry
 from controller.runtimes import container
 from controller.sources import directory, store
 from controller.spec import models
@@ -70,6 +71,15 @@ def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
     temporary.replace(path)
 
 
+def registry_settings(options: Options) -> registry.Settings:
+    return registry.Settings(
+        options.data_dir,
+        trust_dir=options.trust_dir,
+        policy=options.policy,
+        protocols=client.SUPPORTED_PROTOCOL_VERSIONS,
+    )
+
+
 @dataclass(frozen=True)
 class Options:
     specs: Path | None
@@ -84,6 +94,10 @@ class Options:
     gateway_tokens: Path | None = None
     metrics_address: str | None = "127.0.0.1:9100"
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
+    plugins_dir: Path | None = None
+    """Bundles installed into the registry at start."""
+    trust_dir: Path | None = None
+    policy: Path | None = None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -191,6 +205,12 @@ async def serve(options: Options) -> None:
         routes = router.Router(metrics)
         gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
         states = snapshots.Snapshots(options.data_dir / "snapshots.db")
+        bundles = registry.Registry(registry_settings(options), runtime)
+        if options.plugins_dir is not None:
+            installed, refused = await bundles.scan(options.plugins_dir)
+            for path, why in sorted(refused.items()):
+                log.error("plugin bundle %s refused: %s", path, why)
+            log.info("%d bundle(s) installed from %s", len(installed), options.plugins_dir)
         control = manager.Manager(
             source,
             runtime,
@@ -200,6 +220,7 @@ async def serve(options: Options) -> None:
             snapshots=states,
             metrics=metrics,
             thresholds=options.thresholds,
+            bundles=bundles,
             workers=options.workers,
         )
         exposition_server = exposition.MetricsServer(metrics.registry)
@@ -220,5 +241,6 @@ async def serve(options: Options) -> None:
             await plugins.close()
             await runtime.close()
             states.close()
+            bundles.close()
             records.close()
         log.info("stopped")

@@ -182,6 +182,34 @@ class Registry:
                         item.path.unlink(missing_ok=True)
                 raise
 
+    async def scan(self, directory: Path) -> tuple[list[Installed], dict[str, str]]:
+        """Install every bundle in ``directory`` on its own; what was installed, and what was
+        refused (by path, with the reason)."""
+        try:
+            found = sorted(
+                p
+                for p in directory.iterdir()
+                if p.name.endswith(bundle_module.SUFFIX) or (p / bundle_module.MANIFEST).is_file()
+            )
+        except OSError as e:
+            raise RegistryError(f"plugins directory {directory}: {e.strerror}") from None
+        installed: list[Installed] = []
+        refused: dict[str, str] = {}
+        pending = found
+        while pending:  # dependencies between them: retry what failed while anything installs
+            failed = []
+            for path in pending:
+                try:
+                    installed += await self.install(str(path))
+                except RegistryError as e:
+                    refused[str(path)] = str(e)
+                    failed.append(path)
+            if len(failed) == len(pending):
+                break
+            pending = failed
+        still = {str(p) for p in pending}
+        return installed, {path: why for path, why in refused.items() if path in still}
+
     def _cached(self, sha256: str) -> Path:
         return self.cache / f"{sha256}{bundle_module.SUFFIX}"
 
