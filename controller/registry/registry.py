@@ -245,7 +245,7 @@ class Registry:
                 staged = target.with_name(target.name + ".part")
                 shutil.copyfile(source, staged)
                 staged.replace(target)
-        return [_Staged(target, str(path), digest, fresh)]
+        return [_Staged(target, str(path.resolve()), digest, fresh)]
 
     async def _fetch(self, url: str, sha256: str | None) -> _Staged:
         if urllib.parse.urlparse(url).scheme == "file":

@@ -122,7 +122,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, staged: Path, limits:
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     received += len(chunk)
                     if received > limits.max_bytes:
-                        raise DownloadError(_too_big(url, f"sent more than {received - 1}", limits))
+                        raise DownloadError(_too_big(url, "sent more", limits))
                     digest.update(chunk)
                     out.write(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
@@ -135,7 +135,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, staged: Path, limits:
 
 def _too_big(url: str, what: str, limits: Limits) -> str:
     return (
-        f"{url} {what} bytes, over the size limit of {limits.max_bytes} bytes; "
+        f"{url} {what}, over the size limit of {limits.max_bytes} bytes; "
         "raise --max-bytes if you expect bundles this large"
     )
 
