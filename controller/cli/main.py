@@ -318,7 +318,7 @@ def get(
         restarts = sum(i.get("restarts", 0) for i in status.get("instances", []))
         row = [
             item["metadata"]["name"],
-            str(item["spec"]["version"]),
+            str(item["spec"].get("version") or status.get("activeVersion") or "-"),
             f"[{_PHASE_STYLE.get(phase, 'white')}]{phase}[/]",
             ready.get("status", "Unknown"),
             str(restarts),
@@ -327,7 +327,8 @@ def get(
         ]
         if output == "wide":
             message = ready.get("message", "").splitlines()
-            row += [item["spec"]["image"], ready.get("reason", "-"), message[0] if message else ""]
+            image = item["spec"].get("image") or item["spec"]["bundle"]
+            row += [image, ready.get("reason", "-"), message[0] if message else ""]
         table.add_row(*(escape(c) if "[" not in c else c for c in row))
     out.print(table)
     for error in errors:
@@ -346,8 +347,10 @@ def describe(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) 
     resources = spec.get("resources", {})
     out.print(f"[bold]Name:[/]        {escape(plugin['metadata']['name'])}")
     out.print(f"[bold]Declared in:[/] {escape(answer['origin'])}")
-    out.print(f"[bold]Image:[/]       {escape(spec['image'])}")
-    out.print(f"[bold]Version:[/]     {spec['version']}")
+    if "bundle" in spec:
+        out.print(f"[bold]Bundle:[/]      {escape(spec['bundle'])}")
+    out.print(f"[bold]Image:[/]       {escape(spec.get('image', '(from the bundle)'))}")
+    out.print(f"[bold]Version:[/]     {spec.get('version', status.get('activeVersion', '-'))}")
     out.print(
         f"[bold]Resources:[/]   cpu {resources.get('cpu')}, memory {resources.get('memory')}, "
         f"pids {resources.get('pids')}"

@@ -347,6 +347,10 @@ def test_a_spec_naming_a_bundle_runs_it_and_a_refused_one_says_why(
         assert process.status("missing")["phase"] == "Failed"
         containers = process.containers()
         assert not any("missing" in name for name in containers), containers
+        table = bhctl(process, "get", "-o", "wide")
+        assert table.returncode == 0, table.stderr
+        assert "1.4.0" in table.stdout
+        assert "runnable@^2" in table.stdout
         listed = bhctl(process, "plugin", "search", "--provides", "test.runnable", "-o", "json")
         assert [r["name"] for r in json.loads(listed.stdout)] == ["runnable"]
     finally:
