@@ -215,7 +215,10 @@ class Registry:
 
     def _stage_local(self, path: Path) -> list[_Staged]:
         if not path.exists():
-            raise RegistryError(f"{path}: no such file or directory")
+            raise RegistryError(
+                f"{path}: no such file or directory; to install NAME[@RANGE] from a "
+                "marketplace, give its index (--index URL)"
+            )
         if path.is_dir() and not (path / bundle_module.MANIFEST).exists():
             found = sorted(
                 p

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from controller.runtimes import base, container
 from tests import bundles
 
 from .conftest import (
+    BHCTL,
     PLUGIN_IMAGE,
     SESSION,
     SESSION_LABEL,
@@ -318,17 +320,32 @@ def test_a_spec_naming_a_bundle_runs_it_and_a_refused_one_says_why(
     client_.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
     work = tmp_path / "work"
     work.mkdir()
-    archive = work / "image.tar"
-    with archive.open("wb") as out:
-        for chunk in client_.images.get(tag).save(named=True):
-            out.write(chunk)
+    (work / "plugin.yaml").write_text(bundles.manifest_text("runnable", "1.4.0", tag))
     process = ControllerProcess(docker_engine, tmp_path / "controller")
-    keys = bundles.Keys(tmp_path / "keys", trust=process.data / "registry" / "trusted")
-    path = bundles.make_bundle(work, "runnable", "1.4.0", key=keys.private, image=tag,
-                               archive=archive)  # fmt: skip
-    installed = bhctl(process, "plugin", "install", str(path))
-    assert installed.returncode == 0, installed.stderr
-    assert "installed runnable@1.4.0" in installed.stdout
+    keys = tmp_path / "keys"
+
+    def run(*args: str, data_dir: bool = True) -> str:
+        if data_dir:
+            done = bhctl(process, "plugin", *args)
+        else:
+            command = [str(BHCTL), "plugin", *args]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "key id" in run("keygen", "author", "--dir", str(keys), data_dir=False)
+    path = tmp_path / "runnable.bundle"
+    # pack saves the image from the engine (docker save) and pins its digest
+    key = str(keys / "author.key")
+    assert "signed by" in run("pack", str(work), "--key", key, "-o", str(path), data_dir=False)
+    refused = bhctl(process, "plugin", "verify", str(path))
+    assert refused.returncode == 1
+    assert "(UntrustedKey)" in refused.stderr
+    trusted = process.data / "registry" / "trusted"
+    trusted.mkdir(parents=True)
+    (trusted / "author.pub").write_bytes((keys / "author.pub").read_bytes())
+    assert "verified runnable@1.4.0" in run("verify", str(path))
+    assert "installed runnable@1.4.0" in run("install", str(path))
     (process.specs / "runnable.yaml").write_text(
         "apiVersion: blackhole.dev/v1alpha1\nkind: Plugin\nmetadata: {name: runnable}\n"
         'spec:\n  bundle: "runnable@^1.2"\n'

@@ -343,3 +343,15 @@ def test_pack_pins_the_image_digest_in_the_signed_manifest(tmp_path: Path) -> No
         assert document["imageDigest"] == opened.check_image().digest
     signature = bundles.read_member(path, bundle.SIGNATURE)
     assert keys.key_id in signature.decode()
+
+
+async def test_a_bundle_signed_after_packing_installs(setup: Setup) -> None:
+    path = setup.bundle(key=None)
+    assert bundle.sign_in_place(path, setup.keys.private) == setup.keys.key_id
+    [done] = await setup.registry.install(str(path))
+    assert done.entry.key_id == setup.keys.key_id
+
+
+async def test_an_unknown_source_says_what_would_be_right(setup: Setup) -> None:
+    with pytest.raises(RegistryError, match=r"kv@\^1: no such file or directory.*--index"):
+        await setup.registry.install("kv@^1")
