@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from controller.errors import BundleRefusedError
+from controller.errors import BundleRefusedError, RegistryError
 from controller.reconcile import conditions
 from controller.registry import dependencies
 from controller.sources import directory
@@ -80,6 +80,8 @@ async def resolve_bundle(
         return await bundles.resolve(spec), None
     except BundleRefusedError as e:
         return spec, Blocked(e.reason, f"bundle {spec.bundle} refused: {e}", BROKEN_SECONDS, True)
+    except RegistryError as e:  # e.g. an unreadable policy file: nothing runs until it is fixed
+        return spec, Blocked("RegistryError", f"bundle {spec.bundle}: {e}", BROKEN_SECONDS, True)
 
 
 def _key(namespace: str, name: str) -> str:

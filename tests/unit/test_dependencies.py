@@ -175,3 +175,19 @@ async def test_a_spec_naming_a_refused_bundle_starts_nothing_and_says_why(
     await world.reconciler.reconcile("kv")
     assert world.started == []
     assert world.ready_condition("kv").reason == "UntrustedKey"
+
+
+async def test_a_broken_policy_file_starts_nothing_and_says_why(
+    world: World, tmp_path: Path
+) -> None:
+    keys = bundles.Keys(tmp_path / "keys", trust=world.data / "registry" / "trusted")
+    await world.registry.install(
+        str(bundles.make_bundle(tmp_path / "work", "kv", "1.2.0", key=keys.private))
+    )
+    (world.data / "registry" / "policy.yaml").write_text("maxResources: {memory: lots}\n")
+    world.write("kv", '  bundle: "kv"\n')
+    await world.reconciler.reconcile("kv")
+    assert world.started == []
+    ready = world.ready_condition("kv")
+    assert ready.reason == "RegistryError"
+    assert "policy.yaml: maxResources.memory" in ready.message
