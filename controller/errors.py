@@ -103,3 +103,21 @@ class IncompatiblePluginError(ControllerError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RegistryError(ControllerError):
+    """The plugin registry cannot do what was asked: a source failed, a bundle is unreadable."""
+
+
+class BundleRefusedError(RegistryError):
+    """A bundle failed a check before anything of it ran; ``reason`` is a CamelCase word.
+
+    Reasons: ``BadSignature``, ``UntrustedKey``, ``Unsigned``, ``ImageDigestMismatch``,
+    ``PermissionDenied``, ``ResourcesExceeded``, ``ProtocolUnsupported``,
+    ``DependencyCycle``, ``DependencyUnsatisfiable``, ``DependencyConflict``,
+    ``InvalidBundle``, ``BundleNotFound``, ``BundleMismatch``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -31,7 +31,7 @@ from rich.table import Table
 
 import controller
 from controller.admin import client as admin_client
-from controller.cli import logs, run
+from controller.cli import logs, plugin, run
 from controller.errors import ControllerError, EngineUnavailableError, SpecError
 from controller.metrics import violations
 from controller.runtimes import container
@@ -94,7 +94,7 @@ def validate(
         spec = item.plugin.spec
         out.print(
             f"[green]valid[/]  {escape(item.source)}: {item.plugin.key} "
-            f"{spec.version} ({escape(spec.image)})"
+            f"{spec.version or spec.bundle} ({escape(spec.image or 'from the bundle')})"
         )
 
 
@@ -190,6 +190,11 @@ def run_controller(
     restart_burst: int = typer.Option(
         3, "--restart-burst", min=1, help="RestartBurst: this many restarts within 5 minutes."
     ),
+    plugins_dir: Path | None = typer.Option(
+        None, "--plugins-dir", help="Install every plugin bundle in this directory at start."
+    ),
+    trust_dir: Path | None = plugin.TRUST_DIR,
+    policy: Path | None = plugin.POLICY,
     log_format: str = typer.Option("text", "--log-format", help="text or json"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
     on_kubernetes: bool = typer.Option(
@@ -266,6 +271,9 @@ def run_controller(
             restart_burst=restart_burst,
         ),
         kubernetes=kubernetes,
+        plugins_dir=plugins_dir,
+        trust_dir=trust_dir,
+        policy=policy,
     )
     try:
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
@@ -361,7 +369,7 @@ def get(
         restarts = sum(i.get("restarts", 0) for i in status.get("instances", []))
         row = [
             item["metadata"]["name"],
-            str(item["spec"]["version"]),
+            str(item["spec"].get("version") or status.get("activeVersion") or "-"),
             f"[{_PHASE_STYLE.get(phase, 'white')}]{phase}[/]",
             ready.get("status", "Unknown"),
             str(restarts),
@@ -370,7 +378,8 @@ def get(
         ]
         if output == "wide":
             message = ready.get("message", "").splitlines()
-            row += [item["spec"]["image"], ready.get("reason", "-"), message[0] if message else ""]
+            image = item["spec"].get("image") or item["spec"]["bundle"]
+            row += [image, ready.get("reason", "-"), message[0] if message else ""]
         table.add_row(*(escape(c) if "[" not in c else c for c in row))
     out.print(table)
     for error in errors:
@@ -389,8 +398,10 @@ def describe(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) 
     resources = spec.get("resources", {})
     out.print(f"[bold]Name:[/]        {escape(plugin['metadata']['name'])}")
     out.print(f"[bold]Declared in:[/] {escape(answer['origin'])}")
-    out.print(f"[bold]Image:[/]       {escape(spec['image'])}")
-    out.print(f"[bold]Version:[/]     {spec['version']}")
+    if "bundle" in spec:
+        out.print(f"[bold]Bundle:[/]      {escape(spec['bundle'])}")
+    out.print(f"[bold]Image:[/]       {escape(spec.get('image', '(from the bundle)'))}")
+    out.print(f"[bold]Version:[/]     {spec.get('version', status.get('activeVersion', '-'))}")
     out.print(
         f"[bold]Resources:[/]   cpu {resources.get('cpu')}, memory {resources.get('memory')}, "
         f"pids {resources.get('pids')}"
@@ -530,6 +541,7 @@ def _bytes(value: float) -> str:
 
 swap_app = typer.Typer(help="Steer a blue/green swap: promote, abort, undo.", no_args_is_help=True)
 state_app = typer.Typer(help="Plugins' state snapshots.", no_args_is_help=True)
+app.add_typer(plugin.app, name="plugin")
 app.add_typer(swap_app, name="swap")
 app.add_typer(state_app, name="state")
 

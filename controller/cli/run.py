@@ -30,6 +30,7 @@ from controller.gateway import server as gateway_server
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
+from controller.registry import registry
 from controller.runtimes import base, container
 from controller.runtimes import kubernetes as kubernetes_runtime
 from controller.sources import base as sources_base
@@ -118,6 +119,10 @@ class Options:
     metrics_address: str | None = "127.0.0.1:9100"
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
     kubernetes: KubernetesOptions | None = None
+    plugins_dir: Path | None = None
+    """Bundles installed into the registry at start."""
+    trust_dir: Path | None = None
+    policy: Path | None = None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -188,6 +193,15 @@ def _lookup(source: sources_base.Source) -> gateway_server.Lookup:
     return lookup
 
 
+def registry_settings(options: Options) -> registry.Settings:
+    return registry.Settings(
+        options.data_dir,
+        trust_dir=options.trust_dir,
+        policy=options.policy,
+        protocols=client.SUPPORTED_PROTOCOL_VERSIONS,
+    )
+
+
 class LostLeadershipError(ControllerError):
     """Another controller took the Lease: this one stopped acting."""
 
@@ -250,6 +264,7 @@ async def _lead(
     source: sources_base.Source
     runtime: base.Runtime
     plugins: client.Clients
+    images: registry.Images | None = None
     if options.kubernetes is not None:
         k8s = options.kubernetes
         source = kubernetes_source.KubernetesSource(
@@ -288,6 +303,7 @@ async def _lead(
             )
         )
         plugins = client.Clients()
+        images = runtime
         info = await asyncio.to_thread(container.describe, options.runtime)
         log.info(
             "controller %s on %s %s (API %s), specs from %s, data in %s",
@@ -301,6 +317,13 @@ async def _lead(
     routes = router.Router(metrics)
     gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
     states = snapshots.Snapshots(options.data_dir / "snapshots.db")
+    # On Kubernetes the nodes pull images: bundles there name images a registry serves.
+    bundles = registry.Registry(registry_settings(options), images)
+    if options.plugins_dir is not None:
+        installed, refused = await bundles.scan(options.plugins_dir)
+        for path, why in sorted(refused.items()):
+            log.error("plugin bundle %s refused: %s", path, why)
+        log.info("%d bundle(s) installed from %s", len(installed), options.plugins_dir)
     control = manager.Manager(
         source,
         runtime,
@@ -310,6 +333,7 @@ async def _lead(
         snapshots=states,
         metrics=metrics,
         thresholds=options.thresholds,
+        bundles=bundles,
         workers=options.workers,
     )
     admin = server.AdminServer(
@@ -331,6 +355,7 @@ async def _lead(
         await plugins.close()
         await runtime.close()
         states.close()
+        bundles.close()
         records.close()
 
 

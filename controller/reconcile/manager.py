@@ -16,8 +16,8 @@ import logging
 
 from controller.errors import ControllerError
 from controller.metrics import oom, telemetry, violations
+from controller.reconcile import gates, reconciler, workers
 from controller.reconcile import queue as queue_module
-from controller.reconcile import reconciler, workers
 from controller.runtimes import base
 from controller.sources import base as sources_base
 from controller.state import snapshots as snapshots_module
@@ -43,6 +43,7 @@ class Manager:
         snapshots: snapshots_module.Snapshots | None = None,
         metrics: telemetry.Metrics | None = None,
         thresholds: violations.Thresholds | None = None,
+        bundles: gates.Bundles | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class Manager:
             snapshots=snapshots,
             metrics=self.metrics,
             violations=self.violations,
+            bundles=bundles,
         )
         self.pool = _pool(queue, self.reconciler, workers)
         self.metrics.queue_depth.set_function(lambda: len(queue))

@@ -37,7 +37,7 @@ from controller.errors import (
 )
 from controller.metrics import telemetry
 from controller.metrics import violations as violations_module
-from controller.reconcile import conditions
+from controller.reconcile import conditions, gates
 from controller.reconcile.workers import Result
 from controller.runtimes import base
 from controller.sources import base as sources_base
@@ -131,9 +131,11 @@ class Reconciler:
         snapshots: snapshots_module.Snapshots | None = None,
         metrics: telemetry.Metrics | None = None,
         violations: violations_module.Violations | None = None,
+        bundles: gates.Bundles | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
+        self.bundles = bundles
         self.runtime = runtime
         self.plugins = plugins
         self.routes: Routes = routes or NoRoutes()
@@ -285,6 +287,10 @@ class _Pass:
         self.status = old.model_copy(deep=True)
         color = self.status.active_color or models.Color.BLUE
         self.context["color"] = color.value
+        if not self.pinned:  # a pinned spec was resolved when it ran
+            self.spec, refused = await gates.resolve_bundle(self.r.bundles, self.spec)
+            if refused is not None:  # nothing starts; what runs is left as it is
+                return await self._blocked(refused)
         self.want = self.want_for(color)
         issues = self.runtime.validate(self.want)
         if issues:
@@ -318,6 +324,7 @@ class _Pass:
                 )
         self.status.instances = [i for i in self.status.instances if i.color is color]
         current = next((i for i in self.observed if i.color is color), None)
+        waiting = await gates.waiting_for(self.source, self.key, self.spec)
         if self._swap_refused(current):
             assert current is not None
             kept = await self._spec_of(current)
@@ -330,10 +337,30 @@ class _Pass:
             result = Result(requeue_after=delay)
         elif self._swap_refused(current) and current is not None:
             result = await self._hold_back(current)
+        elif waiting is not None and current is None:  # dependencies first
+            return await self._blocked(waiting)
         else:
             result = await self._converge(current)
+        if waiting is not None:
+            gates.hold_not_ready(self.status, self.old.conditions, waiting, self.generation)
+            result = Result(requeue_after=min(result.requeue_after or waiting.retry, waiting.retry))
         await self._write(self.old)
         return result
+
+    async def _blocked(self, blocked: gates.Blocked) -> Result:
+        """Not started: its bundle is refused, or its dependencies are not there yet."""
+        before = conditions.find(self.old.conditions, conditions.READY)
+        if before is None or (before.reason, before.message) != (blocked.reason, blocked.message):
+            kind: store.EventType = "Warning" if blocked.broken else "Normal"
+            await self.event(kind, blocked.reason, blocked.message)
+        self.set_conditions(
+            blocked.phase,
+            ready=("False", blocked.reason, blocked.message),
+            progressing=None if blocked.broken else ("WaitingForDependencies", blocked.message),
+            degraded=blocked.broken,
+        )
+        await self._write(self.old)
+        return Result(requeue_after=blocked.retry)
 
     async def _undo(self) -> None:
         """Pin the spec the last swap came from; the pass then swaps back to it."""

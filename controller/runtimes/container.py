@@ -644,6 +644,50 @@ class ContainerRuntime:
                 if key is not None:
                     queue.put_nowait(key)
 
+    # Images, for the plugin registry: bundles carry theirs as docker save archives.
+
+    async def load_image(self, archive: Path) -> str:
+        """Load a ``docker save`` archive; the id (``sha256:<hex>``) of the image it held."""
+        return await self._call(self._load_image, archive)
+
+    def _load_image(self, archive: Path) -> str:
+        with archive.open("rb") as handle:
+            messages = list(self.client.api.load_image(handle))  # type: ignore[no-untyped-call]
+        loaded = []
+        for message in messages:
+            if "error" in message:
+                raise RuntimeBackendError(f"{self.name} could not load {archive}: {message}")
+            text = str(message.get("stream", ""))
+            for prefix in ("Loaded image ID: ", "Loaded image: "):
+                if text.startswith(prefix):
+                    loaded.append(text.removeprefix(prefix).strip())
+        if not loaded:
+            raise RuntimeBackendError(f"{self.name} loaded no image from {archive}: {messages}")
+        attrs = self.client.api.inspect_image(loaded[0])  # type: ignore[no-untyped-call]
+        return str(attrs["Id"])
+
+    async def image_id(self, reference: str) -> str | None:
+        """The id of the image ``reference`` names, or None when the engine has none."""
+        try:
+            attrs = await self._call(self.client.api.inspect_image, reference)
+        except InstanceNotFoundError:
+            return None
+        return str(attrs["Id"])
+
+    async def remove_image(self, reference: str) -> None:
+        """Remove an image (refused by the engine while a container uses it)."""
+        with contextlib.suppress(InstanceNotFoundError):
+            await self._call(self.client.api.remove_image, reference)
+
+    async def save_image(self, reference: str, archive: Path) -> None:
+        """Write ``reference`` as a ``docker save`` archive, tagged, for a bundle."""
+        await self._call(self._save_image, reference, archive)
+
+    def _save_image(self, reference: str, archive: Path) -> None:
+        with archive.open("wb") as out:
+            for chunk in self.client.api.get_image(reference):
+                out.write(chunk)
+
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
+import json
+import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from controller.errors import InstanceConflictError, InstanceNotFoundError, SpecError, SpecIssue
 from controller.runtimes import base
@@ -35,6 +39,8 @@ class MemoryRuntime:
         self.calls: collections.Counter[str] = collections.Counter()
         self.routed: dict[str, models.Color] = {}
         """Where each plugin's stable address points (see :meth:`route`)."""
+        self.images: dict[str, str] = {}
+        """Image references (tags and ids) to the ids of the images loaded."""
         self.unready: set[str] = set()
         """Names of instances whose health check fails."""
         self._ids = itertools.count(1)
@@ -166,6 +172,30 @@ class MemoryRuntime:
 
     async def close(self) -> None:
         self._events.put_nowait(None)
+
+    async def load_image(self, archive: Path) -> str:
+        """Take a ``docker save`` archive's image by its tags and config digest, as engines do."""
+        self.calls["load_image"] += 1
+        with tarfile.open(archive) as saved:
+            manifest = saved.extractfile("manifest.json")
+            assert manifest is not None
+            (entry,) = json.load(manifest)
+            config = saved.extractfile(entry["Config"])
+            assert config is not None
+            digest = "sha256:" + hashlib.sha256(config.read()).hexdigest()
+        for tag in entry.get("RepoTags") or []:
+            self.images[tag] = digest
+        self.images[digest] = digest
+        return digest
+
+    async def image_id(self, reference: str) -> str | None:
+        return self.images.get(reference)
+
+    async def remove_image(self, reference: str) -> None:
+        self.calls["remove_image"] += 1
+        digest = self.images.pop(reference, None)
+        if digest is not None and digest not in self.images.values():
+            self.images.pop(digest, None)
 
     def writes(self) -> int:
         """How many calls changed what runs."""

@@ -42,6 +42,12 @@ def openapi_schema() -> dict[str, Any]:
     }
     props["metadata"] = {"type": "object"}
     schema["required"] = [r for r in schema.get("required", []) if r not in {"apiVersion", "kind"}]
+    props["spec"]["x-kubernetes-validations"] = [
+        {
+            "rule": "has(self.bundle) || (has(self.image) && has(self.version))",
+            "message": "image and version are required unless bundle names a bundle",
+        }
+    ]
     status = props["status"]["properties"]
     status["conditions"].update(
         {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}

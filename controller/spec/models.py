@@ -375,11 +375,18 @@ class Dependency(_Model):
 class PluginSpec(_Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
-    image: str = Field(pattern=IMAGE_REFERENCE, max_length=512)
+    image: str | None = Field(default=None, pattern=IMAGE_REFERENCE, max_length=512)
     """The container image, e.g. blackhole/example-storage:1.2.0, optionally pinned by
-    @sha256 digest."""
-    version: Version
-    """The plugin's semantic version (MAJOR.MINOR.PATCH), e.g. 1.2.0."""
+    @sha256 digest. Required unless bundle names a bundle, which then supplies it."""
+    version: Version | None = None
+    """The plugin's semantic version (MAJOR.MINOR.PATCH), e.g. 1.2.0. Required unless
+    bundle names a bundle, which then supplies it."""
+    bundle: str | None = Field(default=None, max_length=256)
+    """A signed bundle from the controller's plugin registry, as NAME@RANGE (e.g.
+    kv-store@^1.2; NAME alone for any version): the highest installed version in the
+    range supplies image and version, after its signature, image digest, permissions,
+    resources, protocol version and dependencies pass the operator's policy. When
+    image or version are given too, they must agree with it."""
     runtime: RuntimeName | None = None
     """process, docker, podman or kubernetes. Default: the controller's runtime."""
     provides: list[Annotated[str, Field(pattern=CAPABILITY)]] = Field(default_factory=list)
@@ -418,6 +425,24 @@ class PluginSpec(_Model):
             )
         return env
 
+    @field_validator("bundle")
+    @classmethod
+    def _check_bundle(cls, bundle: str | None) -> str | None:
+        if bundle is not None:
+            parse_bundle(bundle)
+        return bundle
+
+    @model_validator(mode="after")
+    def _check_source(self) -> Self:
+        if self.bundle is None:
+            missing = [f for f in ("image", "version") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(
+                    f"{' and '.join(missing)} required: name the image and version, "
+                    'or a bundle of the registry (bundle: "NAME@RANGE")'
+                )
+        return self
+
     @field_validator("provides")
     @classmethod
     def _check_provides(cls, provides: list[str]) -> list[str]:
@@ -440,6 +465,17 @@ class PluginSpec(_Model):
         if twice:
             raise ValueError(f"dependsOn: {', '.join(twice)} listed more than once")
         return self
+
+
+def parse_bundle(text: str) -> tuple[str, VersionRange]:
+    """``NAME@RANGE`` (or ``NAME``, any version) as the plugin's name and the versions that do."""
+    name, at, wanted = text.strip().partition("@")
+    if not _DNS1123_LABEL_RE.match(name) or len(name) > 63 or (at and not wanted.strip()):
+        raise ValueError(
+            f'"{text}" is not a bundle reference; use NAME@RANGE, e.g. "kv-store@^1.2", '
+            "or NAME alone for any version"
+        )
+    return name, VersionRange.parse(wanted if at else "*")
 
 
 class Condition(_Model):
