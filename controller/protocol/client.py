@@ -64,13 +64,8 @@ class State:
     sha256: str
 
 
-class _Token(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call on a channel."""
+class _WithToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata."""
 
     def __init__(self, token: str) -> None:
         self.header = ("authorization", f"Bearer {token}")
@@ -81,17 +76,37 @@ class _Token(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# One class per kind of call: grpc.aio files an interceptor under the first kind it is.
+
+
+class _UnaryUnaryToken(_WithToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _UnaryStreamToken(_WithToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _StreamUnaryToken(_WithToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._with_token(details), requests)
 
+
+class _StreamStreamToken(_WithToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._with_token(details), requests)
+
+
+def _token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    return [
+        _UnaryUnaryToken(token),
+        _UnaryStreamToken(token),
+        _StreamUnaryToken(token),
+        _StreamStreamToken(token),
+    ]
 
 
 class PluginClient:
@@ -109,7 +124,7 @@ class PluginClient:
                 self._directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
                 target = f"unix:/proc/self/fd/{self._directory}/{os.path.basename(path)}"
         self.channel = grpc.aio.insecure_channel(
-            target, options=_OPTIONS, interceptors=[_Token(token)] if token else None
+            target, options=_OPTIONS, interceptors=_token_interceptors(token) if token else None
         )
         self.stub = plugin_pb2_grpc.PluginStub(self.channel)
         self._check = self.channel.unary_unary(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,9 +20,19 @@ TOKEN = "s3cret-token"
 
 class Echo(Plugin):
     provides = ("test.echo",)
+    state_version = 1
+
+    def initialize(self, config: dict[str, Any]) -> None:
+        self.state = b"kept"
 
     def handle(self, method: str, payload: Any) -> Any:
         return {"method": method, "payload": payload}
+
+    def export_state(self) -> bytes:
+        return self.state
+
+    def import_state(self, state: bytes) -> None:
+        self.state = state
 
 
 @pytest.fixture
@@ -43,6 +54,12 @@ async def test_calls_with_the_token_are_answered(endpoint: str):
         assert await plugins.healthy(endpoint, 5)
         raw = await plugins.call(endpoint, "say", json.dumps("hi").encode(), 5)
         assert json.loads(raw) == {"method": "say", "payload": "hi"}
+        # Every kind of call carries it: unary, server-streaming, client-streaming.
+        exported = await plugins.export_state(endpoint, 5)
+        assert exported.data == b"kept"
+        new = client.State(1, b"new", hashlib.sha256(b"new").hexdigest())
+        await plugins.import_state(endpoint, new, 5)
+        assert (await plugins.export_state(endpoint, 5)).data == b"new"
     finally:
         await plugins.close()
 
