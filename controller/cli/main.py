@@ -207,7 +207,9 @@ def run_controller(
         None, "--kubeconfig", help="With --kubernetes: default the pod's service account."
     ),
     watch_namespace: list[str] | None = typer.Option(
-        None, "--watch-namespace", help="With --kubernetes: a namespace to follow (repeat); all."
+        None,
+        "--watch-namespace",
+        help="With --kubernetes: a namespace to follow (repeat); default all.",
     ),
     leader_elect: bool = typer.Option(
         True,
