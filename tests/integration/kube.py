@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp.web
+import attrs
 import docker
 import docker.errors
 import kmock
@@ -97,10 +98,13 @@ def matches(obj: dict[str, Any], selector: str | None) -> bool:
     return True
 
 
+@attrs.frozen
 class Conflict(kmock.KubernetesError):
-    status = 409
-    reason = "Conflict"
-    message = (
+    """409, as the API server answers a write from a stale read."""
+
+    status: int = 409
+    reason: str = "Conflict"
+    message: str = (
         "Operation cannot be fulfilled: the object has been modified; "
         "please apply your changes to the latest version and try again"
     )
