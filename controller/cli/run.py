@@ -18,6 +18,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import controller
@@ -28,7 +29,7 @@ from controller.gateway import server as gateway_server
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
-from controller.runtimes import container
+from controller.runtimes import base, container, process
 from controller.sources import directory, store
 from controller.spec import models
 from controller.state import snapshots
@@ -70,10 +71,18 @@ def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
     temporary.replace(path)
 
 
+class RuntimeChoice(StrEnum):
+    """Where ``bhctl run`` runs instances: a container engine, or plain processes."""
+
+    DOCKER = "docker"
+    PODMAN = "podman"
+    PROCESS = "process"
+
+
 @dataclass(frozen=True)
 class Options:
     specs: Path | None
-    runtime: container.Engine
+    runtime: RuntimeChoice
     data_dir: Path
     workers: int
     resync_seconds: float
@@ -84,6 +93,8 @@ class Options:
     gateway_tokens: Path | None = None
     metrics_address: str | None = "127.0.0.1:9100"
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
+    plugin_root: Path | None = None
+    """Where the process runtime finds plugin directories (default ``data_dir/plugins``)."""
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -154,6 +165,49 @@ def _lookup(source: directory.DirectorySource) -> gateway_server.Lookup:
     return lookup
 
 
+async def _runtime(options: Options) -> base.Runtime:
+    """The backend ``options`` ask for, checked to work on this host."""
+    if options.runtime is RuntimeChoice.PROCESS:
+        settings = process.Settings(
+            data_dir=options.data_dir,
+            controller_id=options.controller_id,
+            plugin_root=options.plugin_root,
+            host_path_root=options.host_path_root,
+        )
+        host = await asyncio.to_thread(process.describe, settings)
+        log.info(
+            "controller %s on processes (%s, cgroup v%d), plugins from %s, specs from %s, "
+            "data in %s",
+            options.controller_id,
+            host.kernel,
+            host.cgroup_version,
+            settings.plugins,
+            options.specs or "the admin API only",
+            options.data_dir,
+        )
+        return process.ProcessRuntime(settings)
+    engine = container.Engine(options.runtime.value)
+    info = await asyncio.to_thread(container.describe, engine)
+    log.info(
+        "controller %s on %s %s (API %s), specs from %s, data in %s",
+        options.controller_id,
+        info.engine,
+        info.version,
+        info.api_version,
+        options.specs or "the admin API only",
+        options.data_dir,
+    )
+    return container.ContainerRuntime(
+        container.Settings(
+            engine=engine,
+            data_dir=options.data_dir,
+            controller_id=options.controller_id,
+            host_path_root=options.host_path_root,
+            threads=options.workers,
+        )
+    )
+
+
 async def serve(options: Options) -> None:
     """Run the controller until SIGTERM/SIGINT."""
     tokens = gateway_tokens(options)
@@ -163,25 +217,7 @@ async def serve(options: Options) -> None:
         source = directory.DirectorySource(
             options.specs, records, work.add, resync_seconds=options.resync_seconds
         )
-        runtime = container.ContainerRuntime(
-            container.Settings(
-                engine=options.runtime,
-                data_dir=options.data_dir,
-                controller_id=options.controller_id,
-                host_path_root=options.host_path_root,
-                threads=options.workers,
-            )
-        )
-        info = await asyncio.to_thread(container.describe, options.runtime)
-        log.info(
-            "controller %s on %s %s (API %s), specs from %s, data in %s",
-            options.controller_id,
-            info.engine,
-            info.version,
-            info.api_version,
-            options.specs or "the admin API only",
-            options.data_dir,
-        )
+        runtime = await _runtime(options)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -101,7 +101,9 @@ def _read_only(target: str) -> None:
     """
     number = SYSCALLS.get(os.uname().machine, {}).get("mount_setattr")
     if number is not None:
-        attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+        attr = struct.pack(
+            "QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0
+        )
         buffer = ctypes.create_string_buffer(attr, len(attr))
         result = _libc.syscall(number, AT_FDCWD, target.encode(), AT_RECURSIVE, buffer, len(attr))
         if result == 0:
@@ -159,7 +161,7 @@ def _make_root(request: dict[str, Any]) -> None:
     mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
     for device in DEVICES:
         if os.path.exists(f"/dev/{device}"):
-            open(f"{root}/dev/{device}", "w").close()  # noqa: SIM115 - an empty mount point
+            open(f"{root}/dev/{device}", "w").close()  # an empty mount point
             mount(f"/dev/{device}", f"{root}/dev/{device}", None, MS_BIND, None)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0")):
         os.symlink(target, f"{root}/dev/{name}")
@@ -397,7 +399,9 @@ def main() -> int:
             warm = False
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # shims are reaped by the kernel
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "pdeathsig")
-    _answer({"pid": os.getpid(), "warm": warm, "paths": interpreter_paths(), "python": sys.executable})
+    _answer(
+        {"pid": os.getpid(), "warm": warm, "paths": interpreter_paths(), "python": sys.executable}
+    )
     while True:
         taken_in, taken_out = os.pipe()
         pid = os.fork()
