@@ -117,7 +117,7 @@ def test_a_plugin_runs_isolated(controller: ControllerProcess):
         assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
         pids = Path("/sys/fs/cgroup/pids") / paths["pids"].lstrip("/")
         assert (pids / "pids.max").read_text().strip() == "64"
-    assert paths.get("memory", paths.get("")).endswith(
+    assert paths.get("memory", paths[""]).endswith(
         base.instance_name("alpha", models.Color.BLUE, None, controller.controller_id)
     )
 
@@ -184,12 +184,12 @@ def test_a_restarted_controller_adopts_running_processes(controller: ControllerP
     before = state(controller, "kept")
     controller.kill()
     controller.start()
-    answer = wait_for(
-        lambda: (lambda got: got if got[0] == 200 else None)(
-            controller.call("kept", "get", {"key": "a"})
-        ),
-        what="kept to answer through the new controller's gateway",
-    )
-    assert answer[1] == {"value": 1}, "the same process, with what it held"
+
+    def answered() -> Any:
+        got = controller.call("kept", "get", {"key": "a"})
+        return got[1] if got[0] == 200 else None
+
+    answer = wait_for(answered, what="kept to answer through the new controller's gateway")
+    assert answer == {"value": 1}, "the same process, with what it held"
     assert state(controller, "kept") == before, "the same process, not a new one"
     assert instance(controller, "kept").get("restarts", 0) == 0
