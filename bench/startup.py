@@ -159,7 +159,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             measured[runtime] = await measure(runtime, args.runs, Path(temp))
     ratios = {}
     if "process" in measured:
-        for runtime in measured:
+        for runtime in set(measured) - {"process"}:
             ratios[f"{runtime}_p50_over_process"] = {
                 name: round(
                     measured[runtime][name]["p50_ms"] / measured["process"][name]["p50_ms"], 2

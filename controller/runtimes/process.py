@@ -119,10 +119,12 @@ class Cgroups:
                 made.append(directory.resolve())
             if controller == "memory":
                 swap = directory / "memory.memsw.limit_in_bytes"
-                with contextlib.suppress(OSError):  # lowering: swap first; raising: after
-                    _write(swap, memory)
+                accounted = swap.exists()  # only with swap accounting
+                if accounted:
+                    with contextlib.suppress(OSError):  # lowering: swap first; raising: after
+                        _write(swap, memory)
                 _write(directory / "memory.limit_in_bytes", memory)
-                if swap.exists():
+                if accounted:
                     _write(swap, memory)
             elif controller == "cpu":
                 _write(directory / "cpu.cfs_period_us", CPU_PERIOD_US)
@@ -143,16 +145,17 @@ class Cgroups:
             parent = parent / part
             parent.mkdir(exist_ok=True)
         directory = self.root / group
-        limits = {
-            "memory.max": memory,
-            "memory.swap.max": 0,
-            "memory.oom.group": 1,
-            "cpu.max": f"{quota} {CPU_PERIOD_US}",
-            "pids.max": pids,
-        }
+        limits: dict[str, object] = {}
+        if "memory" in available:  # the whole group is killed at an OOM, as a container is
+            limits |= {"memory.max": memory, "memory.oom.group": 1}
+            if (directory / "memory.swap.max").exists():  # only with swap accounting
+                limits["memory.swap.max"] = 0
+        if "cpu" in available:
+            limits["cpu.max"] = f"{quota} {CPU_PERIOD_US}"
+        if "pids" in available:
+            limits["pids.max"] = pids
         for name, value in limits.items():
-            if (directory / name).exists():
-                _write(directory / name, value)
+            _write(directory / name, value)
         return Group((directory,), directory / "memory.events")
 
     def procs(self, group: str) -> set[int]:
