@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from controller.admin import client as admin_client
-from controller.runtimes import base, container
+from controller.runtimes import base, container, process
 
 
 @dataclass
 class Controller:
-    """``bhctl run`` on Docker in a folder of its own."""
+    """``bhctl run`` on Docker (or another runtime) in a folder of its own."""
 
     specs: Path
     data: Path
@@ -56,7 +56,9 @@ class Controller:
 
 
 @contextlib.asynccontextmanager
-async def controller(root: Path, specs: dict[str, str], *options: str) -> AsyncIterator[Controller]:
+async def controller(
+    root: Path, specs: dict[str, str], *options: str, runtime: str = "docker"
+) -> AsyncIterator[Controller]:
     """Run ``bhctl run`` on the spec files ``specs`` (name to text); remove all it made after."""
     folder, data = root / "specs", root / "data"
     folder.mkdir(parents=True)
@@ -66,7 +68,7 @@ async def controller(root: Path, specs: dict[str, str], *options: str) -> AsyncI
     command = [
         str(Path(sys.executable).parent / "bhctl"), "run", "--specs", str(folder),
         "--data-dir", str(data), "--controller-id", ident, "--gateway-addr", "127.0.0.1:0",
-        "--log-level", "warning", *options,
+        "--log-level", "warning", "--runtime", runtime, *options,
     ]  # fmt: skip
     with (root / "controller.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -76,11 +78,20 @@ async def controller(root: Path, specs: dict[str, str], *options: str) -> AsyncI
     finally:
         process.terminate()
         process.wait(30)
-        client = container.connect(container.Engine.DOCKER)
-        selector: dict[str, str | list[str] | bool] = {"label": f"{base.LABEL_CONTROLLER}={ident}"}
-        for found in client.containers.list(all=True, filters=selector):
-            found.remove(force=True)
-        client.close()
+        await _remove_instances(runtime, data, ident)
+
+
+async def _remove_instances(runtime: str, data: Path, ident: str) -> None:
+    if runtime == "process":
+        processes = process.ProcessRuntime(process.Settings(data_dir=data, controller_id=ident))
+        for instance in await processes.list_owned():
+            await processes.remove(instance.name)
+        return
+    client = container.connect(container.Engine(runtime))
+    selector: dict[str, str | list[str] | bool] = {"label": f"{base.LABEL_CONTROLLER}={ident}"}
+    for found in client.containers.list(all=True, filters=selector):
+        found.remove(force=True)
+    client.close()
 
 
 def pyplot() -> Any:

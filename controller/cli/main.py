@@ -34,7 +34,7 @@ from controller.admin import client as admin_client
 from controller.cli import logs, plugin, run
 from controller.errors import ControllerError, EngineUnavailableError, SpecError
 from controller.metrics import violations
-from controller.runtimes import container
+from controller.runtimes import container, process
 from controller.spec import crd, loader, models
 
 app = typer.Typer(
@@ -100,23 +100,30 @@ def validate(
 
 @app.command()
 def engines(
-    engine: list[container.Engine] = typer.Option(
-        list(container.Engine), "--engine", "-e", help="Engines to check (default: all)."
+    engine: list[run.RuntimeChoice] = typer.Option(
+        list(run.RuntimeChoice), "--engine", "-e", help="Runtimes to check (default: all)."
     ),
 ) -> None:
-    """Check that the container engines answer; exit 1 if any does not."""
+    """Check that the container engines answer and that processes can be run; exit 1 if not."""
     table = Table("ENGINE", "ENDPOINT", "VERSION", "API", "STATUS", box=None)
     failed = False
     for kind in engine:
-        url = container.engine_url(kind)
         try:
-            info = container.describe(kind, url)
+            if kind is run.RuntimeChoice.PROCESS:
+                url = "-"
+                host = process.describe()
+                version = host.kernel
+                api = f"cgroup v{host.cgroup_version}" + (", SDK preloaded" if host.warm else "")
+            else:
+                url = container.engine_url(container.Engine(kind.value))
+                info = container.describe(container.Engine(kind.value), url)
+                version, api = info.version, info.api_version
         except EngineUnavailableError as e:
             failed = True
             table.add_row(str(kind), url, "-", "-", "[red]unavailable[/]")
             err.print(f"[red]error[/]: {escape(str(e))}")
             continue
-        table.add_row(str(kind), url, info.version, info.api_version, "[green]ready[/]")
+        table.add_row(str(kind), url, version, api, "[green]ready[/]")
     out.print(table)
     if failed:
         raise typer.Exit(1)
@@ -135,8 +142,14 @@ def run_controller(
     specs: Path | None = typer.Option(
         None, "--specs", help="Directory of spec files to follow (never written)."
     ),
-    runtime: container.Engine = typer.Option(
-        container.Engine.DOCKER, "--runtime", help="Where instances run."
+    runtime: run.RuntimeChoice = typer.Option(
+        run.RuntimeChoice.DOCKER, "--runtime", help="Where instances run."
+    ),
+    plugin_root: Path | None = typer.Option(
+        None,
+        "--plugin-root",
+        help="--runtime process: plugin directories (spec.process.path) lie under it "
+        "(default DATA_DIR/plugins).",
     ),
     data_dir: Path | None = DATA_DIR,
     workers: int = typer.Option(8, "--workers", min=1, max=256, help="Parallel reconcilers."),
@@ -266,6 +279,7 @@ def run_controller(
         gateway_grpc_address=gateway_grpc_addr or None,
         gateway_tokens=gateway_tokens,
         metrics_address=metrics_addr or None,
+        plugin_root=plugin_root,
         thresholds=violations.Thresholds(
             memory_share=memory_alert_share,
             memory_seconds=memory_alert_seconds,

@@ -18,6 +18,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
 from controller.registry import registry
-from controller.runtimes import base, container
+from controller.runtimes import base, container, process
 from controller.runtimes import kubernetes as kubernetes_runtime
 from controller.sources import base as sources_base
 from controller.sources import directory, store
@@ -76,6 +77,14 @@ def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
     temporary.replace(path)
 
 
+class RuntimeChoice(StrEnum):
+    """Where ``bhctl run`` runs instances: a container engine, or plain processes."""
+
+    DOCKER = "docker"
+    PODMAN = "podman"
+    PROCESS = "process"
+
+
 @dataclass(frozen=True)
 class KubernetesOptions:
     """``bhctl run --kubernetes``: Plugin objects in, Deployments out, one leader at a time."""
@@ -107,7 +116,7 @@ class KubernetesOptions:
 @dataclass(frozen=True)
 class Options:
     specs: Path | None
-    runtime: container.Engine
+    runtime: RuntimeChoice
     data_dir: Path
     workers: int
     resync_seconds: float
@@ -123,6 +132,8 @@ class Options:
     """Bundles installed into the registry at start."""
     trust_dir: Path | None = None
     policy: Path | None = None
+    plugin_root: Path | None = None
+    """Where the process runtime finds plugin directories (default ``data_dir/plugins``)."""
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -204,6 +215,49 @@ def registry_settings(options: Options) -> registry.Settings:
 
 class LostLeadershipError(ControllerError):
     """Another controller took the Lease: this one stopped acting."""
+
+
+async def _runtime(options: Options) -> base.Runtime:
+    """The backend ``options`` ask for, checked to work on this host."""
+    if options.runtime is RuntimeChoice.PROCESS:
+        settings = process.Settings(
+            data_dir=options.data_dir,
+            controller_id=options.controller_id,
+            plugin_root=options.plugin_root,
+            host_path_root=options.host_path_root,
+        )
+        host = await asyncio.to_thread(process.describe, settings)
+        log.info(
+            "controller %s on processes (%s, cgroup v%d), plugins from %s, specs from %s, "
+            "data in %s",
+            options.controller_id,
+            host.kernel,
+            host.cgroup_version,
+            settings.plugins,
+            options.specs or "the admin API only",
+            options.data_dir,
+        )
+        return process.ProcessRuntime(settings)
+    engine = container.Engine(options.runtime.value)
+    info = await asyncio.to_thread(container.describe, engine)
+    log.info(
+        "controller %s on %s %s (API %s), specs from %s, data in %s",
+        options.controller_id,
+        info.engine,
+        info.version,
+        info.api_version,
+        options.specs or "the admin API only",
+        options.data_dir,
+    )
+    return container.ContainerRuntime(
+        container.Settings(
+            engine=engine,
+            data_dir=options.data_dir,
+            controller_id=options.controller_id,
+            host_path_root=options.host_path_root,
+            threads=options.workers,
+        )
+    )
 
 
 async def serve(options: Options) -> None:
@@ -293,27 +347,10 @@ async def _lead(
         source = directory.DirectorySource(
             options.specs, records, work.add, resync_seconds=options.resync_seconds
         )
-        runtime = container.ContainerRuntime(
-            container.Settings(
-                engine=options.runtime,
-                data_dir=options.data_dir,
-                controller_id=options.controller_id,
-                host_path_root=options.host_path_root,
-                threads=options.workers,
-            )
-        )
+        runtime = await _runtime(options)
         plugins = client.Clients()
-        images = runtime
-        info = await asyncio.to_thread(container.describe, options.runtime)
-        log.info(
-            "controller %s on %s %s (API %s), specs from %s, data in %s",
-            options.controller_id,
-            info.engine,
-            info.version,
-            info.api_version,
-            options.specs or "the admin API only",
-            options.data_dir,
-        )
+        if isinstance(runtime, container.ContainerRuntime):
+            images = runtime  # bundles' images are loaded into the engine
     routes = router.Router(metrics)
     gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
     states = snapshots.Snapshots(options.data_dir / "snapshots.db")

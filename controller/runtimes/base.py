@@ -119,6 +119,7 @@ def instance_hash(spec: models.PluginSpec) -> str:
             "image",
             "version",
             "runtime",
+            "process",
             "permissions",
             "resources",
             "volumes",

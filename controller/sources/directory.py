@@ -198,9 +198,18 @@ class DirectorySource:
         return await self._locked(self.store.events, key)
 
     async def forget(self, key: str) -> None:
-        """The plugin is gone from the runtime too: drop its status and events."""
-        if key not in self._desired:
-            await self._locked(self.store.forget, key)
+        """The plugin is gone from the runtime too: drop its status and events.
+
+        Checked under the lock that applies take, against the applied specs
+        too: a spec applied again while the instances were being removed keeps
+        its status, even before the rescan that declares it.
+        """
+
+        def forget_undeclared() -> None:
+            if key not in self._desired and key not in self.store.applied():
+                self.store.forget(key)
+
+        await self._locked(forget_undeclared)
 
     async def known(self) -> list[str]:
         """Keys with recorded status: plugins that may still have instances to clean up."""

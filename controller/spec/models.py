@@ -329,6 +329,53 @@ class HotSwap(_Model):
     """Calls the new version must answer as expected before it is promoted."""
 
 
+class ProcessSource(_Model):
+    """Where the process runtime finds the plugin's code: a directory (or an unpacked bundle)."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    """The plugin's directory: relative to the controller's plugin root (bhctl run
+    --plugin-root), or an absolute path under it; ".." is refused."""
+    entrypoint: str = Field(default="plugin.py", min_length=1, max_length=4096)
+    """The Python file that serves the plugin, relative to path. Default plugin.py."""
+    virtualenv: str | None = None
+    """A virtual environment, relative to path, whose bin/python runs the plugin (its
+    packages, the SDK among them, must be installed in it). Default: the controller's
+    own Python, which has the SDK already imported, so the plugin starts in milliseconds."""
+    python_path: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list, alias="pythonPath"
+    )
+    """Directories, relative to path, put in front of the plugin's sys.path."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        return _clean_path(path, "path")
+
+    @field_validator("entrypoint", "virtualenv")
+    @classmethod
+    def _check_relative(cls, path: str | None) -> str | None:
+        return None if path is None else _clean_relative_path(path, "a path inside the plugin")
+
+    @field_validator("python_path")
+    @classmethod
+    def _check_python_path(cls, paths: list[str]) -> list[str]:
+        return [_clean_relative_path(p, "pythonPath") for p in paths]
+
+
+def _clean_path(path: str, what: str) -> str:
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError(f'{what} "{path}" must not contain ".."')
+    if "\x00" in path:
+        raise ValueError(f"{what} must not contain NUL")
+    return posixpath.normpath(path)
+
+
+def _clean_relative_path(path: str, what: str) -> str:
+    if path.startswith("/"):
+        raise ValueError(f'{what} "{path}" must be relative to the plugin\'s path')
+    return _clean_path(path, what)
+
+
 class RateLimit(_Model):
     """A token bucket: calls beyond it are answered 429 with Retry-After."""
 
@@ -389,6 +436,9 @@ class PluginSpec(_Model):
     image or version are given too, they must agree with it."""
     runtime: RuntimeName | None = None
     """process, docker, podman or kubernetes. Default: the controller's runtime."""
+    process: ProcessSource | None = None
+    """Where the process runtime finds the plugin's code (its directory and entrypoint);
+    needed on the process runtime, unused by the others (they run image)."""
     provides: list[Annotated[str, Field(pattern=CAPABILITY)]] = Field(default_factory=list)
     """Capabilities the plugin offers, searchable in the registry, e.g. storage.kv."""
     permissions: Permissions = Field(default_factory=Permissions)

@@ -177,9 +177,9 @@ spec:
 
 @dataclass
 class ControllerProcess:
-    """``bhctl run`` as a real process on one engine, with its own specs and data directory."""
+    """``bhctl run`` as a real process on one engine (None: processes), with its own folders."""
 
-    engine: EngineUnderTest
+    engine: EngineUnderTest | None
     root: Path
     controller_id: str = field(default_factory=new_controller_id)
     extra_args: list[str] = field(default_factory=list)
@@ -194,7 +194,7 @@ class ControllerProcess:
 
     def start(self, env: dict[str, str] | None = None) -> None:
         command = [
-            str(BHCTL), "run", "--specs", str(self.specs), "--runtime", str(self.engine.kind),
+            str(BHCTL), "run", "--specs", str(self.specs), "--runtime", self.runtime,
             "--data-dir", str(self.data), "--controller-id", self.controller_id,
             "--resync-seconds", "5", "--gateway-addr", "127.0.0.1:0",
             "--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
@@ -205,6 +205,10 @@ class ControllerProcess:
                 command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
         wait_for(self._answers, what=f"the controller to answer (log: {self.log})")
+
+    @property
+    def runtime(self) -> str:
+        return str(self.engine.kind) if self.engine is not None else "process"
 
     def _answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -283,6 +287,7 @@ class ControllerProcess:
         return all(self.condition(n, "Ready").get("status") == "True" for n in names)
 
     def containers(self) -> dict[str, str]:
+        assert self.engine is not None, "a controller on processes has no containers"
         return self.engine.owned_by(self.controller_id)
 
 

@@ -30,6 +30,7 @@ def inspect(controller: ControllerProcess, plugin: str) -> dict[str, Any]:
         base.instance_name(plugin, color, None, controller.controller_id) for color in models.Color
     ]
     [name] = [n for n in names if n in controller.containers()]
+    assert controller.engine is not None
     return dict(controller.engine.client.api.inspect_container(name))
 
 

@@ -13,6 +13,7 @@ from .conftest import ControllerProcess
 
 def _started(controller: ControllerProcess, plugin: str) -> datetime:
     name = base.instance_name(plugin, models.Color.BLUE, None, controller.controller_id)
+    assert controller.engine is not None  # a container engine, not processes
     text = controller.engine.client.api.inspect_container(name)["State"]["StartedAt"]
     return datetime.fromisoformat(text[:26].rstrip("Z") + "+00:00")
 

@@ -1,4 +1,4 @@
-"""The Runtime contract: the same assertions against Docker, Podman and the in-memory backend.
+"""The Runtime contract: the same assertions against Docker, Podman, processes and in memory.
 
 If the in-memory backend the unit tests rely on drifted from the real
 engines, these tests would show it.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import tempfile
@@ -18,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from controller.errors import InstanceConflictError, InstanceNotFoundError
-from controller.runtimes import base, container, memory
+from controller.runtimes import base, container, memory, process
 from controller.spec import models
 
-from .conftest import PLUGIN_IMAGE, get_engine, new_controller_id
+from .conftest import PLUGIN_DIR, PLUGIN_IMAGE, get_engine, new_controller_id
 
-BACKENDS = ["docker", "podman", "memory"]
+BACKENDS = ["docker", "podman", "process", "memory"]
 
 
 @dataclass
@@ -43,14 +44,25 @@ async def backend(
         yield Backend(fake, lambda name: fake.crash(name, 137))
         await fake.close()
         return
-    engine = get_engine(container.Engine(request.param))
     data = Path(tempfile.mkdtemp(prefix="bh-contract-"))
-    runtime = container.ContainerRuntime(
-        container.Settings(engine=engine.kind, data_dir=data, controller_id=ident)
-    )
+    runtime: base.Runtime
+    if request.param == "process":
+        runtime = process.ProcessRuntime(
+            process.Settings(data_dir=data, controller_id=ident, plugin_root=PLUGIN_DIR.parent)
+        )
 
-    def kill(name: str) -> None:
-        os.kill(engine.client.api.inspect_container(name)["State"]["Pid"], signal.SIGKILL)
+        def kill(name: str) -> None:
+            state = json.loads((data / "processes" / f"{name}.json").read_text())
+            os.kill(state["pid"], signal.SIGKILL)
+
+    else:
+        engine = get_engine(container.Engine(request.param))
+        runtime = container.ContainerRuntime(
+            container.Settings(engine=engine.kind, data_dir=data, controller_id=ident)
+        )
+
+        def kill(name: str) -> None:
+            os.kill(engine.client.api.inspect_container(name)["State"]["Pid"], signal.SIGKILL)
 
     try:
         yield Backend(runtime, kill)
@@ -64,7 +76,13 @@ def desired(
     plugin: str, controller_id: str, color: models.Color = models.Color.BLUE, **env: str
 ) -> base.InstanceSpec:
     spec = models.PluginSpec.model_validate(
-        {"image": PLUGIN_IMAGE, "version": "1.2.3", "env": env, "resources": {"memory": "64Mi"}}
+        {
+            "image": PLUGIN_IMAGE,
+            "process": {"path": PLUGIN_DIR.name},
+            "version": "1.2.3",
+            "env": env,
+            "resources": {"memory": "64Mi"},
+        }
     )
     labels = {
         base.LABEL_PLUGIN: plugin,

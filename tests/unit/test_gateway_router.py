@@ -11,7 +11,6 @@ import pytest
 
 from controller.cli import run
 from controller.gateway import auth, router
-from controller.runtimes import container
 from controller.spec import models
 
 
@@ -131,7 +130,7 @@ def test_tokens_file(tmp_path: Path) -> None:
 def test_the_gateway_is_not_exposed_without_tokens(tmp_path: Path) -> None:
     options = run.Options(
         specs=None,
-        runtime=container.Engine.DOCKER,
+        runtime=run.RuntimeChoice.DOCKER,
         data_dir=tmp_path,
         workers=1,
         resync_seconds=60,

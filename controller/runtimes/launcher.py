@@ -1,0 +1,423 @@
+"""The process runtime's launcher: a warm fork server that starts plugin processes isolated.
+
+Run by :mod:`controller.runtimes.process` as a program of its own (the
+standard library only, so it loads no part of the controller), it imports the
+plugin SDK and gRPC once, then keeps one forked copy of itself waiting: a
+warm interpreter. The backend writes a launch request (length-prefixed JSON)
+to the launcher's stdin; the waiting copy takes it, tells the launcher (which
+forks the next one: the launcher itself never reads a request, so no plugin's
+settings linger in the memory the next plugin is forked from) and becomes
+the instance's **shim**: it forks the plugin, answers the backend with the
+plugin's pid, writes the instance's state file, waits for the plugin and
+writes its exit file (exit code, 128 + signal when killed, whether its
+cgroup's OOM killer fired). The shim is in a session of its own: plugins and
+shims outlive the launcher and the controller, whose next run adopts them.
+
+The plugin process, before it runs a line of the plugin's code, joins its
+cgroups, enters new mount, PID, IPC, UTS and (``network``) network
+namespaces with only loopback up, pivots into a read-only root built from
+bind mounts (system directories, the plugin's code, its interpreter) with a
+private ``/tmp``, ``/run`` and minimal ``/dev``, its socket directory at
+``/run/blackhole``, drops to an unprivileged uid with no capabilities and
+``no_new_privs``, and then runs the plugin: in this interpreter, the SDK
+already imported (``warm``), or by executing another one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442},
+}
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+"""The device nodes a plugin gets in its /dev."""
+PRELOAD = ("asyncio", "json", "logging", "runpy", "blackhole_sdk", "blackhole_sdk.server")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {source} on {target}",
+    )
+
+
+def _read_only(target: str) -> None:
+    """Make a bind mount and every mount below it read-only, nosuid and nodev.
+
+    ``mount_setattr`` (Linux 5.12) does the whole tree at once; older kernels
+    get the top mount remounted, which covers the usual system directories.
+    """
+    number = SYSCALLS.get(os.uname().machine, {}).get("mount_setattr")
+    if number is not None:
+        attr = struct.pack(
+            "QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0
+        )
+        buffer = ctypes.create_string_buffer(attr, len(attr))
+        result = _libc.syscall(number, AT_FDCWD, target.encode(), AT_RECURSIVE, buffer, len(attr))
+        if result == 0:
+            return
+        if ctypes.get_errno() != errno.ENOSYS:
+            _check(result, f"make {target} read-only")
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    mount("none", target, None, flags, None)
+
+
+def _pivot_root(new_root: str) -> None:
+    number = SYSCALLS.get(os.uname().machine, {}).get("pivot_root")
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown on {os.uname().machine}")
+    os.chdir(new_root)
+    _check(_libc.syscall(number, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount the old root")
+    os.chdir("/")
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        import fcntl
+
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+# The plugin process: isolation, then the plugin.
+
+
+def _make_root(request: dict[str, Any]) -> None:
+    """Build the plugin's root in a tmpfs on ``request["root"]`` and pivot into it."""
+    root = request["root"]
+    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    bound: list[str] = []
+    for path in sorted(set(request["binds"])):
+        if any(path == b or path.startswith(b.rstrip("/") + "/") for b in bound):
+            continue  # inside a directory bound already
+        if os.path.islink(path) and os.path.dirname(path) == "/":
+            os.symlink(os.readlink(path), root + path)  # e.g. /lib -> usr/lib
+            continue
+        if not os.path.isdir(path):
+            continue
+        target = root + path
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        mount(path, target, None, MS_BIND | MS_REC, None)
+        _read_only(target)
+        bound.append(path)
+    for name in ("proc", "dev", "tmp", "run"):
+        os.makedirs(f"{root}/{name}", mode=0o755, exist_ok=True)
+    mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for device in DEVICES:
+        if os.path.exists(f"/dev/{device}"):
+            open(f"{root}/dev/{device}", "w").close()  # an empty mount point
+            mount(f"/dev/{device}", f"{root}/dev/{device}", None, MS_BIND, None)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0")):
+        os.symlink(target, f"{root}/dev/{name}")
+    os.symlink("/proc/self/fd/1", f"{root}/dev/stdout")
+    os.symlink("/proc/self/fd/2", f"{root}/dev/stderr")
+    tmp = f"mode=1777,size={int(request['tmp_bytes'])}"
+    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, tmp)
+    mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
+    os.mkdir(f"{root}/run/blackhole", 0o755)
+    mount(request["socket_dir"], f"{root}/run/blackhole", None, MS_BIND, None)
+    for source, target, read_only in request["volumes"]:
+        try:
+            os.makedirs(root + target, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"volume mount point {target}: {e.strerror}") from e
+        mount(source, root + target, None, MS_BIND, None)
+        if read_only:
+            _read_only(root + target)
+    flags = MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    mount("tmpfs", root, "tmpfs", flags, None)  # the top itself: no new files
+    _pivot_root(root)
+
+
+def _isolate(request: dict[str, Any]) -> None:
+    """Everything between fork and the plugin's first line; raises on any failure."""
+    for group in request["cgroups"]:
+        with open(os.path.join(group, "cgroup.procs"), "w") as procs:
+            procs.write("0")
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    if request["network"]:
+        flags |= CLONE_NEWNET
+    _check(_libc.unshare(flags), "unshare")
+    if request["network"]:
+        _loopback_up()
+    hostname = request["name"][:63].encode()
+    _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
+    _make_root(request)
+    uid, gid = int(request["uid"]), int(request["gid"])
+    for capability in range(64):  # the bounding set too: nothing to regain, ever
+        if _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) < 0:
+            break  # past the last capability this kernel knows
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    os.chdir(request["cwd"])
+
+
+def _plugin(request: dict[str, Any], log: int, errors: int) -> int:
+    """In the plugin process: isolate, then run the plugin; returns its exit code."""
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    for fd in (null, log):
+        os.close(fd)
+    os.closerange(3, errors)
+    os.closerange(errors + 1, 65536)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        _isolate(request)
+        if not request["warm"]:
+            os.execve(request["argv"][0], request["argv"], request["env"])
+    except BaseException as e:  # told to the shim, which tells the backend
+        os.write(errors, f"{e}".encode(errors="replace")[:4000])
+        return 127
+    os.close(errors)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    entrypoint = request["entrypoint"]
+    sys.argv = [entrypoint]
+    sys.path[:0] = [os.path.dirname(entrypoint), *request["python_path"]]
+    import runpy
+
+    try:
+        runpy.run_path(entrypoint, run_name="__main__")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+# The shim: one per instance, the plugin's parent.
+
+
+def _starttime(pid: int) -> int:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[19])
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(record, handle)
+    os.replace(temporary, path)
+
+
+def _oom_kills(path: str) -> int:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _shim(request: dict[str, Any]) -> int | None:
+    """Start the plugin, answer the backend, record the plugin's state and then its exit.
+
+    Returns the plugin's exit code in the plugin process, None in the shim.
+    """
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+    errors_in, errors_out = os.pipe2(os.O_CLOEXEC)
+    _check(_libc.unshare(CLONE_NEWPID), "unshare the PID namespace")
+    pid = os.fork()
+    if pid == 0:
+        os.close(errors_in)
+        return _plugin(request, log, errors_out)
+    os.close(errors_out)
+    os.close(log)
+    started = _starttime(pid)
+    failure = b""
+    while chunk := os.read(errors_in, 4096):
+        failure += chunk
+    os.close(errors_in)
+    if failure:
+        os.waitpid(pid, 0)
+        _answer({"error": failure.decode(errors="replace")})
+        return None
+    record = {**request["record"], "pid": pid, "shim": os.getpid(), "starttime": started}
+    record["shim_starttime"] = _starttime(os.getpid())
+    record["started_at"] = time.time()
+    _write_json(request["state"], record)
+    _answer({"pid": pid, "starttime": started})
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 2)  # the shim's own troubles, if any, go beside the plugin's output
+    os.close(log)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            status = -1
+            break
+    if status == -1:
+        code = 255
+    elif os.WIFSIGNALED(status):
+        code = 128 + os.WTERMSIG(status)
+    else:
+        code = os.waitstatus_to_exitcode(status)
+    oom = code == 128 + signal.SIGKILL and _oom_kills(request["oom_file"]) > 0
+    _write_json(
+        request["exit"],
+        {"exit_code": code, "oom_killed": oom, "finished_at": time.time()},
+    )
+    return None
+
+
+# The launcher and its waiting copies.
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _answer(reply: dict[str, Any]) -> None:
+    body = json.dumps(reply).encode()
+    os.write(1, struct.pack("!I", len(body)) + body)  # one write: atomic below PIPE_BUF
+
+
+def _waiting(taken: int) -> int | None:
+    """A warm copy: take the next request, tell the launcher, become its shim."""
+    try:
+        size = struct.unpack("!I", _read_exactly(0, 4))[0]
+        request = json.loads(_read_exactly(0, size))
+    except EOFError:
+        os.write(taken, b"q")
+        return None
+    os.write(taken, b"t")
+    os.close(taken)
+    try:
+        return _shim(request)
+    except Exception as e:  # anything before the fork: the backend must hear of it
+        traceback.print_exc()
+        _answer({"error": f"{type(e).__name__}: {e}"})
+        return None
+
+
+def interpreter_paths() -> list[str]:
+    """Directories this interpreter reads code from: they must be in a warm plugin's root."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    for module in list(sys.modules.values()):
+        for entry in getattr(module, "__path__", None) or []:
+            if isinstance(entry, str) and os.path.isdir(entry):
+                paths.add(os.path.dirname(os.path.realpath(entry)))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def main() -> int:
+    warm = True
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError as e:
+            print(f"launcher: cannot preload {name}: {e}", file=sys.stderr)
+            warm = False
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # shims are reaped by the kernel
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "pdeathsig")
+    _answer(
+        {"pid": os.getpid(), "warm": warm, "paths": interpreter_paths(), "python": sys.executable}
+    )
+    while True:
+        taken_in, taken_out = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(taken_in)
+            _check(_libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0), "pdeathsig")
+            code = _waiting(taken_out)
+            if code is None:
+                os._exit(0)
+            return code
+        os.close(taken_out)
+        said = os.read(taken_in, 1)
+        os.close(taken_in)
+        if said != b"t":
+            return 0  # the backend closed our stdin: nothing more to launch
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The process runtime through a real controller: isolation, OOM kills, no network, adoption.
+
+``bhctl run --runtime process`` runs the test plugin (``tests/integration/plugin``)
+as plain processes; what the tests check is seen from the host (``/proc``, the
+cgroup files) and from inside the plugin (its ``connect`` method).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.runtimes import base, process
+from controller.spec import models
+
+from .conftest import PLUGIN_DIR, ControllerProcess, wait_for
+
+BODY = """\
+  process: {{path: {path}}}
+  resources: {{memory: {memory}, cpu: 500m, pids: 64}}
+  restart: {{backoffSeconds: 0.2}}
+"""
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[ControllerProcess]:
+    """A controller on processes whose plugin root holds the test plugin."""
+    running = ControllerProcess(
+        None, tmp_path, extra_args=["--plugin-root", str(PLUGIN_DIR.parent)]
+    )
+    try:
+        yield running
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            running.kill()
+        asyncio.run(_remove_all(running))
+
+
+async def _remove_all(controller: ControllerProcess) -> None:
+    runtime = process.ProcessRuntime(
+        process.Settings(data_dir=controller.data, controller_id=controller.controller_id)
+    )
+    for instance in await runtime.list_owned():
+        await runtime.remove(instance.name)
+
+
+def write(controller: ControllerProcess, name: str, memory: str = "64Mi", env: str = "") -> None:
+    body = BODY.format(path=PLUGIN_DIR.name, memory=memory) + env
+    controller.write(name, body)
+
+
+def state(controller: ControllerProcess, name: str) -> dict[str, Any]:
+    """The instance's state file: its pid among others."""
+    instance = base.instance_name(name, models.Color.BLUE, None, controller.controller_id)
+    return dict(json.loads((controller.data / "processes" / f"{instance}.json").read_text()))
+
+
+def instance(controller: ControllerProcess, name: str) -> dict[str, Any]:
+    [record] = controller.status(name).get("instances") or [{}]
+    return dict(record)
+
+
+def test_a_plugin_runs_isolated(controller: ControllerProcess):
+    controller.start()
+    write(controller, "alpha")
+    wait_for(lambda: controller.ready("alpha"), what="alpha Ready")
+    status, answer, _ = controller.call("alpha", "echo", {"x": 1})
+    assert (status, answer) == (200, {"x": 1})
+    pid = state(controller, "alpha")["pid"]
+    proc = {
+        key: value.split()
+        for key, _, value in (
+            line.partition(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    }
+    assert proc["Uid"] == ["65532"] * 4
+    assert proc["Gid"] == ["65532"] * 4
+    assert proc["CapEff"] == proc["CapPrm"] == proc["CapBnd"] == ["0000000000000000"]
+    assert proc["NoNewPrivs"] == ["1"]
+    assert proc["NSpid"][-1] == "1", "the plugin is PID 1 of a PID namespace of its own"
+    for namespace in ("mnt", "net", "pid", "ipc", "uts"):
+        assert os.readlink(f"/proc/{pid}/ns/{namespace}") != os.readlink(
+            f"/proc/self/ns/{namespace}"
+        ), namespace
+    mounts = {
+        fields[4]: fields[5].split(",")
+        for fields in (
+            line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        )
+    }
+    assert "ro" in mounts["/"]
+    assert "ro" in mounts["/usr"]
+    assert "rw" in mounts["/tmp"]
+    assert "rw" in mounts["/run/blackhole"]
+    assert not any(path.startswith(str(controller.data)) for path in mounts), "data is hidden"
+    paths = {
+        line.split(":", 2)[1]: line.split(":", 2)[2]
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    }
+    groups = process.Cgroups()
+    if groups.unified:
+        group = Path("/sys/fs/cgroup") / paths[""].lstrip("/")
+        assert (group / "memory.max").read_text().strip() == str(64 << 20)
+        assert (group / "cpu.max").read_text().split() == ["50000", "100000"]
+        assert (group / "pids.max").read_text().strip() == "64"
+    else:
+        memory = Path("/sys/fs/cgroup/memory") / paths["memory"].lstrip("/")
+        assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+        cpu = Path("/sys/fs/cgroup/cpu") / paths["cpu"].lstrip("/")
+        assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        pids = Path("/sys/fs/cgroup/pids") / paths["pids"].lstrip("/")
+        assert (pids / "pids.max").read_text().strip() == "64"
+    assert paths.get("memory", paths[""]).endswith(
+        base.instance_name("alpha", models.Color.BLUE, None, controller.controller_id)
+    )
+
+
+def test_a_plugin_past_its_memory_limit_is_killed_and_restarted_alone(
+    controller: ControllerProcess,
+):
+    controller.start()
+    write(controller, "hog", memory="64Mi")
+    write(controller, "calm", memory="64Mi")
+    wait_for(lambda: controller.ready("hog", "calm"), what="both Ready")
+    calm_pid = state(controller, "calm")["pid"]
+    hog_pid = state(controller, "hog")["pid"]
+    status, _, _ = controller.call("hog", "allocate", {"mib": 200})
+    assert status == 502, "the instance died during the call"
+    wait_for(
+        lambda: instance(controller, "hog").get("restarts") == 1 and controller.ready("hog"),
+        what="hog restarted and Ready",
+    )
+    record = instance(controller, "hog")
+    assert record["lastExitCode"] == 137
+    assert record["oomKilled"] is True
+    assert state(controller, "hog")["pid"] != hog_pid
+    assert controller.call("hog", "echo", {"again": True})[:2] == (200, {"again": True})
+    assert state(controller, "calm")["pid"] == calm_pid, "the other plugin was not touched"
+    assert instance(controller, "calm").get("restarts", 0) == 0
+    assert controller.call("calm", "echo", {"still": "here"})[:2] == (200, {"still": "here"})
+    assert controller.process is not None
+    assert controller.process.poll() is None
+
+
+def test_with_network_none_only_its_own_socket_can_be_reached(controller: ControllerProcess):
+    controller.start()
+    write(controller, "closed")
+    write(controller, "other")
+    wait_for(lambda: controller.ready("closed", "other"), what="both Ready")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # the host itself reaches it
+
+        def connect(target: dict[str, Any]) -> str:
+            status, answer, _ = controller.call("closed", "connect", target)
+            assert status == 200, answer
+            return str(answer["result"])
+
+        assert connect({"host": "127.0.0.1", "port": port}).startswith("refused")
+        assert connect({"host": "1.1.1.1", "port": 53}).startswith("refused")
+        assert connect({"host": "1.1.1.1", "port": 443}).startswith("refused")
+    other = controller.data / "instances"
+    other /= base.instance_name("other", models.Color.BLUE, None, controller.controller_id)
+    assert (other / "plugin.sock").exists()
+    assert connect({"path": str(other / "plugin.sock")}).startswith("refused")
+    assert connect({"path": "/run/blackhole/plugin.sock"}) == "connected"
+
+
+def test_a_restarted_controller_adopts_running_processes(controller: ControllerProcess):
+    controller.start()
+    write(controller, "kept")
+    wait_for(lambda: controller.ready("kept"), what="kept Ready")
+    controller.call("kept", "put", {"key": "a", "value": 1})
+    before = state(controller, "kept")
+    controller.kill()
+    controller.start()
+
+    def answered() -> Any:
+        got = controller.call("kept", "get", {"key": "a"})
+        return got[1] if got[0] == 200 else None
+
+    answer = wait_for(answered, what="kept to answer through the new controller's gateway")
+    assert answer == {"value": 1}, "the same process, with what it held"
+    assert state(controller, "kept") == before, "the same process, not a new one"
+    assert instance(controller, "kept").get("restarts", 0) == 0

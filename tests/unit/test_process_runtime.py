@@ -1,0 +1,148 @@
+"""The process runtime without running anything: cgroup files on fake trees, spec checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from controller.runtimes import base, process
+from controller.spec import models
+
+
+def resources(**values: object) -> models.Resources:
+    return models.Resources.model_validate({"cpu": "250m", "memory": "64Mi", "pids": 32, **values})
+
+
+def test_cgroup_v2_limits_are_written_and_controllers_enabled_down_the_tree(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
+    groups = process.Cgroups(tmp_path)
+    assert groups.version == 2
+    group = groups.create("blackhole/ctl/bh-a-blue", resources())
+    leaf = tmp_path / "blackhole" / "ctl" / "bh-a-blue"
+    assert group.dirs == (leaf,)
+    assert group.oom_file == leaf / "memory.events"
+    assert (leaf / "memory.max").read_text() == str(64 << 20)
+    assert (leaf / "memory.oom.group").read_text() == "1"
+    assert (leaf / "cpu.max").read_text() == "25000 100000"
+    assert (leaf / "pids.max").read_text() == "32"
+    for parent in (tmp_path, tmp_path / "blackhole", tmp_path / "blackhole" / "ctl"):
+        assert (parent / "cgroup.subtree_control").read_text() == "+memory +cpu +pids +io"
+    assert not (leaf / "cgroup.subtree_control").exists(), "the leaf holds the processes"
+
+
+def test_cgroup_v2_without_a_controller_writes_none_of_its_limits(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    process.Cgroups(tmp_path).create("blackhole/ctl/x", resources())
+    leaf = tmp_path / "blackhole" / "ctl" / "x"
+    assert not (leaf / "cpu.max").exists()
+    assert (leaf / "pids.max").read_text() == "32"
+
+
+def test_cgroup_v1_limits_go_to_each_hierarchy(tmp_path: Path):
+    for controller in ("memory", "cpu", "cpuacct", "pids"):
+        (tmp_path / controller).mkdir()
+    groups = process.Cgroups(tmp_path)
+    assert groups.version == 1
+    group = groups.create("blackhole/ctl/bh-a-blue", resources())
+    assert {d.parent.parent.parent.name for d in group.dirs} == {"memory", "cpu", "cpuacct", "pids"}
+    memory = tmp_path / "memory" / "blackhole" / "ctl" / "bh-a-blue"
+    assert (memory / "memory.limit_in_bytes").read_text() == str(64 << 20)
+    assert not (memory / "memory.memsw.limit_in_bytes").exists(), "only where swap is accounted"
+    assert group.oom_file == memory / "memory.oom_control"
+    cpu = tmp_path / "cpu" / "blackhole" / "ctl" / "bh-a-blue"
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "25000"
+    assert (cpu / "cpu.cfs_period_us").read_text() == "100000"
+    pids = tmp_path / "pids" / "blackhole" / "ctl" / "bh-a-blue"
+    assert (pids / "pids.max").read_text() == "32"
+
+
+def test_cgroup_v1_swap_is_pinned_to_the_memory_limit(tmp_path: Path):
+    group = tmp_path / "memory" / "g"
+    group.mkdir(parents=True)
+    (group / "memory.memsw.limit_in_bytes").write_text("9223372036854771712")
+    process.Cgroups(tmp_path).create("g", resources(memory="128Mi"))
+    assert (group / "memory.memsw.limit_in_bytes").read_text() == str(128 << 20)
+
+
+def want(spec: dict[str, object]) -> base.InstanceSpec:
+    parsed = models.PluginSpec.model_validate({"image": "x/y:1", "version": "1.0.0", **spec})
+    return base.InstanceSpec("alpha", models.Color.BLUE, parsed, {})
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> process.ProcessRuntime:
+    plugin = tmp_path / "plugins" / "alpha"
+    (plugin / "lib").mkdir(parents=True)
+    (plugin / "plugin.py").write_text("")
+    return process.ProcessRuntime(
+        process.Settings(data_dir=tmp_path / "data", plugin_root=tmp_path / "plugins")
+    )
+
+
+def paths(runtime: process.ProcessRuntime, spec: dict[str, object]) -> dict[str, object]:
+    return {issue.path: issue.value for issue in runtime.validate(want(spec))}
+
+
+def test_a_plugin_directory_under_the_root_is_valid(runtime: process.ProcessRuntime):
+    assert paths(runtime, {"process": {"path": "alpha", "pythonPath": ["lib"]}}) == {}
+
+
+def test_what_the_process_runtime_refuses_names_the_field(
+    runtime: process.ProcessRuntime, tmp_path: Path
+):
+    assert paths(runtime, {}) == {"spec.process": None}
+    assert paths(runtime, {"process": {"path": "beta"}}) == {"spec.process.path": "beta"}
+    outside = str(tmp_path)
+    assert paths(runtime, {"process": {"path": outside}}) == {"spec.process.path": outside}
+    (tmp_path / "plugins" / "link").symlink_to(tmp_path)
+    assert paths(runtime, {"process": {"path": "link"}}) == {"spec.process.path": "link"}
+    assert paths(runtime, {"process": {"path": "alpha", "entrypoint": "main.py"}}) == {
+        "spec.process.entrypoint": "main.py"
+    }
+    assert paths(runtime, {"process": {"path": "alpha", "virtualenv": "venv"}}) == {
+        "spec.process.virtualenv": "venv"
+    }
+    assert paths(runtime, {"process": {"path": "alpha", "pythonPath": ["nowhere"]}}) == {
+        "spec.process.pythonPath[0]": "nowhere"
+    }
+    assert paths(runtime, {"process": {"path": "alpha"}, "runtime": "docker"}) == {
+        "spec.runtime": "docker"
+    }
+    assert paths(runtime, {"process": {"path": "alpha"}, "permissions": {"network": "egress"}}) == {
+        "spec.permissions.network": "egress"
+    }
+    volume = {"name": "etc", "mountPath": "/etc/plugin"}
+    assert paths(runtime, {"process": {"path": "alpha"}, "volumes": [volume]}) == {
+        "spec.volumes[0].mountPath": "/etc/plugin"
+    }
+    volume = {"name": "host", "mountPath": "/data", "hostPath": "/srv"}
+    assert paths(runtime, {"process": {"path": "alpha"}, "volumes": [volume]}) == {
+        "spec.volumes[0].hostPath": "/srv"
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"path": "a/../b"}, 'must not contain ".."'),
+        ({"path": "a", "entrypoint": "/etc/passwd"}, "must be relative"),
+        ({"path": "a", "pythonPath": ["../lib"]}, 'must not contain ".."'),
+        ({"path": "a", "virtualenv": "/opt/venv"}, "must be relative"),
+    ],
+)
+def test_the_spec_refuses_paths_that_leave_the_plugin(source: dict[str, object], message: str):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        models.PluginSpec.model_validate({"image": "x/y:1", "version": "1.0.0", "process": source})
+
+
+def test_plugins_never_run_as_root(tmp_path: Path):
+    with pytest.raises(ValueError, match="never run as root"):
+        process.ProcessRuntime(process.Settings(data_dir=tmp_path, user="0:0"))
+
+
+def test_a_changed_process_source_needs_a_new_instance():
+    first = want({"process": {"path": "alpha"}}).spec
+    second = want({"process": {"path": "alpha", "entrypoint": "other.py"}}).spec
+    assert base.instance_hash(first) != base.instance_hash(second)
