@@ -9,9 +9,11 @@ replace carrying the ``resourceVersion`` read, so two candidates racing for
 the Lease cannot both win: the loser gets ``409 Conflict``.
 
 The holder labels its own pod ``blackhole.dev/leader=true`` (the gateway's
-Service selects it) and takes the label off when it stops leading; on a
-clean shutdown it gives the Lease up at once, so that a successor does not
-wait for it to expire.
+Service selects it) and takes the label off when it stops leading. It keeps
+renewing while a clean shutdown finishes the passes in flight, then gives
+the Lease up, so that a successor does not wait for it to expire; one that
+loses the Lease stops acting at once (see :meth:`Election.valid`, checked
+before every pass and every step of a swap).
 """
 
 from __future__ import annotations
@@ -89,9 +91,17 @@ class Election:
     # One round.
 
     async def try_acquire_or_renew(self) -> bool:
-        """One attempt to take or keep the Lease; True while this candidate holds it."""
+        """One attempt to take or keep the Lease; True while this candidate holds it.
+
+        Bounded by the renew deadline: an API server that stops answering makes
+        the attempt fail in time, not hang (each request has that timeout too).
+        """
         try:
-            return await asyncio.to_thread(self._attempt)
+            async with asyncio.timeout(self.settings.renew_seconds):
+                return await asyncio.to_thread(self._attempt)
+        except TimeoutError:
+            log.warning("lease %s: the API server did not answer in time", self.settings.name)
+            return False
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             status = getattr(e, "status", None)
             if status != 409:
@@ -138,9 +148,17 @@ class Election:
 
     def _read(self) -> dict[str, Any]:
         response = self.coordination.read_namespaced_lease(
-            self.settings.name, self.settings.namespace, _preload_content=False
+            self.settings.name,
+            self.settings.namespace,
+            _preload_content=False,
+            _request_timeout=self._timeout(),
         )
         return dict(json.loads(response.data))
+
+    def _timeout(self) -> tuple[float, float]:
+        """(connect, read) seconds for one request: well within the renew deadline."""
+        s = self.settings
+        return (s.retry_seconds, max(s.retry_seconds, (s.renew_seconds - s.retry_seconds) / 2))
 
     def _write(self, lease: dict[str, Any] | None, *, transitions: int) -> None:
         s = self.settings
@@ -160,11 +178,13 @@ class Election:
             },
         }
         if lease is None:
-            self.coordination.create_namespaced_lease(s.namespace, body, _preload_content=False)
+            self.coordination.create_namespaced_lease(
+                s.namespace, body, _preload_content=False, _request_timeout=self._timeout()
+            )
             return
         body["metadata"]["resourceVersion"] = (lease.get("metadata") or {}).get("resourceVersion")
         response = self.coordination.replace_namespaced_lease(
-            s.name, s.namespace, body, _preload_content=False
+            s.name, s.namespace, body, _preload_content=False, _request_timeout=self._timeout()
         )
         self._observed = (
             s.identity,
@@ -237,7 +257,11 @@ class Election:
             "spec": {**spec, "holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": _now()},
         }
         self.coordination.replace_namespaced_lease(
-            self.settings.name, self.settings.namespace, body, _preload_content=False
+            self.settings.name,
+            self.settings.namespace,
+            body,
+            _preload_content=False,
+            _request_timeout=self._timeout(),
         )
         log.info("lease %s: released by %s", self.settings.name, self.settings.identity)
 
@@ -255,6 +279,7 @@ class Election:
                 patch,
                 _content_type=MERGE_PATCH,
                 _preload_content=False,
+                _request_timeout=self._timeout(),
             )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             log.warning("labelling pod %s: %s", pod, kubeapi.error(e, "patching"))

@@ -213,10 +213,6 @@ def registry_settings(options: Options) -> registry.Settings:
     )
 
 
-class LostLeadershipError(ControllerError):
-    """Another controller took the Lease: this one stopped acting."""
-
-
 async def _runtime(options: Options) -> base.Runtime:
     """The backend ``options`` ask for, checked to work on this host."""
     if options.runtime is RuntimeChoice.PROCESS:
@@ -273,6 +269,7 @@ async def serve(options: Options) -> None:
         bound: dict[str, str] = {}
         election: lease.Election | None = None
         lost = asyncio.Event()
+        """Set by the Lease's renewal when another controller took it (the process exits)."""
         try:
             # /metrics answers while waiting for the Lease: a follower is healthy too.
             if options.metrics_address:
@@ -292,13 +289,9 @@ async def serve(options: Options) -> None:
                     return
             await _lead(options, tokens, metrics, bound, stop, api, election, lost)
         finally:
-            if election is not None and not lost.is_set():
+            if election is not None:
                 await election.release()
             await exposition_server.stop()
-        if lost.is_set():
-            raise LostLeadershipError(
-                "another controller took the Lease; stopped acting (exit 1, to be restarted)"
-            )
         log.info("stopped")
 
 
@@ -372,21 +365,25 @@ async def _lead(
         thresholds=options.thresholds,
         bundles=bundles,
         workers=options.workers,
+        may_act=election.valid if election is not None else None,
     )
     admin = server.AdminServer(
         source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins
     )
     await admin.start()
     holding = None
+    renewing = asyncio.Event()
+    """Set once the passes in flight are done: the Lease is renewed until then."""
     try:
         bound.update(await gateway.start(options.gateway_address, options.gateway_grpc_address))
         write_addresses(options.data_dir, bound)
         if election is not None:
-            holding = asyncio.create_task(_hold(election, stop, lost), name="lease")
+            holding = asyncio.create_task(_hold(election, renewing, lost), name="lease")
         await control.run(stop)
     finally:
+        renewing.set()
         if holding is not None:
-            holding.cancel()
+            await holding
         await gateway.stop()
         await admin.stop()
         await plugins.close()
@@ -396,7 +393,15 @@ async def _lead(
         records.close()
 
 
-async def _hold(election: lease.Election, stop: asyncio.Event, lost: asyncio.Event) -> None:
-    await election.hold(stop, lost)
+async def _hold(election: lease.Election, done: asyncio.Event, lost: asyncio.Event) -> None:
+    """Renew the Lease until ``done``; if it is lost, stop acting at once: exit 1.
+
+    Not a graceful stop: the passes in flight would go on acting (flipping
+    Services, draining pods) beside the new leader. Kubernetes restarts the
+    pod, which then waits as a follower.
+    """
+    await election.hold(done, lost)
     if lost.is_set():
-        stop.set()
+        log.critical("stopped leading: exiting at once (1), to be restarted as a follower")
+        logging.shutdown()
+        os._exit(1)

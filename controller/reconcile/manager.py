@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from controller.errors import ControllerError
 from controller.metrics import oom, telemetry, violations
@@ -44,6 +45,7 @@ class Manager:
         metrics: telemetry.Metrics | None = None,
         thresholds: violations.Thresholds | None = None,
         bundles: gates.Bundles | None = None,
+        may_act: Callable[[], bool] | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
@@ -61,6 +63,7 @@ class Manager:
             metrics=self.metrics,
             violations=self.violations,
             bundles=bundles,
+            may_act=may_act,
         )
         self.pool = _pool(queue, self.reconciler, workers)
         self.metrics.queue_depth.set_function(lambda: len(queue))

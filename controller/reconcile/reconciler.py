@@ -34,6 +34,7 @@ from controller.errors import (
     InstanceNotFoundError,
     PermanentError,
     SpecError,
+    TemporaryError,
 )
 from controller.metrics import telemetry
 from controller.metrics import violations as violations_module
@@ -93,6 +94,8 @@ class Source(Protocol):
 
     def get(self, key: str) -> sources_base.Desired | None: ...
 
+    def declares(self, key: str) -> bool: ...
+
     async def read_status(self, key: str) -> models.PluginStatus | None: ...
 
     async def write_status(self, key: str, status: models.PluginStatus) -> None: ...
@@ -133,9 +136,12 @@ class Reconciler:
         violations: violations_module.Violations | None = None,
         bundles: gates.Bundles | None = None,
         clock: Callable[[], float] = time.time,
+        may_act: Callable[[], bool] | None = None,
     ) -> None:
         self.source = source
         self.bundles = bundles
+        self.may_act = may_act
+        """Whether this controller may act now (it holds the Lease); None: always."""
         self.runtime = runtime
         self.plugins = plugins
         self.routes: Routes = routes or NoRoutes()
@@ -151,17 +157,25 @@ class Reconciler:
         self._ids = itertools.count(1)
 
     async def reconcile(self, key: str) -> Result:
+        self.check_may_act()
         namespace, _, name = key.rpartition("/")
         desired = self.source.get(key)
         observed = await self._observe(name, namespace or None)
         for instance in observed:
             self._track(instance)
         context = {"plugin": key, "reconcile_id": next(self._ids)}
+        if desired is None and self.source.declares(key):
+            return Result()  # declared, but never validly: what runs is left as it is
         if desired is None:
             return await self._delete(key, name, namespace or None, observed, context)
         context["generation"] = desired.generation
         pinned = await self._pinned(key, desired)
         return await _Pass(self, key, desired, observed, context, pinned).run()
+
+    def check_may_act(self) -> None:
+        """Raise :class:`TemporaryError` when another controller may be acting instead."""
+        if self.may_act is not None and not self.may_act():
+            raise TemporaryError("not acting: the Lease was not renewed in time", delay=1.0)
 
     async def _pinned(self, key: str, desired: sources_base.Desired) -> models.PluginSpec | None:
         """The spec ``bhctl swap undo`` pinned over the declared one, while that is unchanged."""
@@ -685,6 +699,7 @@ class _Pass:
 
     async def persist(self) -> None:
         """Write the status now, not at the end of the pass; then move the stable address."""
+        self.r.check_may_act()
         await self.source.write_status(self.key, self.status)
         self.old = self.status.model_copy(deep=True)
         try:

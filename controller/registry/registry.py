@@ -447,15 +447,21 @@ class Registry:
         await asyncio.to_thread(
             dependencies.resolve, [(found.name, VersionRange.parse(f"={found.version}"))], available
         )
-        if self.images is not None:
-            current = await self.images.image_id(found.image)
-            if current != entry.image_digest:
-                raise BundleRefusedError(
-                    "ImageDigestMismatch",
-                    f"{self.images.name}'s image {found.image} is {current or 'missing'}, not "
-                    f"{entry.image_digest} as {source} pins; reinstall it with bhctl plugin "
-                    "install",
-                )
+        if self.images is None:
+            raise BundleRefusedError(
+                "NoImageStore",
+                f"{source}: this controller's runtime loads no images (Kubernetes nodes pull "
+                "them; the process runtime runs none), so the image digest the bundle's "
+                "signature pins could not be enforced; name the image with spec.image here",
+            )
+        current = await self.images.image_id(found.image)
+        if current != entry.image_digest:
+            raise BundleRefusedError(
+                "ImageDigestMismatch",
+                f"{self.images.name}'s image {found.image} is {current or 'missing'}, not "
+                f"{entry.image_digest} as {source} pins; reinstall it with bhctl plugin "
+                "install",
+            )
         listed = {d.name for d in spec.depends_on}
         state = spec.state
         if state is None and found.state_version > 0:

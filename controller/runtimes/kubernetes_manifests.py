@@ -325,8 +325,9 @@ def _egress(destinations: list[str]) -> list[dict[str, Any]]:
     """``host:port`` destinations as egress rules.
 
     An IP address becomes that address alone; a name cannot be written in a
-    NetworkPolicy, so it becomes its port to any address outside the cluster's
-    private ranges, plus DNS to resolve it.
+    NetworkPolicy, so it becomes its port to any public address (not the
+    private, carrier-grade NAT or link-local ranges: no cluster addresses, no
+    cloud metadata endpoint), plus DNS to the cluster's DNS pods to resolve it.
     """
     rules: list[dict[str, Any]] = []
     named_ports: set[int] = set()
@@ -352,14 +353,33 @@ def _egress(destinations: list[str]) -> list[dict[str, Any]]:
                     {
                         "ipBlock": {
                             "cidr": "0.0.0.0/0",
-                            "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+                            "except": [
+                                "10.0.0.0/8",
+                                "172.16.0.0/12",
+                                "192.168.0.0/16",
+                                "100.64.0.0/10",
+                                "169.254.0.0/16",
+                                "127.0.0.0/8",
+                            ],
                         }
                     }
                 ],
                 "ports": [{"protocol": "TCP", "port": p} for p in sorted(named_ports)],
             }
         )
-        rules.append({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]})
+        rules.append(
+            {
+                "to": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                        },
+                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                    }
+                ],
+                "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+            }
+        )
     return rules
 
 

@@ -58,6 +58,11 @@ class Source(Protocol):
 
     def declared_keys(self) -> list[str]: ...
 
+    def declares(self, key: str) -> bool:
+        """Whether anything declares ``key``, validly or not (an invalid declaration
+        without a valid one before it has no :meth:`get`, and must not be deleted)."""
+        ...
+
     async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
         """Declare the specs in ``text``; raises :class:`SpecError`."""
         ...

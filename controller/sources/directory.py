@@ -68,6 +68,9 @@ class DirectorySource:
     def declared_keys(self) -> list[str]:
         return sorted(self._desired)
 
+    def declares(self, key: str) -> bool:
+        return key in self._desired
+
     def generation(self, key: str) -> int:
         """The generation of ``key``'s spec: 1 when first seen, bumped on every change."""
         desired = self._desired.get(key)

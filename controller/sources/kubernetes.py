@@ -68,6 +68,9 @@ class KubernetesSource:
         self.resync_seconds = resync_seconds
         self.errors: dict[str, SpecError] = {}
         self._desired: dict[str, Desired] = {}
+        self._invalid: set[str] = set()
+        """Objects whose spec never validated since this controller started."""
+        self._reports: set[asyncio.Task[None]] = set()
         self._informer = kubeapi.Informer("plugins", self._listers(), self._changed)
 
     def _listers(self) -> list[tuple[kubeapi.Lister, dict[str, Any]]]:
@@ -93,7 +96,12 @@ class KubernetesSource:
         return self._desired.get(key)
 
     def declared_keys(self) -> list[str]:
-        return sorted(self._desired)
+        """Every Plugin object not being deleted, the invalid ones too (theirs is not an
+        orphan's fate: what they run is left alone)."""
+        return sorted(self._desired.keys() | self._invalid)
+
+    def declares(self, key: str) -> bool:
+        return key in self._desired or key in self._invalid
 
     def _object(self, key: str) -> kubeapi.Object | None:
         namespace, _, name = key.rpartition("/")
@@ -111,30 +119,56 @@ class KubernetesSource:
         )
         if after is None or deleting:
             self._desired.pop(key, None)
+            self._invalid.discard(key)
             self.errors.pop(origin, None)
-        else:
-            try:
-                plugin = _plugin(after, origin)
-            except SpecError as e:
-                if str(self.errors.get(origin)) != str(e):
-                    log.error("invalid Plugin %s:\n%s", key, e)
-                self.errors[origin] = e
-            else:
-                self.errors.pop(origin, None)
-                self._desired[key] = Desired(plugin, origin, spec_hash(plugin))
-        current = self._desired.get(key)
-        changed = (
-            (previous is None) != (current is None)
-            or (
-                previous is not None
-                and current is not None
-                and previous.spec_hash != current.spec_hash
-            )
-            or deleting
-            or before is None
-        )
-        if changed:
             self.enqueue(key)
+            return
+        try:
+            plugin = _plugin(after, origin)
+        except SpecError as e:
+            # An invalid object changes nothing that runs: the last valid spec
+            # stays (none after a restart: then the plugin is left as it is).
+            if str(self.errors.get(origin)) != str(e):
+                log.error("invalid Plugin %s:\n%s", key, e)
+                self._report_invalid(key, after, e)
+            self.errors[origin] = e
+            if previous is None:
+                self._invalid.add(key)
+            return
+        self.errors.pop(origin, None)
+        self._invalid.discard(key)
+        current = Desired(plugin, origin, spec_hash(plugin))
+        self._desired[key] = current
+        if previous is None or previous.spec_hash != current.spec_hash:
+            self.enqueue(key)
+
+    def _report_invalid(self, key: str, obj: kubeapi.Object, error: SpecError) -> None:
+        """Say why in the object's status: Ready False, reason InvalidSpec."""
+        raw = obj.get("status") or {}
+        try:
+            status = models.PluginStatus.model_validate(raw) if raw else models.PluginStatus()
+        except ValueError:
+            status = models.PluginStatus()
+        generation = (obj.get("metadata") or {}).get("generation")
+        status.conditions = [c for c in status.conditions if c.type != "Ready"] + [
+            models.Condition(
+                type="Ready",
+                status="False",
+                reason="InvalidSpec",
+                message=str(error)[:32768],
+                last_transition_time=datetime.datetime.now(datetime.UTC),
+                observed_generation=generation,
+            )
+        ]
+        task = asyncio.get_running_loop().create_task(self._write_quietly(key, status))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _write_quietly(self, key: str, status: models.PluginStatus) -> None:
+        try:
+            await self.write_status(key, status)
+        except kubeapi.KubernetesApiError as e:
+            log.warning("%s", e)
 
     # Written by the reconciler.
 
@@ -269,7 +303,7 @@ class KubernetesSource:
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.resync_seconds)
             except TimeoutError:
-                for key in self.declared_keys():
+                for key in sorted(self._desired):
                     self.enqueue(key)
 
     async def _set_finalizer(self, obj: kubeapi.Object, *, present: bool) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,3 +529,34 @@ def test_a_watch_that_expires_is_listed_again(api: Api, controllers: list[KubeCo
     )
     api.apply_plugin("after", _spec())
     wait_for(lambda: api.ready("after"), timeout=90, what=f"after Ready ({controller.log})")
+
+
+def test_an_invalid_plugin_changes_nothing_that_runs(api: Api, controllers: list[KubeController]):
+    """An invalid spec, even seen first after a restart, deletes nothing: pods and volumes stay."""
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("kv", _spec(volumes=[{"name": "data", "mountPath": "/data", "size": "1Gi"}]))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    controller.stop()
+    api.objects.patch_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, PLURAL, "kv",
+        {"metadata": {"labels": {"blackhole.dev/owner": "me"}}},  # reserved for the controller
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    restarted = KubeController(api, controller.root, controller.engine, "again")
+    restarted.controller_id = controller.controller_id
+    controllers.append(restarted)
+    restarted.start()
+
+    def invalid() -> bool:
+        ready = [c for c in api.status("kv").get("conditions", []) if c["type"] == "Ready"]
+        return bool(ready) and ready[0]["reason"] == "InvalidSpec"
+
+    wait_for(invalid, timeout=30, what=f"InvalidSpec in the status ({restarted.log})")
+    time.sleep(7)  # past a resync and an orphan sweep (--resync-seconds 5)
+    cid = controller.controller_id
+    assert f"bh-{cid}-kv-blue" in api.names("deployments")
+    assert f"bh-{cid}-kv-data" in api.names("persistentvolumeclaims")
+    assert "blackhole.dev/owner" in next(
+        c["message"] for c in api.status("kv")["conditions"] if c["type"] == "Ready"
+    )

@@ -114,7 +114,11 @@ def test_the_network_policy_lets_in_only_the_controller_and_lets_out_what_the_sp
     assert by_ip["to"] == [{"ipBlock": {"cidr": "10.1.2.3/32"}}]
     assert by_ip["ports"] == [{"protocol": "TCP", "port": 5432}]
     assert by_name["ports"] == [{"protocol": "TCP", "port": 443}]
+    excluded = by_name["to"][0]["ipBlock"]["except"]
+    assert "169.254.0.0/16" in excluded  # the cloud metadata endpoint
+    assert "10.0.0.0/8" in excluded
     assert {p["port"] for p in dns["ports"]} == {53}
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
 
 
 def test_no_network_means_no_egress_at_all():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import PermanentError
+from controller.errors import PermanentError, TemporaryError
 from controller.protocol import memory as memory_protocol
 from controller.reconcile import conditions
 from controller.reconcile.reconciler import Reconciler
@@ -212,3 +212,19 @@ async def test_a_state_version_other_than_the_spec_says_is_refused(world: World)
     assert ready is not None
     assert ready.reason == "StateVersionMismatch"
     assert world.runtime.instances == {}
+
+
+async def test_a_controller_that_may_not_act_touches_nothing(world: World) -> None:
+    """Without the Lease renewed in time, a pass acts on nothing (another replica may)."""
+    leading = [True]
+    world.reconciler.may_act = lambda: leading[0]
+    world.write("echo")
+    await world.settle("echo")
+    writes = world.runtime.writes()
+    world.write("echo", version="2.0.0")
+    leading[0] = False
+    with pytest.raises(TemporaryError, match="Lease"):
+        await world.reconciler.reconcile("echo")
+    assert world.runtime.writes() == writes
+    assert world.store.status("echo") is not None
+    assert world.store.status("echo").active_version == "1.0.0"  # type: ignore[union-attr]

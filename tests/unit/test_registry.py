@@ -355,3 +355,14 @@ async def test_a_bundle_signed_after_packing_installs(setup: Setup) -> None:
 async def test_an_unknown_source_says_what_would_be_right(setup: Setup) -> None:
     with pytest.raises(RegistryError, match=r"kv@\^1: no such file or directory.*--index"):
         await setup.registry.install("kv@^1")
+
+
+async def test_a_bundle_spec_is_refused_where_no_image_is_loaded(setup: Setup) -> None:
+    """On Kubernetes (nodes pull) or processes, the signed digest could not be enforced."""
+    await setup.registry.install(str(setup.bundle("kv", "1.2.0")))
+    pulling = registry.Registry(registry.Settings(setup.data), None)
+    spec = models.PluginSpec.model_validate({"bundle": "kv@^1.2"})
+    with pytest.raises(BundleRefusedError) as caught:
+        await pulling.resolve(spec)
+    assert caught.value.reason == "NoImageStore"
+    pulling.close()
