@@ -427,6 +427,14 @@ def test_only_the_lease_holder_acts_and_the_other_takes_over(
     # The old leader sees it lost the Lease and steps down: it exits 1, to be restarted.
     assert first.process.wait(timeout=30) == 1
     assert "lost" in first.log_text()
+    if api.cluster is not None:
+        # Woken up, it wrote nothing more: after the new leader's first write, every
+        # write but the Lease's is the new leader's.
+        new = f"blackhole-controller/{controller_version} ({_leader(api, first)})"
+        writes = [(a, p) for a, p in api.cluster.writers() if "/leases" not in p]
+        first_of_new = next(i for i, (agent, _) in enumerate(writes) if agent == new)
+        late = {a for a, _ in writes[first_of_new:] if a.startswith("blackhole-controller/")}
+        assert late == {new}
 
 
 RULES = Path(__file__).parents[2] / "charts" / "blackhole" / "files" / "rbac-rules.yaml"
