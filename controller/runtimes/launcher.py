@@ -8,7 +8,9 @@ to the launcher's stdin; the waiting copy takes it, tells the launcher (which
 forks the next one: the launcher itself never reads a request, so no plugin's
 settings linger in the memory the next plugin is forked from) and becomes
 the instance's **shim**: it forks the plugin, answers the backend with the
-plugin's pid, writes the instance's state file, waits for the plugin and
+plugin's pid, writes the instance's state file, copies the plugin's output
+into its log (kept under ``LOG_BYTES``: past it the log moves to ``.log.1``,
+so a chatty plugin cannot fill the controller's disk), waits for the plugin and
 writes its exit file (exit code, 128 + signal when killed, whether its
 cgroup's OOM killer fired). The shim is in a session of its own: plugins and
 shims outlive the launcher and the controller, whose next run adopts them.
@@ -36,6 +38,9 @@ import sys
 import time
 import traceback
 from typing import Any
+
+LOG_BYTES = 8 << 20
+"""Most bytes of plugin output kept in its log; the previous part is kept as ``.log.1``."""
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -282,6 +287,34 @@ def _oom_kills(path: str) -> int:
     return 0
 
 
+def _copy_output(source: int, path: str, limit: int = LOG_BYTES, stderr: bool = True) -> None:
+    """The plugin's output into ``path``, moved to ``path.1`` whenever it passes ``limit``.
+
+    The previous run's log (a restart keeps the instance's name) is kept as
+    ``path.1`` too. Returns at end of file: when the plugin, PID 1 of its
+    namespace, is gone with everything it started.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+    if os.path.exists(path):
+        os.replace(path, f"{path}.1")
+    log = os.open(path, flags, 0o640)
+    if stderr:
+        os.dup2(log, 2)  # the shim's own troubles, if any, go beside the plugin's output
+    written = 0
+    while chunk := os.read(source, 65536):
+        if written + len(chunk) > limit and written:
+            os.close(log)
+            os.replace(path, f"{path}.1")
+            log = os.open(path, flags, 0o640)
+            if stderr:
+                os.dup2(log, 2)
+            written = 0
+        os.write(log, chunk)
+        written += len(chunk)
+    os.close(source)
+    os.close(log)
+
+
 def _shim(request: dict[str, Any]) -> int | None:
     """Start the plugin, answer the backend, record the plugin's state and then its exit.
 
@@ -291,21 +324,22 @@ def _shim(request: dict[str, Any]) -> int | None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+    output_in, output_out = os.pipe2(os.O_CLOEXEC)
     errors_in, errors_out = os.pipe2(os.O_CLOEXEC)
     _check(_libc.unshare(CLONE_NEWPID), "unshare the PID namespace")
     pid = os.fork()
     if pid == 0:
         os.close(errors_in)
-        return _plugin(request, log, errors_out)
+        return _plugin(request, output_out, errors_out)
     os.close(errors_out)
-    os.close(log)
+    os.close(output_out)
     started = _starttime(pid)
     failure = b""
     while chunk := os.read(errors_in, 4096):
         failure += chunk
     os.close(errors_in)
     if failure:
+        os.close(output_in)
         os.waitpid(pid, 0)
         _answer({"error": failure.decode(errors="replace")})
         return None
@@ -318,9 +352,7 @@ def _shim(request: dict[str, Any]) -> int | None:
     for fd in (0, 1):
         os.dup2(null, fd)
     os.close(null)
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND)
-    os.dup2(log, 2)  # the shim's own troubles, if any, go beside the plugin's output
-    os.close(log)
+    _copy_output(output_in, request["log"])  # until the plugin's namespace is gone
     while True:
         try:
             _, status = os.waitpid(pid, 0)
