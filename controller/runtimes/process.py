@@ -14,7 +14,8 @@ What runs is known from files, so that a restarted controller adopts it:
 ``DATA_DIR/processes/<name>.json`` (labels, pid and the pid's start time,
 written by the instance's shim, checked against ``/proc``), ``<name>.exit``
 (exit code, whether the cgroup's OOM killer fired) and ``<name>.log`` (the
-plugin's output: at most 8 MiB, the part before in ``<name>.log.1``). Exits and sockets appearing are seen through inotify.
+plugin's output: at most 8 MiB, the part before in ``<name>.log.1``). Exits
+and sockets appearing are seen through inotify.
 """
 
 from __future__ import annotations
