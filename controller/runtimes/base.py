@@ -10,6 +10,7 @@ through this module; backends never read specs from disk.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -62,6 +63,36 @@ def unix_address(path: Path) -> Iterator[str]:
         yield f"/proc/self/fd/{directory}/{path.name}"
     finally:
         os.close(directory)
+
+
+async def probe_socket(path: Path, timeout: float) -> bool:
+    """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
+    try:
+        with unix_address(path) as address:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_unix_connection(address)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    except (OSError, TimeoutError):
+        return False
+
+
+def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:
+    """An issue for each host-path volume of ``desired``, on a runtime without them."""
+    return [
+        SpecIssue(
+            "runtime",
+            None,
+            f"spec.volumes[{index}].hostPath",
+            why,
+            value=volume.host_path,
+            has_value=True,
+        )
+        for index, volume in enumerate(desired.spec.volumes)
+        if volume.host_path is not None
+    ]
 
 
 class InstanceState(StrEnum):

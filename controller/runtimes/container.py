@@ -523,7 +523,7 @@ class ContainerRuntime:
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
         if instance.state is not base.InstanceState.RUNNING:
             return False
-        return await probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
+        return await base.probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
 
     def endpoint(self, instance: base.Instance) -> str:
         return f"unix:{self.socket_dir(instance.name) / base.SOCKET_NAME}"
@@ -700,20 +700,6 @@ SEEN_SECONDS = 30.0
 """Container events that send the plugin to the queue."""
 LABEL_LINK = models.LABEL_PREFIX + "link"
 """On a private network: the two plugins it links, as ``a.b``."""
-
-
-async def probe_socket(path: Path, timeout: float) -> bool:
-    """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
-    try:
-        with base.unix_address(path) as address:
-            async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_unix_connection(address)
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
-    except (OSError, TimeoutError):
-        return False
 
 
 def _row_name(row: Mapping[str, Any]) -> str:

@@ -121,24 +121,15 @@ class KubernetesRuntime:
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
-        issues = []
-        for index, volume in enumerate(desired.spec.volumes):
-            if volume.host_path is not None:
-                issues.append(
-                    SpecIssue(
-                        "",
-                        None,
-                        f"spec.volumes[{index}].hostPath",
-                        "host paths are not available on Kubernetes; give the volume a size "
-                        "and it becomes a PersistentVolumeClaim",
-                        value=volume.host_path,
-                        has_value=True,
-                    )
-                )
+        issues = base.host_paths_refused(
+            desired,
+            "host paths are not available on Kubernetes; give the volume a size "
+            "and it becomes a PersistentVolumeClaim",
+        )
         if desired.spec.permissions.call_plugins:
             issues.append(
                 SpecIssue(
-                    "",
+                    "runtime",
                     None,
                     "spec.permissions.callPlugins",
                     "plugin-to-plugin calls go through the gateway's socket beside each "
@@ -151,7 +142,7 @@ class KubernetesRuntime:
         if self.settings.namespaces and namespace not in self.settings.namespaces:
             issues.append(
                 SpecIssue(
-                    "",
+                    "runtime",
                     None,
                     "metadata.namespace",
                     f"this controller runs plugins in {', '.join(self.settings.namespaces)} only",

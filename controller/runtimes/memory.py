@@ -52,20 +52,7 @@ class MemoryRuntime:
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
-        issues = []
-        for index, volume in enumerate(desired.spec.volumes):
-            if volume.host_path is not None:
-                issues.append(
-                    SpecIssue(
-                        "runtime",
-                        None,
-                        f"spec.volumes[{index}].hostPath",
-                        "host paths are not allowed on the memory runtime",
-                        value=volume.host_path,
-                        has_value=True,
-                    )
-                )
-        return issues
+        return base.host_paths_refused(desired, "host paths are not allowed on the memory runtime")
 
     async def list_owned(self, plugin: str | None = None) -> list[base.Instance]:
         self.calls["list_owned"] += 1

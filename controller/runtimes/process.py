@@ -769,7 +769,7 @@ class ProcessRuntime:
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
         if instance.state is not base.InstanceState.RUNNING:
             return False
-        return await _probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
+        return await base.probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
 
     def endpoint(self, instance: base.Instance) -> str:
         return f"unix:{self.socket_dir(instance.name) / base.SOCKET_NAME}"
@@ -934,17 +934,3 @@ def _virtualenv_paths(venv: Path) -> list[str]:
             paths.append(str(Path(value.strip()).resolve().parent))
     paths.append(str((venv / "bin" / "python").resolve().parent.parent))
     return paths
-
-
-async def _probe_socket(path: Path, timeout: float) -> bool:
-    """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
-    try:
-        with base.unix_address(path) as address:
-            async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_unix_connection(address)
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
-    except (OSError, TimeoutError):
-        return False
