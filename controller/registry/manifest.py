@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from controller.errors import BundleRefusedError
 from controller.spec import models
@@ -33,17 +33,7 @@ class VolumeKind(StrEnum):
     """Directories of the host (under the controller's host-path root)."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        use_attribute_docstrings=True,
-    )
-
-
-class Permissions(_Model):
+class Permissions(models.Model):
     """The most the plugin asks to be granted; a spec may grant less, never more."""
 
     network: models.NetworkMode = models.NetworkMode.NONE
@@ -56,7 +46,7 @@ class Permissions(_Model):
     """Plugins it calls through the gateway."""
 
 
-class Manifest(_Model):
+class Manifest(models.Model):
     """The contents of ``plugin.yaml``."""
 
     name: models.DnsLabel

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from controller.errors import BundleRefusedError, RegistryError
 from controller.registry import manifest as manifest_module
@@ -21,13 +21,7 @@ from controller.spec import models
 from controller.spec.quantity import Quantity
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", validate_by_alias=True, validate_by_name=True, serialize_by_alias=True
-    )
-
-
-class Allowed(_Model):
+class Allowed(models.Model):
     """What bundles may ask for."""
 
     networks: list[models.NetworkMode] = Field(
@@ -44,7 +38,7 @@ class Allowed(_Model):
     """Whether a bundle may ask to call other plugins. Default: true."""
 
 
-class MaxResources(_Model):
+class MaxResources(models.Model):
     """The most a bundle's plugin may be given."""
 
     cpu: Quantity = Field(default_factory=lambda: Quantity("2"))
@@ -52,7 +46,7 @@ class MaxResources(_Model):
     pids: int = Field(default=1024, ge=1)
 
 
-class Policy(_Model):
+class Policy(models.Model):
     """The operator's policy file."""
 
     allow_unsigned: bool = Field(default=False, alias="allowUnsigned")

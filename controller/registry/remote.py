@@ -31,7 +31,7 @@ from typing import Annotated, Literal
 import aiohttp
 import pydantic
 import tenacity
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from controller.errors import BundleRefusedError, RegistryError
 from controller.spec import models
@@ -140,13 +140,7 @@ def _too_big(url: str, what: str, limits: Limits) -> str:
     )
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", validate_by_alias=True, validate_by_name=True, serialize_by_alias=True
-    )
-
-
-class IndexEntry(_Model):
+class IndexEntry(models.Model):
     """One bundle a marketplace offers."""
 
     name: models.DnsLabel
@@ -163,7 +157,7 @@ class IndexEntry(_Model):
     requires: list[models.Dependency] = Field(default_factory=list)
 
 
-class Index(_Model):
+class Index(models.Model):
     """A marketplace's list of bundles."""
 
     api_version: Literal["blackhole.dev/v1alpha1"] = Field(alias="apiVersion")

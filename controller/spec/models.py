@@ -46,8 +46,9 @@ DnsLabel = Annotated[str, Field(pattern=DNS1123_LABEL, min_length=1, max_length=
 """A DNS-1123 label: lower-case letters, digits and '-', starting and ending alphanumeric."""
 
 
-class _Model(BaseModel):
-    """Base of every spec model: unknown fields are errors, camelCase on the wire."""
+class Model(BaseModel):
+    """Base of every spec model (and of the registry's manifests, indexes and policy):
+    unknown fields are errors, camelCase on the wire."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -92,7 +93,7 @@ class Color(StrEnum):
     GREEN = "green"
 
 
-class ObjectMeta(_Model):
+class ObjectMeta(Model):
     """Standard object metadata: the name identifies the plugin."""
 
     name: DnsLabel
@@ -146,7 +147,7 @@ class ObjectMeta(_Model):
         return labels
 
 
-class Permissions(_Model):
+class Permissions(Model):
     """What the plugin may reach. Must stay within what its manifest asks for."""
 
     network: NetworkMode = NetworkMode.NONE
@@ -184,7 +185,7 @@ class Permissions(_Model):
         return self
 
 
-class Resources(_Model):
+class Resources(Model):
     """Resource limits of each instance. Always enforced: there is no unlimited."""
 
     cpu: Quantity = Field(default_factory=lambda: Quantity("500m"))
@@ -225,7 +226,7 @@ def _clean_absolute_path(path: str, what: str) -> str:
     return posixpath.normpath(path)
 
 
-class Volume(_Model):
+class Volume(Model):
     """A volume mounted into the plugin: a named volume (the default) or a host path."""
 
     name: DnsLabel
@@ -262,7 +263,7 @@ class Volume(_Model):
         return size
 
 
-class Health(_Model):
+class Health(Model):
     """How the controller decides an instance is healthy."""
 
     period_seconds: int = Field(default=5, ge=1, le=3600, alias="periodSeconds")
@@ -275,7 +276,7 @@ class Health(_Model):
     """Seconds a new instance has to become Ready before it counts as failed. Default 30."""
 
 
-class Restart(_Model):
+class Restart(Model):
     """How crashed instances are restarted: exponential backoff, then a crash loop."""
 
     max_restarts: int = Field(default=5, ge=0, le=1000, alias="maxRestarts")
@@ -298,7 +299,7 @@ class Restart(_Model):
         return self
 
 
-class Check(_Model):
+class Check(Model):
     """A call made to the new version before it is promoted, and the answer it must give."""
 
     method: str = Field(min_length=1, max_length=256)
@@ -310,7 +311,7 @@ class Check(_Model):
     values (others may be there too). Default: any answer that is not an error."""
 
 
-class HotSwap(_Model):
+class HotSwap(Model):
     """How a running plugin is moved to a new version, image, config or state version."""
 
     strategy: Literal["BlueGreen", "Recreate"] = "BlueGreen"
@@ -329,7 +330,7 @@ class HotSwap(_Model):
     """Calls the new version must answer as expected before it is promoted."""
 
 
-class ProcessSource(_Model):
+class ProcessSource(Model):
     """Where the process runtime finds the plugin's code: a directory (or an unpacked bundle)."""
 
     path: str = Field(min_length=1, max_length=4096)
@@ -376,7 +377,7 @@ def _clean_relative_path(path: str, what: str) -> str:
     return _clean_path(path, what)
 
 
-class RateLimit(_Model):
+class RateLimit(Model):
     """A token bucket: calls beyond it are answered 429 with Retry-After."""
 
     calls_per_second: float = Field(gt=0, le=1_000_000, alias="callsPerSecond")
@@ -385,7 +386,7 @@ class RateLimit(_Model):
     """Calls admitted at once above the rate. Default 0: the rate, rounded up."""
 
 
-class Gateway(_Model):
+class Gateway(Model):
     """How the gateway admits calls to this plugin."""
 
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600, alias="timeoutSeconds")
@@ -401,7 +402,7 @@ class Gateway(_Model):
     """Largest request body; larger is answered 413. Default 1Mi."""
 
 
-class State(_Model):
+class State(Model):
     """The plugin's state, carried over on a swap."""
 
     version: int = Field(ge=1)
@@ -409,7 +410,7 @@ class State(_Model):
     state up to it."""
 
 
-class Dependency(_Model):
+class Dependency(Model):
     """Another plugin that must be Ready before this one is."""
 
     name: DnsLabel
@@ -419,7 +420,7 @@ class Dependency(_Model):
     "1.x"; "||" between alternatives. Default "*" (any)."""
 
 
-class PluginSpec(_Model):
+class PluginSpec(Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
     image: str | None = Field(default=None, pattern=IMAGE_REFERENCE, max_length=512)
@@ -528,7 +529,7 @@ def parse_bundle(text: str) -> tuple[str, VersionRange]:
     return name, VersionRange.parse(wanted if at else "*")
 
 
-class Condition(_Model):
+class Condition(Model):
     """A condition in the shape of Kubernetes' metav1.Condition."""
 
     type: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
@@ -545,7 +546,7 @@ class Condition(_Model):
     """The generation of the spec this condition was computed from."""
 
 
-class InstanceStatus(_Model):
+class InstanceStatus(Model):
     """What one instance (one color) of the plugin is doing."""
 
     color: Color
@@ -577,7 +578,7 @@ class SwapStep(StrEnum):
     """The new color serves; the old one is kept until scaleDownDelaySeconds pass."""
 
 
-class SwapProgress(_Model):
+class SwapProgress(Model):
     """A swap in progress, persisted so that a restarted controller resumes or rolls it back."""
 
     step: SwapStep
@@ -600,7 +601,7 @@ class SwapProgress(_Model):
     """When the route flipped to the new color."""
 
 
-class SwapStatus(_Model):
+class SwapStatus(Model):
     """The outcome of the last blue/green swap."""
 
     from_version: str = Field(alias="from")
@@ -622,7 +623,7 @@ class SwapStatus(_Model):
     """When it ended."""
 
 
-class PluginStatus(_Model):
+class PluginStatus(Model):
     """The observed state of a plugin. Written by the controller only."""
 
     phase: Phase = Phase.PENDING
@@ -643,7 +644,7 @@ class PluginStatus(_Model):
     """The swap in progress, if any."""
 
 
-class Plugin(_Model):
+class Plugin(Model):
     """A plugin: one isolated, health-checked, hot-swappable component run by the Blackhole
     controller."""
 
