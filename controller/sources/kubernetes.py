@@ -187,16 +187,13 @@ class KubernetesSource:
         namespace, _, name = key.rpartition("/")
         body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         patch = [{"op": "add", "path": "/status", "value": body}]
-        obj = await self._call(
+        obj = await self._patch(
             f"writing the status of {key}",
             self.objects.patch_namespaced_custom_object_status,
-            models.API_GROUP,
-            VERSION,
             namespace,
-            PLURAL,
             name,
             patch,
-            _content_type=JSON_PATCH,
+            JSON_PATCH,
         )
         if obj:
             self._informer.put(obj)
@@ -320,19 +317,38 @@ class KubernetesSource:
                 "resourceVersion": metadata.get("resourceVersion"),
             }
         }
-        updated = await self._call(
+        updated = await self._patch(
             f"{'adding' if present else 'removing'} the finalizer of {namespace}/{name}",
             self.objects.patch_namespaced_custom_object,
+            namespace,
+            name,
+            patch,
+            MERGE_PATCH,
+        )
+        if updated and present:
+            self._informer.put(updated)
+
+    async def _patch(
+        self,
+        doing: str,
+        fn: Callable[..., Any],
+        namespace: str,
+        name: str,
+        patch: Any,
+        content_type: str,
+    ) -> Any:
+        """A patch of one Plugin object (or its status); None when it is gone."""
+        return await self._call(
+            doing,
+            fn,
             models.API_GROUP,
             VERSION,
             namespace,
             PLURAL,
             name,
             patch,
-            _content_type=MERGE_PATCH,
+            _content_type=content_type,
         )
-        if updated and present:
-            self._informer.put(updated)
 
     async def _call(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
