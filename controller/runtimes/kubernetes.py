@@ -96,6 +96,8 @@ class KubernetesRuntime:
         )
         self._names: dict[str, kubeapi.ObjectKey] = {}
         """Instance name -> (namespace, Deployment name)."""
+        self._run_pods: dict[tuple[str, str], set[kubeapi.ObjectKey]] = {}
+        """(namespace, run label) -> the pods of that Deployment: no scan of every pod."""
         self._tokens: dict[str, str] = {}
         """Plugin key -> its protocol token."""
         self._endpoint_keys: dict[str, str] = {}
@@ -187,6 +189,15 @@ class KubernetesRuntime:
                         self._names[name] = kubeapi.key_of(obj)
                     elif after is None:
                         self._names.pop(name, None)
+            elif run := labels.get(manifests.LABEL_RUN):  # a pod, by the Deployment it is of
+                where = kubeapi.key_of(obj)
+                pods = self._run_pods.setdefault((where[0], run), set())
+                if obj is after:
+                    pods.add(where)
+                elif after is None:
+                    pods.discard(where)
+                    if not pods:
+                        del self._run_pods[(where[0], run)]
             self._queue.put_nowait(f"{namespace}/{plugin}" if namespace else plugin)
 
     async def list_owned(self, plugin: str | None = None) -> list[base.Instance]:
@@ -242,12 +253,13 @@ class KubernetesRuntime:
         template = ((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}
         want = template.get("labels") or {}
         candidates = []
-        for pod in self._pods.items():
-            metadata = pod.get("metadata") or {}
+        for key in self._run_pods.get((namespace or "", want.get(manifests.LABEL_RUN, "")), ()):
+            pod = self._pods.get(key)
+            metadata = (pod or {}).get("metadata") or {}
             labels = metadata.get("labels") or {}
-            if metadata.get("namespace") != namespace or metadata.get("deletionTimestamp"):
+            if pod is None or metadata.get("deletionTimestamp"):
                 continue
-            if want and all(labels.get(k) == v for k, v in want.items()):
+            if all(labels.get(k) == v for k, v in want.items()):
                 candidates.append(pod)
         candidates.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp")))
         return candidates[-1] if candidates else None
