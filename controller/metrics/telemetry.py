@@ -94,6 +94,37 @@ class Metrics:
             ["plugin", "reason"],
             registry=r,
         )
+        self.checkpoints = Counter(
+            "blackhole_state_checkpoints",
+            "State checkpoints kept, by kind (full or delta).",
+            ["plugin", "kind"],
+            registry=r,
+        )
+        self.checkpoint_bytes = Counter(
+            "blackhole_state_checkpoint_bytes",
+            "Bytes of state written to checkpoints.",
+            ["plugin"],
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "blackhole_state_checkpoint_failures",
+            "Checkpoints that failed (the instance did not answer, the store could not write).",
+            ["plugin"],
+            registry=r,
+        )
+        self.restores = Counter(
+            "blackhole_state_restores",
+            "Checkpoints restored into restarted instances, by result (Restored, Skipped: a "
+            "damaged one passed over, Empty: none to restore).",
+            ["plugin", "result"],
+            registry=r,
+        )
+        self.restored_age = Gauge(
+            "blackhole_state_restored_checkpoint_age_seconds",
+            "Age of the checkpoint last restored: the writes lost with the crash.",
+            ["plugin"],
+            registry=r,
+        )
         self.violations = Counter(
             "blackhole_resource_violations",
             "Resource violations seen: MemoryNearLimit, CPUThrottled, OOMKilled, RestartBurst.",

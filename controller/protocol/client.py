@@ -16,9 +16,9 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from blackhole_sdk.proto import plugin_pb2, plugin_pb2_grpc
@@ -26,6 +26,8 @@ from grpc_health.v1 import health_pb2
 
 from controller.errors import IncompatiblePluginError, PluginCallError
 from controller.runtimes import base
+
+T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 """The plugin protocol version this controller speaks."""
@@ -45,6 +47,10 @@ _OPTIONS = [
 ]
 
 
+DELTA_FEATURE = "state.delta"
+"""The handshake's feature of plugins that export and import deltas of their state."""
+
+
 @dataclass(frozen=True)
 class Handshake:
     """What a plugin said of itself in ``Initialize``."""
@@ -53,6 +59,50 @@ class Handshake:
     provides: tuple[str, ...]
     state_version: int
     sdk: str
+    features: tuple[str, ...] = ()
+
+    @property
+    def deltas(self) -> bool:
+        """Whether it imports (and exports) deltas of its state."""
+        return DELTA_FEATURE in self.features
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The header of a state transfer: what the bytes are, not the bytes.
+
+    ``size`` and ``sha256`` are of the bytes moved: the whole state, or a
+    delta from ``base_revision`` to ``revision`` when ``delta`` is set.
+    """
+
+    state_version: int
+    size: int
+    sha256: str
+    revision: str = ""
+    delta: bool = False
+    base_revision: str = ""
+
+    def chunk(self, data: bytes) -> plugin_pb2.StateChunk:
+        return plugin_pb2.StateChunk(
+            state_version=self.state_version,
+            size=self.size,
+            sha256=self.sha256,
+            revision=self.revision,
+            delta=self.delta,
+            base_revision=self.base_revision,
+            data=data,
+        )
+
+    @classmethod
+    def of(cls, chunk: plugin_pb2.StateChunk) -> Transfer:
+        return cls(
+            chunk.state_version,
+            chunk.size,
+            chunk.sha256,
+            chunk.revision,
+            chunk.delta,
+            chunk.base_revision,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,6 +112,10 @@ class State:
     version: int
     data: bytes
     sha256: str
+
+
+Sink = Callable[[AsyncIterator[tuple[Transfer, bytes]]], Awaitable[T]]
+"""What takes an exported state's chunks as they come (an import, the store) and answers."""
 
 
 class _WithToken:
@@ -161,6 +215,11 @@ class PluginClient:
             ):
                 raise IncompatiblePluginError("ProtocolMismatch", e.details() or "") from e
             raise _error(e) from e
+        if answer.plugin and answer.plugin != plugin:
+            raise IncompatiblePluginError(
+                "IdentityMismatch",
+                f"the instance answering for {plugin} says it is plugin {answer.plugin}",
+            )
         if answer.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
             raise IncompatiblePluginError(
                 "ProtocolMismatch",
@@ -172,6 +231,7 @@ class PluginClient:
             provides=tuple(answer.provides),
             state_version=answer.state_version,
             sdk=answer.sdk,
+            features=tuple(answer.features),
         )
 
     async def healthy(self, timeout: float) -> bool:
@@ -204,48 +264,95 @@ class PluginClient:
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
 
-    async def export_state(self, timeout: float) -> State:
-        """The plugin's state; its size and sha256 are checked against what it announced."""
-        parts: list[bytes] = []
-        header: tuple[int, int, str] | None = None
+    async def export_chunks(
+        self, since: str, timeout: float
+    ) -> AsyncIterator[tuple[Transfer, bytes]]:
+        """The state (or the delta since ``since``), chunk by chunk, never held whole.
+
+        Every chunk must carry the same header; the size and sha256 are
+        checked as the bytes pass, and a mismatch raises after the last
+        chunk, so a consumer that forwards them (an import) fails too.
+        """
+        header: Transfer | None = None
+        digest = hashlib.sha256()
+        size = 0
         try:
             async with asyncio.timeout(timeout):
-                async for chunk in self.stub.ExportState(plugin_pb2.ExportStateRequest()):
-                    header = header or (chunk.state_version, chunk.size, chunk.sha256)
-                    parts.append(chunk.data)
+                stream = self.stub.ExportState(plugin_pb2.ExportStateRequest(since_revision=since))
+                async for chunk in stream:
+                    this = Transfer.of(chunk)
+                    if header is None:
+                        header = this
+                    elif this != header:
+                        raise PluginCallError(
+                            "DATA_LOSS", "exported chunks disagree on version, size or sha256"
+                        )
+                    size += len(chunk.data)
+                    if size > header.size:
+                        raise PluginCallError(
+                            "DATA_LOSS", f"more state bytes than the {header.size} announced"
+                        )
+                    digest.update(chunk.data)
+                    yield header, bytes(chunk.data)
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
         except TimeoutError:
             raise PluginCallError("DEADLINE_EXCEEDED", f"export took over {timeout}s") from None
         if header is None:
             raise PluginCallError("DATA_LOSS", "the plugin exported no chunk")
-        data = b"".join(parts)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != header[1] or digest != header[2]:
+        if size != header.size or digest.hexdigest() != header.sha256:
             raise PluginCallError(
                 "DATA_LOSS",
-                f"exported state damaged: {len(data)} bytes with sha256 {digest[:12]}..., "
-                f"announced {header[1]} bytes and {header[2][:12]}...",
+                f"exported state damaged: {size} bytes with sha256 {digest.hexdigest()[:12]}..., "
+                f"announced {header.size} bytes and {header.sha256[:12]}...",
             )
-        return State(version=header[0], data=data, sha256=digest)
 
-    async def import_state(self, state: State, timeout: float) -> State:
-        """Hand ``state`` over; the plugin's state version, size and digest after migrating."""
+    async def import_chunks(
+        self, chunks: AsyncIterator[tuple[Transfer, bytes]], timeout: float
+    ) -> Transfer:
+        """Stream ``chunks`` into ``ImportState``; the header of what the plugin holds after.
 
-        async def chunks() -> AsyncIterator[plugin_pb2.StateChunk]:
-            for start in range(0, max(len(state.data), 1), CHUNK_BYTES):
-                yield plugin_pb2.StateChunk(
-                    state_version=state.version,
-                    size=len(state.data),
-                    sha256=state.sha256,
-                    data=state.data[start : start + CHUNK_BYTES],
-                )
+        The returned header's ``revision`` is the plugin's own after the
+        import; ``state_version``, ``size`` and ``sha256`` are of its state
+        once migrated (of the delta, for a delta).
+        """
+        sent: list[Transfer] = []
+
+        async def requests() -> AsyncIterator[plugin_pb2.StateChunk]:
+            async for header, data in chunks:
+                if not sent:
+                    sent.append(header)
+                yield header.chunk(data)
 
         try:
-            answer = await self.stub.ImportState(chunks(), timeout=timeout)
+            answer = await self.stub.ImportState(requests(), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
-        return State(version=answer.state_version, data=b"", sha256=answer.sha256)
+        if not sent:
+            raise PluginCallError("DATA_LOSS", "no state chunk to import")
+        return Transfer(
+            answer.state_version,
+            answer.size,
+            answer.sha256,
+            answer.revision,
+            sent[0].delta,
+            sent[0].base_revision,
+        )
+
+    async def export_state(self, timeout: float) -> State:
+        """The plugin's whole state in memory (for ``bhctl state export``, not for swaps)."""
+        parts: list[bytes] = []
+        headers: list[Transfer] = []
+        async for header, data in self.export_chunks("", timeout):
+            headers[:] = [header]
+            parts.append(data)
+        return State(headers[0].state_version, b"".join(parts), headers[0].sha256)
+
+    async def import_state(self, state: State, timeout: float) -> State:
+        """Hand ``state`` over whole; the plugin's state version, size and digest after."""
+        header = Transfer(state.version, len(state.data), state.sha256)
+        after = await self.import_chunks(_chunks_of(header, state.data), timeout)
+        return State(version=after.state_version, data=b"", sha256=after.sha256)
 
     async def drain(self, timeout: float, *, resume: bool = False) -> int:
         """Stop the instance taking calls (or resume); the calls it still had in flight."""
@@ -262,6 +369,11 @@ class PluginClient:
             with contextlib.suppress(OSError):
                 os.close(self._directory)
             self._directory = None
+
+
+async def _chunks_of(header: Transfer, data: bytes) -> AsyncIterator[tuple[Transfer, bytes]]:
+    for start in range(0, max(len(data), 1), CHUNK_BYTES):
+        yield header, data[start : start + CHUNK_BYTES]
 
 
 def _error(e: grpc.aio.AioRpcError) -> PluginCallError:
@@ -315,6 +427,23 @@ class Clients:
 
     async def import_state(self, endpoint: str, state: State, timeout: float) -> State:
         return await self.get(endpoint).import_state(state, timeout)
+
+    async def export_state_to(
+        self,
+        endpoint: str,
+        sink: Sink[T],
+        *,
+        since: str = "",
+        timeout: float,
+    ) -> T:
+        """Hand the state's chunks (or the delta's since ``since``) to ``sink`` as they come."""
+        return await sink(self.get(endpoint).export_chunks(since, timeout))
+
+    async def import_state_from(
+        self, endpoint: str, chunks: AsyncIterator[tuple[Transfer, bytes]], *, timeout: float
+    ) -> Transfer:
+        """Stream stored chunks into the instance at ``endpoint``; what it holds after."""
+        return await self.get(endpoint).import_chunks(chunks, timeout)
 
     async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int:
         return await self.get(endpoint).drain(timeout, resume=resume)

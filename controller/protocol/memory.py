@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import AsyncIterator, Callable
+
+import blackhole_sdk
+from blackhole_sdk import state as sdk_state
 
 from controller.errors import IncompatiblePluginError, PluginCallError
 from controller.protocol import client
@@ -23,6 +27,12 @@ class MemoryPlugins:
     handshake reports the spec's state version unless ``state_versions``
     says otherwise, and names in ``incompatible`` fail it as a plugin of
     another protocol version would.
+
+    By default an instance's state is opaque bytes (``states``), as a plugin
+    of an older SDK keeps it: whole copies only. With ``revisions`` set
+    (before its handshake) it keeps an SDK :class:`~blackhole_sdk.state.Store`
+    (``stores``) and exports and imports deltas like ``StatefulPlugin``.
+    ``on_export`` runs before each export (e.g. to write while a swap copies).
     """
 
     def __init__(self, runtime: MemoryRuntime) -> None:
@@ -37,6 +47,11 @@ class MemoryPlugins:
         self.failing: dict[str, str] = {}
         """Instance name to the protocol call that fails on it (e.g. "import_state")."""
         self.calls: collections.Counter[str] = collections.Counter()
+        self.revisions = False
+        self.stores: dict[str, sdk_state.Store] = {}
+        """The state of each instance that keeps revisions, by instance name."""
+        self.on_export: Callable[[str], None] | None = None
+        self.chunk_bytes = 64 << 10
 
     def _name(self, endpoint: str) -> str:
         return endpoint.removeprefix("memory:")
@@ -54,11 +69,14 @@ class MemoryPlugins:
             raise PluginCallError("UNAVAILABLE", f"{name} does not answer")
         declared = want.spec.state.version if want.spec.state else 0
         self.declared[name] = self.state_versions.get(name, declared)
+        if self.revisions and name not in self.stores:
+            self.stores[name] = sdk_state.Store()
         return client.Handshake(
             protocol_version=1,
             provides=tuple(want.spec.provides),
             state_version=self.declared[name],
             sdk="memory",
+            features=(client.DELTA_FEATURE,) if name in self.stores else (),
         )
 
     async def healthy(self, endpoint: str, timeout: float) -> bool:
@@ -87,20 +105,98 @@ class MemoryPlugins:
             raise PluginCallError("UNAVAILABLE", "draining: not taking calls")
         return payload
 
+    def _export(self, name: str, since: str) -> tuple[client.Transfer, bytes]:
+        if self.on_export is not None:
+            self.on_export(name)
+        version = self.declared.get(name, 0)
+        store = self.stores.get(name)
+        if store is None:
+            data = self.states.get(name, b"")
+            return client.Transfer(version, len(data), hashlib.sha256(data).hexdigest()), data
+        changes = store.changes(since) if since else None
+        data, revision = changes if changes is not None else (store.dump(), store.revision)
+        header = client.Transfer(
+            version,
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+            revision,
+            changes is not None,
+            since if changes is not None else "",
+        )
+        return header, data
+
     async def export_state(self, endpoint: str, timeout: float) -> client.State:
         name = self._answering(endpoint, "export_state")
-        data = self.states.get(name, b"")
-        return client.State(self.declared.get(name, 0), data, hashlib.sha256(data).hexdigest())
+        header, data = self._export(name, "")
+        return client.State(header.state_version, data, header.sha256)
+
+    async def export_state_to(
+        self, endpoint: str, sink: client.Sink[client.T], *, since: str = "", timeout: float
+    ) -> client.T:
+        name = self._answering(endpoint, "export_state")
+        header, data = self._export(name, since)
+        step = self.chunk_bytes
+
+        async def chunks() -> AsyncIterator[tuple[client.Transfer, bytes]]:
+            for start in range(0, max(len(data), 1), step):
+                yield header, data[start : start + step]
+
+        return await sink(chunks())
 
     async def import_state(
         self, endpoint: str, state: client.State, timeout: float
     ) -> client.State:
+        header = client.Transfer(state.version, len(state.data), state.sha256)
+
+        async def chunks() -> AsyncIterator[tuple[client.Transfer, bytes]]:
+            yield header, state.data
+
+        after = await self.import_state_from(endpoint, chunks(), timeout=timeout)
+        return client.State(after.state_version, b"", after.sha256)
+
+    async def import_state_from(
+        self,
+        endpoint: str,
+        chunks: AsyncIterator[tuple[client.Transfer, bytes]],
+        *,
+        timeout: float,
+    ) -> client.Transfer:
         name = self._answering(endpoint, "import_state")
+        parts: list[bytes] = []
+        header: client.Transfer | None = None
+        async for this, data in chunks:
+            if header is not None and this != header:
+                raise PluginCallError("INVALID_ARGUMENT", "state chunks disagree")
+            header = this
+            parts.append(data)
+        if header is None:
+            raise PluginCallError("INVALID_ARGUMENT", "no state chunk was sent")
+        data = b"".join(parts)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != header.size or digest != header.sha256:
+            raise PluginCallError("DATA_LOSS", f"state damaged in transfer: {len(data)} bytes")
         version = self.declared.get(name, 0)
-        if state.version > version:
-            raise PluginCallError("FAILED_PRECONDITION", f"state version {state.version} is newer")
-        self.states[name] = state.data
-        return client.State(version, b"", hashlib.sha256(state.data).hexdigest())
+        if header.state_version > version:
+            raise PluginCallError(
+                "FAILED_PRECONDITION", f"state version {header.state_version} is newer"
+            )
+        store = self.stores.get(name)
+        try:
+            if header.delta:
+                if store is None or header.state_version != version:
+                    raise PluginCallError("UNIMPLEMENTED", f"{name} imports no such delta")
+                store.apply(data, header.base_revision, header.revision)
+            elif store is not None:
+                adopted = header.revision if header.state_version == version else ""
+                store.load(data, adopted)
+            else:
+                self.states[name] = data
+        except sdk_state.RevisionError as e:
+            raise PluginCallError("FAILED_PRECONDITION", str(e)) from None
+        except blackhole_sdk.PluginError as e:
+            raise PluginCallError("INVALID_ARGUMENT", str(e)) from None
+        revision = store.revision if store is not None else ""
+        return client.Transfer(version, len(data), digest, revision, header.delta)
 
     async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int:
         name = self._answering(endpoint, "drain")
@@ -113,4 +209,5 @@ class MemoryPlugins:
         name = self._name(endpoint)
         self.draining.discard(name)
         self.states.pop(name, None)
+        self.stores.pop(name, None)
         self.declared.pop(name, None)

@@ -23,9 +23,11 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol
 
 from controller.errors import (
@@ -45,7 +47,7 @@ from controller.sources import base as sources_base
 from controller.sources import store
 from controller.spec import models
 from controller.state import snapshots as snapshots_module
-from controller.swap import coordinator
+from controller.swap import coordinator, transfer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ The runtime's events usually say sooner when the instance's socket appears."""
 LONGEST_PROBE = 1.0
 STOP_TIMEOUT = 10.0
 """Seconds an instance being replaced gets to exit after SIGTERM."""
+STATE_TIMEOUT = 60.0
+"""Longest a checkpoint or a restore may take, in seconds."""
 
 
 class Plugins(coordinator.Plugins, Protocol):
@@ -119,6 +123,9 @@ class _Memory:
     """The ids of the instances whose handshake succeeded."""
     refused: str = ""
     """The spec hash whose plugin failed its handshake for good: not started again."""
+    checkpointed: float = 0.0
+    """When the active instance's state was last checkpointed (0: not by this process)."""
+    checkpoint_failing: bool = False
 
 
 class Reconciler:
@@ -285,6 +292,8 @@ class _Pass:
         self.pinned = pinned is not None
         self.held_back = False
         """Whether the old version runs on because the swap to this spec rolled back."""
+        self.retry = False
+        """Whether bhctl swap retry asked to try a rolled-back swap again."""
         self.generation = desired.generation
         self.observed = observed
         self.context = context
@@ -326,8 +335,14 @@ class _Pass:
             delay = await swaps.advance(request)
             await self._write(self.old)
             return Result(requeue_after=delay)
+        self.retry = request == "retry"
         if request == "undo":
             await self._undo()
+        elif self.retry:
+            if not self._swap_refused(next((i for i in self.observed if i.color is color), None)):
+                await self.event("Normal", "NoSwap", "no rolled-back swap to retry")
+            else:
+                await self.event("Normal", "SwapRetry", "trying the rolled-back swap again")
         elif request is not None:
             await self.event("Normal", "NoSwap", f"no swap in progress to {request}")
         for instance in self.observed:
@@ -418,14 +433,17 @@ class _Pass:
         return models.PluginSpec.model_validate_json(text) if text is not None else None
 
     def _swap_refused(self, current: base.Instance | None) -> bool:
-        """Whether a swap to this very spec rolled back: not tried again until it changes."""
+        """Whether a swap to this very spec rolled back: not tried again until the spec is
+        edited (its generation changes) or bhctl swap retry asks for it."""
         last = self.status.last_swap
         return (
             current is not None
+            and not self.retry
             and current.spec_hash != self.want.spec_hash
             and last is not None
             and last.result in ("RolledBack", "Aborted")
             and last.to_hash == self.want.spec_hash
+            and last.generation in (None, self.generation)
         )
 
     async def _hold_back(self, current: base.Instance) -> Result:
@@ -586,6 +604,8 @@ class _Pass:
                 current, endpoint, timeout
             )
         record.state = current.state.value
+        if ready and not record.ready and not await self._restore(current, endpoint):
+            ready = False  # its state is not back yet: not Ready, no calls
         if ready:
             self.r.routes.set_route(self.key, endpoint, current.name, self.spec)
             self.status.active_color = current.color
@@ -603,7 +623,7 @@ class _Pass:
                 models.Phase.RUNNING,
                 ready=("True", "InstanceReady", f"{current.name} answers its health check"),
             )
-            return Result(requeue_after=float(health.period_seconds))
+            return Result(requeue_after=await self._checkpoint(current, endpoint))
         if not record.ready:  # still starting
             started = current.started_at.timestamp() if current.started_at else self.now
             if self.now - started < health.startup_deadline_seconds:
@@ -630,6 +650,106 @@ class _Pass:
             record,
             f"{current.name} failed {self.memory.health_failures} health checks in a row",
         )
+
+    # State: checkpoints, and restores into restarted instances.
+
+    def _checkpoints(self) -> snapshots_module.Snapshots | None:
+        """The store, when this plugin's state is checkpointed (and restored)."""
+        state = self.spec.state
+        if state is None or not state.checkpoint_seconds:
+            return None
+        return self.snapshots
+
+    async def _restore(self, current: base.Instance, endpoint: str) -> bool:
+        """Give a new instance the newest good checkpoint before it is Ready; False: try later.
+
+        Runs once per instance: when it first answers its handshake and
+        health check, before any route leads to it.
+        """
+        store = self._checkpoints()
+        if store is None:
+            return True
+        try:
+            restored = await transfer.restore(
+                self.plugins, store, self.key, endpoint, timeout=STATE_TIMEOUT
+            )
+        except (ControllerError, OSError, sqlite3.Error) as e:
+            log.warning("restoring %s failed: %s", current.name, e, extra=self.context)
+            self.set_conditions(
+                models.Phase.PENDING,
+                ready=("False", "RestoringState", f"restoring the state failed: {e}"),
+                progressing=("RestoringState", f"restoring the state of {current.name}"),
+            )
+            return False
+        for skipped, why in restored.skipped:
+            self.metrics.restores.labels(self.key, "Skipped").inc()
+            await self.event(
+                "Warning",
+                "CheckpointSkipped",
+                f"checkpoint {skipped.id} (taken {skipped.taken_at:%Y-%m-%d %H:%M:%S}Z) was "
+                f"not restored: {why}",
+            )
+        snapshot = restored.snapshot
+        if snapshot is None:
+            if restored.skipped:
+                self.metrics.restores.labels(self.key, "Empty").inc()
+                await self.event(
+                    "Warning", "NoCheckpoint", f"{current.name} starts empty: no good checkpoint"
+                )
+            self.memory.checkpointed = 0.0
+            return True
+        now = datetime.now(UTC)
+        age = max(0.0, (now - snapshot.taken_at).total_seconds())
+        self.metrics.restores.labels(self.key, "Restored").inc()
+        self.metrics.restored_age.labels(self.key).set(age)
+        self.status.last_restore = models.RestoreStatus(
+            checkpoint=snapshot.id,
+            revision=snapshot.revision,
+            taken=snapshot.taken_at,
+            age_seconds=round(age, 3),
+            time=now,
+            instance=current.name,
+        )
+        self.memory.checkpointed = 0.0  # a new lineage: checkpoint it soon
+        await self.event(
+            "Normal",
+            "StateRestored",
+            f"restored checkpoint {snapshot.id} (revision {snapshot.revision or 'none'}, "
+            f"taken {snapshot.taken_at:%Y-%m-%d %H:%M:%S}Z, {age:.1f}s old) into "
+            f"{current.name} before it was Ready; writes after it were lost",
+        )
+        return True
+
+    async def _checkpoint(self, current: base.Instance, endpoint: str) -> float:
+        """Checkpoint the Ready instance's state when it is due; the delay to the next pass."""
+        period = float(self.spec.health.period_seconds)
+        store = self._checkpoints()
+        if store is None:
+            return period
+        assert self.spec.state is not None
+        every = float(self.spec.state.checkpoint_seconds)
+        due = self.memory.checkpointed + every - self.now
+        if due > 0:
+            return min(period, due)
+        try:
+            taken = await transfer.checkpoint(
+                self.plugins, store, self.key, endpoint, current.version, timeout=STATE_TIMEOUT
+            )
+        except (ControllerError, OSError, sqlite3.Error) as e:
+            self.metrics.checkpoint_failures.labels(self.key).inc()
+            if not self.memory.checkpoint_failing:
+                await self.event("Warning", "CheckpointFailed", f"{current.name}: {e}")
+            self.memory.checkpoint_failing = True
+            return min(period, every)
+        if self.memory.checkpoint_failing:
+            await self.event("Normal", "CheckpointResumed", f"{current.name}: checkpointed again")
+        self.memory.checkpoint_failing = False
+        self.memory.checkpointed = self.now
+        if taken.snapshot is not None:
+            kind = "delta" if taken.snapshot.delta else "full"
+            self.metrics.checkpoints.labels(self.key, kind).inc()
+            self.metrics.checkpoint_bytes.labels(self.key).inc(taken.snapshot.size)
+        return min(period, every)
 
     async def _handshake(self, current: base.Instance, endpoint: str, timeout: float) -> bool:
         """Initialize the instance (idempotent) and check what it says; True when it is healthy.

@@ -328,6 +328,20 @@ class HotSwap(Model):
     """Seconds the old version is kept after promotion, for instant rollback. Default 30."""
     checks: list[Check] = Field(default_factory=list)
     """Calls the new version must answer as expected before it is promoted."""
+    state_transfer: Literal["PreCopy", "FullCopy"] = Field(default="PreCopy", alias="stateTransfer")
+    """How state moves to the new version. PreCopy (the default): copied while the old
+    version still serves, then only what changed since is moved while calls are held,
+    so the pause does not grow with the state (needs plugins that keep revisions, such
+    as the SDK's StatefulPlugin; others get FullCopy). FullCopy: the whole state is
+    moved while calls are held."""
+    pre_copy_rounds: int = Field(default=4, ge=1, le=32, alias="preCopyRounds")
+    """Most copy rounds before calls are held (the first copies everything, the next
+    ones what changed meanwhile). Default 4."""
+    pre_copy_target_bytes: int = Field(
+        default=256 * 1024, ge=0, le=1 << 30, alias="preCopyTargetBytes"
+    )
+    """Changes small enough to move while calls are held: the rounds stop once what
+    changed during the last one is at most this many bytes. Default 262144."""
 
 
 class ProcessSource(Model):
@@ -408,6 +422,12 @@ class State(Model):
     version: int = Field(ge=1)
     """The state schema version this image reads and writes; the SDK migrates older
     state up to it."""
+    checkpoint_seconds: int = Field(default=10, ge=0, le=86400, alias="checkpointSeconds")
+    """Seconds between checkpoints of the state into the controller's store (deltas
+    between full ones); an instance restarted after a crash, an OOM kill or a removal
+    gets the newest good checkpoint back before it is Ready, so at most this much of
+    the writes is lost. 0: no checkpoints and no restores, for plugins that keep their
+    state durably themselves (e.g. on a volume). Default 10."""
 
 
 class Dependency(Model):
@@ -621,6 +641,33 @@ class SwapStatus(Model):
     """Why it rolled back or was aborted, e.g. SwapFailedImport."""
     time: datetime | None = None
     """When it ended."""
+    generation: int | None = Field(default=None, ge=0)
+    """The spec generation that rolled back: that spec is not tried again until the
+    generation changes (any edit of the spec, its swap settings included) or bhctl swap
+    retry."""
+    state_bytes: int | None = Field(default=None, ge=0, alias="stateBytes")
+    """Bytes of state moved in all."""
+    held_state_bytes: int | None = Field(default=None, ge=0, alias="heldStateBytes")
+    """Bytes of state moved while calls were held."""
+    state_transfer: str | None = Field(default=None, alias="stateTransfer")
+    """How the state moved: PreCopy (with the number of rounds) or FullCopy."""
+
+
+class RestoreStatus(Model):
+    """The checkpoint last restored into a restarted instance."""
+
+    checkpoint: int
+    """The snapshot id of the checkpoint (bhctl state history)."""
+    revision: str = ""
+    """The state revision restored."""
+    taken: datetime
+    """When the checkpoint was taken."""
+    age_seconds: float = Field(ge=0, alias="ageSeconds")
+    """How old it was when restored: writes of that span were lost."""
+    time: datetime
+    """When it was restored."""
+    instance: str
+    """The instance it was restored into."""
 
 
 class PluginStatus(Model):
@@ -642,6 +689,8 @@ class PluginStatus(Model):
     """The last blue/green swap."""
     swap: SwapProgress | None = None
     """The swap in progress, if any."""
+    last_restore: RestoreStatus | None = Field(default=None, alias="lastRestore")
+    """The checkpoint last restored after a crash, an OOM kill or a removal."""
 
 
 class Plugin(Model):

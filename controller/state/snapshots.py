@@ -1,15 +1,29 @@
-"""Snapshots of plugins' state in SQLite (WAL) in the controller's data directory.
+"""Snapshots and checkpoints of plugins' state in SQLite (WAL) in the controller's data directory.
 
-Each snapshot is what a plugin exported at a swap (or by ``bhctl state
-export``): its bytes with the plugin version, state version, sha256 and
-size, written in one transaction, so a snapshot is either whole or absent.
-The last :data:`KEPT` per plugin are kept. The swap coordinator writes them;
-``bhctl state`` and ``bhctl swap undo`` read them.
+A snapshot is what a plugin exported: its bytes with the plugin version,
+state version, sha256, size and, from plugins that keep revisions, the
+revision it is at. A *delta* snapshot holds only the changes from the
+revision ``base_revision`` to ``revision``; a full snapshot followed by the
+deltas that chain on it is the state at the last delta's revision.
+
+Written whole (``save``: ``bhctl state export``, before an import) or
+streamed (``write``: checkpoints and swaps, chunk by chunk, never held whole
+in memory). A streamed snapshot is marked complete only once its last chunk
+is in and its sha256 checked, so one cut short by a crash or a full disk is
+never read (and is removed when the store opens). Reads check the sha256;
+a damaged snapshot raises :class:`SnapshotDamagedError`.
+
+Kept: the last :data:`KEPT` whole snapshots per plugin, and the checkpoints
+of the last :data:`CHAINS_KEPT` full checkpoints (each with its deltas).
+The swap coordinator and the reconciler write them; ``bhctl state`` and
+``bhctl swap undo`` read them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +32,11 @@ from controller import database
 from controller.errors import ControllerError
 
 KEPT = 10
-"""Snapshots kept per plugin."""
+"""Whole snapshots (exports, imports) kept per plugin."""
+CHAINS_KEPT = 2
+"""Full checkpoints kept per plugin, each with the deltas that follow it."""
+CHECKPOINT_REASONS = ("checkpoint", "swap")
+"""Reasons of the snapshots pruned by chain (streamed), not by count."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -33,6 +51,12 @@ CREATE TABLE IF NOT EXISTS snapshots (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_key ON snapshots (key, id);
+CREATE TABLE IF NOT EXISTS snapshot_chunks (
+    snapshot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (snapshot, seq)
+);
 CREATE TABLE IF NOT EXISTS specs (
     key TEXT NOT NULL,
     instance_hash TEXT NOT NULL,
@@ -68,6 +92,13 @@ class Snapshot:
     taken_at: datetime
     reason: str
     data: bytes = b""
+    revision: str = ""
+    base_revision: str = ""
+    """Set on a delta: the revision it applies on."""
+
+    @property
+    def delta(self) -> bool:
+        return bool(self.base_revision)
 
     def to_document(self) -> dict[str, object]:
         return {
@@ -79,7 +110,22 @@ class Snapshot:
             "size": self.size,
             "takenAt": self.taken_at.isoformat(),
             "reason": self.reason,
+            "revision": self.revision,
+            "delta": self.delta,
         }
+
+
+_COLUMNS = (
+    "id, key, plugin_version, state_version, sha256, size, taken_at, reason, revision, "
+    "base_revision"
+)
+_ADDED = {
+    "revision": "TEXT NOT NULL DEFAULT ''",
+    "base_revision": "TEXT NOT NULL DEFAULT ''",
+    "chunked": "INTEGER NOT NULL DEFAULT 0",
+    "complete": "INTEGER NOT NULL DEFAULT 1",
+}
+"""Columns added since the first schema, with how existing rows read."""
 
 
 class Snapshots:
@@ -88,9 +134,24 @@ class Snapshots:
     def __init__(self, path: Path, kept: int = KEPT) -> None:
         self.kept = kept
         self._db = database.connect(path, _SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
+        for column, declaration in _ADDED.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} {declaration}")
+        self._remove_incomplete()
 
     def close(self) -> None:
         self._db.close()
+
+    def _remove_incomplete(self) -> None:
+        """Streamed snapshots cut short (by a crash of ours, a full disk): never read, removed."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "DELETE FROM snapshot_chunks WHERE snapshot IN "
+                "(SELECT id FROM snapshots WHERE complete = 0)"
+            )
+            self._db.execute("DELETE FROM snapshots WHERE complete = 0")
 
     def save(
         self, key: str, plugin_version: str, state_version: int, data: bytes, reason: str
@@ -107,36 +168,162 @@ class Snapshots:
                  reason, data),
             )  # fmt: skip
             self._db.execute(
-                "DELETE FROM snapshots WHERE key = ? AND id NOT IN "
-                "(SELECT id FROM snapshots WHERE key = ? ORDER BY id DESC LIMIT ?)",
-                (key, key, self.kept),
+                "DELETE FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) AND id NOT IN "
+                "(SELECT id FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) "
+                "ORDER BY id DESC LIMIT ?)",
+                (key, *CHECKPOINT_REASONS, key, *CHECKPOINT_REASONS, self.kept),
             )
         return Snapshot(
             int(cursor.lastrowid or 0), key, plugin_version, state_version, digest, len(data),
             taken, reason,
         )  # fmt: skip
 
+    # Streamed snapshots (checkpoints, swaps).
+
+    def begin(
+        self,
+        key: str,
+        plugin_version: str,
+        state_version: int,
+        reason: str,
+        *,
+        sha256: str,
+        size: int,
+        revision: str,
+        base_revision: str = "",
+    ) -> int:
+        """Start a streamed snapshot; its id, for :meth:`append` and :meth:`finish`."""
+        cursor = self._db.execute(
+            "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, taken_at, "
+            "reason, data, revision, base_revision, chunked, complete) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?, ?, 1, 0)",
+            (key, plugin_version, state_version, sha256, size, datetime.now(UTC).isoformat(),
+             reason, revision, base_revision),
+        )  # fmt: skip
+        return int(cursor.lastrowid or 0)
+
+    def append(self, ident: int, seq: int, data: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO snapshot_chunks (snapshot, seq, data) VALUES (?, ?, ?)", (ident, seq, data)
+        )
+
+    def finish(self, ident: int, key: str) -> Snapshot:
+        """Mark a streamed snapshot complete; prune the chains past the last kept."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE snapshots SET complete = 1 WHERE id = ?", (ident,))
+            fulls = self._db.execute(
+                "SELECT id FROM snapshots WHERE key = ? AND reason IN (?, ?) AND complete = 1 "
+                "AND base_revision = '' ORDER BY id DESC LIMIT ?",
+                (key, *CHECKPOINT_REASONS, CHAINS_KEPT),
+            ).fetchall()
+            if len(fulls) == CHAINS_KEPT:
+                oldest = fulls[-1][0]
+                doomed = "SELECT id FROM snapshots WHERE key = ? AND reason IN (?, ?) AND id < ?"
+                arguments = (key, *CHECKPOINT_REASONS, oldest)
+                self._db.execute(
+                    f"DELETE FROM snapshot_chunks WHERE snapshot IN ({doomed})", arguments
+                )
+                self._db.execute(f"DELETE FROM snapshots WHERE id IN ({doomed})", arguments)
+        return self._meta(ident)
+
+    def abandon(self, ident: int) -> None:
+        """Drop a streamed snapshot that will not be finished."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM snapshot_chunks WHERE snapshot = ?", (ident,))
+            self._db.execute("DELETE FROM snapshots WHERE id = ?", (ident,))
+
+    def chunks(self, ident: int) -> Iterator[bytes]:
+        """The bytes of snapshot ``ident`` in its stored chunks (the whole, for a saved one)."""
+        row = self._db.execute("SELECT chunked, data FROM snapshots WHERE id = ?", (ident,))
+        found = row.fetchone()
+        if found is None:
+            raise SnapshotNotFoundError(f"no snapshot {ident}")
+        if not found[0]:
+            yield bytes(found[1])
+            return
+        seq = 0
+        while True:
+            part = self._db.execute(
+                "SELECT data FROM snapshot_chunks WHERE snapshot = ? AND seq = ?", (ident, seq)
+            ).fetchone()
+            if part is None:
+                return
+            yield bytes(part[0])
+            seq += 1
+
+    def chunk(self, ident: int, seq: int) -> bytes | None:
+        """One stored chunk of a streamed snapshot; None past the last."""
+        part = self._db.execute(
+            "SELECT data FROM snapshot_chunks WHERE snapshot = ? AND seq = ?", (ident, seq)
+        ).fetchone()
+        return None if part is None else bytes(part[0])
+
+    def checkpoints(self, key: str) -> list[Snapshot]:
+        """The complete streamed snapshots of ``key`` (checkpoints, swaps), oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND reason IN (?, ?) "
+            "AND complete = 1 AND chunked = 1 ORDER BY id",
+            (key, *CHECKPOINT_REASONS),
+        )
+        return [_snapshot(row) for row in rows]
+
+    def restore_chain(self, key: str, newer_than: int = 0) -> list[Snapshot]:
+        """The newest full checkpoint (older than id ``newer_than``, if set) and its deltas.
+
+        The deltas are those that follow it link by link (each on the one
+        before's revision); the chain stops at the first that does not.
+        """
+        found = self.checkpoints(key)
+        fulls = [s for s in found if not s.delta and (not newer_than or s.id < newer_than)]
+        if not fulls:
+            return []
+        chain = [fulls[-1]]
+        for snapshot in found:
+            if snapshot.id > chain[-1].id and snapshot.delta:
+                if snapshot.base_revision != chain[-1].revision:
+                    break
+                chain.append(snapshot)
+        return chain
+
+    def forget(self, key: str) -> None:
+        """Remove every snapshot of ``key``."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "DELETE FROM snapshot_chunks WHERE snapshot IN "
+                "(SELECT id FROM snapshots WHERE key = ?)",
+                (key,),
+            )
+            self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
+
+    def _meta(self, ident: int) -> Snapshot:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (ident,))
+        found = row.fetchone()
+        if found is None:
+            raise SnapshotNotFoundError(f"no snapshot {ident}")
+        return _snapshot(found)
+
     def history(self, key: str) -> list[Snapshot]:
         """The snapshots of ``key``, oldest first, without their bytes."""
         rows = self._db.execute(
-            "SELECT id, key, plugin_version, state_version, sha256, size, taken_at, reason "
-            "FROM snapshots WHERE key = ? ORDER BY id",
-            (key,),
+            f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 ORDER BY id", (key,)
         )
         return [_snapshot(row) for row in rows]
 
     def get(
         self, key: str, ident: int | None = None, *, max_state_version: int | None = None
     ) -> Snapshot:
-        """A snapshot with its bytes: ``ident``, else the newest (of at most that state version)."""
-        query = (
-            "SELECT id, key, plugin_version, state_version, sha256, size, taken_at, reason, data "
-            "FROM snapshots WHERE key = ?"
-        )
+        """A whole snapshot with its bytes: ``ident``, else the newest full one (of at most
+        that state version). Deltas hold only changes: asked for by id, they come as they are."""
+        query = f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1"
         arguments: list[object] = [key]
         if ident is not None:
             query += " AND id = ?"
             arguments.append(ident)
+        else:
+            query += " AND base_revision = ''"
         if max_state_version is not None:
             query += " AND state_version <= ?"
             arguments.append(max_state_version)
@@ -144,11 +331,11 @@ class Snapshots:
         if row is None:
             which = f"snapshot {ident}" if ident is not None else "snapshot"
             raise SnapshotNotFoundError(f"{key} has no {which}; see bhctl state history {key}")
-        snapshot = _snapshot(row[:8])
-        data = bytes(row[8])
+        snapshot = _snapshot(row)
+        data = b"".join(self.chunks(snapshot.id))
         if hashlib.sha256(data).hexdigest() != snapshot.sha256:
             raise SnapshotDamagedError(f"snapshot {snapshot.id} of {key} does not match its sha256")
-        return Snapshot(**{**snapshot.__dict__, "data": data})
+        return dataclasses.replace(snapshot, data=data)
 
 
 class Specs:
@@ -212,4 +399,6 @@ def _snapshot(row: tuple[object, ...]) -> Snapshot:
         size=int(str(row[5])),
         taken_at=datetime.fromisoformat(str(row[6])),
         reason=str(row[7]),
+        revision=str(row[8] or ""),
+        base_revision=str(row[9] or ""),
     )

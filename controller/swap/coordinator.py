@@ -8,20 +8,28 @@ controller that dies at any step finds it when it starts again:
    Ready (handshake, health) within ``startupDeadlineSeconds``, then answer
    the spec's pre-promotion checks; with ``autoPromote: false`` it waits
    for ``bhctl swap promote``.
-2. Promoting, in one go: the gateway holds the plugin's new calls; the old
+2. Pre-copy (``hotSwap.stateTransfer: PreCopy``, the default): while the
+   old color still serves, its whole state is streamed into the new one,
+   then what changed meanwhile, round after round (``preCopyRounds``), until
+   the last round's changes are small (``preCopyTargetBytes``). Each round
+   is also kept in the snapshot store, as a checkpoint chain.
+3. Promoting, in one go: the gateway holds the plugin's new calls; the old
    color drains (its calls in flight reach zero, bounded by
-   ``drainTimeoutSeconds``) and freezes; its state is exported and imported
-   into the new color, which migrates it; the status records the new color
-   as active, in one write; the route flips and the held calls go to the
-   new color. The time calls were held is ``lastSwap.pauseMilliseconds``.
-3. Promoted: the old color is kept, frozen, for ``scaleDownDelaySeconds``;
+   ``drainTimeoutSeconds``) and freezes; what changed since the last round
+   moves as one delta (with FullCopy, or where a plugin keeps no revisions
+   or the state versions differ, the whole state, which the new color
+   migrates); the status records the new color as active, in one write;
+   the route flips and the held calls go to the new color. The time calls
+   were held is ``lastSwap.pauseMilliseconds``, promoted or not.
+4. Promoted: the old color is kept, frozen, for ``scaleDownDelaySeconds``;
    then it is removed and the swap is done.
 
 Any failure rolls back: the route stays on (or returns to) the old color,
 which takes calls again with its state as it was frozen; the new color is
 removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
 ``SwapFailedChecks``, ``SwapFailedImport``, ...), and that spec is not tried
-again until it changes. A controller that died while Promoting rolls back
+again until it changes (its generation: any edit, the swap settings
+included) or ``bhctl swap retry``. A controller that died while Promoting rolls back
 and tries again; one that died after the flip goes on from Promoted.
 """
 
@@ -36,12 +44,13 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from controller.errors import ControllerError, IncompatiblePluginError
+from controller.errors import ControllerError, IncompatiblePluginError, PluginCallError
 from controller.metrics import telemetry
 from controller.protocol import client
 from controller.runtimes import base
 from controller.spec import models
 from controller.state import snapshots as snapshots_module
+from controller.swap import transfer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,7 @@ FIRST_PROBE = 0.02
 LONGEST_PROBE = 1.0
 
 
-class Plugins(Protocol):
+class Plugins(transfer.Plugins, Protocol):
     """The plugin protocol calls a swap makes (:class:`~controller.protocol.client.Clients`)."""
 
     async def handshake(
@@ -97,6 +106,7 @@ class Context(Protocol):
     status: models.PluginStatus
     observed: list[base.Instance]
     now: float
+    generation: int
 
     @property
     def runtime(self) -> base.Runtime: ...
@@ -170,6 +180,11 @@ class Coordinator:
     def __init__(self, context: Context) -> None:
         self.c = context
         self.probe_delay: dict[str, float] = {}
+        self.held_ms: float | None = None
+        """How long calls were held by a promotion that failed."""
+        self.moved = 0
+        self.held_bytes = 0
+        self.transfer = ""
 
     # Beginning.
 
@@ -330,7 +345,118 @@ class Coordinator:
                     f"expected {json.dumps(check.expect)}",
                 )
 
-    # Promoting: the pause.
+    # Promoting: the pre-copy, then the pause.
+
+    async def _pre_copy(
+        self, progress: models.SwapProgress, old_endpoint: str, new_endpoint: str
+    ) -> str:
+        """Copy the state while the old color serves; the revision the new one holds ("": none).
+
+        "" means the last move must be the whole state: a plugin that keeps
+        no revisions, or states of different versions (the new color
+        migrates, which deltas cannot do).
+        """
+        c = self.c
+        assert c.spec.state is not None
+        swap = c.spec.hot_swap
+        timeout = float(c.spec.health.timeout_seconds)
+        want = c.want_for(progress.to_color)
+        try:
+            handshake = await c.plugins.handshake(new_endpoint, want, timeout)
+        except ControllerError as e:
+            raise SwapFailure("SwapFailedNotReady", f"handshake before the copy: {e}") from None
+        if not handshake.deltas:
+            self.transfer = "FullCopy (the new color imports no deltas)"
+            return ""
+        revision = ""
+        for round in range(swap.pre_copy_rounds):
+            try:
+                moved = await transfer.move(
+                    c.plugins,
+                    old_endpoint,
+                    new_endpoint,
+                    since=revision,
+                    timeout=STATE_TIMEOUT,
+                    state_version=handshake.state_version,
+                    recording=self._recording(progress),
+                )
+            except transfer.Unsuitable as e:
+                self.transfer = f"FullCopy ({e})"
+                return ""
+            except ControllerError as e:
+                raise SwapFailure("SwapFailedImport", f"pre-copy round {round + 1}: {e}") from None
+            self.moved += moved.sent.size
+            if not moved.sent.revision or moved.after.revision != moved.sent.revision:
+                self.transfer = "FullCopy (the plugin keeps no revisions)"
+                return ""
+            revision = moved.sent.revision
+            self.transfer = f"PreCopy ({round + 1} round{'s' if round else ''})"
+            if round and moved.sent.size <= swap.pre_copy_target_bytes:
+                break
+        return revision
+
+    def _recording(self, progress: models.SwapProgress) -> transfer.Recording | None:
+        c = self.c
+        if c.snapshots is None:
+            return None
+        return transfer.Recording(c.snapshots, c.key, progress.from_version, "swap")
+
+    async def _move_held(
+        self, progress: models.SwapProgress, old_endpoint: str, new_endpoint: str, since: str
+    ) -> str:
+        """Move the state while calls are held: the last delta, or the whole state."""
+        c = self.c
+        assert c.spec.state is not None
+        if since:
+            try:
+                moved = await transfer.move(
+                    c.plugins,
+                    old_endpoint,
+                    new_endpoint,
+                    since=since,
+                    timeout=STATE_TIMEOUT,
+                    recording=self._recording(progress),
+                )
+            except PluginCallError as e:
+                if e.code != "UNIMPLEMENTED":  # e.g. a delta on the wrong base: roll back
+                    raise SwapFailure("SwapFailedImport", f"the last delta: {e}") from None
+            else:
+                self.moved += moved.sent.size
+                self.held_bytes = moved.sent.size
+                return ""
+            self.transfer = "FullCopy (the new color refused the delta)"
+        note = ""
+        try:
+            moved = await transfer.move(
+                c.plugins,
+                old_endpoint,
+                new_endpoint,
+                timeout=STATE_TIMEOUT,
+            )
+        except PluginCallError as e:
+            if e.code != "FAILED_PRECONDITION" or "newer" not in e.message:
+                raise SwapFailure("SwapFailedImport", f"{e}") from None
+            # The old color's state is of a newer version than the new one reads.
+            state = await self._export_whole(old_endpoint)
+            handed, note = await self._older_state(state, c.spec.state.version)
+            try:
+                await c.plugins.import_state(new_endpoint, handed, STATE_TIMEOUT)
+            except ControllerError as e:
+                raise SwapFailure("SwapFailedImport", f"{e}") from None
+            self.moved += len(handed.data)
+            self.held_bytes = len(handed.data)
+            return note
+        except ControllerError as e:
+            raise SwapFailure("SwapFailedImport", f"{e}") from None
+        self.moved += moved.sent.size
+        self.held_bytes = moved.sent.size
+        return note
+
+    async def _export_whole(self, endpoint: str) -> client.State:
+        try:
+            return await self.c.plugins.export_state(endpoint, STATE_TIMEOUT)
+        except ControllerError as e:
+            raise SwapFailure("SwapFailedExport", f"{e}") from None
 
     async def _promote(
         self, progress: models.SwapProgress, old: base.Instance, new: base.Instance
@@ -338,10 +464,13 @@ class Coordinator:
         c = self.c
         swap = c.spec.hot_swap
         old_endpoint, new_endpoint = c.runtime.endpoint(old), c.runtime.endpoint(new)
+        since = ""
+        self.transfer = "FullCopy"
+        if c.spec.state is not None and swap.state_transfer == "PreCopy":
+            since = await self._pre_copy(progress, old_endpoint, new_endpoint)
         progress.step = models.SwapStep.PROMOTING
         await c.persist()
         _checkpoint("promoting")
-        state: client.State | None = None
         note = ""
         started = time.monotonic()
         c.routes.hold(c.key)
@@ -359,25 +488,15 @@ class Coordinator:
                 raise SwapFailure("SwapFailedDrain", f"{old.name} did not drain: {e}") from None
             _checkpoint("drained")
             if c.spec.state is not None:
-                try:
-                    state = await c.plugins.export_state(old_endpoint, STATE_TIMEOUT)
-                except ControllerError as e:
-                    raise SwapFailure("SwapFailedExport", f"{old.name}: {e}") from None
-                _checkpoint("exported")
-                handed = state
-                if state.version > c.spec.state.version:
-                    handed, note = await self._older_state(state, c.spec.state.version)
-                try:
-                    await c.plugins.import_state(new_endpoint, handed, STATE_TIMEOUT)
-                except ControllerError as e:
-                    raise SwapFailure("SwapFailedImport", f"{new.name}: {e}") from None
+                note = await self._move_held(progress, old_endpoint, new_endpoint, since)
                 _checkpoint("imported")
             held = (time.monotonic() - started) * 1000
             if held > swap.max_pause_milliseconds:
                 raise SwapFailure(
                     "SwapFailedPause",
                     f"calls were held {held:.0f} ms, over maxPauseMilliseconds "
-                    f"({swap.max_pause_milliseconds})",
+                    f"({swap.max_pause_milliseconds}); raise spec.hotSwap.maxPauseMilliseconds "
+                    "to allow it",
                 )
             progress.step = models.SwapStep.PROMOTED
             progress.promoted = datetime.fromtimestamp(c.now, UTC)
@@ -389,6 +508,9 @@ class Coordinator:
                 from_hash=progress.from_hash or None,
                 result="InProgress",
                 to_hash=progress.to_hash,
+                state_bytes=self.moved if c.spec.state is not None else None,
+                held_state_bytes=self.held_bytes if c.spec.state is not None else None,
+                state_transfer=self.transfer if c.spec.state is not None else None,
             )
             await c.persist()
             _checkpoint("flipped")
@@ -396,20 +518,33 @@ class Coordinator:
         except BaseException:  # a failed step, or anything else: the old color serves again
             await self._resume(old_endpoint)
             c.routes.release(c.key)
+            self.held_ms = (time.monotonic() - started) * 1000
             raise
         c.routes.release(c.key)
         pause = (time.monotonic() - started) * 1000
         c.status.last_swap.pause_milliseconds = round(pause, 3)
         c.metrics.swap_pause.labels(c.key).observe(pause / 1000)
-        if state is not None and c.snapshots is not None:
-            await asyncio.to_thread(
-                c.snapshots.save, c.key, progress.from_version, state.version, state.data, "swap"
-            )
+        if c.spec.state is not None and c.snapshots is not None and not since:
+            # A whole copy was not kept as it passed (that would lengthen the hold): keep
+            # what was handed over now, from the old color, frozen as it was.
+            try:
+                await transfer.record(
+                    c.plugins, c.snapshots, c.key, old_endpoint, progress.from_version, "swap",
+                    timeout=STATE_TIMEOUT,
+                )  # fmt: skip
+            except ControllerError as e:
+                log.warning("%s: the swap's state was not kept as a snapshot: %s", c.key, e)
+        moved = (
+            f"; {self.moved} bytes of state moved, {self.held_bytes} of them while held "
+            f"({self.transfer})"
+            if c.spec.state is not None
+            else ""
+        )
         await c.event(
             "Normal",
             "SwapPromoted",
             f"{new.name} ({progress.to_version}) serves; calls were held {pause:.1f} ms"
-            + (f"; {len(state.data)} bytes of state moved" if state is not None else "")
+            + moved
             + note
             + f"; {old.name} is kept {swap.scale_down_delay_seconds}s for rollback",
         )
@@ -542,12 +677,13 @@ class Coordinator:
                 to_version=progress.to_version,
                 pause_milliseconds=c.status.last_swap.pause_milliseconds
                 if promoted and c.status.last_swap
-                else None,
+                else (round(self.held_ms, 3) if self.held_ms is not None else None),
                 result="Aborted" if aborted else "RolledBack",
                 reason=failure.reason,
                 to_hash=None if quiet else progress.to_hash,
                 from_hash=progress.from_hash or None,
                 time=datetime.now(UTC),
+                generation=c.generation,
             )
             if not quiet:
                 serving = (
@@ -567,6 +703,8 @@ class Coordinator:
             c.routes.release(c.key)
         if new is not None:
             await c.remove(new)
+        if self.held_ms is not None:
+            c.metrics.swap_pause.labels(c.key).observe(self.held_ms / 1000)
         c.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
         c.metrics.rollbacks.labels(c.key, failure.reason).inc()
         await c.event(
@@ -598,8 +736,9 @@ class Coordinator:
                     f"; {left} call(s) were still in flight on the new color: the old one "
                     "serves the state frozen at the swap"
                 )
-            state = await c.plugins.export_state(new_endpoint, STATE_TIMEOUT)
-            await c.plugins.import_state(c.runtime.endpoint(old), state, STATE_TIMEOUT)
+            await transfer.move(
+                c.plugins, new_endpoint, c.runtime.endpoint(old), timeout=STATE_TIMEOUT
+            )
         except ControllerError as e:
             return (
                 f"; the new color's state could not be handed back ({e}): the old one serves "

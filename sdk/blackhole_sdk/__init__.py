@@ -1,7 +1,8 @@
 """The Blackhole plugin SDK: what a plugin image needs to speak the plugin protocol.
 
-Depends on gRPC and protobuf only. Subclass :class:`Plugin`, declare state
-migrations with :func:`migration`, and run it with :func:`serve`; test it
+Depends on gRPC and protobuf only. Subclass :class:`Plugin` (or
+:class:`StatefulPlugin`, whose state lives in a :class:`Store` and moves as
+deltas), declare state migrations with :func:`migration`, and run it with :func:`serve`; test it
 without Docker with :mod:`blackhole_sdk.testing`. ``PROTOCOL_VERSION`` is the
 version of the plugin protocol (``blackhole.plugin.v1``) this SDK speaks.
 """
@@ -19,6 +20,7 @@ PROTOCOL_PACKAGE = "blackhole.plugin.v1"
 
 from blackhole_sdk.plugin import MigrationError, Plugin, PluginError, migration  # noqa: E402
 from blackhole_sdk.server import serve  # noqa: E402
+from blackhole_sdk.state import RevisionError, StatefulPlugin, Store  # noqa: E402
 
 __all__ = [
     "PROTOCOL_PACKAGE",
@@ -27,6 +29,9 @@ __all__ = [
     "MigrationError",
     "Plugin",
     "PluginError",
+    "RevisionError",
+    "StatefulPlugin",
+    "Store",
     "migration",
     "serve",
 ]

@@ -160,6 +160,47 @@ class Plugin:
                 grpc.StatusCode.UNIMPLEMENTED,
             )
 
+    # Revisions and deltas (optional): what lets a swap hold calls only for the last changes.
+    # blackhole_sdk.state.StatefulPlugin implements them on a Store; a plugin that keeps
+    # structures of its own can implement them itself (all of them, or none).
+
+    def state_revision(self) -> str:
+        """The revision the state is at now; "" when the plugin keeps no revisions."""
+        return ""
+
+    async def export_snapshot(self) -> tuple[bytes, str]:
+        """The whole state and the revision it is at (by default, :meth:`export_state` and "")."""
+        return bytes(await resolve(self.export_state())), ""
+
+    def export_changes(self, since: str) -> tuple[bytes, str] | None:
+        """The changes since revision ``since`` and the revision they bring to, or None.
+
+        None when ``since`` is not a revision the plugin can make a delta from (another
+        epoch, too old): the SDK then sends the whole state. May be ``async``.
+        """
+        return None
+
+    def import_snapshot(self, state: bytes, revision: str) -> Any:
+        """Take over a whole state at ``revision`` (already migrated; "" when migrated or
+        when the exporter keeps no revisions). By default, :meth:`import_state`."""
+        return self.import_state(state)
+
+    def import_changes(self, changes: bytes, base: str, revision: str) -> None:
+        """Apply a delta from revision ``base`` to ``revision``; raise
+        :class:`~blackhole_sdk.state.RevisionError` unless the state is at ``base``."""
+        raise PluginError(
+            f"{type(self).__name__} does not import deltas", grpc.StatusCode.UNIMPLEMENTED
+        )
+
+    @classmethod
+    def features(cls) -> tuple[str, ...]:
+        """The optional protocol parts it implements, said in the handshake."""
+        if cls.export_changes is not Plugin.export_changes and (
+            cls.import_changes is not Plugin.import_changes
+        ):
+            return ("state.delta",)
+        return ()
+
     def migrate(self, state: bytes, from_version: int) -> bytes:
         """``state`` of ``from_version`` turned into ``state_version`` by the declared steps."""
         target = self.state_version

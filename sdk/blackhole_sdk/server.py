@@ -70,6 +70,13 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
                 f"protocol version {request.protocol_version} is not supported; this plugin's "
                 f"SDK ({__version__}) speaks {sorted(SUPPORTED_PROTOCOL_VERSIONS)}",
             )
+        started_as = os.environ.get("BLACKHOLE_PLUGIN", "")
+        if started_as and request.plugin and request.plugin != started_as:
+            # Reached through another plugin's socket: answer nothing of this one.
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this instance is plugin {started_as!r}, not {request.plugin!r}",
+            )
         try:
             config = json.loads(request.config_json) if request.config_json else {}
         except ValueError as e:
@@ -91,6 +98,8 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
             provides=list(self.plugin.provides),
             state_version=self.plugin.state_version,
             sdk=f"blackhole-plugin-sdk/{__version__}",
+            features=list(self.plugin.features()),
+            plugin=started_as,
         )
         log.info(
             "initialized %s %s (%s)",
@@ -126,11 +135,10 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
             return plugin_pb2.HandleResponse(payload=encode(result))
         except PluginError as e:
             await context.abort(e.status, str(e))
-        except Exception as e:  # a plugin's bug is the caller's INTERNAL, not the server's death
+        except Exception:  # a plugin's bug is the caller's INTERNAL, not the server's death
             log.exception("%s failed", request.method)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{request.method}: {type(e).__name__}: {e}"
-            )
+            # What went wrong is in the plugin's log; callers learn nothing of its insides.
+            await context.abort(grpc.StatusCode.INTERNAL, f"{request.method} failed")
         finally:
             self._leave()
 
@@ -161,6 +169,9 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
                         yield plugin_pb2.HandleChunk(data=data[start : start + CHUNK_BYTES])
             except PluginError as e:
                 await context.abort(e.status, str(e))
+            except Exception:
+                log.exception("%s failed", first.method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{first.method} failed")
         finally:
             self._leave()
 
@@ -169,19 +180,27 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
     async def ExportState(
         self, request: plugin_pb2.ExportStateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[plugin_pb2.StateChunk]:
+        since = request.since_revision
         try:
-            state = bytes(await resolve(self.plugin.export_state()))
+            changes = await resolve(self.plugin.export_changes(since)) if since else None
+            if changes is not None:
+                state, revision = changes
+            else:
+                state, revision = await resolve(self.plugin.export_snapshot())
         except PluginError as e:
             await context.abort(e.status, f"export failed: {e}")
-        digest = hashlib.sha256(state).hexdigest()
-        version = self.plugin.state_version
+        state = bytes(state)
+        digest = await _sha256(state)
+        header = {
+            "state_version": self.plugin.state_version,
+            "size": len(state),
+            "sha256": digest,
+            "revision": revision,
+            "delta": changes is not None,
+            "base_revision": since if changes is not None else "",
+        }
         for start in range(0, max(len(state), 1), CHUNK_BYTES):
-            yield plugin_pb2.StateChunk(
-                state_version=version,
-                size=len(state),
-                sha256=digest,
-                data=state[start : start + CHUNK_BYTES],
-            )
+            yield plugin_pb2.StateChunk(**header, data=state[start : start + CHUNK_BYTES])
 
     async def ImportState(
         self,
@@ -189,44 +208,74 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> plugin_pb2.ImportStateResponse:
         parts: list[bytes] = []
-        header: tuple[int, int, str] | None = None
+        header: tuple[int, int, str, str, bool, str] | None = None
+        received = 0
         async for chunk in request_iterator:
-            this = (chunk.state_version, chunk.size, chunk.sha256)
+            this = (
+                chunk.state_version,
+                chunk.size,
+                chunk.sha256,
+                chunk.revision,
+                chunk.delta,
+                chunk.base_revision,
+            )
             if header is None:
                 header = this
             elif this != header:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    "state chunks disagree on version, size or sha256",
+                    "state chunks disagree on version, size, sha256 or revision",
+                )
+            received += len(chunk.data)
+            if received > this[1]:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"more state bytes than the {this[1]} announced",
                 )
             parts.append(chunk.data)
         if header is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no state chunk was sent")
         assert header is not None
-        version, size, digest = header
+        version, size, digest, revision, delta, base = header
         state = b"".join(parts)
-        if len(state) != size or hashlib.sha256(state).hexdigest() != digest:
+        del parts
+        got = await _sha256(state)
+        if len(state) != size or got != digest:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
-                f"state damaged in transfer: {len(state)} bytes with sha256 "
-                f"{hashlib.sha256(state).hexdigest()[:12]}..., "
+                f"state damaged in transfer: {len(state)} bytes with sha256 {got[:12]}..., "
                 f"expected {size} and {digest[:12]}...",
             )
+        own = self.plugin.state_version
         try:
-            migrated = self.plugin.migrate(state, version)
-            await invoke(self.plugin.import_state, migrated)
+            if delta:
+                if version != own:
+                    raise PluginError(
+                        f"a delta of state version {version} cannot be applied to version "
+                        f"{own}; send the whole state",
+                        grpc.StatusCode.UNIMPLEMENTED,
+                    )
+                await invoke(self.plugin.import_changes, state, base, revision)
+                result = state
+            else:
+                result = self.plugin.migrate(state, version)
+                adopted = revision if version == own else ""  # migrated: a state of its own
+                await invoke(self.plugin.import_snapshot, result, adopted)
         except PluginError as e:
             await context.abort(e.status, f"import failed: {e}")
         log.info(
-            "imported %d bytes of state version %d as version %d",
+            "imported %s%d bytes of state version %d as version %d (revision %s)",
+            "a delta of " if delta else "",
             size,
             version,
-            self.plugin.state_version,
+            own,
+            self.plugin.state_revision() or "none",
         )
         return plugin_pb2.ImportStateResponse(
-            state_version=self.plugin.state_version,
-            size=len(migrated),
-            sha256=hashlib.sha256(migrated).hexdigest(),
+            state_version=own,
+            size=len(result),
+            sha256=got if result is state else await _sha256(result),
+            revision=self.plugin.state_revision(),
         )
 
     # Draining.
@@ -250,6 +299,13 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
         except TimeoutError:
             log.warning("drain deadline passed with %d call(s) in flight", self.in_flight)
         return self.in_flight
+
+
+async def _sha256(data: bytes) -> str:
+    """The hex sha256 of ``data``; large states are hashed off the event loop."""
+    if len(data) < CHUNK_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):

@@ -66,13 +66,27 @@ class InitializeResponse(_message.Message):
     PROVIDES_FIELD_NUMBER: _builtins.int
     STATE_VERSION_FIELD_NUMBER: _builtins.int
     SDK_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     state_version: _builtins.int
     """The state version this plugin reads and writes; 0 when it has no state."""
     sdk: _builtins.str
     """The SDK and its version, for logs ("blackhole-plugin-sdk/0.2.0")."""
+    plugin: _builtins.str
+    """The plugin this instance was started as (BLACKHOLE_PLUGIN); the
+    controller checks it is the one it called. A plugin started as another
+    refuses the handshake with PERMISSION_DENIED.
+    """
     @_builtins.property
     def provides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional parts of the protocol the plugin implements: "state.delta"
+        (ExportState since a revision, ImportState of deltas). Plugins built
+        with an older SDK send none and get whole-state copies.
+        """
+
     def __init__(
         self,
         *,
@@ -80,10 +94,12 @@ class InitializeResponse(_message.Message):
         provides: _abc.Iterable[_builtins.str] | None = ...,
         state_version: _builtins.int = ...,
         sdk: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        plugin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "provides", b"provides", "sdk", b"sdk", "state_version", b"state_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "plugin", b"plugin", "protocol_version", b"protocol_version", "provides", b"provides", "sdk", b"sdk", "state_version", b"state_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,12 +245,20 @@ Global___HandleChunk: _TypeAlias = HandleChunk  # noqa: Y015
 class ExportStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    SINCE_REVISION_FIELD_NUMBER: _builtins.int
+    since_revision: _builtins.str
+    """Empty: the whole state. Else the changes since this revision, which
+    the plugin answers with a delta (StateChunk.delta) or, when it cannot
+    (it never had that revision, or forgot it), with its whole state.
+    """
     def __init__(
         self,
+        *,
+        since_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_revision", b"since_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,12 +272,24 @@ class StateChunk(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    BASE_REVISION_FIELD_NUMBER: _builtins.int
     state_version: _builtins.int
     """The state version the bytes are written in."""
     size: _builtins.int
-    """The whole state's size in bytes and its sha256 (hex)."""
+    """The size in bytes and the sha256 (hex) of all the chunks' data
+    together: the whole state, or the delta.
+    """
     sha256: _builtins.str
     data: _builtins.bytes
+    revision: _builtins.str
+    """The revision of the state these bytes bring the importer to; empty
+    from plugins that keep no revisions.
+    """
+    delta: _builtins.bool
+    """Set when the bytes are a delta: the revision they apply on top of."""
+    base_revision: _builtins.str
     def __init__(
         self,
         *,
@@ -261,10 +297,13 @@ class StateChunk(_message.Message):
         size: _builtins.int = ...,
         sha256: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        revision: _builtins.str = ...,
+        delta: _builtins.bool = ...,
+        base_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "sha256", b"sha256", "size", b"size", "state_version", b"state_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "data", b"data", "delta", b"delta", "revision", b"revision", "sha256", b"sha256", "size", b"size", "state_version", b"state_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,22 +316,26 @@ class ImportStateResponse(_message.Message):
     STATE_VERSION_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     state_version: _builtins.int
     """The state version the plugin holds now, and the size and sha256 of that
     state once migrated.
     """
     size: _builtins.int
     sha256: _builtins.str
+    revision: _builtins.str
+    """The revision the plugin's state is at now (empty without revisions)."""
     def __init__(
         self,
         *,
         state_version: _builtins.int = ...,
         size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size", "state_version", b"state_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "sha256", b"sha256", "size", b"size", "state_version", b"state_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,7 +96,10 @@ class PluginServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportState(self, request, context):
-        """The plugin's state, in chunks; every chunk repeats the header.
+        """The plugin's state, in chunks; every chunk repeats the header. Asked
+        for the changes since a revision, a plugin that tracks revisions (it
+        says "state.delta" in InitializeResponse.features) answers with a delta
+        on that revision, or with its whole state when it cannot (delta false).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +108,11 @@ class PluginServicer:
     def ImportState(self, request_iterator, context):
         """State exported by another instance, possibly of another state version:
         the plugin checks size and sha256, migrates it to its own version and
-        takes it over. Nothing changes if any of that fails.
+        takes it over. A delta is applied on top of the state imported before,
+        and only if that state is at the delta's base revision: otherwise
+        FAILED_PRECONDITION, and nothing changes. A delta of another state
+        version than the plugin's is refused with UNIMPLEMENTED (send the whole
+        state instead). Nothing changes if any of that fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,11 +53,19 @@ class PluginStub:
     answer streams back the same way.
     """
     ExportState: _grpc.UnaryStreamMultiCallable[_plugin_pb2.ExportStateRequest, _plugin_pb2.StateChunk]
-    """The plugin's state, in chunks; every chunk repeats the header."""
+    """The plugin's state, in chunks; every chunk repeats the header. Asked
+    for the changes since a revision, a plugin that tracks revisions (it
+    says "state.delta" in InitializeResponse.features) answers with a delta
+    on that revision, or with its whole state when it cannot (delta false).
+    """
     ImportState: _grpc.StreamUnaryMultiCallable[_plugin_pb2.StateChunk, _plugin_pb2.ImportStateResponse]
     """State exported by another instance, possibly of another state version:
     the plugin checks size and sha256, migrates it to its own version and
-    takes it over. Nothing changes if any of that fails.
+    takes it over. A delta is applied on top of the state imported before,
+    and only if that state is at the delta's base revision: otherwise
+    FAILED_PRECONDITION, and nothing changes. A delta of another state
+    version than the plugin's is refused with UNIMPLEMENTED (send the whole
+    state instead). Nothing changes if any of that fails.
     """
     Drain: _grpc.UnaryUnaryMultiCallable[_plugin_pb2.DrainRequest, _plugin_pb2.DrainResponse]
     """Stop taking calls (new ones fail with UNAVAILABLE) and return when none
@@ -81,11 +89,19 @@ class PluginAsyncStub(PluginStub):
     answer streams back the same way.
     """
     ExportState: _aio.UnaryStreamMultiCallable[_plugin_pb2.ExportStateRequest, _plugin_pb2.StateChunk]  # type: ignore[assignment]
-    """The plugin's state, in chunks; every chunk repeats the header."""
+    """The plugin's state, in chunks; every chunk repeats the header. Asked
+    for the changes since a revision, a plugin that tracks revisions (it
+    says "state.delta" in InitializeResponse.features) answers with a delta
+    on that revision, or with its whole state when it cannot (delta false).
+    """
     ImportState: _aio.StreamUnaryMultiCallable[_plugin_pb2.StateChunk, _plugin_pb2.ImportStateResponse]  # type: ignore[assignment]
     """State exported by another instance, possibly of another state version:
     the plugin checks size and sha256, migrates it to its own version and
-    takes it over. Nothing changes if any of that fails.
+    takes it over. A delta is applied on top of the state imported before,
+    and only if that state is at the delta's base revision: otherwise
+    FAILED_PRECONDITION, and nothing changes. A delta of another state
+    version than the plugin's is refused with UNIMPLEMENTED (send the whole
+    state instead). Nothing changes if any of that fails.
     """
     Drain: _aio.UnaryUnaryMultiCallable[_plugin_pb2.DrainRequest, _plugin_pb2.DrainResponse]  # type: ignore[assignment]
     """Stop taking calls (new ones fail with UNAVAILABLE) and return when none
@@ -130,7 +146,11 @@ class PluginServicer(metaclass=_abc_1.ABCMeta):
         request: _plugin_pb2.ExportStateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_plugin_pb2.StateChunk], _abc.AsyncIterator[_plugin_pb2.StateChunk]]:
-        """The plugin's state, in chunks; every chunk repeats the header."""
+        """The plugin's state, in chunks; every chunk repeats the header. Asked
+        for the changes since a revision, a plugin that tracks revisions (it
+        says "state.delta" in InitializeResponse.features) answers with a delta
+        on that revision, or with its whole state when it cannot (delta false).
+        """
 
     @_abc_1.abstractmethod
     def ImportState(
@@ -140,7 +160,11 @@ class PluginServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_plugin_pb2.ImportStateResponse, _abc.Awaitable[_plugin_pb2.ImportStateResponse]]:
         """State exported by another instance, possibly of another state version:
         the plugin checks size and sha256, migrates it to its own version and
-        takes it over. Nothing changes if any of that fails.
+        takes it over. A delta is applied on top of the state imported before,
+        and only if that state is at the delta's base revision: otherwise
+        FAILED_PRECONDITION, and nothing changes. A delta of another state
+        version than the plugin's is refused with UNIMPLEMENTED (send the whole
+        state instead). Nothing changes if any of that fails.
         """
 
     @_abc_1.abstractmethod
