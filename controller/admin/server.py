@@ -252,16 +252,22 @@ class AdminServer:
     async def _swap(self, request: web.Request) -> web.Response:
         desired = self._desired(request)
         action = request.match_info["action"]
-        if action not in ("promote", "abort", "undo"):
+        if action not in ("promote", "abort", "undo", "retry"):
             return web.json_response(
-                {"error": f"{action!r}: use promote, abort or undo"}, status=404
+                {"error": f"{action!r}: use promote, abort, undo or retry"}, status=404
             )
         target = self._reconciler()
         key = desired.plugin.key
         status = await self.source.read_status(key) or models.PluginStatus()
-        if status.swap is None and action != "undo":
+        if action == "retry":
+            last = status.last_swap
+            if status.swap is not None or last is None or last.result == "Promoted":
+                return web.json_response(
+                    {"error": f"{key}: no rolled-back swap to retry"}, status=409
+                )
+        elif status.swap is None and action != "undo":
             return web.json_response({"error": f"{key} has no swap in progress"}, status=409)
-        if status.swap is None:
+        elif status.swap is None:
             last = status.last_swap
             if last is None or last.result != "Promoted" or not last.from_hash:
                 return web.json_response(

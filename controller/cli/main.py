@@ -555,7 +555,9 @@ def _bytes(value: float) -> str:
     return f"{value:.1f}Gi"
 
 
-swap_app = typer.Typer(help="Steer a blue/green swap: promote, abort, undo.", no_args_is_help=True)
+swap_app = typer.Typer(
+    help="Steer a blue/green swap: promote, abort, undo, retry.", no_args_is_help=True
+)
 state_app = typer.Typer(help="Plugins' state snapshots.", no_args_is_help=True)
 app.add_typer(plugin.app, name="plugin")
 app.add_typer(swap_app, name="swap")
@@ -583,6 +585,12 @@ def swap_undo(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR)
     _swap(name, "undo", data_dir)
 
 
+@swap_app.command("retry")
+def swap_retry(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
+    """Try a rolled-back swap again with the same spec (editing the spec does too)."""
+    _swap(name, "retry", data_dir)
+
+
 def _swap(name: str, action: str, data_dir: Path | None) -> None:
     try:
         _client(data_dir).swap(name, action)
@@ -598,11 +606,11 @@ def state_history(name: str = typer.Argument(...), data_dir: Path | None = DATA_
         snapshots = _client(data_dir).state_history(name)["snapshots"]
     except ControllerError as e:
         raise _fail(e) from None
-    table = Table("ID", "TAKEN", "VERSION", "STATE VERSION", "SIZE", "SHA256", "REASON")
+    table = Table("ID", "TAKEN", "VERSION", "STATE VERSION", "SIZE", "SHA256", "REASON", "KIND")
     for s in snapshots:
         table.add_row(
             str(s["id"]), _age(s["takenAt"]), s["pluginVersion"], str(s["stateVersion"]),
-            str(s["size"]), s["sha256"][:12], s["reason"],
+            str(s["size"]), s["sha256"][:12], s["reason"], "delta" if s.get("delta") else "full",
         )  # fmt: skip
     out.print(table)
 

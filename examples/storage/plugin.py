@@ -1,5 +1,9 @@
 """A key-value store: put, get, delete and list over string keys; its state is the map.
 
+The map lives in the SDK's ``Store`` (:class:`~blackhole_sdk.StatefulPlugin`),
+so a swap copies it while this instance still serves and holds calls only
+for the last changes, and the controller's checkpoints are deltas.
+
 State version 2 (this release) keeps a revision per key:
 ``{"entries": {key: {"value": ..., "revision": n}}}``. Version 1 (release
 1.0) kept the plain map ``{key: value}``; the migration below turns one into
@@ -12,46 +16,45 @@ import os
 from typing import Any
 
 import grpc
-from blackhole_sdk import Plugin, PluginError, migration, serve
+from blackhole_sdk import Plugin, PluginError, StatefulPlugin, migration, serve
 
 
-class KeyValueStore(Plugin):
+class KeyValueStore(StatefulPlugin):
     provides = ("storage.kv",)
     state_version = 2
 
     def initialize(self, config: dict[str, Any]) -> None:
-        self.entries: dict[str, dict[str, Any]] = {}
         self.max_keys = int(config.get("maxKeys", 1_000_000))
 
     def handle(self, method: str, payload: Any) -> Any:
         payload = payload or {}
+        entries = self.state
         if method == "put":
             key = _key(payload)
-            if key not in self.entries and len(self.entries) >= self.max_keys:
+            found = entries.get(key)
+            if found is None and len(entries) >= self.max_keys:
                 raise PluginError(f"full: {self.max_keys} keys", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            revision = self.entries.get(key, {}).get("revision", 0) + 1
-            self.entries[key] = {"value": payload.get("value"), "revision": revision}
+            revision = (found or {}).get("revision", 0) + 1
+            entries[key] = {"value": payload.get("value"), "revision": revision}
             return {"key": key, "revision": revision}
         if method == "get":
             key = _key(payload)
-            if key not in self.entries:
+            if key not in entries:
                 raise PluginError(f"no key {key!r}", grpc.StatusCode.NOT_FOUND)
-            return {"key": key, **self.entries[key]}
+            return {"key": key, **entries[key]}
         if method == "delete":
-            return {"deleted": self.entries.pop(_key(payload), None) is not None}
+            key = _key(payload)
+            found = key in entries
+            if found:
+                del entries[key]
+            return {"deleted": found}
         if method == "list":
             prefix = str(payload.get("prefix", ""))
-            return {"keys": sorted(k for k in self.entries if k.startswith(prefix))}
+            return {"keys": sorted(k for k in entries if k.startswith(prefix))}
         raise PluginError(
             f"unknown method {method!r}; use put, get, delete or list",
             grpc.StatusCode.UNIMPLEMENTED,
         )
-
-    def export_state(self) -> bytes:
-        return json.dumps({"entries": self.entries}, sort_keys=True).encode()
-
-    def import_state(self, state: bytes) -> None:
-        self.entries = json.loads(state)["entries"] if state else {}
 
     @migration(1, 2)
     def add_revisions(self, state: bytes) -> bytes:
@@ -60,18 +63,29 @@ class KeyValueStore(Plugin):
         return json.dumps({"entries": entries}, sort_keys=True).encode()
 
 
-class KeyValueStoreV1(KeyValueStore):
-    """Release 1.0: the same calls, state kept as the plain map (state version 1)."""
+class KeyValueStoreV1(Plugin):
+    """Release 1.0: the same calls, state kept as the plain map (state version 1), whole
+    copies only (it predates revisions)."""
 
+    provides = ("storage.kv",)
     state_version = 1
 
+    def __init__(self) -> None:
+        self.inner = KeyValueStore()
+
+    def initialize(self, config: dict[str, Any]) -> None:
+        self.inner.initialize(config)
+
+    def handle(self, method: str, payload: Any) -> Any:
+        return self.inner.handle(method, payload)
+
     def export_state(self) -> bytes:
-        plain = {k: e["value"] for k, e in self.entries.items()}
+        plain = {k: self.inner.state[k]["value"] for k in self.inner.state}
         return json.dumps(plain, sort_keys=True).encode()
 
     def import_state(self, state: bytes) -> None:
         plain = json.loads(state) if state else {}
-        self.entries = {k: {"value": v, "revision": 1} for k, v in plain.items()}
+        self.inner.state.load(self.inner.add_revisions(json.dumps(plain).encode()))
 
 
 def _key(payload: dict[str, Any]) -> str:
