@@ -92,6 +92,8 @@ class Store(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         key = _key(key)
         encoded = _encode(value)
+        if key in self._log and key not in self._values:
+            self._dead -= 1  # a deleted key set again
         self._touch(key)
         self._values[key] = encoded
 
@@ -116,10 +118,7 @@ class Store(MutableMapping[str, Any]):
             # The state diverges from the exporter's: its revisions are no longer ours.
             self.epoch, self.floor, self._adopted = secrets.token_hex(8), self.counter, False
         self.counter += 1
-        if key in self._log:
-            if key not in self._values:
-                self._dead -= 1  # a deleted key set again
-            del self._log[key]
+        self._log.pop(key, None)
         self._log[key] = self.counter
 
     def _forget_oldest_deletions(self) -> None:

@@ -31,7 +31,7 @@ def test_example_plugins_answer_through_the_gateway(controller):
     )
     controller.write(
         "stats",
-        "  state: {version: 1}\n  config: {windows: [60]}\n",
+        "  state: {version: 2}\n  config: {windows: [60]}\n",
         image="blackhole/example-analytics:1.0.0",
     )
     controller.start()
