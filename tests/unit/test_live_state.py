@@ -195,7 +195,8 @@ async def test_a_rolled_back_swap_is_tried_again_after_its_settings_change_or_on
     kv.plugins.failing["bh-kv-green"] = "import_state"
     write(kv, "1.1.0")
     status = await kv.settle("kv")
-    assert status.last_swap is not None and status.last_swap.result == "RolledBack"
+    assert status.last_swap is not None
+    assert status.last_swap.result == "RolledBack"
     assert status.last_swap.pause_milliseconds is None, "it failed before calls were held"
     status = await kv.settle("kv")
     assert status.swap is None and status.active_version == "1.0.0", "not tried again as is"
@@ -209,7 +210,8 @@ async def test_a_rolled_back_swap_is_tried_again_after_its_settings_change_or_on
     kv.plugins.failing["bh-kv-blue"] = "import_state"
     write(kv, "1.2.0", swap=", maxPauseMilliseconds: 500")
     status = await kv.settle("kv")
-    assert status.last_swap is not None and status.last_swap.result == "RolledBack"
+    assert status.last_swap is not None
+    assert status.last_swap.result == "RolledBack"
     kv.plugins.failing.clear()
     kv.reconciler.request("kv", "retry")
     status = await kv.settle("kv")
@@ -224,10 +226,14 @@ async def test_a_rolled_back_swap_reports_how_long_calls_were_held(kv: World) ->
     write(kv, "1.1.0", swap=", maxPauseMilliseconds: 1")
     status = await kv.settle("kv", passes=3)
     last = status.last_swap
-    assert last is not None and last.result == "RolledBack" and last.reason == "SwapFailedPause"
-    assert last.pause_milliseconds is not None and last.pause_milliseconds > 1
+    assert last is not None
+    assert last.result == "RolledBack"
+    assert last.reason == "SwapFailedPause"
+    assert last.pause_milliseconds is not None
+    assert last.pause_milliseconds > 1
     degraded = conditions.find(status.conditions, "Degraded")
-    assert degraded is not None and "maxPauseMilliseconds" in degraded.message
+    assert degraded is not None
+    assert "maxPauseMilliseconds" in degraded.message
     assert kv.plugins.states["bh-kv-blue"] == b"x" * 200_000, "the old color kept its state"
 
 
@@ -281,7 +287,8 @@ async def test_a_damaged_checkpoint_is_skipped_for_the_newest_good_one(kv: World
     assert conditions.is_true(status.conditions, "Ready")
     assert contents(store(kv, "blue")) == good
     skipped = [e for e in kv.store.events("kv") if e.reason == "CheckpointSkipped"]
-    assert skipped and f"checkpoint {newest}" in skipped[0].message
+    assert skipped
+    assert f"checkpoint {newest}" in skipped[0].message
 
 
 async def test_a_lost_delta_ends_the_chain_before_it(kv: World) -> None:
