@@ -147,7 +147,8 @@ async def test_a_pre_copy_swap_moves_writes_made_during_the_copy_and_holds_only_
     assert status.last_swap.pause_milliseconds is not None
     kept = kv.reconciler.snapshots.checkpoints("kv")  # type: ignore[union-attr]
     swap = [s for s in kept if s.reason == "swap"]
-    assert not swap[0].delta and all(s.delta for s in swap[1:]), "a full copy, then deltas"
+    assert not swap[0].delta, "a full copy first"
+    assert all(s.delta for s in swap[1:]), "then deltas"
 
 
 async def test_a_delta_on_the_wrong_base_rolls_back_with_the_old_color_serving_intact(
@@ -199,7 +200,8 @@ async def test_a_rolled_back_swap_is_tried_again_after_its_settings_change_or_on
     assert status.last_swap.result == "RolledBack"
     assert status.last_swap.pause_milliseconds is None, "it failed before calls were held"
     status = await kv.settle("kv")
-    assert status.swap is None and status.active_version == "1.0.0", "not tried again as is"
+    assert status.swap is None, "not tried again as is"
+    assert status.active_version == "1.0.0"
     kv.plugins.failing.clear()
     write(kv, "1.1.0", swap=", maxPauseMilliseconds: 500")  # only a swap setting changes
     status = await kv.settle("kv")
