@@ -468,6 +468,7 @@ class Coordinator:
         self.transfer = "FullCopy"
         if c.spec.state is not None and swap.state_transfer == "PreCopy":
             since = await self._pre_copy(progress, old_endpoint, new_endpoint)
+            _checkpoint("precopied")
         progress.step = models.SwapStep.PROMOTING
         await c.persist()
         _checkpoint("promoting")

@@ -179,7 +179,7 @@ def test_a_crash_two_seconds_after_promotion_is_rolled_back(controller):
     )
 
 
-@pytest.mark.parametrize("step", ["promoting", "drained", "exported", "imported", "flipped"])
+@pytest.mark.parametrize("step", ["precopied", "promoting", "drained", "imported", "flipped"])
 def test_a_controller_killed_at_each_step_of_the_flip_converges(controller, step):
     write_kv(controller, "1.0.0", state=1)
     controller.start(env={coordinator.CRASH_AT_VARIABLE: step})
