@@ -191,14 +191,18 @@ class Snapshots:
         size: int,
         revision: str,
         base_revision: str = "",
+        taken: datetime | None = None,
     ) -> int:
-        """Start a streamed snapshot; its id, for :meth:`append` and :meth:`finish`."""
+        """Start a streamed snapshot; its id, for :meth:`append` and :meth:`finish`.
+
+        ``taken``: when the state was asked for (default now).
+        """
         cursor = self._db.execute(
             "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, taken_at, "
             "reason, data, revision, base_revision, chunked, complete) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?, ?, 1, 0)",
-            (key, plugin_version, state_version, sha256, size, datetime.now(UTC).isoformat(),
-             reason, revision, base_revision),
+            (key, plugin_version, state_version, sha256, size,
+             (taken or datetime.now(UTC)).isoformat(), reason, revision, base_revision),
         )  # fmt: skip
         return int(cursor.lastrowid or 0)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 from controller.errors import ControllerError, PluginCallError
@@ -60,6 +61,8 @@ class Recording:
     skip_unchanged: bool = False
     """Do not keep a delta that changes nothing (a checkpoint with no writes since)."""
     saved: snapshots_module.Snapshot | None = None
+    asked: datetime = field(default_factory=lambda: datetime.now(UTC))
+    """When the state was asked for: every write acknowledged before it is in the snapshot."""
 
     async def add(self, header: client.Transfer, data: bytes) -> None:
         if self.ident is None:
@@ -75,6 +78,7 @@ class Recording:
                 size=header.size,
                 revision=header.revision,
                 base_revision=header.base_revision if header.delta else "",
+                taken=self.asked,
             )
         await asyncio.to_thread(self.snapshots.append, self.ident, self.seq, data)
         self.seq += 1

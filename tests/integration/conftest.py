@@ -9,6 +9,7 @@ is an error, never a skip: start the engines with ``scripts/engines.sh``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import json
@@ -38,9 +39,20 @@ SESSION_LABEL = "blackhole.dev/test-session"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "blackhole/base:bookworm")
 RUNTIME_IMAGE = f"blackhole/plugin-runtime:{controller_version}"
 """The plugin runtime image (``images/build.sh``), which the test plugin builds on."""
-PLUGIN_IMAGE = "blackhole/test-plugin:1"
-"""The plugin the tests run (``tests/integration/plugin``); its behaviour is set by env MODE."""
 PLUGIN_DIR = Path(__file__).parent / "plugin"
+
+
+def _plugin_tag() -> str:
+    """The test plugin's tag: a digest of its files, so checkouts never run each other's."""
+    digest = hashlib.sha256(RUNTIME_IMAGE.encode())
+    for path in sorted(PLUGIN_DIR.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+PLUGIN_IMAGE = f"blackhole/test-plugin:{_plugin_tag()}"
+"""The plugin the tests run (``tests/integration/plugin``); its behaviour is set by env MODE."""
 BHCTL = Path(sys.executable).parent / "bhctl"
 
 _controller_ids = itertools.count(1)

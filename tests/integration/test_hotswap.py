@@ -45,6 +45,8 @@ class Load:
     rate: float = 200.0
     threads: int = 4
     written: dict[str, int] = field(default_factory=dict)
+    acknowledged: dict[str, float] = field(default_factory=dict)
+    """When each write was acknowledged (wall clock)."""
     failures: list[tuple[str, int, object]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,6 +67,7 @@ class Load:
             with self._lock:
                 if status == 200:
                     self.written[key] = n
+                    self.acknowledged[key] = time.time()
                 else:
                     self.failures.append((key, status, answer))
             deadline += interval

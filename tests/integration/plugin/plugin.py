@@ -10,7 +10,10 @@ and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
 another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
 MODE=mute: run, but never listen (never Ready). STATE_VERSION: the state
 version it declares (default 0: none); CRASH_AFTER_IMPORT=S: exit 3 S seconds
-after importing state; FAIL=import: refuse every import.
+after importing state; FAIL=import: refuse every import. STATEFUL=1: keep the
+map in the SDK's Store (revisions and deltas, as StatefulPlugin does);
+DIVERGE=1 with it: write a key of its own after each whole import, so that
+the next delta (made on the exporter's revision) no longer applies.
 """
 
 import asyncio
@@ -21,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from blackhole_sdk import Plugin, PluginError, calls, serve
+from blackhole_sdk import Plugin, PluginError, StatefulPlugin, calls, serve
 
 mode = os.environ.get("MODE", "serve")
 print(f"test plugin {os.environ.get('BLACKHOLE_PLUGIN')} mode={mode}", flush=True)
@@ -95,10 +98,27 @@ def _connect(target: dict[str, Any]) -> str:
     return "connected"
 
 
+class StatefulTestPlugin(StatefulPlugin, TestPlugin):
+    """The same calls, the map in a Store: swaps move deltas."""
+
+    state_version = int(os.environ.get("STATE_VERSION", "1"))
+
+    def initialize(self, config: dict[str, Any]) -> None:
+        self.data = self.state  # type: ignore[assignment]
+
+    def import_snapshot(self, state: bytes, revision: str) -> None:
+        if os.environ.get("FAIL") == "import":
+            raise PluginError("this build cannot read that state (FAIL=import)")
+        super().import_snapshot(state, revision)
+        if os.environ.get("DIVERGE") == "1":  # right after answering the import
+            color = os.environ.get("BLACKHOLE_COLOR", "")
+            asyncio.get_running_loop().call_soon(self.state.__setitem__, "diverged", color)
+
+
 if mode == "crash":
     print("boom: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
 if mode == "mute":
     while True:
         time.sleep(3600)
-serve(TestPlugin())
+serve(StatefulTestPlugin() if os.environ.get("STATEFUL") == "1" else TestPlugin())
