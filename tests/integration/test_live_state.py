@@ -172,8 +172,10 @@ def _restored_after_kill(controller: ControllerProcess, name: str, kill: Any) ->
     assert len(kept) > 50, "writes were acknowledged before the checkpoint"
     assert all_readable(controller, kept) == [], "every write before the checkpoint is back"
     later = wait_for(
-        lambda: [e for e in events(controller, name)[before:] if e["reason"] == "Ready"]
-        and events(controller, name)[before:],
+        lambda: (
+            [e for e in events(controller, name)[before:] if e["reason"] == "Ready"]
+            and events(controller, name)[before:]
+        ),
         what="the Ready event",
     )
     reasons = [e["reason"] for e in later]
