@@ -1,21 +1,32 @@
-"""Replacing a plugin's version under load: the controller's blue/green swap against compose.
+"""Swapping a stateful plugin under load: pre-copy against a whole copy under the hold, and compose.
 
-Both sides serve the storage example under the same steady load of writes
-(``--rate`` calls per second) and are moved between versions 1.1.0 and
-1.2.0 repeatedly, in one run:
+The storage example serves a steady load of writes (``--rate`` calls per
+second) through a real ``bhctl run`` on Docker and is swapped between
+versions 1.1.0 and 1.2.0 (``--swaps`` times) at each state size of
+``--sizes`` (MB, filled with 64 KiB values before the swaps), once per
+state transfer strategy, each on a fresh controller, in one run:
 
-- controller: a real ``bhctl run`` on Docker; calls go through its gateway;
-  each swap is a spec edit. Reported: the pause of each swap (from the
-  plugin's status), failed calls, rollbacks, and keys not readable after.
-- compose: Debian's docker-compose 1.29 runs the same image with the same
-  socket mount; calls go straight to the plugin's socket (re-initializing it
-  after each restart, as a client would have to); each replacement is
-  ``docker-compose up -d`` with the other image. Reported: failed calls, the
-  downtime of each replacement (first failure to first success after), and
-  keys lost with the old container's memory.
+- PreCopy (``hotSwap.stateTransfer: PreCopy``, the default): the state is
+  copied while the old color serves; calls are held only for the last delta.
+- FullCopy: the whole state moves while calls are held (the old way).
 
-Prints JSON; ``--plot FILE`` draws the pauses. Needs Docker, docker-compose
-and the images (``scripts/engines.sh docker compose``, ``images/build.sh``).
+Reported per strategy and size: the pause (``lastSwap.pauseMilliseconds``)
+p50 / p99 / max, the longest call seen by a client during the swaps, failed
+calls, lost writes (acknowledged, not readable after), the swap's whole
+duration (spec written to promoted), bytes moved while held, and the
+controller's resident memory before the swaps and at its peak during them
+(``VmHWM`` after resetting it). ``maxPauseMilliseconds`` is set to 60000 so
+that every swap promotes and is measured.
+
+With ``--compose``, Debian's docker-compose 1.29 runs the same image with
+the same socket mount; calls go straight to the plugin's socket; each
+replacement is ``docker-compose up -d`` with the other image. Reported:
+failed calls, the downtime of each replacement and the keys lost with the
+old container's memory.
+
+Prints JSON; ``--plot FILE`` draws the pause against the state size for
+both strategies. Needs Docker and the images (``scripts/engines.sh docker``,
+``images/build.sh``; ``compose`` too for ``--compose``).
 """
 
 from __future__ import annotations
@@ -51,11 +62,12 @@ metadata: {{name: kv}}
 spec:
   image: blackhole/example-storage:{version}
   version: {version}
-  state: {{version: 2}}
-  resources: {{cpu: "1", memory: 256Mi}}
-  hotSwap: {{scaleDownDelaySeconds: 0}}
-  gateway: {{maxConcurrentCalls: 1000}}
+  state: {{version: 2, checkpointSeconds: 0}}
+  resources: {{cpu: "1", memory: 2Gi}}
+  hotSwap: {{scaleDownDelaySeconds: 0, maxPauseMilliseconds: 60000, stateTransfer: {transfer}}}
+  gateway: {{maxConcurrentCalls: 1000, timeoutSeconds: 120}}
 """
+VALUE_BYTES = 64 << 10
 
 Put = Callable[[str, int], Awaitable[bool]]
 
@@ -69,6 +81,8 @@ class Load:
     acknowledged: dict[str, int] = field(default_factory=dict)
     failures: list[float] = field(default_factory=list)
     successes: list[float] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)
+    """(when it started, how long it took) of every call."""
     calls: int = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -87,8 +101,10 @@ class Load:
 
     async def _one(self, key: str, value: int) -> None:
         self.calls += 1
+        started = time.perf_counter()
         ok = await self.put(key, value)
         now = time.perf_counter()
+        self.latencies.append((started, now - started))
         if ok:
             self.acknowledged[key] = value
             self.successes.append(now)
@@ -109,27 +125,39 @@ def downtimes(load: Load, moments: list[float]) -> list[float]:
     return spans
 
 
+def quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+
+def memory_kib(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 # The controller.
 
 
-async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+async def measure_controller(
+    args: argparse.Namespace, root: Path, transfer: str, megabytes: float
+) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
+    spec = SPEC.format(version=VERSIONS[0], transfer=transfer)
     async with (
         support.controller(
-            root,
-            {"kv.yaml": SPEC.format(version=VERSIONS[0])},
-            "--gateway-grpc-addr",
-            "",
-            "--metrics-addr",
-            "",
+            root, {"kv.yaml": spec}, "--gateway-grpc-addr", "", "--metrics-addr", ""
         ) as ours,
         aiohttp.ClientSession(connector=connector) as session,
     ):
         await ours.until(lambda: ours.status("kv").get("activeVersion") == VERSIONS[0])
         gateway, specs = ours.addresses()["http"], ours.specs
+        url = f"http://{gateway}/v1/plugins/kv/call/put"
 
-        async def put(key: str, value: int) -> bool:
-            url = f"http://{gateway}/v1/plugins/kv/call/put"
+        async def put(key: str, value: Any) -> bool:
             try:
                 async with session.post(url, json={"key": key, "value": value}) as answer:
                     await answer.read()
@@ -137,14 +165,19 @@ async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, 
             except aiohttp.ClientError:
                 return False
 
+        filled = await fill(put, megabytes)
         load = Load(put, args.rate)
         stop = asyncio.Event()
         loading = asyncio.create_task(load.run(stop))
-        pauses, results = [], []
         await asyncio.sleep(1)
+        pid = ours.process.pid
+        rss_before = memory_kib(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
+        pauses, held, durations, windows = [], [], [], []
         for i in range(args.swaps):
             version = VERSIONS[(i + 1) % 2]
-            (specs / "kv.yaml").write_text(SPEC.format(version=version))
+            began = time.perf_counter()
+            (specs / "kv.yaml").write_text(SPEC.format(version=version, transfer=transfer))
 
             def done(version: str = version) -> bool:
                 status = ours.status("kv")
@@ -155,40 +188,69 @@ async def measure_controller(args: argparse.Namespace, root: Path) -> dict[str, 
                     and last.get("result") in ("Promoted", "RolledBack")
                 )
 
-            await ours.until(done)
+            await ours.until(done, timeout=600)
+            durations.append(time.perf_counter() - began)
+            windows.append((began, time.perf_counter()))
             last = ours.status("kv")["lastSwap"]
-            results.append(last["result"])
-            if last["result"] == "Promoted":
-                pauses.append(float(last["pauseMilliseconds"]))
-            else:  # rolled back: put it back to where the next swap expects it
-                (specs / "kv.yaml").write_text(SPEC.format(version=VERSIONS[i % 2]))
-                await asyncio.sleep(1)
-            await asyncio.sleep(0.2)
+            if last["result"] != "Promoted":
+                sys.exit(f"a swap rolled back: {last}")
+            pauses.append(float(last["pauseMilliseconds"]))
+            held.append(int(last.get("heldStateBytes") or 0))
+            await asyncio.sleep(0.5)
+        rss_peak = memory_kib(pid, "VmHWM")
         stop.set()
         await loading
         lost = [
             key
-            for key, value in load.acknowledged.items()
+            for key, value in {**filled, **load.acknowledged}.items()
             if not await _readable_through(session, gateway, key, value)
         ]
+    during = [d for at, d in load.latencies if any(a <= at <= b for a, b in windows)]
     return {
+        "transfer": transfer,
+        "state_mb": megabytes,
         "swaps": args.swaps,
-        "promoted": results.count("Promoted"),
-        "rolled_back": results.count("RolledBack"),
-        "pause_ms_p50": round(statistics.median(pauses), 2) if pauses else None,
-        "pause_ms_p99": round(sorted(pauses)[min(len(pauses) - 1, int(0.99 * len(pauses)))], 2)
-        if pauses
-        else None,
+        "pause_ms_p50": quantile(pauses, 0.5),
+        "pause_ms_p99": quantile(pauses, 0.99),
         "pause_ms_max": round(max(pauses), 2) if pauses else None,
         "pauses_ms": pauses,
+        "longest_call_ms": round(max(during) * 1000, 2) if during else None,
+        "held_state_bytes_max": max(held) if held else None,
+        "swap_seconds_p50": quantile(durations, 0.5),
+        "swap_seconds_max": round(max(durations), 2) if durations else None,
         "calls": load.calls,
         "failed_calls": len(load.failures),
         "lost_writes": len(lost),
+        "controller_rss_mib_before": round(rss_before / 1024, 1),
+        "controller_rss_mib_peak": round(rss_peak / 1024, 1),
+        "controller_rss_growth_share_of_state": round(
+            max(0, rss_peak - rss_before) / 1024 / megabytes, 4
+        )
+        if megabytes
+        else None,
     }
 
 
+async def fill(put: Callable[[str, Any], Awaitable[bool]], megabytes: float) -> dict[str, Any]:
+    """About ``megabytes`` of state in 64 KiB values, eight calls at a time."""
+    keys = int(megabytes * (1 << 20) / VALUE_BYTES)
+    filled: dict[str, Any] = {}
+    queue = list(range(keys))
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            key, value = f"fill-{i:06d}", {"n": i, "pad": "x" * (VALUE_BYTES - 32)}
+            if not await put(key, value):
+                sys.exit(f"filling the state failed at {key}")
+            filled[key] = value
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    return filled
+
+
 async def _readable_through(
-    session: aiohttp.ClientSession, gateway: str, key: str, value: int
+    session: aiohttp.ClientSession, gateway: str, key: str, value: Any
 ) -> bool:
     url = f"http://{gateway}/v1/plugins/kv/call/get"
     async with session.post(url, json={"key": key}) as answer:
@@ -296,33 +358,45 @@ async def measure_compose(args: argparse.Namespace, root: Path) -> dict[str, Any
 
 def plot(results: dict[str, Any], path: str) -> None:
     plt = support.pyplot()
-    pauses = results["controller"]["pauses_ms"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(pauses) + 1), pauses, "o-", label="controller: calls held (ms)")
-    downtime = results["compose"]["downtime_seconds_median"]
-    if downtime is not None:
-        ax.axhline(downtime * 1000, color="red", label="compose: median downtime (ms)")
+    for transfer in ("PreCopy", "FullCopy"):
+        rows = [r for r in results["controller"] if r["transfer"] == transfer]
+        sizes = [r["state_mb"] for r in rows]
+        ax.plot(sizes, [r["pause_ms_p99"] for r in rows], "o-", label=f"{transfer}: pause p99")
+        ax.plot(sizes, [r["pause_ms_p50"] for r in rows], "x--", label=f"{transfer}: pause p50")
+    ax.axhline(50, color="grey", linestyle=":", label="50 ms")
+    ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("log")
-    ax.set_xlabel("swap")
-    ax.set_ylabel("milliseconds")
-    ax.set_title(f"Replacing a version under {results['rate']:.0f} calls/s")
-    ax.legend()
+    ax.set_xlabel("state (MB)")
+    ax.set_ylabel("calls held (ms)")
+    ax.set_title(f"Swap pause against state size under {results['rate']:.0f} writes/s")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"benchmark": "hotswap", "rate": args.rate, "controller": []}
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
-        ours = await measure_controller(args, Path(temp) / "controller")
-        theirs = await measure_compose(args, Path(temp) / "compose")
-    return {"benchmark": "hotswap", "rate": args.rate, "controller": ours, "compose": theirs}
+        for megabytes in args.sizes:
+            for transfer in args.transfers:
+                root = Path(temp) / f"{transfer}-{megabytes}"
+                row = await measure_controller(args, root, transfer, megabytes)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                results["controller"].append(row)
+        if args.compose:
+            results["compose"] = await measure_compose(args, Path(temp) / "compose")
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--swaps", type=int, default=20)
+    parser.add_argument("--swaps", type=int, default=10, help="swaps per strategy and size")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0, 1, 10, 100], help="MB")
+    parser.add_argument("--transfers", nargs="+", default=["PreCopy", "FullCopy"])
+    parser.add_argument("--rate", type=float, default=200.0, help="writes per second")
+    parser.add_argument("--compose", action="store_true", help="also measure docker-compose")
     parser.add_argument("--compose-replacements", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=200.0, help="calls per second")
     parser.add_argument("--plot", metavar="FILE")
     args = parser.parse_args()
     if os.geteuid() != 0:

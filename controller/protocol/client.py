@@ -44,6 +44,7 @@ _OPTIONS = [
     ("grpc.enable_http_proxy", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
