@@ -472,6 +472,8 @@ class _Pass:
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
         if current.spec_hash != self.want.spec_hash:
             self.r.routes.clear_route(self.key)
+            if current.state is base.InstanceState.RUNNING and record.ready:
+                await self._last_checkpoint(current)  # its replacement gets the state back
             await self.runtime.stop(current.name, STOP_TIMEOUT)
             await self.remove(current)
             record.restarts = 0
@@ -720,7 +722,7 @@ class _Pass:
         )
         return True
 
-    async def _checkpoint(self, current: base.Instance, endpoint: str) -> float:
+    async def _checkpoint(self, current: base.Instance, endpoint: str, full: bool = False) -> float:
         """Checkpoint the Ready instance's state when it is due; the delay to the next pass."""
         period = float(self.spec.health.period_seconds)
         store = self._checkpoints()
@@ -733,7 +735,13 @@ class _Pass:
             return min(period, due)
         try:
             taken = await transfer.checkpoint(
-                self.plugins, store, self.key, endpoint, current.version, timeout=STATE_TIMEOUT
+                self.plugins,
+                store,
+                self.key,
+                endpoint,
+                current.version,
+                timeout=STATE_TIMEOUT,
+                full=full,
             )
         except (ControllerError, OSError, sqlite3.Error) as e:
             self.metrics.checkpoint_failures.labels(self.key).inc()
@@ -750,6 +758,17 @@ class _Pass:
             self.metrics.checkpoints.labels(self.key, kind).inc()
             self.metrics.checkpoint_bytes.labels(self.key).inc(taken.snapshot.size)
         return min(period, every)
+
+    async def _last_checkpoint(self, current: base.Instance) -> None:
+        """Checkpoint an instance about to be replaced (stop, then start), whatever is due."""
+        if self._checkpoints() is None:
+            return
+        endpoint = self.runtime.endpoint(current)
+        with contextlib.suppress(ControllerError):
+            # No new calls reach it (its route is cleared); let those in flight land.
+            await self.r.routes.wait_idle(endpoint, float(self.spec.hot_swap.drain_timeout_seconds))
+        self.memory.checkpointed = 0.0
+        await self._checkpoint(current, endpoint, full=True)  # the next may be another version
 
     async def _handshake(self, current: base.Instance, endpoint: str, timeout: float) -> bool:
         """Initialize the instance (idempotent) and check what it says; True when it is healthy.

@@ -291,6 +291,19 @@ class Snapshots:
                 chain.append(snapshot)
         return chain
 
+    def newest_full(self, key: str, max_state_version: int) -> Snapshot:
+        """The newest whole snapshot of at most that state version, without its bytes."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 "
+            "AND base_revision = '' AND state_version <= ? ORDER BY id DESC LIMIT 1",
+            (key, max_state_version),
+        ).fetchone()
+        if row is None:
+            raise SnapshotNotFoundError(
+                f"{key} has no snapshot of state version {max_state_version} or older"
+            )
+        return _snapshot(row)
+
     def forget(self, key: str) -> None:
         """Remove every snapshot of ``key``."""
         with self._db:

@@ -73,12 +73,6 @@ class Plugins(transfer.Plugins, Protocol):
 
     async def call(self, endpoint: str, method: str, payload: bytes, timeout: float) -> bytes: ...
 
-    async def export_state(self, endpoint: str, timeout: float) -> client.State: ...
-
-    async def import_state(
-        self, endpoint: str, state: client.State, timeout: float
-    ) -> client.State: ...
-
     async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int: ...
 
 
@@ -425,38 +419,21 @@ class Coordinator:
                 self.held_bytes = moved.sent.size
                 return ""
             self.transfer = "FullCopy (the new color refused the delta)"
-        note = ""
         try:
             moved = await transfer.move(
                 c.plugins,
                 old_endpoint,
                 new_endpoint,
                 timeout=STATE_TIMEOUT,
+                max_state_version=c.spec.state.version,
             )
-        except PluginCallError as e:
-            if e.code != "FAILED_PRECONDITION" or "newer" not in e.message:
-                raise SwapFailure("SwapFailedImport", f"{e}") from None
-            # The old color's state is of a newer version than the new one reads.
-            state = await self._export_whole(old_endpoint)
-            handed, note = await self._older_state(state, c.spec.state.version)
-            try:
-                await c.plugins.import_state(new_endpoint, handed, STATE_TIMEOUT)
-            except ControllerError as e:
-                raise SwapFailure("SwapFailedImport", f"{e}") from None
-            self.moved += len(handed.data)
-            self.held_bytes = len(handed.data)
-            return note
+        except transfer.Unsuitable as e:  # newer than the new color reads: back to a snapshot
+            return await self._older_state(new_endpoint, e.state_version, c.spec.state.version)
         except ControllerError as e:
             raise SwapFailure("SwapFailedImport", f"{e}") from None
         self.moved += moved.sent.size
         self.held_bytes = moved.sent.size
-        return note
-
-    async def _export_whole(self, endpoint: str) -> client.State:
-        try:
-            return await self.c.plugins.export_state(endpoint, STATE_TIMEOUT)
-        except ControllerError as e:
-            raise SwapFailure("SwapFailedExport", f"{e}") from None
+        return ""
 
     async def _promote(
         self, progress: models.SwapProgress, old: base.Instance, new: base.Instance
@@ -554,8 +531,8 @@ class Coordinator:
         )
         return min(float(c.spec.health.period_seconds), float(swap.scale_down_delay_seconds))
 
-    async def _older_state(self, state: client.State, version: int) -> tuple[client.State, str]:
-        """Going back to an older state version: the newest snapshot it can read.
+    async def _older_state(self, endpoint: str, newer: int, version: int) -> str:
+        """Going back to an older state version: the newest snapshot it can read, streamed in.
 
         State cannot be migrated backwards; what was written since that
         snapshot is not carried back (it stays in the snapshot of this swap).
@@ -566,19 +543,22 @@ class Coordinator:
                 "SwapFailedImport", "no state store to go back to an older state from"
             )
         try:
-            snapshot = await asyncio.to_thread(c.snapshots.get, c.key, max_state_version=version)
-        except ControllerError as e:
+            snapshot = await asyncio.to_thread(c.snapshots.newest_full, c.key, version)
+            await transfer.load(c.plugins, c.snapshots, snapshot, endpoint, timeout=STATE_TIMEOUT)
+        except snapshots_module.SnapshotNotFoundError as e:
             raise SwapFailure(
                 "SwapFailedImport",
-                f"state version {state.version} cannot go back to version {version}, and "
-                f"there is no snapshot of version {version} or older: {e}",
+                f"state version {newer} cannot go back to version {version}, and {e}",
             ) from None
-        note = (
-            f"; state version {state.version} cannot go back to {version}: the state is "
+        except ControllerError as e:
+            raise SwapFailure("SwapFailedImport", f"snapshot {snapshot.id}: {e}") from None
+        self.moved += snapshot.size
+        self.held_bytes = snapshot.size
+        return (
+            f"; state version {newer} cannot go back to {version}: the state is "
             f"snapshot {snapshot.id} ({snapshot.plugin_version}, "
             f"taken {snapshot.taken_at:%Y-%m-%d %H:%M:%S}Z)"
         )
-        return client.State(snapshot.state_version, snapshot.data, snapshot.sha256), note
 
     async def _resume(self, endpoint: str) -> None:
         try:

@@ -47,6 +47,10 @@ class Plugins(Protocol):
 class Unsuitable(ControllerError):
     """The state on offer cannot go where it was sent (another state version): nothing moved."""
 
+    def __init__(self, message: str, state_version: int) -> None:
+        super().__init__(message)
+        self.state_version = state_version
+
 
 @dataclass
 class Recording:
@@ -111,14 +115,15 @@ async def move(
     since: str = "",
     timeout: float,
     state_version: int | None = None,
+    max_state_version: int | None = None,
     recording: Recording | None = None,
 ) -> Moved:
     """Stream the state of ``source`` (the delta since ``since``) into ``target``.
 
     With ``state_version``, a state of another version is not sent at all
-    (:class:`Unsuitable`, nothing imported); with ``recording``, the chunks
-    are kept in the store as they pass, and the snapshot is complete only
-    if the import succeeded.
+    (:class:`Unsuitable`, nothing imported), nor with ``max_state_version``
+    one newer than it; with ``recording``, the chunks are kept in the store
+    as they pass, and the snapshot is complete only if the import succeeded.
     """
     sent: list[client.Transfer] = []
     failure: list[BaseException] = []
@@ -129,10 +134,16 @@ async def move(
                 async for header, data in chunks:
                     if not sent:
                         sent.append(header)
-                        if state_version is not None and header.state_version != state_version:
+                        offered = header.state_version
+                        if state_version is not None and offered != state_version:
                             raise Unsuitable(
-                                f"state version {header.state_version} offered, "
-                                f"{state_version} wanted"
+                                f"state version {offered} offered, {state_version} wanted",
+                                offered,
+                            )
+                        if max_state_version is not None and offered > max_state_version:
+                            raise Unsuitable(
+                                f"state version {offered} is newer than {max_state_version}",
+                                offered,
                             )
                     if recording is not None:
                         await recording.add(header, data)
@@ -178,12 +189,13 @@ async def checkpoint(
     plugin_version: str,
     *,
     timeout: float,
+    full: bool = False,
 ) -> Checkpointed:
     """Keep the state of the instance at ``endpoint``: a delta on the newest checkpoint if
-    the plugin can make one, else the whole state."""
+    the plugin can make one (and ``full`` is not asked), else the whole state."""
     kept = await asyncio.to_thread(snapshots.checkpoints, key)
     since = ""
-    if kept and kept[-1].revision:
+    if kept and kept[-1].revision and not full:
         fulls = [i for i, s in enumerate(kept) if not s.delta]
         if fulls:
             last_full = kept[fulls[-1]]
@@ -262,6 +274,18 @@ async def _stored(
         yield header, b""
 
 
+async def load(
+    plugins: Plugins,
+    snapshots: snapshots_module.Snapshots,
+    snapshot: snapshots_module.Snapshot,
+    endpoint: str,
+    *,
+    timeout: float,
+) -> client.Transfer:
+    """Stream one stored snapshot into the instance at ``endpoint`` (it checks the sha256)."""
+    return await plugins.import_state_from(endpoint, _stored(snapshots, snapshot), timeout=timeout)
+
+
 async def restore(
     plugins: Plugins,
     snapshots: snapshots_module.Snapshots,
@@ -283,9 +307,7 @@ async def restore(
             return restored
         for snapshot in chain:
             try:
-                await plugins.import_state_from(
-                    endpoint, _stored(snapshots, snapshot), timeout=timeout
-                )
+                await load(plugins, snapshots, snapshot, endpoint, timeout=timeout)
             except PluginCallError as e:
                 if e.code not in UNUSABLE:
                     raise

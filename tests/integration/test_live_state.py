@@ -47,15 +47,15 @@ def write_kv(controller: ControllerProcess, version: str, state: str = "", swap:
     )
 
 
-def fill(controller: ControllerProcess, megabytes: float, name: str = "kv") -> dict[str, int]:
-    """Put about this much state, 4 KiB a key, from a few threads."""
+def fill(controller: ControllerProcess, megabytes: float, name: str = "kv") -> dict[str, Any]:
+    """Put about this much state, 4 KiB a key, from a few threads; the keys and values."""
     keys = int(megabytes * 256)
 
-    def put(i: int) -> tuple[str, int]:
+    def put(i: int) -> tuple[str, Any]:
         value = {"n": i, "pad": "x" * 4000}
         status, _, _ = controller.call(name, "put", {"key": f"fill-{i:05d}", "value": value})
         assert status == 200
-        return f"fill-{i:05d}", i
+        return f"fill-{i:05d}", value
 
     with ThreadPoolExecutor(8) as pool:
         return dict(pool.map(put, range(keys)))
@@ -90,6 +90,7 @@ def test_megabytes_of_state_swap_under_writes_holding_only_the_last_changes(cont
     assert status == 200
     assert answer["value"]["n"] == 42
     assert len(filled) == 1024
+    assert all_readable(controller, filled) == [], "the state from before the swap is whole"
     assert last["stateTransfer"].startswith("PreCopy"), last
     assert last["stateBytes"] > 4 * 10**6
     assert last["heldStateBytes"] < last["stateBytes"] / 10, "only the last changes were held"
@@ -259,3 +260,32 @@ def test_a_killed_process_plugin_gets_its_newest_checkpoint_back(tmp_path: Path)
         if controller.process is not None and controller.process.poll() is None:
             controller.kill()
         asyncio.run(test_process._remove_all(controller))
+
+
+def test_both_colors_removed_mid_swap_come_back_with_the_newest_checkpoint(controller):
+    write_kv(controller, "1.1.0", state=", checkpointSeconds: 1")
+    controller.start()
+    wait_for(lambda: controller.ready("kv"), what="kv Ready")
+    filled = fill(controller, 0.5)
+    done = time.time()
+    wait_for(
+        lambda: any(
+            datetime.fromisoformat(s["takenAt"]).timestamp() > done
+            for s in controller.admin.state_history("kv")["snapshots"]
+        ),
+        what="a checkpoint after the writes",
+    )
+    write_kv(controller, "1.2.0", state=", checkpointSeconds: 1", swap=", autoPromote: false")
+    wait_for(
+        lambda: (controller.status("kv").get("swap") or {}).get("step") == "AwaitingPromotion",
+        what="the swap waiting for promotion",
+    )
+    for color in models.Color:  # as `docker rm -f` of both
+        name = base.instance_name("kv", color, None, controller.controller_id)
+        controller.engine.client.containers.get(name).remove(force=True)
+    wait_for(
+        lambda: controller.status("kv").get("lastRestore") is not None and controller.ready("kv"),
+        timeout=90,
+        what="kv back, restored",
+    )
+    assert all_readable(controller, filled) == [], "every write before the checkpoint is back"

@@ -334,3 +334,14 @@ async def test_checkpoints_off_restores_nothing(kv: World) -> None:
     kv.clock.offset += 2
     await kv.settle("kv")
     assert len(store(kv, "blue")) == 0, "the plugin keeps its state itself: nothing restored"
+
+
+async def test_a_recreated_instance_gets_the_state_it_had_when_it_was_stopped(kv: World) -> None:
+    write(kv, "1.0.0", swap=", strategy: Recreate")
+    blue = await ready_on_blue(kv)
+    blue["just-before-the-edit"] = True  # no checkpoint is due: the replacement takes one
+    write(kv, "1.1.0", swap=", strategy: Recreate")
+    status = await kv.settle("kv")
+    assert status.active_version == "1.1.0"
+    assert store(kv, "blue") is not blue, "a new instance"
+    assert contents(store(kv, "blue")) == contents(blue)
