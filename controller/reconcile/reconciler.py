@@ -658,8 +658,11 @@ class _Pass:
     def _checkpoints(self) -> snapshots_module.Snapshots | None:
         """The store, when this plugin's state is checkpointed (and restored)."""
         state = self.spec.state
-        if state is None or not state.checkpoint_seconds:
+        if state is None or not state.checkpoint_seconds or self.snapshots is None:
             return None
+        for result in ("Restored", "Skipped", "Empty"):  # series from 0: the first one counts
+            self.metrics.restores.labels(self.key, result)
+        self.metrics.checkpoint_failures.labels(self.key)
         return self.snapshots
 
     async def _restore(self, current: base.Instance, endpoint: str) -> bool:
