@@ -178,6 +178,8 @@ class Coordinator:
         """How long calls were held by a promotion that failed."""
         self.moved = 0
         self.held_bytes = 0
+        self.held_delta = False
+        """Whether what moved while calls were held was a delta (on the last round's revision)."""
         self.transfer = ""
 
     # Beginning.
@@ -404,12 +406,7 @@ class Coordinator:
         if since:
             try:
                 moved = await transfer.move(
-                    c.plugins,
-                    old_endpoint,
-                    new_endpoint,
-                    since=since,
-                    timeout=STATE_TIMEOUT,
-                    recording=self._recording(progress),
+                    c.plugins, old_endpoint, new_endpoint, since=since, timeout=STATE_TIMEOUT
                 )
             except PluginCallError as e:
                 if e.code != "UNIMPLEMENTED":  # e.g. a delta on the wrong base: roll back
@@ -417,6 +414,7 @@ class Coordinator:
             else:
                 self.moved += moved.sent.size
                 self.held_bytes = moved.sent.size
+                self.held_delta = moved.sent.delta
                 return ""
             self.transfer = "FullCopy (the new color refused the delta)"
         try:
@@ -502,13 +500,14 @@ class Coordinator:
         pause = (time.monotonic() - started) * 1000
         c.status.last_swap.pause_milliseconds = round(pause, 3)
         c.metrics.swap_pause.labels(c.key).observe(pause / 1000)
-        if c.spec.state is not None and c.snapshots is not None and not since:
-            # A whole copy was not kept as it passed (that would lengthen the hold): keep
-            # what was handed over now, from the old color, frozen as it was.
+        if c.spec.state is not None and c.snapshots is not None:
+            # What moved while calls were held was not kept as it passed (that would
+            # lengthen the hold): keep it now from the old color, frozen as it was, as the
+            # last delta of the pre-copy's chain (or the whole state, for a whole copy).
             try:
                 await transfer.record(
                     c.plugins, c.snapshots, c.key, old_endpoint, progress.from_version, "swap",
-                    timeout=STATE_TIMEOUT,
+                    since if self.held_delta else "", timeout=STATE_TIMEOUT,
                 )  # fmt: skip
             except ControllerError as e:
                 log.warning("%s: the swap's state was not kept as a snapshot: %s", c.key, e)
