@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from blackhole_sdk import PluginError, StatefulPlugin, migration, serve
+from blackhole_sdk.state import whole
 
 
 class Analytics(StatefulPlugin):
@@ -95,7 +96,7 @@ class Analytics(StatefulPlugin):
     @migration(1, 2)
     def buckets_to_entries(self, state: bytes) -> bytes:
         buckets = json.loads(state)["buckets"] if state else []
-        return json.dumps({"entries": {str(s): values for s, values in buckets}}).encode()
+        return whole({str(s): values for s, values in buckets})
 
 
 if __name__ == "__main__":

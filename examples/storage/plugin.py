@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from blackhole_sdk import Plugin, PluginError, StatefulPlugin, migration, serve
+from blackhole_sdk.state import whole
 
 
 class KeyValueStore(StatefulPlugin):
@@ -59,8 +60,7 @@ class KeyValueStore(StatefulPlugin):
     @migration(1, 2)
     def add_revisions(self, state: bytes) -> bytes:
         plain = json.loads(state) if state else {}
-        entries = {k: {"value": v, "revision": 1} for k, v in plain.items()}
-        return json.dumps({"entries": entries}, sort_keys=True).encode()
+        return whole({k: {"value": v, "revision": 1} for k, v in plain.items()})
 
 
 class KeyValueStoreV1(Plugin):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 import grpc
@@ -65,6 +65,13 @@ def _key(key: Any) -> str:
 
 def _entries(items: list[tuple[str, bytes]]) -> bytes:
     return b",".join(_encode(k) + b":" + v for k, v in items)
+
+
+def whole(entries: Mapping[str, Any]) -> bytes:
+    """The whole-state bytes of these entries, exactly as a :class:`Store` holding them exports
+    them: what a ``@migration`` of a ``StatefulPlugin`` should return, so that the state
+    a plugin says it imported (its sha256) is the one it exports."""
+    return b'{"entries":{' + _entries([(_key(k), _encode(v)) for k, v in entries.items()]) + b"}}"
 
 
 class Store(MutableMapping[str, Any]):
@@ -239,7 +246,8 @@ class StatefulPlugin(Plugin):
     Subclass it, set ``state_version``, keep everything that must survive a
     swap or a crash in ``self.state`` and nothing else; export, import,
     revisions and deltas are done. ``@migration`` steps receive and return
-    the whole-state bytes (``{"entries": {...}}``); deltas move only between
+    the whole-state bytes (``{"entries": {...}}``; return :func:`whole` of the new
+    entries); deltas move only between
     instances of the same state version (other versions get the whole state).
     """
 
