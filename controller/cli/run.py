@@ -183,15 +183,16 @@ def open_files_limit() -> int:
     (1,024) would let a few idle callers starve everything else.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20  # Linux's default fs.nr_open, the most a soft limit may be
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as e:
-            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
-    return hard if soft == resource.RLIM_INFINITY else soft
+    # No limit at all: Linux's default fs.nr_open is the most a soft limit may be.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, e)
+        return soft
+    return target
 
 
 def fit_gateway_limits(limits: connections.Limits, open_files: int) -> connections.Limits:
