@@ -249,33 +249,48 @@ def _parse_answer(data: bytes, bodiless: bool) -> tuple[bool, str] | None:
         if len(rest) < length:
             return None
         body = rest[:length]
+        if code == 500 and body.endswith(b' failed the call", "reason": "PluginError"}'):
+            return True, "500"  # the plugin's own failure, told in no words of its own
         if code not in EXPECTED_HTTP:
             return False, f"status {code}: {body[:200]!r}"
         if code != 200 and not bodiless:
-            try:
-                answer = json.loads(body)
-            except ValueError:
-                return False, f"{code} with a body that is not JSON: {body[:200]!r}"
-            if not isinstance(answer, dict) or set(answer) != {"error", "reason"}:
-                return False, f"{code} with an unexpected body: {body[:200]!r}"
-            if LEAK in answer["error"] or "Traceback" in answer["error"]:
-                return False, f"{code} leaks internal text: {body[:200]!r}"
+            return _check_refusal(code, body)
         return True, str(code)
 
 
+def _check_refusal(code: int, body: bytes) -> tuple[bool, str]:
+    """A refusal's body: JSON ``{"error", "reason"}``, nothing internal in it."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False, f"{code} with a body that is not JSON: {body[:200]!r}"
+    if not isinstance(answer, dict) or set(answer) != {"error", "reason"}:
+        return False, f"{code} with an unexpected body: {body[:200]!r}"
+    if LEAK in answer["error"] or "Traceback" in answer["error"]:
+        return False, f"{code} leaks internal text: {body[:200]!r}"
+    return True, str(code)
+
+
 _TOKEN_CHARS = st.characters(codec="ascii", exclude_characters="\r\n")
-_WORD = st.text(_TOKEN_CHARS, max_size=40)
-_NAME = st.one_of(st.sampled_from([*PLUGINS, "nosuch", "", "..", "%2F"]), _WORD)
+_URL_SAFE = st.characters(
+    codec="ascii", categories=["L", "N"], include_characters="-._~%!$&'()*+,;=:@"
+)
+_WORD = st.one_of(st.text(_URL_SAFE, min_size=1, max_size=40), st.text(_TOKEN_CHARS, max_size=40))
+_NAME = st.one_of(st.sampled_from([*PLUGINS, "kv", "kv", "nosuch", "", "..", "%2F"]), _WORD)
 _METHOD = st.one_of(
-    st.sampled_from(["echo", "fail", "get", "", "%00", "a%2Fb"]),
+    st.sampled_from(["echo", "echo", "echo", "fail", "get", "", "%00", "a%2Fb"]),
     st.text(max_size=40).map(lambda s: "".join(f"%{b:02X}" for b in s.encode())),
     st.integers(0, 12_000).map(lambda n: "m" * n),
 )
 
 
 @st.composite
-def _target(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["call", "namespaced", "healthz", "other", "bytes"]))
+def _target(draw: st.DrawFn, hostile: bool) -> bytes:
+    kinds = ["valid", "valid", "valid", "call", "call", "namespaced", "healthz"]
+    kind = draw(st.sampled_from([*kinds, "other", "bytes"] if hostile else kinds))
+    if kind == "valid":
+        name, method = draw(st.sampled_from(PLUGINS)), draw(st.sampled_from(["echo", "fail", "x"]))
+        return f"/v1/plugins/{name}/call/{method}".encode()
     if kind == "call":
         return f"/v1/plugins/{draw(_NAME)}/call/{draw(_METHOD)}".encode(errors="replace")
     if kind == "namespaced":
@@ -319,26 +334,61 @@ _HEADER = st.one_of(
 )
 
 
+_NEAR_VALID_HEADER = st.one_of(
+    st.sampled_from(
+        [
+            (b"Authorization", f"Bearer {OPS}".encode()),
+            (b"Authorization", f"Bearer {NARROW}".encode()),
+            (b"Content-Type", b"application/json"),
+            (b"Connection", b"keep-alive"),
+            (b"Connection", b"close"),
+            (b"Expect", b"100-continue"),
+            (b"Transfer-Encoding", b"chunked"),
+        ]
+    ),
+    st.tuples(
+        st.just(b"X-Timeout-Seconds"),
+        st.floats(0.01, 2).map(lambda f: repr(f).encode()),
+    ),
+)
+
+
 @st.composite
 def http_requests(draw: st.DrawFn) -> bytes:
-    """One request as sent on the wire: hostile line, headers and body, often nearly valid."""
-    method = draw(
-        st.one_of(
-            st.sampled_from([b"POST", b"GET", b"HEAD", b"PUT", b"OPTIONS", b"PRI"]),
-            st.binary(max_size=12),
-        )
-    )
-    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]))
-    eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"]))
+    """One request as sent on the wire: most nearly valid, one in four hostile throughout."""
     body = draw(st.binary(max_size=2000))
-    headers = draw(st.lists(_HEADER, max_size=8))
-    if draw(st.booleans()):
-        headers.append((b"Content-Length", str(len(body)).encode()))
-    if draw(st.booleans()):
-        headers.append((b"Host", b"127.0.0.1"))
-    line = b" ".join(
-        part for part in (method, draw(_target()), version) if part or draw(st.booleans())
-    )
+    hostile = draw(st.integers(0, 3)) == 3  # hypothesis favours 0: the near-valid case
+    if hostile:
+        method = draw(
+            st.one_of(
+                st.sampled_from([b"POST", b"GET", b"HEAD", b"PUT", b"OPTIONS", b"PRI"]),
+                st.binary(max_size=12),
+            )
+        )
+        version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]))
+        eol = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
+        headers = draw(st.lists(_HEADER, max_size=8))
+    else:
+        method = draw(st.sampled_from([b"POST", b"POST", b"POST", b"GET", b"HEAD", b"PUT"]))
+        version, eol = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"])), b"\r\n"
+        headers = [(b"Host", b"127.0.0.1"), *draw(st.lists(_NEAR_VALID_HEADER, max_size=4))]
+        if draw(st.booleans()):
+            headers.insert(1, (b"Authorization", f"Bearer {OPS}".encode()))
+        if draw(st.integers(0, 3)) == 3:
+            headers.append(draw(_HEADER))
+        if (b"Transfer-Encoding", b"chunked") in headers and draw(st.booleans()):
+            cut = draw(st.integers(0, len(body)))
+            body = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+                cut,
+                body[:cut],
+                len(body) - cut,
+                body[cut:],
+            )
+    if draw(st.integers(0, 3)) != 3 or (b"Transfer-Encoding", b"chunked") in headers:
+        length = len(body) + draw(st.sampled_from([0, 0, 0, 0, 0, 0, -1, 1, 100]))
+        headers.append((b"Content-Length", str(max(0, length)).encode()))
+    parts = [method, draw(_target(hostile)), version]
+    line = b" ".join(part for part in parts if part or draw(st.booleans()))
     head = line + eol + b"".join(name + b": " + value + eol for name, value in headers)
     return head + eol + body
 
@@ -381,12 +431,13 @@ def grpc_calls(draw: st.DrawFn) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     else:
         body = draw(st.binary(max_size=3000))
     metadata = []
-    plugin = draw(st.one_of(st.sampled_from([*PLUGINS, "nosuch", None]), _METADATA_VALUE))
+    names = [*PLUGINS, "kv", "kv", "nosuch", None]
+    plugin = draw(st.one_of(st.sampled_from(names), _METADATA_VALUE))
     if plugin is not None:
         metadata.append(("x-blackhole-plugin", plugin))
     authorization = draw(
         st.one_of(
-            st.sampled_from([f"Bearer {OPS}", f"Bearer {NARROW}", "Bearer nope", None]),
+            st.sampled_from([f"Bearer {OPS}"] * 4 + [f"Bearer {NARROW}"] * 2 + ["Bearer no", None]),
             _METADATA_VALUE,
         )
     )
