@@ -121,11 +121,14 @@ _CLIENT_FAULTS = (http_exceptions.HttpProcessingError, web.RequestPayloadError, 
 class _Handler(web.RequestHandler):
     """aiohttp's connection handler, answering and logging malformed requests quietly."""
 
+    def __init__(self, manager: Server, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self.quiet = manager.quiet
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         problem = kw.get("exc_info")
-        server = self._manager
-        if isinstance(problem, _CLIENT_FAULTS) and isinstance(server, Server):
-            server.quiet.note(self._peer(), problem)
+        if isinstance(problem, _CLIENT_FAULTS):
+            self.quiet.note(self._peer(), problem)
         else:
             super().log_exception(*args, **kw)
 
@@ -138,9 +141,7 @@ class _Handler(web.RequestHandler):
     ) -> web.StreamResponse:
         if status >= 500:  # the gateway's own failure: aiohttp logs it and answers 500
             return super().handle_error(request, status, exc, message)
-        server = self._manager
-        if isinstance(server, Server):
-            server.quiet.note(request.remote, exc or message)
+        self.quiet.note(request.remote, exc or message)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already started; nothing more can be sent")
         answer = web.Response(
