@@ -94,7 +94,7 @@ class Quiet:
             self._skipped += 1
             return
         log.debug(
-            "malformed HTTP request from %s: %s (%d more not logged since the last)",
+            "malformed HTTP request or broken connection from %s: %s (%d more not logged since)",
             remote,
             problem,
             self._skipped,
@@ -118,7 +118,7 @@ _CLIENT_FAULTS = (http_exceptions.HttpProcessingError, web.RequestPayloadError, 
 """What a client's bytes can make aiohttp raise: the client's fault, not the gateway's."""
 
 
-class _Handler(web.RequestHandler):
+class _Connection(web.RequestHandler):
     """aiohttp's connection handler, answering and logging malformed requests quietly."""
 
     def __init__(self, manager: Server, **options: Any) -> None:
@@ -182,7 +182,7 @@ class Server(web.Server):
         super().__init__(self._guarded(handler), **self._handler_options)
 
     def __call__(self) -> web.RequestHandler:
-        return _Handler(self, loop=asyncio.get_running_loop(), **self._handler_options)
+        return _Connection(self, loop=asyncio.get_running_loop(), **self._handler_options)
 
     def _guarded(self, handler: Handler) -> Handler:
         async def guarded(request: web.BaseRequest) -> web.StreamResponse:
