@@ -33,6 +33,7 @@ import controller
 from controller.admin import client as admin_client
 from controller.cli import logs, plugin, run
 from controller.errors import ControllerError, EngineUnavailableError, SpecError
+from controller.gateway import connections
 from controller.metrics import violations
 from controller.runtimes import container, process
 from controller.spec import crd, loader, models
@@ -178,6 +179,24 @@ def run_controller(
         help="YAML file of bearer tokens and the plugins each may call (mode 0600). "
         "Without it the gateway listens on loopback only and asks for no token.",
     ),
+    gateway_header_timeout: float = typer.Option(
+        10.0,
+        "--gateway-header-timeout",
+        min=0.001,
+        help="Seconds a new gateway connection has to send its first request's headers.",
+    ),
+    gateway_idle_timeout: float = typer.Option(
+        60.0,
+        "--gateway-idle-timeout",
+        min=0.001,
+        help="Seconds a gateway connection with no call in progress stays open.",
+    ),
+    gateway_max_connections: int = typer.Option(
+        4096,
+        "--gateway-max-connections",
+        min=1,
+        help="Open connections per gateway listener; past it the oldest idle one is closed.",
+    ),
     metrics_addr: str = typer.Option(
         "127.0.0.1:9100",
         "--metrics-addr",
@@ -278,6 +297,11 @@ def run_controller(
         gateway_address=gateway_addr,
         gateway_grpc_address=gateway_grpc_addr or None,
         gateway_tokens=gateway_tokens,
+        gateway_limits=connections.Limits(
+            header_timeout=gateway_header_timeout,
+            idle_timeout=gateway_idle_timeout,
+            max_connections=gateway_max_connections,
+        ),
         metrics_address=metrics_addr or None,
         plugin_root=plugin_root,
         thresholds=violations.Thresholds(

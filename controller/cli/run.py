@@ -17,9 +17,10 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import controller
 from controller import kubeapi, lease
 from controller.admin import server
 from controller.errors import ControllerError
-from controller.gateway import auth, router
+from controller.gateway import auth, connections, router
 from controller.gateway import server as gateway_server
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
@@ -127,6 +128,8 @@ class Options:
     gateway_address: str = "127.0.0.1:8080"
     gateway_grpc_address: str | None = "127.0.0.1:8081"
     gateway_tokens: Path | None = None
+    gateway_limits: connections.Limits = field(default_factory=connections.Limits)
+    """Time and number bounds of the gateway's connections."""
     metrics_address: str | None = "127.0.0.1:9100"
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
     kubernetes: KubernetesOptions | None = None
@@ -167,6 +170,43 @@ def map_large_buffers() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 2)  # M_ARENA_MAX
+
+
+FILES_RESERVED = 1024
+"""Open files kept for everything but the gateway's connections (stores, sockets, engines)."""
+
+
+def open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one; the soft limit now.
+
+    Every connection to the gateway is a descriptor; the usual soft limit
+    (1,024) would let a few idle callers starve everything else.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # No limit at all: Linux's default fs.nr_open is the most a soft limit may be.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, e)
+        return soft
+    return target
+
+
+def fit_gateway_limits(limits: connections.Limits, open_files: int) -> connections.Limits:
+    """``limits`` with a connection cap that the open files limit can hold on both listeners."""
+    room = max(64, (open_files - FILES_RESERVED) // 2)
+    if limits.max_connections <= room:
+        return limits
+    log.warning(
+        "gateway: at most %d connections per listener, not %d: the open files limit is %d",
+        room,
+        limits.max_connections,
+        open_files,
+    )
+    return replace(limits, max_connections=room)
 
 
 class AlreadyRunningError(ControllerError):
@@ -281,6 +321,8 @@ async def serve(options: Options) -> None:
     """Run the controller until SIGTERM/SIGINT (or, on Kubernetes, until it stops leading)."""
     map_large_buffers()
     tokens = gateway_tokens(options)
+    limits = fit_gateway_limits(options.gateway_limits, open_files_limit())
+    options = replace(options, gateway_limits=limits)
     with _lock(options.data_dir):
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -367,7 +409,9 @@ async def _lead(
         if isinstance(runtime, container.ContainerRuntime):
             images = runtime  # bundles' images are loaded into the engine
     routes = router.Router(metrics)
-    gateway = gateway_server.Gateway(_lookup(source), routes, plugins, tokens=tokens)
+    gateway = gateway_server.Gateway(
+        _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
+    )
     states = snapshots.Snapshots(options.data_dir / "snapshots.db")
     # On Kubernetes the nodes pull images: bundles there name images a registry serves.
     bundles = registry.Registry(registry_settings(options), images)

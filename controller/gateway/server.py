@@ -9,15 +9,22 @@
   and answer pass through as bytes.
 
 Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
-file is configured (401 without a known token, 403 for a plugin the token
-does not list). A plugin calls others over ``gateway.sock`` beside its own
-socket, and only those its spec's ``permissions.callPlugins`` lists.
+file is configured (401 without a known token). A plugin calls others over
+``gateway.sock`` beside its own socket, and only those its spec's
+``permissions.callPlugins`` lists. A plugin the caller may not call gets the
+same answer as one that does not exist (404 ``PluginNotFound``), so a caller
+learns nothing of plugins beyond its own.
 
-Errors are JSON ``{"error": message, "reason": CamelCase}``: 404 unknown
-plugin, 413 too large, 429 rate or concurrency limit (with Retry-After), 503
-no Ready instance (at once), 504 timeout, 502 the instance failed the call
-(it crashed or dropped the connection); a plugin's own errors map from
-their gRPC status (400, 404, 409, 501, 500).
+Errors are JSON ``{"error": message, "reason": CamelCase}``: 400 a malformed
+request (a method name over :data:`MAX_METHOD_BYTES`, a gRPC body that is
+not a ``HandleRequest``), 404 unknown plugin, 408 a body slower than the
+call's timeout, 413 too large, 429 rate or concurrency limit (with
+Retry-After), 503 no Ready instance (at once), 504 timeout, 502 the instance
+failed the call (it crashed or dropped the connection); a plugin's own
+errors map from their gRPC status (400, 404, 409, 501), and what a plugin
+says of its own failures (500) stays in the gateway's debug log. What a
+connection may hold before and between calls is bounded by
+:mod:`controller.gateway.connections`.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ from typing import Any
 import grpc
 from aiohttp import web
 from blackhole_sdk.proto import plugin_pb2
+from google.protobuf import message as protobuf_message
 
 from controller.errors import ControllerError, PluginCallError
-from controller.gateway import auth, router
+from controller.gateway import auth, connections, router
 from controller.protocol import client
 from controller.runtimes import base
 from controller.spec import models
@@ -51,9 +59,16 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 20
 """No plugin's limit may take the gateway past this, in bytes."""
+MAX_METHOD_BYTES = 256
+"""The longest method name forwarded, in UTF-8 bytes; longer ones are refused with 400."""
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for the HTTP listener before the gateway takes them."""
 PLUGIN_HEADER = "x-blackhole-plugin"
 GATEWAY_SOCKET = base.GATEWAY_SOCKET_NAME
 _CALL_PATH = re.compile(r"^/v1/plugins/(?P<name>[^/]+)/call/(?P<method>[^/]+)$")
+_PUBLIC_PATH = re.compile(
+    r"^/v1/(?:namespaces/(?P<namespace>[^/]+)/)?plugins/(?P<name>[^/]+)/call/(?P<method>[^/]+)$"
+)
 
 _HTTP_FROM_GRPC = {
     "INVALID_ARGUMENT": 400,
@@ -124,22 +139,17 @@ class Gateway:
         clients: client.Clients,
         *,
         tokens: auth.Tokens | None = None,
+        limits: connections.Limits | None = None,
     ) -> None:
         self.lookup = lookup
         self.router = routes
         self.clients = clients
         self.tokens = tokens
-        app = web.Application(client_max_size=MAX_BODY)
-        app.add_routes(
-            [
-                web.get("/healthz", self._healthz),
-                web.post("/v1/plugins/{name}/call/{method}", self._http_call),
-                web.post(
-                    "/v1/namespaces/{namespace}/plugins/{name}/call/{method}", self._http_call
-                ),
-            ]
-        )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.limits = limits or connections.Limits()
+        self.quiet = connections.Quiet()
+        """Malformed requests, on every HTTP listener: counted, and logged at debug."""
+        self.http = connections.Server(self._http, self.limits, self.quiet)
+        self._runner = web.ServerRunner(self.http, handle_signals=False)
         self._grpc: grpc.aio.Server | None = None
         self._plugin_sites: dict[str, _PluginSite] = {}
         """Per plugin key: the gateway socket its active instance calls through."""
@@ -165,10 +175,15 @@ class Gateway:
             listener.close()
             raise GatewayError(f"the gateway cannot listen on {http_address}: {e.strerror}") from e
         bound = {"http": _join(host, listener.getsockname()[1])}
-        await web.SockSite(self._runner, listener).start()
+        await web.SockSite(self._runner, listener, backlog=LISTEN_BACKLOG).start()
         log.info("gateway: HTTP on http://%s", bound["http"])
         if grpc_address:
-            self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY)])
+            self._grpc = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", MAX_BODY),
+                    *connections.grpc_options(self.limits),
+                ]
+            )
             handler = grpc.method_handlers_generic_handler(
                 "blackhole.plugin.v1.Plugin",
                 {"Handle": grpc.unary_unary_rpc_method_handler(self._grpc_handle)},
@@ -251,8 +266,9 @@ class Gateway:
             owner = os.fstat(fd)
             os.chown(GATEWAY_SOCKET, owner.st_uid, owner.st_gid, dir_fd=fd, follow_symlinks=False)
             runner = web.ServerRunner(
-                web.Server(functools.partial(self._plugin_call, key)),
-                access_log=None,
+                connections.Server(
+                    functools.partial(self._plugin_call, key), self.limits, self.quiet
+                ),
                 handle_signals=False,
             )
             await runner.setup()
@@ -287,45 +303,53 @@ class Gateway:
         return Caller(f"token {token.name}", token.allows)
 
     def _plugin(self, caller: Caller, name: str) -> models.Plugin:
-        plugin = self.lookup(name)
+        """The plugin ``name`` if ``caller`` may call it; one answer for unknown and forbidden."""
+        plugin = self.lookup(name) if caller.may_call(name) else None
         if plugin is None:
-            raise router.Refused(404, "PluginNotFound", f'no plugin "{name}"')
-        if not caller.may_call(name):
-            raise router.Refused(403, "Forbidden", f'{caller.name} may not call "{name}"')
+            raise router.Refused(
+                404, "PluginNotFound", f'no plugin "{name}" that {caller.name} may call'
+            )
         return plugin
 
     # HTTP.
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _http_call(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if namespace := request.match_info.get("namespace"):
+    async def _http(self, request: web.BaseRequest) -> web.Response:
+        if request.path == "/healthz" and request.method in ("GET", "HEAD"):
+            return web.json_response({"status": "ok"})
+        match = _PUBLIC_PATH.match(request.path)
+        if match is None:
+            return _refusal(router.Refused(404, "NotFound", "POST /v1/plugins/NAME/call/METHOD"))
+        if request.method != "POST":
+            return _refusal(router.Refused(405, "MethodNotAllowed", "use POST"))
+        name = match["name"]
+        if namespace := match["namespace"]:
             name = f"{namespace}/{name}"  # plugins on Kubernetes: their key
-        method = request.match_info["method"]
         try:
             caller = self._caller(request.headers.get("Authorization"))
         except router.Refused as e:
             return _refusal(e)
-        return await self._answer(request, name, method, caller)
+        return await self._answer(request, name, match["method"], caller)
 
     async def _answer(
         self, request: web.BaseRequest, name: str, method: str, caller: Caller
     ) -> web.Response:
         started = time.perf_counter()
+        plugin: models.Plugin | None = None
+        reached = False
         try:
             plugin = self._plugin(caller, name)
             limits = plugin.spec.gateway
+            _check_method(method)
             limit = limits.max_request_bytes.as_int()
             if request.content_length is not None and request.content_length > limit:
                 raise _too_large(name, request.content_length, limit)
-            body = await _read(request, name, limit)
             timeout = _timeout(request.headers.get("X-Timeout-Seconds"), limits.timeout_seconds)
+            body = await _read(request, name, limit, timeout)
+            reached = True
             answer = await self._forward(name, plugin.spec, method, body, timeout)
         except router.Refused as e:
-            if e.reason != "PluginNotFound":  # names nobody declared stay out of the labels
-                self.router.metrics.answered(name, method, e.status, started)
+            if plugin is not None:  # names nobody declared stay out of the labels
+                self.router.metrics.answered(name, method if reached else None, e.status, started)
             return _refusal(e)
         self.router.metrics.answered(name, method, 200, started)
         return web.Response(body=answer, content_type="application/json")
@@ -351,25 +375,37 @@ class Gateway:
         metadata = dict(context.invocation_metadata() or ())
         name = str(metadata.get(PLUGIN_HEADER, ""))
         started = time.perf_counter()
-        method = ""
+        plugin: models.Plugin | None = None
+        method: str | None = None
         try:
-            caller = self._caller(str(metadata.get("authorization", "")) or None)
-            if not name:
-                raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
-            plugin = self._plugin(caller, name)
-            limits = plugin.spec.gateway
-            limit = limits.max_request_bytes.as_int()
-            if len(request) > limit:
-                raise _too_large(name, len(request), limit)
-            left = context.time_remaining()
-            timeout = (
-                min(limits.timeout_seconds, left) if left is not None else limits.timeout_seconds
-            )
-            decoded = plugin_pb2.HandleRequest.FromString(request)
-            method = decoded.method
-            answer = await self._forward(name, plugin.spec, method, decoded.payload, timeout)
+            try:
+                caller = self._caller(str(metadata.get("authorization", "")) or None)
+                if not name:
+                    raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
+                plugin = self._plugin(caller, name)
+                limits = plugin.spec.gateway
+                limit = limits.max_request_bytes.as_int()
+                if len(request) > limit:
+                    raise _too_large(name, len(request), limit)
+                timeout = limits.timeout_seconds
+                if (left := context.time_remaining()) is not None:
+                    timeout = min(timeout, left)
+                try:
+                    decoded = plugin_pb2.HandleRequest.FromString(request)
+                except protobuf_message.DecodeError:
+                    raise router.Refused(
+                        400, "BadRequest", "the request is not a blackhole.plugin.v1.HandleRequest"
+                    ) from None
+                _check_method(decoded.method)
+                method = decoded.method
+                answer = await self._forward(name, plugin.spec, method, decoded.payload, timeout)
+            except router.Refused:
+                raise
+            except Exception:  # a fault of the gateway's own: logged, never told to the caller
+                log.exception("gateway: a gRPC call to %r failed", name[:100])
+                raise router.Refused(500, "GatewayError", "the gateway failed the call") from None
         except router.Refused as e:
-            if name and e.reason != "PluginNotFound":
+            if plugin is not None:
                 self.router.metrics.answered(name, method, e.status, started)
             code = _GRPC_FROM_HTTP.get(e.status, grpc.StatusCode.UNKNOWN)
             if e.grpc_code is not None and e.grpc_code in grpc.StatusCode.__members__:
@@ -379,14 +415,29 @@ class Gateway:
         return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
 
 
-async def _read(request: web.BaseRequest, name: str, limit: int) -> bytes:
-    if request.content_length is not None:
-        return await request.read()
+def _check_method(method: str) -> None:
+    """Refuse a method name too long to forward (or to keep anywhere)."""
+    if len(method) > MAX_METHOD_BYTES or len(method.encode(errors="replace")) > MAX_METHOD_BYTES:
+        raise router.Refused(
+            400, "BadMethod", f"a method name is at most {MAX_METHOD_BYTES} bytes long"
+        )
+
+
+async def _read(request: web.BaseRequest, name: str, limit: int, timeout: float) -> bytes:
+    """The body, at most ``limit`` bytes, arrived within ``timeout`` seconds (else 408)."""
     body = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(name, len(body), limit)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(name, len(body), limit)
+    except TimeoutError:
+        raise router.Refused(
+            408, "RequestTimeout", f"{name}: the body did not arrive within {timeout:g}s"
+        ) from None
+    except web.RequestPayloadError:
+        raise router.Refused(400, "BadRequest", f"{name}: the body is malformed") from None
     return bytes(body)
 
 
@@ -418,7 +469,11 @@ def _from_plugin(name: str, e: PluginCallError, timeout: float) -> router.Refuse
         return router.Refused(504, "Timeout", f"{name} did not answer within {timeout:g}s")
     status = _HTTP_FROM_GRPC.get(e.code, 502)
     if status == 502:
-        return router.Refused(502, "PluginFailed", f"{name} failed the call: {e.message}")
+        log.debug("gateway: %s failed a call: %s", name, e)
+        return router.Refused(502, "PluginFailed", f"{name} failed the call")
+    if status == 500:  # the plugin's own failure: what it says of it is for its operator
+        log.debug("gateway: %s answered %s: %s", name, e.code, e.message)
+        return router.Refused(500, "PluginError", f"{name} failed the call", grpc_code=e.code)
     return router.Refused(status, "PluginError", e.message, grpc_code=e.code)
 
 

@@ -11,7 +11,7 @@
   removed instance's series vanish by themselves.
 
 Labels are bounded: plugins are declared, colors two, methods capped per
-plugin (:data:`METHODS_PER_PLUGIN`, then ``other``).
+plugin (:data:`METHODS_PER_PLUGIN` that the plugin answered, then ``other``).
 """
 
 from __future__ import annotations
@@ -190,24 +190,34 @@ class Metrics:
 
     # The gateway.
 
-    def method(self, plugin: str, method: str) -> str:
-        """``method`` as a label value: bounded in number and in form."""
+    def method(self, plugin: str, method: str | None, code: int) -> str:
+        """``method`` as a label value: bounded in number and in form.
+
+        Only a method the plugin answered (code 200) earns a label of its
+        own, up to :data:`METHODS_PER_PLUGIN` per plugin; every other one,
+        and a call refused before it reached the plugin (``method`` None),
+        is "other": a caller cannot fill the labels with names it makes up.
+        """
         known = self._methods[plugin]
+        if method is None:
+            return "other"
         if method in known:
             return method
-        if len(known) < METHODS_PER_PLUGIN and _METHOD.match(method):
+        if code == 200 and len(known) < METHODS_PER_PLUGIN and _METHOD.match(method):
             known.add(method)
             return method
         return "other"
 
-    def answered(self, plugin: str, method: str, code: int, started: float) -> None:
-        """Count one call the gateway answered (on its hot path: label children are cached)."""
-        key = (plugin, method, code)
+    def answered(self, plugin: str, method: str | None, code: int, started: float) -> None:
+        """Count one call to a declared plugin (on the hot path: label children are cached).
+
+        The cache is keyed by label values, so it is bounded as they are.
+        """
+        label = self.method(plugin, method, code)
+        key = (plugin, label, code)
         counter = self._answers.get(key)
         if counter is None:
-            counter = self.requests.labels(plugin, self.method(plugin, method), str(code))
-            if len(self._answers) < 100_000:
-                self._answers[key] = counter
+            counter = self._answers[key] = self.requests.labels(plugin, label, str(code))
         counter.inc()
         duration = self._durations.get(plugin)
         if duration is None:

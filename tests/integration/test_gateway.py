@@ -131,8 +131,10 @@ def test_tokens_sizes_rates_and_concurrency_are_enforced(controller, tmp_path: P
     assert controller.call("small", "echo", {}, headers={"Authorization": "Bearer wrong"})[0] == 401
     narrow = {"Authorization": "Bearer narrow-token-0123456789"}
     assert controller.call("small", "echo", {"a": 1}, headers=narrow)[:2] == (200, {"a": 1})
-    status, answer, _ = controller.call("slow", "echo", {}, headers=narrow)
-    assert (status, answer["reason"]) == (403, "Forbidden")
+    forbidden = controller.call("slow", "echo", {}, headers=narrow)
+    unknown = controller.call("nothing", "echo", {}, headers=narrow)
+    assert (forbidden[0], forbidden[1]["reason"]) == (404, "PluginNotFound")
+    assert forbidden[1]["error"].replace("slow", "X") == unknown[1]["error"].replace("nothing", "X")
 
     status, answer, _ = controller.call("small", "echo", {"a": "x" * 200}, headers=ops)
     assert (status, answer["reason"]) == (413, "RequestTooLarge")
@@ -200,7 +202,9 @@ def test_plugins_reach_only_the_plugins_their_spec_lists_and_no_network(controll
 
     wait_for(lambda: "answer" in through("callee", "echo", {"x": 1}), what="the gateway socket")
     assert through("callee", "echo", {"x": 1}) == {"answer": {"x": 1}}
-    assert through("secret", "get", {"key": "k"}) == {"failed": 403, "reason": "Forbidden"}
+    refused = {"failed": 404, "reason": "PluginNotFound"}
+    assert through("secret", "get", {"key": "k"}) == refused, "as if it did not exist"
+    assert through("nothing", "get", {"key": "k"}) == refused
 
     secret = base.instance_name("secret", models.Color.BLUE, None, controller.controller_id)
     host_socket = controller.data / "instances" / secret / base.SOCKET_NAME

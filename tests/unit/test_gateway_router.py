@@ -1,16 +1,19 @@
-"""The gateway's router and tokens, without plugins: gates, holds, buckets, the tokens file."""
+"""The gateway's router, tokens and limits, without plugins: gates, holds, buckets, labels."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import hashlib
+import resource
+import time
 from pathlib import Path
 
 import pytest
 
 from controller.cli import run
-from controller.gateway import auth, router
+from controller.gateway import auth, connections, router
+from controller.metrics import telemetry
 from controller.spec import models
 
 
@@ -154,3 +157,42 @@ def test_a_change_of_the_plugins_it_may_call_is_announced() -> None:
     routes.set_route("app", "unix:/a.sock", "bh-app-blue", spec())
     routes.set_route("app", "unix:/a.sock", "bh-app-blue", caller)
     assert changed == ["app", "app"], "set, then the new permission; the same route is no change"
+
+
+def test_method_labels_come_only_from_answered_calls_and_stay_bounded() -> None:
+    metrics = telemetry.Metrics()
+    started = time.perf_counter()
+    metrics.answered("kv", "get", 200, started)
+    for i in range(5000):
+        metrics.answered("kv", f"made-up-{i}", 501, started)  # the plugin knows no such method
+        metrics.answered("kv", None, 404, started)  # refused before it reached the plugin
+        metrics.answered("kv", f"m{i}" * 30, 200, started)
+    metrics.answered("kv", "get", 500, started)
+    labels = {
+        sample.labels["method"]
+        for metric in metrics.requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+    assert "get" in labels
+    assert not any(label.startswith("made-up") for label in labels)
+    assert len(labels) <= telemetry.METHODS_PER_PLUGIN + 1
+    assert len(metrics._answers) <= (telemetry.METHODS_PER_PLUGIN + 1) * 4
+
+
+def test_the_open_files_limit_is_raised_and_the_connection_cap_fits_it() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if hard != resource.RLIM_INFINITY:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        assert run.open_files_limit() == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == run.open_files_limit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = connections.Limits(max_connections=4096)
+    assert run.fit_gateway_limits(limits, 1 << 20) == limits
+    fitted = run.fit_gateway_limits(limits, 2048)
+    assert fitted.max_connections == (2048 - run.FILES_RESERVED) // 2
+    assert fitted.header_timeout == limits.header_timeout
+    with pytest.raises(ValueError, match="header_timeout"):
+        connections.Limits(header_timeout=0)
