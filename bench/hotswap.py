@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -174,6 +175,7 @@ async def measure_controller(
         rss_before = memory_kib(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
         pauses, held, durations, windows = [], [], [], []
+        breakdowns: list[str] = []
         for i in range(args.swaps):
             version = VERSIONS[(i + 1) % 2]
             began = time.perf_counter()
@@ -196,6 +198,12 @@ async def measure_controller(
                 sys.exit(f"a swap rolled back: {last}")
             pauses.append(float(last["pauseMilliseconds"]))
             held.append(int(last.get("heldStateBytes") or 0))
+            events = await asyncio.to_thread(ours.admin.get, "kv")
+            promoted = [e for e in events["events"] if e["reason"] == "SwapPromoted"]
+            where = re.search(
+                r"held [\d.]+ ms \(([^)]*)\)", promoted[-1]["message"] if promoted else ""
+            )
+            breakdowns.append(where.group(1) if where else "")
             await asyncio.sleep(0.5)
         rss_peak = memory_kib(pid, "VmHWM")
         stop.set()
@@ -214,6 +222,7 @@ async def measure_controller(
         "pause_ms_p99": quantile(pauses, 0.99),
         "pause_ms_max": round(max(pauses), 2) if pauses else None,
         "pauses_ms": pauses,
+        "slowest_pause_spent_ms": breakdowns[pauses.index(max(pauses))] if pauses else None,
         "longest_call_ms": round(max(during) * 1000, 2) if during else None,
         "held_state_bytes_max": max(held) if held else None,
         "swap_seconds_p50": quantile(durations, 0.5),

@@ -449,9 +449,15 @@ class Coordinator:
         _checkpoint("promoting")
         note = ""
         started = time.monotonic()
+        steps: list[tuple[str, float]] = []
+
+        def step(name: str) -> None:
+            steps.append((name, time.monotonic()))
+
         c.routes.hold(c.key)
         try:
             left = await c.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
+            step("in flight")
             if left:
                 raise SwapFailure(
                     "SwapFailedDrain",
@@ -462,9 +468,11 @@ class Coordinator:
                 await c.plugins.drain(old_endpoint, max(0.001, float(swap.drain_timeout_seconds)))
             except ControllerError as e:
                 raise SwapFailure("SwapFailedDrain", f"{old.name} did not drain: {e}") from None
+            step("drain")
             _checkpoint("drained")
             if c.spec.state is not None:
                 note = await self._move_held(progress, old_endpoint, new_endpoint, since)
+                step("state")
                 _checkpoint("imported")
             held = (time.monotonic() - started) * 1000
             if held > swap.max_pause_milliseconds:
@@ -489,6 +497,7 @@ class Coordinator:
                 state_transfer=self.transfer if c.spec.state is not None else None,
             )
             await c.persist()
+            step("status")
             _checkpoint("flipped")
             c.routes.set_route(c.key, new_endpoint, new.name, c.spec)
         except BaseException:  # a failed step, or anything else: the old color serves again
@@ -498,6 +507,10 @@ class Coordinator:
             raise
         c.routes.release(c.key)
         pause = (time.monotonic() - started) * 1000
+        spent, before = [], started
+        for name, at in steps:
+            spent.append(f"{name} {(at - before) * 1000:.1f}")
+            before = at
         c.status.last_swap.pause_milliseconds = round(pause, 3)
         c.metrics.swap_pause.labels(c.key).observe(pause / 1000)
         if c.spec.state is not None and c.snapshots is not None:
@@ -520,7 +533,8 @@ class Coordinator:
         await c.event(
             "Normal",
             "SwapPromoted",
-            f"{new.name} ({progress.to_version}) serves; calls were held {pause:.1f} ms"
+            f"{new.name} ({progress.to_version}) serves; calls were held {pause:.1f} ms "
+            f"({', '.join(spent)} ms)"
             + moved
             + note
             + f"; {old.name} is kept {swap.scale_down_delay_seconds}s for rollback",

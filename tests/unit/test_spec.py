@@ -49,7 +49,8 @@ def test_defaults_are_filled():
     assert spec.health.startup_deadline_seconds == 30
     assert spec.restart.max_restarts == 5
     assert spec.hot_swap.strategy == "BlueGreen"
-    assert spec.hot_swap.max_pause_milliseconds == 50
+    assert spec.hot_swap.max_pause_milliseconds == 200
+    assert spec.hot_swap.state_transfer == "PreCopy"
     assert spec.state is None
     assert spec.runtime is None
 
