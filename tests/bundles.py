@@ -136,7 +136,7 @@ def read_member(path: Path, member: str) -> bytes:
 def index_entry(path: Path, url: str, **extra: Any) -> dict[str, Any]:
     """The marketplace index entry of the bundle at ``path``, served at ``url``."""
     with bundle.Bundle(path) as opened:
-        found = opened.manifest
+        found = opened.parse_manifest()
     return {
         "name": found.name,
         "version": str(found.version),
