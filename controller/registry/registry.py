@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from controller.errors import BundleRefusedError, RegistryError
+from controller.errors import BundleRefusedError, ControllerError, RegistryError
 from controller.registry import bundle as bundle_module
 from controller.registry import catalog as catalog_module
 from controller.registry import dependencies, policy, remote, signing
@@ -203,7 +203,7 @@ class Registry:
             for path in pending:
                 try:
                     installed += await self.install(str(path))
-                except RegistryError as e:
+                except ControllerError as e:  # refused, unreadable, or the engine would not load it
                     refused[str(path)] = str(e)
                     failed.append(path)
             if len(failed) == len(pending):
@@ -216,6 +216,12 @@ class Registry:
         return self.cache / f"{sha256}{bundle_module.SUFFIX}"
 
     def _stage_local(self, path: Path) -> list[_Staged]:
+        try:
+            return self._stage_path(path)
+        except OSError as e:
+            raise RegistryError(f"{path}: {e.strerror or e}") from None
+
+    def _stage_path(self, path: Path) -> list[_Staged]:
         if not path.exists():
             raise RegistryError(
                 f"{path}: no such file or directory; to install NAME[@RANGE] from a "
@@ -230,7 +236,7 @@ class Registry:
             )
             if not found:
                 raise RegistryError(f"{path}: no bundles (*{bundle_module.SUFFIX}) in it")
-            return [item for p in found for item in self._stage_local(p)]
+            return [item for p in found for item in self._stage_path(p)]
         with tempfile.TemporaryDirectory(dir=self.cache) as scratch:
             source = path
             if path.is_dir():  # an unpacked bundle: cached as a bundle file

@@ -87,9 +87,18 @@ class DirectorySource:
             by_origin.setdefault(previous.origin, []).append(previous)
         errors: dict[str, SpecError] = {}
         fresh: dict[str, Desired] = {}
+        try:
+            files = loader.spec_files(self.directory) if self.directory else []
+        except OSError as e:  # the directory is gone or unreadable: keep what its files said
+            assert self.directory is not None
+            origin = str(self.directory)
+            errors[origin] = SpecError([SpecIssue(origin, None, "", f"cannot list: {e}")])
+            files = []
+            for kind, items in by_origin.items():
+                if kind != APPLIED:
+                    fresh.update((item.plugin.key, item) for item in items)
         documents: list[tuple[str, Callable[[], list[loader.LoadedPlugin]]]] = [
-            (str(path), functools.partial(loader.load_file, path))
-            for path in (loader.spec_files(self.directory) if self.directory else [])
+            (str(path), functools.partial(loader.load_file, path)) for path in files
         ]
         for key, text in self.store.applied().items():
             documents.append((f"{APPLIED}:{key}", functools.partial(loader.load_text, text, key)))
@@ -133,7 +142,7 @@ class DirectorySource:
 
     # The admin API's writes.
 
-    async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
+    async def apply(self, text: str | bytes, origin: str = "<apply>") -> list[Desired]:
         """Validate specs and store them, replacing earlier applies of the same names.
 
         Raises :class:`SpecError` for an invalid spec or for a name a spec file

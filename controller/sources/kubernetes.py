@@ -259,7 +259,7 @@ class KubernetesSource:
 
     # The admin API's writes: not on Kubernetes.
 
-    async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
+    async def apply(self, text: str | bytes, origin: str = "<apply>") -> list[Desired]:
         raise SpecError([_kubectl(origin, "kubectl apply -f FILE")])
 
     async def delete(self, key: str) -> bool:
