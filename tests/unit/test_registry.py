@@ -64,7 +64,9 @@ def test_the_examples_manifests_are_valid_manifests() -> None:
 
 def test_a_manifest_error_names_the_field(tmp_path: Path) -> None:
     text = bundles.manifest_text("kv", "1.0", "blackhole/kv:1")
-    with pytest.raises(BundleRefusedError, match=r"plugin.yaml:2: version: .*not a semantic version"):
+    with pytest.raises(
+        BundleRefusedError, match=r"plugin.yaml:2: version: .*not a semantic version"
+    ):
         manifest.parse(text.encode())
 
 

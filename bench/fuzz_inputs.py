@@ -1,0 +1,142 @@
+"""The long fuzz run: many generated inputs per parser of outside input, and how each ended.
+
+Kinds: spec files as text (mutated valid specs, deep nesting, alias chains,
+sizes past the limit, random text), spec documents (valid specs with fields
+replaced by generated values, dumped as YAML), bundle manifests, policy
+files, marketplace indexes, and bundle archives (built from a valid signed
+bundle's parts, or with bytes overwritten, or sparse). Each input must end
+valid or refused with the controller's own error; anything else, or an
+input taking more than ``--hang-seconds``, is counted.
+
+Prints JSON: per kind the inputs run, how many ended outside the project's
+error type (``escaped``, the goal is 0) or hung, the slowest input's time
+and its first characters, and the process's peak RSS after the kind.
+
+    python bench/fuzz_inputs.py [--examples 10000] [--kinds spec-text,bundle] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import fuzzing
+
+
+class _Hung(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Hung
+
+
+def run_kind(
+    name: str,
+    strategy: st.SearchStrategy[Any],
+    run: Callable[[Any], str],
+    examples: int,
+    hang_seconds: int,
+    start_seed: int,
+) -> dict[str, Any]:
+    counts: dict[str, Any] = {
+        "inputs": 0,
+        "valid": 0,
+        "refused": 0,
+        "escaped": 0,
+        "hung": 0,
+        "slowest_seconds": 0.0,
+        "slowest_input": "",
+        "escapes": [],
+    }
+
+    @seed(start_seed)
+    @settings(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(strategy)
+    def one(value: Any) -> None:
+        counts["inputs"] += 1
+        began = time.perf_counter()
+        signal.alarm(hang_seconds)
+        try:
+            counts[run(value)] += 1
+        except _Hung:
+            counts["hung"] += 1
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            counts["escaped"] += 1
+            if len(counts["escapes"]) < 5:
+                counts["escapes"].append(
+                    {
+                        "input": repr(value)[:300],
+                        "error": "".join(traceback.format_exception_only(e)).strip()[:300],
+                    }
+                )
+        finally:
+            signal.alarm(0)
+        took = time.perf_counter() - began
+        if took > counts["slowest_seconds"]:
+            counts["slowest_seconds"] = round(took, 4)
+            counts["slowest_input"] = repr(value)[:120]
+
+    one()
+    counts["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=10_000, help="inputs per kind")
+    parser.add_argument("--kinds", default="", help="comma-separated kinds (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hang-seconds", type=int, default=30)
+    args = parser.parse_args()
+    signal.signal(signal.SIGALRM, _alarm)
+    with tempfile.TemporaryDirectory() as scratch:
+        fixture = fuzzing.BundleFixture.create(Path(scratch))
+        kinds: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], str]]] = {
+            "spec-text": (fuzzing.spec_texts, fuzzing.run_spec),
+            "spec-document": (fuzzing.spec_documents, fuzzing.run_spec),
+            "manifest": (fuzzing.manifest_texts, fuzzing.run_manifest),
+            "policy": (fuzzing.policy_texts, fuzzing.run_policy),
+            "index": (fuzzing.index_documents, fuzzing.run_index),
+            "bundle": (
+                fuzzing.bundle_bytes(fixture),
+                lambda data: fuzzing.run_bundle(fixture, data),
+            ),
+        }
+        wanted = [k for k in args.kinds.split(",") if k] or list(kinds)
+        results = {}
+        for name in wanted:
+            strategy, run = kinds[name]
+            began = time.perf_counter()
+            results[name] = run_kind(
+                name, strategy, run, args.examples, args.hang_seconds, args.seed
+            )
+            results[name]["seconds"] = round(time.perf_counter() - began, 1)
+            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    print(json.dumps({"examples_per_kind": args.examples, "kinds": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
