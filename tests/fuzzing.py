@@ -225,7 +225,7 @@ def alias_bomb(levels: int = 7) -> str:
         "  image: blackhole/example-echo:0.1.0",
         "  version: 0.1.0",
         "  config:",
-        '    l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        "    l0: &l0 [" + ",".join(['"' + "lol" * 7 + '"'] * 9) + "]",
     ]
     for level in range(1, levels + 1):
         lines.append(f"    l{level}: &l{level} [" + ",".join([f"*l{level - 1}"] * 9) + "]")
