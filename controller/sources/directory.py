@@ -166,7 +166,9 @@ class DirectorySource:
         if issues:
             raise SpecError(issues)
         for item in loaded:
-            document = json.dumps(item.plugin.to_document())
+            # Characters as they are: libyaml, which reads it back, refuses the surrogate
+            # pairs JSON escapes characters beyond U+FFFF as.
+            document = json.dumps(item.plugin.to_document(), ensure_ascii=False)
             await self._locked(self.store.put_applied, item.plugin.key, document)
         for key in sorted(await asyncio.to_thread(self.rescan)):
             self.enqueue(key)

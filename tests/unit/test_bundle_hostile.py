@@ -228,3 +228,18 @@ def test_a_file_of_garbage_is_an_invalid_bundle(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 10 + b"garbage" * 100)
     with pytest.raises(BundleRefusedError):
         bundle.Bundle(path)
+
+
+async def test_a_copy_into_the_cache_that_fails_leaves_nothing_behind(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = setup.bundle()
+
+    def copy_half(source: Path, target: Path) -> None:
+        Path(target).write_bytes(Path(source).read_bytes()[:1000])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry.shutil, "copyfile", copy_half)
+    with pytest.raises(RegistryError, match="No space left on device"):
+        await setup.registry.install(str(path))
+    assert [p.name for p in setup.registry.cache.rglob("*")] == []

@@ -290,3 +290,17 @@ def test_safe_yaml_reads_what_json_can_say() -> None:
         "b": {"c": "d"},
     }
     assert yaml.safe_load(yaml.safe_dump(document.value)) == document.value
+
+
+async def test_an_applied_spec_with_characters_beyond_the_bmp_stays_declared(
+    tmp_path: Path,
+) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    source = DirectorySource(specs, Store(tmp_path / "state.db"), lambda key: None)
+    await source.apply(spec("emoji", '  config: {greeting: "héllo 😀"}\n').encode())
+    source.rescan()  # what was stored is read back by the same loader
+    assert source.errors == {}
+    desired = source.get("emoji")
+    assert desired is not None
+    assert desired.plugin.spec.config == {"greeting": "héllo 😀"}
