@@ -239,7 +239,7 @@ async def test_a_copy_into_the_cache_that_fails_leaves_nothing_behind(
         Path(target).write_bytes(Path(source).read_bytes()[:1000])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry.shutil, "copyfile", copy_half)
+    monkeypatch.setattr("controller.registry.registry.shutil.copyfile", copy_half)
     with pytest.raises(RegistryError, match="No space left on device"):
         await setup.registry.install(str(path))
     assert [p.name for p in setup.registry.cache.rglob("*")] == []
