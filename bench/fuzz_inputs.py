@@ -10,7 +10,8 @@ input taking more than ``--hang-seconds``, is counted.
 
 Prints JSON: per kind the inputs run, how many ended outside the project's
 error type (``escaped``, the goal is 0) or hung, the slowest input's time
-and its first characters, and the process's peak RSS after the kind.
+and its first characters, and the peak RSS of the whole process (hypothesis
+included) after the kind.
 
     python bench/fuzz_inputs.py [--examples 10000] [--kinds spec-text,bundle] [--seed 0]
 """
@@ -100,7 +101,7 @@ def run_kind(
             counts["slowest_input"] = repr(value)[:120]
 
     one()
-    counts["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    counts["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return counts
 
 
