@@ -14,6 +14,7 @@ and its first characters, and the peak RSS of the whole process (hypothesis
 included) after the kind.
 
     python bench/fuzz_inputs.py [--examples 10000] [--kinds spec-text,bundle] [--seed 0]
+                                [--python-parser]
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from controller.spec import safe_yaml
+
+# The strategies live with the tests: put the repository's root on the path to import them.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import fuzzing
@@ -111,7 +115,12 @@ def main() -> None:
     parser.add_argument("--kinds", default="", help="comma-separated kinds (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang-seconds", type=int, default=30)
+    parser.add_argument(
+        "--python-parser", action="store_true", help="PyYAML's own parser instead of libyaml"
+    )
     args = parser.parse_args()
+    if args.python_parser:
+        safe_yaml._Events = safe_yaml._PythonEvents
     signal.signal(signal.SIGALRM, _alarm)
     with tempfile.TemporaryDirectory() as scratch:
         fixture = fuzzing.BundleFixture.create(Path(scratch))
@@ -136,7 +145,9 @@ def main() -> None:
             )
             results[name]["seconds"] = round(time.perf_counter() - began, 1)
             print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
-    print(json.dumps({"examples_per_kind": args.examples, "kinds": results}, indent=2))
+    parser_name = "python" if args.python_parser else "libyaml"
+    document = {"examples_per_kind": args.examples, "parser": parser_name, "kinds": results}
+    print(json.dumps(document, indent=2))
 
 
 if __name__ == "__main__":

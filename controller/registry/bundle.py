@@ -11,7 +11,11 @@ the image's config blob, the file the archive's ``manifest.json`` names as
 ``Config``. The config lists the sha256 of every uncompressed layer
 (``rootfs.diff_ids``), and those are checked against the archive's layers
 too, so the digest pins every byte an engine loads. Nothing is extracted to
-be checked: members are read in place.
+be checked: members are read in place, each bounded before it is read (no
+sparse member, none whose size runs past the end of its file, limits on the
+manifest, the signature and the image's JSON). The archive's tags must be
+exactly the manifest's image, and what an engine loads is an archive
+rebuilt from the checked members only (:func:`inspect_image`).
 """
 
 from __future__ import annotations
@@ -56,9 +60,6 @@ class ImageArchive:
     digest: str
     """``sha256:<hex>`` of the config blob: the image id an engine gives it."""
     tags: tuple[str, ...]
-    config: bytes
-    layers: tuple[tuple[str, str], ...]
-    """Each layer's member name in the archive and its diff id, in order."""
 
 
 class _Guarded:
@@ -217,7 +218,7 @@ def inspect_image(handle: IO[bytes], source: str, out: Path | None = None) -> Im
                 "ImageDigestMismatch",
                 f"{source}: the image has {len(layers)} layers, its config lists {len(diff_ids)}",
             )
-        checked: list[tuple[str, str]] = []
+        checked: list[str] = []
         with contextlib.ExitStack() as stack:
             rebuilt = (
                 stack.enter_context(tarfile.open(out, mode="w", format=tarfile.PAX_FORMAT))
@@ -241,19 +242,19 @@ def inspect_image(handle: IO[bytes], source: str, out: Path | None = None) -> Im
                         f"{source}: layer {index} ({layer}) is {found}, but the image config "
                         f"(digest {digest}) says {expected}",
                     )
-                checked.append((name, expected))
+                checked.append(name)
             if rebuilt is not None:
                 config_member = digest.removeprefix("sha256:") + ".json"
                 document = [
                     {
                         "Config": config_member,
                         "RepoTags": list(tags),
-                        "Layers": [name for name, _ in checked],
+                        "Layers": checked,
                     }
                 ]
                 _add(rebuilt, config_member, config_bytes)
                 _add(rebuilt, "manifest.json", json.dumps(document).encode())
-    return ImageArchive(digest, tags, config_bytes, tuple(checked))
+    return ImageArchive(digest, tags)
 
 
 def _copy_layer(rebuilt: tarfile.TarFile, name: str, handle: IO[bytes], size: int) -> str:

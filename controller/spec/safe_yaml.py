@@ -55,24 +55,29 @@ _Resolver.yaml_implicit_resolvers = {
     for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
 }
 
+
+class _PythonEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, _Resolver):
+    """PyYAML's own parser, for a PyYAML built without libyaml."""
+
+    def __init__(self, text: str) -> None:
+        yaml.reader.Reader.__init__(self, text)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        _Resolver.__init__(self)
+
+
+_Events: type[Any] = _PythonEvents
 if yaml.__with_libyaml__:
     from yaml import _yaml
 
-    class _Events(_yaml.CParser, _Resolver):
+    class _LibyamlEvents(_yaml.CParser, _Resolver):
+        """libyaml's parser (C): the same events, several times faster."""
+
         def __init__(self, text: str) -> None:
             _yaml.CParser.__init__(self, text)
             _Resolver.__init__(self)
 
-else:  # pragma: no cover (PyYAML without libyaml)
-
-    class _Events(  # type: ignore[no-redef]
-        yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, _Resolver
-    ):
-        def __init__(self, text: str) -> None:
-            yaml.reader.Reader.__init__(self, text)
-            yaml.scanner.Scanner.__init__(self)
-            yaml.parser.Parser.__init__(self)
-            _Resolver.__init__(self)
+    _Events = _LibyamlEvents
 
 
 _Path = tuple[str | int, ...]
@@ -108,9 +113,10 @@ def documents(text: str | bytes, source: str) -> Iterator[Document | SpecIssue]:
     the documents before it were yielded.
     """
     text = _decode(text, source)
-    events = _Events(text)
+    events = None
     index = 0
     try:
+        events = _Events(text)  # the Python reader checks every character here
         events.get_event()  # StreamStart
         while not events.check_event(yaml.StreamEndEvent):
             index += 1
@@ -138,9 +144,11 @@ def documents(text: str | bytes, source: str) -> Iterator[Document | SpecIssue]:
     except yaml.YAMLError as e:
         raise _error(source, index or None, f"invalid YAML: {e}", None) from None
     except (ValueError, OverflowError) as e:  # PyYAML's own parser, on a bad escape
-        raise _error(source, index or None, f"invalid YAML: {e}", None) from None
+        mark = events.get_mark() if isinstance(events, _PythonEvents) else None
+        raise _error(source, index or None, f"invalid YAML: {e}", mark) from None
     finally:
-        events.dispose()
+        if events is not None:
+            events.dispose()
 
 
 def load_all(text: str | bytes, source: str) -> list[Document]:

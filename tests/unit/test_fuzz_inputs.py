@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from controller.spec import safe_yaml
 from tests import fuzzing
 
 FUZZ = settings(
@@ -26,6 +27,19 @@ FUZZ = settings(
 @given(fuzzing.spec_texts)
 def test_every_spec_text_is_valid_or_a_spec_error(text: str) -> None:
     assert fuzzing.run_spec(text) in {"valid", "refused"}
+
+
+def test_every_spec_text_is_valid_or_a_spec_error_with_the_python_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(safe_yaml, "_Events", safe_yaml._PythonEvents)
+
+    @FUZZ
+    @given(fuzzing.spec_texts)
+    def check(text: str) -> None:
+        assert fuzzing.run_spec(text) in {"valid", "refused"}
+
+    check()
 
 
 @FUZZ
