@@ -17,6 +17,7 @@ from aiohttp import ClientSession, UnixConnector
 
 from controller.admin import server
 from controller.errors import BundleRefusedError, RegistryError, SpecError
+from controller.gateway import auth
 from controller.registry import manifest, policy, remote
 from controller.runtimes import memory
 from controller.sources.directory import DirectorySource
@@ -323,3 +324,24 @@ async def test_an_applied_spec_with_characters_beyond_the_bmp_stays_declared(
     desired = source.get("emoji")
     assert desired is not None
     assert desired.plugin.spec.config == {"greeting": "héllo 😀"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tokens: [{name: a, token: !!int abc, plugins: ['*']}]\n", "tokens[0].token"),
+        ("x: &x [1]\ntokens: *x\n", "aliases (*x)"),
+        ("tokens: []\ntokens: []\n", 'duplicate key "tokens"'),
+    ],
+    ids=["int-tag", "alias", "duplicate"],
+)
+def test_a_bad_gateway_tokens_file_is_a_tokens_file_error(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(auth.TokensFileError) as caught:
+        auth.Tokens.load(path)
+    assert expected in str(caught.value)
+    assert f"{path}:" in str(caught.value)
