@@ -148,7 +148,7 @@ class DirectorySource:
         Raises :class:`SpecError` for an invalid spec or for a name a spec file
         declares (files are the user's; edit the file instead), storing nothing.
         """
-        loaded = loader.load_text(text, origin)
+        loaded = await asyncio.to_thread(loader.load_text, text, origin)  # up to 1 MiB of YAML
         issues = []
         for item in loaded:
             existing = self._desired.get(item.plugin.key)

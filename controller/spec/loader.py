@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
+import yaml
 
 from controller.errors import SpecError, SpecIssue
 from controller.spec import models, safe_yaml
@@ -63,10 +64,11 @@ def _issues_from(
     error: pydantic.ValidationError,
     source: str,
     document: int,
-    lines: Mapping[tuple[str | int, ...], int],
+    node: yaml.Node,
 ) -> list[SpecIssue]:
     issues = []
-    for err in error.errors(include_url=False):
+    errors = error.errors(include_url=False)
+    for err in errors[: safe_yaml.MAX_ISSUES]:
         loc = list(err["loc"])
         kind = err["type"]
         message = err["msg"]
@@ -93,10 +95,10 @@ def _issues_from(
                 message=message,
                 value=err.get("input"),
                 has_value=has_value,
-                line=safe_yaml.nearest_line(lines, loc),
+                line=safe_yaml.line_of(node, loc),
             )
         )
-    return issues
+    return safe_yaml.capped(issues, len(errors), source, document)
 
 
 _PATTERN_HELP = {
@@ -135,7 +137,6 @@ def load_text(text: str | bytes, source: str = "<input>") -> list[LoadedPlugin]:
             if isinstance(item, SpecIssue):
                 issues.append(item)
                 continue
-            lines = safe_yaml.line_index(item.node)
             if not isinstance(item.value, dict):
                 issues.append(
                     SpecIssue(
@@ -143,11 +144,11 @@ def load_text(text: str | bytes, source: str = "<input>") -> list[LoadedPlugin]:
                         item.index,
                         "",
                         "a document must be a mapping with apiVersion, kind, metadata and spec",
-                        line=lines.get(()),
+                        line=item.node.start_mark.line + 1,
                     )
                 )
                 continue
-            _validate_document(item.value, source, item.index, lines, issues, loaded)
+            _validate_document(item.value, source, item.index, item.node, issues, loaded)
     except SpecError as e:
         issues.extend(e.issues)
     if issues:
@@ -160,24 +161,24 @@ def _validate_document(
     document: dict[str, Any],
     source: str,
     index: int,
-    lines: Mapping[tuple[str | int, ...], int],
+    node: yaml.Node,
     issues: list[SpecIssue],
     loaded: list[LoadedPlugin],
 ) -> None:
-    header = _check_header(document, source, index, lines)
+    header = _check_header(document, source, index, node)
     if header:
         issues.extend(header)
         return
     try:
         plugin = models.Plugin.model_validate(document, by_alias=True, by_name=False)
     except pydantic.ValidationError as e:
-        issues.extend(_issues_from(e, source, index, lines))
+        issues.extend(_issues_from(e, source, index, node))
         return
     loaded.append(LoadedPlugin(plugin, source, index))
 
 
 def _check_header(
-    document: Mapping[str, Any], source: str, index: int, lines: Mapping[tuple[str | int, ...], int]
+    document: Mapping[str, Any], source: str, index: int, node: yaml.Node
 ) -> list[SpecIssue]:
     """Refuse documents that are not Plugins before reporting field errors of the wrong kind."""
     kind, api_version = document.get("kind"), document.get("apiVersion")
@@ -193,7 +194,7 @@ def _check_header(
             f"not a Plugin; expected apiVersion: {models.API_VERSION}, kind: {models.KIND}",
             value=f"{api_version}/{kind}",
             has_value=True,
-            line=lines.get(("kind",)),
+            line=safe_yaml.line_of(node, ("kind",)),
         )
     ]
 

@@ -8,7 +8,7 @@ line and the field path:
 - at most :data:`MAX_BYTES` per input (the limit is in the error);
 - aliases (``*name``) are refused: an anchor expanded at each use is how a
   few hundred bytes become gigabytes, and Kubernetes refuses them too;
-- at most :data:`MAX_DEPTH` levels of nesting;
+- at most :data:`MAX_DEPTH` levels of nesting and :data:`MAX_NODES` values;
 - no explicit tags but the JSON ones (``!!str``, ``!!int``, ``!!float``,
   ``!!bool``, ``!!null``, ``!!map``, ``!!seq``); a plain ``2024-01-01`` is a
   string, as in Kubernetes, not a timestamp;
@@ -26,7 +26,7 @@ model and names each bad field with its line).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -39,6 +39,10 @@ MAX_BYTES = 1 << 20
 """Largest input accepted, in bytes (1 MiB, about a Kubernetes object's limit)."""
 MAX_DEPTH = 64
 """Deepest nesting of mappings and sequences accepted."""
+MAX_NODES = 100_000
+"""Most values (keys, items and scalars) one document may hold: a bound on the time it takes."""
+MAX_ISSUES = 50
+"""Most problems reported for one document; the last says how many more there were."""
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 _TAG = "tag:yaml.org,2002:"
@@ -121,10 +125,10 @@ def documents(text: str | bytes, source: str) -> Iterator[Document | SpecIssue]:
         while not events.check_event(yaml.StreamEndEvent):
             index += 1
             events.get_event()  # DocumentStart
-            node = _compose(events, (), 0)
+            node = _Composer(events).compose()
             events.get_event()  # DocumentEnd
             try:
-                value = _construct(node, ())
+                value = _construct(node, [])
             except _Refused as e:
                 yield _issue(source, index, e.message, e.mark, e.path)
                 continue
@@ -212,33 +216,43 @@ def field_path(path: Sequence[str | int]) -> str:
     return _shorten(text)
 
 
-def line_index(node: yaml.Node | None) -> dict[_Path, int]:
-    """Map each field path in a YAML document to the 1-based line it starts on."""
-    lines: dict[_Path, int] = {}
+def line_of(node: yaml.Node, loc: Sequence[str | int]) -> int:
+    """The 1-based line of the field at ``loc`` in ``node``'s document, or of the nearest
+    field around it that is there (a missing field: its mapping's line)."""
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next(
+                (
+                    (key, value)
+                    for key, value in node.value
+                    if isinstance(key, yaml.ScalarNode) and key.value == str(part)
+                ),
+                None,
+            )
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
-    def walk(n: yaml.Node, path: _Path) -> None:
-        lines.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                if isinstance(key, yaml.ScalarNode):
-                    lines[(*path, key.value)] = key.start_mark.line + 1
-                    walk(value, (*path, key.value))
-                    lines[(*path, key.value)] = key.start_mark.line + 1
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*path, i))
 
-    if node is not None:
-        walk(node, ())
-    return lines
-
-
-def nearest_line(lines: Mapping[_Path, int], loc: Sequence[str | int]) -> int | None:
-    """The line of the field at ``loc``, or of the nearest field around it that has one."""
-    path = tuple(loc)
-    while path not in lines and path:
-        path = path[:-1]
-    return lines.get(path)
+def capped(
+    issues: list[SpecIssue], total: int, source: str, document: int | None
+) -> list[SpecIssue]:
+    """The issues built for the first :data:`MAX_ISSUES` of ``total`` problems, and one
+    saying how many more there were."""
+    if total <= MAX_ISSUES:
+        return issues
+    line = max((i.line for i in issues if i.line is not None), default=None)  # sorted last
+    more = SpecIssue(source, document, "", f"and {total - MAX_ISSUES} more problems", line=line)
+    return [*issues, more]
 
 
 def validate(model: type[M], document: Document | None, source: str) -> M:
@@ -249,74 +263,112 @@ def validate(model: type[M], document: Document | None, source: str) -> M:
     try:
         return model.model_validate(document.value)
     except pydantic.ValidationError as e:
-        lines = line_index(document.node)
-        raise SpecError(
-            [
-                SpecIssue(
-                    source,
-                    None,
-                    field_path([p for p in error["loc"] if isinstance(p, str | int)]),
-                    error["msg"].removeprefix("Value error, "),
-                    value=error.get("input"),
-                    has_value=not isinstance(error.get("input"), dict | list),
-                    line=nearest_line(lines, error["loc"]),
-                )
-                for error in e.errors(include_url=False)
-            ]
-        ) from None
+        errors = e.errors(include_url=False)
+        issues = [
+            SpecIssue(
+                source,
+                None,
+                field_path([p for p in error["loc"] if isinstance(p, str | int)]),
+                error["msg"].removeprefix("Value error, "),
+                value=error.get("input"),
+                has_value=not isinstance(error.get("input"), dict | list),
+                line=line_of(document.node, error["loc"]),
+            )
+            for error in errors[:MAX_ISSUES]
+        ]
+        raise SpecError(capped(issues, len(errors), source, None)) from None
 
 
-def _compose(events: Any, path: _Path, depth: int) -> yaml.Node:
-    event = events.get_event()
-    if isinstance(event, yaml.AliasEvent):
-        raise _Refused(
-            f"aliases (*{event.anchor}) are not accepted; write the value out",
-            event.start_mark,
-            path,
-        )
-    if isinstance(event, yaml.ScalarEvent):
+class _Composer:
+    """Builds one document's node tree from events, refusing aliases, depth and size.
+
+    The field path is one list, pushed and popped as the tree is walked, so
+    that a node costs the same at any depth; it is copied only into an error.
+    """
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+        self.path: list[str | int] = []
+        self.nodes = 0
+
+    def refuse(self, message: str, mark: Any) -> _Refused:
+        return _Refused(message, mark, tuple(self.path))
+
+    def compose(self) -> yaml.Node:
+        event = self.events.get_event()
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise self.refuse(
+                f"more than {MAX_NODES} values (keys, items and scalars) in one document",
+                event.start_mark,
+            )
+        if isinstance(event, yaml.AliasEvent):
+            raise self.refuse(
+                f"aliases (*{event.anchor}) are not accepted; write the value out",
+                event.start_mark,
+            )
+        if isinstance(event, yaml.ScalarEvent):
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = self.events.resolve(yaml.ScalarNode, event.value, event.implicit)
+            start, end = cast(yaml.Mark, event.start_mark), cast(yaml.Mark, event.end_mark)
+            return yaml.ScalarNode(tag, event.value, start, end, event.style)
+        if len(self.path) >= MAX_DEPTH:
+            raise self.refuse(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        if isinstance(event, yaml.SequenceStartEvent):
+            return self._sequence(event)
+        assert isinstance(event, yaml.MappingStartEvent), event
+        return self._mapping(event)
+
+    def _sequence(self, event: Any) -> yaml.Node:
         tag = event.tag
         if tag is None or tag == "!":
-            tag = events.resolve(yaml.ScalarNode, event.value, event.implicit)
-        start, end = cast(yaml.Mark, event.start_mark), cast(yaml.Mark, event.end_mark)
-        return yaml.ScalarNode(tag, event.value, start, end, event.style)
-    if depth >= MAX_DEPTH:
-        raise _Refused(f"nested deeper than {MAX_DEPTH} levels", event.start_mark, path)
-    if isinstance(event, yaml.SequenceStartEvent):
-        tag = event.tag
-        if tag is None or tag == "!":
-            tag = events.resolve(yaml.SequenceNode, None, event.implicit)
+            tag = self.events.resolve(yaml.SequenceNode, None, event.implicit)
         items: list[yaml.Node] = []
         start = cast(yaml.Mark, event.start_mark)
         sequence = yaml.SequenceNode(tag, items, start, None, event.flow_style)
-        while not events.check_event(yaml.SequenceEndEvent):
-            items.append(_compose(events, (*path, len(items)), depth + 1))
-        sequence.end_mark = events.get_event().end_mark
+        self.path.append(0)
+        while not self.events.check_event(yaml.SequenceEndEvent):
+            self.path[-1] = len(items)
+            items.append(self.compose())
+        self.path.pop()
+        sequence.end_mark = self.events.get_event().end_mark
         return sequence
-    assert isinstance(event, yaml.MappingStartEvent), event
-    tag = event.tag
-    if tag is None or tag == "!":
-        tag = events.resolve(yaml.MappingNode, None, event.implicit)
-    pairs: list[tuple[yaml.Node, yaml.Node]] = []
-    start = cast(yaml.Mark, event.start_mark)
-    mapping = yaml.MappingNode(tag, pairs, start, None, event.flow_style)
-    while not events.check_event(yaml.MappingEndEvent):
-        key = _compose(events, (*path, "<key>"), depth + 1)
-        name = key.value if isinstance(key, yaml.ScalarNode) else "<key>"
-        pairs.append((key, _compose(events, (*path, name), depth + 1)))
-    mapping.end_mark = events.get_event().end_mark
-    return mapping
+
+    def _mapping(self, event: Any) -> yaml.Node:
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self.events.resolve(yaml.MappingNode, None, event.implicit)
+        pairs: list[tuple[yaml.Node, yaml.Node]] = []
+        start = cast(yaml.Mark, event.start_mark)
+        mapping = yaml.MappingNode(tag, pairs, start, None, event.flow_style)
+        self.path.append("<key>")
+        while not self.events.check_event(yaml.MappingEndEvent):
+            self.path[-1] = "<key>"
+            key = self.compose()
+            self.path[-1] = key.value if isinstance(key, yaml.ScalarNode) else "<key>"
+            pairs.append((key, self.compose()))
+        self.path.pop()
+        mapping.end_mark = self.events.get_event().end_mark
+        return mapping
 
 
-def _construct(node: yaml.Node, path: _Path) -> Any:
+def _construct(node: yaml.Node, path: list[str | int]) -> Any:
+    """The value of ``node``; ``path`` (its field path) is pushed and popped in place."""
     if isinstance(node, yaml.ScalarNode):
         return _scalar(node, path)
     if isinstance(node, yaml.SequenceNode):
         if node.tag != f"{_TAG}seq":
-            raise _Refused(_tag_help(node.tag), node.start_mark, path)
-        return [_construct(item, (*path, i)) for i, item in enumerate(node.value)]
+            raise _Refused(_tag_help(node.tag), node.start_mark, tuple(path))
+        items = []
+        path.append(0)
+        for index, item in enumerate(node.value):
+            path[-1] = index
+            items.append(_construct(item, path))
+        path.pop()
+        return items
     if node.tag != f"{_TAG}map":
-        raise _Refused(_tag_help(node.tag), node.start_mark, path)
+        raise _Refused(_tag_help(node.tag), node.start_mark, tuple(path))
     mapping: dict[Any, Any] = {}
     first: dict[Any, int] = {}
     for key_node, value_node in node.value:
@@ -324,31 +376,35 @@ def _construct(node: yaml.Node, path: _Path) -> Any:
             raise _Refused(
                 "a key must be a string or another scalar, not a mapping or a list",
                 key_node.start_mark,
-                path,
+                tuple(path),
             )
         if key_node.tag == f"{_TAG}merge":
-            raise _Refused("merge keys (<<) are not accepted", key_node.start_mark, path)
+            raise _Refused("merge keys (<<) are not accepted", key_node.start_mark, tuple(path))
         key = _scalar(key_node, path)
         if key in first:
             raise _Refused(
-                f'duplicate key "{key}" (first on line {first[key]})', key_node.start_mark, path
+                f'duplicate key "{key}" (first on line {first[key]})',
+                key_node.start_mark,
+                tuple(path),
             )
         first[key] = key_node.start_mark.line + 1
-        mapping[key] = _construct(value_node, (*path, str(key)))
+        path.append(str(key))
+        mapping[key] = _construct(value_node, path)
+        path.pop()
     return mapping
 
 
-def _scalar(node: yaml.ScalarNode, path: _Path) -> Any:
+def _scalar(node: yaml.ScalarNode, path: list[str | int]) -> Any:
     found = _CONTROL.search(node.value)
     if found:
         raise _Refused(
             f"control character U+{ord(found.group()):04X} is not allowed",
             node.start_mark,
-            path,
+            tuple(path),
         )
     kind = node.tag.removeprefix(_TAG)
     if node.tag not in _SCALAR_TAGS:
-        raise _Refused(_tag_help(node.tag), node.start_mark, path)
+        raise _Refused(_tag_help(node.tag), node.start_mark, tuple(path))
     try:
         if kind == "str":
             return node.value
@@ -363,7 +419,7 @@ def _scalar(node: yaml.ScalarNode, path: _Path) -> Any:
         return None
     except (ValueError, OverflowError):
         raise _Refused(
-            f'"{_shorten(node.value)}" is not a valid {kind}', node.start_mark, path
+            f'"{_shorten(node.value)}" is not a valid {kind}', node.start_mark, tuple(path)
         ) from None
 
 

@@ -345,3 +345,21 @@ def test_a_bad_gateway_tokens_file_is_a_tokens_file_error(
         auth.Tokens.load(path)
     assert expected in str(caught.value)
     assert f"{path}:" in str(caught.value)
+
+
+def test_a_document_of_more_than_the_node_limit_is_refused_where_it_passes_it() -> None:
+    text = spec("many", "  config:\n    l: [" + ",".join(["0"] * safe_yaml.MAX_NODES) + "]\n")
+    with pytest.raises(SpecError, match="more than 100000 values") as caught:
+        loader.load_text(text, "many.yaml")
+    (issue,) = caught.value.issues
+    assert (issue.line, issue.path.startswith("spec.config.l[")) == (9, True)
+
+
+def test_at_most_fifty_problems_are_listed_then_how_many_more() -> None:
+    env = "".join(f"    '{i}bad': v\n" for i in range(500))
+    with pytest.raises(SpecError) as caught:
+        loader.load_text(spec("noisy", "  env:\n" + env), "noisy.yaml")
+    issues = caught.value.issues
+    assert len(issues) == safe_yaml.MAX_ISSUES + 1
+    assert issues[-1].message == "and 450 more problems"
+    assert [i.line for i in issues[:3]] == [9, 10, 11]
