@@ -101,6 +101,7 @@ class DirectorySource:
             (str(path), functools.partial(loader.load_file, path)) for path in files
         ]
         for key, text in self.store.applied().items():
+            text = _unescaped(text)
             documents.append((f"{APPLIED}:{key}", functools.partial(loader.load_text, text, key)))
         for origin, load in documents:
             kind = APPLIED if origin.startswith(f"{APPLIED}:") else origin
@@ -256,6 +257,17 @@ class DirectorySource:
                 await asyncio.to_thread(self.rescan)
                 for key in self.declared_keys():
                     self.enqueue(key)
+
+
+def _unescaped(text: str) -> str:
+    """A stored applied spec (JSON) with its characters as they are: rows written before they
+    were stored so hold JSON's surrogate-pair escapes, which libyaml refuses."""
+    if "\\u" not in text:
+        return text
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False)
+    except ValueError:
+        return text  # not JSON: the loader says what is wrong with it
 
 
 def _duplicate(origin: str, key: str, first: str) -> SpecIssue:

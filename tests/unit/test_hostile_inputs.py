@@ -363,3 +363,19 @@ def test_at_most_fifty_problems_are_listed_then_how_many_more() -> None:
     assert len(issues) == safe_yaml.MAX_ISSUES + 1
     assert issues[-1].message == "and 450 more problems"
     assert [i.line for i in issues[:3]] == [9, 10, 11]
+
+
+def test_an_applied_spec_stored_with_json_escapes_still_loads(tmp_path: Path) -> None:
+    """Rows written before applied specs were stored unescaped hold surrogate pairs."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    store = Store(tmp_path / "state.db")
+    document = yaml.safe_load(spec("legacy", '  config: {greeting: "😀"}\n'))
+    store.put_applied("legacy", json.dumps(document))
+    assert "\\ud83d" in store.applied()["legacy"]
+    source = DirectorySource(specs, store, lambda key: None)
+    assert source.rescan() == {"legacy"}
+    assert source.errors == {}
+    desired = source.get("legacy")
+    assert desired is not None
+    assert desired.plugin.spec.config == {"greeting": "😀"}
