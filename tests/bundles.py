@@ -25,8 +25,16 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def image_archive(path: Path, tag: str, content: bytes = b"hello\n") -> str:
-    """A one-layer image holding ``/hello`` with ``content``, saved as tagged ``tag``; its id."""
+def image_archive(
+    path: Path,
+    tag: str,
+    content: bytes = b"hello\n",
+    *,
+    also: tuple[str, ...] = (),
+    extra: dict[str, bytes] | None = None,
+) -> str:
+    """A one-layer image holding ``/hello`` with ``content``, saved as tagged ``tag`` (and the
+    tags ``also``, and with the ``extra`` members); its id."""
     layer_buffer = io.BytesIO()
     with tarfile.open(fileobj=layer_buffer, mode="w", format=tarfile.PAX_FORMAT) as layer:
         _add(layer, "hello", content)
@@ -56,13 +64,15 @@ def image_archive(path: Path, tag: str, content: bytes = b"hello\n") -> str:
                 [
                     {
                         "Config": f"{config_hex}.json",
-                        "RepoTags": [tag],
+                        "RepoTags": [tag, *also],
                         "Layers": [f"{layer_dir}/layer.tar"],
                     }
                 ]
             ).encode(),
         )
         _add(archive, "repositories", json.dumps({repository: {version: layer_dir}}).encode())
+        for name, data in (extra or {}).items():
+            _add(archive, name, data)
     return f"sha256:{config_hex}"
 
 
@@ -136,7 +146,7 @@ def read_member(path: Path, member: str) -> bytes:
 def index_entry(path: Path, url: str, **extra: Any) -> dict[str, Any]:
     """The marketplace index entry of the bundle at ``path``, served at ``url``."""
     with bundle.Bundle(path) as opened:
-        found = opened.manifest
+        found = opened.parse_manifest()
     return {
         "name": found.name,
         "version": str(found.version),

@@ -54,16 +54,22 @@ class AdminClient:
         self.timeout = timeout
 
     def _call(
-        self, method: str, path: str, body: str | None = None, **query: str
+        self, method: str, path: str, body: str | bytes | None = None, **query: str
     ) -> dict[str, Any]:
         if query:
             path += "?" + urllib.parse.urlencode(query)
         connection = _UnixConnection(self.socket_path, self.timeout)
         try:
             headers = {"Content-Type": "application/yaml"} if body is not None else {}
-            connection.request(method, path, body=body, headers=headers)
+            data_out = body.encode() if isinstance(body, str) else body
+            connection.request(method, path, body=data_out, headers=headers)
             response = connection.getresponse()
-            data = json.loads(response.read() or b"{}")
+            raw = response.read()
+            try:
+                data = json.loads(raw or b"{}")
+            except ValueError:
+                text = raw[:200].decode(errors="replace")
+                data = {"error": f"HTTP {response.status}, not JSON: {text}"}
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             raise ControllerNotRunningError(
                 f"no controller answers on {self.socket_path}: start one with bhctl run, "
@@ -81,7 +87,7 @@ class AdminClient:
     def get(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
 
-    def apply(self, text: str, origin: str) -> dict[str, Any]:
+    def apply(self, text: str | bytes, origin: str) -> dict[str, Any]:
         return self._call("POST", "/v1/plugins", text, origin=origin)
 
     def delete(self, name: str) -> dict[str, Any]:

@@ -34,13 +34,13 @@ from controller.protocol import client
 from controller.reconcile import manager, reconciler
 from controller.runtimes import base
 from controller.sources import base as sources_base
-from controller.spec import models
+from controller.spec import models, safe_yaml
 from controller.state import snapshots
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20
-"""Largest spec body accepted, in bytes."""
+MAX_BODY = safe_yaml.MAX_BYTES
+"""Largest spec body accepted, in bytes (the spec loader's limit)."""
 
 
 class AdminServer:
@@ -62,7 +62,7 @@ class AdminServer:
         self.plugins = plugins
         self._cpu: dict[str, tuple[float, float]] = {}
         """Per instance: when its CPU time was last read, and what it was."""
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
         app.add_routes(
             [
                 web.get("/healthz", self._healthz),
@@ -134,7 +134,7 @@ class AdminServer:
         )
 
     async def _apply(self, request: web.Request) -> web.Response:
-        text = await request.text()
+        text = await request.read()  # bytes: the loader decodes and bounds them
         origin = request.query.get("origin", "<apply>")
         try:
             applied = await self.source.apply(text, origin)
@@ -367,6 +367,21 @@ class AdminServer:
             {"plugin": key, "stateVersion": after.version, "sha256": after.sha256,
              "previous": saved.to_document()}
         )  # fmt: skip
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every HTTP error aiohttp raises (unknown route, body too large, ...) answered as JSON."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as e:
+        if e.content_type == "application/json" or e.status < 400:
+            raise
+        message = e.text or e.reason
+        if isinstance(e, web.HTTPRequestEntityTooLarge):
+            message = f"the body is over the limit of {MAX_BODY} bytes (1 MiB)"
+        return web.json_response({"error": message}, status=e.status)
+    return response
 
 
 def _error(message: str) -> str:

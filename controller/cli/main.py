@@ -341,7 +341,7 @@ def apply(
     admin = _client(data_dir)
     for path in files:
         try:
-            text = path.read_text()
+            text = path.read_bytes()  # decoded and checked by the controller
         except OSError as e:
             err.print(f"[red]error[/]: {escape(str(path))}: {escape(e.strerror or str(e))}")
             raise typer.Exit(1) from None

@@ -197,7 +197,8 @@ def verify(
     async def check(found: registry_module.Registry) -> tuple[manifest_module.Manifest, str | None]:
         def opened() -> tuple[manifest_module.Manifest, str | None]:
             with bundle.Bundle(path) as item:
-                return item.manifest, found.check(item)
+                key = found.check(item)  # the signature first, then the manifest is parsed
+                return item.manifest, key
 
         return await asyncio.to_thread(opened)
 

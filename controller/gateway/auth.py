@@ -20,9 +20,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from controller.errors import ControllerError
+from controller.errors import ControllerError, SpecError
+from controller.spec import safe_yaml
 
 
 class TokensFileError(ControllerError):
@@ -57,9 +56,13 @@ class Tokens:
     def load(cls, path: Path) -> Tokens:
         try:
             mode = path.stat().st_mode
-            document = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
+            with path.open("rb") as handle:
+                data = handle.read(safe_yaml.MAX_BYTES + 1)
+            document = safe_yaml.load_one(data, str(path))
+        except OSError as e:
             raise TokensFileError(f"{path}: {e}") from e
+        except SpecError as e:
+            raise TokensFileError(str(e)) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise TokensFileError(
                 f"{path}: readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it"

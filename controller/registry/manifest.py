@@ -12,12 +12,11 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-import pydantic
 import yaml
 from pydantic import Field, field_validator
 
-from controller.errors import BundleRefusedError
-from controller.spec import models
+from controller.errors import BundleRefusedError, SpecError, SpecIssue
+from controller.spec import models, safe_yaml
 from controller.spec.semver import Version
 
 DIGEST = r"^sha256:[a-f0-9]{64}$"
@@ -94,22 +93,27 @@ class Manifest(models.Model):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+MAX_BYTES = safe_yaml.MAX_BYTES
+"""Largest manifest accepted, in bytes."""
+
+
 def parse(data: bytes, source: str = "plugin.yaml") -> Manifest:
-    """The manifest in ``data``; raises :class:`BundleRefusedError` naming the bad field."""
+    """The manifest in ``data``; raises :class:`BundleRefusedError` naming the line and field.
+
+    Read by :mod:`controller.spec.safe_yaml`: at most 1 MiB, no aliases,
+    duplicate keys refused.
+    """
     try:
-        document = yaml.safe_load(data.decode())
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise BundleRefusedError("InvalidBundle", f"{source}: not YAML: {e}") from None
-    if not isinstance(document, dict):
-        raise BundleRefusedError("InvalidBundle", f"{source}: not a mapping of fields")
-    try:
-        return Manifest.model_validate(document)
-    except pydantic.ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or '(top)'}: {error['msg']}"
-            for error in e.errors()
-        )
-        raise BundleRefusedError("InvalidBundle", f"{source}: {problems}") from None
+        return safe_yaml.validate(Manifest, _one(data, source), source)
+    except SpecError as e:
+        raise BundleRefusedError("InvalidBundle", str(e)) from None
+
+
+def _one(data: bytes, source: str) -> safe_yaml.Document | None:
+    found = safe_yaml.load_all(data, source)
+    if len(found) > 1:
+        raise SpecError([SpecIssue(source, found[1].index, "", "a manifest is one YAML document")])
+    return found[0] if found else None
 
 
 def render(manifest: Manifest, header: str = "") -> bytes:

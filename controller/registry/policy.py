@@ -11,13 +11,11 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
-import pydantic
-import yaml
 from pydantic import Field
 
-from controller.errors import BundleRefusedError, RegistryError
+from controller.errors import BundleRefusedError, RegistryError, SpecError
 from controller.registry import manifest as manifest_module
-from controller.spec import models
+from controller.spec import models, safe_yaml
 from controller.spec.quantity import Quantity
 
 
@@ -60,17 +58,19 @@ class Policy(models.Model):
         if path is None or not path.exists():
             return cls()
         try:
-            document = yaml.safe_load(path.read_text()) or {}
-            return cls.model_validate(document)
+            with path.open("rb") as handle:
+                data = handle.read(safe_yaml.MAX_BYTES + 1)
         except OSError as e:
             raise RegistryError(f"{path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise RegistryError(f"{path}: not YAML: {e}") from None
-        except pydantic.ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in e.errors()
-            )
-            raise RegistryError(f"{path}: {problems}") from None
+        try:
+            found = safe_yaml.load_all(data, str(path))
+            if len(found) > 1:
+                raise RegistryError(f"{path}: a policy is one YAML document")
+            if not found:
+                return cls()
+            return safe_yaml.validate(cls, found[0], str(path))
+        except SpecError as e:
+            raise RegistryError(str(e)) from None
 
     def check(self, manifest: manifest_module.Manifest, source: str) -> None:
         """Refuse a bundle that asks for more than this policy allows."""

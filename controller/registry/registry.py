@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from controller.errors import BundleRefusedError, RegistryError
+from controller.errors import BundleRefusedError, ControllerError, RegistryError
 from controller.registry import bundle as bundle_module
 from controller.registry import catalog as catalog_module
 from controller.registry import dependencies, policy, remote, signing
@@ -112,9 +112,11 @@ class Registry:
     def __init__(self, settings: Settings, images: Images | None = None) -> None:
         self.settings = settings
         self.images = images
+        for directory in (settings.data_dir, settings.root):  # a new one is the owner's only
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.catalog = catalog_module.Catalog(settings.data_dir / "registry.db")
         self.cache = settings.root / "bundles"
-        self.cache.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(mode=0o700, exist_ok=True)
         self._lock = asyncio.Lock()
 
     def close(self) -> None:
@@ -131,18 +133,18 @@ class Registry:
     def check(self, opened: bundle_module.Bundle) -> str | None:
         """Every check of one bundle but its dependencies; the signer's key id (None: unsigned)."""
         rules = self.policy()
-        found = opened.manifest
         if opened.signature is None:
             if not rules.allow_unsigned:
                 raise BundleRefusedError(
                     "Unsigned",
-                    f"{opened.source}: {found.ref} is not signed, and the policy "
+                    f"{opened.source} is not signed, and the policy "
                     f"({self.settings.policy_file}) does not allow unsigned bundles "
                     "(allowUnsigned: true); sign it with bhctl plugin sign",
                 )
             key = None
-        else:
+        else:  # the signature is over the raw bytes: checked before any YAML is parsed
             key = self.trust().verify(opened.manifest_bytes, opened.signature, opened.source)
+        found = opened.parse_manifest()
         self._check_protocol(found, opened.source)
         rules.check(found, opened.source)
         opened.check_image()
@@ -201,7 +203,7 @@ class Registry:
             for path in pending:
                 try:
                     installed += await self.install(str(path))
-                except RegistryError as e:
+                except ControllerError as e:  # refused, unreadable, or the engine would not load it
                     refused[str(path)] = str(e)
                     failed.append(path)
             if len(failed) == len(pending):
@@ -214,6 +216,12 @@ class Registry:
         return self.cache / f"{sha256}{bundle_module.SUFFIX}"
 
     def _stage_local(self, path: Path) -> list[_Staged]:
+        try:
+            return self._stage_path(path)
+        except OSError as e:
+            raise RegistryError(f"{path}: {e.strerror or e}") from None
+
+    def _stage_path(self, path: Path) -> list[_Staged]:
         if not path.exists():
             raise RegistryError(
                 f"{path}: no such file or directory; to install NAME[@RANGE] from a "
@@ -228,7 +236,7 @@ class Registry:
             )
             if not found:
                 raise RegistryError(f"{path}: no bundles (*{bundle_module.SUFFIX}) in it")
-            return [item for p in found for item in self._stage_local(p)]
+            return [item for p in found for item in self._stage_path(p)]
         with tempfile.TemporaryDirectory(dir=self.cache) as scratch:
             source = path
             if path.is_dir():  # an unpacked bundle: cached as a bundle file
@@ -246,8 +254,11 @@ class Registry:
             fresh = not target.exists()
             if fresh:
                 staged = target.with_name(target.name + ".part")
-                shutil.copyfile(source, staged)
-                staged.replace(target)
+                try:
+                    shutil.copyfile(source, staged)
+                    staged.replace(target)
+                finally:
+                    staged.unlink(missing_ok=True)
         return [_Staged(target, str(path.resolve()), digest, fresh)]
 
     async def _fetch(self, url: str, sha256: str | None) -> _Staged:
@@ -362,8 +373,10 @@ class Registry:
         if current == digest:
             return False
         with tempfile.TemporaryDirectory(dir=self.cache) as scratch:
+            # What the engine loads is rebuilt from the checked members only, tagged as
+            # the signed manifest says: nothing unchecked (other tags, an OCI index) reaches it.
             archive = Path(scratch) / bundle_module.IMAGE
-            await asyncio.to_thread(opened.extract_image, archive)
+            await asyncio.to_thread(opened.check_image, archive)
             loaded = await self.images.load_image(archive)
         if loaded != digest:
             with contextlib.suppress(RegistryError):

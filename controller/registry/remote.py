@@ -190,18 +190,24 @@ async def fetch_index(url: str, cache: Path, limits: Limits = Limits()) -> Index
         target = Path(url.removeprefix("file://"))
         base = target.resolve().as_uri()
     try:
-        index = Index.model_validate(json.loads(target.read_bytes()))
+        with target.open("rb") as handle:
+            data = handle.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
         raise RegistryError(f"index {url}: {e.strerror}") from None
-    except ValueError as e:  # JSON or validation
-        detail = (
-            "; ".join(
-                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in e.errors()
-            )
-            if isinstance(e, pydantic.ValidationError)
-            else str(e)
+    if len(data) > MAX_INDEX_BYTES:
+        raise RegistryError(f"index {url}: over the limit of {MAX_INDEX_BYTES} bytes (16 MiB)")
+    try:
+        index = Index.model_validate(json.loads(data))
+    except pydantic.ValidationError as e:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in e.errors()
         )
         raise RegistryError(f"index {url} is not a plugin index: {detail}") from None
+    except (ValueError, RecursionError) as e:  # not JSON (or nested past the parser's limit)
+        raise RegistryError(f"index {url} is not JSON: {e}") from None
     for entry in index.plugins:
-        entry.url = urllib.parse.urljoin(base, entry.url)
+        try:
+            entry.url = urllib.parse.urljoin(base, entry.url)
+        except ValueError as e:
+            raise RegistryError(f"index {url}: {entry.name}@{entry.version}: url: {e}") from None
     return index

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from controller.errors import BundleRefusedError, RegistryError
 
 ALGORITHM = "ed25519"
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def key_id(public: ed25519.Ed25519PublicKey) -> str:
@@ -33,7 +35,16 @@ def key_id(public: ed25519.Ed25519PublicKey) -> str:
 
 
 def generate(directory: Path, name: str) -> tuple[Path, Path, str]:
-    """Write ``NAME.key`` (mode 0600) and ``NAME.pub`` into ``directory``; refuse to overwrite."""
+    """Write ``NAME.key`` (mode 0600) and ``NAME.pub`` into ``directory``; refuse to overwrite.
+
+    ``name`` is a file name, not a path: one with a separator, ``..`` or a
+    leading dot is refused, so both files stay in ``directory``.
+    """
+    if not _KEY_NAME.fullmatch(name):
+        raise RegistryError(
+            f"key name {name!r}: use a file name of letters, digits, '.', '_' and '-' that "
+            "does not start with '.' (e.g. author), not a path; choose the directory with --dir"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     for path in (private_path, public_path):
@@ -105,7 +116,7 @@ def parse_signature(data: bytes, source: str = "plugin.yaml.sig") -> Signature:
                 f"use {ALGORITHM}",
             )
         return Signature(str(document["keyId"]), base64.b64decode(document["signature"]))
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):
         raise BundleRefusedError(
             "BadSignature", f"{source}: not a signature document (JSON with keyId, signature)"
         ) from None

@@ -63,8 +63,8 @@ class Source(Protocol):
         without a valid one before it has no :meth:`get`, and must not be deleted)."""
         ...
 
-    async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
-        """Declare the specs in ``text``; raises :class:`SpecError`."""
+    async def apply(self, text: str | bytes, origin: str = "<apply>") -> list[Desired]:
+        """Declare the specs in ``text`` (bytes: UTF-8); raises :class:`SpecError`."""
         ...
 
     async def delete(self, key: str) -> bool:

@@ -87,11 +87,21 @@ class DirectorySource:
             by_origin.setdefault(previous.origin, []).append(previous)
         errors: dict[str, SpecError] = {}
         fresh: dict[str, Desired] = {}
+        try:
+            files = loader.spec_files(self.directory) if self.directory else []
+        except OSError as e:  # the directory is gone or unreadable: keep what its files said
+            assert self.directory is not None
+            origin = str(self.directory)
+            errors[origin] = SpecError([SpecIssue(origin, None, "", f"cannot list: {e}")])
+            files = []
+            for kind, items in by_origin.items():
+                if kind != APPLIED:
+                    fresh.update((item.plugin.key, item) for item in items)
         documents: list[tuple[str, Callable[[], list[loader.LoadedPlugin]]]] = [
-            (str(path), functools.partial(loader.load_file, path))
-            for path in (loader.spec_files(self.directory) if self.directory else [])
+            (str(path), functools.partial(loader.load_file, path)) for path in files
         ]
         for key, text in self.store.applied().items():
+            text = _unescaped(text)
             documents.append((f"{APPLIED}:{key}", functools.partial(loader.load_text, text, key)))
         for origin, load in documents:
             kind = APPLIED if origin.startswith(f"{APPLIED}:") else origin
@@ -133,13 +143,13 @@ class DirectorySource:
 
     # The admin API's writes.
 
-    async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
+    async def apply(self, text: str | bytes, origin: str = "<apply>") -> list[Desired]:
         """Validate specs and store them, replacing earlier applies of the same names.
 
         Raises :class:`SpecError` for an invalid spec or for a name a spec file
         declares (files are the user's; edit the file instead), storing nothing.
         """
-        loaded = loader.load_text(text, origin)
+        loaded = await asyncio.to_thread(loader.load_text, text, origin)  # up to 1 MiB of YAML
         issues = []
         for item in loaded:
             existing = self._desired.get(item.plugin.key)
@@ -157,7 +167,9 @@ class DirectorySource:
         if issues:
             raise SpecError(issues)
         for item in loaded:
-            document = json.dumps(item.plugin.to_document())
+            # Characters as they are: libyaml, which reads it back, refuses the surrogate
+            # pairs JSON escapes characters beyond U+FFFF as.
+            document = json.dumps(item.plugin.to_document(), ensure_ascii=False)
             await self._locked(self.store.put_applied, item.plugin.key, document)
         for key in sorted(await asyncio.to_thread(self.rescan)):
             self.enqueue(key)
@@ -245,6 +257,17 @@ class DirectorySource:
                 await asyncio.to_thread(self.rescan)
                 for key in self.declared_keys():
                     self.enqueue(key)
+
+
+def _unescaped(text: str) -> str:
+    """A stored applied spec (JSON) with its characters as they are: rows written before they
+    were stored so hold JSON's surrogate-pair escapes, which libyaml refuses."""
+    if "\\u" not in text:
+        return text
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False)
+    except ValueError:
+        return text  # not JSON: the loader says what is wrong with it
 
 
 def _duplicate(origin: str, key: str, first: str) -> SpecIssue:

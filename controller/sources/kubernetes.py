@@ -259,7 +259,7 @@ class KubernetesSource:
 
     # The admin API's writes: not on Kubernetes.
 
-    async def apply(self, text: str, origin: str = "<apply>") -> list[Desired]:
+    async def apply(self, text: str | bytes, origin: str = "<apply>") -> list[Desired]:
         raise SpecError([_kubectl(origin, "kubectl apply -f FILE")])
 
     async def delete(self, key: str) -> bool:
@@ -384,7 +384,8 @@ def _plugin(obj: kubeapi.Object, origin: str) -> models.Plugin:
         "metadata": {k: v for k, v in metadata.items() if k in known},
         "spec": obj.get("spec") or {},
     }
-    loaded = loader.load_text(json.dumps(document), origin)
+    # ensure_ascii=False: libyaml refuses the surrogate pairs JSON escapes emoji as.
+    loaded = loader.load_text(json.dumps(document, ensure_ascii=False), origin)
     plugin = loaded[0].plugin
     if plugin.metadata.generation is None:
         meta = plugin.metadata.model_copy(update={"generation": 1})

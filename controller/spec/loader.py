@@ -17,7 +17,7 @@ import pydantic
 import yaml
 
 from controller.errors import SpecError, SpecIssue
-from controller.spec import models
+from controller.spec import models, safe_yaml
 
 
 @dataclass(frozen=True)
@@ -27,65 +27,6 @@ class LoadedPlugin:
     plugin: models.Plugin
     source: str
     document: int
-
-
-class _Loader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping",
-                node.start_mark,
-                f'found duplicate key "{key}" (first on line {seen[key] + 1})',
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_index(node: yaml.Node | None) -> dict[tuple[str | int, ...], int]:
-    """Map each field path in a YAML document to the 1-based line it starts on."""
-    lines: dict[tuple[str | int, ...], int] = {}
-
-    def walk(n: yaml.Node, path: tuple[str | int, ...]) -> None:
-        lines.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                if isinstance(key, yaml.ScalarNode):
-                    lines[(*path, key.value)] = key.start_mark.line + 1
-                    walk(value, (*path, key.value))
-                    lines[(*path, key.value)] = key.start_mark.line + 1
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*path, i))
-
-    if node is not None:
-        walk(node, ())
-    return lines
-
-
-def _nearest_line(
-    lines: Mapping[tuple[str | int, ...], int], loc: Sequence[str | int]
-) -> int | None:
-    path = tuple(loc)
-    while path not in lines and path:
-        path = path[:-1]
-    return lines.get(path)
-
-
-def _field_path(loc: Sequence[str | int]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
 
 
 def _allowed_fields(loc: Sequence[str | int]) -> list[str] | None:
@@ -123,10 +64,11 @@ def _issues_from(
     error: pydantic.ValidationError,
     source: str,
     document: int,
-    lines: Mapping[tuple[str | int, ...], int],
+    node: yaml.Node,
 ) -> list[SpecIssue]:
     issues = []
-    for err in error.errors(include_url=False):
+    errors = error.errors(include_url=False)
+    for err in errors[: safe_yaml.MAX_ISSUES]:
         loc = list(err["loc"])
         kind = err["type"]
         message = err["msg"]
@@ -149,14 +91,14 @@ def _issues_from(
             SpecIssue(
                 source=source,
                 document=document,
-                path=_field_path(loc),
+                path=safe_yaml.field_path(loc),
                 message=message,
                 value=err.get("input"),
                 has_value=has_value,
-                line=_nearest_line(lines, loc),
+                line=safe_yaml.line_of(node, loc),
             )
         )
-    return issues
+    return safe_yaml.capped(issues, len(errors), source, document)
 
 
 _PATTERN_HELP = {
@@ -182,42 +124,33 @@ def _pattern_help(loc: Sequence[str | int], default: str) -> str:
     return default
 
 
-def load_text(text: str, source: str = "<input>") -> list[LoadedPlugin]:
-    """Parse every ``Plugin`` document in ``text``; raise :class:`SpecError` listing all issues."""
+def load_text(text: str | bytes, source: str = "<input>") -> list[LoadedPlugin]:
+    """Parse every ``Plugin`` document in ``text``; raise :class:`SpecError` listing all issues.
+
+    The YAML is read by :mod:`controller.spec.safe_yaml`: bounded in size,
+    depth and time, without aliases.
+    """
     issues: list[SpecIssue] = []
     loaded: list[LoadedPlugin] = []
-    loader = _Loader(text)
-    index = 0
     try:
-        while loader.check_node():
-            index += 1
-            node = loader.get_node()
-            try:
-                document = loader.construct_document(node)
-            except yaml.YAMLError as e:
-                loader.constructed_objects = {}
-                loader.recursive_objects = {}
-                issues.append(_yaml_issue(e, source, index, node))
+        for item in safe_yaml.documents(text, source):
+            if isinstance(item, SpecIssue):
+                issues.append(item)
                 continue
-            if document is None:
-                continue  # an empty document, e.g. after a trailing '---'
-            lines = _line_index(node)
-            if not isinstance(document, dict):
+            if not isinstance(item.value, dict):
                 issues.append(
                     SpecIssue(
                         source,
-                        index,
+                        item.index,
                         "",
                         "a document must be a mapping with apiVersion, kind, metadata and spec",
-                        line=lines.get(()),
+                        line=item.node.start_mark.line + 1,
                     )
                 )
                 continue
-            _validate_document(document, source, index, lines, issues, loaded)
-    except yaml.YAMLError as e:
-        issues.append(_yaml_issue(e, source, index or None))
-    finally:
-        loader.dispose()
+            _validate_document(item.value, source, item.index, item.node, issues, loaded)
+    except SpecError as e:
+        issues.extend(e.issues)
     if issues:
         issues.sort(key=lambda i: (i.document or 0, i.line or 0))
         raise SpecError(issues)
@@ -228,24 +161,24 @@ def _validate_document(
     document: dict[str, Any],
     source: str,
     index: int,
-    lines: Mapping[tuple[str | int, ...], int],
+    node: yaml.Node,
     issues: list[SpecIssue],
     loaded: list[LoadedPlugin],
 ) -> None:
-    header = _check_header(document, source, index, lines)
+    header = _check_header(document, source, index, node)
     if header:
         issues.extend(header)
         return
     try:
         plugin = models.Plugin.model_validate(document, by_alias=True, by_name=False)
     except pydantic.ValidationError as e:
-        issues.extend(_issues_from(e, source, index, lines))
+        issues.extend(_issues_from(e, source, index, node))
         return
     loaded.append(LoadedPlugin(plugin, source, index))
 
 
 def _check_header(
-    document: Mapping[str, Any], source: str, index: int, lines: Mapping[tuple[str | int, ...], int]
+    document: Mapping[str, Any], source: str, index: int, node: yaml.Node
 ) -> list[SpecIssue]:
     """Refuse documents that are not Plugins before reporting field errors of the wrong kind."""
     kind, api_version = document.get("kind"), document.get("apiVersion")
@@ -261,28 +194,19 @@ def _check_header(
             f"not a Plugin; expected apiVersion: {models.API_VERSION}, kind: {models.KIND}",
             value=f"{api_version}/{kind}",
             has_value=True,
-            line=lines.get(("kind",)),
+            line=safe_yaml.line_of(node, ("kind",)),
         )
     ]
-
-
-def _yaml_issue(
-    error: yaml.YAMLError, source: str, document: int | None = None, node: yaml.Node | None = None
-) -> SpecIssue:
-    mark = getattr(error, "problem_mark", None) or (node.start_mark if node else None)
-    problem = getattr(error, "problem", None) or str(error)
-    context = getattr(error, "context", None)
-    message = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
-    return SpecIssue(source, document, "", message, line=mark.line + 1 if mark else None)
 
 
 def load_file(path: Path) -> list[LoadedPlugin]:
     """Load every ``Plugin`` in one YAML file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        with path.open("rb") as handle:
+            data = handle.read(safe_yaml.MAX_BYTES + 1)
+    except OSError as e:
         raise SpecError([SpecIssue(str(path), None, "", f"cannot read: {e}")]) from e
-    return load_text(text, str(path))
+    return load_text(data, str(path))
 
 
 def spec_files(directory: Path) -> list[Path]:

@@ -190,4 +190,4 @@ async def test_a_broken_policy_file_starts_nothing_and_says_why(
     assert world.started == []
     ready = world.ready_condition("kv")
     assert ready.reason == "RegistryError"
-    assert "policy.yaml: maxResources.memory" in ready.message
+    assert "policy.yaml:1: maxResources.memory" in ready.message

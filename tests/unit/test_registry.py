@@ -64,7 +64,9 @@ def test_the_examples_manifests_are_valid_manifests() -> None:
 
 def test_a_manifest_error_names_the_field(tmp_path: Path) -> None:
     text = bundles.manifest_text("kv", "1.0", "blackhole/kv:1")
-    with pytest.raises(BundleRefusedError, match=r"plugin.yaml: version: .*not a semantic version"):
+    with pytest.raises(
+        BundleRefusedError, match=r"plugin.yaml:2: version: .*not a semantic version"
+    ):
         manifest.parse(text.encode())
 
 
@@ -111,7 +113,7 @@ async def test_an_image_other_than_the_signed_one_is_refused(setup: Setup) -> No
     path = setup.bundle()
     other = setup.root / "other.tar"
     with bundle.Bundle(path) as opened:
-        tag = opened.manifest.image
+        tag = opened.parse_manifest().image
     bundles.image_archive(other, tag, b"something else\n")
     bundles.replace_member(path, bundle.IMAGE, other.read_bytes())
     error = await setup.refused(path, "ImageDigestMismatch")
@@ -340,6 +342,7 @@ def test_pack_pins_the_image_digest_in_the_signed_manifest(tmp_path: Path) -> No
     path = bundles.make_bundle(tmp_path, "kv", "1.0.0", key=keys.private)
     document = yaml.safe_load(bundles.read_member(path, bundle.MANIFEST))
     with bundle.Bundle(path) as opened:
+        opened.parse_manifest()
         assert document["imageDigest"] == opened.check_image().digest
     signature = bundles.read_member(path, bundle.SIGNATURE)
     assert keys.key_id in signature.decode()
