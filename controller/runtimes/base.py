@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from controller.errors import SpecIssue
+from controller.errors import IncompatiblePluginError, SpecIssue
 from controller.spec import models
 
 MANAGED_BY = "blackhole-controller"
@@ -65,18 +67,94 @@ def unix_address(path: Path) -> Iterator[str]:
         os.close(directory)
 
 
-async def probe_socket(path: Path, timeout: float) -> bool:
-    """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
+def open_socket(path: Path) -> int:
+    """An ``O_PATH`` descriptor of the plugin's socket at ``path``, reached through no link.
+
+    A plugin owns its socket directory (it binds its socket there) and can
+    put any name in it; the directories above it are the controller's. So
+    only the last two names are looked up here, neither followed if it is a
+    link, and what is found must be a socket owned by the owner of its
+    directory (the plugin's user, whom the runtime gave the directory).
+    Anything else (a link to another plugin's socket, a file, someone
+    else's socket) raises :class:`IncompatiblePluginError` with reason
+    ``SocketTampered``; nothing there yet raises :class:`FileNotFoundError`.
+
+    Connect through :func:`fd_address` of the result: it leads to this very
+    socket for as long as the descriptor is open, whatever the plugin makes
+    of the name afterwards.
+    """
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    parent = os.open(path.parent.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with unix_address(path) as address:
-            async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_unix_connection(address)
+        directory = os.open(path.parent.name, flags | os.O_DIRECTORY, dir_fd=parent)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise _tampered(path.parent, "is not a directory but a link or a file") from None
+    finally:
+        os.close(parent)
+    try:
+        found = os.open(path.name, flags, dir_fd=directory)
+        owner = os.fstat(directory).st_uid
+    finally:
+        os.close(directory)
+    status = os.fstat(found)
+    if stat.S_ISSOCK(status.st_mode) and status.st_uid == owner:
+        return found
+    os.close(found)
+    if stat.S_ISSOCK(status.st_mode):
+        why = f"is a socket of uid {status.st_uid}, not of its directory's owner (uid {owner})"
+    else:
+        why = f"is {_KINDS.get(stat.S_IFMT(status.st_mode), 'not a socket')}, not a socket"
+    raise _tampered(path, why)
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
+def _tampered(path: Path, why: str) -> IncompatiblePluginError:
+    return IncompatiblePluginError(
+        "SocketTampered",
+        f"{path} {why}: the controller connects only to the socket the plugin listens on, "
+        "never through a link; the instance is refused",
+    )
+
+
+def fd_address(descriptor: int) -> str:
+    """The address that connects to the socket open as ``descriptor`` (see :func:`open_socket`)."""
+    return f"/proc/self/fd/{descriptor}"
+
+
+async def probe_socket(path: Path, timeout: float) -> bool:
+    """Whether the plugin's socket at ``path`` accepts a connection within ``timeout`` seconds.
+
+    A name there that is no socket of the plugin's counts as there: the
+    connection that follows (the handshake) refuses it, with the reason.
+    """
+    try:
+        descriptor = open_socket(path)
+    except IncompatiblePluginError:
+        return True
+    except OSError:
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_unix_connection(fd_address(descriptor))
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return True
     except (OSError, TimeoutError):
         return False
+    finally:
+        os.close(descriptor)
 
 
 def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:

@@ -15,7 +15,8 @@ import pytest
 from controller.runtimes import container
 from controller.spec import models
 
-from .conftest import BASE_IMAGE, SESSION_LABEL, EngineUnderTest
+from . import tamper
+from .conftest import BASE_IMAGE, SESSION_LABEL, ControllerProcess, EngineUnderTest
 
 # Runs inside the container and reports what the kernel enforces.
 PROBE = r"""
@@ -150,3 +151,11 @@ def test_session_resources_are_labelled_for_cleanup(engine: EngineUnderTest) -> 
     created.remove(force=True)
     with pytest.raises(docker.errors.NotFound):
         engine.client.containers.get(engine.name("label"))
+
+
+def test_a_plugin_linking_its_socket_to_another_plugins_is_refused(
+    controller: ControllerProcess,
+) -> None:
+    tamper.check_a_linked_socket_is_refused(
+        controller, lambda name, env: controller.write(name, f"  env: {env}\n" if env else "")
+    )

@@ -20,6 +20,7 @@ import pytest
 from controller.runtimes import base, process
 from controller.spec import models
 
+from . import tamper
 from .conftest import PLUGIN_DIR, ControllerProcess, wait_for
 
 BODY = """\
@@ -174,6 +175,12 @@ def test_with_network_none_only_its_own_socket_can_be_reached(controller: Contro
     assert (other / "plugin.sock").exists()
     assert connect({"path": str(other / "plugin.sock")}).startswith("refused")
     assert connect({"path": "/run/blackhole/plugin.sock"}) == "connected"
+
+
+def test_a_plugin_linking_its_socket_to_another_plugins_is_refused(controller: ControllerProcess):
+    tamper.check_a_linked_socket_is_refused(
+        controller, lambda name, env: write(controller, name, env=f"  env: {env}\n" if env else "")
+    )
 
 
 def test_a_restarted_controller_adopts_running_processes(controller: ControllerProcess):

@@ -8,7 +8,10 @@ holds that much memory), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
 and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
 another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
-MODE=mute: run, but never listen (never Ready). STATE_VERSION: the state
+MODE=mute: run, but never listen (never Ready). MODE=tamper: never listen,
+but make the name of its socket a link to the socket of instance VICTIM (a
+plugin that tries to have the controller's calls for it sent to another
+plugin). STATE_VERSION: the state
 version it declares (default 0: none); CRASH_AFTER_IMPORT=S: exit 3 S seconds
 after importing state; FAIL=import: refuse every import. STATEFUL=1: keep the
 map in the SDK's Store (revisions and deltas, as StatefulPlugin does);
@@ -118,7 +121,14 @@ class StatefulTestPlugin(StatefulPlugin, TestPlugin):
 if mode == "crash":
     print("boom: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
-if mode == "mute":
+if mode == "tamper":
+    own = os.environ["BLACKHOLE_SOCKET"]
+    # The instance's socket directory is instances/<instance> on the host: "../VICTIM" beside it.
+    victim = os.path.join("..", os.environ["VICTIM"], os.path.basename(own))
+    os.symlink(victim, own + ".link")
+    os.rename(own + ".link", own)  # the link appears whole: no socket was ever there
+    print(f"{own} now links to {victim}", flush=True)
+if mode in ("mute", "tamper"):
     while True:
         time.sleep(3600)
 serve(StatefulTestPlugin() if os.environ.get("STATEFUL") == "1" else TestPlugin())
