@@ -21,12 +21,14 @@ namespaces with only loopback up, pivots into a read-only root built from
 bind mounts (system directories, the plugin's code, its interpreter) with a
 private ``/tmp``, ``/run`` and minimal ``/dev``, its socket directory at
 ``/run/blackhole``, drops to an unprivileged uid with no capabilities and
-``no_new_privs``, and then runs the plugin: in this interpreter, the SDK
+``no_new_privs``, loads the seccomp filter the backend compiled
+(:mod:`process_seccomp`), and then runs the plugin: in this interpreter, the SDK
 already imported (``warm``), or by executing another one.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
 import json
@@ -59,6 +61,8 @@ MNT_DETACH = 0x2
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -127,6 +131,25 @@ def _pivot_root(new_root: str) -> None:
     _check(_libc.syscall(number, b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH), "umount the old root")
     os.chdir("/")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def load_seccomp(program: bytes) -> None:
+    """Load a compiled seccomp filter (BPF, 8 bytes an instruction) on this process, for good.
+
+    Needs ``no_new_privs`` (or CAP_SYS_ADMIN); the filter is inherited by
+    every child and survives ``execve``.
+    """
+    if not program or len(program) % 8:
+        raise ValueError(f"a seccomp filter of {len(program)} bytes is not a BPF program")
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(instructions, ctypes.c_void_p))
+    mode = ctypes.c_ulong(SECCOMP_MODE_FILTER)
+    zero = ctypes.c_ulong(0)
+    _check(_libc.prctl(PR_SET_SECCOMP, mode, ctypes.byref(fprog), zero, zero), "seccomp")
 
 
 def _loopback_up() -> None:
@@ -213,6 +236,7 @@ def _isolate(request: dict[str, Any]) -> None:
     os.setresuid(uid, uid, uid)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     os.chdir(request["cwd"])
+    load_seccomp(base64.b64decode(request["seccomp"]))
 
 
 def _plugin(request: dict[str, Any], log: int, errors: int) -> int:

@@ -7,7 +7,8 @@ server with the SDK already imported that it starts once. Each instance
 gets what a container would: a cgroup of its own (v1 or v2: memory with no
 swap beyond it, CPU quota, pids), new mount, PID, IPC, UTS and network
 namespaces (loopback only, ``network: none``), a read-only root with a
-private ``/tmp``, an unprivileged uid with no capabilities, and its socket
+private ``/tmp``, an unprivileged uid with no capabilities, a seccomp filter
+modelled on Docker's default profile (:mod:`process_seccomp`), and its socket
 directory ``DATA_DIR/instances/<name>`` at ``/run/blackhole``.
 
 What runs is known from files, so that a restarted controller adopts it:
@@ -21,6 +22,7 @@ and sockets appearing are seen through inotify.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import errno
@@ -47,7 +49,7 @@ from controller.errors import (
     SpecError,
     SpecIssue,
 )
-from controller.runtimes import base
+from controller.runtimes import base, process_seccomp
 from controller.spec import models
 
 log = logging.getLogger(__name__)
@@ -352,6 +354,13 @@ def describe(settings: Settings | None = None) -> HostInfo:
         raise EngineUnavailableError(f"{NAME}: no cgroup hierarchy at {settings.cgroup_root}")
     if not os.access(settings.python, os.X_OK):
         raise EngineUnavailableError(f"{NAME}: no Python at {settings.python}")
+    try:
+        process_seccomp.program()
+    except (ImportError, RuntimeError, OSError) as e:
+        raise EngineUnavailableError(
+            f"{NAME}: cannot build the seccomp filter plugins run under ({e}); install "
+            "libseccomp (Debian: apt-get install libseccomp2) and pyseccomp"
+        ) from e
     try:
         import blackhole_sdk  # noqa: F401 - only whether it is there
 
@@ -712,6 +721,7 @@ class ProcessRuntime:
             "state": str(self._file(name, "json")),
             "exit": str(self._file(name, "exit")),
             "record": {"labels": labels},
+            "seccomp": base64.b64encode(process_seccomp.program()).decode(),
         }
 
     def _volume_dir(self, desired: base.InstanceSpec, volume: str) -> Path:

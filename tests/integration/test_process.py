@@ -177,6 +177,22 @@ def test_with_network_none_only_its_own_socket_can_be_reached(controller: Contro
     assert connect({"path": "/run/blackhole/plugin.sock"}) == "connected"
 
 
+def test_a_plugin_cannot_enter_a_user_namespace(controller: ControllerProcess):
+    controller.start()
+    write(controller, "boxed")
+    wait_for(lambda: controller.ready("boxed"), what="boxed Ready")
+
+    def run(*argv: str) -> dict[str, Any]:
+        status, answer, _ = controller.call("boxed", "run", {"argv": list(argv)})
+        assert status == 200, answer
+        return dict(answer)
+
+    assert run("true")["code"] == 0, "commands run"
+    refused = run("unshare", "-U", "-r", "true")
+    assert refused["code"] != 0, "no user namespace with every capability inside it"
+    assert "Operation not permitted" in refused["output"]
+
+
 def test_a_plugin_linking_its_socket_to_another_plugins_is_refused(controller: ControllerProcess):
     tamper.check_a_linked_socket_is_refused(
         controller, lambda name, env: write(controller, name, env=f"  env: {env}\n" if env else "")

@@ -7,7 +7,8 @@ state), ``crash`` (the process dies in the middle of the call), ``connect``
 holds that much memory), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
 and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
-another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
+another plugin through the gateway), ``run`` (``{"argv": [...]}``: runs a
+command, answers its exit code and output). MODE=crash: print a line and exit 3 at once.
 MODE=mute: run, but never listen (never Ready). MODE=tamper: never listen,
 but make the name of its socket a link to the socket of instance VICTIM (a
 plugin that tries to have the controller's calls for it sent to another
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -66,6 +68,11 @@ class TestPlugin(Plugin):
             os._exit(3)
         if method == "connect":
             return {"result": _connect(payload)}
+        if method == "run":
+            done = subprocess.run(
+                payload["argv"], capture_output=True, text=True, timeout=10, check=False
+            )
+            return {"code": done.returncode, "output": done.stdout + done.stderr}
         if method == "call":
             try:
                 answer = await calls.call(
