@@ -165,10 +165,20 @@ def _loopback_up() -> None:
 
 
 def _make_root(request: dict[str, Any]) -> None:
-    """Build the plugin's root in a tmpfs on ``request["root"]`` and pivot into it."""
+    """Build the plugin's root in a tmpfs on ``request["root"]`` and pivot into it.
+
+    The private ``/tmp`` and ``/run`` are mounted first and the bind mounts
+    after, on top of them: a plugin's code or interpreter under ``/tmp`` (a
+    checkout there) is then seen in its place, not hidden by the private one.
+    """
     root = request["root"]
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for name in ("proc", "dev", "tmp", "run"):
+        os.makedirs(f"{root}/{name}", mode=0o755, exist_ok=True)
+    tmp = f"mode=1777,size={int(request['tmp_bytes'])}"
+    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, tmp)
+    mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     bound: list[str] = []
     for path in sorted(set(request["binds"])):
         if any(path == b or path.startswith(b.rstrip("/") + "/") for b in bound):
@@ -183,8 +193,6 @@ def _make_root(request: dict[str, Any]) -> None:
         mount(path, target, None, MS_BIND | MS_REC, None)
         _read_only(target)
         bound.append(path)
-    for name in ("proc", "dev", "tmp", "run"):
-        os.makedirs(f"{root}/{name}", mode=0o755, exist_ok=True)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
     for device in DEVICES:
@@ -195,9 +203,6 @@ def _make_root(request: dict[str, Any]) -> None:
         os.symlink(target, f"{root}/dev/{name}")
     os.symlink("/proc/self/fd/1", f"{root}/dev/stdout")
     os.symlink("/proc/self/fd/2", f"{root}/dev/stderr")
-    tmp = f"mode=1777,size={int(request['tmp_bytes'])}"
-    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, tmp)
-    mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     os.mkdir(f"{root}/run/blackhole", 0o755)
     mount(request["socket_dir"], f"{root}/run/blackhole", None, MS_BIND, None)
     for source, target, read_only in request["volumes"]:

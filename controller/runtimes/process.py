@@ -63,7 +63,9 @@ TMP_BYTES = 64 << 20
 """Size of each instance's private /tmp."""
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 """Host directories every instance sees, read-only; with its code and interpreter, all it sees."""
-RESERVED_MOUNTS = ("/proc", "/dev", "/run", "/tmp", *SYSTEM_DIRS)
+PRIVATE_DIRS = ("/proc", "/dev", "/run", "/tmp")
+"""Directories each instance gets its own of; what lies below them on the host is bound over."""
+RESERVED_MOUNTS = (*PRIVATE_DIRS, *SYSTEM_DIRS)
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
 """The cgroup v1 hierarchies an instance joins (limits, and the readings of the metrics)."""
 V2_CONTROLLERS = ("memory", "cpu", "pids", "io")
@@ -480,6 +482,15 @@ class ProcessRuntime:
                 _issue(
                     "spec.process.path",
                     f"{directory} is not a directory; unpack the plugin under {root}",
+                    source.path,
+                )
+            ]
+        if str(directory) in PRIVATE_DIRS:
+            return [
+                _issue(
+                    "spec.process.path",
+                    f"is {directory} itself, of which each plugin gets a private one; "
+                    f"put the plugin in a directory below it",
                     source.path,
                 )
             ]
