@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -260,50 +259,6 @@ def _alive(pid: object, started: object) -> bool:
     return isinstance(pid, int) and pid > 0 and starttime(pid) == started
 
 
-# inotify: exits and sockets as they happen.
-
-_IN_CREATE = 0x100
-_IN_MOVED_TO = 0x80
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Inotify:
-    def __init__(self) -> None:
-        self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if self.fd < 0:
-            code = ctypes.get_errno()
-            raise RuntimeBackendError(f"{NAME}: inotify: {os.strerror(code)}")
-
-    def add(self, path: Path, mask: int) -> int:
-        wd = int(_libc.inotify_add_watch(self.fd, str(path).encode(), mask))
-        if wd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"inotify watch of {path}: {os.strerror(code)}")
-        return wd
-
-    def remove(self, wd: int) -> None:
-        _libc.inotify_rm_watch(self.fd, wd)
-
-    def read(self) -> list[tuple[int, str]]:
-        """The (watch, file name) of each event that arrived."""
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return []
-        events, offset = [], 0
-        while offset + 16 <= len(data):
-            wd, _, _, size = struct.unpack_from("iIII", data, offset)
-            name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode(errors="replace")
-            events.append((wd, name))
-            offset += 16 + size
-        return events
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 # The backend.
 
 
@@ -398,7 +353,7 @@ class ProcessRuntime:
         self._launcher: _Launcher | None = None
         self._starting_launcher = asyncio.Lock()
         self._queue: asyncio.Queue[str] | None = None
-        self._notify: _Inotify | None = None
+        self._notify: base.Inotify | None = None
         self._sockets: dict[int, str] = {}
         """inotify watches of starting instances' socket directories: watch to plugin key."""
         self._keys: dict[str, str] = {}
@@ -639,7 +594,7 @@ class ProcessRuntime:
         request = await asyncio.to_thread(self._prepare, desired, labels, launcher)
         if self._notify is not None:
             with contextlib.suppress(OSError):
-                self._sockets[self._notify.add(self.socket_dir(name), _IN_CREATE)] = key
+                self._sockets[self._notify.add(self.socket_dir(name), base.IN_CREATE)] = key
         try:
             reply = await self._launch(launcher, request)
         except BaseException:
@@ -864,8 +819,8 @@ class ProcessRuntime:
     async def events(self) -> AsyncIterator[str]:
         self.processes.mkdir(parents=True, exist_ok=True)
         queue: asyncio.Queue[str] = asyncio.Queue()
-        notify = _Inotify()
-        exits = notify.add(self.processes, _IN_MOVED_TO)
+        notify = base.Inotify()
+        exits = notify.add(self.processes, base.IN_MOVED_TO)
         loop = asyncio.get_running_loop()
         loop.add_reader(notify.fd, self._notified, notify, exits, queue)
         self._queue, self._notify = queue, notify
@@ -887,8 +842,11 @@ class ProcessRuntime:
         except EngineUnavailableError as e:
             log.warning("%s", e)
 
-    def _notified(self, notify: _Inotify, exits: int, queue: asyncio.Queue[str]) -> None:
-        for wd, filename in notify.read():
+    def _notified(self, notify: base.Inotify, exits: int, queue: asyncio.Queue[str]) -> None:
+        for wd, mask, filename in notify.read():
+            if mask & base.IN_IGNORED:  # its directory was removed
+                self._sockets.pop(wd, None)
+                continue
             if wd == exits and filename.endswith(".exit"):
                 name = filename.removesuffix(".exit")
                 key = self._keys.get(name)

@@ -18,6 +18,8 @@ after importing state; FAIL=import: refuse every import. STATEFUL=1: keep the
 map in the SDK's Store (revisions and deltas, as StatefulPlugin does);
 DIVERGE=1 with it: write a key of its own after each whole import, so that
 the next delta (made on the exporter's revision) no longer applies.
+LINK_OUT=PATH: before it listens, put a directory beside its socket holding a
+link to PATH.
 """
 
 import asyncio
@@ -128,6 +130,11 @@ class StatefulTestPlugin(StatefulPlugin, TestPlugin):
 if mode == "crash":
     print("boom: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
+if os.environ.get("LINK_OUT"):
+    here = os.path.dirname(os.environ["BLACKHOLE_SOCKET"])
+    os.mkdir(os.path.join(here, ".staged"))
+    os.symlink(os.environ["LINK_OUT"], os.path.join(here, ".staged", "out"))
+    os.rename(os.path.join(here, ".staged"), os.path.join(here, "linked"))  # appears whole
 if mode == "tamper":
     own = os.environ["BLACKHOLE_SOCKET"]
     # The instance's socket directory is instances/<instance> on the host: "../VICTIM" beside it.
