@@ -312,12 +312,9 @@ def describe(settings: Settings | None = None) -> HostInfo:
     if not os.access(settings.python, os.X_OK):
         raise EngineUnavailableError(f"{NAME}: no Python at {settings.python}")
     try:
-        process_seccomp.program()
-    except (ImportError, RuntimeError, OSError) as e:
-        raise EngineUnavailableError(
-            f"{NAME}: cannot build the seccomp filter plugins run under ({e}); install "
-            "libseccomp (Debian: apt-get install libseccomp2) and pyseccomp"
-        ) from e
+        _seccomp()
+    except RuntimeBackendError as e:
+        raise EngineUnavailableError(str(e)) from e
     try:
         import blackhole_sdk  # noqa: F401 - only whether it is there
 
@@ -687,7 +684,7 @@ class ProcessRuntime:
             "state": str(self._file(name, "json")),
             "exit": str(self._file(name, "exit")),
             "record": {"labels": labels},
-            "seccomp": base64.b64encode(process_seccomp.program()).decode(),
+            "seccomp": base64.b64encode(_seccomp()).decode(),
         }
 
     def _volume_dir(self, desired: base.InstanceSpec, volume: str) -> Path:
@@ -902,6 +899,17 @@ def _tail(path: Path, size: int = 256 << 10) -> str:
             return handle.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _seccomp() -> bytes:
+    """The compiled seccomp filter every plugin runs under."""
+    try:
+        return process_seccomp.program()
+    except (ImportError, RuntimeError, OSError) as e:
+        raise RuntimeBackendError(
+            f"{NAME}: cannot build the seccomp filter plugins run under ({e}); install "
+            "libseccomp (Debian: apt-get install libseccomp2) and pyseccomp"
+        ) from e
 
 
 def _virtualenv_paths(venv: Path) -> list[str]:
