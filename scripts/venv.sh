@@ -14,6 +14,12 @@ if ! "$python" -m venv --help >/dev/null 2>&1; then
   bh_can_install || bh_die "$python has no venv module; install it (Debian: python3-venv)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
+# The process runtime's seccomp filter is built with the system's libseccomp.
+if ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then
+  bh_can_install || bh_die "libseccomp is missing; install it (Debian: libseccomp2)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libseccomp2 >/dev/null
+fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here/../sdk" -e "$here/..[dev]"

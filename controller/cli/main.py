@@ -653,7 +653,12 @@ def state_export(
         answer = _client(data_dir).state_export(name, snapshot)
     except ControllerError as e:
         raise _fail(e) from None
-    output.write_bytes(base64.b64decode(answer["data"]))
+    data = base64.b64decode(answer["data"])
+    # A plugin's state may hold its secrets: the file is private from its first byte.
+    descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        os.fchmod(descriptor, 0o600)  # a file that was there keeps its mode otherwise
+        handle.write(data)
     meta = answer["snapshot"]
     out.print(
         f"wrote {meta['size']} bytes of state version {meta['stateVersion']} "

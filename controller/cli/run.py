@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -213,17 +214,60 @@ class AlreadyRunningError(ControllerError):
     """Another controller holds the data directory."""
 
 
+class DataDirError(ControllerError):
+    """The data directory exists and is not one the controller may make its own."""
+
+
+DATA_DIR_ENTRIES = frozenset({"controller.lock", "state.db", "registry.db", "registry"})
+"""Names that mark a directory as a controller's data directory (bhctl's commands make them)."""
+
+
+def _own_data_dir(data_dir: Path) -> None:
+    """Create ``data_dir`` private (0700), or make it so if it is the controller's own.
+
+    A directory that exists and belongs to someone else, is writable by
+    others (``/tmp``) or holds files that are not a controller's is refused,
+    and left as it was: making it private would lock its users out.
+    """
+    parent = data_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    found = data_dir.stat()
+    why = None
+    if not stat.S_ISDIR(found.st_mode):
+        why = "is not a directory"
+    elif found.st_uid != os.geteuid():
+        why = f"belongs to uid {found.st_uid}, not to this controller's (uid {os.geteuid()})"
+    elif found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = f"is writable by others (mode {stat.S_IMODE(found.st_mode):o}): a shared directory"
+    else:
+        entries = {entry.name for entry in os.scandir(data_dir)}
+        if entries and not entries & DATA_DIR_ENTRIES:
+            why = "holds other files and is not a controller's data directory"
+    if why is not None:
+        raise DataDirError(
+            f"--data-dir {data_dir} {why}; the controller keeps its state in a private "
+            f"directory (0700) of its own: give a new or empty one, e.g. {data_dir / 'blackhole'}"
+        )
+    data_dir.chmod(0o700)
+
+
 @contextlib.contextmanager
 def _lock(data_dir: Path) -> Iterator[None]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o700)
-    with (data_dir / "controller.lock").open("w") as handle:
+    _own_data_dir(data_dir)
+    lock = os.open(data_dir / "controller.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(lock, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AlreadyRunningError(
                 f"another controller is running on {data_dir}; stop it or use --data-dir"
             ) from None
+        handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield

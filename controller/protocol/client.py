@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -170,14 +171,16 @@ class PluginClient:
     def __init__(self, endpoint: str, token: str | None = None) -> None:
         self.endpoint = endpoint
         self.token = token
-        self._directory: int | None = None
+        self._socket: int | None = None
         target = endpoint
         if endpoint.startswith("unix:"):
-            path = endpoint.removeprefix("unix:")
-            if len(path.encode()) > base.SUN_PATH_MAX:
-                # Reached through the open directory, however deep it is (see base.unix_address).
-                self._directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
-                target = f"unix:/proc/self/fd/{self._directory}/{os.path.basename(path)}"
+            # Never by its name, which the plugin controls: through the socket itself.
+            path = Path(endpoint.removeprefix("unix:"))
+            try:
+                self._socket = base.open_socket(path)
+            except OSError as e:
+                raise PluginCallError("UNAVAILABLE", f"{path}: {e.strerror}") from e
+            target = f"unix:{base.fd_address(self._socket)}"
         self.channel = grpc.aio.insecure_channel(
             target, options=_OPTIONS, interceptors=_token_interceptors(token) if token else None
         )
@@ -366,10 +369,10 @@ class PluginClient:
 
     async def close(self) -> None:
         await self.channel.close()
-        if self._directory is not None:
+        if self._socket is not None:
             with contextlib.suppress(OSError):
-                os.close(self._directory)
-            self._directory = None
+                os.close(self._socket)
+            self._socket = None
 
 
 async def _chunks_of(header: Transfer, data: bytes) -> AsyncIterator[tuple[Transfer, bytes]]:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import stat
+import struct
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from controller.errors import SpecIssue
+from controller.errors import IncompatiblePluginError, RuntimeBackendError, SpecIssue
 from controller.spec import models
 
 MANAGED_BY = "blackhole-controller"
@@ -65,18 +69,145 @@ def unix_address(path: Path) -> Iterator[str]:
         os.close(directory)
 
 
-async def probe_socket(path: Path, timeout: float) -> bool:
-    """Whether a Unix socket at ``path`` accepts a connection within ``timeout`` seconds."""
+def open_socket(path: Path) -> int:
+    """An ``O_PATH`` descriptor of the plugin's socket at ``path``, reached through no link.
+
+    A plugin owns its socket directory (it binds its socket there) and can
+    put any name in it; the directories above it are the controller's. So
+    only the last two names are looked up here, neither followed if it is a
+    link, and what is found must be a socket owned by the owner of its
+    directory (the plugin's user, whom the runtime gave the directory).
+    Anything else (a link to another plugin's socket, a file, someone
+    else's socket) raises :class:`IncompatiblePluginError` with reason
+    ``SocketTampered``; nothing there yet raises :class:`FileNotFoundError`.
+
+    Connect through :func:`fd_address` of the result: it leads to this very
+    socket for as long as the descriptor is open, whatever the plugin makes
+    of the name afterwards.
+    """
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    parent = os.open(path.parent.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with unix_address(path) as address:
-            async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_unix_connection(address)
+        directory = os.open(path.parent.name, flags | os.O_DIRECTORY, dir_fd=parent)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise _tampered(path.parent, "is not a directory but a link or a file") from None
+    finally:
+        os.close(parent)
+    try:
+        found = os.open(path.name, flags, dir_fd=directory)
+        owner = os.fstat(directory).st_uid
+    finally:
+        os.close(directory)
+    status = os.fstat(found)
+    if stat.S_ISSOCK(status.st_mode) and status.st_uid == owner:
+        return found
+    os.close(found)
+    if stat.S_ISSOCK(status.st_mode):
+        why = f"is a socket of uid {status.st_uid}, not of its directory's owner (uid {owner})"
+    else:
+        why = f"is {_KINDS.get(stat.S_IFMT(status.st_mode), 'not a socket')}, not a socket"
+    raise _tampered(path, why)
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
+def _tampered(path: Path, why: str) -> IncompatiblePluginError:
+    return IncompatiblePluginError(
+        "SocketTampered",
+        f"{path} {why}: the controller connects only to the socket the plugin listens on, "
+        "never through a link; the instance is refused",
+    )
+
+
+def fd_address(descriptor: int) -> str:
+    """The address that connects to the socket open as ``descriptor`` (see :func:`open_socket`)."""
+    return f"/proc/self/fd/{descriptor}"
+
+
+async def probe_socket(path: Path, timeout: float) -> bool:
+    """Whether the plugin's socket at ``path`` accepts a connection within ``timeout`` seconds.
+
+    A name there that is no socket of the plugin's counts as there: the
+    connection that follows (the handshake) refuses it, with the reason.
+    """
+    try:
+        descriptor = open_socket(path)
+    except IncompatiblePluginError:
+        return True
+    except OSError:
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_unix_connection(fd_address(descriptor))
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return True
     except (OSError, TimeoutError):
         return False
+    finally:
+        os.close(descriptor)
+
+
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_IGNORED = 0x8000
+"""inotify event bits: a name moved in, a name created, the watch gone (its directory removed)."""
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Inotify:
+    """Watches of single directories (never recursive: nothing below them is looked at).
+
+    How runtimes see an instance's socket appear: its directory is the
+    plugin's, and a watch that descended into it would follow whatever
+    links the plugin put there.
+    """
+
+    def __init__(self) -> None:
+        self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if self.fd < 0:
+            code = ctypes.get_errno()
+            raise RuntimeBackendError(f"inotify: {os.strerror(code)}")
+
+    def add(self, path: Path, mask: int) -> int:
+        wd = int(_libc.inotify_add_watch(self.fd, str(path).encode(), mask))
+        if wd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify watch of {path}: {os.strerror(code)}")
+        return wd
+
+    def remove(self, wd: int) -> None:
+        _libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> list[tuple[int, int, str]]:
+        """The (watch, event bits, file name) of each event that arrived."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        events, offset = [], 0
+        while offset + 16 <= len(data):
+            wd, mask, _, size = struct.unpack_from("iIII", data, offset)
+            name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode(errors="replace")
+            events.append((wd, mask, name))
+            offset += 16 + size
+        return events
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:

@@ -36,7 +36,6 @@ import docker
 import docker.errors
 import docker.types
 import requests.exceptions
-import watchfiles
 from docker.models import containers as docker_containers
 
 from controller.errors import (
@@ -282,13 +281,14 @@ class ContainerRuntime:
             settings.threads, thread_name_prefix=f"{self.name}-api"
         )
         self._network_lock = threading.Lock()
-        self._starting: dict[str, str] = {}
+        self._notify: base.Inotify | None = None
+        self._sockets: dict[int, str] = {}
+        """inotify watches of starting instances' socket directories: watch to plugin key."""
         self._following = False
         """Whether the engine's events are being followed (so inspections may be reused)."""
         self._seen: dict[str, tuple[float, base.Instance | None]] = {}
         self._changed: dict[str, float] = {}
         """When each container last changed, by an event or by this backend."""
-        """Instances started and not yet listening: their name to their plugin's key."""
         self._owner = {
             base.LABEL_MANAGED_BY: base.MANAGED_BY,
             base.LABEL_CONTROLLER: settings.controller_id,
@@ -399,9 +399,12 @@ class ContainerRuntime:
         socket_dir = self.socket_dir(name)
         await self._call(self._prepare_socket_dir, socket_dir)
         self._forget(name)
-        self._starting[name] = (
-            f"{desired.namespace}/{desired.plugin}" if desired.namespace else desired.plugin
-        )
+        if self._notify is not None:  # before it starts, so that its socket is not missed
+            with contextlib.suppress(OSError):
+                watch = self._notify.add(socket_dir, base.IN_CREATE | base.IN_MOVED_TO)
+                self._sockets[watch] = (
+                    f"{desired.namespace}/{desired.plugin}" if desired.namespace else desired.plugin
+                )
         volumes = {}
         for volume in desired.spec.volumes:
             if volume.host_path is not None:
@@ -611,7 +614,9 @@ class ContainerRuntime:
 
         thread = threading.Thread(target=pump, name=f"{self.name}-events", daemon=True)
         thread.start()
-        sockets = asyncio.create_task(self._watch_sockets(queue), name=f"{self.name}-sockets")
+        notify = base.Inotify()
+        loop.add_reader(notify.fd, self._socket_appeared, notify, queue)
+        self._notify = notify
         self._following = True
         try:
             while (key := await queue.get()) is not None:
@@ -619,30 +624,25 @@ class ContainerRuntime:
         finally:
             self._following = False
             self._seen.clear()
-            sockets.cancel()
+            loop.remove_reader(notify.fd)
+            notify.close()
+            self._notify = None
+            self._sockets.clear()
             stream.close()
 
-    async def _watch_sockets(self, queue: asyncio.Queue[str | None]) -> None:
+    def _socket_appeared(self, notify: base.Inotify, queue: asyncio.Queue[str | None]) -> None:
         """Queue a plugin's key the moment its instance's socket appears: it can be Ready now.
 
         Readiness is then seen when it happens, not at the next probe, and
         instances that start take no engine calls while they are starting.
+        Each starting instance's directory is watched alone, nothing below it.
         """
-        instances = self.settings.data_dir / "instances"
-        instances.mkdir(parents=True, exist_ok=True)
-        async for changes in watchfiles.awatch(
-            instances,
-            watch_filter=lambda change, path: (
-                change is watchfiles.Change.added and path.endswith("/" + base.SOCKET_NAME)
-            ),
-            debounce=20,
-            step=5,
-            recursive=True,
-        ):
-            for _, path in changes:
-                key = self._starting.pop(Path(path).parent.name, None)
-                if key is not None:
-                    queue.put_nowait(key)
+        for wd, mask, filename in notify.read():
+            if mask & base.IN_IGNORED:  # its directory was removed
+                self._sockets.pop(wd, None)
+            elif filename == base.SOCKET_NAME and wd in self._sockets:
+                queue.put_nowait(self._sockets.pop(wd))
+                notify.remove(wd)
 
     # Images, for the plugin registry: bundles carry theirs as docker save archives.
 

@@ -21,12 +21,14 @@ namespaces with only loopback up, pivots into a read-only root built from
 bind mounts (system directories, the plugin's code, its interpreter) with a
 private ``/tmp``, ``/run`` and minimal ``/dev``, its socket directory at
 ``/run/blackhole``, drops to an unprivileged uid with no capabilities and
-``no_new_privs``, and then runs the plugin: in this interpreter, the SDK
+``no_new_privs``, loads the seccomp filter the backend compiled
+(:mod:`process_seccomp`), and then runs the plugin: in this interpreter, the SDK
 already imported (``warm``), or by executing another one.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
 import json
@@ -59,6 +61,8 @@ MNT_DETACH = 0x2
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -129,6 +133,25 @@ def _pivot_root(new_root: str) -> None:
     os.chdir("/")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def load_seccomp(program: bytes) -> None:
+    """Load a compiled seccomp filter (BPF, 8 bytes an instruction) on this process, for good.
+
+    Needs ``no_new_privs`` (or CAP_SYS_ADMIN); the filter is inherited by
+    every child and survives ``execve``.
+    """
+    if not program or len(program) % 8:
+        raise ValueError(f"a seccomp filter of {len(program)} bytes is not a BPF program")
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(instructions, ctypes.c_void_p))
+    mode = ctypes.c_ulong(SECCOMP_MODE_FILTER)
+    zero = ctypes.c_ulong(0)
+    _check(_libc.prctl(PR_SET_SECCOMP, mode, ctypes.byref(fprog), zero, zero), "seccomp")
+
+
 def _loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         import fcntl
@@ -142,10 +165,20 @@ def _loopback_up() -> None:
 
 
 def _make_root(request: dict[str, Any]) -> None:
-    """Build the plugin's root in a tmpfs on ``request["root"]`` and pivot into it."""
+    """Build the plugin's root in a tmpfs on ``request["root"]`` and pivot into it.
+
+    The private ``/tmp`` and ``/run`` are mounted first and the bind mounts
+    after, on top of them: a plugin's code or interpreter under ``/tmp`` (a
+    checkout there) is then seen in its place, not hidden by the private one.
+    """
     root = request["root"]
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for name in ("proc", "dev", "tmp", "run"):
+        os.makedirs(f"{root}/{name}", mode=0o755, exist_ok=True)
+    tmp = f"mode=1777,size={int(request['tmp_bytes'])}"
+    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, tmp)
+    mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     bound: list[str] = []
     for path in sorted(set(request["binds"])):
         if any(path == b or path.startswith(b.rstrip("/") + "/") for b in bound):
@@ -160,8 +193,6 @@ def _make_root(request: dict[str, Any]) -> None:
         mount(path, target, None, MS_BIND | MS_REC, None)
         _read_only(target)
         bound.append(path)
-    for name in ("proc", "dev", "tmp", "run"):
-        os.makedirs(f"{root}/{name}", mode=0o755, exist_ok=True)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
     for device in DEVICES:
@@ -172,9 +203,6 @@ def _make_root(request: dict[str, Any]) -> None:
         os.symlink(target, f"{root}/dev/{name}")
     os.symlink("/proc/self/fd/1", f"{root}/dev/stdout")
     os.symlink("/proc/self/fd/2", f"{root}/dev/stderr")
-    tmp = f"mode=1777,size={int(request['tmp_bytes'])}"
-    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, tmp)
-    mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     os.mkdir(f"{root}/run/blackhole", 0o755)
     mount(request["socket_dir"], f"{root}/run/blackhole", None, MS_BIND, None)
     for source, target, read_only in request["volumes"]:
@@ -213,6 +241,7 @@ def _isolate(request: dict[str, Any]) -> None:
     os.setresuid(uid, uid, uid)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     os.chdir(request["cwd"])
+    load_seccomp(base64.b64decode(request["seccomp"]))
 
 
 def _plugin(request: dict[str, Any], log: int, errors: int) -> int:

@@ -7,7 +7,8 @@ server with the SDK already imported that it starts once. Each instance
 gets what a container would: a cgroup of its own (v1 or v2: memory with no
 swap beyond it, CPU quota, pids), new mount, PID, IPC, UTS and network
 namespaces (loopback only, ``network: none``), a read-only root with a
-private ``/tmp``, an unprivileged uid with no capabilities, and its socket
+private ``/tmp``, an unprivileged uid with no capabilities, a seccomp filter
+modelled on Docker's default profile (:mod:`process_seccomp`), and its socket
 directory ``DATA_DIR/instances/<name>`` at ``/run/blackhole``.
 
 What runs is known from files, so that a restarted controller adopts it:
@@ -21,8 +22,8 @@ and sockets appearing are seen through inotify.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -47,7 +48,7 @@ from controller.errors import (
     SpecError,
     SpecIssue,
 )
-from controller.runtimes import base
+from controller.runtimes import base, process_seccomp
 from controller.spec import models
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ TMP_BYTES = 64 << 20
 """Size of each instance's private /tmp."""
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 """Host directories every instance sees, read-only; with its code and interpreter, all it sees."""
-RESERVED_MOUNTS = ("/proc", "/dev", "/run", "/tmp", *SYSTEM_DIRS)
+PRIVATE_DIRS = ("/proc", "/dev", "/run", "/tmp")
+"""Directories each instance gets its own of; what lies below them on the host is bound over."""
+RESERVED_MOUNTS = (*PRIVATE_DIRS, *SYSTEM_DIRS)
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
 """The cgroup v1 hierarchies an instance joins (limits, and the readings of the metrics)."""
 V2_CONTROLLERS = ("memory", "cpu", "pids", "io")
@@ -256,50 +259,6 @@ def _alive(pid: object, started: object) -> bool:
     return isinstance(pid, int) and pid > 0 and starttime(pid) == started
 
 
-# inotify: exits and sockets as they happen.
-
-_IN_CREATE = 0x100
-_IN_MOVED_TO = 0x80
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Inotify:
-    def __init__(self) -> None:
-        self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if self.fd < 0:
-            code = ctypes.get_errno()
-            raise RuntimeBackendError(f"{NAME}: inotify: {os.strerror(code)}")
-
-    def add(self, path: Path, mask: int) -> int:
-        wd = int(_libc.inotify_add_watch(self.fd, str(path).encode(), mask))
-        if wd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"inotify watch of {path}: {os.strerror(code)}")
-        return wd
-
-    def remove(self, wd: int) -> None:
-        _libc.inotify_rm_watch(self.fd, wd)
-
-    def read(self) -> list[tuple[int, str]]:
-        """The (watch, file name) of each event that arrived."""
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return []
-        events, offset = [], 0
-        while offset + 16 <= len(data):
-            wd, _, _, size = struct.unpack_from("iIII", data, offset)
-            name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode(errors="replace")
-            events.append((wd, name))
-            offset += 16 + size
-        return events
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 # The backend.
 
 
@@ -353,6 +312,10 @@ def describe(settings: Settings | None = None) -> HostInfo:
     if not os.access(settings.python, os.X_OK):
         raise EngineUnavailableError(f"{NAME}: no Python at {settings.python}")
     try:
+        _seccomp()
+    except RuntimeBackendError as e:
+        raise EngineUnavailableError(str(e)) from e
+    try:
         import blackhole_sdk  # noqa: F401 - only whether it is there
 
         warm = True
@@ -387,7 +350,7 @@ class ProcessRuntime:
         self._launcher: _Launcher | None = None
         self._starting_launcher = asyncio.Lock()
         self._queue: asyncio.Queue[str] | None = None
-        self._notify: _Inotify | None = None
+        self._notify: base.Inotify | None = None
         self._sockets: dict[int, str] = {}
         """inotify watches of starting instances' socket directories: watch to plugin key."""
         self._keys: dict[str, str] = {}
@@ -471,6 +434,15 @@ class ProcessRuntime:
                 _issue(
                     "spec.process.path",
                     f"{directory} is not a directory; unpack the plugin under {root}",
+                    source.path,
+                )
+            ]
+        if str(directory) in PRIVATE_DIRS:
+            return [
+                _issue(
+                    "spec.process.path",
+                    f"is {directory} itself, of which each plugin gets a private one; "
+                    f"put the plugin in a directory below it",
                     source.path,
                 )
             ]
@@ -619,7 +591,7 @@ class ProcessRuntime:
         request = await asyncio.to_thread(self._prepare, desired, labels, launcher)
         if self._notify is not None:
             with contextlib.suppress(OSError):
-                self._sockets[self._notify.add(self.socket_dir(name), _IN_CREATE)] = key
+                self._sockets[self._notify.add(self.socket_dir(name), base.IN_CREATE)] = key
         try:
             reply = await self._launch(launcher, request)
         except BaseException:
@@ -712,6 +684,7 @@ class ProcessRuntime:
             "state": str(self._file(name, "json")),
             "exit": str(self._file(name, "exit")),
             "record": {"labels": labels},
+            "seccomp": base64.b64encode(_seccomp()).decode(),
         }
 
     def _volume_dir(self, desired: base.InstanceSpec, volume: str) -> Path:
@@ -843,8 +816,8 @@ class ProcessRuntime:
     async def events(self) -> AsyncIterator[str]:
         self.processes.mkdir(parents=True, exist_ok=True)
         queue: asyncio.Queue[str] = asyncio.Queue()
-        notify = _Inotify()
-        exits = notify.add(self.processes, _IN_MOVED_TO)
+        notify = base.Inotify()
+        exits = notify.add(self.processes, base.IN_MOVED_TO)
         loop = asyncio.get_running_loop()
         loop.add_reader(notify.fd, self._notified, notify, exits, queue)
         self._queue, self._notify = queue, notify
@@ -866,8 +839,11 @@ class ProcessRuntime:
         except EngineUnavailableError as e:
             log.warning("%s", e)
 
-    def _notified(self, notify: _Inotify, exits: int, queue: asyncio.Queue[str]) -> None:
-        for wd, filename in notify.read():
+    def _notified(self, notify: base.Inotify, exits: int, queue: asyncio.Queue[str]) -> None:
+        for wd, mask, filename in notify.read():
+            if mask & base.IN_IGNORED:  # its directory was removed
+                self._sockets.pop(wd, None)
+                continue
             if wd == exits and filename.endswith(".exit"):
                 name = filename.removesuffix(".exit")
                 key = self._keys.get(name)
@@ -923,6 +899,17 @@ def _tail(path: Path, size: int = 256 << 10) -> str:
             return handle.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _seccomp() -> bytes:
+    """The compiled seccomp filter every plugin runs under."""
+    try:
+        return process_seccomp.program()
+    except (ImportError, RuntimeError, OSError) as e:
+        raise RuntimeBackendError(
+            f"{NAME}: cannot build the seccomp filter plugins run under ({e}); install "
+            "libseccomp (Debian: apt-get install libseccomp2) and pyseccomp"
+        ) from e
 
 
 def _virtualenv_paths(venv: Path) -> list[str]:

@@ -6,16 +6,20 @@ inside the container, where the kernel shows what really took effect.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import docker.errors
 import pytest
 
-from controller.runtimes import container
+from controller.runtimes import base, container
 from controller.spec import models
 
-from .conftest import BASE_IMAGE, SESSION_LABEL, EngineUnderTest
+from . import tamper
+from .conftest import BASE_IMAGE, SESSION_LABEL, ControllerProcess, EngineUnderTest, wait_for
 
 # Runs inside the container and reports what the kernel enforces.
 PROBE = r"""
@@ -150,3 +154,46 @@ def test_session_resources_are_labelled_for_cleanup(engine: EngineUnderTest) -> 
     created.remove(force=True)
     with pytest.raises(docker.errors.NotFound):
         engine.client.containers.get(engine.name("label"))
+
+
+def test_a_plugin_linking_its_socket_to_another_plugins_is_refused(
+    controller: ControllerProcess,
+) -> None:
+    tamper.check_a_linked_socket_is_refused(
+        controller, lambda name, env: controller.write(name, f"  env: {env}\n" if env else "")
+    )
+
+
+def _watched_inodes(pid: int) -> set[int]:
+    """The inodes that the inotify watches of process ``pid`` are on."""
+    watched = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("inotify "):
+                    fields = dict(item.split(":", 1) for item in line.split()[1:])
+                    watched.add(int(fields["ino"], 16))
+    return watched
+
+
+def test_the_controller_watches_no_directory_a_plugin_links_to(
+    controller: ControllerProcess, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    for index in range(20):
+        (outside / f"d{index}").mkdir(parents=True)
+    controller.start()
+    # From instances/<instance>/linked, four levels up is tmp_path.
+    controller.write("linker", "  env: {LINK_OUT: ../../../../outside}\n")
+    wait_for(lambda: controller.ready("linker"), what="linker Ready")
+    instance = base.instance_name("linker", models.Color.BLUE, None, controller.controller_id)
+    link = controller.data / "instances" / instance / "linked" / "out"
+    assert link.is_symlink()
+    assert link.resolve() == outside
+    assert controller.process is not None
+    watched = _watched_inodes(controller.process.pid)
+    assert watched, "the controller watches its instances' directories"
+    outside_inodes = {p.stat().st_ino for p in [outside, *outside.iterdir()]}
+    assert not watched & outside_inodes, "a watch followed the plugin's link out of its directory"

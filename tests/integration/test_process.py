@@ -10,16 +10,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blackhole_sdk
+import google.protobuf
+import grpc
+import grpc_health
 import pytest
+import typing_extensions
 
 from controller.runtimes import base, process
 from controller.spec import models
 
+from . import tamper
 from .conftest import PLUGIN_DIR, ControllerProcess, wait_for
 
 BODY = """\
@@ -174,6 +184,76 @@ def test_with_network_none_only_its_own_socket_can_be_reached(controller: Contro
     assert (other / "plugin.sock").exists()
     assert connect({"path": str(other / "plugin.sock")}).startswith("refused")
     assert connect({"path": "/run/blackhole/plugin.sock"}) == "connected"
+
+
+@pytest.fixture
+def root_in_tmp(tmp_path: Path) -> Iterator[Path]:
+    """A plugin root under /tmp holding a copy of the test plugin (its private /tmp covers it)."""
+    root = Path(tempfile.mkdtemp(prefix="bh-root-", dir="/tmp"))
+    try:
+        shutil.copytree(PLUGIN_DIR, root / "plugin")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _virtualenv(directory: Path) -> None:
+    """A virtual environment with the SDK and what it imports, copied in (no index needed)."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(directory)], check=True, timeout=60
+    )
+    [site] = directory.glob("lib/python*/site-packages")
+    for module in (blackhole_sdk, grpc, grpc_health, google.protobuf):
+        source = Path(module.__file__ or "").parent
+        target = site / source.relative_to(source.parents[module.__name__.count(".")])
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(typing_extensions.__file__ or "", site)
+
+
+@pytest.mark.parametrize("virtualenv", [False, True], ids=["warm", "virtualenv"])
+def test_a_plugin_root_and_virtualenv_under_tmp_work(
+    tmp_path: Path, root_in_tmp: Path, virtualenv: bool
+):
+    if virtualenv:
+        _virtualenv(root_in_tmp / "plugin" / "venv")
+    running = ControllerProcess(None, tmp_path, extra_args=["--plugin-root", str(root_in_tmp)])
+    try:
+        running.start()
+        body = BODY.format(path="plugin", memory="64Mi")
+        if virtualenv:
+            body = body.replace("{path: plugin}", "{path: plugin, virtualenv: venv}")
+        running.write("intmp", body)
+        wait_for(lambda: running.ready("intmp"), what=f"intmp Ready (log: {running.log})")
+        assert running.call("intmp", "echo", {"x": 1})[:2] == (200, {"x": 1})
+        status, answer, _ = running.call("intmp", "run", {"argv": ["ls", "/tmp"]})
+        assert status == 200, answer
+        assert root_in_tmp.name in answer["output"].split(), "its code is bound into its /tmp"
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            running.kill()
+        asyncio.run(_remove_all(running))
+
+
+def test_a_plugin_cannot_enter_a_user_namespace(controller: ControllerProcess):
+    controller.start()
+    write(controller, "boxed")
+    wait_for(lambda: controller.ready("boxed"), what="boxed Ready")
+
+    def run(*argv: str) -> dict[str, Any]:
+        status, answer, _ = controller.call("boxed", "run", {"argv": list(argv)})
+        assert status == 200, answer
+        return dict(answer)
+
+    assert run("true")["code"] == 0, "commands run"
+    refused = run("unshare", "-U", "-r", "true")
+    assert refused["code"] != 0, "no user namespace with every capability inside it"
+    assert "Operation not permitted" in refused["output"]
+
+
+def test_a_plugin_linking_its_socket_to_another_plugins_is_refused(controller: ControllerProcess):
+    tamper.check_a_linked_socket_is_refused(
+        controller, lambda name, env: write(controller, name, env=f"  env: {env}\n" if env else "")
+    )
 
 
 def test_a_restarted_controller_adopts_running_processes(controller: ControllerProcess):

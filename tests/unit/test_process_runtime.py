@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pydantic
@@ -87,6 +89,21 @@ def paths(runtime: process.ProcessRuntime, spec: dict[str, object]) -> dict[str,
 
 def test_a_plugin_directory_under_the_root_is_valid(runtime: process.ProcessRuntime):
     assert paths(runtime, {"process": {"path": "alpha", "pythonPath": ["lib"]}}) == {}
+
+
+def test_a_plugin_directory_under_tmp_is_valid_but_not_tmp_itself(tmp_path: Path):
+    runtime = process.ProcessRuntime(
+        process.Settings(data_dir=tmp_path / "data", plugin_root=Path("/tmp"))
+    )
+    plugin = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        (plugin / "plugin.py").write_text("")
+        assert paths(runtime, {"process": {"path": plugin.name}}) == {}
+        [issue] = runtime.validate(want({"process": {"path": "."}}))
+        assert (issue.path, issue.value) == ("spec.process.path", ".")
+        assert "private" in issue.message
+    finally:
+        shutil.rmtree(plugin)
 
 
 def test_what_the_process_runtime_refuses_names_the_field(

@@ -7,19 +7,26 @@ state), ``crash`` (the process dies in the middle of the call), ``connect``
 holds that much memory), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
 and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
-another plugin through the gateway). MODE=crash: print a line and exit 3 at once.
-MODE=mute: run, but never listen (never Ready). STATE_VERSION: the state
+another plugin through the gateway), ``run`` (``{"argv": [...]}``: runs a
+command, answers its exit code and output). MODE=crash: print a line and exit 3 at once.
+MODE=mute: run, but never listen (never Ready). MODE=tamper: never listen,
+but make the name of its socket a link to the socket of instance VICTIM (a
+plugin that tries to have the controller's calls for it sent to another
+plugin). STATE_VERSION: the state
 version it declares (default 0: none); CRASH_AFTER_IMPORT=S: exit 3 S seconds
 after importing state; FAIL=import: refuse every import. STATEFUL=1: keep the
 map in the SDK's Store (revisions and deltas, as StatefulPlugin does);
 DIVERGE=1 with it: write a key of its own after each whole import, so that
 the next delta (made on the exporter's revision) no longer applies.
+LINK_OUT=PATH: before it listens, put a directory beside its socket holding a
+link to PATH.
 """
 
 import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -63,6 +70,11 @@ class TestPlugin(Plugin):
             os._exit(3)
         if method == "connect":
             return {"result": _connect(payload)}
+        if method == "run":
+            done = subprocess.run(
+                payload["argv"], capture_output=True, text=True, timeout=10, check=False
+            )
+            return {"code": done.returncode, "output": done.stdout + done.stderr}
         if method == "call":
             try:
                 answer = await calls.call(
@@ -118,7 +130,19 @@ class StatefulTestPlugin(StatefulPlugin, TestPlugin):
 if mode == "crash":
     print("boom: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
-if mode == "mute":
+if os.environ.get("LINK_OUT"):
+    here = os.path.dirname(os.environ["BLACKHOLE_SOCKET"])
+    os.mkdir(os.path.join(here, ".staged"))
+    os.symlink(os.environ["LINK_OUT"], os.path.join(here, ".staged", "out"))
+    os.rename(os.path.join(here, ".staged"), os.path.join(here, "linked"))  # appears whole
+if mode == "tamper":
+    own = os.environ["BLACKHOLE_SOCKET"]
+    # The instance's socket directory is instances/<instance> on the host: "../VICTIM" beside it.
+    victim = os.path.join("..", os.environ["VICTIM"], os.path.basename(own))
+    os.symlink(victim, own + ".link")
+    os.rename(own + ".link", own)  # the link appears whole: no socket was ever there
+    print(f"{own} now links to {victim}", flush=True)
+if mode in ("mute", "tamper"):
     while True:
         time.sleep(3600)
 serve(StatefulTestPlugin() if os.environ.get("STATEFUL") == "1" else TestPlugin())
