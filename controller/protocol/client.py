@@ -280,9 +280,9 @@ class PluginClient:
         header: Transfer | None = None
         digest = hashlib.sha256()
         size = 0
+        stream = self.stub.ExportState(plugin_pb2.ExportStateRequest(since_revision=since))
         try:
             async with asyncio.timeout(timeout):
-                stream = self.stub.ExportState(plugin_pb2.ExportStateRequest(since_revision=since))
                 async for chunk in stream:
                     this = Transfer.of(chunk)
                     if header is None:
@@ -302,6 +302,8 @@ class PluginClient:
             raise _error(e) from e
         except TimeoutError:
             raise PluginCallError("DEADLINE_EXCEEDED", f"export took over {timeout}s") from None
+        finally:
+            stream.cancel()  # a consumer that stopped early ends the call now, not at GC
         if header is None:
             raise PluginCallError("DATA_LOSS", "the plugin exported no chunk")
         if size != header.size or digest.hexdigest() != header.sha256:

@@ -151,6 +151,9 @@ async def move(
             except (ControllerError, OSError) as e:
                 # Ending the stream short makes the receiver refuse it (size and sha256).
                 failure.append(e)
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # and the export ends too
 
         try:
             return await plugins.import_state_from(target, relay(), timeout=timeout)
