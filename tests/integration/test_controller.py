@@ -189,9 +189,13 @@ def test_a_killed_instance_is_restarted_and_a_crash_loop_is_reported(controller)
     reasons = [e["reason"] for e in controller.admin.get("steady")["events"]]
     assert "Restarted" in reasons
 
-    wait_for(lambda: controller.status("crashy").get("phase") == "Degraded", what="crash loop")
-    degraded = controller.condition("crashy", "Degraded")
-    assert degraded["reason"] == "CrashLoop"
+    degraded = wait_for(
+        lambda: (
+            (c := controller.condition("crashy", "Degraded")).get("reason") == "CrashLoop" and c
+        ),
+        what="the crash loop reported",
+    )
+    assert controller.status("crashy")["phase"] == "Degraded"
     assert "exit code 3" in degraded["message"]
     assert "boom: crashing on purpose" in degraded["message"], "the last log lines are shown"
     assert controller.status("crashy")["instances"][0]["restarts"] == 2
