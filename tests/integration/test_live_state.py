@@ -289,3 +289,34 @@ def test_both_colors_removed_mid_swap_come_back_with_the_newest_checkpoint(contr
         what="kv back, restored",
     )
     assert all_readable(controller, filled) == [], "every write before the checkpoint is back"
+
+
+def test_a_process_plugin_swaps_megabytes_under_writes_losing_nothing(tmp_path: Path):
+    controller = ControllerProcess(
+        None, tmp_path, extra_args=["--plugin-root", str(PLUGIN_DIR.parent)]
+    )
+
+    def body(build: str) -> str:
+        return test_process.BODY.format(path=PLUGIN_DIR.name, memory="256Mi") + (
+            "  state: {version: 1}\n  hotSwap: {scaleDownDelaySeconds: 1}\n"
+            f"  gateway: {{maxConcurrentCalls: 1000}}\n  env: {{STATEFUL: '1', BUILD: '{build}'}}\n"
+        )
+
+    try:
+        controller.write("kv", body("1"))
+        controller.start()
+        wait_for(lambda: controller.ready("kv"), what="kv Ready")
+        filled = fill(controller, 2)
+        with Load.running(controller) as load:
+            wait_for(lambda: len(load.written) > 100, what="writes going on")
+            controller.write("kv", body("2"))  # another build: a swap
+            last = wait_for(lambda: swapped(controller, "kv", "1.0.0"), timeout=120, what="swap")
+            wait_for(lambda: len(load.written) > 300, what="writes after the swap")
+        assert last["result"] == "Promoted", last
+        assert last["stateTransfer"].startswith("PreCopy"), last
+        assert load.failures == [], "no call failed"
+        assert all_readable(controller, {**filled, **load.written}) == [], "no write was lost"
+    finally:
+        if controller.process is not None and controller.process.poll() is None:
+            controller.kill()
+        asyncio.run(test_process._remove_all(controller))
