@@ -411,9 +411,9 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("run as root: the plugins' socket directories belong to the plugins' user")
     results = asyncio.run(main_async(args))
+    print(json.dumps(results, indent=2), flush=True)
     if args.plot:
         plot(results, args.plot)
-    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
