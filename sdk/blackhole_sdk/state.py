@@ -39,8 +39,8 @@ DELTA_FEATURE = "state.delta"
 TOMBSTONES = 100_000
 """Deleted keys remembered for deltas; past this, the oldest are forgotten (and deltas from
 before them become whole-state copies)."""
-EXPORT_SLICE = 2_000
-"""Entries serialised between two yields to the event loop during an export."""
+EXPORT_SLICE_BYTES = 256 << 10
+"""Bytes of entries serialised between two yields to the event loop during an export."""
 
 
 class RevisionError(PluginError):
@@ -159,11 +159,15 @@ class Store(MutableMapping[str, Any]):
         revision = self.revision
         items = list(self._values.items())  # the state at this revision: values are immutable
         pieces = [b'{"entries":{']
-        for start in range(0, len(items), EXPORT_SLICE):
-            if start:
+        written = 0
+        for index, (key, value) in enumerate(items):
+            if index:
                 pieces.append(b",")
+            pieces.append(_encode(key) + b":" + value)
+            written += len(value)
+            if written >= EXPORT_SLICE_BYTES:  # let calls in between
+                written = 0
                 await asyncio.sleep(0)
-            pieces.append(_entries(items[start : start + EXPORT_SLICE]))
         pieces.append(b"}}")
         return b"".join(pieces), revision
 
