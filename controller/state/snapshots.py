@@ -304,17 +304,6 @@ class Snapshots:
             )
         return _snapshot(row)
 
-    def forget(self, key: str) -> None:
-        """Remove every snapshot of ``key``."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "DELETE FROM snapshot_chunks WHERE snapshot IN "
-                "(SELECT id FROM snapshots WHERE key = ?)",
-                (key,),
-            )
-            self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
-
     def _meta(self, ident: int) -> Snapshot:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (ident,))
         found = row.fetchone()
