@@ -1,7 +1,8 @@
 """Swapping a stateful plugin under load: pre-copy against a whole copy under the hold, and compose.
 
 The storage example serves a steady load of writes (``--rate`` calls per
-second) through a real ``bhctl run`` on Docker and is swapped between
+second) through a real ``bhctl run`` on Docker (``--runtime``: or Podman,
+or processes) and is swapped between
 versions 1.1.0 and 1.2.0 (``--swaps`` times) at each state size of
 ``--sizes`` (MB, filled with 64 KiB values before the swaps), once per
 state transfer strategy, each on a fresh controller, in one run:
@@ -63,6 +64,7 @@ metadata: {{name: kv}}
 spec:
   image: blackhole/example-storage:{version}
   version: {version}
+  process: {{path: storage}}
   state: {{version: 2, checkpointSeconds: 0}}
   resources: {{cpu: "1", memory: 2Gi}}
   hotSwap: {{scaleDownDelaySeconds: 0, maxPauseMilliseconds: 60000, stateTransfer: {transfer}}}
@@ -148,10 +150,11 @@ async def measure_controller(
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     spec = SPEC.format(version=VERSIONS[0], transfer=transfer)
+    options = ["--gateway-grpc-addr", "", "--metrics-addr", ""]
+    if args.runtime == "process":
+        options += ["--plugin-root", str(Path(__file__).resolve().parent.parent / "examples")]
     async with (
-        support.controller(
-            root, {"kv.yaml": spec}, "--gateway-grpc-addr", "", "--metrics-addr", ""
-        ) as ours,
+        support.controller(root, {"kv.yaml": spec}, *options, runtime=args.runtime) as ours,
         aiohttp.ClientSession(connector=connector) as session,
     ):
         await ours.until(lambda: ours.status("kv").get("activeVersion") == VERSIONS[0])
@@ -385,7 +388,12 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"benchmark": "hotswap", "rate": args.rate, "controller": []}
+    results: dict[str, Any] = {
+        "benchmark": "hotswap",
+        "rate": args.rate,
+        "runtime": args.runtime,
+        "controller": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
         for megabytes in args.sizes:
             for transfer in args.transfers:
@@ -404,6 +412,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[0, 1, 10, 100], help="MB")
     parser.add_argument("--transfers", nargs="+", default=["PreCopy", "FullCopy"])
     parser.add_argument("--rate", type=float, default=200.0, help="writes per second")
+    parser.add_argument("--runtime", default="docker", choices=["docker", "podman", "process"])
     parser.add_argument("--compose", action="store_true", help="also measure docker-compose")
     parser.add_argument("--compose-replacements", type=int, default=3)
     parser.add_argument("--plot", metavar="FILE")
