@@ -34,7 +34,7 @@ PROTOCOL_VERSION = 1
 """The plugin protocol version this controller speaks."""
 SUPPORTED_PROTOCOL_VERSIONS = frozenset({1})
 """The plugin protocol versions whose plugins this controller runs."""
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 256 << 10
 MAX_MESSAGE_BYTES = 16 << 20
 
 _OPTIONS = [
