@@ -149,6 +149,8 @@ class Gateway:
         self.ready = ready
         """Set once the gateway has its routes; calls wait for it (None: it has them)."""
         self.ready_timeout = ready_timeout
+        self.early = 0
+        """Calls waiting for the first routes now."""
         self.router = routes
         self.clients = clients
         self.tokens = tokens
@@ -313,6 +315,7 @@ class Gateway:
         """Wait until the gateway has its routes (at most ``timeout``): early calls are held."""
         if self.ready is None or self.ready.is_set():
             return
+        self.early += 1
         try:
             async with asyncio.timeout(min(timeout, self.ready_timeout)):
                 await self.ready.wait()
@@ -320,6 +323,8 @@ class Gateway:
             raise router.Refused(
                 503, "GatewayNotReady", "the gateway has not received its routes yet"
             ) from None
+        finally:
+            self.early -= 1
 
     def _plugin(self, caller: Caller, name: str) -> router.Declared:
         """The plugin ``name`` if ``caller`` may call it; one answer for unknown and forbidden."""
