@@ -61,6 +61,11 @@ MAX_BODY = 64 << 20
 """No plugin's limit may take the gateway past this, in bytes."""
 MAX_METHOD_BYTES = 256
 """The longest method name forwarded, in UTF-8 bytes; longer ones are refused with 400."""
+DRAINING = "draining: not taking calls"
+"""What an instance a swap drained answers (UNAVAILABLE) a call it did not run."""
+DRAINING_RETRY = 0.01
+DRAINING_RETRY_MAX = 0.2
+"""Seconds between tries of a call a draining instance refused, doubling up to this."""
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for the HTTP listener before the gateway takes them."""
 PLUGIN_HEADER = "x-blackhole-plugin"
@@ -384,15 +389,30 @@ class Gateway:
     async def _forward(
         self, name: str, limits: models.Gateway, method: str, body: bytes, timeout: float
     ) -> bytes:
+        """The plugin's answer; a call a draining instance refused unrun is tried again.
+
+        An instance is draining only between a swap's hold and its flip (or
+        rollback); a call reaches one when the controller went away in
+        between and its hold was released to the old route. The call waits
+        for the route to move or the instance to take calls again (the next
+        controller rolls the swap back or finishes it), within its timeout.
+        """
         deadline = time.monotonic() + timeout
-        async with self.router.admit(name, limits, timeout) as endpoint:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
-            try:
-                return await self.clients.get(endpoint).handle(method, body, timeout=left)
-            except PluginCallError as e:
-                raise _from_plugin(name, e, timeout) from None
+        pause = DRAINING_RETRY
+        while True:
+            async with self.router.admit(name, limits, deadline - time.monotonic()) as endpoint:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
+                try:
+                    return await self.clients.get(endpoint).handle(method, body, timeout=left)
+                except PluginCallError as e:
+                    if (e.code, e.message) != ("UNAVAILABLE", DRAINING):
+                        raise _from_plugin(name, e, timeout) from None
+            if time.monotonic() + pause >= deadline:
+                raise router.Refused(504, "Timeout", f"{name}: its instance is draining")
+            await asyncio.sleep(pause)
+            pause = min(DRAINING_RETRY_MAX, pause * 2)
 
     # gRPC passthrough.
 

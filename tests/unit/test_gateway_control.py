@@ -302,3 +302,43 @@ async def test_calls_before_the_first_table_wait_for_it_instead_of_404(socket_di
     finally:
         await plugins.close()
         await plugin.stop(0)
+
+
+async def test_a_call_a_draining_instance_refused_unrun_is_tried_again(socket_dir: Path) -> None:
+    """A hold released to an instance the swap already drained: the call waits, never fails."""
+    refusals = 3
+
+    async def draining_then_echo(
+        request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, server.DRAINING)
+        return await _echo(request, context)
+
+    plugin = grpc.aio.server()
+    plugin.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "blackhole.plugin.v1.Plugin",
+                {"Handle": grpc.unary_unary_rpc_method_handler(draining_then_echo)},
+            ),
+        )
+    )
+    endpoint = f"unix:{socket_dir / 'plugin.sock'}"
+    plugin.add_insecure_port(endpoint)
+    await plugin.start()
+    routes = router.Router()
+    routes.set_route("kv", endpoint, "bh-kv-blue", spec())
+    plugins = client.Clients()
+    gateway = server.Gateway(lambda key: KV if key == "kv" else None, routes, plugins)
+    bound = await gateway.start("127.0.0.1:0", None)
+    try:
+        url = f"http://{bound['http']}/v1/plugins/kv/call/echo"
+        assert await asyncio.to_thread(_post, url) == (200, {"a": 1})
+        assert refusals == 0
+    finally:
+        await gateway.stop()
+        await plugins.close()
+        await plugin.stop(0)
