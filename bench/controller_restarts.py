@@ -191,10 +191,30 @@ def main() -> None:
     parser.add_argument(
         "--between", type=float, default=0.5, help="seconds of calls after each restart"
     )
+    parser.add_argument("--plot", type=Path, help="draw the answered and failed calls here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bh-restarts-") as root:
         result = asyncio.run(measure(args, Path(root)))
     print(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = support.pyplot()
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    kinds = {"answered": result["answered"], **result["failedByKind"]}
+    axes.bar(
+        list(kinds), list(kinds.values()), color=["tab:green"] + ["tab:red"] * (len(kinds) - 1)
+    )
+    axes.set_ylabel("calls")
+    axes.set_title(
+        f"{result['rounds']} controller {result['mode']}s at {result['rate']:g} calls/s, "
+        f"gateway {result['gateway']}"
+    )
+    axes.tick_params(axis="x", labelrotation=20)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 if __name__ == "__main__":
