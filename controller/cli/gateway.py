@@ -125,8 +125,15 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         metrics = telemetry.Metrics(version=controller.__version__)
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
-        controls = control.ControlServer(routes, about=about)
         plugins = client.Clients()
+        dropping: set[asyncio.Task[None]] = set()
+
+        def replaced(endpoint: str) -> None:
+            task = loop.create_task(plugins.drop(endpoint))
+            dropping.add(task)
+            task.add_done_callback(dropping.discard)
+
+        controls = control.ControlServer(routes, about=about, replaced=replaced)
         gateway = gateway_server.Gateway(
             controls.lookup,
             routes,

@@ -347,6 +347,19 @@ def _lookup(source: sources_base.Source) -> gateway_server.Lookup:
     return lookup
 
 
+class _Clients(client.Clients):
+    """The controller's plugin clients: an instance it lets go of is let go of by the
+    gateway process too (a restarted instance reuses its socket's path)."""
+
+    def __init__(self, dropped: Callable[[str], None]) -> None:
+        super().__init__()
+        self.dropped = dropped
+
+    async def drop(self, endpoint: str) -> None:
+        await super().drop(endpoint)
+        self.dropped(endpoint)
+
+
 def _declared(source: sources_base.Source) -> control_protocol.DeclaredPlugins:
     def declared() -> dict[str, router.Declared]:
         found = {}
@@ -542,7 +555,7 @@ async def _lead(
             options.specs, records, enqueue, resync_seconds=options.resync_seconds
         )
         runtime = await _runtime(options)
-        plugins = client.Clients()
+        plugins = _Clients(lambda endpoint: remote.dropped(endpoint) if remote else None)
         if isinstance(runtime, container.ContainerRuntime):
             images = runtime  # bundles' images are loaded into the engine
     routes: router.Router | control_protocol.RemoteRoutes

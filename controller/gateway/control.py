@@ -90,14 +90,20 @@ class RouteEntry(TypedDict):
 
     endpoint: str | None
     instance: str | None
+    incarnation: int
+    """Bumped each time the instance behind the endpoint was replaced (a restart reuses
+    its socket's path): the gateway then opens a new channel to it."""
     gateway: dict[str, Any]
     callPlugins: list[str]
 
 
-def entry(declared: router.Declared, endpoint: str | None, instance: str | None) -> RouteEntry:
+def entry(
+    declared: router.Declared, endpoint: str | None, instance: str | None, incarnation: int = 0
+) -> RouteEntry:
     return {
         "endpoint": endpoint,
         "instance": instance if endpoint else None,
+        "incarnation": incarnation if endpoint else 0,
         "gateway": declared.gateway.model_dump(mode="json", by_alias=True, exclude_none=True),
         "callPlugins": sorted(declared.calls),
     }
@@ -160,8 +166,12 @@ class ControlServer:
         *,
         about: dict[str, Any] | None = None,
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+        replaced: Callable[[str], None] | None = None,
     ) -> None:
         self.router = routes
+        self.replaced = replaced
+        """Told of an endpoint whose instance was replaced: its channel is stale."""
+        self.incarnations: dict[str, int] = {}
         self.table: dict[str, router.Declared] = {}
         """The declared plugins of the last table: the gateway's lookup."""
         self.ready = asyncio.Event()
@@ -211,6 +221,12 @@ class ControlServer:
             for key, item in routes.items()
         }
         self.table = table
+        for item in routes.values():
+            endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
+            if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:
+                self.incarnations[endpoint] = incarnation
+                if self.replaced is not None:
+                    self.replaced(endpoint)
         for key, item in routes.items():
             if item["endpoint"]:
                 self.router.route_to(key, item["endpoint"], item["instance"] or "", table[key])
@@ -398,6 +414,7 @@ class RemoteRoutes:
         self.connected = asyncio.Event()
         self._routes: dict[str, tuple[str, str]] = {}
         self._holds: Counter[str] = Counter()
+        self._incarnations: Counter[str] = Counter()
         self._writer: asyncio.StreamWriter | None = None
         self._syncing = False
         self._sent: dict[str, RouteEntry] | None = None
@@ -419,6 +436,12 @@ class RemoteRoutes:
     def route(self, key: str) -> str | None:
         found = self._routes.get(key)
         return found[0] if found else None
+
+    def dropped(self, endpoint: str) -> None:
+        """The instance behind ``endpoint`` is gone or replaced (the controller dropped its
+        channel): the gateway drops its own when the endpoint is routed again."""
+        self._incarnations[endpoint] += 1
+        self.changed()
 
     def hold(self, key: str) -> None:
         self._holds[key] += 1
@@ -453,7 +476,8 @@ class RemoteRoutes:
         table = {}
         for key, declared in self.declared().items():
             endpoint, instance = self._routes.get(key, (None, None))
-            table[key] = entry(declared, endpoint, instance)
+            incarnation = self._incarnations[endpoint] if endpoint else 0
+            table[key] = entry(declared, endpoint, instance, incarnation)
         return table
 
     def _flush(self) -> None:

@@ -342,3 +342,27 @@ async def test_a_call_a_draining_instance_refused_unrun_is_tried_again(socket_di
         await gateway.stop()
         await plugins.close()
         await plugin.stop(0)
+
+
+async def test_an_instance_replaced_on_the_same_socket_gets_a_new_channel(
+    socket_dir: Path,
+) -> None:
+    """A restarted instance reuses its socket's path: the gateway's channel to it is stale."""
+    path = socket_dir / "gateway.sock"
+    replaced: list[str] = []
+    controls = control.ControlServer(router.Router(), replaced=replaced.append)
+    await controls.start(path)
+    try:
+        async with controller_side(path) as (remote, _):
+            remote.set_route("kv", "unix:/blue.sock", "bh-kv-blue", spec())
+            remote.start_syncing()
+            await _wait(controls.ready.is_set, "the table")
+            remote.clear_route("kv")
+            remote.dropped("unix:/blue.sock")  # the controller removed the crashed instance
+            remote.set_route("kv", "unix:/blue.sock", "bh-kv-blue", spec())
+            await _wait(lambda: replaced == ["unix:/blue.sock"], "the stale channel to go")
+            remote.changed()
+            await remote.request({"type": "status"}, 5)
+            assert replaced == ["unix:/blue.sock"]  # once per replacement
+    finally:
+        await controls.stop()
