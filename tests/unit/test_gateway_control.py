@@ -206,12 +206,14 @@ async def test_a_plugin_no_longer_declared_leaves_the_table(socket_dir: Path) ->
 
 async def test_versions_are_agreed_or_refused_clearly(socket_dir: Path) -> None:
     path = socket_dir / "gateway.sock"
-    newer = controller_side(path, versions=(1, 2))
-    async with gateway_side(path, versions=(1,)) as gateway, newer as (remote, _):
-        remote.start_syncing()
-        await asyncio.wait_for(remote.connected.wait(), 10)
-        assert remote.gateway["version"] == 1
-        await _wait(gateway.ready.is_set, "the table")
+    for gateway_speaks, controller_speaks in (((1,), (1, 2)), ((1, 2), (1,))):
+        # An old gateway and a new controller, then the reverse: they agree on 1.
+        speaking = controller_side(path, versions=controller_speaks)
+        async with gateway_side(path, gateway_speaks) as gateway, speaking as (remote, _):
+            remote.start_syncing()
+            await asyncio.wait_for(remote.connected.wait(), 10)
+            assert remote.gateway["version"] == 1
+            await _wait(gateway.ready.is_set, "the table")
     async with gateway_side(path, versions=(2,)), controller_side(path, versions=(1,)) as (_, task):
         with pytest.raises(control.GatewayProtocolError) as refused:
             await asyncio.wait_for(task, 10)
