@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.admin import client as admin_client
+from controller.cli import gateway as gateway_process
 from controller.runtimes import base, container, process
 
 
@@ -78,6 +79,7 @@ async def controller(
     finally:
         process.terminate()
         process.wait(30)
+        await asyncio.to_thread(gateway_process.stop_running, data)  # it outlives the controller
         await _remove_instances(runtime, data, ident)
 
 

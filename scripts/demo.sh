@@ -51,5 +51,6 @@ Try:  $bhctl describe kv-store
       $bhctl call analytics ingest --data '{"value": 3}'
       curl -s -X POST localhost:8080/v1/plugins/echo/call/ping -d '{"hello": 1}'
       edit $top/examples/plugins/echo.yaml and watch $bhctl get
-Stop: kill $(cat "$pid_file")    (the plugins keep running; a new controller adopts them)
+Stop: kill $(cat "$pid_file")    (the plugins and the gateway keep running; a new controller adopts them)
+      $bhctl gateway --stop          (the gateway too: calls are refused until a controller starts one)
 EOT

@@ -159,7 +159,11 @@ class GatewayThread:
             )
         plugins = client.Clients()
         self.gateway = server.Gateway(
-            declared.get, routes, plugins, tokens=tokens, limits=self.limits
+            lambda key: router.Declared.of(declared[key].spec) if key in declared else None,
+            routes,
+            plugins,
+            tokens=tokens,
+            limits=self.limits,
         )
         try:
             bound = await self.gateway.start("127.0.0.1:0", "127.0.0.1:0")

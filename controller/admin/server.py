@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.errors import ControllerError, InstanceNotFoundError, SpecError
-from controller.gateway import router
+from controller.gateway import control, router
 from controller.metrics import telemetry
 from controller.protocol import client
 from controller.reconcile import manager, reconciler
@@ -290,7 +290,9 @@ class AdminServer:
         """The plugin clients, the status and the endpoint of ``key``'s serving instance."""
         routes = self._reconciler().routes
         status = await self.source.read_status(key)
-        endpoint = routes.route(key) if isinstance(routes, router.Router) else None
+        endpoint = (
+            routes.route(key) if isinstance(routes, router.Router | control.RemoteRoutes) else None
+        )
         if self.plugins is None or status is None or endpoint is None:
             raise web.HTTPConflict(
                 text=_error(f"{key} has no Ready instance to take its state from or to"),

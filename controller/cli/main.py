@@ -31,7 +31,7 @@ from rich.table import Table
 
 import controller
 from controller.admin import client as admin_client
-from controller.cli import logs, plugin, run
+from controller.cli import gateway, logs, plugin, run
 from controller.errors import ControllerError, EngineUnavailableError, SpecError
 from controller.gateway import connections
 from controller.metrics import violations
@@ -197,6 +197,22 @@ def run_controller(
         min=1,
         help="Open connections per gateway listener; past it the oldest idle one is closed.",
     ),
+    gateway_mode: run.GatewayMode = typer.Option(
+        run.GatewayMode.PROCESS,
+        "--gateway",
+        help="process: the gateway in a process of its own, adopted if one runs on the data "
+        "directory, else started and supervised (it outlives the controller); external: one "
+        "started with bhctl gateway, never started here; in-process: inside the controller. "
+        "On Kubernetes always in-process.",
+    ),
+    gateway_hold_lease: float = typer.Option(
+        3.0,
+        "--gateway-hold-lease",
+        min=0.1,
+        max=60.0,
+        help="Seconds the gateway keeps calls held for a controller that stops renewing "
+        "the hold (it renews every third of it).",
+    ),
     metrics_addr: str = typer.Option(
         "127.0.0.1:9100",
         "--metrics-addr",
@@ -314,10 +330,95 @@ def run_controller(
         plugins_dir=plugins_dir,
         trust_dir=trust_dir,
         policy=policy,
+        gateway_mode=gateway_mode,
+        hold_lease=gateway_hold_lease,
     )
     try:
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
             runner.run(run.serve(options))
+    except ControllerError as e:
+        err.print(f"[red]error[/]: {escape(str(e))}")
+        raise typer.Exit(1) from None
+
+
+@app.command("gateway")
+def run_gateway(
+    data_dir: Path | None = DATA_DIR,
+    addr: str = typer.Option("127.0.0.1:8080", "--addr", help="HTTP address, HOST:PORT."),
+    grpc_addr: str = typer.Option(
+        "127.0.0.1:8081", "--grpc-addr", help='gRPC address, HOST:PORT ("" for none).'
+    ),
+    tokens: Path | None = typer.Option(
+        None,
+        "--tokens",
+        help="YAML file of bearer tokens (mode 0600); without it, loopback addresses only.",
+    ),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", min=0.001),
+    max_connections: int = typer.Option(4096, "--max-connections", min=1),
+    metrics_addr: str = typer.Option(
+        "",
+        "--metrics-addr",
+        help="Its own /metrics, HOST:PORT (default none: the controller's /metrics carries "
+        "the gateway's series).",
+    ),
+    ready_timeout: float = typer.Option(
+        10.0,
+        "--ready-timeout",
+        min=0.0,
+        help="Seconds a call waits for the first route table after a start, then 503.",
+    ),
+    stop: bool = typer.Option(
+        False, "--stop", help="Stop the gateway running on the data directory, and exit."
+    ),
+    status: bool = typer.Option(
+        False, "--status", help="Print the running gateway's routes, as JSON, and exit."
+    ),
+    log_format: str = typer.Option("text", "--log-format", help="text or json"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+) -> None:
+    """Run the gateway in the foreground until SIGTERM; bhctl run sends it its routes."""
+    directory = data_dir or run.default_data_dir()
+    if stop:
+        pid = gateway.stop_running(directory)
+        out.print(f"stopped the gateway (pid {pid})" if pid else "no gateway was running")
+        return
+    if status:
+        out.print(json.dumps(gateway.status(directory), indent=2))
+        return
+    if log_format not in {"text", "json"}:
+        raise typer.BadParameter(f'"{log_format}"; use text or json', param_hint="--log-format")
+    logs.configure(log_format, log_level)
+    limits = connections.Limits(
+        header_timeout=header_timeout, idle_timeout=idle_timeout, max_connections=max_connections
+    )
+    options = run.Options(
+        specs=None,
+        runtime=run.RuntimeChoice.PROCESS,
+        data_dir=directory,
+        workers=1,
+        resync_seconds=300,
+        host_path_root=None,
+        controller_id="default",
+        gateway_address=addr,
+        gateway_grpc_address=grpc_addr or None,
+        gateway_tokens=tokens,
+    )
+    try:
+        found = run.gateway_tokens(options)
+        run.own_data_dir(directory)
+        limits = run.fit_gateway_limits(limits, run.open_files_limit())
+        settings = gateway.GatewayOptions(
+            data_dir=directory,
+            address=addr,
+            grpc_address=grpc_addr or None,
+            tokens=tokens,
+            limits=limits,
+            metrics_address=metrics_addr or None,
+            ready_timeout=ready_timeout,
+        )
+        with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
+            runner.run(gateway.serve(settings, found))
     except ControllerError as e:
         err.print(f"[red]error[/]: {escape(str(e))}")
         raise typer.Exit(1) from None

@@ -2,8 +2,12 @@
 
 Owns the data directory (a lock file keeps a second controller out), opens
 the store, connects the runtime, serves the admin API and runs the manager.
-SIGTERM or SIGINT finishes the passes in flight and exits 0, leaving every
-instance running for the next controller to adopt.
+On one host the gateway is a process of its own (:mod:`controller.cli.gateway`):
+adopted when one runs on the data directory, else started, and started
+again when it dies; the controller sends it the route table it rebuilds from
+its store before any pass. SIGTERM or SIGINT finishes the passes in flight
+and exits 0, leaving every instance and the gateway running for the next
+controller to adopt.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -29,8 +34,10 @@ from typing import Any
 import controller
 from controller import kubeapi, lease
 from controller.admin import server
-from controller.errors import ControllerError
+from controller.cli import gateway as gateway_process
+from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
+from controller.gateway import control as control_protocol
 from controller.gateway import server as gateway_server
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
@@ -41,7 +48,6 @@ from controller.runtimes import kubernetes as kubernetes_runtime
 from controller.sources import base as sources_base
 from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
-from controller.spec import models
 from controller.state import snapshots
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,17 @@ def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(bound) + "\n")
     temporary.replace(path)
+
+
+class GatewayMode(StrEnum):
+    """Where ``bhctl run``'s gateway runs."""
+
+    PROCESS = "process"
+    """Its own process, started and supervised by the controller (adopted if running)."""
+    EXTERNAL = "external"
+    """Its own process, started by someone else (``bhctl gateway``): never started here."""
+    IN_PROCESS = "in-process"
+    """Inside the controller: it stops with it (Kubernetes, where the pod is the unit)."""
 
 
 class RuntimeChoice(StrEnum):
@@ -140,6 +157,25 @@ class Options:
     policy: Path | None = None
     plugin_root: Path | None = None
     """Where the process runtime finds plugin directories (default ``data_dir/plugins``)."""
+    gateway_mode: GatewayMode = GatewayMode.PROCESS
+    """Ignored on Kubernetes, where the gateway runs in the controller's pod."""
+    hold_lease: float = control_protocol.DEFAULT_LEASE
+    """Seconds the gateway keeps a hold this controller stops renewing."""
+    gateway_ready_timeout: float = gateway_server.READY_TIMEOUT
+
+    def gateway_options(self) -> gateway_process.GatewayOptions:
+        return gateway_process.GatewayOptions(
+            data_dir=self.data_dir,
+            address=self.gateway_address,
+            grpc_address=self.gateway_grpc_address,
+            tokens=self.gateway_tokens,
+            limits=self.gateway_limits,
+            ready_timeout=self.gateway_ready_timeout,
+        )
+
+    @property
+    def separate_gateway(self) -> bool:
+        return self.kubernetes is None and self.gateway_mode is not GatewayMode.IN_PROCESS
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -218,11 +254,13 @@ class DataDirError(ControllerError):
     """The data directory exists and is not one the controller may make its own."""
 
 
-DATA_DIR_ENTRIES = frozenset({"controller.lock", "state.db", "registry.db", "registry"})
+DATA_DIR_ENTRIES = frozenset(
+    {"controller.lock", "gateway.lock", "state.db", "registry.db", "registry"}
+)
 """Names that mark a directory as a controller's data directory (bhctl's commands make them)."""
 
 
-def _own_data_dir(data_dir: Path) -> None:
+def own_data_dir(data_dir: Path) -> None:
     """Create ``data_dir`` private (0700), or make it so if it is the controller's own.
 
     A directory that exists and belongs to someone else, is writable by
@@ -258,7 +296,7 @@ def _own_data_dir(data_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _lock(data_dir: Path) -> Iterator[None]:
-    _own_data_dir(data_dir)
+    own_data_dir(data_dir)
     lock = os.open(data_dir / "controller.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     with os.fdopen(lock, "w") as handle:
         try:
@@ -302,11 +340,69 @@ def _loopback(address: str) -> bool:
 
 
 def _lookup(source: sources_base.Source) -> gateway_server.Lookup:
-    def lookup(key: str) -> models.Plugin | None:
+    def lookup(key: str) -> router.Declared | None:
         desired = source.get(key)
-        return desired.plugin if desired is not None else None
+        return router.Declared.of(desired.plugin.spec) if desired is not None else None
 
     return lookup
+
+
+class _Clients(client.Clients):
+    """The controller's plugin clients: an instance it lets go of is let go of by the
+    gateway process too (a restarted instance reuses its socket's path)."""
+
+    def __init__(self, dropped: Callable[[str], None]) -> None:
+        super().__init__()
+        self.dropped = dropped
+
+    async def drop(self, endpoint: str) -> None:
+        await super().drop(endpoint)
+        self.dropped(endpoint)
+
+
+def _declared(source: sources_base.Source) -> control_protocol.DeclaredPlugins:
+    def declared() -> dict[str, router.Declared]:
+        found = {}
+        for key in source.declared_keys():
+            desired = source.get(key)
+            if desired is not None:
+                found[key] = router.Declared.of(desired.plugin.spec)
+        return found
+
+    return declared
+
+
+async def resync_from_store(
+    source: sources_base.Source, runtime: base.Runtime, routes: control_protocol.RemoteRoutes
+) -> int:
+    """Set each declared plugin's route to its active color as the store records it.
+
+    The commit rule: a flip is written to the store before the gateway is
+    told, so a controller killed between the two finds the new color here
+    and sends it; the gateway's own table is never taken as the truth. An
+    instance that is gone gets no route (the first pass sees to it).
+    """
+    routed = 0
+    for key in source.declared_keys():
+        status = await source.read_status(key)
+        desired = source.get(key)
+        if status is None or desired is None or status.active_color is None:
+            continue
+        record = next((i for i in status.instances if i.color is status.active_color), None)
+        if record is None or not record.ready:
+            continue
+        namespace, _, name = key.rpartition("/")
+        instance_name = base.instance_name(
+            name, status.active_color, namespace or None, runtime.controller_id
+        )
+        try:
+            instance = await runtime.inspect(instance_name)
+        except InstanceNotFoundError:
+            continue
+        if instance.state is base.InstanceState.RUNNING:
+            routes.set_route(key, runtime.endpoint(instance), instance.name, desired.plugin.spec)
+            routed += 1
+    return routed
 
 
 def registry_settings(options: Options) -> registry.Settings:
@@ -395,7 +491,9 @@ async def serve(options: Options) -> None:
                     election = None
                 elif not await election.acquire(stop):
                     return
-            await _lead(options, tokens, metrics, bound, stop, api, election, lost)
+            await _lead(
+                options, tokens, metrics, exposition_server, bound, stop, api, election, lost
+            )
         finally:
             if election is not None:
                 await election.release()
@@ -407,6 +505,7 @@ async def _lead(
     options: Options,
     tokens: auth.Tokens | None,
     metrics: telemetry.Metrics,
+    exposition_server: exposition.MetricsServer,
     bound: dict[str, str],
     stop: asyncio.Event,
     api: Any,
@@ -416,6 +515,13 @@ async def _lead(
     """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
     records = store.Store(options.data_dir / "state.db")
     work = queue.WorkQueue()
+    remote: control_protocol.RemoteRoutes | None = None
+
+    def enqueue(key: str) -> None:
+        work.add(key)
+        if remote is not None:
+            remote.changed()  # the declared plugins may differ: the gateway's table too
+
     source: sources_base.Source
     runtime: base.Runtime
     plugins: client.Clients
@@ -446,16 +552,35 @@ async def _lead(
         )
     else:
         source = directory.DirectorySource(
-            options.specs, records, work.add, resync_seconds=options.resync_seconds
+            options.specs, records, enqueue, resync_seconds=options.resync_seconds
         )
         runtime = await _runtime(options)
-        plugins = client.Clients()
+        plugins = _Clients(lambda endpoint: remote.dropped(endpoint) if remote else None)
         if isinstance(runtime, container.ContainerRuntime):
             images = runtime  # bundles' images are loaded into the engine
-    routes = router.Router(metrics)
-    gateway = gateway_server.Gateway(
-        _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
-    )
+    routes: router.Router | control_protocol.RemoteRoutes
+    gateway: gateway_server.Gateway | None = None
+    supervisor: gateway_process.Supervisor | None = None
+    if options.separate_gateway:
+        if options.gateway_mode is GatewayMode.PROCESS:
+            supervisor = gateway_process.Supervisor(options.gateway_options())
+        remote = routes = control_protocol.RemoteRoutes(
+            gateway_process.control_socket(options.data_dir),
+            _declared(source),
+            lease=options.hold_lease,
+            about={"pid": os.getpid(), "controllerVersion": controller.__version__},
+            on_down=supervisor.ensure if supervisor is not None else None,
+            on_up=functools.partial(_gateway_up, options.data_dir, bound, supervisor),
+        )
+        metrics.relay_gateway()
+        exposition_server.extra = functools.partial(
+            control_protocol.fetch_metrics, gateway_process.control_socket(options.data_dir)
+        )
+    else:
+        routes = router.Router(metrics)
+        gateway = gateway_server.Gateway(
+            _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
+        )
     states = snapshots.Snapshots(options.data_dir / "snapshots.db")
     # On Kubernetes the nodes pull images: bundles there name images a registry serves.
     bundles = registry.Registry(registry_settings(options), images)
@@ -484,23 +609,118 @@ async def _lead(
     holding = None
     renewing = asyncio.Event()
     """Set once the passes in flight are done: the Lease is renewed until then."""
+    connection: asyncio.Task[None] | None = None
     try:
-        bound.update(await gateway.start(options.gateway_address, options.gateway_grpc_address))
-        write_addresses(options.data_dir, bound)
+        if gateway is not None:
+            bound.update(await gateway.start(options.gateway_address, options.gateway_grpc_address))
+        if remote is not None:
+            connection = await _adopt_gateway(options, source, runtime, remote, supervisor, stop)
+        else:
+            write_addresses(options.data_dir, bound)
         if election is not None:
             holding = asyncio.create_task(_hold(election, renewing, lost), name="lease")
         await control.run(stop)
+        if connection is not None and connection.done() and not connection.cancelled():
+            connection.result()  # the gateway refused this controller: exit 1 with why
     finally:
         renewing.set()
         if holding is not None:
             await holding
-        await gateway.stop()
+        if gateway is not None:
+            await gateway.stop()
+        if remote is not None:
+            await remote.close()
+        if connection is not None:
+            connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connection
         await admin.stop()
         await plugins.close()
         await runtime.close()
         states.close()
         bundles.close()
         records.close()
+
+
+ADOPT_TIMEOUT = 10.0
+"""Seconds the controller waits at start for its gateway before it reconciles anyway."""
+
+
+async def _adopt_gateway(
+    options: Options,
+    source: sources_base.Source,
+    runtime: base.Runtime,
+    remote: control_protocol.RemoteRoutes,
+    supervisor: gateway_process.Supervisor | None,
+    stop: asyncio.Event,
+) -> asyncio.Task[None]:
+    """Find or start the gateway, send it the table from the store; the connection's task.
+
+    The table is sent only once the specs are read and the routes rebuilt
+    from the store, so a gateway that kept serving is never sent less than
+    it had.
+    """
+    pid = gateway_process.running(options.data_dir)
+    if pid is not None:
+        log.info("gateway: adopting the one running on %s (pid %s)", options.data_dir, pid)
+    elif supervisor is not None:
+        await supervisor.ensure()
+    connection = asyncio.create_task(_connection(remote, stop), name="gateway-control")
+    if isinstance(source, directory.DirectorySource):
+        await asyncio.to_thread(source.rescan)
+    routed = await resync_from_store(source, runtime, remote)
+    remote.start_syncing()
+    connected = asyncio.create_task(remote.connected.wait())
+    await asyncio.wait(
+        {connected, connection}, timeout=ADOPT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+    )
+    connected.cancel()
+    if connection.done():
+        connection.result()  # a refusal (no common protocol version) ends the controller
+    if not remote.connected.is_set():
+        log.warning(
+            "gateway: not reachable at %s after %gs; reconciling anyway, it gets its routes "
+            "when it answers (its log: %s)",
+            remote.path,
+            ADOPT_TIMEOUT,
+            options.data_dir / gateway_process.LOG_NAME,
+        )
+        return connection
+    log.info("gateway: sent %d route(s) rebuilt from the store", routed)
+    requested = remote.gateway.get("requested") or {}
+    asked = {"http": options.gateway_address, "grpc": options.gateway_grpc_address or ""}
+    if requested and requested != asked:
+        log.warning(
+            "gateway: the running gateway was started for %s, not %s: restart it "
+            "(bhctl gateway --stop) to change its addresses",
+            requested,
+            asked,
+        )
+    return connection
+
+
+def _gateway_up(
+    data_dir: Path,
+    bound: dict[str, str],
+    supervisor: gateway_process.Supervisor | None,
+    hello: dict[str, Any],
+) -> None:
+    """A gateway answered: say where it listens (for bhctl call), keep its ports for the next."""
+    found = dict(hello.get("addresses") or {})
+    addresses = {k: str(found[k]) for k in ("http", "grpc") if k in found}
+    bound.update(addresses)
+    write_addresses(data_dir, bound)
+    if supervisor is not None:
+        supervisor.up(addresses)
+
+
+async def _connection(remote: control_protocol.RemoteRoutes, stop: asyncio.Event) -> None:
+    try:
+        await remote.run(stop)
+    except control_protocol.GatewayProtocolError as e:
+        log.critical("%s", e)
+        stop.set()
+        raise
 
 
 async def _hold(election: lease.Election, done: asyncio.Event, lost: asyncio.Event) -> None:

@@ -6,7 +6,9 @@ gate: a count of calls in flight (per instance, so that a swap can wait for
 an instance to go idle), a token bucket, and a hold: while held, new calls
 wait, and :meth:`Router.release` lets them through to whichever instance is
 active by then. The HTTP and gRPC front ends
-(:mod:`controller.gateway.server`) pass every call through here.
+(:mod:`controller.gateway.server`) pass every call through here; in the
+gateway's own process (:mod:`controller.gateway.process`) the control
+protocol (:mod:`controller.gateway.control`) sets the routes and holds.
 """
 
 from __future__ import annotations
@@ -63,6 +65,18 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What the gateway knows of a declared plugin: its limits and whom it may call."""
+
+    gateway: models.Gateway
+    calls: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, spec: models.PluginSpec) -> Declared:
+        return cls(spec.gateway, frozenset(spec.permissions.call_plugins))
+
+
 @dataclass
 class Gate:
     """One plugin's route and limits."""
@@ -102,13 +116,17 @@ class Router:
     # What the reconciler and the swap coordinator call.
 
     def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
+        self.route_to(key, endpoint, instance, Declared.of(spec))
+
+    def route_to(self, key: str, endpoint: str, instance: str, declared: Declared) -> None:
+        """Send ``key``'s calls to ``endpoint`` with ``declared``'s limits."""
         gate = self.gates[key]
-        calls = tuple(spec.permissions.call_plugins)
+        calls = tuple(sorted(declared.calls))
         changed = gate.endpoint != endpoint or gate.calls != calls
         gate.endpoint, gate.instance, gate.calls = endpoint, instance, calls
         if changed:
             self._changed(key)
-        limit = spec.gateway.rate_limit
+        limit = declared.gateway.rate_limit
         if limit != gate.bucket_spec:
             gate.bucket_spec = limit
             gate.bucket = TokenBucket(limit.calls_per_second, limit.burst) if limit else None
@@ -140,6 +158,24 @@ class Router:
         if not gate.holds:
             gate.open.set()
 
+    def set_holds(self, owner: dict[str, int], holds: dict[str, int]) -> None:
+        """Make ``owner``'s holds ``holds`` (key to count), holding and releasing the difference.
+
+        ``owner`` is the holder's own record of what it holds, updated here:
+        the control protocol keeps one per controller connection, so a
+        controller that goes away releases exactly what it held.
+        """
+        for key in owner.keys() | holds.keys():
+            want, have = max(0, holds.get(key, 0)), owner.get(key, 0)
+            for _ in range(want - have):
+                self.hold(key)
+            for _ in range(have - want):
+                self.release(key)
+            if want:
+                owner[key] = want
+            else:
+                owner.pop(key, None)
+
     def in_flight(self, endpoint: str) -> int:
         return self.by_endpoint[endpoint]
 
@@ -155,7 +191,7 @@ class Router:
     # What the front ends call.
 
     @contextlib.asynccontextmanager
-    async def admit(self, key: str, spec: models.PluginSpec, timeout: float) -> AsyncIterator[str]:
+    async def admit(self, key: str, limits: models.Gateway, timeout: float) -> AsyncIterator[str]:
         """Let one call through to ``key``'s active endpoint, or raise :class:`Refused`."""
         gate = self.gates[key]
         if gate.bucket is not None:
@@ -163,7 +199,7 @@ class Router:
             if wait:
                 self.metrics.rate_limited.labels(key).inc()
                 raise Refused(429, "RateLimited", f"{key}: over its rate limit", retry_after=wait)
-        if gate.in_flight >= spec.gateway.max_concurrent_calls:
+        if gate.in_flight >= limits.max_concurrent_calls:
             self.metrics.rate_limited.labels(key).inc()
             raise Refused(
                 429,

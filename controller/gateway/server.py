@@ -61,6 +61,11 @@ MAX_BODY = 64 << 20
 """No plugin's limit may take the gateway past this, in bytes."""
 MAX_METHOD_BYTES = 256
 """The longest method name forwarded, in UTF-8 bytes; longer ones are refused with 400."""
+DRAINING = "draining: not taking calls"
+"""What an instance a swap drained answers (UNAVAILABLE) a call it did not run."""
+DRAINING_RETRY = 0.01
+DRAINING_RETRY_MAX = 0.2
+"""Seconds between tries of a call a draining instance refused, doubling up to this."""
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for the HTTP listener before the gateway takes them."""
 PLUGIN_HEADER = "x-blackhole-plugin"
@@ -103,8 +108,10 @@ _GRPC_FROM_HTTP = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
-Lookup = Callable[[str], models.Plugin | None]
+Lookup = Callable[[str], router.Declared | None]
 """The declared plugin of a key, or None."""
+READY_TIMEOUT = 10.0
+"""Longest a call waits for a gateway that has no routes yet, in seconds; then 503."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,15 @@ class Gateway:
         *,
         tokens: auth.Tokens | None = None,
         limits: connections.Limits | None = None,
+        ready: asyncio.Event | None = None,
+        ready_timeout: float = READY_TIMEOUT,
     ) -> None:
         self.lookup = lookup
+        self.ready = ready
+        """Set once the gateway has its routes; calls wait for it (None: it has them)."""
+        self.ready_timeout = ready_timeout
+        self.early = 0
+        """Calls waiting for the first routes now."""
         self.router = routes
         self.clients = clients
         self.tokens = tokens
@@ -220,7 +234,7 @@ class Gateway:
             endpoint = self.router.route(key)
             plugin = self.lookup(key)
             wanted = None
-            calls = plugin is not None and bool(plugin.spec.permissions.call_plugins)
+            calls = plugin is not None and bool(plugin.calls)
             if endpoint and endpoint.startswith("unix:") and calls:
                 wanted = str(Path(endpoint.removeprefix("unix:")).parent / GATEWAY_SOCKET)
             current = self._plugin_sites.get(key)
@@ -285,7 +299,7 @@ class Gateway:
         if request.method != "POST" or match is None:
             return _refusal(router.Refused(404, "NotFound", "POST /v1/plugins/NAME/call/METHOD"))
         plugin = self.lookup(key)
-        allowed = frozenset(plugin.spec.permissions.call_plugins) if plugin else frozenset()
+        allowed = plugin.calls if plugin else frozenset()
         caller = Caller(f"plugin {key}", allowed.__contains__)
         return await self._answer(request, match["name"], match["method"], caller)
 
@@ -302,7 +316,22 @@ class Gateway:
             raise router.Refused(401, "Unauthenticated", "unknown token")
         return Caller(f"token {token.name}", token.allows)
 
-    def _plugin(self, caller: Caller, name: str) -> models.Plugin:
+    async def _routes(self, timeout: float) -> None:
+        """Wait until the gateway has its routes (at most ``timeout``): early calls are held."""
+        if self.ready is None or self.ready.is_set():
+            return
+        self.early += 1
+        try:
+            async with asyncio.timeout(min(timeout, self.ready_timeout)):
+                await self.ready.wait()
+        except TimeoutError:
+            raise router.Refused(
+                503, "GatewayNotReady", "the gateway has not received its routes yet"
+            ) from None
+        finally:
+            self.early -= 1
+
+    def _plugin(self, caller: Caller, name: str) -> router.Declared:
         """The plugin ``name`` if ``caller`` may call it; one answer for unknown and forbidden."""
         plugin = self.lookup(name) if caller.may_call(name) else None
         if plugin is None:
@@ -315,6 +344,8 @@ class Gateway:
 
     async def _http(self, request: web.BaseRequest) -> web.Response:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
+            if self.ready is not None and not self.ready.is_set():
+                return web.json_response({"status": "waiting for its routes"}, status=503)
             return web.json_response({"status": "ok"})
         match = _PUBLIC_PATH.match(request.path)
         if match is None:
@@ -334,11 +365,12 @@ class Gateway:
         self, request: web.BaseRequest, name: str, method: str, caller: Caller
     ) -> web.Response:
         started = time.perf_counter()
-        plugin: models.Plugin | None = None
+        plugin: router.Declared | None = None
         reached = False
         try:
+            await self._routes(READY_TIMEOUT)
             plugin = self._plugin(caller, name)
-            limits = plugin.spec.gateway
+            limits = plugin.gateway
             _check_method(method)
             limit = limits.max_request_bytes.as_int()
             if request.content_length is not None and request.content_length > limit:
@@ -346,7 +378,7 @@ class Gateway:
             timeout = _timeout(request.headers.get("X-Timeout-Seconds"), limits.timeout_seconds)
             body = await _read(request, name, limit, timeout)
             reached = True
-            answer = await self._forward(name, plugin.spec, method, body, timeout)
+            answer = await self._forward(name, limits, method, body, timeout)
         except router.Refused as e:
             if plugin is not None:  # names nobody declared stay out of the labels
                 self.router.metrics.answered(name, method if reached else None, e.status, started)
@@ -355,17 +387,32 @@ class Gateway:
         return web.Response(body=answer, content_type="application/json")
 
     async def _forward(
-        self, name: str, spec: models.PluginSpec, method: str, body: bytes, timeout: float
+        self, name: str, limits: models.Gateway, method: str, body: bytes, timeout: float
     ) -> bytes:
+        """The plugin's answer; a call a draining instance refused unrun is tried again.
+
+        An instance is draining only between a swap's hold and its flip (or
+        rollback); a call reaches one when the controller went away in
+        between and its hold was released to the old route. The call waits
+        for the route to move or the instance to take calls again (the next
+        controller rolls the swap back or finishes it), within its timeout.
+        """
         deadline = time.monotonic() + timeout
-        async with self.router.admit(name, spec, timeout) as endpoint:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
-            try:
-                return await self.clients.get(endpoint).handle(method, body, timeout=left)
-            except PluginCallError as e:
-                raise _from_plugin(name, e, timeout) from None
+        pause = DRAINING_RETRY
+        while True:
+            async with self.router.admit(name, limits, deadline - time.monotonic()) as endpoint:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
+                try:
+                    return await self.clients.get(endpoint).handle(method, body, timeout=left)
+                except PluginCallError as e:
+                    if (e.code, e.message) != ("UNAVAILABLE", DRAINING):
+                        raise _from_plugin(name, e, timeout) from None
+            if time.monotonic() + pause >= deadline:
+                raise router.Refused(504, "Timeout", f"{name}: its instance is draining")
+            await asyncio.sleep(pause)
+            pause = min(DRAINING_RETRY_MAX, pause * 2)
 
     # gRPC passthrough.
 
@@ -375,15 +422,16 @@ class Gateway:
         metadata = dict(context.invocation_metadata() or ())
         name = str(metadata.get(PLUGIN_HEADER, ""))
         started = time.perf_counter()
-        plugin: models.Plugin | None = None
+        plugin: router.Declared | None = None
         method: str | None = None
         try:
             try:
                 caller = self._caller(str(metadata.get("authorization", "")) or None)
                 if not name:
                     raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
+                await self._routes(context.time_remaining() or READY_TIMEOUT)
                 plugin = self._plugin(caller, name)
-                limits = plugin.spec.gateway
+                limits = plugin.gateway
                 limit = limits.max_request_bytes.as_int()
                 if len(request) > limit:
                     raise _too_large(name, len(request), limit)
@@ -398,7 +446,7 @@ class Gateway:
                     ) from None
                 _check_method(decoded.method)
                 method = decoded.method
-                answer = await self._forward(name, plugin.spec, method, decoded.payload, timeout)
+                answer = await self._forward(name, limits, method, decoded.payload, timeout)
             except router.Refused:
                 raise
             except Exception:  # a fault of the gateway's own: logged, never told to the caller

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,6 +28,8 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.extra: Callable[[], bytes] | None = None
+        """More series in the text format, appended at each scrape (the gateway process's)."""
         app = web.Application()
         app.add_routes([web.get("/metrics", self._metrics), web.get("/healthz", self._healthz)])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -55,8 +58,12 @@ class MetricsServer:
         await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(generate_latest, self.registry)
+        body = await asyncio.to_thread(self._collect)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _collect(self) -> bytes:
+        body = generate_latest(self.registry)
+        return body + self.extra() if self.extra is not None else body
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -190,6 +190,18 @@ class Metrics:
 
     # The gateway.
 
+    def relay_gateway(self) -> None:
+        """The gateway runs in a process of its own, whose series are served beside these:
+        this registry keeps none of its own, so no family is exported twice."""
+        for collector in (
+            self.requests,
+            self.request_seconds,
+            self.in_flight,
+            self.held,
+            self.rate_limited,
+        ):
+            self.registry.unregister(collector)
+
     def method(self, plugin: str, method: str | None, code: int) -> str:
         """``method`` as a label value: bounded in number and in form.
 

@@ -32,6 +32,7 @@ import pytest
 
 from controller import __version__ as controller_version
 from controller.admin import client as admin_client
+from controller.cli import gateway as gateway_process
 from controller.runtimes import base, container
 
 SESSION = uuid.uuid4().hex[:12]
@@ -187,6 +188,17 @@ spec:
 """
 
 
+_STARTED: list[ControllerProcess] = []
+"""Every controller a test made: their gateways outlive them, and are stopped after it."""
+
+
+@pytest.fixture(autouse=True)
+def _stop_gateways() -> Iterator[None]:
+    yield
+    while _STARTED:
+        gateway_process.stop_running(_STARTED.pop().data)
+
+
 @dataclass
 class ControllerProcess:
     """``bhctl run`` as a real process on one engine (None: processes), with its own folders."""
@@ -198,6 +210,7 @@ class ControllerProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
+        _STARTED.append(self)
         self.specs = self.root / "specs"
         self.data = self.root / "data"
         self.specs.mkdir(parents=True, exist_ok=True)
@@ -267,6 +280,13 @@ class ControllerProcess:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+
+    def gateway_pid(self) -> int | None:
+        """The pid of the gateway process on this controller's data directory."""
+        return gateway_process.running(self.data)
+
+    def gateway_status(self) -> dict[str, Any]:
+        return gateway_process.status(self.data)
 
     def terminate(self) -> int:
         assert self.process is not None

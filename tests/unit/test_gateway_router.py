@@ -26,11 +26,11 @@ def spec(**gateway: object) -> models.PluginSpec:
 async def test_no_route_is_refused_at_once_and_a_route_is_followed() -> None:
     routes = router.Router()
     with pytest.raises(router.Refused) as down:
-        async with routes.admit("kv", spec(), 5):
+        async with routes.admit("kv", spec().gateway, 5):
             pass
     assert (down.value.status, down.value.reason) == (503, "PluginNotReady")
     routes.set_route("kv", "unix:/a.sock", "bh-kv-blue", spec())
-    async with routes.admit("kv", spec(), 5) as endpoint:
+    async with routes.admit("kv", spec().gateway, 5) as endpoint:
         assert endpoint == "unix:/a.sock"
         assert routes.in_flight("unix:/a.sock") == 1
     assert routes.in_flight("unix:/a.sock") == 0
@@ -45,7 +45,7 @@ async def test_held_calls_wait_and_go_to_the_route_set_before_release() -> None:
     reached: list[str] = []
 
     async def one_call() -> None:
-        async with routes.admit("kv", spec(), 5) as endpoint:
+        async with routes.admit("kv", spec().gateway, 5) as endpoint:
             reached.append(endpoint)
 
     calls = [asyncio.create_task(one_call()) for _ in range(3)]
@@ -63,7 +63,7 @@ async def test_a_hold_longer_than_the_call_timeout_is_a_504() -> None:
     routes.set_route("kv", "unix:/blue.sock", "bh-kv-blue", spec())
     routes.hold("kv")
     with pytest.raises(router.Refused) as held:
-        async with routes.admit("kv", spec(), 0.05):
+        async with routes.admit("kv", spec().gateway, 0.05):
             pass
     assert held.value.status == 504
 
@@ -74,7 +74,7 @@ async def test_wait_idle_returns_when_the_last_call_ends() -> None:
     release = asyncio.Event()
 
     async def slow_call() -> None:
-        async with routes.admit("kv", spec(), 5):
+        async with routes.admit("kv", spec().gateway, 5):
             await release.wait()
 
     task = asyncio.create_task(slow_call())
@@ -91,9 +91,9 @@ async def test_concurrency_and_rate_limits() -> None:
     routes = router.Router()
     narrow = spec(maxConcurrentCalls=1, rateLimit={"callsPerSecond": 1000, "burst": 2})
     routes.set_route("kv", "unix:/blue.sock", "bh-kv-blue", narrow)
-    async with routes.admit("kv", narrow, 5):
+    async with routes.admit("kv", narrow.gateway, 5):
         with pytest.raises(router.Refused) as busy:
-            async with routes.admit("kv", narrow, 5):
+            async with routes.admit("kv", narrow.gateway, 5):
                 pass
         assert (busy.value.status, busy.value.reason) == (429, "TooManyCalls")
     bucket = router.TokenBucket(rate=2, burst=2)
