@@ -414,7 +414,7 @@ async def _lead(
     lost: asyncio.Event,
 ) -> None:
     """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
-    records = store.Store(options.data_dir / "state.db")
+    records = store.Store(options.data_dir / "state.db", metrics.stores)
     work = queue.WorkQueue()
     source: sources_base.Source
     runtime: base.Runtime
@@ -456,7 +456,7 @@ async def _lead(
     gateway = gateway_server.Gateway(
         _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
     )
-    states = snapshots.Snapshots(options.data_dir / "snapshots.db")
+    states = snapshots.Snapshots(options.data_dir / "snapshots.db", health=metrics.stores)
     # On Kubernetes the nodes pull images: bundles there name images a registry serves.
     bundles = registry.Registry(registry_settings(options), images)
     if options.plugins_dir is not None:

@@ -36,6 +36,7 @@ from controller.errors import (
     InstanceNotFoundError,
     PermanentError,
     SpecError,
+    StoreUnavailableError,
     TemporaryError,
 )
 from controller.metrics import telemetry
@@ -164,6 +165,14 @@ class Reconciler:
         self._ids = itertools.count(1)
 
     async def reconcile(self, key: str) -> Result:
+        try:
+            return await self._reconcile(key)
+        except StoreUnavailableError as e:
+            # Tried again as the store's backoff says (at most 30 s), not the queue's (minutes):
+            # the passes of a plugin are also its health checks and restarts.
+            raise TemporaryError(str(e), delay=self.metrics.stores.retry_delay(e.store)) from e
+
+    async def _reconcile(self, key: str) -> Result:
         self.check_may_act()
         namespace, _, name = key.rpartition("/")
         desired = self.source.get(key)
@@ -861,7 +870,10 @@ class _Pass:
         """Keep what ``want`` is made from, so that a swap away from it can be undone."""
         if self.r.specs is not None:
             text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
-            await asyncio.to_thread(self.r.specs.save, self.key, want.spec_hash, text)
+            try:
+                await asyncio.to_thread(self.r.specs.save, self.key, want.spec_hash, text)
+            except StoreUnavailableError as e:  # only bhctl swap undo needs it: go on without
+                log.warning("%s: the spec of %s is not kept: %s", self.key, want.name, e)
 
     def _labels(self, color: models.Color) -> dict[str, str]:
         labels = {
@@ -962,7 +974,10 @@ class _Pass:
             conditions.is_true(self.status.conditions, conditions.READY),
         )
         if self.status != old:
-            await self.source.write_status(self.key, self.status)
+            try:
+                await self.source.write_status(self.key, self.status)
+            except StoreUnavailableError as e:  # kept by the source, written when it works again
+                log.debug("%s: status not written: %s", self.key, e, extra=self.context)
         await self._route()
 
     async def _violations(self) -> None:
