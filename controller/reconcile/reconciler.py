@@ -499,10 +499,10 @@ class _Pass:
         if current.state is base.InstanceState.CREATED:
             await self.remove(current)  # a start cut short, e.g. by a crash of ours
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
-        if current.state is not base.InstanceState.RUNNING:
+        if current.state not in (base.InstanceState.RUNNING, base.InstanceState.PAUSED):
             self.r.routes.clear_route(self.key)
             return await self._crashed(current, record)
-        return await self._probe(current, record)
+        return await self._probe(current, record)  # a paused one fails its health checks
 
     async def _start(self, reason: str, message: str, type: store.EventType = "Normal") -> Result:
         await self.runtime.start(self.want)
@@ -656,10 +656,12 @@ class _Pass:
         self.memory.health_failures += 1
         if self.memory.health_failures < health.failure_threshold:
             return Result(requeue_after=float(health.period_seconds))
+        paused = current.state is base.InstanceState.PAUSED
         return await self._unhealthy(
             current,
             record,
-            f"{current.name} failed {self.memory.health_failures} health checks in a row",
+            f"{current.name} failed {self.memory.health_failures} health checks in a row"
+            + (" (the engine says it is paused)" if paused else ""),
         )
 
     # State: checkpoints, and restores into restarted instances.
