@@ -145,31 +145,63 @@ def test_a_full_disk_leaves_calls_flowing_and_shows_a_condition(docker_controlle
     assert alive(controller)
 
 
-def test_a_read_only_store_leaves_calls_flowing_and_shows_a_condition(docker_controller):
-    controller = docker_controller
-    edit(controller, 1)
-    controller.start()
-    wait_for(lambda: controller.ready("kv"), what="kv Ready")
-    before = generation(controller, "kv")
-    with Load.running(controller) as load:
-        subprocess.run(["mount", "-o", "remount,ro", str(controller.data)], check=True)
+@contextlib.contextmanager
+def ext4_disk(path: Path) -> Iterator[Path]:
+    """A 32 MiB ext4 file system at ``path`` that turns read-only on its first error (as a
+    disk that fails does); the data directory inside it."""
+    image = path.with_suffix(".img")
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    path.mkdir()
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(path)], check=True)
+    try:
+        data = path / "blackhole"
+        data.mkdir(mode=0o700)
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def turn_read_only(path: Path) -> None:
+    """An error of the file system, as the kernel sees one: it remounts itself read-only."""
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    Path(f"/sys/fs/ext4/{Path(device).name}/trigger_fs_error").write_text("test\n")
+
+
+def test_a_read_only_disk_leaves_calls_flowing_and_shows_a_condition(tmp_path):
+    engine = get_engine(container.Engine.DOCKER)
+    with ext4_disk(tmp_path / "disk") as data:
+        controller = ControllerProcess(engine, tmp_path / "root")
+        controller.data = data
+        controller.admin = admin_client.AdminClient(data / "admin.sock", timeout=30)
         try:
-            edit(controller, 2)
-            condition = wait_for(lambda: store_condition(controller, "kv"), what="StoreUnavailable")
-            assert condition["reason"] == "ReadOnly"
-            assert generation(controller, "kv") == before, "the edit waits for the store"
-            listed = bhctl(controller, "get")
-            assert listed.returncode == 0, listed.stderr
-            assert "StoreUnavailable" in listed.stderr
-            count = len(load.written)
-            wait_for(lambda: len(load.written) > count + 200, what="calls on a read-only disk")
+            edit(controller, 1)
+            controller.start()
+            wait_for(lambda: controller.ready("kv"), what="kv Ready")
+            before = generation(controller, "kv")
+            with Load.running(controller) as load:
+                turn_read_only(data.parent)
+                edit(controller, 2)
+                condition = wait_for(
+                    lambda: store_condition(controller, "kv"), what="StoreUnavailable"
+                )
+                assert condition["reason"] in ("IOError", "ReadOnly")
+                assert "state.db" in condition["message"]
+                assert generation(controller, "kv") == before, "the edit waits for the store"
+                listed = bhctl(controller, "get")
+                assert listed.returncode == 0, listed.stderr
+                assert "StoreUnavailable" in listed.stderr
+                assert metric(controller, "blackhole_store_errors_total") >= 1
+                count = len(load.written)
+                wait_for(lambda: len(load.written) > count + 200, what="calls on a read-only disk")
+            assert load.failures == [], "no call failed while the disk was read-only"
             assert alive(controller)
         finally:
-            subprocess.run(["mount", "-o", "remount,rw", str(controller.data)], check=True)
-        wait_for(lambda: taken_in(controller, 2), timeout=60, what="the edit, once writable")
-        assert generation(controller, "kv") == before + 1
-    assert load.failures == [], "no call failed while the store was read-only"
-    assert alive(controller)
+            if controller.process is not None and controller.process.poll() is None:
+                controller.kill()
+            _remove(engine.client, f"{base.LABEL_CONTROLLER}={controller.controller_id}")
 
 
 STATEFUL = """\
