@@ -268,7 +268,7 @@ def test_a_paused_instance_fails_its_health_check_and_is_restarted(
             attrs = engine.client.api.inspect_container(name)
         except docker.errors.APIError:  # between the old one and the new (Podman: 500)
             return False
-        return attrs["Id"] != paused and attrs["State"]["Status"] == "running"
+        return bool(attrs["Id"] != paused and attrs["State"]["Status"] == "running")
 
     wait_for(restarted, timeout=90, what="the paused instance replaced by a running one")
     wait_for(lambda: controller.ready("kv"), timeout=60, what="kv Ready again")

@@ -31,14 +31,14 @@ async def test_a_paused_instance_fails_its_health_checks_and_is_restarted(tmp_pa
         await world.reconciler.reconcile("echo")
         assert world.runtime.instances["bh-echo-blue"].state is base.InstanceState.PAUSED
     await world.reconciler.reconcile("echo")
-    assert world.runtime.instances["bh-echo-blue"].state is base.InstanceState.EXITED, (
-        "stopped at the failureThreshold-th failed check"
-    )
+    stopped = world.runtime.instances["bh-echo-blue"].state
+    assert stopped is base.InstanceState.EXITED, "stopped at the failureThreshold-th failed check"
     unhealthy = [e for e in world.store.events("echo") if e.reason == "Unhealthy"]
     assert len(unhealthy) == 1
     assert "paused" in unhealthy[0].message
     world.clock.offset += 1.1  # restart.backoffSeconds
     status = await world.settle("echo")
-    assert world.runtime.instances["bh-echo-blue"].state is base.InstanceState.RUNNING
+    running = world.runtime.instances["bh-echo-blue"].state
+    assert running is base.InstanceState.RUNNING
     assert conditions.is_true(status.conditions, conditions.READY)
     assert [i.restarts for i in status.instances] == [1]
