@@ -101,10 +101,11 @@ class Store:
                 str(path),
                 "open",
                 e.reason,
-                f"{e}. It holds the specs applied with bhctl apply, generations, status and "
-                "swaps in progress, so it is not replaced: stop here, keep a copy, then try "
-                f"`sqlite3 {path} .recover | sqlite3 {path.name}.recovered` and move the "
-                "result into its place (or remove the file to start with no records)",
+                f"the file is damaged ({e.__cause__ or e}). It holds the specs applied with "
+                "bhctl apply, generations, status and swaps in progress, so it is not "
+                "replaced: stop here, keep a copy, then try "
+                f"`sqlite3 {path} .recover | sqlite3 {path}.recovered` and move the result into "
+                "its place (or remove the file to start with no records)",
             ) from e
 
     def close(self) -> None:
