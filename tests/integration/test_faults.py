@@ -26,7 +26,15 @@ from controller.admin import client as admin_client
 from controller.runtimes import base, container
 from controller.spec import models
 
-from .conftest import ControllerProcess, EngineUnderTest, _remove, bhctl, get_engine, wait_for
+from .conftest import (
+    BHCTL,
+    ControllerProcess,
+    EngineUnderTest,
+    _remove,
+    bhctl,
+    get_engine,
+    wait_for,
+)
 from .test_hotswap import Load
 
 BODY = """\
@@ -276,3 +284,17 @@ def test_a_paused_instance_fails_its_health_check_and_is_restarted(
     reasons = [e["reason"] for e in controller.admin.get("kv")["events"]]
     assert "Unhealthy" in reasons
     assert "Restarted" in reasons
+
+
+def test_a_read_only_data_directory_at_start_up_is_one_line_not_a_traceback(tmp_path):
+    with small_disk(tmp_path / "data") as data:
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        ran = subprocess.run(
+            [str(BHCTL), "run", "--runtime", "docker", "--data-dir", str(data),
+             "--gateway-addr", "127.0.0.1:0", "--gateway-grpc-addr", "127.0.0.1:0",
+             "--metrics-addr", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert ran.returncode == 1
+    assert "Traceback" not in ran.stderr + ran.stdout
+    assert f"cannot open {data / 'controller.lock'}" in ran.stderr
