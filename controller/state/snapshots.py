@@ -362,7 +362,7 @@ class Snapshots:
             return _snapshot(row)
 
     def _meta(self, ident: int) -> Snapshot:
-        with self.guard("_meta", write=False):
+        with self.guard("meta", write=False):
             row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (ident,))
             found = row.fetchone()
             if found is None:
