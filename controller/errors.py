@@ -121,3 +121,19 @@ class BundleRefusedError(RegistryError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class StoreUnavailableError(ControllerError):
+    """One of the controller's SQLite files cannot be read or written now.
+
+    ``reason`` is a CamelCase word: ``DiskFull``, ``ReadOnly``, ``IOError``,
+    ``Damaged``, ``CannotOpen`` or ``Busy``. Retried with backoff by whoever
+    needs the store; what runs is left as it is meanwhile.
+    """
+
+    def __init__(self, store: str, path: str, operation: str, reason: str, message: str) -> None:
+        super().__init__(f"{path}: {operation}: {message} ({reason})")
+        self.store = store
+        self.path = path
+        self.operation = operation
+        self.reason = reason

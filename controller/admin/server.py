@@ -10,6 +10,12 @@ HTTP with JSON bodies, so that ``curl --unix-socket`` works too:
 - ``GET /v1/plugins/{name}/logs?color=&tail=``: an instance's last lines.
 
 Only the owner of the data directory can reach it; there is no other auth.
+
+While one of the controller's stores fails (a full or read-only disk, an
+I/O error) or after a damaged one was replaced, each plugin it concerns
+carries the condition ``StoreUnavailable`` or ``StoreDamaged`` and the events
+about it, and ``GET /v1/plugins`` lists them under ``controller``; a write
+that needs the failing store is answered ``503`` with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.errors import ControllerError, InstanceNotFoundError, SpecError
+from controller import database
+from controller.errors import (
+    ControllerError,
+    InstanceNotFoundError,
+    SpecError,
+    StoreUnavailableError,
+)
 from controller.gateway import control, router
 from controller.metrics import telemetry
 from controller.protocol import client
@@ -98,9 +110,50 @@ class AdminServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    @property
+    def _health(self) -> database.Health | None:
+        return self.control.metrics.stores if self.control is not None else None
+
+    def _store_conditions(self, plugin: models.Plugin | None) -> list[models.Condition]:
+        """The conditions the stores' health puts on ``plugin`` (None: on the controller)."""
+        health = self._health
+        if health is None:
+            return []
+        found = []
+        for fault in health.faults().values():
+            if _concerns(fault.store, plugin):
+                found.append(
+                    models.Condition(
+                        type="StoreUnavailable",
+                        status="True",
+                        reason=fault.reason,
+                        message=f"{fault.path}: {fault.operation} failed {fault.failures} "
+                        f"time(s): {fault.message}; retrying with backoff",
+                        last_transition_time=fault.since,
+                    )
+                )
+        for reset in health.resets().values():
+            if _concerns(reset.store, plugin):
+                found.append(
+                    models.Condition(
+                        type="StoreDamaged",
+                        status="True",
+                        reason="MovedAside",
+                        message=reset.message,
+                        last_transition_time=reset.time,
+                    )
+                )
+        return found
+
     async def _document(self, desired: sources_base.Desired) -> dict[str, Any]:
-        status = await self.source.read_status(desired.plugin.key)
-        plugin = desired.plugin.model_copy(update={"status": status or models.PluginStatus()})
+        status = await self.source.read_status(desired.plugin.key) or models.PluginStatus()
+        extra = self._store_conditions(desired.plugin)
+        if extra:
+            kinds = {c.type for c in extra}
+            status = status.model_copy(
+                update={"conditions": [c for c in status.conditions if c.type not in kinds] + extra}
+            )
+        plugin = desired.plugin.model_copy(update={"status": status})
         return plugin.to_document()
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -110,7 +163,13 @@ class AdminServer:
             if desired is not None:
                 items.append(await self._document(desired))
         errors = [{"origin": o, "message": str(e)} for o, e in sorted(self.source.errors.items())]
-        return web.json_response({"items": items, "errors": errors})
+        conditions = [
+            c.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for c in self._store_conditions(None)
+        ]
+        return web.json_response(
+            {"items": items, "errors": errors, "controller": {"conditions": conditions}}
+        )
 
     def _desired(self, request: web.Request) -> sources_base.Desired:
         name = request.match_info["name"]
@@ -124,14 +183,23 @@ class AdminServer:
     async def _get(self, request: web.Request) -> web.Response:
         desired = self._desired(request)
         document = await self._document(desired)
-        events = await self.source.events(desired.plugin.key)
-        return web.json_response(
-            {
-                "plugin": document,
-                "origin": desired.origin,
-                "events": [e.to_document() for e in events],
-            }
-        )
+        events = [e.to_document() for e in await self.source.events(desired.plugin.key)]
+        health = self._health
+        if health is not None:
+            events += [
+                {
+                    "type": e.type,
+                    "reason": e.reason,
+                    "message": e.message,
+                    "firstTimestamp": e.time.isoformat(),
+                    "lastTimestamp": e.time.isoformat(),
+                    "count": 1,
+                }
+                for e in list(health.events)
+                if _concerns(e.store, desired.plugin)
+            ]
+            events.sort(key=lambda e: str(e["lastTimestamp"]))
+        return web.json_response({"plugin": document, "origin": desired.origin, "events": events})
 
     async def _apply(self, request: web.Request) -> web.Response:
         text = await request.read()  # bytes: the loader decodes and bounds them
@@ -376,6 +444,8 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
     """Every HTTP error aiohttp raises (unknown route, body too large, ...) answered as JSON."""
     try:
         response: web.StreamResponse = await handler(request)
+    except StoreUnavailableError as e:
+        return web.json_response({"error": str(e), "reason": e.reason}, status=503)
     except web.HTTPException as e:
         if e.content_type == "application/json" or e.status < 400:
             raise
@@ -384,6 +454,14 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
             message = f"the body is over the limit of {MAX_BODY} bytes (1 MiB)"
         return web.json_response({"error": message}, status=e.status)
     return response
+
+
+def _concerns(store: str, plugin: models.Plugin | None) -> bool:
+    """Whether a fault of ``store`` concerns ``plugin``: every plugin's status is in the state
+    store; the snapshots only concern plugins whose state is checkpointed."""
+    if plugin is None or store != snapshots.STORE:
+        return True
+    return plugin.spec.state is not None
 
 
 def _error(message: str) -> str:

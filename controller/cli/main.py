@@ -488,8 +488,9 @@ def get(
         if name is None:
             answer = admin.list()
             items, errors = answer["items"], answer["errors"]
+            controller_conditions = (answer.get("controller") or {}).get("conditions", [])
         else:
-            items, errors = [admin.get(name)["plugin"]], []
+            items, errors, controller_conditions = [admin.get(name)["plugin"]], [], []
     except ControllerError as e:
         raise _fail(e) from None
     if output in {"json", "yaml"}:
@@ -525,6 +526,11 @@ def get(
     out.print(table)
     for error in errors:
         err.print(f"[yellow]warning[/]: {escape(error['origin'])}: {escape(error['message'])}")
+    for condition in controller_conditions:  # the controller's own stores
+        err.print(
+            f"[red]controller[/]: {condition['type']} ({condition['reason']}): "
+            f"{escape(condition.get('message', ''))}"
+        )
 
 
 @app.command()

@@ -291,13 +291,21 @@ def own_data_dir(data_dir: Path) -> None:
             f"--data-dir {data_dir} {why}; the controller keeps its state in a private "
             f"directory (0700) of its own: give a new or empty one, e.g. {data_dir / 'blackhole'}"
         )
-    data_dir.chmod(0o700)
+    if stat.S_IMODE(found.st_mode) != 0o700:
+        data_dir.chmod(0o700)
 
 
 @contextlib.contextmanager
 def _lock(data_dir: Path) -> Iterator[None]:
-    own_data_dir(data_dir)
-    lock = os.open(data_dir / "controller.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        own_data_dir(data_dir)
+    except OSError as e:  # a read-only or full disk: say so, no traceback
+        raise DataDirError(f"--data-dir {data_dir}: {e.strerror}") from e
+    path = data_dir / "controller.lock"
+    try:
+        lock = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # a read-only or full disk: say so, no traceback
+        raise DataDirError(f"--data-dir {data_dir}: cannot open {path}: {e.strerror}") from e
     with os.fdopen(lock, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -513,7 +521,7 @@ async def _lead(
     lost: asyncio.Event,
 ) -> None:
     """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
-    records = store.Store(options.data_dir / "state.db")
+    records = store.Store(options.data_dir / "state.db", metrics.stores)
     work = queue.WorkQueue()
     remote: control_protocol.RemoteRoutes | None = None
 
@@ -581,7 +589,7 @@ async def _lead(
         gateway = gateway_server.Gateway(
             _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
         )
-    states = snapshots.Snapshots(options.data_dir / "snapshots.db")
+    states = snapshots.Snapshots(options.data_dir / "snapshots.db", health=metrics.stores)
     # On Kubernetes the nodes pull images: bundles there name images a registry serves.
     bundles = registry.Registry(registry_settings(options), images)
     if options.plugins_dir is not None:

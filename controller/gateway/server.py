@@ -51,6 +51,7 @@ from google.protobuf import message as protobuf_message
 
 from controller.errors import ControllerError, PluginCallError
 from controller.gateway import auth, connections, router
+from controller.metrics import exposition
 from controller.protocol import client
 from controller.runtimes import base
 from controller.spec import models
@@ -184,7 +185,7 @@ class Gateway:
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            listener.bind((host, port))
+            await exposition.bind(listener, (host, port), "gateway")
         except OSError as e:
             listener.close()
             raise GatewayError(f"the gateway cannot listen on {http_address}: {e.strerror}") from e
@@ -204,14 +205,27 @@ class Gateway:
             )
             self._grpc.add_generic_rpc_handlers((handler,))
             grpc_host, _ = _split(grpc_address)
-            try:
-                grpc_port = self._grpc.add_insecure_port(grpc_address)
-            except RuntimeError as e:
-                raise GatewayError(f"the gateway cannot listen on {grpc_address}: {e}") from e
+            grpc_port = await self._add_grpc_port(grpc_address)
             bound["grpc"] = _join(grpc_host, grpc_port)
             await self._grpc.start()
             log.info("gateway: gRPC on %s", bound["grpc"])
         return bound
+
+    async def _add_grpc_port(self, address: str) -> int:
+        """gRPC's own bind, tried again as :func:`exposition.bind` does (gRPC says only that it
+        failed, not why: a port that is not free within the time is given up as well)."""
+        assert self._grpc is not None
+        deadline = time.monotonic() + exposition.BIND_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return int(self._grpc.add_insecure_port(address))
+            except RuntimeError as e:
+                if time.monotonic() >= deadline:
+                    raise GatewayError(f"the gateway cannot listen on {address}: {e}") from e
+                log.warning("gateway: cannot listen on %s yet: %s; trying again", address, e)
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
 
     async def stop(self) -> None:
         if self._grpc is not None:

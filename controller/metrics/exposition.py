@@ -1,14 +1,19 @@
 """``/metrics`` over HTTP: the registry in Prometheus' text format, collected off the event loop.
 
 Collection reads every instance's cgroup files; it runs in a thread, so a
-scrape never stalls reconciles or gateway calls.
+scrape never stalls reconciles or gateway calls. Also how the controller's
+TCP listeners bind (:func:`bind`, the gateway's too): a port taken for a
+moment, say by an outgoing connection while the controller was down, is
+tried again for :data:`BIND_SECONDS` before giving up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -17,6 +22,30 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from controller.errors import ControllerError
 
 log = logging.getLogger(__name__)
+
+BIND_SECONDS = 5.0
+"""How long a listener tries a port that is in use before giving up."""
+
+
+async def bind(listener: socket.socket, address: tuple[str, int], what: str) -> None:
+    """Bind ``listener``, trying again while the port is in use, for :data:`BIND_SECONDS`.
+
+    Ports in the kernel's ephemeral range can be held by outgoing connections
+    while a server is down; they are given back within moments. Any other
+    error, and a port still in use at the end, raises :class:`OSError`.
+    """
+    deadline = time.monotonic() + BIND_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            listener.bind(address)
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            log.warning("%s: %s:%d is in use; trying again", what, *address)
+        await asyncio.sleep(delay)
+        delay = min(0.5, delay * 2)
 
 
 class MetricsServerError(ControllerError):
@@ -43,7 +72,7 @@ class MetricsServer:
         listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            listener.bind((host, int(port)))
+            await bind(listener, (host, int(port)), "metrics")
         except OSError as e:
             listener.close()
             raise MetricsServerError(f"metrics cannot listen on {address}: {e.strerror}") from e

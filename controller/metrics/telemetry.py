@@ -2,7 +2,9 @@
 
 - what the controller does: reconciles by result and their duration, queue
   depth, busy workers, plugins by phase, restarts, swaps by result and their
-  pauses, rollbacks, resource violations, build info;
+  pauses, rollbacks, resource violations, build info; the faults of its
+  own stores (a full or read-only disk, I/O errors, damaged files) from the
+  :class:`~controller.database.Health` it holds (:attr:`Metrics.stores`);
 - what the gateway does: calls by plugin, method and code, their duration,
   calls in flight and held, calls refused by a rate limit;
 - what each instance uses, read from its cgroup at each scrape by
@@ -28,7 +30,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controller import database
 from controller.metrics import cgroups, oom
+
+STORES = ("state", "snapshots")
+"""The controller's stores whose health is exported."""
 
 METHODS_PER_PLUGIN = 50
 """Distinct method labels kept per plugin; others count as "other"."""
@@ -112,6 +118,27 @@ class Metrics:
             ["plugin"],
             registry=r,
         )
+        self.store_errors = Counter(
+            "blackhole_store_errors",
+            "Operations on the controller's own stores that failed for the disk "
+            "(full, read-only, I/O error, damaged file).",
+            ["store", "operation"],
+            registry=r,
+        )
+        self.stores = database.Health(
+            on_error=lambda store, operation: self.store_errors.labels(store, operation).inc()
+        )
+        """How the controller's stores are doing, shared by every store of this process."""
+        available = Gauge(
+            "blackhole_store_available",
+            "1 while the store can be read and written, 0 while it fails.",
+            ["store"],
+            registry=r,
+        )
+        for name in STORES:
+            available.labels(name).set_function(
+                lambda name=name: 0.0 if self.stores.failing(name) else 1.0  # type: ignore[misc]
+            )
         self.restores = Counter(
             "blackhole_state_restores",
             "Checkpoints restored into restarted instances, by result (Restored, Skipped: a "

@@ -36,6 +36,7 @@ from controller.errors import (
     InstanceNotFoundError,
     PermanentError,
     SpecError,
+    StoreUnavailableError,
     TemporaryError,
 )
 from controller.metrics import telemetry
@@ -164,6 +165,14 @@ class Reconciler:
         self._ids = itertools.count(1)
 
     async def reconcile(self, key: str) -> Result:
+        try:
+            return await self._reconcile(key)
+        except StoreUnavailableError as e:
+            # Tried again as the store's backoff says (at most 30 s), not the queue's (minutes):
+            # the passes of a plugin are also its health checks and restarts.
+            raise TemporaryError(str(e), delay=self.metrics.stores.retry_delay(e.store)) from e
+
+    async def _reconcile(self, key: str) -> Result:
         self.check_may_act()
         namespace, _, name = key.rpartition("/")
         desired = self.source.get(key)
@@ -490,10 +499,10 @@ class _Pass:
         if current.state is base.InstanceState.CREATED:
             await self.remove(current)  # a start cut short, e.g. by a crash of ours
             return await self._start("Created", f"started {self.want.name} ({self.spec.version})")
-        if current.state is not base.InstanceState.RUNNING:
+        if current.state not in (base.InstanceState.RUNNING, base.InstanceState.PAUSED):
             self.r.routes.clear_route(self.key)
             return await self._crashed(current, record)
-        return await self._probe(current, record)
+        return await self._probe(current, record)  # a paused one fails its health checks
 
     async def _start(self, reason: str, message: str, type: store.EventType = "Normal") -> Result:
         await self.runtime.start(self.want)
@@ -647,10 +656,12 @@ class _Pass:
         self.memory.health_failures += 1
         if self.memory.health_failures < health.failure_threshold:
             return Result(requeue_after=float(health.period_seconds))
+        paused = current.state is base.InstanceState.PAUSED
         return await self._unhealthy(
             current,
             record,
-            f"{current.name} failed {self.memory.health_failures} health checks in a row",
+            f"{current.name} failed {self.memory.health_failures} health checks in a row"
+            + (" (the engine says it is paused)" if paused else ""),
         )
 
     # State: checkpoints, and restores into restarted instances.
@@ -861,7 +872,10 @@ class _Pass:
         """Keep what ``want`` is made from, so that a swap away from it can be undone."""
         if self.r.specs is not None:
             text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
-            await asyncio.to_thread(self.r.specs.save, self.key, want.spec_hash, text)
+            try:
+                await asyncio.to_thread(self.r.specs.save, self.key, want.spec_hash, text)
+            except StoreUnavailableError as e:  # only bhctl swap undo needs it: go on without
+                log.warning("%s: the spec of %s is not kept: %s", self.key, want.name, e)
 
     def _labels(self, color: models.Color) -> dict[str, str]:
         labels = {
@@ -962,7 +976,10 @@ class _Pass:
             conditions.is_true(self.status.conditions, conditions.READY),
         )
         if self.status != old:
-            await self.source.write_status(self.key, self.status)
+            try:
+                await self.source.write_status(self.key, self.status)
+            except StoreUnavailableError as e:  # kept by the source, written when it works again
+                log.debug("%s: status not written: %s", self.key, e, extra=self.context)
         await self._route()
 
     async def _violations(self) -> None:

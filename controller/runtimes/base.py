@@ -231,6 +231,9 @@ class InstanceState(StrEnum):
 
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
+    """Frozen by someone (``docker pause``): alive, but it answers nothing; the health
+    checks fail it and the controller restarts it."""
     EXITED = "exited"
     UNKNOWN = "unknown"
 

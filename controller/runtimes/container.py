@@ -534,7 +534,15 @@ class ContainerRuntime:
     async def stop(self, name: str, timeout: float) -> None:
         self._forget(name)
         with contextlib.suppress(InstanceNotFoundError):
-            await self._call(self.client.api.stop, name, timeout=max(0, round(timeout)))
+            await self._call(self._stop, name, max(0, round(timeout)))
+
+    def _stop(self, name: str, timeout: int) -> None:
+        # A paused container is thawed first, so that it gets its SIGTERM and drains:
+        # Podman refuses to stop one at all, Docker would wait out the timeout.
+        if (self.client.api.inspect_container(name).get("State") or {}).get("Paused"):
+            with contextlib.suppress(docker.errors.APIError):  # thawed in between
+                self.client.api.unpause(name)
+        self.client.api.stop(name, timeout=timeout)
 
     async def remove(self, name: str) -> None:
         self._forget(name)
@@ -726,6 +734,7 @@ def _instance_from_labels(
 
 _STATES = {
     "running": base.InstanceState.RUNNING,
+    "paused": base.InstanceState.PAUSED,
     "created": base.InstanceState.CREATED,
     "configured": base.InstanceState.CREATED,
     "initialized": base.InstanceState.CREATED,

@@ -124,10 +124,15 @@ class MemoryRuntime:
         )
         self._events.put_nowait(instance.key)
 
+    def pause(self, name: str) -> None:
+        """Freeze a running instance, as ``docker pause`` does: alive, answering nothing."""
+        self.instances[name] = replace(self.instances[name], state=base.InstanceState.PAUSED)
+
     async def stop(self, name: str, timeout: float) -> None:
         self.calls["stop"] += 1
-        if name in self.instances and self.instances[name].state is base.InstanceState.RUNNING:
-            self.crash(name, exit_code=0)
+        alive = (base.InstanceState.RUNNING, base.InstanceState.PAUSED)
+        if name in self.instances and self.instances[name].state in alive:
+            self.crash(name, exit_code=0)  # thawed first, as the engines' backend does
 
     async def remove(self, name: str) -> None:
         self.calls["remove"] += 1

@@ -11,22 +11,30 @@ events: a restarted controller carries on where it stopped.
 An invalid file changes nothing that runs: the plugins it declared keep their
 last valid spec until the file is fixed or removed, and the file's problems
 are kept in :attr:`DirectorySource.errors` for status and logs.
+
+A store that fails (a full or read-only disk, an I/O error) changes nothing
+that runs either: a spec whose new generation cannot be recorded keeps its
+last spec (a new one waits, declared but not acted on), status and events
+that cannot be written are kept in memory and written once the store works
+again, and the directory is read again with backoff until then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import watchfiles
 
-from controller.errors import SpecError, SpecIssue
+from controller.errors import SpecError, SpecIssue, StoreUnavailableError
 from controller.sources import store as store_module
 from controller.sources.base import Desired, spec_hash
 from controller.spec import loader, models
@@ -60,6 +68,18 @@ class DirectorySource:
         """Files (and applied specs) that failed to load, with their problems."""
         self._desired: dict[str, Desired] = {}
         self._lock = threading.Lock()
+        self._waiting: set[str] = set()
+        """Keys declared by a spec that cannot be taken in until the store records it."""
+        self._incomplete = False
+        """Whether the last rescan could not read or record everything."""
+        self._unwritten: dict[str, models.PluginStatus] = {}
+        """Status not yet written to the store (it failed), newest first in what is read."""
+        self._known_status: dict[str, models.PluginStatus] = {}
+        """The last status read or written per key, answered while the store cannot be read."""
+        self._unrecorded: dict[str, list[tuple[store_module.Event, datetime]]] = {}
+        """Events not yet in the store, with when they happened."""
+        self._store_failed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self, key: str) -> Desired | None:
         """The plugin ``key`` as declared now, or None when nothing declares it."""
@@ -69,7 +89,7 @@ class DirectorySource:
         return sorted(self._desired)
 
     def declares(self, key: str) -> bool:
-        return key in self._desired
+        return key in self._desired or key in self._waiting
 
     def generation(self, key: str) -> int:
         """The generation of ``key``'s spec: 1 when first seen, bumped on every change."""
@@ -100,7 +120,14 @@ class DirectorySource:
         documents: list[tuple[str, Callable[[], list[loader.LoadedPlugin]]]] = [
             (str(path), functools.partial(loader.load_file, path)) for path in files
         ]
-        for key, text in self.store.applied().items():
+        waiting: set[str] = set()
+        incomplete = False
+        try:
+            applied = self.store.applied()
+        except StoreUnavailableError:  # keep the applied specs as they were
+            applied, incomplete = {}, True
+            fresh.update((item.plugin.key, item) for item in by_origin.get(APPLIED, []))
+        for key, text in applied.items():
             text = _unescaped(text)
             documents.append((f"{APPLIED}:{key}", functools.partial(loader.load_text, text, key)))
         for origin, load in documents:
@@ -115,7 +142,15 @@ class DirectorySource:
                 if key in fresh:
                     errors[origin] = SpecError([_duplicate(origin, key, fresh[key].origin)])
                     continue
-                generation = self.store.generation(key, item.spec_hash)
+                try:
+                    generation = self.store.generation(key, item.spec_hash)
+                except StoreUnavailableError:
+                    # Not taken in before it is recorded: the last spec goes on meanwhile.
+                    incomplete = True
+                    waiting.add(key)
+                    if key in self._desired:
+                        fresh[key] = self._desired[key]
+                    continue
                 metadata = item.plugin.metadata.model_copy(update={"generation": generation})
                 fresh[key] = Desired(
                     item.plugin.model_copy(update={"metadata": metadata}), kind, item.spec_hash
@@ -132,7 +167,16 @@ class DirectorySource:
             or fresh[key].spec_hash != self._desired[key].spec_hash
         }
         self._desired = fresh
+        self._waiting = waiting - fresh.keys()
+        self._incomplete = incomplete
+        if incomplete:
+            self._failed()
         return changed
+
+    def _failed(self) -> None:
+        """Have :meth:`run` try the store again (from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._store_failed.set)
 
     async def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         def call() -> T:
@@ -199,18 +243,71 @@ class DirectorySource:
     # Status and events, written by the reconciler.
 
     async def read_status(self, key: str) -> models.PluginStatus | None:
-        return await self._locked(self.store.status, key)
+        """The status last written; while the store cannot be read, the last one known."""
+        if key in self._unwritten:
+            return self._unwritten[key]
+        try:
+            status = await self._locked(self.store.status, key)
+        except StoreUnavailableError:
+            self._failed()
+            return self._known_status.get(key)
+        if status is not None:
+            self._known_status[key] = status
+        return status
 
     async def write_status(self, key: str, status: models.PluginStatus) -> None:
-        await self._locked(self.store.put_status, key, status)
+        """Write the status; raises :class:`StoreUnavailableError` when it could not be, and
+        keeps it to read back and to write once the store works again."""
+        self._known_status[key] = status
+        try:
+            await self._locked(self.store.put_status, key, status)
+        except StoreUnavailableError:
+            self._unwritten[key] = status
+            self._failed()
+            raise
+        self._unwritten.pop(key, None)
 
     async def record_event(
         self, key: str, type: store_module.EventType, reason: str, message: str
     ) -> None:
-        await self._locked(self.store.record, key, type, reason, message)
+        """Record an event; one the store cannot take now is kept and recorded later."""
+        if key not in self._unrecorded:
+            try:
+                await self._locked(self.store.record, key, type, reason, message)
+                return
+            except StoreUnavailableError:
+                self._failed()
+        now = datetime.now(UTC)
+        kept = self._unrecorded.setdefault(key, [])
+        kept.append((store_module.Event(type, reason, message, now, now), now))
+        del kept[: -store_module.EVENTS_KEPT]
 
     async def events(self, key: str) -> list[store_module.Event]:
-        return await self._locked(self.store.events, key)
+        try:
+            recorded = await self._locked(self.store.events, key)
+        except StoreUnavailableError:
+            self._failed()
+            recorded = []
+        return recorded + [event for event, _ in self._unrecorded.get(key, [])]
+
+    def _flush(self) -> None:
+        """Write what the store could not take before: status, then events (raises if it
+        still cannot)."""
+        for key, status in list(self._unwritten.items()):
+            self.store.put_status(key, status)
+            if self._unwritten.get(key) is status:
+                del self._unwritten[key]
+        for key, kept in list(self._unrecorded.items()):
+            while kept:
+                event, when = kept[0]
+                self.store.record(key, event.type, event.reason, event.message, when)
+                kept.pop(0)
+            self._unrecorded.pop(key, None)
+
+    @property
+    def degraded(self) -> bool:
+        """Whether something waits for the store: a spec, a status or an event."""
+        return self._incomplete or bool(self._waiting or self._unwritten or self._unrecorded)
 
     async def forget(self, key: str) -> None:
         """The plugin is gone from the runtime too: drop its status and events.
@@ -221,8 +318,11 @@ class DirectorySource:
         """
 
         def forget_undeclared() -> None:
-            if key not in self._desired and key not in self.store.applied():
+            if not self.declares(key) and key not in self.store.applied():
                 self.store.forget(key)
+                self._known_status.pop(key, None)
+                self._unwritten.pop(key, None)
+                self._unrecorded.pop(key, None)
 
         await self._locked(forget_undeclared)
 
@@ -234,6 +334,7 @@ class DirectorySource:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Load, enqueue every key, then follow changes and resync until ``stop`` is set."""
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.rescan)
         for key in self.declared_keys():
             self.enqueue(key)
@@ -241,6 +342,32 @@ class DirectorySource:
             if self.directory is not None:
                 group.create_task(self._watch(self.directory, stop))
             group.create_task(self._resync(stop))
+            group.create_task(self._retry(stop))
+
+    async def _retry(self, stop: asyncio.Event) -> None:
+        """While the store fails: write what waits and read the specs again, with backoff."""
+        while not stop.is_set():
+            waiter = asyncio.create_task(self._store_failed.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopping.cancel()
+            while self.degraded and not stop.is_set():
+                self._store_failed.clear()
+                with contextlib.suppress(TimeoutError):
+                    delay = self.store.health.retry_delay(store_module.STORE)
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                try:
+                    await self._locked(self._flush)
+                except StoreUnavailableError:
+                    continue
+                for key in sorted(await asyncio.to_thread(self.rescan)):
+                    self.enqueue(key)
+                if not self.degraded:
+                    log.info("the store works again: every spec is taken in")
+                    for key in self.declared_keys():
+                        self.enqueue(key)
+            self._store_failed.clear()
 
     async def _watch(self, directory: Path, stop: asyncio.Event) -> None:
         async for _ in watchfiles.awatch(

@@ -32,7 +32,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controller import kubeapi
-from controller.errors import SpecError, SpecIssue
+from controller.errors import SpecError, SpecIssue, StoreUnavailableError
 from controller.sources import store as store_module
 from controller.sources.base import Desired, spec_hash
 from controller.spec import loader, models
@@ -201,7 +201,10 @@ class KubernetesSource:
     async def record_event(
         self, key: str, type: store_module.EventType, reason: str, message: str
     ) -> None:
-        await asyncio.to_thread(self.store.record, key, type, reason, message)
+        try:
+            await asyncio.to_thread(self.store.record, key, type, reason, message)
+        except StoreUnavailableError as e:  # reported by the store's health; passes go on
+            log.debug("event %s of %s not recorded: %s", reason, key, e)
         obj = self._object(key)
         if obj is None:
             return

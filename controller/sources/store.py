@@ -7,18 +7,29 @@ user's spec files are never written; everything the controller learns goes
 here, so a restarted controller keeps generations, restart counts and events.
 
 Synchronous and not thread-safe: :class:`~controller.sources.directory.DirectorySource`
-calls it from one thread at a time.
+calls it from one thread at a time. A full or read-only disk, an I/O error
+or a damaged file raises :class:`~controller.errors.StoreUnavailableError`
+(told to the :class:`~controller.database.Health` given); a damaged file is
+never replaced, since it holds what nothing else does (applied specs, swaps
+in progress): a controller that finds it so at start-up says which file and
+how to recover it, and does not start.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from controller import database
+from controller.errors import StoreUnavailableError
 from controller.spec import models
+
+STORE = "state"
+"""This store's name in :class:`~controller.database.Health` and the metrics."""
 
 EVENTS_KEPT = 50
 """Events kept per plugin; older ones are dropped."""
@@ -76,35 +87,70 @@ class Event:
 class Store:
     """One SQLite database file; created with its tables on first use."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, health: database.Health | None = None) -> None:
         self.path = path
-        self._db = database.connect(path, _SCHEMA)
+        self.health = health or database.Health()
+        try:
+            with self._guard("open", write=True):
+                self._db = database.connect(path, _SCHEMA)
+        except StoreUnavailableError as e:
+            if e.reason != "Damaged":
+                raise
+            raise StoreUnavailableError(
+                STORE,
+                str(path),
+                "open",
+                e.reason,
+                f"the file is damaged ({e.__cause__ or e}). It holds the specs applied with "
+                "bhctl apply, generations, status and swaps in progress, so it is not "
+                "replaced: stop here, keep a copy, then try "
+                f"`sqlite3 {path} .recover | sqlite3 {path}.recovered` and move the result into "
+                "its place (or remove the file to start with no records)",
+            ) from e
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def _guard(self, operation: str, *, write: bool) -> Iterator[None]:
+        with self.health.guard(STORE, self.path, operation, write=write):
+            yield
 
     # Specs applied through the admin API.
 
     def applied(self) -> dict[str, str]:
         """Applied specs by key, each as the YAML or JSON text it was applied with."""
-        return dict(self._db.execute("SELECT key, document FROM applied ORDER BY key"))
+        with self._guard("read_applied", write=False):
+            return dict(self._db.execute("SELECT key, document FROM applied ORDER BY key"))
 
     def put_applied(self, key: str, document: str) -> None:
-        self._db.execute(
-            "INSERT INTO applied (key, document, applied_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET document = excluded.document, "
-            "applied_at = excluded.applied_at",
-            (key, document, _now().isoformat()),
-        )
+        with self._guard("apply", write=True):
+            self._db.execute(
+                "INSERT INTO applied (key, document, applied_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET document = excluded.document, "
+                "applied_at = excluded.applied_at",
+                (key, document, _now().isoformat()),
+            )
 
     def delete_applied(self, key: str) -> bool:
-        return self._db.execute("DELETE FROM applied WHERE key = ?", (key,)).rowcount > 0
+        with self._guard("delete_applied", write=True):
+            return self._db.execute("DELETE FROM applied WHERE key = ?", (key,)).rowcount > 0
 
     # Generations and status.
 
     def generation(self, key: str, spec_hash: str) -> int:
-        """The generation of ``key`` with this spec: unchanged for the same hash, else bumped."""
-        with self._db:
+        """The generation of ``key`` with this spec: unchanged for the same hash, else bumped.
+
+        Reads first: an unchanged spec needs no write, so a read-only or full
+        disk still gives the generations of every spec that did not change.
+        """
+        with self._guard("read_generation", write=False):
+            row = self._db.execute(
+                "SELECT spec_hash, generation FROM plugins WHERE key = ?", (key,)
+            ).fetchone()
+        if row is not None and row[0] == spec_hash:
+            return int(row[1])
+        with self._guard("write_generation", write=True), self._db:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute(
                 "SELECT spec_hash, generation FROM plugins WHERE key = ?", (key,)
@@ -121,31 +167,37 @@ class Store:
             return generation
 
     def status(self, key: str) -> models.PluginStatus | None:
-        row = self._db.execute("SELECT status FROM plugins WHERE key = ?", (key,)).fetchone()
+        with self._guard("read_status", write=False):
+            row = self._db.execute("SELECT status FROM plugins WHERE key = ?", (key,)).fetchone()
         if row is None or row[0] is None:
             return None
         return models.PluginStatus.model_validate_json(row[0])
 
     def put_status(self, key: str, status: models.PluginStatus) -> None:
         text = status.model_dump_json(by_alias=True, exclude_none=True)
-        self._db.execute("UPDATE plugins SET status = ? WHERE key = ?", (text, key))
+        with self._guard("write_status", write=True):
+            self._db.execute("UPDATE plugins SET status = ? WHERE key = ?", (text, key))
 
     def forget(self, key: str) -> None:
         """Drop everything about a plugin that is gone: its status, generation and events."""
-        with self._db:
+        with self._guard("forget", write=True), self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM plugins WHERE key = ?", (key,))
             self._db.execute("DELETE FROM events WHERE key = ?", (key,))
 
     def known(self) -> list[str]:
         """Keys that have a status or generation recorded."""
-        return [row[0] for row in self._db.execute("SELECT key FROM plugins ORDER BY key")]
+        with self._guard("read_known", write=False):
+            return [row[0] for row in self._db.execute("SELECT key FROM plugins ORDER BY key")]
 
     # Events.
 
-    def record(self, key: str, type: EventType, reason: str, message: str) -> None:
-        now = _now().isoformat()
-        with self._db:
+    def record(
+        self, key: str, type: EventType, reason: str, message: str, when: datetime | None = None
+    ) -> None:
+        """Record an event (``when``: its time, if it happened earlier than now)."""
+        now = (when or _now()).isoformat()
+        with self._guard("record_event", write=True), self._db:
             self._db.execute("BEGIN IMMEDIATE")
             last = self._db.execute(
                 "SELECT id, type, reason, message FROM events WHERE key = ? "
@@ -170,11 +222,12 @@ class Store:
             )
 
     def events(self, key: str) -> list[Event]:
-        rows = self._db.execute(
-            "SELECT type, reason, message, first_time, last_time, count FROM events "
-            "WHERE key = ? ORDER BY id",
-            (key,),
-        )
+        with self._guard("read_events", write=False):
+            rows = self._db.execute(
+                "SELECT type, reason, message, first_time, last_time, count FROM events "
+                "WHERE key = ? ORDER BY id",
+                (key,),
+            ).fetchall()
         return [
             Event(
                 type=row[0],

@@ -17,24 +17,37 @@ Kept: the last :data:`KEPT` whole snapshots per plugin, and the checkpoints
 of the last :data:`CHAINS_KEPT` full checkpoints (each with its deltas).
 The swap coordinator and the reconciler write them; ``bhctl state`` and
 ``bhctl swap undo`` read them.
+
+A full or read-only disk or an I/O error raises
+:class:`~controller.errors.StoreUnavailableError` (told to the
+:class:`~controller.database.Health` given). A damaged file (garbage in its
+pages or its header) is moved aside as ``snapshots.db.damaged-TIME`` and
+replaced by a fresh one, at most once per backoff: what it held is only a
+copy of plugins' state, so the plugins go on without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from controller import database
-from controller.errors import ControllerError
+from controller.errors import ControllerError, StoreUnavailableError
 
 KEPT = 10
 """Whole snapshots (exports, imports) kept per plugin."""
 CHAINS_KEPT = 2
 """Full checkpoints kept per plugin, each with the deltas that follow it."""
+STORE = "snapshots"
+"""This store's name in :class:`~controller.database.Health` and the metrics."""
 CHECKPOINT_REASONS = ("checkpoint", "swap")
 """Reasons of the snapshots pruned by chain (streamed), not by count."""
 
@@ -131,52 +144,87 @@ _ADDED = {
 class Snapshots:
     """One SQLite file of snapshots, safe to use from one thread at a time."""
 
-    def __init__(self, path: Path, kept: int = KEPT) -> None:
+    def __init__(self, path: Path, kept: int = KEPT, health: database.Health | None = None) -> None:
+        self.path = path
         self.kept = kept
-        self._db = database.connect(path, _SCHEMA)
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
-        for column, declaration in _ADDED.items():
-            if column not in present:
-                self._db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} {declaration}")
-        self._remove_incomplete()
+        self.health = health or database.Health()
+        self.health.resettable.add(STORE)
+        self._reset_lock = threading.Lock()
+        try:
+            with self.guard("open", write=True):
+                self._db = self._open()
+        except StoreUnavailableError as e:
+            if e.reason != "Damaged":
+                raise
+            self._db = self._reset(str(e.__cause__ or e))
+
+    def _open(self) -> sqlite3.Connection:
+        db = database.connect(self.path, _SCHEMA)
+        try:
+            present = {row[1] for row in db.execute("PRAGMA table_info(snapshots)")}
+            for column, declaration in _ADDED.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} {declaration}")
+            _remove_incomplete(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _reset(self, why: str) -> sqlite3.Connection:
+        """Move the damaged file aside, open a fresh one and say so (once per reset)."""
+        moved = database.move_aside(self.path)
+        self.health.reset(STORE, self.path, moved, why)
+        with self.guard("open", write=True):
+            return self._open()
 
     def close(self) -> None:
         self._db.close()
 
-    def _remove_incomplete(self) -> None:
-        """Streamed snapshots cut short (by a crash of ours, a full disk): never read, removed."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "DELETE FROM snapshot_chunks WHERE snapshot IN "
-                "(SELECT id FROM snapshots WHERE complete = 0)"
-            )
-            self._db.execute("DELETE FROM snapshots WHERE complete = 0")
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self._db
+
+    @contextlib.contextmanager
+    def guard(self, operation: str, *, write: bool) -> Iterator[None]:
+        """Run an operation on the file: faults reported and raised as
+        :class:`StoreUnavailableError`; a damaged file replaced (at most once per backoff)."""
+        try:
+            with self.health.guard(STORE, self.path, operation, write=write):
+                yield
+        except StoreUnavailableError as e:
+            if e.reason == "Damaged" and operation != "open":
+                with self._reset_lock:
+                    if self.health.may_reset(STORE, time.monotonic()):
+                        # The old connection is left to close with its last user.
+                        self._db = self._reset(str(e.__cause__ or e))
+            raise
 
     def save(
         self, key: str, plugin_version: str, state_version: int, data: bytes, reason: str
     ) -> Snapshot:
         """Keep ``data`` as the newest snapshot of ``key``; drop those past the last N."""
-        digest = hashlib.sha256(data).hexdigest()
-        taken = datetime.now(UTC)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cursor = self._db.execute(
-                "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, "
-                "taken_at, reason, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, plugin_version, state_version, digest, len(data), taken.isoformat(),
-                 reason, data),
+        with self.guard("save", write=True):
+            digest = hashlib.sha256(data).hexdigest()
+            taken = datetime.now(UTC)
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cursor = self._db.execute(
+                    "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, "
+                    "taken_at, reason, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, plugin_version, state_version, digest, len(data), taken.isoformat(),
+                     reason, data),
+                )  # fmt: skip
+                self._db.execute(
+                    "DELETE FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) AND id NOT IN "
+                    "(SELECT id FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) "
+                    "ORDER BY id DESC LIMIT ?)",
+                    (key, *CHECKPOINT_REASONS, key, *CHECKPOINT_REASONS, self.kept),
+                )
+            return Snapshot(
+                int(cursor.lastrowid or 0), key, plugin_version, state_version, digest, len(data),
+                taken, reason,
             )  # fmt: skip
-            self._db.execute(
-                "DELETE FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) AND id NOT IN "
-                "(SELECT id FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) "
-                "ORDER BY id DESC LIMIT ?)",
-                (key, *CHECKPOINT_REASONS, key, *CHECKPOINT_REASONS, self.kept),
-            )
-        return Snapshot(
-            int(cursor.lastrowid or 0), key, plugin_version, state_version, digest, len(data),
-            taken, reason,
-        )  # fmt: skip
 
     # Streamed snapshots (checkpoints, swaps).
 
@@ -197,51 +245,59 @@ class Snapshots:
 
         ``taken``: when the state was asked for (default now).
         """
-        cursor = self._db.execute(
-            "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, taken_at, "
-            "reason, data, revision, base_revision, chunked, complete) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?, ?, 1, 0)",
-            (key, plugin_version, state_version, sha256, size,
-             (taken or datetime.now(UTC)).isoformat(), reason, revision, base_revision),
-        )  # fmt: skip
-        return int(cursor.lastrowid or 0)
+        with self.guard("begin", write=True):
+            cursor = self._db.execute(
+                "INSERT INTO snapshots (key, plugin_version, state_version, sha256, size, "
+                "taken_at, reason, data, revision, base_revision, chunked, complete) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?, ?, 1, 0)",
+                (key, plugin_version, state_version, sha256, size,
+                 (taken or datetime.now(UTC)).isoformat(), reason, revision, base_revision),
+            )  # fmt: skip
+            return int(cursor.lastrowid or 0)
 
     def append(self, ident: int, seq: int, data: bytes) -> None:
-        self._db.execute(
-            "INSERT INTO snapshot_chunks (snapshot, seq, data) VALUES (?, ?, ?)", (ident, seq, data)
-        )
+        with self.guard("append", write=True):
+            self._db.execute(
+                "INSERT INTO snapshot_chunks (snapshot, seq, data) VALUES (?, ?, ?)",
+                (ident, seq, data),
+            )
 
     def finish(self, ident: int, key: str) -> Snapshot:
         """Mark a streamed snapshot complete; prune the chains past the last kept."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE snapshots SET complete = 1 WHERE id = ?", (ident,))
-            fulls = self._db.execute(
-                "SELECT id FROM snapshots WHERE key = ? AND reason IN (?, ?) AND complete = 1 "
-                "AND base_revision = '' ORDER BY id DESC LIMIT ?",
-                (key, *CHECKPOINT_REASONS, CHAINS_KEPT),
-            ).fetchall()
-            if len(fulls) == CHAINS_KEPT:
-                oldest = fulls[-1][0]
-                doomed = "SELECT id FROM snapshots WHERE key = ? AND reason IN (?, ?) AND id < ?"
-                arguments = (key, *CHECKPOINT_REASONS, oldest)
-                self._db.execute(
-                    f"DELETE FROM snapshot_chunks WHERE snapshot IN ({doomed})", arguments
-                )
-                self._db.execute(f"DELETE FROM snapshots WHERE id IN ({doomed})", arguments)
-        return self._meta(ident)
+        with self.guard("finish", write=True):
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("UPDATE snapshots SET complete = 1 WHERE id = ?", (ident,))
+                fulls = self._db.execute(
+                    "SELECT id FROM snapshots WHERE key = ? AND reason IN (?, ?) AND complete = 1 "
+                    "AND base_revision = '' ORDER BY id DESC LIMIT ?",
+                    (key, *CHECKPOINT_REASONS, CHAINS_KEPT),
+                ).fetchall()
+                if len(fulls) == CHAINS_KEPT:
+                    oldest = fulls[-1][0]
+                    doomed = (
+                        "SELECT id FROM snapshots WHERE key = ? AND reason IN (?, ?) AND id < ?"
+                    )
+                    arguments = (key, *CHECKPOINT_REASONS, oldest)
+                    self._db.execute(
+                        f"DELETE FROM snapshot_chunks WHERE snapshot IN ({doomed})", arguments
+                    )
+                    self._db.execute(f"DELETE FROM snapshots WHERE id IN ({doomed})", arguments)
+            return self._meta(ident)
 
     def abandon(self, ident: int) -> None:
         """Drop a streamed snapshot that will not be finished."""
-        with self._db:
+        with self.guard("abandon", write=True), self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM snapshot_chunks WHERE snapshot = ?", (ident,))
             self._db.execute("DELETE FROM snapshots WHERE id = ?", (ident,))
 
     def chunks(self, ident: int) -> Iterator[bytes]:
         """The bytes of snapshot ``ident`` in its stored chunks (the whole, for a saved one)."""
-        row = self._db.execute("SELECT chunked, data FROM snapshots WHERE id = ?", (ident,))
-        found = row.fetchone()
+        with self.guard("chunks", write=False):
+            found = self._db.execute(
+                "SELECT chunked, data FROM snapshots WHERE id = ?", (ident,)
+            ).fetchone()
         if found is None:
             raise SnapshotNotFoundError(f"no snapshot {ident}")
         if not found[0]:
@@ -249,29 +305,29 @@ class Snapshots:
             return
         seq = 0
         while True:
-            part = self._db.execute(
-                "SELECT data FROM snapshot_chunks WHERE snapshot = ? AND seq = ?", (ident, seq)
-            ).fetchone()
+            part = self.chunk(ident, seq)
             if part is None:
                 return
-            yield bytes(part[0])
+            yield part
             seq += 1
 
     def chunk(self, ident: int, seq: int) -> bytes | None:
         """One stored chunk of a streamed snapshot; None past the last."""
-        part = self._db.execute(
-            "SELECT data FROM snapshot_chunks WHERE snapshot = ? AND seq = ?", (ident, seq)
-        ).fetchone()
-        return None if part is None else bytes(part[0])
+        with self.guard("chunk", write=False):
+            part = self._db.execute(
+                "SELECT data FROM snapshot_chunks WHERE snapshot = ? AND seq = ?", (ident, seq)
+            ).fetchone()
+            return None if part is None else bytes(part[0])
 
     def checkpoints(self, key: str) -> list[Snapshot]:
         """The complete streamed snapshots of ``key`` (checkpoints, swaps), oldest first."""
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND reason IN (?, ?) "
-            "AND complete = 1 AND chunked = 1 ORDER BY id",
-            (key, *CHECKPOINT_REASONS),
-        )
-        return [_snapshot(row) for row in rows]
+        with self.guard("checkpoints", write=False):
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND reason IN (?, ?) "
+                "AND complete = 1 AND chunked = 1 ORDER BY id",
+                (key, *CHECKPOINT_REASONS),
+            )
+            return [_snapshot(row) for row in rows]
 
     def restore_chain(self, key: str, newer_than: int = 0) -> list[Snapshot]:
         """The newest full checkpoint (older than id ``newer_than``, if set) and its deltas.
@@ -293,30 +349,34 @@ class Snapshots:
 
     def newest_full(self, key: str, max_state_version: int) -> Snapshot:
         """The newest whole snapshot of at most that state version, without its bytes."""
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 "
-            "AND base_revision = '' AND state_version <= ? ORDER BY id DESC LIMIT 1",
-            (key, max_state_version),
-        ).fetchone()
-        if row is None:
-            raise SnapshotNotFoundError(
-                f"{key} has no snapshot of state version {max_state_version} or older"
-            )
-        return _snapshot(row)
+        with self.guard("newest_full", write=False):
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 "
+                "AND base_revision = '' AND state_version <= ? ORDER BY id DESC LIMIT 1",
+                (key, max_state_version),
+            ).fetchone()
+            if row is None:
+                raise SnapshotNotFoundError(
+                    f"{key} has no snapshot of state version {max_state_version} or older"
+                )
+            return _snapshot(row)
 
     def _meta(self, ident: int) -> Snapshot:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (ident,))
-        found = row.fetchone()
-        if found is None:
-            raise SnapshotNotFoundError(f"no snapshot {ident}")
-        return _snapshot(found)
+        with self.guard("meta", write=False):
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (ident,))
+            found = row.fetchone()
+            if found is None:
+                raise SnapshotNotFoundError(f"no snapshot {ident}")
+            return _snapshot(found)
 
     def history(self, key: str) -> list[Snapshot]:
         """The snapshots of ``key``, oldest first, without their bytes."""
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 ORDER BY id", (key,)
-        )
-        return [_snapshot(row) for row in rows]
+        with self.guard("history", write=False):
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 ORDER BY id",
+                (key,),
+            )
+            return [_snapshot(row) for row in rows]
 
     def get(
         self, key: str, ident: int | None = None, *, max_state_version: int | None = None
@@ -333,7 +393,8 @@ class Snapshots:
         if max_state_version is not None:
             query += " AND state_version <= ?"
             arguments.append(max_state_version)
-        row = self._db.execute(query + " ORDER BY id DESC LIMIT 1", arguments).fetchone()
+        with self.guard("get", write=False):
+            row = self._db.execute(query + " ORDER BY id DESC LIMIT 1", arguments).fetchone()
         if row is None:
             which = f"snapshot {ident}" if ident is not None else "snapshot"
             raise SnapshotNotFoundError(f"{key} has no {which}; see bhctl state history {key}")
@@ -352,47 +413,58 @@ class Specs:
     """
 
     def __init__(self, snapshots: Snapshots) -> None:
-        self._db = snapshots._db
+        self._snapshots = snapshots
+        self.guard = snapshots.guard
         self.kept = snapshots.kept
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._snapshots.db
+
     def save(self, key: str, instance_hash: str, spec: str) -> None:
-        now = datetime.now(UTC).isoformat()
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT INTO specs (key, instance_hash, spec, saved_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key, instance_hash) DO UPDATE SET saved_at = excluded.saved_at",
-                (key, instance_hash, spec, now),
-            )
-            self._db.execute(
-                "DELETE FROM specs WHERE key = ? AND instance_hash NOT IN (SELECT instance_hash "
-                "FROM specs WHERE key = ? ORDER BY saved_at DESC LIMIT ?)",
-                (key, key, self.kept),
-            )
+        with self.guard("spec_save", write=True):
+            now = datetime.now(UTC).isoformat()
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO specs (key, instance_hash, spec, saved_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key, instance_hash) DO UPDATE SET saved_at = excluded.saved_at",
+                    (key, instance_hash, spec, now),
+                )
+                self._db.execute(
+                    "DELETE FROM specs WHERE key = ? AND instance_hash NOT IN "
+                    "(SELECT instance_hash FROM specs WHERE key = ? "
+                    "ORDER BY saved_at DESC LIMIT ?)",
+                    (key, key, self.kept),
+                )
 
     def get(self, key: str, instance_hash: str) -> str | None:
-        row = self._db.execute(
-            "SELECT spec FROM specs WHERE key = ? AND instance_hash = ?", (key, instance_hash)
-        ).fetchone()
-        return None if row is None else str(row[0])
+        with self.guard("spec_get", write=False):
+            row = self._db.execute(
+                "SELECT spec FROM specs WHERE key = ? AND instance_hash = ?", (key, instance_hash)
+            ).fetchone()
+            return None if row is None else str(row[0])
 
     def pin(self, key: str, declared_hash: str, spec: str) -> None:
-        self._db.execute(
-            "INSERT INTO pins (key, declared_hash, spec, pinned_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET declared_hash = excluded.declared_hash, "
-            "spec = excluded.spec, pinned_at = excluded.pinned_at",
-            (key, declared_hash, spec, datetime.now(UTC).isoformat()),
-        )
+        with self.guard("spec_pin", write=True):
+            self._db.execute(
+                "INSERT INTO pins (key, declared_hash, spec, pinned_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET declared_hash = excluded.declared_hash, "
+                "spec = excluded.spec, pinned_at = excluded.pinned_at",
+                (key, declared_hash, spec, datetime.now(UTC).isoformat()),
+            )
 
     def pinned(self, key: str) -> tuple[str, str] | None:
         """The declared spec hash a pin holds for, and the spec pinned over it."""
-        row = self._db.execute(
-            "SELECT declared_hash, spec FROM pins WHERE key = ?", (key,)
-        ).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]))
+        with self.guard("spec_pinned", write=False):
+            row = self._db.execute(
+                "SELECT declared_hash, spec FROM pins WHERE key = ?", (key,)
+            ).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
 
     def unpin(self, key: str) -> None:
-        self._db.execute("DELETE FROM pins WHERE key = ?", (key,))
+        with self.guard("spec_unpin", write=True):
+            self._db.execute("DELETE FROM pins WHERE key = ?", (key,))
 
 
 def _snapshot(row: tuple[object, ...]) -> Snapshot:
@@ -408,3 +480,14 @@ def _snapshot(row: tuple[object, ...]) -> Snapshot:
         revision=str(row[8] or ""),
         base_revision=str(row[9] or ""),
     )
+
+
+def _remove_incomplete(db: sqlite3.Connection) -> None:
+    """Streamed snapshots cut short (by a crash of ours, a full disk): never read, removed."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "DELETE FROM snapshot_chunks WHERE snapshot IN "
+            "(SELECT id FROM snapshots WHERE complete = 0)"
+        )
+        db.execute("DELETE FROM snapshots WHERE complete = 0")
