@@ -161,7 +161,7 @@ def run_controller(
         None, "--host-path-root", help="Host paths in specs must lie under it (default: none)."
     ),
     start_cpu: int = typer.Option(
-        2000,
+        container.START_CPU_MILLIS,
         "--start-cpu",
         min=0,
         help="Docker and Podman: millicores an instance may use until its socket accepts, "
