@@ -26,8 +26,9 @@ import os
 import sqlite3
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import support
 
@@ -44,6 +45,25 @@ FALLBACK_SECONDS = 0.5
 """Longest wait on the data directory between two looks (a write may share one event)."""
 SETTLE_SECONDS = 0.3
 """Untimed pause after a delete, for the controller to finish that pass."""
+
+
+class Variant(NamedTuple):
+    """One way of starting: how Ready is waited for, the repository images are taken from
+    instead of the spec's (None: the spec's), the controller's ``--start-cpu`` (None: its
+    default)."""
+
+    wait: str
+    images_from: str | None
+    start_cpu: int | None
+
+
+@dataclass
+class Watched:
+    """A controller under measurement, with what the bench watches it through."""
+
+    running: support.Controller
+    instances: Instances
+    store: Store
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -157,25 +177,18 @@ async def until(
         await asyncio.sleep(poll)
 
 
-async def start_once(
-    running: support.Controller,
-    instances: Instances,
-    store: Store,
-    name: str,
-    variant: tuple[str, str | None],
-) -> tuple[float, float]:
+async def start_once(watched: Watched, name: str, variant: Variant) -> tuple[float, float]:
     """Seconds from the apply of ``name``'s spec until it is Ready, and the controller's CPU
-    seconds meanwhile; it is deleted after. ``variant``: how Ready is waited for, and the
-    repository its image is taken from instead of the spec's."""
-    wait, images_from = variant
+    seconds meanwhile; it is deleted after."""
+    running, instances, store = watched.running, watched.instances, watched.store
     admin = running.admin
     text = spec(name)
-    if images_from is not None:
-        text = text.replace("image: blackhole/", f"image: {images_from}/")
+    if variant.images_from is not None:
+        text = text.replace("image: blackhole/", f"image: {variant.images_from}/")
     cpu = cpu_seconds(running.process.pid)
     started = time.perf_counter()
     await asyncio.to_thread(admin.apply, text, f"{name}.yaml")
-    if wait == "admin-poll":
+    if variant.wait == "admin-poll":
         await until(running, ready, admin, name)
     else:
         await store.until(running, store.ready, name)
@@ -202,49 +215,61 @@ def summary(samples: list[tuple[float, float]]) -> dict[str, Any]:
     }
 
 
-def label(variant: tuple[str, str | None]) -> str:
-    wait, images_from = variant
-    return wait if images_from is None else f"{wait}, images from {images_from}"
+def label(variant: Variant) -> str:
+    parts = [variant.wait]
+    if variant.images_from is not None:
+        parts.append(f"images from {variant.images_from}")
+    if variant.start_cpu is not None:
+        parts.append(f"--start-cpu {variant.start_cpu}")
+    return ", ".join(parts)
 
 
-async def measure(
-    runtime: str, runs: int, root: Path, variants: list[tuple[str, str | None]]
-) -> dict[str, Any]:
+async def measure(runtime: str, runs: int, root: Path, variants: list[Variant]) -> dict[str, Any]:
     options = ["--gateway-grpc-addr", "", "--metrics-addr", ""]
     if runtime == "process":
         options += ["--plugin-root", str(EXAMPLES)]
     results: dict[str, Any] = {}
-    async with support.controller(root, {}, *options, runtime=runtime) as running:
-        await until(
-            running,
-            lambda: all((running.data / f).exists() for f in ("state.db", "admin.sock")),
-            poll=0.05,
-        )
-        instances = Instances(runtime, running.data, running.ident)
-        store = Store(running.data)
-        try:
-            for name in PLUGINS:
-                if name == "analytics":  # its dependency runs meanwhile
-                    await asyncio.to_thread(running.admin.apply, spec("kv-store"), "kv-store.yaml")
-                    await store.until(running, store.ready, "kv-store")
-                samples: dict[tuple[str, str | None], list[tuple[float, float]]] = {}
-                for variant in variants:  # warms caches; not counted
-                    await start_once(running, instances, store, name, variant)
-                for run in range(runs):
-                    for variant in variants if run % 2 == 0 else variants[::-1]:
-                        sample = await start_once(running, instances, store, name, variant)
-                        samples.setdefault(variant, []).append(sample)
-                first = summary(samples[variants[0]])
-                results[name] = first
-                if len(variants) > 1:
-                    rows = {label(v): summary(samples[v]) for v in variants}
-                    results[name]["variants"] = rows
-                    results[name]["p50_over_first"] = {
-                        key: round(row["p50_ms"] / first["p50_ms"], 2) for key, row in rows.items()
-                    }
-        finally:
-            store.close()
-            instances.close()
+    async with contextlib.AsyncExitStack() as stack:
+        controllers: dict[int | None, Watched] = {}
+        for start_cpu in dict.fromkeys(v.start_cpu for v in variants):
+            extra = [] if start_cpu is None else ["--start-cpu", str(start_cpu)]
+            folder = root / f"start-cpu-{start_cpu}"
+            running = await stack.enter_async_context(
+                support.controller(folder, {}, *options, *extra, runtime=runtime)
+            )
+            await until(
+                running,
+                lambda running=running: all(
+                    (running.data / f).exists() for f in ("state.db", "admin.sock")
+                ),
+                poll=0.05,
+            )
+            instances = Instances(runtime, running.data, running.ident)
+            stack.callback(instances.close)
+            store = Store(running.data)
+            stack.callback(store.close)
+            controllers[start_cpu] = Watched(running, instances, store)
+        for name in PLUGINS:
+            if name == "analytics":  # its dependency runs meanwhile
+                for watched in controllers.values():
+                    kv = spec("kv-store")
+                    await asyncio.to_thread(watched.running.admin.apply, kv, "kv-store.yaml")
+                    await watched.store.until(watched.running, watched.store.ready, "kv-store")
+            samples: dict[Variant, list[tuple[float, float]]] = {}
+            for variant in variants:  # warms caches; not counted
+                await start_once(controllers[variant.start_cpu], name, variant)
+            for run in range(runs):
+                for variant in variants if run % 2 == 0 else variants[::-1]:
+                    sample = await start_once(controllers[variant.start_cpu], name, variant)
+                    samples.setdefault(variant, []).append(sample)
+            first = summary(samples[variants[0]])
+            results[name] = first
+            if len(variants) > 1:
+                rows = {label(v): summary(samples[v]) for v in variants}
+                results[name]["variants"] = rows
+                results[name]["p50_over_first"] = {
+                    key: round(row["p50_ms"] / first["p50_ms"], 2) for key, row in rows.items()
+                }
     return results
 
 
@@ -272,7 +297,12 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     images = [None] if args.images_from is None else [None, args.images_from]
-    variants = [(wait, image) for image in images for wait in args.wait]
+    variants = [
+        Variant(wait, image, start_cpu)
+        for start_cpu in args.start_cpu
+        for image in images
+        for wait in args.wait
+    ]
     load = os.getloadavg()
     measured = {}
     for runtime in args.runtime:
@@ -303,10 +333,12 @@ def main() -> None:
     parser.add_argument("--runtime", action="append", choices=RUNTIMES)
     parser.add_argument("--wait", action="append", choices=("store", "admin-poll"))
     parser.add_argument("--images-from", metavar="PREFIX")
+    parser.add_argument("--start-cpu", action="append", type=int, metavar="MILLIS")
     parser.add_argument("--plot", metavar="FILE")
     args = parser.parse_args()
     args.runtime = args.runtime or list(RUNTIMES)
     args.wait = args.wait or ["store"]
+    args.start_cpu = args.start_cpu or [None]
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))
     if args.plot:
