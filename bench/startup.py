@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import sqlite3
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import support
 
@@ -35,8 +39,31 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PLUGINS = ("echo", "kv-store", "analytics")
 RUNTIMES = ("process", "docker", "podman")
 POLL_SECONDS = 0.002
+"""How often ``--wait admin-poll`` asks the admin API."""
+IN_MODIFY = 0x2
+FALLBACK_SECONDS = 0.5
+"""Longest wait on the data directory between two looks (a write may share one event)."""
 SETTLE_SECONDS = 0.3
 """Untimed pause after a delete, for the controller to finish that pass."""
+
+
+class Variant(NamedTuple):
+    """One way of starting: how Ready is waited for, the repository images are taken from
+    instead of the spec's (None: the spec's), the controller's ``--start-cpu`` (None: its
+    default)."""
+
+    wait: str
+    images_from: str | None
+    start_cpu: int | None
+
+
+@dataclass
+class Watched:
+    """A controller under measurement, with what the bench watches it through."""
+
+    running: support.Controller
+    instances: Instances
+    store: Store
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,6 +80,63 @@ def ready(admin: admin_client.AdminClient, name: str) -> bool:
     items = {i["metadata"]["name"]: i for i in admin.list()["items"]}
     conditions = ((items.get(name) or {}).get("status") or {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+class Store:
+    """The controller's status records, read from its SQLite file; woken when it is written."""
+
+    def __init__(self, data: Path) -> None:
+        self.path = data / "state.db"
+        self.notify = base.Inotify()
+        self.notify.add(data, IN_MODIFY)
+        self.written = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.notify.fd, self._woken)
+        self._db: sqlite3.Connection | None = None
+
+    def _woken(self) -> None:
+        self.notify.read()
+        self.written.set()
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        row = self._db.execute("SELECT status FROM plugins WHERE key = ?", (name,)).fetchone()
+        return None if row is None else dict(json.loads(row[0] or "{}"))
+
+    def ready(self, name: str) -> bool:
+        conditions = (self.status(name) or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def forgotten(self, name: str) -> bool:
+        return self.status(name) is None
+
+    async def until(self, running: support.Controller, check: Any, *args: Any) -> None:
+        deadline = time.monotonic() + 120
+        while True:
+            self.written.clear()
+            if check(*args):
+                return
+            if running.process.poll() is not None or time.monotonic() > deadline:
+                log = running.data.parent / "controller.log"
+                raise SystemExit(f"gave up waiting for {check.__name__}{args}:\n{log.read_text()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.written.wait(), FALLBACK_SECONDS)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.notify.fd)
+        self.notify.close()
+        if self._db is not None:
+            self._db.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid``'s threads so far, in nanoseconds' resolution (the
+    scheduler's accounting; ``/proc/PID/stat`` counts 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 class Instances:
@@ -75,7 +159,13 @@ class Instances:
             self.client.close()
 
 
-async def until(running: support.Controller, check: Any, *args: Any, timeout: float = 120) -> None:
+async def until(
+    running: support.Controller,
+    check: Any,
+    *args: Any,
+    timeout: float = 120,
+    poll: float = POLL_SECONDS,
+) -> None:
     deadline = time.monotonic() + timeout
     while not check(*args):
         if running.process.poll() is not None or time.monotonic() > deadline:
@@ -84,49 +174,102 @@ async def until(running: support.Controller, check: Any, *args: Any, timeout: fl
                 f"gave up waiting for {check.__name__}{args[1:]} (controller exit status "
                 f"{running.process.poll()}):\n{log.read_text()}"
             )
-        await asyncio.sleep(POLL_SECONDS)
+        await asyncio.sleep(poll)
 
 
-async def start_once(running: support.Controller, instances: Instances, name: str) -> float:
-    """Seconds from the apply of ``name``'s spec until it is Ready; it is deleted after."""
+async def start_once(watched: Watched, name: str, variant: Variant) -> tuple[float, float]:
+    """Seconds from the apply of ``name``'s spec until it is Ready, and the controller's CPU
+    seconds meanwhile; it is deleted after."""
+    running, instances, store = watched.running, watched.instances, watched.store
     admin = running.admin
     text = spec(name)
+    if variant.images_from is not None:
+        text = text.replace("image: blackhole/", f"image: {variant.images_from}/")
+    cpu = cpu_seconds(running.process.pid)
     started = time.perf_counter()
     await asyncio.to_thread(admin.apply, text, f"{name}.yaml")
-    await until(running, ready, admin, name)
+    if variant.wait == "admin-poll":
+        await until(running, ready, admin, name)
+    else:
+        await store.until(running, store.ready, name)
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(running.process.pid) - cpu
     await asyncio.to_thread(admin.delete, name)
-    await until(running, instances.gone, admin, name)
+    await store.until(running, store.forgotten, name)
+    await until(running, instances.gone, admin, name, poll=SETTLE_SECONDS / 10)
     # The delete's pass forgets the plugin's status after its instance is gone; an apply
     # landing in between loses its status to that (a race of the source, not of runtimes).
     await asyncio.sleep(SETTLE_SECONDS)
-    return elapsed
+    return elapsed, cpu
 
 
-async def measure(runtime: str, runs: int, root: Path) -> dict[str, Any]:
+def summary(samples: list[tuple[float, float]]) -> dict[str, Any]:
+    times = [elapsed for elapsed, _ in samples]
+    return {
+        "p50_ms": round(percentile(times, 0.5) * 1000, 1),
+        "p99_ms": round(percentile(times, 0.99) * 1000, 1),
+        "min_ms": round(min(times) * 1000, 1),
+        "max_ms": round(max(times) * 1000, 1),
+        "controller_cpu_ms_p50": round(percentile([c for _, c in samples], 0.5) * 1000, 1),
+        "samples_ms": [round(s * 1000, 1) for s in times],
+    }
+
+
+def label(variant: Variant) -> str:
+    parts = [variant.wait]
+    if variant.images_from is not None:
+        parts.append(f"images from {variant.images_from}")
+    if variant.start_cpu is not None:
+        parts.append(f"--start-cpu {variant.start_cpu}")
+    return ", ".join(parts)
+
+
+async def measure(runtime: str, runs: int, root: Path, variants: list[Variant]) -> dict[str, Any]:
     options = ["--gateway-grpc-addr", "", "--metrics-addr", ""]
     if runtime == "process":
         options += ["--plugin-root", str(EXAMPLES)]
     results: dict[str, Any] = {}
-    async with support.controller(root, {}, *options, runtime=runtime) as running:
-        await until(running, lambda: (running.data / "admin.sock").exists())
-        instances = Instances(runtime, running.data, running.ident)
-        try:
-            for name in PLUGINS:
-                if name == "analytics":  # its dependency runs meanwhile
-                    await asyncio.to_thread(running.admin.apply, spec("kv-store"), "kv-store.yaml")
-                    await until(running, ready, running.admin, "kv-store")
-                await start_once(running, instances, name)  # warms caches; not counted
-                samples = [await start_once(running, instances, name) for _ in range(runs)]
-                results[name] = {
-                    "p50_ms": round(percentile(samples, 0.5) * 1000, 1),
-                    "p99_ms": round(percentile(samples, 0.99) * 1000, 1),
-                    "min_ms": round(min(samples) * 1000, 1),
-                    "max_ms": round(max(samples) * 1000, 1),
-                    "samples_ms": [round(s * 1000, 1) for s in samples],
+    async with contextlib.AsyncExitStack() as stack:
+        controllers: dict[int | None, Watched] = {}
+        for start_cpu in dict.fromkeys(v.start_cpu for v in variants):
+            extra = [] if start_cpu is None else ["--start-cpu", str(start_cpu)]
+            folder = root / f"start-cpu-{start_cpu}"
+            running = await stack.enter_async_context(
+                support.controller(folder, {}, *options, *extra, runtime=runtime)
+            )
+            await until(
+                running,
+                lambda running=running: all(
+                    (running.data / f).exists() for f in ("state.db", "admin.sock")
+                ),
+                poll=0.05,
+            )
+            instances = Instances(runtime, running.data, running.ident)
+            stack.callback(instances.close)
+            store = Store(running.data)
+            stack.callback(store.close)
+            controllers[start_cpu] = Watched(running, instances, store)
+        for name in PLUGINS:
+            if name == "analytics":  # its dependency runs meanwhile
+                for watched in controllers.values():
+                    kv = spec("kv-store")
+                    await asyncio.to_thread(watched.running.admin.apply, kv, "kv-store.yaml")
+                    await watched.store.until(watched.running, watched.store.ready, "kv-store")
+            samples: dict[Variant, list[tuple[float, float]]] = {}
+            for variant in variants:  # warms caches; not counted
+                await start_once(controllers[variant.start_cpu], name, variant)
+            for run in range(runs):
+                for variant in variants if run % 2 == 0 else variants[::-1]:
+                    sample = await start_once(controllers[variant.start_cpu], name, variant)
+                    samples.setdefault(variant, []).append(sample)
+            first = summary(samples[variants[0]])
+            results[name] = first
+            if len(variants) > 1:
+                rows = {label(v): summary(samples[v]) for v in variants}
+                results[name]["variants"] = rows
+                results[name]["p50_over_first"] = {
+                    key: round(row["p50_ms"] / first["p50_ms"], 2) for key, row in rows.items()
                 }
-        finally:
-            instances.close()
     return results
 
 
@@ -153,10 +296,18 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    images = [None] if args.images_from is None else [None, args.images_from]
+    variants = [
+        Variant(wait, image, start_cpu)
+        for start_cpu in args.start_cpu
+        for image in images
+        for wait in args.wait
+    ]
+    load = os.getloadavg()
     measured = {}
     for runtime in args.runtime:
         with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
-            measured[runtime] = await measure(runtime, args.runs, Path(temp))
+            measured[runtime] = await measure(runtime, args.runs, Path(temp), variants)
     ratios = {}
     if "process" in measured:
         for runtime in set(measured) - {"process"}:
@@ -166,16 +317,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 for name in PLUGINS
             }
-    return {"benchmark": "startup", "runs": args.runs, "runtimes": measured, "ratios": ratios}
+    return {
+        "benchmark": "startup",
+        "runs": args.runs,
+        "variants": [label(v) for v in variants],
+        "loadavg_before": load,
+        "runtimes": measured,
+        "ratios": ratios,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--runtime", action="append", choices=RUNTIMES)
+    parser.add_argument("--wait", action="append", choices=("store", "admin-poll"))
+    parser.add_argument("--images-from", metavar="PREFIX")
+    parser.add_argument("--start-cpu", action="append", type=int, metavar="MILLIS")
     parser.add_argument("--plot", metavar="FILE")
     args = parser.parse_args()
     args.runtime = args.runtime or list(RUNTIMES)
+    args.wait = args.wait or ["store"]
+    args.start_cpu = args.start_cpu or [None]
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))
     if args.plot:

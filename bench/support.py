@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,9 +59,15 @@ class Controller:
 
 @contextlib.asynccontextmanager
 async def controller(
-    root: Path, specs: dict[str, str], *options: str, runtime: str = "docker"
+    root: Path,
+    specs: dict[str, str],
+    *options: str,
+    runtime: str = "docker",
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Controller]:
-    """Run ``bhctl run`` on the spec files ``specs`` (name to text); remove all it made after."""
+    """Run ``bhctl run`` on the spec files ``specs`` (name to text); remove all it made after.
+
+    ``env`` is added to this process's environment for it (e.g. a ``PYTHONPATH``)."""
     folder, data = root / "specs", root / "data"
     folder.mkdir(parents=True)
     for name, text in specs.items():
@@ -72,7 +79,9 @@ async def controller(
         "--log-level", "warning", "--runtime", runtime, *options,
     ]  # fmt: skip
     with (root / "controller.log").open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     admin = admin_client.AdminClient(data / "admin.sock", timeout=10)
     try:
         yield Controller(folder, data, ident, admin, process)

@@ -160,6 +160,13 @@ def run_controller(
     host_path_root: Path | None = typer.Option(
         None, "--host-path-root", help="Host paths in specs must lie under it (default: none)."
     ),
+    start_cpu: int = typer.Option(
+        container.START_CPU_MILLIS,
+        "--start-cpu",
+        min=0,
+        help="Docker and Podman: millicores an instance may use until its socket accepts, "
+        "where its spec allows less; then the spec's limit (0: the spec's from the start).",
+    ),
     controller_id: str = typer.Option(
         "default",
         "--controller-id",
@@ -309,6 +316,7 @@ def run_controller(
         workers=workers,
         resync_seconds=resync_seconds,
         host_path_root=host_path_root,
+        start_cpu_millis=start_cpu,
         controller_id=controller_id,
         gateway_address=gateway_addr,
         gateway_grpc_address=gateway_grpc_addr or None,

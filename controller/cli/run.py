@@ -149,6 +149,8 @@ class Options:
     gateway_limits: connections.Limits = field(default_factory=connections.Limits)
     """Time and number bounds of the gateway's connections."""
     metrics_address: str | None = "127.0.0.1:9100"
+    start_cpu_millis: int = container.START_CPU_MILLIS
+    """Docker and Podman: CPU an instance may use until ready, above its spec's (0: none)."""
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
     kubernetes: KubernetesOptions | None = None
     plugins_dir: Path | None = None
@@ -460,6 +462,7 @@ async def _runtime(options: Options) -> base.Runtime:
             data_dir=options.data_dir,
             controller_id=options.controller_id,
             host_path_root=options.host_path_root,
+            start_cpu_millis=options.start_cpu_millis,
             threads=options.workers,
         )
     )

@@ -59,6 +59,11 @@ DEFAULT_USER = "65532:65532"
 """The unprivileged uid:gid plugins run as unless configured otherwise."""
 
 TMP_SIZE = "64m"
+START_CPU_MILLIS = 2000
+"""Default CPU (millicores) of an instance until it is ready."""
+LABEL_START_CPU = models.LABEL_PREFIX + "start-cpu-boost"
+"""On an instance started with more CPU than its spec's: the spec's CFS quota, in microseconds
+per period, to apply once it is ready (a restarted controller reads it back)."""
 
 
 class Engine(StrEnum):
@@ -265,6 +270,9 @@ class Settings:
     host_path_root: Path | None = None
     """Host paths must lie under this directory; None refuses host paths."""
     isolation: Isolation = Isolation()
+    start_cpu_millis: int = START_CPU_MILLIS
+    """CPU an instance may use until it is ready, where its spec allows less: a start's imports
+    are then not throttled. Once its socket accepts, the spec's limit applies. 0: none."""
     threads: int = 8
     """Engine calls run on this many threads, so the event loop never blocks."""
 
@@ -284,6 +292,8 @@ class ContainerRuntime:
         self._notify: base.Inotify | None = None
         self._sockets: dict[int, str] = {}
         """inotify watches of starting instances' socket directories: watch to plugin key."""
+        self._settled: set[str] = set()
+        """Instances started with extra CPU that have their spec's limit now."""
         self._following = False
         """Whether the engine's events are being followed (so inspections may be reused)."""
         self._seen: dict[str, tuple[float, base.Instance | None]] = {}
@@ -428,6 +438,11 @@ class ContainerRuntime:
             volumes=volumes,
             env=env,
         )
+        self._settled.discard(name)  # a new container of that name, not yet lowered
+        boost = self.settings.start_cpu_millis * CPU_PERIOD_US // 1000
+        if boost > options["cpu_quota"]:
+            options["labels"][LABEL_START_CPU] = str(options["cpu_quota"])
+            options["cpu_quota"] = boost
         links = self._links(desired)
         if links:
             options["network_mode"] = links[0]
@@ -526,7 +541,24 @@ class ContainerRuntime:
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
         if instance.state is not base.InstanceState.RUNNING:
             return False
-        return await base.probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
+        path = self.socket_dir(instance.name) / base.SOCKET_NAME
+        if not await base.probe_socket(path, timeout):
+            return False
+        quota = instance.labels.get(LABEL_START_CPU)
+        if quota is not None and instance.name not in self._settled:
+            await self._call(self._set_cpu_quota, instance.name, int(quota))
+            self._settled.add(instance.name)
+        return True
+
+    def _set_cpu_quota(self, name: str, quota: int) -> None:
+        """Lower a started instance's CPU to its spec's (``quota`` per :data:`CPU_PERIOD_US`)."""
+        if self.settings.engine is Engine.PODMAN:  # its Docker-compatible API has no update
+            api = self.client.api
+            url = f"{api.base_url}/v4.0.0/libpod/containers/{name}/update"
+            resources = {"cpu": {"quota": quota, "period": CPU_PERIOD_US}}
+            api._raise_for_status(api._post_json(url, data=resources))  # type: ignore[attr-defined]
+        else:
+            self.client.api.update_container(name, cpu_quota=quota, cpu_period=CPU_PERIOD_US)
 
     def endpoint(self, instance: base.Instance) -> str:
         return f"unix:{self.socket_dir(instance.name) / base.SOCKET_NAME}"
@@ -546,6 +578,7 @@ class ContainerRuntime:
 
     async def remove(self, name: str) -> None:
         self._forget(name)
+        self._settled.discard(name)
         with contextlib.suppress(InstanceNotFoundError):
             await self._call(self._kill_and_remove, name)
         self._forget(name)

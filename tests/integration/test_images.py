@@ -33,6 +33,35 @@ def test_plugin_runtime_image_has_the_sdk_and_runs_unprivileged(engine: EngineUn
     assert output.decode().split() == ["65532", "1", "True"]
 
 
+BYTECODE_MISSING = (
+    "import importlib.util, os, sys, grpc, google.protobuf, blackhole_sdk, blackhole_sdk.server; "
+    "sources = [m.__file__ for m in list(sys.modules.values()) "
+    "if (getattr(m, '__file__', None) or '').endswith('.py')]; "
+    "print(len(sources)); "
+    "[print(s) for s in sources if not os.path.exists(importlib.util.cache_from_source(s))]"
+)
+"""Prints how many modules the SDK's import loaded from source files, then each one that has
+no bytecode beside it (which a plugin, on its read-only root, would compile at every start)."""
+
+
+def test_plugin_runtime_image_carries_bytecode_for_what_plugins_import(
+    engine: EngineUnderTest,
+) -> None:
+    output = engine.client.containers.run(
+        IMAGE,
+        ["python3", "-c", BYTECODE_MISSING],
+        name=engine.name("runtime-bytecode"),
+        labels=engine.labels,
+        network_mode="none",
+        read_only=True,
+        environment={"PYTHONDONTWRITEBYTECODE": "1"},
+        remove=False,
+    )
+    loaded, *missing = output.decode().split()
+    assert int(loaded) > 100  # grpc, protobuf, the SDK and the standard library's modules
+    assert missing == []
+
+
 def test_controller_image_runs_bhctl_unprivileged(engine: EngineUnderTest) -> None:
     image = f"blackhole/controller:{VERSION}"
     try:
