@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -161,12 +162,18 @@ async def measure_controller(
         gateway, specs = ours.addresses()["http"], ours.specs
         url = f"http://{gateway}/v1/plugins/kv/call/put"
 
+        why: collections.Counter[str] = collections.Counter()
+
         async def put(key: str, value: Any) -> bool:
             try:
                 async with session.post(url, json={"key": key, "value": value}) as answer:
-                    await answer.read()
+                    body = await answer.read()
+                    if answer.status != 200:
+                        reason = json.loads(body).get("reason", "") if body else ""
+                        why[f"{answer.status} {reason}".strip()] += 1
                     return answer.status == 200
-            except aiohttp.ClientError:
+            except aiohttp.ClientError as e:
+                why[type(e).__name__] += 1
                 return False
 
         filled = await fill(put, megabytes)
@@ -232,6 +239,7 @@ async def measure_controller(
         "swap_seconds_max": round(max(durations), 2) if durations else None,
         "calls": load.calls,
         "failed_calls": len(load.failures),
+        "failed_by_kind": dict(why),
         "lost_writes": len(lost),
         "controller_rss_mib_before": round(rss_before / 1024, 1),
         "controller_rss_mib_peak": round(rss_peak / 1024, 1),
