@@ -386,6 +386,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.plot(sizes, [r["pause_ms_p50"] for r in rows], "x--", label=f"{transfer}: pause p50")
     ax.axhline(50, color="grey", linestyle=":", label="50 ms")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set_xlabel("state (MB)")
     ax.set_ylabel("calls held (ms)")
