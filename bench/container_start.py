@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -33,17 +32,6 @@ SERVER = (
     "[c.close() for c in iter(lambda: s.accept()[0], None)]"
 )
 LABEL = "blackhole.dev/bench"
-
-
-def wait_for_socket(path: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(path))
-                return
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.0005)
-    raise TimeoutError(f"{path} did not accept within the deadline")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,7 +59,7 @@ def measure(engine: container.Engine, image: str, runs: int) -> dict[str, Any]:
             start = time.perf_counter()
             created = client.containers.create(**options)
             created.start()
-            wait_for_socket(socket_dir / "plugin.sock", time.monotonic() + 30)
+            support.wait_for_socket(socket_dir / "plugin.sock", time.monotonic() + 30)
             samples.append((time.perf_counter() - start) * 1000)
             created.remove(force=True)
             shutil.rmtree(socket_dir, ignore_errors=True)

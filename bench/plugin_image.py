@@ -23,13 +23,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import support
 
 from controller.metrics import cgroups
 from controller.runtimes import base, container
@@ -41,17 +42,6 @@ IMPORTS = (
     "print((t1 - t0) * 1000, (t2 - t1) * 1000)"
 )
 LABEL = "blackhole.dev/bench"
-
-
-def wait_for_socket(path: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(path))
-                return
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.0005)
-    raise TimeoutError(f"{path} did not accept within the deadline")
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
@@ -105,7 +95,7 @@ class Runner:
             started = time.perf_counter()
             created = self.client.containers.create(**options)
             created.start()
-            wait_for_socket(socket_dir / base.SOCKET_NAME, time.monotonic() + 60)
+            support.wait_for_socket(socket_dir / base.SOCKET_NAME, time.monotonic() + 60)
             elapsed = (time.perf_counter() - started) * 1000
             created.reload()
             pid = int(created.attrs["State"]["Pid"])

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +104,18 @@ async def _remove_instances(runtime: str, data: Path, ident: str) -> None:
     for found in client.containers.list(all=True, filters=selector):
         found.remove(force=True)
     client.close()
+
+
+def wait_for_socket(path: Path, deadline: float) -> None:
+    """Wait until the Unix socket at ``path`` accepts, before ``deadline`` (monotonic)."""
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                return
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.0005)
+    raise TimeoutError(f"{path} did not accept within the deadline")
 
 
 def pyplot() -> Any:

@@ -23,11 +23,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import controller
+from controller.cli import locks
 from controller.errors import ControllerError
 from controller.gateway import auth, connections, control, router
 from controller.gateway import server as gateway_server
@@ -98,21 +98,14 @@ def running(data_dir: Path) -> int | None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _lock(data_dir: Path) -> Iterator[None]:
-    fd = os.open(data_dir / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GatewayRunningError(
-                f"a gateway is already running on {data_dir}; stop it with "
-                f"bhctl gateway --stop --data-dir {data_dir}"
-            ) from None
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
+def _lock(data_dir: Path) -> contextlib.AbstractContextManager[None]:
+    return locks.holding(
+        data_dir / LOCK_NAME,
+        lambda: GatewayRunningError(
+            f"a gateway is already running on {data_dir}; stop it with "
+            f"bhctl gateway --stop --data-dir {data_dir}"
+        ),
+    )
 
 
 async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:

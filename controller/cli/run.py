@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import functools
 import ipaddress
 import json
@@ -35,6 +34,7 @@ import controller
 from controller import kubeapi, lease
 from controller.admin import server
 from controller.cli import gateway as gateway_process
+from controller.cli import locks
 from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
 from controller.gateway import control as control_protocol
@@ -304,20 +304,18 @@ def _lock(data_dir: Path) -> Iterator[None]:
     except OSError as e:  # a read-only or full disk: say so, no traceback
         raise DataDirError(f"--data-dir {data_dir}: {e.strerror}") from e
     path = data_dir / "controller.lock"
-    try:
-        lock = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:  # a read-only or full disk: say so, no traceback
-        raise DataDirError(f"--data-dir {data_dir}: cannot open {path}: {e.strerror}") from e
-    with os.fdopen(lock, "w") as handle:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlreadyRunningError(
-                f"another controller is running on {data_dir}; stop it or use --data-dir"
-            ) from None
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+            held.enter_context(
+                locks.holding(
+                    path,
+                    lambda: AlreadyRunningError(
+                        f"another controller is running on {data_dir}; stop it or use --data-dir"
+                    ),
+                )
+            )
+        except OSError as e:  # a read-only or full disk: say so, no traceback
+            raise DataDirError(f"--data-dir {data_dir}: cannot open {path}: {e.strerror}") from e
         yield
 
 

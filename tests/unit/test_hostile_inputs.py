@@ -191,14 +191,14 @@ async def admin(tmp_path: Path):
     ids=["not-utf8", "int-tag", "alias-bomb", "too-large"],
 )
 async def test_apply_answers_every_bad_body_with_json(admin, body, status, expected) -> None:
-    async with admin.post("http://admin/v1/plugins", data=io.BytesIO(body)) as response:
+    async with admin.post("http://localhost/v1/plugins", data=io.BytesIO(body)) as response:
         assert response.status == status
         assert response.content_type == "application/json"
         assert expected in json.dumps(await response.json())
 
 
 async def test_an_unknown_admin_route_is_answered_with_json(admin) -> None:
-    async with admin.get("http://admin/v2/nothing") as response:
+    async with admin.get("http://localhost/v2/nothing") as response:
         assert response.status == 404
         assert (await response.json())["error"]
 
