@@ -69,6 +69,21 @@ def swapped(controller: ControllerProcess, name: str, version: str) -> dict[str,
     return {}
 
 
+def checkpointed_after(controller: ControllerProcess, name: str, moment: float) -> None:
+    """Wait for a checkpoint of ``name`` asked for after ``moment`` (wall clock)."""
+
+    def taken(s: dict[str, Any]) -> float:
+        return datetime.fromisoformat(s["takenAt"]).timestamp()
+
+    wait_for(
+        lambda: any(
+            s["reason"] == "checkpoint" and taken(s) > moment
+            for s in controller.admin.state_history(name)["snapshots"]
+        ),
+        what=f"a checkpoint of {name} after the writes",
+    )
+
+
 def events(controller: ControllerProcess, name: str) -> list[dict[str, Any]]:
     return list(controller.admin.get(name)["events"])
 
@@ -205,14 +220,7 @@ def test_an_oom_killed_instance_gets_its_newest_checkpoint_back(controller):
     wait_for(lambda: controller.ready("st"), what="st Ready")
     for i in range(200):
         assert controller.call("st", "put", {"key": f"k{i}", "value": i})[0] == 200
-    done = time.time()
-    wait_for(
-        lambda: any(
-            s["reason"] == "checkpoint" and datetime.fromisoformat(s["takenAt"]).timestamp() > done
-            for s in controller.admin.state_history("st")["snapshots"]
-        ),
-        what="a checkpoint after the writes",
-    )
+    checkpointed_after(controller, "st", time.time())
     controller.call("st", "allocate", {"mib": 200}, timeout=30)  # killed for memory
     wait_for(
         lambda: controller.status("st").get("lastRestore") is not None and controller.ready("st"),
@@ -237,14 +245,7 @@ def test_a_killed_process_plugin_gets_its_newest_checkpoint_back(tmp_path: Path)
         wait_for(lambda: controller.ready("st"), what="st Ready")
         for i in range(100):
             assert controller.call("st", "put", {"key": f"k{i}", "value": i})[0] == 200
-        done = time.time()
-        wait_for(
-            lambda: any(
-                datetime.fromisoformat(s["takenAt"]).timestamp() > done
-                for s in controller.admin.state_history("st")["snapshots"]
-            ),
-            what="a checkpoint after the writes",
-        )
+        checkpointed_after(controller, "st", time.time())
         pid = test_process.state(controller, "st")["pid"]
         os.kill(pid, signal.SIGKILL)
         wait_for(
@@ -267,14 +268,7 @@ def test_both_colors_removed_mid_swap_come_back_with_the_newest_checkpoint(contr
     controller.start()
     wait_for(lambda: controller.ready("kv"), what="kv Ready")
     filled = fill(controller, 0.5)
-    done = time.time()
-    wait_for(
-        lambda: any(
-            datetime.fromisoformat(s["takenAt"]).timestamp() > done
-            for s in controller.admin.state_history("kv")["snapshots"]
-        ),
-        what="a checkpoint after the writes",
-    )
+    checkpointed_after(controller, "kv", time.time())
     write_kv(controller, "1.2.0", state=", checkpointSeconds: 1", swap=", autoPromote: false")
     wait_for(
         lambda: (controller.status("kv").get("swap") or {}).get("step") == "AwaitingPromotion",
