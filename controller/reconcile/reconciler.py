@@ -756,6 +756,7 @@ class _Pass:
                 current.version,
                 timeout=STATE_TIMEOUT,
                 full=full,
+                limit=self.spec.resources.memory.as_int(),
             )
         except (ControllerError, OSError, sqlite3.Error) as e:
             self.metrics.checkpoint_failures.labels(self.key).inc()

@@ -395,7 +395,13 @@ class Coordinator:
         c = self.c
         if c.snapshots is None:
             return None
-        return transfer.Recording(c.snapshots, c.key, progress.from_version, "swap")
+        return transfer.Recording(
+            c.snapshots,
+            c.key,
+            progress.from_version,
+            "swap",
+            limit=c.spec.resources.memory.as_int(),
+        )
 
     async def _move_held(
         self, progress: models.SwapProgress, old_endpoint: str, new_endpoint: str, since: str
@@ -521,6 +527,7 @@ class Coordinator:
                 await transfer.record(
                     c.plugins, c.snapshots, c.key, old_endpoint, progress.from_version, "swap",
                     since if self.held_delta else "", timeout=STATE_TIMEOUT,
+                    limit=c.spec.resources.memory.as_int(),
                 )  # fmt: skip
             except ControllerError as e:
                 log.warning("%s: the swap's state was not kept as a snapshot: %s", c.key, e)

@@ -44,6 +44,10 @@ class Plugins(Protocol):
     ) -> client.Transfer: ...
 
 
+class StateTooLargeError(ControllerError):
+    """A plugin offered more state than it can hold: not stored (it would fill the disk)."""
+
+
 class Unsuitable(ControllerError):
     """The state on offer cannot go where it was sent (another state version): nothing moved."""
 
@@ -67,9 +71,16 @@ class Recording:
     saved: snapshots_module.Snapshot | None = None
     asked: datetime = field(default_factory=lambda: datetime.now(UTC))
     """When the state was asked for: every write acknowledged before it is in the snapshot."""
+    limit: int | None = None
+    """The most bytes kept: a plugin's state lives in its memory, so its memory limit."""
 
     async def add(self, header: client.Transfer, data: bytes) -> None:
         if self.ident is None:
+            if self.limit is not None and header.size > self.limit:
+                raise StateTooLargeError(
+                    f"the plugin offered {header.size} bytes of state, more than its memory "
+                    f"limit ({self.limit} bytes) can hold: not kept"
+                )
             if self.skip_unchanged and header.delta and header.revision == header.base_revision:
                 return
             self.ident = await asyncio.to_thread(
@@ -193,6 +204,7 @@ async def checkpoint(
     *,
     timeout: float,
     full: bool = False,
+    limit: int | None = None,
 ) -> Checkpointed:
     """Keep the state of the instance at ``endpoint``: a delta on the newest checkpoint if
     the plugin can make one (and ``full`` is not asked), else the whole state."""
@@ -208,7 +220,15 @@ async def checkpoint(
                 since = kept[-1].revision
     return Checkpointed(
         await record(
-            plugins, snapshots, key, endpoint, plugin_version, "checkpoint", since, timeout=timeout
+            plugins,
+            snapshots,
+            key,
+            endpoint,
+            plugin_version,
+            "checkpoint",
+            since,
+            timeout=timeout,
+            limit=limit,
         )
     )
 
@@ -223,12 +243,13 @@ async def record(
     since: str = "",
     *,
     timeout: float,
+    limit: int | None = None,
 ) -> snapshots_module.Snapshot | None:
     """Stream the state (the delta since ``since``) of ``endpoint`` into the store.
 
-    None when it was a delta that changes nothing (not kept).
+    None when it was a delta that changes nothing (not kept); at most ``limit`` bytes.
     """
-    recording = Recording(snapshots, key, plugin_version, reason, skip_unchanged=True)
+    recording = Recording(snapshots, key, plugin_version, reason, skip_unchanged=True, limit=limit)
 
     async def sink(chunks: AsyncIterator[tuple[client.Transfer, bytes]]) -> None:
         async for header, data in chunks:

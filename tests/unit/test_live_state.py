@@ -346,3 +346,15 @@ async def test_a_recreated_instance_gets_the_state_it_had_when_it_was_stopped(kv
     assert status.active_version == "1.1.0"
     assert store(kv, "blue") is not blue, "a new instance"
     assert contents(store(kv, "blue")) == contents(blue)
+
+
+async def test_more_state_than_the_plugins_memory_can_hold_is_not_stored(kv: World) -> None:
+    kv.plugins.revisions = False
+    kv.write("kv", memory="6Mi", extra=STATEFUL.format(swap="", checkpoint="", target=0))
+    await kv.settle("kv")
+    kv.plugins.states["bh-kv-blue"] = b"x" * (7 << 20)  # a plugin claiming what it cannot hold
+    await checkpointed(kv)
+    assert kv.reconciler.snapshots.checkpoints("kv")[-1].size == 0  # type: ignore[union-attr]
+    failed = [e for e in kv.store.events("kv") if e.reason == "CheckpointFailed"]
+    assert failed
+    assert "more than its memory limit" in failed[0].message
