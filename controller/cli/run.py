@@ -48,6 +48,7 @@ from controller.runtimes import kubernetes as kubernetes_runtime
 from controller.sources import base as sources_base
 from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
+from controller.spec.keys import split_key
 from controller.state import snapshots
 
 log = logging.getLogger(__name__)
@@ -399,9 +400,9 @@ async def resync_from_store(
         record = next((i for i in status.instances if i.color is status.active_color), None)
         if record is None or not record.ready:
             continue
-        namespace, _, name = key.rpartition("/")
+        namespace, name = split_key(key)
         instance_name = base.instance_name(
-            name, status.active_color, namespace or None, runtime.controller_id
+            name, status.active_color, namespace, runtime.controller_id
         )
         try:
             instance = await runtime.inspect(instance_name)

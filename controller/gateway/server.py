@@ -55,6 +55,7 @@ from controller.metrics import exposition
 from controller.protocol import client
 from controller.runtimes import base
 from controller.spec import models
+from controller.spec.keys import plugin_key
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ class Gateway:
             return _refusal(router.Refused(405, "MethodNotAllowed", "use POST"))
         name = match["name"]
         if namespace := match["namespace"]:
-            name = f"{namespace}/{name}"  # plugins on Kubernetes: their key
+            name = plugin_key(name, namespace)  # plugins on Kubernetes: namespace/name
         try:
             caller = self._caller(request.headers.get("Authorization"))
         except router.Refused as e:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controller.metrics import cgroups, telemetry
+from controller.spec.keys import plugin_key
 
 KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
 
@@ -82,7 +83,7 @@ class Violations:
         changed: set[str] = set()
         found: dict[str, dict[str, str]] = collections.defaultdict(dict)
         for name, (tracked, reading) in readings.items():
-            key = f"{tracked.namespace}/{tracked.plugin}" if tracked.namespace else tracked.plugin
+            key: str = plugin_key(tracked.plugin, tracked.namespace)
             seen = self._seen[name]
             limit = reading.memory_limit_bytes
             if limit and reading.memory_working_set_bytes > t.memory_share * limit:

@@ -25,6 +25,7 @@ from controller.reconcile import conditions
 from controller.registry import dependencies
 from controller.sources import base as sources_base
 from controller.spec import models
+from controller.spec.keys import plugin_key, split_key
 from controller.spec.semver import Version, VersionError
 
 WAIT_SECONDS = 1.0
@@ -84,16 +85,12 @@ async def resolve_bundle(
         return spec, Blocked("RegistryError", f"bundle {spec.bundle}: {e}", BROKEN_SECONDS, True)
 
 
-def _key(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}" if namespace else name
-
-
 async def waiting_for(source: Source, key: str, spec: models.PluginSpec) -> Blocked | None:
     """Why ``spec``'s dependencies keep it from starting or being Ready; None when they don't."""
     if not spec.depends_on:
         return None
-    namespace = key.rpartition("/")[0]
-    graph: dict[str, list[str]] = {key: [_key(namespace, d.name) for d in spec.depends_on]}
+    namespace, _ = split_key(key)
+    graph: dict[str, list[str]] = {key: [plugin_key(d.name, namespace) for d in spec.depends_on]}
     pending = list(graph[key])
     while pending:
         node = pending.pop()
@@ -101,7 +98,9 @@ async def waiting_for(source: Source, key: str, spec: models.PluginSpec) -> Bloc
             continue
         desired = source.get(node)
         graph[node] = (
-            [_key(namespace, d.name) for d in desired.plugin.spec.depends_on] if desired else []
+            [plugin_key(d.name, namespace) for d in desired.plugin.spec.depends_on]
+            if desired
+            else []
         )
         pending += graph[node]
     cycle = dependencies.find_cycle(graph, key)
@@ -114,7 +113,7 @@ async def waiting_for(source: Source, key: str, spec: models.PluginSpec) -> Bloc
         )
     missing, unsatisfied, unready = [], [], []
     for dependency in spec.depends_on:
-        other = _key(namespace, dependency.name)
+        other = plugin_key(dependency.name, namespace)
         desired = source.get(other)
         if desired is None:
             missing.append(dependency.name)

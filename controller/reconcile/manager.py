@@ -21,6 +21,7 @@ from controller.reconcile import gates, reconciler, workers
 from controller.reconcile import queue as queue_module
 from controller.runtimes import base
 from controller.sources import base as sources_base
+from controller.spec.keys import plugin_key
 from controller.state import snapshots as snapshots_module
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Manager:
         tracked = self.metrics.instances.get(name)
         if tracked is None:
             return
-        key = f"{tracked.namespace}/{tracked.plugin}" if tracked.namespace else tracked.plugin
+        key = plugin_key(tracked.plugin, tracked.namespace)
         self.violations.oom_killed(key, f"{name} was killed for memory (the kernel's OOM killer)")
         self.queue.add(key)
 

@@ -47,6 +47,7 @@ from controller.runtimes import base
 from controller.sources import base as sources_base
 from controller.sources import store
 from controller.spec import models
+from controller.spec.keys import split_key
 from controller.state import snapshots as snapshots_module
 from controller.swap import coordinator, transfer
 
@@ -174,16 +175,16 @@ class Reconciler:
 
     async def _reconcile(self, key: str) -> Result:
         self.check_may_act()
-        namespace, _, name = key.rpartition("/")
+        namespace, name = split_key(key)
         desired = self.source.get(key)
-        observed = await self._observe(name, namespace or None)
+        observed = await self._observe(name, namespace)
         for instance in observed:
             self._track(instance)
         context = {"plugin": key, "reconcile_id": next(self._ids)}
         if desired is None and self.source.declares(key):
             return Result()  # declared, but never validly: what runs is left as it is
         if desired is None:
-            return await self._delete(key, name, namespace or None, observed, context)
+            return await self._delete(key, name, namespace, observed, context)
         context["generation"] = desired.generation
         pinned = await self._pinned(key, desired)
         return await _Pass(self, key, desired, observed, context, pinned).run()

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from controller.errors import IncompatiblePluginError, RuntimeBackendError, SpecIssue
 from controller.spec import models
+from controller.spec.keys import plugin_key
 
 MANAGED_BY = "blackhole-controller"
 LABEL_MANAGED_BY = models.LABEL_PREFIX + "managed-by"
@@ -346,7 +347,7 @@ class Instance:
     @property
     def key(self) -> str:
         """The key of the plugin it belongs to."""
-        return f"{self.namespace}/{self.plugin}" if self.namespace else self.plugin
+        return plugin_key(self.plugin, self.namespace)
 
 
 def owned_by(

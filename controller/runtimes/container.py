@@ -48,6 +48,7 @@ from controller.errors import (
 )
 from controller.runtimes import base
 from controller.spec import models
+from controller.spec.keys import plugin_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -412,9 +413,7 @@ class ContainerRuntime:
         if self._notify is not None:  # before it starts, so that its socket is not missed
             with contextlib.suppress(OSError):
                 watch = self._notify.add(socket_dir, base.IN_CREATE | base.IN_MOVED_TO)
-                self._sockets[watch] = (
-                    f"{desired.namespace}/{desired.plugin}" if desired.namespace else desired.plugin
-                )
+                self._sockets[watch] = plugin_key(desired.plugin, desired.namespace)
         volumes = {}
         for volume in desired.spec.volumes:
             if volume.host_path is not None:
@@ -645,7 +644,7 @@ class ContainerRuntime:
                     plugin = labels.get(base.LABEL_PLUGIN)
                     if plugin and base.LABEL_COLOR in labels:
                         namespace = labels.get(base.LABEL_NAMESPACE)
-                        key = f"{namespace}/{plugin}" if namespace else plugin
+                        key = plugin_key(plugin, namespace)
                         loop.call_soon_threadsafe(queue.put_nowait, key)
             except Exception:  # the stream ends when it is closed or when the engine goes away
                 log.debug("%s event stream ended", self.name, exc_info=True)

@@ -44,6 +44,7 @@ from controller.errors import (
 from controller.runtimes import base
 from controller.runtimes import kubernetes_manifests as manifests
 from controller.spec import models
+from controller.spec.keys import plugin_key
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class KubernetesRuntime:
                     pods.discard(where)
                     if not pods:
                         del self._run_pods[(where[0], run)]
-            self._queue.put_nowait(f"{namespace}/{plugin}" if namespace else plugin)
+            self._queue.put_nowait(plugin_key(plugin, namespace))
 
     async def list_owned(self, plugin: str | None = None) -> list[base.Instance]:
         await self._sync()
@@ -273,7 +274,7 @@ class KubernetesRuntime:
         await self._sync()
         namespace = self._namespace(desired.namespace)
         owner = manifests.Owner(desired.plugin, desired.owner_uid) if desired.owner_uid else None
-        key = _key(desired.plugin, desired.namespace)
+        key = plugin_key(desired.plugin, desired.namespace)
         await self._ensure_token(desired.plugin, namespace, key, owner)
         await self._apply(
             "networkpolicy",
@@ -341,7 +342,7 @@ class KubernetesRuntime:
         claims = await self._list_claims(plugin, where)
         for claim in claims:
             await self._delete(self.core.delete_namespaced_persistent_volume_claim, claim, where)
-        key = _key(plugin, namespace)
+        key = plugin_key(plugin, namespace)
         self._tokens.pop(key, None)
         self._routed.pop(key, None)
 
@@ -365,7 +366,7 @@ class KubernetesRuntime:
 
     async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
         """Point the stable Service at ``color``'s pod."""
-        key = _key(plugin, namespace)
+        key = plugin_key(plugin, namespace)
         if self._routed.get(key) is color:
             return
         selector = manifests.color_selector(plugin, color, self.controller_id)
@@ -562,10 +563,6 @@ class KubernetesRuntime:
         change = {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]}
         with contextlib.suppress(InstanceNotFoundError):
             await self._patch("updating", patch, name, namespace, change)
-
-
-def _key(plugin: str, namespace: str | None) -> str:
-    return f"{namespace}/{plugin}" if namespace else plugin
 
 
 def _describe(body: dict[str, Any]) -> str:

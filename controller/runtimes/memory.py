@@ -23,6 +23,7 @@ from pathlib import Path
 from controller.errors import InstanceConflictError, InstanceNotFoundError, SpecError, SpecIssue
 from controller.runtimes import base
 from controller.spec import models
+from controller.spec.keys import plugin_key
 
 WRITES = frozenset({"start", "stop", "remove", "release"})
 """The calls that change what runs."""
@@ -144,7 +145,7 @@ class MemoryRuntime:
 
     async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
         self.calls["route"] += 1
-        self.routed[f"{namespace}/{plugin}" if namespace else plugin] = color
+        self.routed[plugin_key(plugin, namespace)] = color
 
     async def logs(self, name: str, tail: int) -> list[str]:
         self.calls["logs"] += 1

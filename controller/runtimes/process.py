@@ -50,6 +50,7 @@ from controller.errors import (
 )
 from controller.runtimes import base, process_seccomp
 from controller.spec import models
+from controller.spec.keys import plugin_key
 
 log = logging.getLogger(__name__)
 
@@ -880,7 +881,7 @@ async def _receive(process: asyncio.subprocess.Process) -> dict[str, Any]:
 def _key(labels: dict[str, str]) -> str:
     plugin = labels.get(base.LABEL_PLUGIN, "")
     namespace = labels.get(base.LABEL_NAMESPACE)
-    return f"{namespace}/{plugin}" if namespace and plugin else plugin
+    return plugin_key(plugin, namespace) if plugin else plugin
 
 
 def _load(path: Path) -> dict[str, Any] | None:

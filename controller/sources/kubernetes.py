@@ -36,6 +36,7 @@ from controller.errors import SpecError, SpecIssue, StoreUnavailableError
 from controller.sources import store as store_module
 from controller.sources.base import Desired, spec_hash
 from controller.spec import loader, models
+from controller.spec.keys import plugin_key, split_key
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,14 @@ class KubernetesSource:
         return key in self._desired or key in self._invalid
 
     def _object(self, key: str) -> kubeapi.Object | None:
-        namespace, _, name = key.rpartition("/")
-        return self._informer.get((namespace, name))
+        namespace, name = split_key(key)
+        return self._informer.get((namespace or "", name))
 
     def _changed(self, before: kubeapi.Object | None, after: kubeapi.Object | None) -> None:
         obj = after or before
         assert obj is not None
         namespace, name = kubeapi.key_of(obj)
-        key = f"{namespace}/{name}"
+        key = plugin_key(name, namespace)
         origin = f"plugins.{models.API_GROUP}/{key}"
         previous = self._desired.get(key)
         deleting = after is not None and bool(
@@ -184,7 +185,8 @@ class KubernetesSource:
             return None
 
     async def write_status(self, key: str, status: models.PluginStatus) -> None:
-        namespace, _, name = key.rpartition("/")
+        namespace, name = split_key(key)
+        assert namespace is not None  # every Plugin object has one
         body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         patch = [{"op": "add", "path": "/status", "value": body}]
         obj = await self._patch(
@@ -250,14 +252,14 @@ class KubernetesSource:
 
     async def known(self) -> list[str]:
         """Plugins being deleted that still carry the finalizer."""
-        known = []
+        known: list[str] = []
         for obj in self._informer.items():
             metadata = obj.get("metadata") or {}
             if metadata.get("deletionTimestamp") and FINALIZER in (
                 metadata.get("finalizers") or []
             ):
                 namespace, name = kubeapi.key_of(obj)
-                known.append(f"{namespace}/{name}")
+                known.append(plugin_key(name, namespace))
         return known
 
     # The admin API's writes: not on Kubernetes.
