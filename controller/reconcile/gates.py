@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controller.errors import BundleRefusedError, RegistryError
-from controller.reconcile import conditions
 from controller.registry import dependencies
 from controller.sources import base as sources_base
-from controller.spec import models
+from controller.spec import conditions, models
 from controller.spec.keys import plugin_key, split_key
 from controller.spec.semver import Version, VersionError
 
@@ -58,10 +57,6 @@ class Blocked:
     retry: float
     broken: bool
     """Whether it needs a change to be fixed (Failed), rather than time (Pending)."""
-
-    @property
-    def phase(self) -> models.Phase:
-        return models.Phase.FAILED if self.broken else models.Phase.PENDING
 
 
 async def resolve_bundle(
@@ -147,28 +142,3 @@ async def waiting_for(source: Source, key: str, spec: models.PluginSpec) -> Bloc
             broken=False,
         )
     return None
-
-
-def hold_not_ready(
-    status: models.PluginStatus,
-    before: list[models.Condition],
-    blocked: Blocked,
-    generation: int | None,
-) -> None:
-    """A running plugin whose dependencies are not Ready is not Ready either.
-
-    The Ready condition is set against the one ``before`` the pass, so that
-    its transition time stays put while nothing changes.
-    """
-    if not conditions.is_true(status.conditions, conditions.READY):
-        return
-    old = conditions.find(before, conditions.READY)
-    (held,) = conditions.set_condition(
-        [old] if old is not None else [],
-        conditions.READY,
-        "False",
-        blocked.reason,
-        blocked.message,
-        generation,
-    )
-    status.conditions = [held if c.type == conditions.READY else c for c in status.conditions]

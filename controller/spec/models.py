@@ -642,6 +642,8 @@ class SwapStatus(Model):
     """The spec hash swapped from: what bhctl swap undo goes back to."""
     reason: str | None = None
     """Why it rolled back or was aborted, e.g. SwapFailedImport."""
+    message: str | None = Field(default=None, max_length=32768)
+    """What a rolled-back swap ran into, and what serves since."""
     time: datetime | None = None
     """When it ended."""
     generation: int | None = Field(default=None, ge=0)

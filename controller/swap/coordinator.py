@@ -42,15 +42,13 @@ import os
 import signal
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from controller.errors import ControllerError, IncompatiblePluginError, PluginCallError
-from controller.metrics import telemetry
-from controller.protocol import client
 from controller.runtimes import base
 from controller.spec import models
 from controller.state import snapshots as snapshots_module
-from controller.swap import transfer
+from controller.swap import context, transfer
 
 log = logging.getLogger(__name__)
 
@@ -58,88 +56,6 @@ CRASH_AT_VARIABLE = "BLACKHOLE_SWAP_CRASH_AT"
 """Fault injection for tests: the controller SIGKILLs itself when a swap reaches this point."""
 STATE_TIMEOUT = 60.0
 """Longest an export or import of state may take, in seconds."""
-FIRST_PROBE = 0.02
-LONGEST_PROBE = 1.0
-
-
-class Plugins(transfer.Plugins, Protocol):
-    """The plugin protocol calls a swap makes (:class:`~controller.protocol.client.Clients`)."""
-
-    async def handshake(
-        self, endpoint: str, want: base.InstanceSpec, timeout: float
-    ) -> client.Handshake: ...
-
-    async def healthy(self, endpoint: str, timeout: float) -> bool: ...
-
-    async def call(self, endpoint: str, method: str, payload: bytes, timeout: float) -> bytes: ...
-
-    async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int: ...
-
-
-class Routes(Protocol):
-    """The gateway's routes, as a swap moves them (:class:`~controller.gateway.router.Router`)."""
-
-    def set_route(
-        self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
-    ) -> None: ...
-
-    def clear_route(self, key: str) -> None: ...
-
-    def hold(self, key: str) -> None: ...
-
-    def release(self, key: str) -> None: ...
-
-    async def wait_idle(self, endpoint: str, timeout: float) -> int: ...
-
-
-class Context(Protocol):
-    """One reconcile pass, as the swap sees it."""
-
-    key: str
-    spec: models.PluginSpec
-    status: models.PluginStatus
-    observed: list[base.Instance]
-    now: float
-    generation: int
-
-    @property
-    def runtime(self) -> base.Runtime: ...
-
-    @property
-    def plugins(self) -> Plugins: ...
-
-    @property
-    def routes(self) -> Routes: ...
-
-    @property
-    def snapshots(self) -> snapshots_module.Snapshots | None: ...
-
-    @property
-    def metrics(self) -> telemetry.Metrics: ...
-
-    def want_for(self, color: models.Color) -> base.InstanceSpec: ...
-
-    def instance_status(self, color: models.Color) -> models.InstanceStatus: ...
-
-    async def event(self, type: Any, reason: str, message: str) -> None: ...
-
-    def set_conditions(
-        self,
-        phase: models.Phase,
-        *,
-        ready: tuple[Any, str, str],
-        progressing: tuple[str, str] | None = None,
-        degraded: bool = False,
-        reason: str | None = None,
-    ) -> None: ...
-
-    async def persist(self) -> None: ...
-
-    async def remove(self, instance: base.Instance) -> None: ...
-
-    async def remember(self, want: base.InstanceSpec) -> None: ...
-
-    async def last_logs(self, name: str) -> str: ...
 
 
 class SwapFailure(Exception):
@@ -171,9 +87,12 @@ def _matches(answer: Any, expect: Any) -> bool:
 class Coordinator:
     """Begins and advances the swap of the plugin of one pass."""
 
-    def __init__(self, context: Context) -> None:
-        self.c = context
-        self.probe_delay: dict[str, float] = {}
+    def __init__(
+        self, ctx: context.PassContext, services: context.Services, effects: context.Effects
+    ) -> None:
+        self.c = ctx
+        self.s = services
+        self.e = effects
         self.held_ms: float | None = None
         """How long calls were held by a promotion that failed."""
         self.moved = 0
@@ -191,7 +110,7 @@ class Coordinator:
         want = c.want_for(target)
         for stale in c.observed:
             if stale.color is target:
-                await c.remove(stale)
+                await self.e.remove(stale)
         c.status.swap = models.SwapProgress(
             step=models.SwapStep.STARTING,
             from_color=current.color,
@@ -202,8 +121,7 @@ class Coordinator:
             to_hash=want.spec_hash,
             started=datetime.fromtimestamp(c.now, UTC),
         )
-        await c.runtime.start(want)
-        await c.remember(want)
+        await self.e.start(want)
         record = c.instance_status(target)
         record.version, record.state, record.ready = str(c.spec.version), "running", False
         record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
@@ -211,9 +129,9 @@ class Coordinator:
             f"swapping {current.version} -> {c.spec.version}: started {want.name} beside "
             f"{current.name}"
         )
-        await c.event("Normal", "SwapStarted", message)
+        await self.e.event("Normal", "SwapStarted", message)
         self._swapping("SwapStarting", message)
-        return FIRST_PROBE, message
+        return c.memory.next_probe(want.name), message
 
     # Advancing.
 
@@ -247,11 +165,11 @@ class Coordinator:
                 )
             if new is None or new.state is base.InstanceState.CREATED:
                 if new is not None:
-                    await c.remove(new)
-                await c.runtime.start(c.want_for(progress.to_color))
-                return FIRST_PROBE
+                    await self.e.remove(new)
+                await self.e.start(c.want_for(progress.to_color))
+                return context.FIRST_PROBE
             if new.state is not base.InstanceState.RUNNING:
-                lines = await c.last_logs(new.name)
+                lines = await self.e.last_logs(new.name)
                 how = f"exit code {new.exit_code}" + (" (OOM killed)" if new.oom_killed else "")
                 raise SwapFailure(
                     "SwapFailedCrashed",
@@ -266,8 +184,7 @@ class Coordinator:
                         "SwapFailedNotReady",
                         f"{new.name} was not Ready within startupDeadlineSeconds ({deadline}s)",
                     )
-                delay = self.probe_delay.get(new.name, FIRST_PROBE)
-                self.probe_delay[new.name] = min(LONGEST_PROBE, delay * 1.5)
+                delay = c.memory.next_probe(new.name)
                 self._swapping("SwapStarting", f"waiting for {new.name} to be Ready")
                 return delay
             c.instance_status(progress.to_color).ready = True
@@ -275,7 +192,7 @@ class Coordinator:
             if not c.spec.hot_swap.auto_promote and request != "promote":
                 if progress.step is not models.SwapStep.AWAITING_PROMOTION:
                     progress.step = models.SwapStep.AWAITING_PROMOTION
-                    await c.event(
+                    await self.e.event(
                         "Normal",
                         "SwapAwaitingPromotion",
                         f"{new.name} ({progress.to_version}) is Ready and passed its checks; "
@@ -290,13 +207,13 @@ class Coordinator:
     async def _check_serving(self, old: base.Instance) -> None:
         """Keep health-checking the color that serves while the new one starts or waits."""
         c = self.c
-        endpoint = c.runtime.endpoint(old)
+        endpoint = self.s.runtime.endpoint(old)
         record = c.instance_status(old.color)
-        record.ready = await c.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds))
+        record.ready = await self.s.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds))
         if record.ready:
-            c.routes.set_route(c.key, endpoint, old.name, c.spec)
+            self.s.routes.set_route(c.key, endpoint, old.name, c.spec)
         else:
-            c.routes.clear_route(c.key)
+            self.s.routes.clear_route(c.key)
 
     def _instance(self, color: models.Color) -> base.Instance | None:
         return next((i for i in self.c.observed if i.color is color), None)
@@ -304,11 +221,13 @@ class Coordinator:
     async def _ready(self, progress: models.SwapProgress, new: base.Instance) -> bool:
         c = self.c
         timeout = float(c.spec.health.timeout_seconds)
-        if not await c.runtime.ready(new, timeout):
+        if not await self.s.runtime.ready(new, timeout):
             return False
-        endpoint = c.runtime.endpoint(new)
+        endpoint = self.s.runtime.endpoint(new)
         try:
-            handshake = await c.plugins.handshake(endpoint, c.want_for(progress.to_color), timeout)
+            handshake = await self.s.plugins.handshake(
+                endpoint, c.want_for(progress.to_color), timeout
+            )
         except IncompatiblePluginError as e:
             raise SwapFailure("SwapFailedHandshake", str(e)) from None
         except ControllerError:
@@ -320,17 +239,17 @@ class Coordinator:
                 f"{new.name} reads and writes state version {handshake.state_version}, but "
                 f"spec.state.version is {expected or 'not set (no state)'}",
             )
-        return await c.plugins.healthy(endpoint, timeout)
+        return await self.s.plugins.healthy(endpoint, timeout)
 
     async def _checks(self, new: base.Instance) -> None:
         c = self.c
-        endpoint = c.runtime.endpoint(new)
+        endpoint = self.s.runtime.endpoint(new)
         timeout = float(c.spec.gateway.timeout_seconds)
         for index, check in enumerate(c.spec.hot_swap.checks):
             where = f"spec.hotSwap.checks[{index}] ({check.method})"
             payload = b"" if check.payload is None else json.dumps(check.payload).encode()
             try:
-                raw = await c.plugins.call(endpoint, check.method, payload, timeout)
+                raw = await self.s.plugins.call(endpoint, check.method, payload, timeout)
                 answer = json.loads(raw) if raw else None
             except (ControllerError, ValueError) as e:
                 raise SwapFailure("SwapFailedChecks", f"{where} failed: {e}") from None
@@ -358,7 +277,7 @@ class Coordinator:
         timeout = float(c.spec.health.timeout_seconds)
         want = c.want_for(progress.to_color)
         try:
-            handshake = await c.plugins.handshake(new_endpoint, want, timeout)
+            handshake = await self.s.plugins.handshake(new_endpoint, want, timeout)
         except ControllerError as e:
             raise SwapFailure("SwapFailedNotReady", f"handshake before the copy: {e}") from None
         if not handshake.deltas:
@@ -368,7 +287,7 @@ class Coordinator:
         for round in range(swap.pre_copy_rounds):
             try:
                 moved = await transfer.move(
-                    c.plugins,
+                    self.s.plugins,
                     old_endpoint,
                     new_endpoint,
                     since=revision,
@@ -393,10 +312,10 @@ class Coordinator:
 
     def _recording(self, progress: models.SwapProgress) -> transfer.Recording | None:
         c = self.c
-        if c.snapshots is None:
+        if self.s.snapshots is None:
             return None
         return transfer.Recording(
-            c.snapshots,
+            self.s.snapshots,
             c.key,
             progress.from_version,
             "swap",
@@ -412,7 +331,7 @@ class Coordinator:
         if since:
             try:
                 moved = await transfer.move(
-                    c.plugins, old_endpoint, new_endpoint, since=since, timeout=STATE_TIMEOUT
+                    self.s.plugins, old_endpoint, new_endpoint, since=since, timeout=STATE_TIMEOUT
                 )
             except PluginCallError as e:
                 if e.code != "UNIMPLEMENTED":  # e.g. a delta on the wrong base: roll back
@@ -425,7 +344,7 @@ class Coordinator:
             self.transfer = "FullCopy (the new color refused the delta)"
         try:
             moved = await transfer.move(
-                c.plugins,
+                self.s.plugins,
                 old_endpoint,
                 new_endpoint,
                 timeout=STATE_TIMEOUT,
@@ -444,14 +363,14 @@ class Coordinator:
     ) -> float | None:
         c = self.c
         swap = c.spec.hot_swap
-        old_endpoint, new_endpoint = c.runtime.endpoint(old), c.runtime.endpoint(new)
+        old_endpoint, new_endpoint = self.s.runtime.endpoint(old), self.s.runtime.endpoint(new)
         since = ""
         self.transfer = "FullCopy"
         if c.spec.state is not None and swap.state_transfer == "PreCopy":
             since = await self._pre_copy(progress, old_endpoint, new_endpoint)
             _checkpoint("precopied")
         progress.step = models.SwapStep.PROMOTING
-        await c.persist()
+        await self.e.persist()
         _checkpoint("promoting")
         note = ""
         started = time.monotonic()
@@ -460,9 +379,9 @@ class Coordinator:
         def step(name: str) -> None:
             steps.append((name, time.monotonic()))
 
-        c.routes.hold(c.key)
+        self.s.routes.hold(c.key)
         try:
-            left = await c.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
+            left = await self.s.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
             step("in flight")
             if left:
                 raise SwapFailure(
@@ -471,7 +390,9 @@ class Coordinator:
                     f"({swap.drain_timeout_seconds}s)",
                 )
             try:
-                await c.plugins.drain(old_endpoint, max(0.001, float(swap.drain_timeout_seconds)))
+                await self.s.plugins.drain(
+                    old_endpoint, max(0.001, float(swap.drain_timeout_seconds))
+                )
             except ControllerError as e:
                 raise SwapFailure("SwapFailedDrain", f"{old.name} did not drain: {e}") from None
             step("drain")
@@ -502,31 +423,32 @@ class Coordinator:
                 held_state_bytes=self.held_bytes if c.spec.state is not None else None,
                 state_transfer=self.transfer if c.spec.state is not None else None,
             )
-            await c.persist()
+            await self.e.persist()
             step("status")
             _checkpoint("flipped")
-            c.routes.set_route(c.key, new_endpoint, new.name, c.spec)
+            self.s.routes.set_route(c.key, new_endpoint, new.name, c.spec)
         except BaseException:  # a failed step, or anything else: the old color serves again
             await self._resume(old_endpoint)
-            c.routes.release(c.key)
+            self.s.routes.release(c.key)
             self.held_ms = (time.monotonic() - started) * 1000
             raise
-        c.routes.release(c.key)
+        self.s.routes.release(c.key)
         pause = (time.monotonic() - started) * 1000
         spent, before = [], started
         for name, at in steps:
             spent.append(f"{name} {(at - before) * 1000:.1f}")
             before = at
         c.status.last_swap.pause_milliseconds = round(pause, 3)
-        c.metrics.swap_pause.labels(c.key).observe(pause / 1000)
-        if c.spec.state is not None and c.snapshots is not None:
+        self.s.metrics.swap_pause.labels(c.key).observe(pause / 1000)
+        if c.spec.state is not None and self.s.snapshots is not None:
             # What moved while calls were held was not kept as it passed (that would
             # lengthen the hold): keep it now from the old color, frozen as it was, as the
             # last delta of the pre-copy's chain (or the whole state, for a whole copy).
             try:
                 await transfer.record(
-                    c.plugins, c.snapshots, c.key, old_endpoint, progress.from_version, "swap",
-                    since if self.held_delta else "", timeout=STATE_TIMEOUT,
+                    self.s.plugins, self.s.snapshots, c.key, old_endpoint,
+                    progress.from_version, "swap", since if self.held_delta else "",
+                    timeout=STATE_TIMEOUT,
                     limit=c.spec.resources.memory.as_int(),
                 )  # fmt: skip
             except ControllerError as e:
@@ -537,7 +459,7 @@ class Coordinator:
             if c.spec.state is not None
             else ""
         )
-        await c.event(
+        await self.e.event(
             "Normal",
             "SwapPromoted",
             f"{new.name} ({progress.to_version}) serves; calls were held {pause:.1f} ms "
@@ -558,13 +480,15 @@ class Coordinator:
         snapshot is not carried back (it stays in the snapshot of this swap).
         """
         c = self.c
-        if c.snapshots is None:
+        if self.s.snapshots is None:
             raise SwapFailure(
                 "SwapFailedImport", "no state store to go back to an older state from"
             )
         try:
-            snapshot = await asyncio.to_thread(c.snapshots.newest_full, c.key, version)
-            await transfer.load(c.plugins, c.snapshots, snapshot, endpoint, timeout=STATE_TIMEOUT)
+            snapshot = await asyncio.to_thread(self.s.snapshots.newest_full, c.key, version)
+            await transfer.load(
+                self.s.plugins, self.s.snapshots, snapshot, endpoint, timeout=STATE_TIMEOUT
+            )
         except snapshots_module.SnapshotNotFoundError as e:
             raise SwapFailure(
                 "SwapFailedImport",
@@ -582,7 +506,7 @@ class Coordinator:
 
     async def _resume(self, endpoint: str) -> None:
         try:
-            await self.c.plugins.drain(endpoint, 5.0, resume=True)
+            await self.s.plugins.drain(endpoint, 5.0, resume=True)
         except ControllerError as e:
             log.warning("%s: could not tell %s to take calls again: %s", self.c.key, endpoint, e)
 
@@ -605,17 +529,17 @@ class Coordinator:
         if request in ("abort", "undo") and old_alive:
             raise SwapFailure("SwapAborted", f"rolled back by bhctl swap {request}")
         if request in ("abort", "undo"):
-            await c.event(
+            await self.e.event(
                 "Warning",
                 "SwapNotAborted",
                 f"the {progress.from_color.value} instance is gone: nothing to go back to",
             )
-        endpoint = c.runtime.endpoint(new)
-        if not await c.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds)):
+        endpoint = self.s.runtime.endpoint(new)
+        if not await self.s.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds)):
             raise SwapFailure(
                 "SwapFailedAfterPromotion", f"{new.name} failed its health check after promotion"
             )
-        c.routes.set_route(c.key, endpoint, new.name, c.spec)
+        self.s.routes.set_route(c.key, endpoint, new.name, c.spec)
         assert progress.promoted is not None
         kept = c.now - progress.promoted.timestamp()
         window = float(c.spec.hot_swap.scale_down_delay_seconds)
@@ -623,22 +547,19 @@ class Coordinator:
         if kept < window and not changed:
             return min(float(c.spec.health.period_seconds), window - kept)
         if old is not None:
-            await c.remove(old)
+            await self.e.remove(old)
         c.status.instances = [i for i in c.status.instances if i.color is progress.to_color]
         c.status.swap = None
         if c.status.last_swap is not None:
             c.status.last_swap.result = "Promoted"
             c.status.last_swap.time = datetime.now(UTC)
-        c.metrics.swaps.labels(c.key, "Promoted").inc()
-        await c.event(
+        self.s.metrics.swaps.labels(c.key, "Promoted").inc()
+        await self.e.event(
             "Normal",
             "SwapCompleted",
             f"swap to {progress.to_version} done; removed the {progress.from_color.value} instance",
         )
-        c.set_conditions(
-            models.Phase.RUNNING,
-            ready=("True", "InstanceReady", f"{new.name} answers its health check"),
-        )
+        c.found("True", "InstanceReady", f"{new.name} answers its health check")
         return 0.0 if changed else float(c.spec.health.period_seconds)
 
     # Rolling back.
@@ -659,16 +580,16 @@ class Coordinator:
         # Everything the route and the status say changes while calls are held, and is
         # persisted before they are released: a controller dying after this finds the
         # old color active, never the one being removed.
-        c.routes.hold(c.key)
+        self.s.routes.hold(c.key)
         try:
             if promoted and old_alive and old is not None:
                 message += await self._return_state(old, new)
             if old_alive and old is not None:
-                old_endpoint = c.runtime.endpoint(old)
+                old_endpoint = self.s.runtime.endpoint(old)
                 await self._resume(old_endpoint)
-                c.routes.set_route(c.key, old_endpoint, old.name, c.spec)
+                self.s.routes.set_route(c.key, old_endpoint, old.name, c.spec)
             else:
-                c.routes.clear_route(c.key)
+                self.s.routes.clear_route(c.key)
             c.status.active_color = progress.from_color
             c.status.active_version = progress.from_version
             c.status.instances = [i for i in c.status.instances if i.color is progress.from_color]
@@ -686,29 +607,33 @@ class Coordinator:
                 time=datetime.now(UTC),
                 generation=c.generation,
             )
-            if not quiet:
-                serving = (
-                    f"{old.name} serves" if old_alive and old is not None else "nothing serves"
+            serving = f"{old.name} serves" if old_alive and old is not None else "nothing serves"
+            said = f"swap to {progress.to_version} rolled back: {message}; {serving}"
+            if quiet:  # nothing is wrong with the plugin: the next pass starts over
+                c.found(
+                    "True" if old_alive else "False",
+                    failure.reason,
+                    said,
+                    progressing=(failure.reason, "starting over from what runs"),
                 )
-                c.set_conditions(
-                    models.Phase.DEGRADED,
-                    ready=(
-                        "True" if old_alive else "False",
-                        failure.reason,
-                        f"swap to {progress.to_version} rolled back: {message}; {serving}",
-                    ),
-                    degraded=True,
+            else:
+                c.status.last_swap.message = said
+                c.found(
+                    "True" if old_alive else "False",
+                    failure.reason,
+                    said,
+                    degraded=(failure.reason, said),
                 )
-            await c.persist()
+            await self.e.persist()
         finally:
-            c.routes.release(c.key)
+            self.s.routes.release(c.key)
         if new is not None:
-            await c.remove(new)
+            await self.e.remove(new)
         if self.held_ms is not None:
-            c.metrics.swap_pause.labels(c.key).observe(self.held_ms / 1000)
-        c.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
-        c.metrics.rollbacks.labels(c.key, failure.reason).inc()
-        await c.event(
+            self.s.metrics.swap_pause.labels(c.key).observe(self.held_ms / 1000)
+        self.s.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
+        self.s.metrics.rollbacks.labels(c.key, failure.reason).inc()
+        await self.e.event(
             "Normal" if quiet else "Warning",
             failure.reason,
             f"swap {progress.from_version} -> {progress.to_version} rolled back: {message}",
@@ -727,18 +652,18 @@ class Coordinator:
             return ""
         if new is None or new.state is not base.InstanceState.RUNNING:
             return "; the new color is gone: the old one serves the state frozen at the swap"
-        new_endpoint = c.runtime.endpoint(new)
+        new_endpoint = self.s.runtime.endpoint(new)
         drain = max(0.001, float(c.spec.hot_swap.drain_timeout_seconds))
         try:
-            left = await c.routes.wait_idle(new_endpoint, drain)
-            left = left or await c.plugins.drain(new_endpoint, drain)
+            left = await self.s.routes.wait_idle(new_endpoint, drain)
+            left = left or await self.s.plugins.drain(new_endpoint, drain)
             if left:
                 return (
                     f"; {left} call(s) were still in flight on the new color: the old one "
                     "serves the state frozen at the swap"
                 )
             await transfer.move(
-                c.plugins, new_endpoint, c.runtime.endpoint(old), timeout=STATE_TIMEOUT
+                self.s.plugins, new_endpoint, self.s.runtime.endpoint(old), timeout=STATE_TIMEOUT
             )
         except ControllerError as e:
             return (
@@ -751,12 +676,17 @@ class Coordinator:
         c = self.c
         active = c.status.active_color
         serving = active is None or c.instance_status(active).ready
-        c.set_conditions(
-            models.Phase.SWAPPING,
-            ready=(
-                ("True", "InstanceReady", "the active color serves while the swap goes on")
-                if serving
-                else ("False", "ActiveUnhealthy", "the active color fails its health check")
-            ),
-            progressing=(reason, message),
-        )
+        if serving:
+            c.found(
+                "True",
+                "InstanceReady",
+                "the active color serves while the swap goes on",
+                progressing=(reason, message),
+            )
+        else:
+            c.found(
+                "False",
+                "ActiveUnhealthy",
+                "the active color fails its health check",
+                progressing=(reason, message),
+            )

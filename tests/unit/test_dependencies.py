@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 
 from controller.protocol import memory as memory_protocol
-from controller.reconcile import conditions
 from controller.reconcile.reconciler import Reconciler
 from controller.registry import registry
 from controller.runtimes.memory import MemoryRuntime
 from controller.sources.directory import DirectorySource
 from controller.sources.store import Store
-from controller.spec import models
+from controller.spec import conditions, models
 from tests import bundles
 
 SPEC = """\

@@ -9,13 +9,12 @@ import pytest
 
 from controller.errors import PermanentError, TemporaryError
 from controller.protocol import memory as memory_protocol
-from controller.reconcile import conditions
 from controller.reconcile.reconciler import Reconciler
 from controller.runtimes import base
 from controller.runtimes.memory import MemoryRuntime
 from controller.sources.directory import DirectorySource
 from controller.sources.store import Store
-from controller.spec import models
+from controller.spec import conditions, models
 
 SPEC = """\
 apiVersion: blackhole.dev/v1alpha1

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.reconcile import conditions
-from controller.spec import models
+from controller.spec import conditions, models
 from controller.state import snapshots
 
 from .test_reconciler import World

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.reconcile import conditions
 from controller.runtimes import base, container
+from controller.spec import conditions
 from tests.unit.test_reconciler import World
 
 

@@ -1,0 +1,308 @@
+"""One instance's life, a step at a time: start, probe until Ready, health-check, restart.
+
+Crashes are handled here, not by the engine's restart policy, so that they
+are seen and counted: a dead instance is restarted after an exponential
+backoff; past ``restart.maxRestarts`` within ``restart.windowSeconds`` the
+plugin is Degraded with reason CrashLoop, its exit code and last log lines,
+and is left stopped until its oldest restart leaves the window or its spec
+changes. Each step says what it found on the pass's context
+(:meth:`~controller.swap.context.PassContext.found`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import NoReturn
+
+from controller.errors import ControllerError, IncompatiblePluginError, PermanentError
+from controller.metrics import violations as violations_module
+from controller.reconcile.checkpoints import Checkpoints
+from controller.reconcile.workers import Result
+from controller.runtimes import base
+from controller.spec import conditions
+from controller.swap import context
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+"""Seconds an instance being replaced gets to exit after SIGTERM."""
+
+
+class Lifecycle:
+    """The active instance of the plugin of one pass."""
+
+    def __init__(
+        self,
+        ctx: context.PassContext,
+        services: context.Services,
+        effects: context.Effects,
+        violations: violations_module.Violations,
+    ) -> None:
+        self.c = ctx
+        self.s = services
+        self.e = effects
+        self.violations = violations
+        self.checkpoints = Checkpoints(ctx, services, effects)
+
+    @property
+    def want(self) -> base.InstanceSpec:
+        """What the active color should run (the pass's spec may change, e.g. by undo)."""
+        return self.c.want_for(self.c.color)
+
+    async def converge(self, current: base.Instance | None) -> Result:
+        c = self.c
+        record = c.instance_status(self.want.color)
+        if current is None:
+            return await self.start("Created", f"started {self.want.name} ({c.spec.version})")
+        if current.spec_hash != self.want.spec_hash:
+            self.s.routes.clear_route(c.key)
+            if current.state is base.InstanceState.RUNNING and record.ready:
+                await self.checkpoints.last(current)  # its replacement gets the state back
+            await self.s.runtime.stop(current.name, STOP_TIMEOUT)
+            await self.e.remove(current)
+            record.restarts = 0
+            record.last_exit_code = None
+            record.oom_killed = False
+            change = (
+                f"version {current.version} -> {c.spec.version}"
+                if current.version != str(c.spec.version)
+                else "spec changed"
+            )
+            return await self.start(
+                "Replaced", f"replaced {self.want.name} (stop, then start): {change}"
+            )
+        if current.state is base.InstanceState.CREATED:
+            await self.e.remove(current)  # a start cut short, e.g. by a crash of ours
+            return await self.start("Created", f"started {self.want.name} ({c.spec.version})")
+        if current.state not in (base.InstanceState.RUNNING, base.InstanceState.PAUSED):
+            self.s.routes.clear_route(c.key)
+            return await self._crashed(current)
+        return await self._probe(current)  # a paused one fails its health checks
+
+    async def start(self, reason: str, message: str) -> Result:
+        c = self.c
+        await self.e.start(self.want)
+        c.memory.probe_delay.pop(self.want.name, None)
+        c.memory.health_failures = 0
+        c.status.active_color = self.want.color
+        c.status.active_version = str(c.spec.version)
+        record = c.instance_status(self.want.color)
+        record.state = base.InstanceState.RUNNING.value
+        record.ready = False
+        record.version = str(c.spec.version)
+        await self.e.event("Normal", reason, message)
+        c.found(
+            "False",
+            "InstanceStarting",
+            f"{self.want.name} is starting",
+            progressing=(reason if reason != "Created" else "InstanceStarting", message),
+        )
+        return Result(requeue_after=c.memory.next_probe(self.want.name))
+
+    async def hold_back(self, current: base.Instance) -> Result:
+        """Keep an old instance whose spec is not known serving: health checks, no handshake.
+
+        Its handshake would be checked against the refused spec; and a crash
+        of it has nothing to restart but that spec, which converge then does.
+        """
+        c = self.c
+        record = c.instance_status(current.color)
+        if current.state is not base.InstanceState.RUNNING:
+            return await self.converge(current)
+        health = c.spec.health
+        endpoint = self.s.runtime.endpoint(current)
+        record.state = current.state.value
+        record.ready = await self.s.plugins.healthy(endpoint, float(health.timeout_seconds))
+        if record.ready:
+            self.s.routes.set_route(c.key, endpoint, current.name, c.spec)
+            c.found("True", "InstanceReady", f"{current.name} answers its health check")
+        else:
+            self.s.routes.clear_route(c.key)
+            c.found("False", "Unhealthy", f"{current.name} fails its health check")
+        return Result(requeue_after=float(health.period_seconds))
+
+    def _backoff_left(self, current: base.Instance, restarts: int) -> float:
+        """Seconds until a crashed instance may be restarted (exponential backoff)."""
+        restart = self.c.spec.restart
+        delay = min(restart.max_backoff_seconds, restart.backoff_seconds * 2.0**restarts)
+        finished = current.finished_at.timestamp() if current.finished_at else self.c.now
+        return finished + delay - self.c.now
+
+    async def _crashed(self, current: base.Instance) -> Result:
+        c = self.c
+        record = c.instance_status(current.color)
+        if (
+            not current.oom_killed
+            and current.exit_code == 137
+            and "OOMKilled" in self.violations.current(c.key)
+        ):  # the kernel said so, though the engine did not (Podman on cgroup v1)
+            current = dataclasses.replace(current, oom_killed=True)
+        restart = c.spec.restart
+        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
+        record.state = current.state.value
+        record.ready = False
+        record.last_exit_code = current.exit_code
+        record.oom_killed = current.oom_killed
+        if current.oom_killed:
+            self.violations.oom_killed(
+                c.key,
+                f"{current.name} was killed for memory (limit {c.spec.resources.memory}); "
+                "raise spec.resources.memory or find what grows",
+            )
+        history = c.memory.restarts
+        while history and history[0] <= c.now - restart.window_seconds:
+            history.popleft()
+        looping = len(history) >= restart.max_restarts
+        wait = self._backoff_left(current, len(history))
+        if (looping or wait > 0) and self.s.runtime.capabilities().restarts_crashed:
+            # Held down: where the platform would restart it by itself, stop it.
+            await self.s.runtime.stop(current.name, STOP_TIMEOUT)
+        if looping:
+            lines = await self.e.last_logs(current.name)
+            message = (
+                f"{current.name} crashed {len(history) + 1} times within "
+                f"{restart.window_seconds}s (maxRestarts {restart.max_restarts}); last "
+                f"{how}; not restarting until the spec changes or the window passes. "
+                f"Last log lines:\n{lines}"
+            )
+            before = conditions.find(c.old.conditions, conditions.DEGRADED)
+            if before is None or before.status != "True" or before.reason != "CrashLoop":
+                await self.e.event("Warning", "CrashLoop", message)
+            c.found("False", "CrashLoop", message, degraded=("CrashLoop", message))
+            retry = history[0] + restart.window_seconds - c.now if history else None
+            return Result(requeue_after=retry)
+        if wait > 0:
+            said = f"{current.name} {how}; restarting in {wait:.1f}s"
+            c.found(
+                "False",
+                "BackOff",
+                said,
+                progressing=("BackOff", f"restarting {current.name} in {wait:.1f}s"),
+                degraded=("BackOff", said) if history else None,
+            )
+            return Result(requeue_after=wait)
+        lines = await self.e.last_logs(current.name)
+        await self.e.remove(current)
+        history.append(c.now)
+        self.s.metrics.restarts.labels(c.key).inc()
+        self.violations.restarted(c.key)
+        restarts = record.restarts + 1
+        result = await self.start(
+            "Restarted",
+            f"restarted {current.name} after {how} (restart {restarts}); last log lines:\n{lines}",
+        )
+        record = c.instance_status(self.want.color)
+        record.restarts = restarts
+        record.last_exit_code = current.exit_code
+        record.oom_killed = current.oom_killed
+        return result
+
+    async def _probe(self, current: base.Instance) -> Result:
+        c = self.c
+        record = c.instance_status(current.color)
+        health = c.spec.health
+        timeout = float(health.timeout_seconds)
+        endpoint = self.s.runtime.endpoint(current)
+        plugins = self.s.plugins
+        if record.ready and current.id in c.memory.handshaken:
+            ready = await plugins.healthy(endpoint, timeout)
+            if not ready:  # left draining by a swap that could not resume it? Resume it.
+                with contextlib.suppress(ControllerError):
+                    await plugins.drain(endpoint, timeout, resume=True)
+                    ready = await plugins.healthy(endpoint, timeout)
+        else:
+            ready = await self.s.runtime.ready(current, timeout) and await self._handshake(
+                current, endpoint, timeout
+            )
+        record.state = current.state.value
+        if ready and not record.ready and not await self.checkpoints.restore(current, endpoint):
+            return Result(requeue_after=c.memory.next_probe(current.name))  # state not back yet
+        if ready:
+            self.s.routes.set_route(c.key, endpoint, current.name, c.spec)
+            c.status.active_color = current.color
+            c.status.active_version = current.version
+            c.memory.health_failures = 0
+            c.memory.probe_delay.pop(current.name, None)
+            if not record.ready:
+                started = current.started_at.timestamp() if current.started_at else c.now
+                await self.e.event(
+                    "Normal",
+                    "Ready",
+                    f"{current.name} is Ready ({c.now - started:.2f}s after start)",
+                )
+            record.ready = True
+            c.found("True", "InstanceReady", f"{current.name} answers its health check")
+            return Result(requeue_after=await self.checkpoints.checkpoint(current, endpoint))
+        if not record.ready:  # still starting
+            started = current.started_at.timestamp() if current.started_at else c.now
+            if c.now - started < health.startup_deadline_seconds:
+                c.found(
+                    "False",
+                    "InstanceStarting",
+                    f"{current.name} is starting",
+                    progressing=("InstanceStarting", f"waiting for {current.name} to be Ready"),
+                )
+                return Result(requeue_after=c.memory.next_probe(current.name))
+            return await self._unhealthy(
+                current,
+                f"{current.name} was not Ready within startupDeadlineSeconds "
+                f"({health.startup_deadline_seconds}s)",
+            )
+        self.s.routes.clear_route(c.key)
+        c.memory.health_failures += 1
+        paused = current.state is base.InstanceState.PAUSED
+        failed = f"{current.name} failed {c.memory.health_failures} health check(s) in a row" + (
+            " (the engine says it is paused)" if paused else ""
+        )
+        if c.memory.health_failures < health.failure_threshold:
+            c.found(
+                "False",
+                "HealthCheckFailed",
+                f"{failed}; restarted at failureThreshold ({health.failure_threshold})",
+            )
+            return Result(requeue_after=float(health.period_seconds))
+        return await self._unhealthy(current, failed)
+
+    async def _handshake(self, current: base.Instance, endpoint: str, timeout: float) -> bool:
+        """Initialize the instance (idempotent) and check what it says; True when it is healthy.
+
+        A plugin that speaks another protocol version, or whose state
+        version is not the spec's, can never work: it is removed and the
+        plugin is Failed until its spec changes.
+        """
+        c = self.c
+        try:
+            handshake = await self.s.plugins.handshake(endpoint, self.want, timeout)
+        except IncompatiblePluginError as e:
+            await self._refuse(current, e.reason, str(e))
+        except ControllerError as e:
+            log.debug("handshake with %s failed: %s", current.name, e, extra=c.log)
+            return False
+        expected = c.spec.state.version if c.spec.state else 0
+        if handshake.state_version != expected:
+            await self._refuse(
+                current,
+                "StateVersionMismatch",
+                f"{current.name} reads and writes state version {handshake.state_version}, "
+                f"but spec.state.version is {expected or 'not set (no state)'}",
+            )
+        c.memory.handshaken.add(current.id)
+        return await self.s.plugins.healthy(endpoint, timeout)
+
+    async def _refuse(self, current: base.Instance, reason: str, message: str) -> NoReturn:
+        c = self.c
+        c.memory.refused = (self.want.spec_hash, reason, message)
+        await self.e.remove(current)
+        await self.e.event("Warning", reason, message)
+        c.found("False", reason, message, degraded=(reason, message), stalled=True)
+        c.status.instances = []
+        raise PermanentError(f"{c.key}: {message}")
+
+    async def _unhealthy(self, current: base.Instance, why: str) -> Result:
+        await self.e.event("Warning", "Unhealthy", why)
+        await self.s.runtime.stop(current.name, STOP_TIMEOUT)
+        self.c.instance_status(current.color).ready = False
+        stopped = await self.s.runtime.inspect(current.name)
+        return await self._crashed(stopped)

@@ -1,0 +1,229 @@
+"""The context of one reconcile pass, and what a pass may do through it.
+
+The reconciler makes one :class:`PassContext` at the start of each pass,
+every field set then, and hands it to the steps of the pass (the swap
+coordinator's among them). The steps fill in the record part of the status
+(instances, active color, swap progress) and say what they found as one
+:class:`~controller.spec.conditions.Finding`; the conditions and the phase
+are computed from that once, when the status is written
+(:mod:`controller.reconcile.status`). What survives from one pass to the
+next lives in :class:`Memory`, kept per plugin by the reconciler.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from controller.metrics import telemetry
+from controller.protocol import client
+from controller.runtimes import base
+from controller.spec import conditions, models
+from controller.spec.keys import PluginKey
+from controller.state import snapshots as snapshots_module
+from controller.swap import transfer
+
+FIRST_PROBE = 0.05
+"""Seconds before the first readiness probe of a new instance; it grows by half each time.
+
+The runtime's events usually say sooner when the instance's socket appears."""
+LONGEST_PROBE = 1.0
+
+
+class Plugins(transfer.Plugins, Protocol):
+    """The plugin protocol calls a pass makes (:class:`~controller.protocol.client.Clients`)."""
+
+    async def handshake(
+        self, endpoint: str, want: base.InstanceSpec, timeout: float
+    ) -> client.Handshake: ...
+
+    async def healthy(self, endpoint: str, timeout: float) -> bool: ...
+
+    async def call(self, endpoint: str, method: str, payload: bytes, timeout: float) -> bytes: ...
+
+    async def drain(self, endpoint: str, timeout: float, *, resume: bool = False) -> int: ...
+
+    async def drop(self, endpoint: str) -> None: ...
+
+
+class Routes(Protocol):
+    """The gateway's routes (:class:`~controller.gateway.router.Router`, or
+    :class:`~controller.gateway.control.RemoteRoutes` for a gateway in its own process)."""
+
+    def set_route(
+        self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
+    ) -> None: ...
+
+    def clear_route(self, key: str) -> None: ...
+
+    def hold(self, key: str) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+    async def wait_idle(self, endpoint: str, timeout: float) -> int: ...
+
+
+class NoRoutes:
+    """Routes for a controller without a gateway."""
+
+    def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
+        pass
+
+    def clear_route(self, key: str) -> None:
+        pass
+
+    def hold(self, key: str) -> None:
+        pass
+
+    def release(self, key: str) -> None:
+        pass
+
+    async def wait_idle(self, endpoint: str, timeout: float) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every pass works with: made once, with the reconciler."""
+
+    runtime: base.Runtime
+    plugins: Plugins
+    routes: Routes
+    snapshots: snapshots_module.Snapshots | None
+    metrics: telemetry.Metrics
+
+
+class Effects(Protocol):
+    """What a step does beyond its context, through the reconciler."""
+
+    async def event(self, type: conditions.EventType, reason: str, message: str) -> None: ...
+
+    async def persist(self) -> None:
+        """Write the status now, not at the end of the pass (a swap's commit points)."""
+
+    async def start(self, want: base.InstanceSpec) -> None:
+        """Start an instance and keep its spec (what ``bhctl swap undo`` goes back to)."""
+
+    async def remove(self, instance: base.Instance) -> None: ...
+
+    async def last_logs(self, name: str) -> str: ...
+
+
+@dataclass
+class Memory:
+    """What the reconciler remembers of a plugin between passes (not persisted)."""
+
+    restarts: collections.deque[float] = field(default_factory=collections.deque)
+    """When it restarted crashed instances, within the restart window."""
+    probe_delay: dict[str, float] = field(default_factory=dict)
+    """The next readiness probe's delay, per instance that is not Ready yet."""
+    health_failures: int = 0
+    handshaken: set[str] = field(default_factory=set)
+    """The ids of the instances whose handshake succeeded."""
+    refused: tuple[str, str, str] | None = None
+    """(spec hash, reason, message) of a spec whose plugin failed its handshake for good:
+    not started again until the spec changes."""
+    checkpointed: float = 0.0
+    """When the active instance's state was last checkpointed (0: not by this process)."""
+    checkpoint_failing: bool = False
+    error: str = ""
+    """The last error a pass met, so that its event is not repeated every pass."""
+
+    def next_probe(self, instance: str) -> float:
+        """The delay before probing ``instance`` again; each call lengthens the next."""
+        delay = self.probe_delay.get(instance, FIRST_PROBE)
+        self.probe_delay[instance] = min(LONGEST_PROBE, delay * 1.5)
+        return delay
+
+
+@dataclass
+class PassContext:
+    """One pass over one plugin that has a spec: made at its start, every field set then."""
+
+    key: PluginKey
+    plugin: models.Plugin
+    spec: models.PluginSpec
+    """What the pass makes run: the declared spec, or the one ``swap undo`` pinned, or the
+    old one that goes on after its swap rolled back."""
+    generation: int
+    declared_hash: str
+    """The hash of the declared plugin (what a pin is kept against)."""
+    observed: list[base.Instance]
+    old: models.PluginStatus
+    """The status as stored before the pass (as last written, once the pass persisted)."""
+    status: models.PluginStatus
+    """The status being made: the steps set its record fields; conditions and phase are
+    computed from :attr:`finding` when it is written."""
+    memory: Memory
+    now: float
+    controller_id: str
+    color: models.Color
+    """The active color when the pass began (blue for a plugin that never ran)."""
+    request: str | None = None
+    """What ``bhctl swap`` asked of this pass (promote, abort, undo, retry)."""
+    pinned: bool = False
+    held_back: bool = False
+    """Whether the old version runs on because the swap to this spec rolled back."""
+    finding: conditions.Finding = conditions.UNKNOWN
+    log: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name
+
+    @property
+    def namespace(self) -> str | None:
+        return self.plugin.metadata.namespace
+
+    def found(
+        self,
+        ready: conditions.ConditionStatus,
+        reason: str,
+        message: str,
+        *,
+        progressing: tuple[str, str] | None = None,
+        degraded: tuple[str, str] | None = None,
+        stalled: bool = False,
+    ) -> None:
+        """Say what the pass found (the last word counts)."""
+        self.finding = conditions.Finding(ready, reason, message, progressing, degraded, stalled)
+
+    def instance(self, color: models.Color) -> base.Instance | None:
+        return next((i for i in self.observed if i.color is color), None)
+
+    def want_for(self, color: models.Color) -> base.InstanceSpec:
+        return base.InstanceSpec(
+            plugin=self.plugin.name,
+            color=color,
+            spec=self.spec,
+            labels=self._labels(color),
+            namespace=self.plugin.metadata.namespace,
+            controller_id=self.controller_id,
+            owner_uid=self.plugin.metadata.uid,
+        )
+
+    def _labels(self, color: models.Color) -> dict[str, str]:
+        labels = {
+            **self.plugin.metadata.labels,
+            base.LABEL_PLUGIN: self.plugin.name,
+            base.LABEL_COLOR: color.value,
+            base.LABEL_VERSION: str(self.spec.version),
+            base.LABEL_SPEC_HASH: base.instance_hash(self.spec),
+        }
+        if self.plugin.metadata.namespace:
+            labels[base.LABEL_NAMESPACE] = self.plugin.metadata.namespace
+        return labels
+
+    def instance_status(self, color: models.Color) -> models.InstanceStatus:
+        """The status record of ``color``'s instance, made when there is none."""
+        for record in self.status.instances:
+            if record.color is color:
+                return record
+        record = models.InstanceStatus(
+            color=color, version=str(self.spec.version), state=base.InstanceState.UNKNOWN.value
+        )
+        self.status.instances = [i for i in self.status.instances if i.color is not color] + [
+            record
+        ]
+        return record
