@@ -52,6 +52,9 @@ def compute(
     """The status to write: ``record``'s fields, and conditions and phase from the rest."""
     ready, reason, message = finding.ready, finding.reason, finding.message
     progressing, degraded = finding.progressing, finding.degraded
+    if finding.stalled:  # it serves nothing it should, and needs a change of spec
+        ready = "False"
+        degraded = degraded or (reason, message)
     waiting = beside.waiting
     if waiting is not None and ready == "True":
         ready, reason, message = "False", waiting.reason, waiting.message
