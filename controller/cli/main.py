@@ -480,6 +480,16 @@ def _age(since: str | None) -> str:
 
 
 _PHASE_STYLE = {"Running": "green", "Pending": "yellow", "Degraded": "red", "Failed": "red"}
+_STEP_SHOWN = {"AwaitingPromotion": "awaiting promotion", "Promoting": "promoting"}
+
+
+def _declared_if_other(item: dict[str, Any]) -> str | None:
+    """The declared version of a plugin when what runs is another one (None: the same)."""
+    declared = item["spec"].get("version")
+    running = (item.get("status") or {}).get("activeVersion")
+    if declared is None or running is None or str(declared) == str(running):
+        return None
+    return str(declared)
 
 
 @app.command()
@@ -508,7 +518,10 @@ def get(
         else:
             sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
         return
+    declared = {id(item): _declared_if_other(item) for item in items}
     columns = ["NAME", "VERSION", "PHASE", "READY", "RESTARTS", "ACTIVE", "AGE"]
+    if any(declared.values()):
+        columns.insert(2, "DECLARED")
     if output == "wide":
         columns += ["IMAGE", "REASON", "MESSAGE"]
     table = Table(*columns, box=None)
@@ -516,16 +529,20 @@ def get(
         status = item.get("status") or {}
         ready = _condition(item, "Ready")
         phase = status.get("phase", "Pending")
+        step = (status.get("swap") or {}).get("step")
+        shown = f"{phase} ({_STEP_SHOWN[step]})" if step in _STEP_SHOWN else phase
         restarts = sum(i.get("restarts", 0) for i in status.get("instances", []))
         row = [
             item["metadata"]["name"],
-            str(item["spec"].get("version") or status.get("activeVersion") or "-"),
-            f"[{_PHASE_STYLE.get(phase, 'white')}]{phase}[/]",
+            str(status.get("activeVersion") or "-"),  # what runs, not what is declared
+            f"[{_PHASE_STYLE.get(phase, 'white')}]{escape(shown)}[/]",
             ready.get("status", "Unknown"),
             str(restarts),
             status.get("activeColor", "-"),
             _age(ready.get("lastTransitionTime")),
         ]
+        if "DECLARED" in columns:
+            row.insert(2, declared[id(item)] or "")
         if output == "wide":
             message = ready.get("message", "").splitlines()
             image = item["spec"].get("image") or item["spec"]["bundle"]

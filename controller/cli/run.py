@@ -268,8 +268,16 @@ def own_data_dir(data_dir: Path) -> None:
 
     A directory that exists and belongs to someone else, is writable by
     others (``/tmp``) or holds files that are not a controller's is refused,
-    and left as it was: making it private would lock its users out.
+    and left as it was: making it private would lock its users out. A
+    relative path is refused: the engines mount the plugins' socket
+    directories from under it, and they take absolute paths only.
     """
+    if not data_dir.is_absolute():
+        raise DataDirError(
+            f"--data-dir {data_dir} is a relative path; give an absolute one, e.g. "
+            f"--data-dir {Path.cwd() / data_dir} (the engines mount directories under it by "
+            "their absolute paths)"
+        )
     parent = data_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -121,3 +121,14 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path):
     with pytest.raises(run.DataDirError, match="uid 4242"), run._lock(data):
         pass
     assert mode(data) == 0o755
+
+
+def test_a_relative_data_dir_stops_bhctl_run_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main.app, ["run", "--data-dir", "data", "--runtime", "process"])
+    assert result.exit_code != 0
+    assert "is a relative path" in result.output
+    assert str(tmp_path / "data") in result.output  # the absolute path it would take
+    assert not (tmp_path / "data").exists(), "nothing is made under a relative path"
