@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import socket
@@ -52,6 +51,8 @@ from controller.state import snapshots
 log = logging.getLogger(__name__)
 
 MAX_BODY = safe_yaml.MAX_BYTES
+IMPORT_TIMEOUT = 120.0
+"""How long a state import request waits for the plugin's pass to answer (else 202)."""
 """Largest spec body accepted, in bytes (the spec loader's limit)."""
 
 
@@ -344,10 +345,10 @@ class AdminServer:
                 )
         elif action == "promote" and status.swap.step is models.SwapStep.PROMOTED:
             return web.json_response({"error": f"{key}: the swap is promoted already"}, status=409)
-        target.request(desired.plugin.key, action)
+        recorded = await asyncio.to_thread(target.request, key, action)
         assert self.control is not None
-        self.control.queue.add(desired.plugin.key)
-        return web.json_response({"plugin": desired.plugin.key, "requested": action})
+        self.control.queue.add(key)
+        return web.json_response({"plugin": key, "requested": action, "request": recorded.id})
 
     async def _state_history(self, request: web.Request) -> web.Response:
         desired = self._desired(request)
@@ -417,26 +418,32 @@ class AdminServer:
                 content_type="application/json",
             ) from e
         states = self._snapshots()
-        plugins, status, endpoint = await self._active(key)
-        routes = self._reconciler().routes
-        routes.hold(key)  # no call sees half of the old state and half of the new
-        try:
-            await routes.wait_idle(endpoint, desired.plugin.spec.hot_swap.drain_timeout_seconds)
-            before = await plugins.export_state(endpoint, 60)
-            saved = await asyncio.to_thread(
-                states.save, key, status.active_version or "", before.version, before.data,
-                "before-import",
-            )  # fmt: skip
-            state = client.State(version, data, hashlib.sha256(data).hexdigest())
-            after = await plugins.import_state(endpoint, state, 60)
-        except ControllerError as e:
-            raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
-        finally:
-            routes.release(key)
-        return web.json_response(
-            {"plugin": key, "stateVersion": after.version, "sha256": after.sha256,
-             "previous": saved.to_document()}
-        )  # fmt: skip
+        target = self._reconciler()
+        status = await self.source.read_status(key) or models.PluginStatus()
+        if status.swap is not None:
+            raise web.HTTPConflict(
+                text=_error(
+                    f"{key}: a swap to {status.swap.to_version} is in progress "
+                    f"({status.swap.step.value}); import after it ends, or abort it"
+                ),
+                content_type="application/json",
+            )
+        running = status.active_version or ""
+        kept = await asyncio.to_thread(states.save, key, running, version, data, "import")
+        # Carried out by the plugin's own pass, the one writer of its instances and routes.
+        recorded = await asyncio.to_thread(target.request, key, "import", str(kept.id))
+        assert self.control is not None
+        self.control.queue.add(key)
+        answer = await target.wait_answer(recorded.id, IMPORT_TIMEOUT)
+        if answer is None or answer.outcome is None:
+            return web.json_response(
+                {"plugin": key, "request": recorded.id, "outcome": "Pending"}, status=202
+            )
+        if answer.outcome == "Refused":
+            raise web.HTTPConflict(text=_error(answer.message), content_type="application/json")
+        if answer.outcome != "Done":
+            raise web.HTTPBadGateway(text=_error(answer.message), content_type="application/json")
+        return web.json_response({"plugin": key, **json.loads(answer.message)})
 
 
 @web.middleware

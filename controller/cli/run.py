@@ -619,6 +619,7 @@ async def _lead(
         bundles=bundles,
         workers=options.workers,
         may_act=election.valid if election is not None else None,
+        requests=records,
     )
     admin = server.AdminServer(
         source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins

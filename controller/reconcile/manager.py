@@ -47,6 +47,7 @@ class Manager:
         thresholds: violations.Thresholds | None = None,
         bundles: gates.Bundles | None = None,
         may_act: Callable[[], bool] | None = None,
+        requests: reconciler.Requests | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
@@ -65,6 +66,7 @@ class Manager:
             violations=self.violations,
             bundles=bundles,
             may_act=may_act,
+            requests=requests,
         )
         self.pool = _pool(queue, self.reconciler, workers)
         self.metrics.queue_depth.set_function(lambda: len(queue))

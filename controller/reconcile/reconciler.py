@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,14 +44,15 @@ from controller.errors import (
 )
 from controller.metrics import telemetry
 from controller.metrics import violations as violations_module
-from controller.reconcile import gates, lifecycle, status
+from controller.reconcile import checkpoints, gates, lifecycle, status
 from controller.reconcile.workers import Result
 from controller.runtimes import base
 from controller.sources import base as sources_base
+from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey, split_key
 from controller.state import snapshots as snapshots_module
-from controller.swap import context, coordinator
+from controller.swap import context, coordinator, transfer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,43 @@ class Source(Protocol):
     async def forget(self, key: str) -> None: ...
 
 
+class Requests(Protocol):
+    """Where operators' requests are recorded (:class:`~controller.sources.store.Store`)."""
+
+    def put_request(self, key: str, action: str, argument: str = "") -> store.Request: ...
+
+    def pending_request(self, key: str) -> store.Request | None: ...
+
+    def answer_request(self, id: int, outcome: str, message: str) -> None: ...
+
+    def request(self, id: int) -> store.Request | None: ...
+
+
+class MemoryRequests:
+    """Requests kept in memory, for a reconciler without a store (tests)."""
+
+    def __init__(self) -> None:
+        self._all: dict[int, store.Request] = {}
+        self._ids = itertools.count(1)
+
+    def put_request(self, key: str, action: str, argument: str = "") -> store.Request:
+        request = store.Request(next(self._ids), key, action, argument)
+        self._all[request.id] = request
+        return request
+
+    def pending_request(self, key: str) -> store.Request | None:
+        pending = (r for r in self._all.values() if r.key == key and r.outcome is None)
+        return min(pending, key=lambda r: r.id, default=None)
+
+    def answer_request(self, id: int, outcome: str, message: str) -> None:
+        found = self._all[id]
+        if found.outcome is None:
+            self._all[id] = dataclasses.replace(found, outcome=outcome, message=message)
+
+    def request(self, id: int) -> store.Request | None:
+        return self._all.get(id)
+
+
 class Reconciler:
     """Reconciles plugins on one runtime."""
 
@@ -94,8 +135,12 @@ class Reconciler:
         bundles: gates.Bundles | None = None,
         clock: Callable[[], float] = time.time,
         may_act: Callable[[], bool] | None = None,
+        requests: Requests | None = None,
     ) -> None:
         self.source = source
+        self.requests: Requests = requests or MemoryRequests()
+        """Operators' requests, each carried out and answered by a pass of its plugin."""
+        self._answered: dict[int, asyncio.Event] = {}
         self.bundles = bundles
         self.may_act = may_act
         """Whether this controller may act now (it holds the Lease); None: always."""
@@ -108,7 +153,6 @@ class Reconciler:
         self.phases: dict[str, tuple[str, bool]] = {}
         """Each plugin's phase and readiness as last written, for the metrics."""
         self.metrics.follow_plugins(lambda: dict(self.phases))
-        self._requests: dict[str, str] = {}
         self.clock = clock
         self._memory: dict[str, context.Memory] = collections.defaultdict(context.Memory)
         self._ids = itertools.count(1)
@@ -154,7 +198,7 @@ class Reconciler:
             now=self.clock(),
             controller_id=self.runtime.controller_id,
             color=color,
-            request=self.take_request(key),
+            request=await asyncio.to_thread(self.requests.pending_request, key),
             pinned=pinned is not None,
             finding=conditions.finding_of(stored.conditions),
             log={
@@ -254,12 +298,28 @@ class Reconciler:
     def forget(self, key: str) -> None:
         self._memory.pop(key, None)
 
-    def request(self, key: str, action: str) -> None:
-        """Ask the next pass over ``key`` to ``promote`` or ``abort`` its swap."""
-        self._requests[key] = action
+    def request(self, key: str, action: str, argument: str = "") -> store.Request:
+        """Record a request for ``key``'s passes: promote, abort, undo or retry its swap, or
+        import the state kept as snapshot ``argument``. The caller enqueues the key."""
+        return self.requests.put_request(key, action, argument)
 
-    def take_request(self, key: str) -> str | None:
-        return self._requests.pop(key, None)
+    async def wait_answer(self, id: int, timeout: float) -> store.Request | None:
+        """Request ``id`` once a pass answered it, or as it is after ``timeout`` seconds."""
+        event = self._answered.setdefault(id, asyncio.Event())
+        try:
+            found = await asyncio.to_thread(self.requests.request, id)
+            if found is not None and found.outcome is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+                found = await asyncio.to_thread(self.requests.request, id)
+            return found
+        finally:
+            self._answered.pop(id, None)
+
+    def _notify(self, id: int) -> None:
+        event = self._answered.get(id)
+        if event is not None:
+            event.set()
 
 
 class _Pass:
@@ -303,6 +363,8 @@ class _Pass:
             raise  # not acting (the Lease), or nowhere to write: the next pass says it
         except PermanentError:
             await self._write()  # its step said why
+            self.c.answered("Refused", self.c.finding.message)
+            await self._answer()
             raise
         except Exception as e:
             await self._failed(e)
@@ -312,6 +374,7 @@ class _Pass:
             retry = self.waiting.retry
             result = Result(requeue_after=min(result.requeue_after or retry, retry))
         await self._write()
+        await self._answer()
         return result
 
     # The steps.
@@ -355,22 +418,79 @@ class _Pass:
     async def _advance_swap(self) -> Result | None:
         if self.c.status.swap is None:
             return None
-        return Result(requeue_after=await self.swaps.advance(self.c.request))
+        return Result(requeue_after=await self.swaps.advance())
 
     async def _answer_request(self) -> Result | None:
-        """What bhctl swap asked, when no swap is in progress: undo, retry."""
+        """What an operator asked, when no swap is in progress: undo, retry, a state import."""
         c = self.c
-        self.retry = c.request == "retry"
-        if c.request == "undo":
+        asked = c.asked
+        self.retry = asked == "retry"
+        if asked == "undo":
             await self._undo()
+        elif asked == "import":
+            await self._import_state()
         elif self.retry:
             if not self._swap_refused(c.instance(c.color)):
                 await self.event("Normal", "NoSwap", "no rolled-back swap to retry")
+                c.answered("Refused", "no rolled-back swap to retry")
             else:
                 await self.event("Normal", "SwapRetry", "trying the rolled-back swap again")
-        elif c.request is not None:
-            await self.event("Normal", "NoSwap", f"no swap in progress to {c.request}")
+                c.answered("Done", "trying the rolled-back swap again")
+        elif asked is not None:
+            await self.event("Normal", "NoSwap", f"no swap in progress to {asked}")
+            c.answered("Refused", f"no swap in progress to {asked}")
         return None
+
+    async def _import_state(self) -> None:
+        """Replace the active instance's state with a stored snapshot; what it had is kept
+        as a snapshot first. Calls are held meanwhile: none sees half of each."""
+        c = self.c
+        assert c.request is not None
+        current = c.instance(c.color)
+        snapshots = self.s.snapshots
+        if snapshots is None:
+            c.answered("Refused", "this controller keeps no state snapshots")
+            return
+        if current is None or not c.instance_status(c.color).ready:
+            c.answered("Refused", f"{c.key} has no Ready instance to import the state into")
+            return
+        endpoint = self.s.runtime.endpoint(current)
+        timeout = checkpoints.STATE_TIMEOUT
+        routes = self.s.routes
+        routes.hold(c.key)
+        try:
+            snapshot = await asyncio.to_thread(snapshots.get, c.key, int(c.request.argument))
+            await routes.wait_idle(endpoint, float(c.spec.hot_swap.drain_timeout_seconds))
+            saved = await transfer.record(
+                self.s.plugins, snapshots, c.key, endpoint, current.version, "before-import",
+                timeout=timeout, limit=c.spec.resources.memory.as_int(),
+            )  # fmt: skip
+            after = await transfer.load(
+                self.s.plugins, snapshots, snapshot, endpoint, timeout=timeout
+            )
+        except (ControllerError, ValueError) as e:
+            await self.event("Warning", "StateImportFailed", f"{current.name}: {e}")
+            c.answered("Failed", str(e))
+            return
+        finally:
+            routes.release(c.key)
+        c.memory.checkpointed = 0.0  # a new lineage: checkpoint it soon
+        await self.event(
+            "Normal",
+            "StateImported",
+            f"imported {snapshot.size} bytes of state version {after.state_version} into "
+            f"{current.name}; what it had is snapshot {saved.id if saved else 'none'}",
+        )
+        c.answered(
+            "Done",
+            json.dumps(
+                {
+                    "stateVersion": after.state_version,
+                    "sha256": after.sha256,
+                    "previous": saved.to_document() if saved is not None else None,
+                }
+            ),
+        )
 
     async def _remove_other_colors(self) -> Result | None:
         c = self.c
@@ -455,6 +575,7 @@ class _Pass:
             await self.event(
                 "Warning", "UndoImpossible", "no finished swap whose previous spec is known"
             )
+            c.answered("Refused", "no finished swap whose previous spec is known")
             return
         assert specs is not None
         await asyncio.to_thread(specs.pin, c.key, c.declared_hash, text)
@@ -465,6 +586,7 @@ class _Pass:
             "Undo",
             f"going back to {last.from_version} (bhctl swap undo); it stays until the spec changes",
         )
+        c.answered("Done", f"going back to {last.from_version}")
 
     def _swap_wanted(self, current: base.Instance | None) -> bool:
         """Whether a change should be made blue/green: a Ready instance of another spec."""
@@ -533,6 +655,31 @@ class _Pass:
                 log.debug("%s: status not written: %s", c.key, e, extra=c.log)
             c.old = new
         await self._route()
+
+    async def _answer(self) -> None:
+        """Record how this pass answered its request (a promote before the new color is
+        Ready waits for a later pass)."""
+        c = self.c
+        request = c.request
+        if request is None:
+            return
+        swap = c.status.swap
+        if c.answer is None:
+            if swap is not None and request.action == "promote" and swap.step in (
+                models.SwapStep.STARTING, models.SwapStep.AWAITING_PROMOTION,
+            ):  # fmt: skip
+                return
+            if swap is not None:
+                c.answered(
+                    "Refused",
+                    f"a swap to {swap.to_version} is in progress ({swap.step.value}): "
+                    f"{request.action} after it ends, or abort it",
+                )
+            else:
+                c.answered("Refused", f"no swap in progress to {request.action}")
+        assert c.answer is not None
+        await asyncio.to_thread(self.r.requests.answer_request, request.id, *c.answer)
+        self.r._notify(request.id)
 
     async def _failed(self, error: Exception) -> None:
         """An error the pass met: a condition and, once per distinct error, an event."""

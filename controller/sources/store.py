@@ -59,7 +59,45 @@ CREATE TABLE IF NOT EXISTS events (
     count INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS events_by_key ON events (key, id);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    action TEXT NOT NULL,
+    argument TEXT NOT NULL DEFAULT '',
+    requested_at TEXT NOT NULL,
+    answered_at TEXT,
+    outcome TEXT,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS requests_by_key ON requests (key, answered_at, id);
 """
+
+REQUESTS_KEPT = 20
+"""Answered requests kept per plugin; older ones are dropped."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an operator asked of one plugin (``bhctl swap ...``, a state import): recorded
+    first, carried out by the plugin's next pass, so it survives a restart of the controller
+    and never races the pass."""
+
+    id: int
+    key: str
+    action: str
+    argument: str = ""
+    outcome: str | None = None
+    """None while pending; then Done or Refused."""
+    message: str = ""
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "plugin": self.key,
+            "action": self.action,
+            "outcome": self.outcome or "Pending",
+            "message": self.message,
+        }
 
 
 @dataclass(frozen=True)
@@ -184,11 +222,62 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM plugins WHERE key = ?", (key,))
             self._db.execute("DELETE FROM events WHERE key = ?", (key,))
+            self._db.execute(
+                "UPDATE requests SET answered_at = ?, outcome = 'Refused', "
+                "message = 'the plugin was deleted' WHERE key = ? AND answered_at IS NULL",
+                (_now().isoformat(), key),
+            )
 
     def known(self) -> list[str]:
         """Keys that have a status or generation recorded."""
         with self._guard("read_known", write=False):
             return [row[0] for row in self._db.execute("SELECT key FROM plugins ORDER BY key")]
+
+    # Requests.
+
+    def put_request(self, key: str, action: str, argument: str = "") -> Request:
+        with self._guard("put_request", write=True):
+            cursor = self._db.execute(
+                "INSERT INTO requests (key, action, argument, requested_at) VALUES (?, ?, ?, ?)",
+                (key, action, argument, _now().isoformat()),
+            )
+        assert cursor.lastrowid is not None
+        return Request(cursor.lastrowid, key, action, argument)
+
+    def pending_request(self, key: str) -> Request | None:
+        """The oldest request for ``key`` not answered yet."""
+        with self._guard("read_requests", write=False):
+            row = self._db.execute(
+                "SELECT id, key, action, argument FROM requests "
+                "WHERE key = ? AND answered_at IS NULL ORDER BY id LIMIT 1",
+                (key,),
+            ).fetchone()
+        return None if row is None else Request(int(row[0]), row[1], row[2], row[3])
+
+    def answer_request(self, id: int, outcome: str, message: str) -> None:
+        with self._guard("answer_request", write=True), self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "UPDATE requests SET answered_at = ?, outcome = ?, message = ? "
+                "WHERE id = ? AND answered_at IS NULL RETURNING key",
+                (_now().isoformat(), outcome, message, id),
+            ).fetchone()
+            if row is not None:
+                self._db.execute(
+                    "DELETE FROM requests WHERE key = ? AND answered_at IS NOT NULL AND id NOT IN "
+                    "(SELECT id FROM requests WHERE key = ? ORDER BY id DESC LIMIT ?)",
+                    (row[0], row[0], REQUESTS_KEPT),
+                )
+
+    def request(self, id: int) -> Request | None:
+        with self._guard("read_requests", write=False):
+            row = self._db.execute(
+                "SELECT id, key, action, argument, outcome, message FROM requests WHERE id = ?",
+                (id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return Request(int(row[0]), row[1], row[2], row[3], row[4], row[5])
 
     # Events.
 

@@ -312,12 +312,22 @@ class Snapshots:
             seq += 1
 
     def chunk(self, ident: int, seq: int) -> bytes | None:
-        """One stored chunk of a streamed snapshot; None past the last."""
+        """One stored chunk of a snapshot; None past the last. A snapshot saved whole (an
+        export, an import) is its own one chunk."""
         with self.guard("chunk", write=False):
             part = self._db.execute(
                 "SELECT data FROM snapshot_chunks WHERE snapshot = ? AND seq = ?", (ident, seq)
             ).fetchone()
-            return None if part is None else bytes(part[0])
+            if part is not None:
+                return bytes(part[0])
+            if seq:
+                return None
+            whole = self._db.execute(
+                "SELECT chunked, data FROM snapshots WHERE id = ?", (ident,)
+            ).fetchone()
+            if whole is None or whole[0] or whole[1] is None:
+                return None
+            return bytes(whole[1])
 
     def checkpoints(self, key: str) -> list[Snapshot]:
         """The complete streamed snapshots of ``key`` (checkpoints, swaps), oldest first."""

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from controller.metrics import telemetry
 from controller.protocol import client
 from controller.runtimes import base
+from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey
 from controller.state import snapshots as snapshots_module
@@ -160,13 +161,24 @@ class PassContext:
     controller_id: str
     color: models.Color
     """The active color when the pass began (blue for a plugin that never ran)."""
-    request: str | None = None
-    """What ``bhctl swap`` asked of this pass (promote, abort, undo, retry)."""
+    request: store.Request | None = None
+    """The oldest request not answered yet (``bhctl swap ...``, a state import)."""
+    answer: tuple[str, str] | None = None
+    """How this pass answered :attr:`request`: (Done, Refused or Failed; a message)."""
     pinned: bool = False
     held_back: bool = False
     """Whether the old version runs on because the swap to this spec rolled back."""
     finding: conditions.Finding = conditions.UNKNOWN
     log: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def asked(self) -> str | None:
+        """The action of the request this pass answers, if any."""
+        return self.request.action if self.request is not None and self.answer is None else None
+
+    def answered(self, outcome: str, message: str) -> None:
+        if self.request is not None and self.answer is None:
+            self.answer = (outcome, message)
 
     @property
     def name(self) -> str:

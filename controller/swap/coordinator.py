@@ -135,9 +135,14 @@ class Coordinator:
 
     # Advancing.
 
-    async def advance(self, request: str | None) -> float | None:
-        """One step of the swap in progress; the requeue delay (None: none needed)."""
+    async def advance(self) -> float | None:
+        """One step of the swap in progress; the requeue delay (None: none needed).
+
+        Answers the pass's request when it acts on it (abort, undo, promote); one it does
+        not act on yet (a promote before the new color is Ready) stays pending.
+        """
         c = self.c
+        request = c.asked
         progress = c.status.swap
         assert progress is not None
         old = self._instance(progress.from_color)
@@ -152,6 +157,7 @@ class Coordinator:
                     "and the swap starts over",
                 )
             if request in ("abort", "undo"):
+                c.answered("Done", f"the swap to {progress.to_version} is rolled back")
                 raise SwapFailure("SwapAborted", f"aborted by bhctl swap {request}")
             if progress.to_hash != c.want_for(progress.to_color).spec_hash:
                 raise SwapFailure(
@@ -200,6 +206,8 @@ class Coordinator:
                     )
                 self._swapping("SwapAwaitingPromotion", f"{new.name} waits for bhctl swap promote")
                 return float(c.spec.health.period_seconds)
+            if request == "promote":
+                c.answered("Done", f"{new.name} ({progress.to_version}) is promoted")
             return await self._promote(progress, old, new)
         except SwapFailure as failure:
             return await self._roll_back(progress, old, new, failure)
@@ -527,8 +535,10 @@ class Coordinator:
             )
         old_alive = old is not None and old.state is base.InstanceState.RUNNING
         if request in ("abort", "undo") and old_alive:
+            c.answered("Done", f"the swap to {progress.to_version} is rolled back")
             raise SwapFailure("SwapAborted", f"rolled back by bhctl swap {request}")
         if request in ("abort", "undo"):
+            c.answered("Refused", f"the {progress.from_color.value} instance is gone")
             await self.e.event(
                 "Warning",
                 "SwapNotAborted",

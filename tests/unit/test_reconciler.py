@@ -48,7 +48,9 @@ class World:
         self.runtime = MemoryRuntime()
         self.clock = Clock()
         self.plugins = memory_protocol.MemoryPlugins(self.runtime)
-        self.reconciler = Reconciler(self.source, self.runtime, self.plugins, clock=self.clock)
+        self.reconciler = Reconciler(
+            self.source, self.runtime, self.plugins, clock=self.clock, requests=self.store
+        )
 
     def write(
         self,

@@ -29,16 +29,20 @@ def consistent(status: models.PluginStatus) -> None:
     ready = conditions.is_true(found, conditions.READY)
     degraded = conditions.is_true(found, conditions.DEGRADED)
     if status.phase is models.Phase.RUNNING:
-        assert ready and not degraded
+        assert ready
+        assert not degraded
     if status.phase is models.Phase.DEGRADED:
         assert degraded
     if status.phase is models.Phase.PENDING:
-        assert not ready and not degraded
+        assert not ready
+        assert not degraded
     if status.phase is models.Phase.FAILED:
-        assert conditions.is_true(found, conditions.STALLED) and not ready
+        assert conditions.is_true(found, conditions.STALLED)
+        assert not ready
     if status.phase is models.Phase.SWAPPING:
         progressing = conditions.find(found, conditions.PROGRESSING)
-        assert progressing is not None and progressing.reason in conditions.SWAP_REASONS
+        assert progressing is not None
+        assert progressing.reason in conditions.SWAP_REASONS
     assert len({c.type for c in found}) == len(found)
 
 
@@ -101,9 +105,9 @@ FINDINGS = st.builds(
     message=st.text(max_size=20),
     progressing=st.none()
     | st.tuples(
-        st.sampled_from(sorted(conditions.SWAP_REASONS) + ["BackOff", "InstanceStarting"]),
+        st.sampled_from([*sorted(conditions.SWAP_REASONS), "BackOff", "InstanceStarting"]),
         st.text(max_size=10),
-    ),  # fmt: skip
+    ),
     degraded=st.none() | st.tuples(st.sampled_from(["CrashLoop", "SwapFailedChecks"]), st.text()),
     stalled=st.booleans(),
 )
@@ -144,7 +148,9 @@ async def test_backing_off_after_a_restart_is_degraded_in_phase_and_condition(
     status = world.store.status("echo")
     assert status is not None
     degraded = conditions.find(status.conditions, conditions.DEGRADED)
-    assert degraded is not None and degraded.status == "True" and degraded.reason == "BackOff"
+    assert degraded is not None
+    assert degraded.status == "True"
+    assert degraded.reason == "BackOff"
     assert status.phase is models.Phase.DEGRADED
     consistent(status)
 
@@ -163,10 +169,13 @@ async def test_a_rolled_back_swap_keeps_its_degraded_transition_time(kv: World) 
     kv.write("kv", version="1.1.0", extra=STATEFUL.format(swap=""))
     await kv.settle("kv", passes=8)
     status = kv.store.status("kv")
-    assert status is not None and status.last_swap is not None
+    assert status is not None
+    assert status.last_swap is not None
     assert status.last_swap.result == "RolledBack"
     degraded = conditions.find(status.conditions, conditions.DEGRADED)
-    assert degraded is not None and degraded.status == "True"
+    assert degraded is not None
+    assert degraded.status == "True"
+    again: models.PluginStatus | None = status
     for _ in range(10):  # time passes, nothing changes
         kv.clock.offset += 5
         await kv.reconciler.reconcile("kv")
@@ -175,8 +184,10 @@ async def test_a_rolled_back_swap_keeps_its_degraded_transition_time(kv: World) 
         after = conditions.find(again.conditions, conditions.DEGRADED)
         assert after == degraded
         consistent(again)
+    assert again is not None
     progressing = conditions.find(again.conditions, conditions.PROGRESSING)
-    assert progressing is not None and "observed state matches" not in progressing.message
+    assert progressing is not None
+    assert "observed state matches" not in progressing.message
 
 
 async def test_a_starting_swap_backs_off_its_probes_across_passes(kv: World) -> None:
@@ -191,7 +202,8 @@ async def test_a_starting_swap_backs_off_its_probes_across_passes(kv: World) -> 
     assert delays[1:] == sorted(delays[1:]), delays
     assert delays[-1] >= 0.5, f"still probing every {delays[-1] * 1000:.0f} ms: {delays}"
     status = kv.store.status("kv")
-    assert status is not None and status.phase is models.Phase.SWAPPING
+    assert status is not None
+    assert status.phase is models.Phase.SWAPPING
 
 
 async def test_an_error_a_pass_meets_reaches_status_with_one_event(tmp_path: Path) -> None:
@@ -209,7 +221,8 @@ async def test_an_error_a_pass_meets_reaches_status_with_one_event(tmp_path: Pat
     status = world.store.status("echo")
     assert status is not None
     ready = conditions.find(status.conditions, conditions.READY)
-    assert ready is not None and ready.status == "False"
+    assert ready is not None
+    assert ready.status == "False"
     assert ready.reason == "RuntimeError"
     assert "mount path must be absolute" in ready.message
     assert status.phase is models.Phase.DEGRADED
