@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STEP := scripts/step.sh
 
-.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd manifests proto
+.PHONY: demo test test-loaded setup venv engines images lint typecheck imports unit integration crd manifests proto
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
@@ -21,6 +21,10 @@ test: setup
 	@$(STEP) imports $(MAKE) --no-print-directory imports
 	@$(STEP) unit $(MAKE) --no-print-directory unit
 	@$(STEP) integration $(MAKE) --no-print-directory integration
+
+# The integration suite beside a CPU hog that keeps every core busy (scripts/loaded.sh).
+test-loaded: setup
+	@bash scripts/loaded.sh $(MAKE) --no-print-directory integration
 
 setup: venv
 	@$(STEP) helm bash scripts/helm.sh tools $(BIN)

@@ -204,6 +204,10 @@ async def test_undo_goes_back_to_the_previous_spec_until_the_spec_changes(kv: Wo
     kv.clock.offset += 31
     status = await kv.settle("kv")
     assert status.active_version == "1.0.0", "the pin holds while the spec is unchanged"
+    progressing = conditions.find(status.conditions, "Progressing")
+    assert progressing is not None
+    assert "observed state matches the spec" not in progressing.message, "it does not"
+    assert progressing.reason == "SwapUndone"
     write(kv, "1.2.0", state=2)
     kv.clock.offset += 31
     status = await kv.settle("kv", passes=8)
