@@ -19,6 +19,7 @@ from controller.errors import ControllerError
 from controller.metrics import oom, telemetry, violations
 from controller.reconcile import gates, reconciler, workers
 from controller.reconcile import queue as queue_module
+from controller.reconcile import requests as requests_module
 from controller.runtimes import base
 from controller.sources import base as sources_base
 from controller.spec.keys import plugin_key
@@ -47,7 +48,7 @@ class Manager:
         thresholds: violations.Thresholds | None = None,
         bundles: gates.Bundles | None = None,
         may_act: Callable[[], bool] | None = None,
-        requests: reconciler.Requests | None = None,
+        requests: requests_module.Requests | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -45,6 +44,7 @@ from controller.errors import (
 from controller.metrics import telemetry
 from controller.metrics import violations as violations_module
 from controller.reconcile import checkpoints, gates, lifecycle, status
+from controller.reconcile import requests as requests_module
 from controller.reconcile.workers import Result
 from controller.runtimes import base
 from controller.sources import base as sources_base
@@ -82,43 +82,6 @@ class Source(Protocol):
     async def forget(self, key: str) -> None: ...
 
 
-class Requests(Protocol):
-    """Where operators' requests are recorded (:class:`~controller.sources.store.Store`)."""
-
-    def put_request(self, key: str, action: str, argument: str = "") -> store.Request: ...
-
-    def pending_request(self, key: str) -> store.Request | None: ...
-
-    def answer_request(self, id: int, outcome: str, message: str) -> None: ...
-
-    def request(self, id: int) -> store.Request | None: ...
-
-
-class MemoryRequests:
-    """Requests kept in memory, for a reconciler without a store (tests)."""
-
-    def __init__(self) -> None:
-        self._all: dict[int, store.Request] = {}
-        self._ids = itertools.count(1)
-
-    def put_request(self, key: str, action: str, argument: str = "") -> store.Request:
-        request = store.Request(next(self._ids), key, action, argument)
-        self._all[request.id] = request
-        return request
-
-    def pending_request(self, key: str) -> store.Request | None:
-        pending = (r for r in self._all.values() if r.key == key and r.outcome is None)
-        return min(pending, key=lambda r: r.id, default=None)
-
-    def answer_request(self, id: int, outcome: str, message: str) -> None:
-        found = self._all[id]
-        if found.outcome is None:
-            self._all[id] = dataclasses.replace(found, outcome=outcome, message=message)
-
-    def request(self, id: int) -> store.Request | None:
-        return self._all.get(id)
-
-
 class Reconciler:
     """Reconciles plugins on one runtime."""
 
@@ -135,10 +98,10 @@ class Reconciler:
         bundles: gates.Bundles | None = None,
         clock: Callable[[], float] = time.time,
         may_act: Callable[[], bool] | None = None,
-        requests: Requests | None = None,
+        requests: requests_module.Requests | None = None,
     ) -> None:
         self.source = source
-        self.requests: Requests = requests or MemoryRequests()
+        self.requests: requests_module.Requests = requests or requests_module.MemoryRequests()
         """Operators' requests, each carried out and answered by a pass of its plugin."""
         self._answered: dict[int, asyncio.Event] = {}
         self.bundles = bundles
