@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 from controller.runtimes import base, process
+from controller.runtimes.process import cgroups
 from controller.spec import models
 
 
@@ -19,7 +20,7 @@ def resources(**values: object) -> models.Resources:
 
 def test_cgroup_v2_limits_are_written_and_controllers_enabled_down_the_tree(tmp_path: Path):
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
-    groups = process.Cgroups(tmp_path)
+    groups = cgroups.Cgroups(tmp_path)
     assert groups.version == 2
     group = groups.create("blackhole/ctl/bh-a-blue", resources())
     leaf = tmp_path / "blackhole" / "ctl" / "bh-a-blue"
@@ -36,7 +37,7 @@ def test_cgroup_v2_limits_are_written_and_controllers_enabled_down_the_tree(tmp_
 
 def test_cgroup_v2_without_a_controller_writes_none_of_its_limits(tmp_path: Path):
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
-    process.Cgroups(tmp_path).create("blackhole/ctl/x", resources())
+    cgroups.Cgroups(tmp_path).create("blackhole/ctl/x", resources())
     leaf = tmp_path / "blackhole" / "ctl" / "x"
     assert not (leaf / "cpu.max").exists()
     assert (leaf / "pids.max").read_text() == "32"
@@ -45,7 +46,7 @@ def test_cgroup_v2_without_a_controller_writes_none_of_its_limits(tmp_path: Path
 def test_cgroup_v1_limits_go_to_each_hierarchy(tmp_path: Path):
     for controller in ("memory", "cpu", "cpuacct", "pids"):
         (tmp_path / controller).mkdir()
-    groups = process.Cgroups(tmp_path)
+    groups = cgroups.Cgroups(tmp_path)
     assert groups.version == 1
     group = groups.create("blackhole/ctl/bh-a-blue", resources())
     assert {d.parent.parent.parent.name for d in group.dirs} == {"memory", "cpu", "cpuacct", "pids"}
@@ -64,7 +65,7 @@ def test_cgroup_v1_swap_is_pinned_to_the_memory_limit(tmp_path: Path):
     group = tmp_path / "memory" / "g"
     group.mkdir(parents=True)
     (group / "memory.memsw.limit_in_bytes").write_text("9223372036854771712")
-    process.Cgroups(tmp_path).create("g", resources(memory="128Mi"))
+    cgroups.Cgroups(tmp_path).create("g", resources(memory="128Mi"))
     assert (group / "memory.memsw.limit_in_bytes").read_text() == str(128 << 20)
 
 
