@@ -24,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from controller.errors import IncompatiblePluginError, SpecIssue
+from controller.errors import IncompatiblePluginError, SpecError, SpecIssue
 from controller.spec import models
 from controller.spec.keys import PluginKey, plugin_key
 
@@ -156,6 +156,12 @@ async def probe_socket(path: Path, timeout: float) -> bool:
         return False
     finally:
         os.close(descriptor)
+
+
+def refuse(issues: list[SpecIssue]) -> None:
+    """Raise :class:`SpecError` when ``issues`` holds any: what they are about cannot start."""
+    if issues:
+        raise SpecError(issues)
 
 
 def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:

@@ -28,7 +28,7 @@ import docker
 import docker.errors
 from docker.models import containers as docker_containers
 
-from controller.errors import InstanceNotFoundError, SpecError, SpecIssue
+from controller.errors import InstanceNotFoundError, SpecIssue
 from controller.runtimes import base, inotify
 from controller.runtimes.container import (
     engine,
@@ -158,9 +158,7 @@ class ContainerRuntime:
         return instance
 
     async def start(self, desired: base.InstanceSpec) -> base.Instance:
-        issues = self.validate(desired)
-        if issues:
-            raise SpecError(issues)
+        base.refuse(self.validate(desired))
         name = desired.name
         socket_dir = self.socket_dir(name)
         user = self.settings.isolation.user

@@ -38,7 +38,6 @@ from controller.errors import (
     InstanceConflictError,
     InstanceNotFoundError,
     RuntimeBackendError,
-    SpecError,
     SpecIssue,
 )
 from controller.runtimes import base, inotify
@@ -183,9 +182,7 @@ class ProcessRuntime:
         return instance
 
     async def start(self, desired: base.InstanceSpec) -> base.Instance:
-        issues = self.validate(desired)
-        if issues:
-            raise SpecError(issues)
+        base.refuse(self.validate(desired))
         name = desired.name
         if self._file(name, "json").exists():
             raise InstanceConflictError(f"{NAME}: {name} exists; remove it first")
