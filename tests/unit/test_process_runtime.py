@@ -164,3 +164,33 @@ def test_a_changed_process_source_needs_a_new_instance():
     first = want({"process": {"path": "alpha"}}).spec
     second = want({"process": {"path": "alpha", "entrypoint": "other.py"}}).spec
     assert base.instance_hash(first) != base.instance_hash(second)
+
+
+def test_cgroup_stats_are_read_through_the_metrics_reader_on_v2(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    leaf = tmp_path / "blackhole" / "ctl" / "x"
+    leaf.mkdir(parents=True)
+    (leaf / "cpu.stat").write_text("usage_usec 2500000\nnr_periods 3\n")
+    (leaf / "memory.current").write_text("1048576\n")
+    (leaf / "memory.max").write_text("67108864\n")
+    (leaf / "pids.current").write_text("4\n")
+    stats = cgroups.Cgroups(tmp_path).stats("blackhole/ctl/x")
+    assert stats == base.Stats(
+        cpu_seconds=2.5, memory_bytes=1 << 20, memory_limit_bytes=64 << 20, pids=4
+    )
+
+
+def test_cgroup_stats_on_v1_read_each_hierarchy_and_no_limit_reads_as_none(tmp_path: Path):
+    group = "blackhole/ctl/x"
+    files = {
+        "cpuacct": {"cpuacct.usage": "1500000000"},
+        "memory": {"memory.usage_in_bytes": "2048", "memory.limit_in_bytes": "9223372036854771712"},
+        "pids": {"pids.current": "7"},
+        "cpu": {},
+    }
+    for controller, contents in files.items():
+        (tmp_path / controller / group).mkdir(parents=True)
+        for name, text in contents.items():
+            (tmp_path / controller / group / name).write_text(text + "\n")
+    stats = cgroups.Cgroups(tmp_path).stats(group)
+    assert stats == base.Stats(cpu_seconds=1.5, memory_bytes=2048, memory_limit_bytes=0, pids=7)
