@@ -1,13 +1,14 @@
-# The two commands of the README:
+# The commands of the README:
 #   make demo   sets everything up and runs the controller on the example plugins
 #   make test   sets everything up and runs lint, types, import contracts and all tests
+#   make check  lint, types, import contracts and the unit tests: no engine, no images
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STEP := scripts/step.sh
 
-.PHONY: demo test test-loaded setup venv engines images lint typecheck imports unit integration crd manifests proto
+.PHONY: demo test test-loaded check setup venv engines images lint typecheck imports unit integration crd manifests proto
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
@@ -25,6 +26,13 @@ test: setup
 # The integration suite beside a CPU hog that keeps every core busy (scripts/loaded.sh).
 test-loaded: setup
 	@bash scripts/loaded.sh $(MAKE) --no-print-directory integration
+
+check: venv
+	@$(STEP) helm bash scripts/helm.sh tools $(BIN)
+	@$(STEP) lint $(MAKE) --no-print-directory lint
+	@$(STEP) typecheck $(MAKE) --no-print-directory typecheck
+	@$(STEP) imports $(MAKE) --no-print-directory imports
+	@$(STEP) unit $(MAKE) --no-print-directory unit
 
 setup: venv
 	@$(STEP) helm bash scripts/helm.sh tools $(BIN)

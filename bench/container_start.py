@@ -24,7 +24,8 @@ from typing import Any
 
 import support
 
-from controller.runtimes import container
+from controller.runtimes import base, container
+from controller.runtimes.container import isolation
 from controller.spec import models
 
 SERVER = (
@@ -44,14 +45,14 @@ def measure(engine: container.Engine, image: str, runs: int) -> dict[str, Any]:
     client = container.connect(engine)
     spec = models.PluginSpec.model_validate({"image": image, "version": "0.0.1"})
     run_id = uuid.uuid4().hex[:8]
-    uid, gid = (int(x) for x in container.DEFAULT_USER.split(":"))
+    uid, gid = (int(x) for x in base.DEFAULT_USER.split(":"))
     samples = []
     try:
         for i in range(runs):
             socket_dir = Path(tempfile.mkdtemp(prefix="bh-bench-"))
             os.chown(socket_dir, uid, gid)
             socket_dir.chmod(0o700)
-            options = container.container_options(
+            options = isolation.container_options(
                 spec, name=f"bh-bench-{run_id}-{i}", labels={LABEL: run_id}
             )
             options["command"] = ["python3", "-c", SERVER, "/run/plugin/plugin.sock"]

@@ -32,8 +32,9 @@ from typing import Any
 
 import support
 
-from controller.metrics import cgroups
+from controller import cgroups
 from controller.runtimes import base, container
+from controller.runtimes.container import isolation
 from controller.spec import models
 
 IMPORTS = (
@@ -64,7 +65,7 @@ class Runner:
     def options(self, image: str) -> dict[str, Any]:
         self.count += 1
         spec = models.PluginSpec.model_validate({"image": image, "version": "0.0.1"})
-        return container.container_options(
+        return isolation.container_options(
             spec, name=f"bh-bench-{self.run_id}-{self.count}", labels={LABEL: self.run_id}
         )
 
@@ -82,7 +83,7 @@ class Runner:
 
     def start(self, image: str) -> dict[str, float]:
         socket_dir = Path(tempfile.mkdtemp(prefix="bh-bench-"))
-        uid, gid = (int(x) for x in container.DEFAULT_USER.split(":"))
+        uid, gid = (int(x) for x in base.DEFAULT_USER.split(":"))
         os.chown(socket_dir, uid, gid)
         socket_dir.chmod(0o700)
         options = self.options(image)

@@ -99,7 +99,7 @@ async def notices(engine: container.Engine, image: str, runs: int, data: Path) -
     client = container.connect(engine)
     samples = []
     try:
-        while not runtime._following:  # its socket watch exists once it follows events
+        while not runtime._cache.following:  # its socket watch exists once it follows events
             await asyncio.sleep(0.01)
         for index in range(runs):
             plugin = f"p{index}"

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import support
 
 from controller.admin import client as admin_client
-from controller.runtimes import base, container
+from controller.runtimes import base, container, inotify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PLUGINS = ("echo", "kv-store", "analytics")
@@ -87,7 +87,7 @@ class Store:
 
     def __init__(self, data: Path) -> None:
         self.path = data / "state.db"
-        self.notify = base.Inotify()
+        self.notify = inotify.Inotify()
         self.notify.add(data, IN_MODIFY)
         self.written = asyncio.Event()
         asyncio.get_running_loop().add_reader(self.notify.fd, self._woken)

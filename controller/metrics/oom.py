@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.metrics import cgroups
+from controller import cgroups
 
 log = logging.getLogger(__name__)
 

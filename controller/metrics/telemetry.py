@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller import database
-from controller.metrics import cgroups, oom
+from controller import cgroups, database
+from controller.metrics import oom
 
 STORES = ("state", "snapshots")
 """The controller's stores whose health is exported."""

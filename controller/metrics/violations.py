@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.metrics import cgroups, telemetry
+from controller import cgroups
+from controller.metrics import telemetry
 from controller.spec.keys import plugin_key
 
 KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")

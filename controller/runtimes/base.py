@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
 import os
 import stat
-import struct
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from controller.errors import IncompatiblePluginError, RuntimeBackendError, SpecIssue
+from controller.errors import IncompatiblePluginError, SpecError, SpecIssue
 from controller.spec import models
-from controller.spec.keys import plugin_key
+from controller.spec.keys import PluginKey, plugin_key
 
 MANAGED_BY = "blackhole-controller"
 LABEL_MANAGED_BY = models.LABEL_PREFIX + "managed-by"
@@ -160,55 +158,10 @@ async def probe_socket(path: Path, timeout: float) -> bool:
         os.close(descriptor)
 
 
-IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
-IN_IGNORED = 0x8000
-"""inotify event bits: a name moved in, a name created, the watch gone (its directory removed)."""
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class Inotify:
-    """Watches of single directories (never recursive: nothing below them is looked at).
-
-    How runtimes see an instance's socket appear: its directory is the
-    plugin's, and a watch that descended into it would follow whatever
-    links the plugin put there.
-    """
-
-    def __init__(self) -> None:
-        self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if self.fd < 0:
-            code = ctypes.get_errno()
-            raise RuntimeBackendError(f"inotify: {os.strerror(code)}")
-
-    def add(self, path: Path, mask: int) -> int:
-        wd = int(_libc.inotify_add_watch(self.fd, str(path).encode(), mask))
-        if wd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"inotify watch of {path}: {os.strerror(code)}")
-        return wd
-
-    def remove(self, wd: int) -> None:
-        _libc.inotify_rm_watch(self.fd, wd)
-
-    def read(self) -> list[tuple[int, int, str]]:
-        """The (watch, event bits, file name) of each event that arrived."""
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return []
-        events, offset = [], 0
-        while offset + 16 <= len(data):
-            wd, mask, _, size = struct.unpack_from("iIII", data, offset)
-            name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode(errors="replace")
-            events.append((wd, mask, name))
-            offset += 16 + size
-        return events
-
-    def close(self) -> None:
-        os.close(self.fd)
+def refuse(issues: list[SpecIssue]) -> None:
+    """Raise :class:`SpecError` when ``issues`` holds any: what they are about cannot start."""
+    if issues:
+        raise SpecError(issues)
 
 
 def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:
@@ -225,6 +178,114 @@ def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:
         for index, volume in enumerate(desired.spec.volumes)
         if volume.host_path is not None
     ]
+
+
+def check_host_paths(spec: models.PluginSpec, root: Path | None) -> list[SpecIssue]:
+    """The host-path rules of every backend that mounts host directories, one issue a volume.
+
+    A host path (absolute and without "..", as the spec model already makes
+    it) must be written under ``root`` (the root as given or with its own links
+    resolved), must still lie under the resolved root once every symlink on
+    the way is followed, and must then be an existing directory. ``root`` None
+    refuses host paths altogether.
+    """
+    issues = []
+    for index, volume in enumerate(spec.volumes):
+        if volume.host_path is None:
+            continue
+        why = _host_path_problem(Path(volume.host_path), root)
+        if why is not None:
+            issues.append(_issue(f"spec.volumes[{index}].hostPath", why, volume.host_path))
+    return issues
+
+
+def _host_path_problem(path: Path, root: Path | None) -> str | None:
+    if root is None:
+        return (
+            "host paths are not allowed: the controller has no host-path root "
+            "(start it with --host-path-root DIR)"
+        )
+    real_root = root.resolve()
+    if not path.is_relative_to(real_root) and not path.is_relative_to(root):
+        return f"is outside the allowed host-path root {root}; use a directory under it"
+    real = path.resolve()
+    if not real.is_relative_to(real_root):
+        return f"resolves through a symlink to {real}, outside the allowed host-path root {root}"
+    if not real.is_dir():
+        return "does not exist or is not a directory; create it first"
+    return None
+
+
+def host_path_source(volume: models.Volume) -> Path:
+    """The directory a checked host-path volume mounts: its path with every link resolved."""
+    assert volume.host_path is not None
+    return Path(volume.host_path).resolve()
+
+
+def _issue(path: str, message: str, value: object) -> SpecIssue:
+    return SpecIssue("runtime", None, path, message, value=value, has_value=True)
+
+
+DEFAULT_USER = "65532:65532"
+"""The unprivileged uid:gid plugins run as unless configured otherwise, on every backend."""
+
+
+def user_ids(user: str) -> tuple[int, int]:
+    """The uid and gid of ``uid:gid`` (the gid defaults to the uid); never root.
+
+    Raises :class:`ValueError` for root (uid 0, or the name) and for names:
+    the controller hands directories to the plugin's user, so it needs numbers.
+    """
+    uid_text, _, gid_text = user.partition(":")
+    try:
+        uid, gid = int(uid_text), int(gid_text or uid_text)
+    except ValueError:
+        raise ValueError(f"user {user!r} is not uid:gid, e.g. {DEFAULT_USER}") from None
+    if uid == 0:
+        raise ValueError("plugins never run as root; configure an unprivileged uid:gid")
+    return uid, gid
+
+
+def hand_over(directory: Path, user: str) -> None:
+    """Create ``directory`` (and its parents) and make it the plugin user's alone (mode 0700)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chown(directory, *user_ids(user))
+    directory.chmod(0o700)
+
+
+def prepare_socket_dir(directory: Path, user: str) -> None:
+    """An instance's socket directory, handed to its user, without the last run's socket."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SOCKET_NAME).unlink(missing_ok=True)
+    hand_over(directory, user)
+
+
+def plugin_environment(desired: InstanceSpec) -> dict[str, str]:
+    """The ``BLACKHOLE_*`` variables every plugin is started with, on every backend.
+
+    They name the socket to listen on and the gateway's socket beside it (as
+    the instance sees them), the plugin, its version and color, and its
+    ``config`` as JSON. They take precedence over the spec's ``env``.
+    """
+    return {
+        "BLACKHOLE_SOCKET": f"{SOCKET_DIR_IN_INSTANCE}/{SOCKET_NAME}",
+        "BLACKHOLE_PLUGIN": desired.plugin,
+        "BLACKHOLE_VERSION": str(desired.spec.version),
+        "BLACKHOLE_COLOR": desired.color.value,
+        "BLACKHOLE_CONFIG": json.dumps(desired.spec.config, sort_keys=True),
+        "BLACKHOLE_GATEWAY_SOCKET": f"{SOCKET_DIR_IN_INSTANCE}/{GATEWAY_SOCKET_NAME}",
+    }
+
+
+def owner_labels(controller_id: str) -> dict[str, str]:
+    """The labels that make an instance (or a network, a volume) ``controller_id``'s."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_CONTROLLER: controller_id}
+
+
+def key_of(labels: Mapping[str, str]) -> PluginKey:
+    """The key of the plugin whose instance carries ``labels``; "" when they name none."""
+    plugin = labels.get(LABEL_PLUGIN, "")
+    return plugin_key(plugin, labels.get(LABEL_NAMESPACE) or None) if plugin else PluginKey("")
 
 
 class InstanceState(StrEnum):
@@ -321,6 +382,11 @@ class InstanceSpec:
     def spec_hash(self) -> str:
         return self.labels[LABEL_SPEC_HASH]
 
+    @property
+    def key(self) -> PluginKey:
+        """The key of the plugin it belongs to."""
+        return plugin_key(self.plugin, self.namespace)
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -345,9 +411,59 @@ class Instance:
     """``host:port`` where it is reached over the network, for runtimes that reach it so."""
 
     @property
-    def key(self) -> str:
+    def key(self) -> PluginKey:
         """The key of the plugin it belongs to."""
         return plugin_key(self.plugin, self.namespace)
+
+
+def started_instance(
+    desired: InstanceSpec, ident: str, labels: Mapping[str, str], pid: int | None = None
+) -> Instance:
+    """``desired`` as a backend reports it the moment it has started it: running since now."""
+    return Instance(
+        name=desired.name,
+        plugin=desired.plugin,
+        color=desired.color,
+        version=str(desired.spec.version),
+        spec_hash=desired.spec_hash,
+        state=InstanceState.RUNNING,
+        started_at=datetime.now(UTC),
+        namespace=desired.namespace,
+        id=ident,
+        labels=dict(labels),
+        pid=pid,
+    )
+
+
+def instance_from_labels(
+    name: str,
+    labels: Mapping[str, str],
+    ident: str,
+    state: InstanceState,
+    *,
+    exit_code: int | None = None,
+    oom_killed: bool = False,
+    started_at: datetime | None = None,
+    finished_at: datetime | None = None,
+    pid: int | None = None,
+) -> Instance:
+    """An instance found on a runtime, known by the ownership labels it carries."""
+    return Instance(
+        name=name,
+        plugin=labels.get(LABEL_PLUGIN, ""),
+        color=models.Color(labels.get(LABEL_COLOR, "blue")),
+        version=labels.get(LABEL_VERSION, ""),
+        spec_hash=labels.get(LABEL_SPEC_HASH, ""),
+        state=state,
+        exit_code=exit_code,
+        oom_killed=oom_killed,
+        started_at=started_at,
+        finished_at=finished_at,
+        namespace=labels.get(LABEL_NAMESPACE) or None,
+        id=ident,
+        labels=dict(labels),
+        pid=pid,
+    )
 
 
 def owned_by(

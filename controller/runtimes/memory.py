@@ -20,7 +20,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controller.errors import InstanceConflictError, InstanceNotFoundError, SpecError, SpecIssue
+from controller.errors import InstanceConflictError, InstanceNotFoundError, SpecIssue
 from controller.runtimes import base
 from controller.spec import models
 from controller.spec.keys import plugin_key
@@ -66,27 +66,11 @@ class MemoryRuntime:
 
     async def start(self, desired: base.InstanceSpec) -> base.Instance:
         self.calls["start"] += 1
-        issues = self.validate(desired)
-        if issues:
-            raise SpecError(issues)
+        base.refuse(self.validate(desired))
         if desired.name in self.instances:
             raise InstanceConflictError(f"memory: {desired.name} exists")
-        instance = base.Instance(
-            name=desired.name,
-            plugin=desired.plugin,
-            color=desired.color,
-            version=str(desired.spec.version),
-            spec_hash=desired.spec_hash,
-            state=base.InstanceState.RUNNING,
-            started_at=datetime.now(UTC),
-            namespace=desired.namespace,
-            id=f"mem-{next(self._ids)}",
-            labels={
-                **desired.labels,
-                base.LABEL_MANAGED_BY: base.MANAGED_BY,
-                base.LABEL_CONTROLLER: self.controller_id,
-            },
-        )
+        labels = {**desired.labels, **base.owner_labels(self.controller_id)}
+        instance = base.started_instance(desired, f"mem-{next(self._ids)}", labels)
         self.instances[desired.name] = instance
         self.output[desired.name].append(f"{desired.plugin} {desired.spec.version} started")
         self._events.put_nowait(instance.key)

@@ -15,7 +15,8 @@ from typing import Any
 import docker.errors
 import pytest
 
-from controller.runtimes import base, container
+from controller.runtimes import base
+from controller.runtimes.container import isolation
 from controller.spec import models
 
 from . import tamper
@@ -84,7 +85,7 @@ def spec() -> models.PluginSpec:
 
 
 def run_probe(engine: EngineUnderTest, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    options = container.container_options(spec(), name=engine.name(name), labels=engine.labels)
+    options = isolation.container_options(spec(), name=engine.name(name), labels=engine.labels)
     options["command"] = ["python3", "-c", PROBE]
     created = engine.client.containers.create(**options)
     created.start()
@@ -112,7 +113,7 @@ def test_engine_reports_every_isolation_setting(engine: EngineUnderTest) -> None
     assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"])
     assert host["Privileged"] is False
     assert "/tmp" in host["Tmpfs"]
-    assert inspected["Config"]["User"] == container.DEFAULT_USER
+    assert inspected["Config"]["User"] == base.DEFAULT_USER
     assert inspected["Config"]["Labels"][SESSION_LABEL] == engine.labels[SESSION_LABEL]
     assert "GREETING=hello" in inspected["Config"]["Env"]
 
@@ -138,8 +139,8 @@ def test_kernel_enforces_every_isolation_setting(engine: EngineUnderTest) -> Non
 
 def test_root_is_refused() -> None:
     with pytest.raises(ValueError, match="never run as root"):
-        container.container_options(
-            spec(), name="x", labels={}, isolation=container.Isolation(user="0:0")
+        isolation.container_options(
+            spec(), name="x", labels={}, isolation=isolation.Isolation(user="0:0")
         )
 
 

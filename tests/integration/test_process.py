@@ -26,6 +26,7 @@ import grpc_health
 import pytest
 import typing_extensions
 
+from controller import cgroups
 from controller.runtimes import base, process
 from controller.spec import models
 
@@ -114,8 +115,7 @@ def test_a_plugin_runs_isolated(controller: ControllerProcess):
         line.split(":", 2)[1]: line.split(":", 2)[2]
         for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     }
-    groups = process.Cgroups()
-    if groups.unified:
+    if cgroups.is_unified():
         group = Path("/sys/fs/cgroup") / paths[""].lstrip("/")
         assert (group / "memory.max").read_text().strip() == str(64 << 20)
         assert (group / "cpu.max").read_text().split() == ["50000", "100000"]

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from controller.metrics import cgroups
+from controller import cgroups
 from controller.runtimes import base, container
 from controller.spec import models
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.metrics import cgroups, telemetry, violations
+from controller import cgroups
+from controller.metrics import telemetry, violations
 
 PID = os.getpid()
 """This process: its /proc/<pid>/net/dev is real; its cgroup files are the fake ones below."""

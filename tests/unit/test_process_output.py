@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from controller.runtimes import launcher
+from controller.runtimes.process import shim
 
 
 def test_output_past_the_limit_moves_to_the_previous_log(tmp_path: Path):
@@ -22,7 +22,7 @@ def test_output_past_the_limit_moves_to_the_previous_log(tmp_path: Path):
 
     writer = threading.Thread(target=plugin)
     writer.start()
-    launcher._copy_output(read, str(log), limit=64 * 1024, stderr=False)
+    shim._copy_output(read, str(log), limit=64 * 1024, stderr=False)
     writer.join()
     current, previous = log.read_bytes(), (tmp_path / "bh-kv-blue.log.1").read_bytes()
     assert len(current) <= 64 * 1024
@@ -39,6 +39,6 @@ def test_a_new_run_keeps_the_last_runs_log(tmp_path: Path):
     read, write = os.pipe()
     os.write(write, b"hello\n")
     os.close(write)
-    launcher._copy_output(read, str(log), stderr=False)
+    shim._copy_output(read, str(log), stderr=False)
     assert log.read_bytes() == b"hello\n"
     assert (tmp_path / "bh-kv-blue.log.1").read_bytes() == b"what the crashed run said\n"

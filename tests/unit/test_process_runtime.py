@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 from controller.runtimes import base, process
+from controller.runtimes.process import cgroups
 from controller.spec import models
 
 
@@ -19,7 +20,7 @@ def resources(**values: object) -> models.Resources:
 
 def test_cgroup_v2_limits_are_written_and_controllers_enabled_down_the_tree(tmp_path: Path):
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
-    groups = process.Cgroups(tmp_path)
+    groups = cgroups.Cgroups(tmp_path)
     assert groups.version == 2
     group = groups.create("blackhole/ctl/bh-a-blue", resources())
     leaf = tmp_path / "blackhole" / "ctl" / "bh-a-blue"
@@ -36,7 +37,7 @@ def test_cgroup_v2_limits_are_written_and_controllers_enabled_down_the_tree(tmp_
 
 def test_cgroup_v2_without_a_controller_writes_none_of_its_limits(tmp_path: Path):
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
-    process.Cgroups(tmp_path).create("blackhole/ctl/x", resources())
+    cgroups.Cgroups(tmp_path).create("blackhole/ctl/x", resources())
     leaf = tmp_path / "blackhole" / "ctl" / "x"
     assert not (leaf / "cpu.max").exists()
     assert (leaf / "pids.max").read_text() == "32"
@@ -45,7 +46,7 @@ def test_cgroup_v2_without_a_controller_writes_none_of_its_limits(tmp_path: Path
 def test_cgroup_v1_limits_go_to_each_hierarchy(tmp_path: Path):
     for controller in ("memory", "cpu", "cpuacct", "pids"):
         (tmp_path / controller).mkdir()
-    groups = process.Cgroups(tmp_path)
+    groups = cgroups.Cgroups(tmp_path)
     assert groups.version == 1
     group = groups.create("blackhole/ctl/bh-a-blue", resources())
     assert {d.parent.parent.parent.name for d in group.dirs} == {"memory", "cpu", "cpuacct", "pids"}
@@ -64,7 +65,7 @@ def test_cgroup_v1_swap_is_pinned_to_the_memory_limit(tmp_path: Path):
     group = tmp_path / "memory" / "g"
     group.mkdir(parents=True)
     (group / "memory.memsw.limit_in_bytes").write_text("9223372036854771712")
-    process.Cgroups(tmp_path).create("g", resources(memory="128Mi"))
+    cgroups.Cgroups(tmp_path).create("g", resources(memory="128Mi"))
     assert (group / "memory.memsw.limit_in_bytes").read_text() == str(128 << 20)
 
 
@@ -163,3 +164,33 @@ def test_a_changed_process_source_needs_a_new_instance():
     first = want({"process": {"path": "alpha"}}).spec
     second = want({"process": {"path": "alpha", "entrypoint": "other.py"}}).spec
     assert base.instance_hash(first) != base.instance_hash(second)
+
+
+def test_cgroup_stats_are_read_through_the_metrics_reader_on_v2(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    leaf = tmp_path / "blackhole" / "ctl" / "x"
+    leaf.mkdir(parents=True)
+    (leaf / "cpu.stat").write_text("usage_usec 2500000\nnr_periods 3\n")
+    (leaf / "memory.current").write_text("1048576\n")
+    (leaf / "memory.max").write_text("67108864\n")
+    (leaf / "pids.current").write_text("4\n")
+    stats = cgroups.Cgroups(tmp_path).stats("blackhole/ctl/x")
+    assert stats == base.Stats(
+        cpu_seconds=2.5, memory_bytes=1 << 20, memory_limit_bytes=64 << 20, pids=4
+    )
+
+
+def test_cgroup_stats_on_v1_read_each_hierarchy_and_no_limit_reads_as_none(tmp_path: Path):
+    group = "blackhole/ctl/x"
+    files = {
+        "cpuacct": {"cpuacct.usage": "1500000000"},
+        "memory": {"memory.usage_in_bytes": "2048", "memory.limit_in_bytes": "9223372036854771712"},
+        "pids": {"pids.current": "7"},
+        "cpu": {},
+    }
+    for controller, contents in files.items():
+        (tmp_path / controller / group).mkdir(parents=True)
+        for name, text in contents.items():
+            (tmp_path / controller / group / name).write_text(text + "\n")
+    stats = cgroups.Cgroups(tmp_path).stats(group)
+    assert stats == base.Stats(cpu_seconds=1.5, memory_bytes=2048, memory_limit_bytes=0, pids=7)

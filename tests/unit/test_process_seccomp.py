@@ -14,7 +14,7 @@ import socket
 import subprocess
 from typing import Any
 
-from controller.runtimes import launcher, process_seccomp
+from controller.runtimes.process import seccomp, shim
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
@@ -64,16 +64,16 @@ def _mount(libc: Any) -> None:
 
 
 def in_filtered_child() -> dict[str, Any]:
-    program = process_seccomp.program()
+    program = seccomp.program()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read)
             libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(launcher.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
+            if libc.prctl(shim.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
                 raise OSError(ctypes.get_errno(), "no_new_privs")
-            launcher.load_seccomp(program)
+            shim.load_seccomp(program)
             os.write(write, json.dumps(_probe()).encode())
         finally:
             os._exit(0)
@@ -98,6 +98,6 @@ def test_namespaces_mounts_and_vsock_are_refused_and_the_rest_works():
 
 
 def test_the_filter_is_a_bpf_program():
-    program = process_seccomp.program()
+    program = seccomp.program()
     assert len(program) % 8 == 0
-    assert len(program) // 8 > len(process_seccomp.ALLOWED) // 2
+    assert len(program) // 8 > len(seccomp.ALLOWED) // 2

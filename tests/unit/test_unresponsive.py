@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.runtimes import base, container
+from controller.runtimes import base
+from controller.runtimes.container import inspection
 from controller.spec import conditions
 from tests.unit.test_reconciler import World
 
@@ -16,7 +17,7 @@ def test_the_engines_paused_state_is_paused_not_unknown() -> None:
         "State": {"Status": "paused", "Paused": True, "Running": True, "Pid": 42},
         "Config": {"Labels": {base.LABEL_PLUGIN: "echo", base.LABEL_COLOR: "blue"}},
     }
-    instance = container._instance_from_inspect(attrs)
+    instance = inspection.instance_from_inspect(attrs)
     assert instance.state is base.InstanceState.PAUSED
     assert instance.exit_code is None
 

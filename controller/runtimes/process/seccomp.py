@@ -1,7 +1,7 @@
 """The process runtime's seccomp filter: Docker's default one, for processes without capabilities.
 
 Built once by the backend with libseccomp (the ``pyseccomp`` binding) and
-handed to :mod:`launcher` as a compiled BPF program, which each plugin
+handed to the shim (:mod:`.shim`) as a compiled BPF program, which each plugin
 process loads as the last step of its isolation, after ``no_new_privs``.
 Like Docker's profile for a container without ``CAP_SYS_ADMIN``: an allow
 list, every other system call failing with EPERM; ``clone`` only without
@@ -20,6 +20,8 @@ import contextlib
 import errno
 import functools
 import tempfile
+
+from controller.errors import RuntimeBackendError
 
 _ALLOWED = """
 accept accept4 access adjtimex alarm bind brk cachestat capget capset chdir chmod chown
@@ -98,3 +100,14 @@ def program() -> bytes:
         syscalls.export_bpf(compiled)
         compiled.seek(0)
         return compiled.read()
+
+
+def compiled() -> bytes:
+    """:func:`program`, or :class:`RuntimeBackendError` saying what to install to build it."""
+    try:
+        return program()
+    except (ImportError, RuntimeError, OSError) as e:
+        raise RuntimeBackendError(
+            f"process: cannot build the seccomp filter plugins run under ({e}); install "
+            "libseccomp (Debian: apt-get install libseccomp2) and pyseccomp"
+        ) from e

@@ -1,19 +1,20 @@
-"""The process runtime's launcher: a warm fork server that starts plugin processes isolated.
+"""The launcher program and each instance's shim: a warm fork server that starts plugins isolated.
 
-Run by :mod:`controller.runtimes.process` as a program of its own (the
-standard library only, so it loads no part of the controller), it imports the
-plugin SDK and gRPC once, then keeps one forked copy of itself waiting: a
-warm interpreter. The backend writes a launch request (length-prefixed JSON)
-to the launcher's stdin; the waiting copy takes it, tells the launcher (which
-forks the next one: the launcher itself never reads a request, so no plugin's
-settings linger in the memory the next plugin is forked from) and becomes
-the instance's **shim**: it forks the plugin, answers the backend with the
-plugin's pid, writes the instance's state file, copies the plugin's output
-into its log (kept under ``LOG_BYTES``: past it the log moves to ``.log.1``,
-so a chatty plugin cannot fill the controller's disk), waits for the plugin and
-writes its exit file (exit code, 128 + signal when killed, whether its
-cgroup's OOM killer fired). The shim is in a session of its own: plugins and
-shims outlive the launcher and the controller, whose next run adopts them.
+Run by the process runtime as a program of its own (:mod:`.launcher` starts
+it and speaks its protocol; the standard library only, so it loads no part
+of the controller), it imports the plugin SDK and gRPC once, then keeps one
+forked copy of itself waiting: a warm interpreter. The backend writes a
+launch request (length-prefixed JSON) to the launcher's stdin; the waiting
+copy takes it, tells the launcher (which forks the next one: the launcher
+itself never reads a request, so no plugin's settings linger in the memory
+the next plugin is forked from) and becomes the instance's **shim**: it
+forks the plugin, answers the backend with the plugin's pid, writes the
+instance's state file, copies the plugin's output into its log (kept under
+``LOG_BYTES``: past it the log moves to ``.log.1``, so a chatty plugin
+cannot fill the controller's disk), waits for the plugin and writes its exit
+file (exit code, 128 + signal when killed, whether its cgroup's OOM killer
+fired). The shim is in a session of its own: plugins and shims outlive the
+launcher and the controller, whose next run adopts them.
 
 The plugin process, before it runs a line of the plugin's code, joins its
 cgroups, enters new mount, PID, IPC, UTS and (``network``) network
@@ -22,7 +23,7 @@ bind mounts (system directories, the plugin's code, its interpreter) with a
 private ``/tmp``, ``/run`` and minimal ``/dev``, its socket directory at
 ``/run/blackhole``, drops to an unprivileged uid with no capabilities and
 ``no_new_privs``, loads the seccomp filter the backend compiled
-(:mod:`process_seccomp`), and then runs the plugin: in this interpreter, the SDK
+(:mod:`.seccomp`), and then runs the plugin: in this interpreter, the SDK
 already imported (``warm``), or by executing another one.
 """
 

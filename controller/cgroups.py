@@ -1,19 +1,37 @@
-"""Resource use of one process tree, read from its cgroup files and ``/proc/<pid>/net/dev``.
+"""Cgroup files, read and written: the one place that knows their names and formats.
 
-Works for cgroup v1 (one hierarchy per controller) and v2 (one unified
-hierarchy), for any engine that puts each instance in a cgroup of its own:
-Docker, Podman, and processes started in their own cgroup. A reading is a
-handful of small file reads (about 0.1 ms), against one to two seconds for
-a stats call to Docker's API. Files that are missing (a controller that is
-not mounted, an instance that just died) read as absent, never as an error.
+Below the runtimes and the metrics, which both use it: the metrics read an
+instance's resource use here (:class:`Cgroups`, by the pid of its main process,
+from its cgroup files and ``/proc/<pid>/net/dev``), and the process runtime
+reads its instances' cgroups (:func:`read_group`) and writes their limits
+(:func:`write`) through it. Works for cgroup v1 (one hierarchy per controller)
+and v2 (one unified hierarchy), for any engine that puts each instance in a
+cgroup of its own: Docker, Podman, and processes started in their own cgroup.
+A reading is a handful of small file reads (about 0.1 ms), against one to two
+seconds for a stats call to Docker's API. Files that are missing (a controller
+that is not mounted, an instance that just died) read as absent, never as an
+error. It imports nothing of the controller.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
+"""The CFS period CPU quotas are expressed in (the kernel's default, 100 ms)."""
+
+
+def cpu_quota(millis: int) -> int:
+    """The CFS quota, in microseconds per :data:`CPU_PERIOD_US`, of ``millis`` millicores."""
+    return millis * CPU_PERIOD_US // 1000
+
+
+def is_unified(root: Path = ROOT) -> bool:
+    """Whether ``root`` is a cgroup v2 (unified) hierarchy rather than v1's one per controller."""
+    return (root / "cgroup.controllers").exists()
 
 
 @dataclass(frozen=True)
@@ -38,12 +56,22 @@ class Reading:
     network_transmit_packets: int
 
 
+_NETWORK_FIELDS = (
+    "network_receive_bytes",
+    "network_receive_packets",
+    "network_transmit_bytes",
+    "network_transmit_packets",
+)
+"""The Reading fields of /proc/<pid>/net/dev's columns 0, 1, 8 and 9."""
+_NO_NETWORK = dict.fromkeys(_NETWORK_FIELDS, 0)
+
+
 class Cgroups:
     """Reads instances' cgroups; remembers each process's cgroup paths."""
 
     def __init__(self, root: Path = ROOT) -> None:
         self.root = root
-        self.unified = (root / "cgroup.controllers").exists()
+        self.unified = is_unified(root)
         self._paths: dict[int, dict[str, str]] = {}
 
     def read(self, pid: int) -> Reading | None:
@@ -60,44 +88,53 @@ class Cgroups:
         if network is None:
             self._paths.pop(pid, None)
             return None
+        return self.read_group(paths, network)
+
+    def read_group(
+        self, paths: Mapping[str, str], network: Mapping[str, int] = _NO_NETWORK
+    ) -> Reading:
+        """The reading of the cgroup at ``paths`` (controller to path, "" for the unified one).
+
+        ``network`` gives the network counters, which no cgroup file holds.
+        """
         if self.unified:
             return self._read_v2(self.root / paths.get("", "/").lstrip("/"), network)
         return self._read_v1(paths, network)
 
-    def _v1(self, paths: dict[str, str], controller: str) -> Path:
+    def _v1(self, paths: Mapping[str, str], controller: str) -> Path:
         return self.root / controller / paths.get(controller, "/").lstrip("/")
 
-    def _read_v1(self, paths: dict[str, str], network: dict[str, int]) -> Reading:
+    def _read_v1(self, paths: Mapping[str, str], network: Mapping[str, int]) -> Reading:
         cpu = self._v1(paths, "cpu")
         cpuacct = self._v1(paths, "cpuacct")
         memory = self._v1(paths, "memory")
-        throttling = _keyed(cpu / "cpu.stat")
-        memory_stat = _keyed(memory / "memory.stat")
-        usage = _int(memory / "memory.usage_in_bytes")
+        throttling = keyed(cpu / "cpu.stat")
+        memory_stat = keyed(memory / "memory.stat")
+        usage = number(memory / "memory.usage_in_bytes")
         inactive = memory_stat.get("total_inactive_file", memory_stat.get("inactive_file", 0))
-        limit = _int(memory / "memory.limit_in_bytes")
+        limit = number(memory / "memory.limit_in_bytes")
         read, write = _blkio(self._v1(paths, "blkio") / "blkio.throttle.io_service_bytes")
         return Reading(
-            cpu_seconds=_int(cpuacct / "cpuacct.usage") / 1e9,
+            cpu_seconds=number(cpuacct / "cpuacct.usage") / 1e9,
             cpu_periods=throttling.get("nr_periods", 0),
             cpu_throttled_periods=throttling.get("nr_throttled", 0),
             cpu_throttled_seconds=throttling.get("throttled_time", 0) / 1e9,
             memory_working_set_bytes=max(0, usage - inactive),
             memory_usage_bytes=usage,
             memory_limit_bytes=0 if limit >= 1 << 62 else limit,
-            oom_events=_keyed(memory / "memory.oom_control").get("oom_kill", 0),
-            pids=_int(self._v1(paths, "pids") / "pids.current"),
+            oom_events=keyed(memory / "memory.oom_control").get("oom_kill", 0),
+            pids=number(self._v1(paths, "pids") / "pids.current"),
             fs_read_bytes=read,
             fs_write_bytes=write,
             **network,
         )
 
-    def _read_v2(self, group: Path, network: dict[str, int]) -> Reading:
-        cpu = _keyed(group / "cpu.stat")
-        memory_stat = _keyed(group / "memory.stat")
-        usage = _int(group / "memory.current")
+    def _read_v2(self, group: Path, network: Mapping[str, int]) -> Reading:
+        cpu = keyed(group / "cpu.stat")
+        memory_stat = keyed(group / "memory.stat")
+        usage = number(group / "memory.current")
         read = write = 0
-        for line in _lines(group / "io.stat"):
+        for line in lines(group / "io.stat"):
             fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
             read += int(fields.get("rbytes", 0))
             write += int(fields.get("wbytes", 0))
@@ -108,9 +145,9 @@ class Cgroups:
             cpu_throttled_seconds=cpu.get("throttled_usec", 0) / 1e6,
             memory_working_set_bytes=max(0, usage - memory_stat.get("inactive_file", 0)),
             memory_usage_bytes=usage,
-            memory_limit_bytes=_int(group / "memory.max"),
-            oom_events=_keyed(group / "memory.events").get("oom_kill", 0),
-            pids=_int(group / "pids.current"),
+            memory_limit_bytes=number(group / "memory.max"),
+            oom_events=keyed(group / "memory.events").get("oom_kill", 0),
+            pids=number(group / "pids.current"),
             fs_read_bytes=read,
             fs_write_bytes=write,
             **network,
@@ -120,7 +157,7 @@ class Cgroups:
 def cgroup_paths(pid: int) -> dict[str, str] | None:
     """Controller name to cgroup path, from ``/proc/<pid>/cgroup`` ("" for the unified one)."""
     paths = {}
-    for line in _lines(Path(f"/proc/{pid}/cgroup")):
+    for line in lines(Path(f"/proc/{pid}/cgroup")):
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(",") if controllers else [""]:
             paths[controller] = path
@@ -129,11 +166,11 @@ def cgroup_paths(pid: int) -> dict[str, str] | None:
 
 def _network(pid: int) -> dict[str, int] | None:
     """The network counters of :class:`Reading`, summed over every interface but lo."""
-    lines = _lines(Path(f"/proc/{pid}/net/dev"))
-    if not lines:
+    found = lines(Path(f"/proc/{pid}/net/dev"))
+    if not found:
         return None
     totals = [0, 0, 0, 0]
-    for line in lines[2:]:
+    for line in found[2:]:
         name, _, counters = line.partition(":")
         if name.strip() == "lo":
             continue
@@ -143,16 +180,8 @@ def _network(pid: int) -> dict[str, int] | None:
     return dict(zip(_NETWORK_FIELDS, totals, strict=True))
 
 
-_NETWORK_FIELDS = (
-    "network_receive_bytes",
-    "network_receive_packets",
-    "network_transmit_bytes",
-    "network_transmit_packets",
-)
-"""The Reading fields of /proc/<pid>/net/dev's columns 0, 1, 8 and 9."""
-
-
-def _lines(path: Path) -> list[str]:
+def lines(path: Path) -> list[str]:
+    """A file's lines, read unbuffered; none when it cannot be read."""
     try:
         with open(path, "rb", buffering=0) as handle:
             return handle.read().decode().splitlines()
@@ -160,17 +189,28 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def _int(path: Path) -> int:
-    lines = _lines(path)
-    if not lines:
-        return 0
-    text = lines[0].strip()
-    return 0 if text == "max" else int(text)
+def number(path: Path) -> int:
+    """The number a one-value file holds; 0 for "max" (no limit), or when it is missing."""
+    found = lines(path)
+    value = found[0].strip() if found else ""
+    return int(value) if value.isdigit() else 0
 
 
-def _keyed(path: Path) -> dict[str, int]:
+def text(path: Path) -> str:
+    """A file's content, stripped; "" when it cannot be read."""
+    return "\n".join(lines(path)).strip()
+
+
+def write(path: Path, value: object) -> None:
+    """Write one value to a cgroup file (a limit, a pid to move in); raises OSError."""
+    with open(path, "w") as handle:
+        handle.write(str(value))
+
+
+def keyed(path: Path) -> dict[str, int]:
+    """The ``key value`` lines of a file such as ``cpu.stat``, those whose value is a number."""
     values = {}
-    for line in _lines(path):
+    for line in lines(path):
         key, _, value = line.partition(" ")
         if value.strip().lstrip("-").isdigit():
             values[key] = int(value)
@@ -179,7 +219,7 @@ def _keyed(path: Path) -> dict[str, int]:
 
 def _blkio(path: Path) -> tuple[int, int]:
     read = write = 0
-    for line in _lines(path):
+    for line in lines(path):
         fields = line.split()
         if len(fields) == 3 and fields[1] == "Read":
             read += int(fields[2])
