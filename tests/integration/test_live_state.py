@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import docker
+
 from controller.runtimes import base
 from controller.spec import models
 
@@ -276,7 +278,13 @@ def test_both_colors_removed_mid_swap_come_back_with_the_newest_checkpoint(contr
     )
     for color in models.Color:  # as `docker rm -f` of both
         name = base.instance_name("kv", color, None, controller.controller_id)
-        controller.engine.client.containers.get(name).remove(force=True)
+        try:
+            controller.engine.client.containers.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass  # the controller removed it first (the swap lost its source)
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: its removal by the controller is under way
+                raise
     wait_for(
         lambda: controller.status("kv").get("lastRestore") is not None and controller.ready("kv"),
         timeout=90,
