@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 
 import support
 
+from controller import inotify as linux_inotify
 from controller.admin import client as admin_client
-from controller.runtimes import base, container, inotify
+from controller.runtimes import base, container
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PLUGINS = ("echo", "kv-store", "analytics")
@@ -87,7 +88,7 @@ class Store:
 
     def __init__(self, data: Path) -> None:
         self.path = data / "state.db"
-        self.notify = inotify.Inotify()
+        self.notify = linux_inotify.Inotify()
         self.notify.add(data, IN_MODIFY)
         self.written = asyncio.Event()
         asyncio.get_running_loop().add_reader(self.notify.fd, self._woken)

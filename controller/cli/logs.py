@@ -55,5 +55,5 @@ def configure(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "docker", "watchfiles", "aiohttp.access"):
+    for noisy in ("urllib3", "docker", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -27,13 +27,13 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-import watchfiles
-
+from controller import inotify
 from controller.errors import SpecError, SpecIssue, StoreUnavailableError
 from controller.sources import store as store_module
 from controller.sources.base import Desired, spec_hash
@@ -42,6 +42,18 @@ from controller.spec import loader, models
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
+
+DEBOUNCE = 0.05
+"""Seconds a burst of changes in the spec directory must be quiet before it is read again."""
+DEBOUNCE_CEILING = 0.5
+"""Longest a burst that goes on delays the reading, in seconds."""
+GONE_RETRY = 1.0
+"""How often a spec directory that is not there is looked for, in seconds."""
+WATCH_MASK = (
+    inotify.IN_CREATE | inotify.IN_CLOSE_WRITE | inotify.IN_MODIFY | inotify.IN_ATTRIB
+    | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM | inotify.IN_DELETE
+    | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
+)  # fmt: skip
 
 APPLIED = "applied"
 """The origin of specs applied through the admin API rather than read from a file."""
@@ -370,11 +382,46 @@ class DirectorySource:
             self._store_failed.clear()
 
     async def _watch(self, directory: Path, stop: asyncio.Event) -> None:
-        async for _ in watchfiles.awatch(
-            directory, stop_event=stop, recursive=False, debounce=50, step=20
-        ):
-            for key in sorted(await asyncio.to_thread(self.rescan)):
-                self.enqueue(key)
+        """Read the specs again after each change in ``directory``: once a burst of events has
+        been quiet for :data:`DEBOUNCE` seconds (an editor's save is several), at most
+        :data:`DEBOUNCE_CEILING` after its first. inotify is read by the event loop, so an
+        idle watch wakes nothing; a directory removed or replaced is watched again once it is
+        back (looked for every :data:`GONE_RETRY` seconds)."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        notify = inotify.Inotify()
+        watch: int | None = None
+
+        def readable() -> None:
+            nonlocal watch
+            for wd, mask, _ in notify.read():
+                if wd == watch and mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF
+                                           | inotify.IN_MOVE_SELF):  # fmt: skip
+                    watch = None
+                changed.set()
+
+        loop.add_reader(notify.fd, readable)
+        try:
+            first = True
+            while not stop.is_set():
+                if watch is None:
+                    try:
+                        watch = notify.add(directory, WATCH_MASK)
+                    except OSError:  # not there (yet): look again soon
+                        watch = None
+                    else:
+                        if not first:  # it may have changed while it was not watched
+                            changed.set()
+                    first = False
+                await _either(changed, stop, None if watch is not None else GONE_RETRY)
+                if stop.is_set() or not changed.is_set():
+                    continue
+                await _quiet(changed, stop)
+                for key in sorted(await asyncio.to_thread(self.rescan)):
+                    self.enqueue(key)
+        finally:
+            loop.remove_reader(notify.fd)
+            notify.close()
 
     async def _resync(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -384,6 +431,29 @@ class DirectorySource:
                 await asyncio.to_thread(self.rescan)
                 for key in self.declared_keys():
                     self.enqueue(key)
+
+
+async def _either(event: asyncio.Event, stop: asyncio.Event, timeout: float | None) -> None:
+    """Wait until ``event`` or ``stop`` is set, or ``timeout`` seconds pass."""
+    waits = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())}
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def _quiet(changed: asyncio.Event, stop: asyncio.Event) -> None:
+    """Wait until no change came for DEBOUNCE seconds (at most DEBOUNCE_CEILING in all)."""
+    deadline = time.monotonic() + DEBOUNCE_CEILING
+    while not stop.is_set():
+        changed.clear()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await _either(changed, stop, min(DEBOUNCE, left))
+        if not changed.is_set():
+            return
 
 
 def _unescaped(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,58 @@ async def test_an_invalid_apply_stores_nothing(tmp_path):
     with pytest.raises(SpecError, match=r"spec\.version"):
         await source.apply(SPEC.format(name="b", version="nope", team="x"))
     assert source.store.applied() == {}
+
+
+async def _until(condition, what: str) -> None:
+    async with asyncio.timeout(20):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_burst_of_writes_is_read_once_and_an_idle_watch_reads_nothing(
+    tmp_path, monkeypatch
+):
+    write(tmp_path, "a")
+    source = new_source(tmp_path, resync_seconds=3600)
+    scans = []
+    rescan = source.rescan
+
+    def counted():
+        scans.append(time.monotonic())
+        return rescan()
+
+    monkeypatch.setattr(source, "rescan", counted)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(source.run(stop))
+    await _until(lambda: len(scans) == 1, "the first scan")
+    for version in range(1, 6):  # an editor's save is several events; so is a script's burst
+        write(tmp_path, "a", version=f"0.{version}.0")
+    await _until(lambda: len(scans) >= 2, "the burst read")
+    await asyncio.sleep(0.3)  # longer than the debounce: no further reading comes
+    assert len(scans) == 2, "one reading for the burst"
+    desired = source.get("a")
+    assert desired is not None
+    assert str(desired.plugin.spec.version) == "0.5.0"
+    stop.set()
+    await runner
+
+
+async def test_a_spec_directory_removed_and_made_again_is_watched_again(tmp_path):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    write(specs, "a")
+    enqueued: list[str] = []
+    source = new_source(specs, enqueued.append, resync_seconds=3600)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(source.run(stop))
+    await _until(lambda: "a" in enqueued, "a enqueued")
+    (specs / "a.yaml").unlink()
+    specs.rmdir()
+    # A directory that cannot be listed keeps what it declared (as a broken file does).
+    await _until(lambda: str(specs) in source.errors, "the missing directory reported")
+    assert source.get("a") is not None
+    specs.mkdir()
+    write(specs, "b")
+    await _until(lambda: source.get("b") is not None, "b seen in the directory made again")
+    stop.set()
+    await runner

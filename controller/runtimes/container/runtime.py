@@ -28,6 +28,7 @@ import docker
 import docker.errors
 from docker.models import containers as docker_containers
 
+from controller import inotify as linux_inotify
 from controller.errors import InstanceNotFoundError, SpecIssue
 from controller.runtimes import base, inotify
 from controller.runtimes.container import (
@@ -165,7 +166,9 @@ class ContainerRuntime:
         await self._call(base.prepare_socket_dir, socket_dir, user)
         self._cache.forget(name)
         # Watched before it starts, so that its socket is not missed.
-        self._sockets.add(socket_dir, desired.key, inotify.IN_CREATE | inotify.IN_MOVED_TO)
+        self._sockets.add(
+            socket_dir, desired.key, linux_inotify.IN_CREATE | linux_inotify.IN_MOVED_TO
+        )
         sources = await self._call(volumes.sources, self.client, desired, self._owner, user)
         options = isolation.container_options(
             desired.spec,
@@ -297,7 +300,9 @@ class ContainerRuntime:
             self._sockets.close()
             stream.close()
 
-    def _socket_appeared(self, notify: inotify.Inotify, queue: asyncio.Queue[str | None]) -> None:
+    def _socket_appeared(
+        self, notify: linux_inotify.Inotify, queue: asyncio.Queue[str | None]
+    ) -> None:
         """Queue a plugin's key the moment its instance's socket appears: it can be Ready now.
 
         Readiness is then seen when it happens, not at the next probe, and

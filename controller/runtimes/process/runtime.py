@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from controller import cgroups as cgroupfs
+from controller import inotify as linux_inotify
 from controller.errors import (
     EngineUnavailableError,
     InstanceConflictError,
@@ -360,7 +361,7 @@ class ProcessRuntime:
         self.processes.mkdir(parents=True, exist_ok=True)
         queue: asyncio.Queue[str] = asyncio.Queue()
         notify = self._sockets.open()
-        exits = notify.add(self.processes, inotify.IN_MOVED_TO)
+        exits = notify.add(self.processes, linux_inotify.IN_MOVED_TO)
         loop = asyncio.get_running_loop()
         loop.add_reader(notify.fd, self._notified, notify, exits, queue)
         self._queue = queue
@@ -381,7 +382,9 @@ class ProcessRuntime:
         except EngineUnavailableError as e:
             log.warning("%s", e)
 
-    def _notified(self, notify: inotify.Inotify, exits: int, queue: asyncio.Queue[str]) -> None:
+    def _notified(
+        self, notify: linux_inotify.Inotify, exits: int, queue: asyncio.Queue[str]
+    ) -> None:
         for wd, mask, filename in notify.read():
             if (key := self._sockets.appeared(wd, mask, filename)) is not None:
                 queue.put_nowait(key)
