@@ -3,10 +3,11 @@
 One gRPC channel per instance endpoint (``unix:PATH`` locally, ``HOST:PORT``
 across hosts), opened on first use and shared by the reconciler, the gateway
 and the swap coordinator; :meth:`Clients.drop` closes it when its instance
-goes. gRPC errors become :class:`~controller.errors.PluginCallError` here,
-so ``grpc`` never reaches the callers. Where a runtime gives its instances a
-token (plugins reached over TCP, on Kubernetes), every call on the channel
-carries it as ``authorization: Bearer <token>``.
+goes. gRPC errors, and calls cut by their channel's closing, become
+:class:`~controller.errors.PluginCallError` here, so ``grpc`` never reaches
+the callers. Where a runtime gives its instances a token (plugins reached
+over TCP, on Kubernetes), every call on the channel carries it as
+``authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -259,6 +260,10 @@ class PluginClient:
             answer = await self.stub.Handle(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise _closed_under_the_call() from None
         return bytes(answer.payload)
 
     async def handle_raw(self, request: bytes, timeout: float | None) -> bytes:
@@ -267,6 +272,10 @@ class PluginClient:
             return bytes(await self._raw_handle(request, timeout=timeout))
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise _closed_under_the_call() from None
 
     async def export_chunks(
         self, since: str, timeout: float
@@ -384,6 +393,19 @@ async def _chunks_of(header: Transfer, data: bytes) -> AsyncIterator[tuple[Trans
 
 def _error(e: grpc.aio.AioRpcError) -> PluginCallError:
     return PluginCallError(e.code().name, e.details() or "")
+
+
+def _being_cancelled() -> bool:
+    """Whether this task is being cancelled. A ``CancelledError`` from a call when it is
+    not means the call's channel was closed under it (gRPC cancels the calls of a
+    channel it closes): a failed call, not a cancellation of the caller's task (which,
+    at a front end, would cut the caller's connection without an answer)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _closed_under_the_call() -> PluginCallError:
+    return PluginCallError("CANCELLED", "the channel to the instance was closed during the call")
 
 
 class Clients:
