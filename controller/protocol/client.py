@@ -3,7 +3,8 @@
 One gRPC channel per instance endpoint (``unix:PATH`` locally, ``HOST:PORT``
 across hosts), opened on first use and shared by the reconciler, the gateway
 and the swap coordinator; :meth:`Clients.drop` closes it when its instance
-goes. gRPC errors, and calls cut by their channel's closing, become
+goes (:meth:`Clients.forget` when a new instance took its endpoint). gRPC
+errors, and calls cut by their channel's closing, become
 :class:`~controller.errors.PluginCallError` here, so ``grpc`` never reaches
 the callers. Where a runtime gives its instances a token (plugins reached
 over TCP, on Kubernetes), every call on the channel carries it as
@@ -426,9 +427,7 @@ class Clients:
         if client is not None and client.token != token:
             # The address now belongs to another plugin's instance (pod IPs are
             # reused): its token, not the old one, on a channel of its own.
-            closing = asyncio.ensure_future(client.close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_later(client)
             client = None
         if client is None:
             client = self._clients[endpoint] = PluginClient(endpoint, token)
@@ -481,6 +480,20 @@ class Clients:
         client = self._clients.pop(endpoint, None)
         if client is not None:
             await client.close()
+
+    def forget(self, endpoint: str) -> None:
+        """The instance behind ``endpoint`` was replaced: the next call, even one made
+        before this returns to the event loop, opens a new channel; the old one closes
+        in the background. (Closing it later, in a task, would let a call that came
+        in between take the channel about to be closed, and be cancelled with it.)"""
+        client = self._clients.pop(endpoint, None)
+        if client is not None:
+            self._close_later(client)
+
+    def _close_later(self, client: PluginClient) -> None:
+        closing = asyncio.ensure_future(client.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for endpoint in list(self._clients):

@@ -391,6 +391,32 @@ async def _plugin(socket_dir: Path, handle: Any = _echo) -> AsyncIterator[str]:
         await plugin.stop(0)
 
 
+def _table(endpoint: str, incarnation: int) -> dict[str, control.RouteEntry]:
+    return {"kv": control.entry(KV, endpoint, "bh-kv-blue", incarnation)}
+
+
+async def test_a_call_in_the_same_turn_as_a_replacing_table_keeps_its_channel(
+    socket_dir: Path,
+) -> None:
+    """The table of a flip names a new instance on a reused socket path: the stale channel
+    is let go of while the table is applied, so no call that takes the new route between
+    the table and the next turn of the loop gets the channel about to be closed (and is
+    cancelled with it: its caller's connection would be cut with no answer)."""
+    async with _plugin(socket_dir) as endpoint:
+        routes, plugins = router.Router(), client.Clients()
+        controls = control.ControlServer(routes, replaced=plugins.forget)  # as bhctl gateway
+        try:
+            controls.apply_table(_table(endpoint, 1))
+            request = plugin_pb2.HandleRequest(method="echo", payload=b"{}").SerializeToString()
+            assert await plugins.get(endpoint).handle_raw(request, 10)  # the channel is open
+            controls.apply_table(_table(endpoint, 2))  # the instance there was replaced
+            async with routes.admit("kv", KV.gateway, 10) as routed:  # a call, this same turn
+                answer = await plugins.get(routed).handle_raw(request, 10)
+            assert plugin_pb2.HandleResponse.FromString(answer).payload == b"{}"
+        finally:
+            await plugins.close()
+
+
 async def _http_call(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
 ) -> tuple[int, dict[str, str], bytes]:
