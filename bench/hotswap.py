@@ -25,6 +25,9 @@ replacement is ``docker-compose up -d`` with the other image. Reported:
 failed calls, the downtime of each replacement and the keys lost with the
 old container's memory.
 
+``--gateway in-process`` runs the gateway inside the controller instead of
+in its own process (the default), to compare failed calls by kind.
+
 Prints JSON; ``--plot FILE`` draws the pause against the state size for
 both strategies. Needs Docker and the images (``scripts/engines.sh docker``,
 ``images/build.sh``; ``compose`` too for ``--compose``).
@@ -151,7 +154,7 @@ async def measure_controller(
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     spec = SPEC.format(version=VERSIONS[0], transfer=transfer)
-    options = ["--gateway-grpc-addr", "", "--metrics-addr", ""]
+    options = ["--gateway-grpc-addr", "", "--metrics-addr", "", "--gateway", args.gateway]
     if args.runtime == "process":
         options += ["--plugin-root", str(Path(__file__).resolve().parent.parent / "examples")]
     async with (
@@ -401,6 +404,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "hotswap",
         "rate": args.rate,
         "runtime": args.runtime,
+        "gateway": args.gateway,
         "controller": [],
     }
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
@@ -422,6 +426,7 @@ def main() -> None:
     parser.add_argument("--transfers", nargs="+", default=["PreCopy", "FullCopy"])
     parser.add_argument("--rate", type=float, default=200.0, help="writes per second")
     parser.add_argument("--runtime", default="docker", choices=["docker", "podman", "process"])
+    parser.add_argument("--gateway", default="process", choices=["process", "in-process"])
     parser.add_argument("--compose", action="store_true", help="also measure docker-compose")
     parser.add_argument("--compose-replacements", type=int, default=3)
     parser.add_argument("--plot", metavar="FILE")

@@ -119,14 +119,8 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
         plugins = client.Clients()
-        dropping: set[asyncio.Task[None]] = set()
-
-        def replaced(endpoint: str) -> None:
-            task = loop.create_task(plugins.drop(endpoint))
-            dropping.add(task)
-            task.add_done_callback(dropping.discard)
-
-        controls = control.ControlServer(routes, about=about, replaced=replaced)
+        # At once, while the table that routes calls there is applied: see Clients.forget.
+        controls = control.ControlServer(routes, about=about, replaced=plugins.forget)
         gateway = gateway_server.Gateway(
             controls.lookup,
             routes,

@@ -3,10 +3,12 @@
 One gRPC channel per instance endpoint (``unix:PATH`` locally, ``HOST:PORT``
 across hosts), opened on first use and shared by the reconciler, the gateway
 and the swap coordinator; :meth:`Clients.drop` closes it when its instance
-goes. gRPC errors become :class:`~controller.errors.PluginCallError` here,
-so ``grpc`` never reaches the callers. Where a runtime gives its instances a
-token (plugins reached over TCP, on Kubernetes), every call on the channel
-carries it as ``authorization: Bearer <token>``.
+goes (:meth:`Clients.forget` when a new instance took its endpoint). gRPC
+errors, and calls cut by their channel's closing, become
+:class:`~controller.errors.PluginCallError` here, so ``grpc`` never reaches
+the callers. Where a runtime gives its instances a token (plugins reached
+over TCP, on Kubernetes), every call on the channel carries it as
+``authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -259,6 +261,10 @@ class PluginClient:
             answer = await self.stub.Handle(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise _closed_under_the_call() from None
         return bytes(answer.payload)
 
     async def handle_raw(self, request: bytes, timeout: float | None) -> bytes:
@@ -267,6 +273,10 @@ class PluginClient:
             return bytes(await self._raw_handle(request, timeout=timeout))
         except grpc.aio.AioRpcError as e:
             raise _error(e) from e
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise _closed_under_the_call() from None
 
     async def export_chunks(
         self, since: str, timeout: float
@@ -386,6 +396,19 @@ def _error(e: grpc.aio.AioRpcError) -> PluginCallError:
     return PluginCallError(e.code().name, e.details() or "")
 
 
+def _being_cancelled() -> bool:
+    """Whether this task is being cancelled. A ``CancelledError`` from a call when it is
+    not means the call's channel was closed under it (gRPC cancels the calls of a
+    channel it closes): a failed call, not a cancellation of the caller's task (which,
+    at a front end, would cut the caller's connection without an answer)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _closed_under_the_call() -> PluginCallError:
+    return PluginCallError("CANCELLED", "the channel to the instance was closed during the call")
+
+
 class Clients:
     """One :class:`PluginClient` per endpoint, shared by everyone who calls plugins.
 
@@ -404,9 +427,7 @@ class Clients:
         if client is not None and client.token != token:
             # The address now belongs to another plugin's instance (pod IPs are
             # reused): its token, not the old one, on a channel of its own.
-            closing = asyncio.ensure_future(client.close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_later(client)
             client = None
         if client is None:
             client = self._clients[endpoint] = PluginClient(endpoint, token)
@@ -459,6 +480,20 @@ class Clients:
         client = self._clients.pop(endpoint, None)
         if client is not None:
             await client.close()
+
+    def forget(self, endpoint: str) -> None:
+        """The instance behind ``endpoint`` was replaced: the next call, even one made
+        before this returns to the event loop, opens a new channel; the old one closes
+        in the background. (Closing it later, in a task, would let a call that came
+        in between take the channel about to be closed, and be cancelled with it.)"""
+        client = self._clients.pop(endpoint, None)
+        if client is not None:
+            self._close_later(client)
+
+    def _close_later(self, client: PluginClient) -> None:
+        closing = asyncio.ensure_future(client.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for endpoint in list(self._clients):

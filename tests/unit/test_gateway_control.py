@@ -368,3 +368,127 @@ async def test_an_instance_replaced_on_the_same_socket_gets_a_new_channel(
             assert replaced == ["unix:/blue.sock"]  # once per replacement
     finally:
         await controls.stop()
+
+
+@contextlib.asynccontextmanager
+async def _plugin(socket_dir: Path, handle: Any = _echo) -> AsyncIterator[str]:
+    """A plugin's gRPC server on a Unix socket in ``socket_dir``; its endpoint."""
+    plugin = grpc.aio.server()
+    plugin.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "blackhole.plugin.v1.Plugin",
+                {"Handle": grpc.unary_unary_rpc_method_handler(handle)},
+            ),
+        )
+    )
+    endpoint = f"unix:{socket_dir / 'plugin.sock'}"
+    plugin.add_insecure_port(endpoint)
+    await plugin.start()
+    try:
+        yield endpoint
+    finally:
+        await plugin.stop(0)
+
+
+def _table(endpoint: str, incarnation: int) -> dict[str, control.RouteEntry]:
+    return {"kv": control.entry(KV, endpoint, "bh-kv-blue", incarnation)}
+
+
+async def test_a_call_in_the_same_turn_as_a_replacing_table_keeps_its_channel(
+    socket_dir: Path,
+) -> None:
+    """The table of a flip names a new instance on a reused socket path: the stale channel
+    is let go of while the table is applied, so no call that takes the new route between
+    the table and the next turn of the loop gets the channel about to be closed (and is
+    cancelled with it: its caller's connection would be cut with no answer)."""
+    async with _plugin(socket_dir) as endpoint:
+        routes, plugins = router.Router(), client.Clients()
+        controls = control.ControlServer(routes, replaced=plugins.forget)  # as bhctl gateway
+        try:
+            controls.apply_table(_table(endpoint, 1))
+            request = plugin_pb2.HandleRequest(method="echo", payload=b"{}").SerializeToString()
+            assert await plugins.get(endpoint).handle_raw(request, 10)  # the channel is open
+            controls.apply_table(_table(endpoint, 2))  # the instance there was replaced
+            async with routes.admit("kv", KV.gateway, 10) as routed:  # a call, this same turn
+                answer = await plugins.get(routed).handle_raw(request, 10)
+            assert plugin_pb2.HandleResponse.FromString(answer).payload == b"{}"
+        finally:
+            await plugins.close()
+
+
+async def _http_call(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+) -> tuple[int, dict[str, str], bytes]:
+    """One POST on an open keep-alive connection; status, headers, body."""
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode().rstrip().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_a_channel_closed_under_a_call_answers_502_on_a_connection_that_stays_open(
+    socket_dir: Path,
+) -> None:
+    """gRPC cancels the calls of a channel it closes: the gateway answers that call as a
+    failed one, and the caller's keep-alive connection serves its next call."""
+    entered, hang = asyncio.Event(), asyncio.Event()
+
+    async def hanging_once(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        if not entered.is_set():
+            entered.set()
+            await hang.wait()
+        return await _echo(request, context)
+
+    async with _plugin(socket_dir, hanging_once) as endpoint:
+        routes, plugins = router.Router(), client.Clients()
+        routes.set_route("kv", endpoint, "bh-kv-blue", spec())
+        gateway = server.Gateway(lambda key: KV if key == "kv" else None, routes, plugins)
+        bound = await gateway.start("127.0.0.1:0", None)
+        host, port = bound["http"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            first = asyncio.create_task(_http_call(reader, writer, "/v1/plugins/kv/call/echo"))
+            await asyncio.wait_for(entered.wait(), 30)
+            await plugins.drop(endpoint)  # its instance is gone: the channel closes
+            status, headers, body = await asyncio.wait_for(first, 30)
+            assert (status, json.loads(body)["reason"]) == (502, "PluginFailed")
+            assert headers.get("connection", "").lower() != "close"
+            status, _, body = await asyncio.wait_for(
+                _http_call(reader, writer, "/v1/plugins/kv/call/echo"), 30
+            )
+            assert (status, body) == (200, b"{}")
+        finally:
+            hang.set()
+            writer.close()
+            await gateway.stop()
+            await plugins.close()
+
+
+async def test_a_call_whose_own_task_is_cancelled_is_still_cancelled(socket_dir: Path) -> None:
+    """Only a channel closed under a call becomes a failed call: a timeout or a
+    cancellation of the caller's task goes through as it is."""
+    entered, hang = asyncio.Event(), asyncio.Event()
+
+    async def hanging(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        entered.set()
+        await hang.wait()
+        return await _echo(request, context)
+
+    async with _plugin(socket_dir, hanging) as endpoint:
+        plugins = client.Clients()
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await plugins.get(endpoint).handle("echo", b"{}", timeout=30)
+            entered.clear()
+            call = asyncio.create_task(plugins.get(endpoint).handle("echo", b"{}", timeout=30))
+            await asyncio.wait_for(entered.wait(), 30)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        finally:
+            hang.set()
+            await plugins.close()
