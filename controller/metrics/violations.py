@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from controller.metrics import cgroups, telemetry
 from controller.spec.keys import plugin_key
 
-KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
+KINDS = telemetry.VIOLATION_KINDS
 
 
 @dataclass(frozen=True)

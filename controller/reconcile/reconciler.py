@@ -186,6 +186,7 @@ class Reconciler:
         if desired is None:
             return await self._delete(key, name, namespace, observed, context)
         context["generation"] = desired.generation
+        self.metrics.plugin_seen(key)
         pinned = await self._pinned(key, desired)
         return await _Pass(self, key, desired, observed, context, pinned).run()
 
@@ -210,6 +211,8 @@ class Reconciler:
     def _track(self, instance: base.Instance) -> None:
         """Export the instance's resources while it runs on this host."""
         running = instance.state is base.InstanceState.RUNNING and instance.pid
+        if instance.oom_killed:  # as the engine tells it: once per run
+            self.metrics.oom_killed(instance.key, instance.name, str(instance.started_at))
         self.metrics.track(
             instance.name,
             telemetry.Tracked(
@@ -254,6 +257,7 @@ class Reconciler:
         self.routes.clear_route(key)
         self.violations.forget(key)
         self.phases.pop(key, None)
+        self.metrics.plugin_forgotten(key)
         for instance in observed:
             self.metrics.track(instance.name, None)
             await self.runtime.remove(instance.name)
