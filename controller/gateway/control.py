@@ -221,6 +221,7 @@ class ControlServer:
             for key, item in routes.items()
         }
         self.table = table
+        self.router.metrics.gateway_plugins(table)
         for item in routes.values():
             endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
             if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:

@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from controller.metrics import telemetry
 from controller.spec import models
@@ -94,8 +93,6 @@ class Gate:
     """Holders of the hold (a swap, a state import): calls pass when none is left."""
     calls: tuple[str, ...] = ()
     """The plugins it may call, as its route was last set: a change re-makes its socket."""
-    in_flight_gauge: Any = None
-    """This plugin's child of the in-flight gauge, once made."""
 
     def __post_init__(self) -> None:
         self.open.set()
@@ -209,9 +206,7 @@ class Router:
                 retry_after=1,
             )
         gate.in_flight += 1
-        in_flight = gate.in_flight_gauge
-        if in_flight is None:
-            in_flight = gate.in_flight_gauge = self.metrics.in_flight.labels(key)
+        in_flight = self.metrics.in_flight_of(key)
         in_flight.inc()
         try:
             if not gate.open.is_set():

@@ -14,19 +14,33 @@
 
 Labels are bounded: plugins are declared, colors two, methods capped per
 plugin (:data:`METHODS_PER_PLUGIN` that the plugin answered, then ``other``).
+
+Every per-plugin series whose label values are known is made at 0 when the
+plugin is first seen (:meth:`Metrics.plugin_seen`, and
+:meth:`Metrics.gateway_plugins` in the gateway's process) and removed when it
+is deleted (:meth:`Metrics.plugin_forgotten`): a series born at 1 would hide
+its first event from ``increase()``, and so from the alerts.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -41,6 +55,29 @@ METHODS_PER_PLUGIN = 50
 _METHOD = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+SWAP_RESULTS = ("Promoted", "RolledBack", "Aborted")
+"""How a swap ends (``status.lastSwap.result``)."""
+ROLLBACK_REASONS = (
+    "SwapAborted",
+    "SwapInterrupted",
+    "SwapSuperseded",
+    "SwapSourceLost",
+    "SwapFailedCrashed",
+    "SwapFailedNotReady",
+    "SwapFailedHandshake",
+    "SwapFailedChecks",
+    "SwapFailedImport",
+    "SwapFailedDrain",
+    "SwapFailedPause",
+    "SwapFailedAfterPromotion",
+)
+"""Why a swap rolls back: the reasons of the swap coordinator's failures."""
+VIOLATION_KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
+CHECKPOINT_KINDS = ("full", "delta")
+RESTORE_RESULTS = ("Restored", "Skipped", "Empty")
+_KERNEL = "kernel"
+"""The run of an instance whose OOM kill the kernel reported, not yet the engine."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +195,12 @@ class Metrics:
             ["plugin", "kind"],
             registry=r,
         )
+        self.oom_kills = Counter(
+            "blackhole_instance_oom_kills",
+            "Instances of the plugin killed for memory, counted across their restarts.",
+            ["plugin"],
+            registry=r,
+        )
         self.requests = Counter(
             "blackhole_gateway_requests",
             "Calls answered by the gateway, by plugin, method and HTTP code.",
@@ -186,6 +229,9 @@ class Metrics:
         Info("blackhole_build", "The controller's version.", registry=r).info(
             {"version": version, "python": platform.python_version()}
         )
+        ProcessCollector(namespace="blackhole", registry=r)
+        """``blackhole_process_start_time_seconds`` among them: the alerts count every event
+        of a controller that started within their window, even one before the first scrape."""
         self._plugins: Callable[[], dict[str, tuple[str, bool]]] | None = None
         self.instances: dict[str, Tracked] = {}
         """Instance name to what is exported of it."""
@@ -195,6 +241,12 @@ class Metrics:
         self._methods: dict[str, set[str]] = collections.defaultdict(set)
         self._answers: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[str, Any] = {}
+        self._in_flight: dict[str, Any] = {}
+        self._seen: set[str] = set()
+        self._gateway_seen: set[str] = set()
+        self._relayed = False
+        self._oom_runs: dict[tuple[str, str], str] = {}
+        """Plugin key and instance name to the run whose OOM kill was counted last."""
         self.collector = InstanceCollector(self)
         r.register(self.collector)
 
@@ -210,6 +262,79 @@ class Metrics:
             self.instances[name] = tracked
             if self.oom is not None:
                 self.oom.watch(name, tracked.pid)
+
+    def plugin_seen(self, key: str) -> None:
+        """Make ``key``'s series whose label values are known, at 0 (a no-op once made).
+
+        Cheap enough to call at every pass over the plugin. The gateway's
+        series too, when the gateway runs in this process.
+        """
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        for family, values in self._series(key):
+            family.labels(*values)
+        self.restored_age.labels(key).set(math.nan)  # no restore yet: no age to tell
+        if not self._relayed:
+            self._gateway_seen_one(key)
+
+    def plugin_forgotten(self, key: str) -> None:
+        """Remove every series of ``key``, whatever its other labels: its plugin is deleted."""
+        self._seen.discard(key)
+        for family in (
+            self.restarts,
+            self.swaps,
+            self.swap_pause,
+            self.rollbacks,
+            self.checkpoints,
+            self.checkpoint_bytes,
+            self.checkpoint_failures,
+            self.restores,
+            self.restored_age,
+            self.violations,
+            self.oom_kills,
+        ):
+            family.remove_by_labels({"plugin": key})
+        for run in [r for r in self._oom_runs if r[0] == key]:
+            del self._oom_runs[run]
+        if not self._relayed:
+            self._gateway_forget_one(key)
+
+    def _series(self, key: str) -> Iterator[tuple[Any, tuple[str, ...]]]:
+        """The controller's series of ``key`` with known label values."""
+        for family in (self.restarts, self.swap_pause, self.checkpoint_bytes):
+            yield family, (key,)
+        yield self.checkpoint_failures, (key,)
+        yield self.oom_kills, (key,)
+        for result in SWAP_RESULTS:
+            yield self.swaps, (key, result)
+        for reason in ROLLBACK_REASONS:
+            yield self.rollbacks, (key, reason)
+        for kind in VIOLATION_KINDS:
+            yield self.violations, (key, kind)
+        for kind in CHECKPOINT_KINDS:
+            yield self.checkpoints, (key, kind)
+        for result in RESTORE_RESULTS:
+            yield self.restores, (key, result)
+
+    def oom_killed(self, key: str, instance: str, run: str | None = None) -> None:
+        """Count an OOM kill of ``instance`` of plugin ``key``.
+
+        The kernel tells of a kill as it happens (``run`` None); the engine
+        tells of the run that ended (``run``: what tells it from the
+        instance's other runs, its start time), at every pass that sees it.
+        So a run is counted once, and not again when the kernel counted it.
+        """
+        if run is None:
+            self._oom_runs[key, instance] = _KERNEL
+        else:
+            last = self._oom_runs.get((key, instance))
+            if last == run:
+                return
+            self._oom_runs[key, instance] = run
+            if last == _KERNEL:
+                return
+        self.oom_kills.labels(key).inc()
 
     def follow_plugins(self, plugins: Callable[[], dict[str, tuple[str, bool]]]) -> None:
         """Read each plugin's phase and readiness from ``plugins`` at each scrape."""
@@ -228,6 +353,46 @@ class Metrics:
             self.rate_limited,
         ):
             self.registry.unregister(collector)
+        self._relayed = True
+
+    def gateway_plugins(self, keys: Iterable[str]) -> None:
+        """The gateway's declared plugins are ``keys`` (its route table): make the series of
+        those new in it at 0, remove those of the plugins gone from it."""
+        keys = set(keys)
+        for key in self._gateway_seen - keys:
+            self._gateway_forget_one(key)
+        for key in keys - self._gateway_seen:
+            self._gateway_seen_one(key)
+
+    def _gateway_seen_one(self, key: str) -> None:
+        self._gateway_seen.add(key)
+        self.rate_limited.labels(key)
+        self.held.labels(key)
+        self.in_flight_of(key)
+        self._durations[key] = self.request_seconds.labels(key)
+
+    def _gateway_forget_one(self, key: str) -> None:
+        self._gateway_seen.discard(key)
+        for family in (
+            self.requests,
+            self.request_seconds,
+            self.in_flight,
+            self.held,
+            self.rate_limited,
+        ):
+            family.remove_by_labels({"plugin": key})
+        self._methods.pop(key, None)
+        self._durations.pop(key, None)
+        self._in_flight.pop(key, None)
+        for answer in [a for a in self._answers if a[0] == key]:
+            del self._answers[answer]
+
+    def in_flight_of(self, key: str) -> Any:
+        """``key``'s child of the in-flight gauge (cached: it is on the hot path)."""
+        gauge = self._in_flight.get(key)
+        if gauge is None:
+            gauge = self._in_flight[key] = self.in_flight.labels(key)
+        return gauge
 
     def method(self, plugin: str, method: str | None, code: int) -> str:
         """``method`` as a label value: bounded in number and in form.

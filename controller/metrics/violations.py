@@ -20,7 +20,7 @@ from controller import cgroups
 from controller.metrics import telemetry
 from controller.spec.keys import plugin_key
 
-KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
+KINDS = telemetry.VIOLATION_KINDS
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,9 @@ class Checkpoints:
 
     def store(self) -> snapshots_module.Snapshots | None:
         """The store, when this plugin's state is checkpointed (and restored)."""
-        c, metrics = self.c, self.s.metrics
-        state = c.spec.state
+        state = self.c.spec.state
         if state is None or not state.checkpoint_seconds or self.s.snapshots is None:
             return None
-        for result in ("Restored", "Skipped", "Empty"):  # series from 0: the first one counts
-            metrics.restores.labels(c.key, result)
-        metrics.checkpoint_failures.labels(c.key)
         return self.s.snapshots
 
     async def restore(self, current: base.Instance, endpoint: str) -> bool:

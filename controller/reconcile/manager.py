@@ -127,6 +127,7 @@ class Manager:
         if tracked is None:
             return
         key = plugin_key(tracked.plugin, tracked.namespace)
+        self.metrics.oom_killed(key, name)
         self.violations.oom_killed(key, f"{name} was killed for memory (the kernel's OOM killer)")
         self.queue.add(key)
 

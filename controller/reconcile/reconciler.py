@@ -139,6 +139,7 @@ class Reconciler:
             return Result()  # declared, but never validly: what runs is left as it is
         if desired is None:
             return await self._delete(key, name, namespace, observed)
+        self.metrics.plugin_seen(key)
         return await _Pass(self, await self._context(PluginKey(key), desired, observed)).run()
 
     async def _context(
@@ -200,6 +201,8 @@ class Reconciler:
     def _track(self, instance: base.Instance) -> None:
         """Export the instance's resources while it runs on this host."""
         running = instance.state is base.InstanceState.RUNNING and instance.pid
+        if instance.oom_killed:  # as the engine tells it: once per run
+            self.metrics.oom_killed(instance.key, instance.name, str(instance.started_at))
         self.metrics.track(
             instance.name,
             telemetry.Tracked(
@@ -243,6 +246,7 @@ class Reconciler:
         self.routes.clear_route(key)
         self.violations.forget(key)
         self.phases.pop(key, None)
+        self.metrics.plugin_forgotten(key)
         for instance in observed:
             self.metrics.track(instance.name, None)
             await self.runtime.remove(instance.name)

@@ -7,7 +7,9 @@ would.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 import shutil
 import socket
@@ -91,17 +93,23 @@ class Prometheus:
         self.process.wait(30)
 
 
+@contextlib.contextmanager
+def scraping(controller: ControllerProcess, root: Path) -> Iterator[Prometheus]:
+    server = Prometheus(root, controller.gateway("metrics"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def prometheus(controller: ControllerProcess, tmp_path: Path) -> Iterator[Prometheus]:
     controller.write("busy")
     controller.write("idle")
     controller.start()
     wait_for(lambda: controller.ready("busy", "idle"), what="busy and idle Ready")
-    server = Prometheus(tmp_path, controller.gateway("metrics"))
-    try:
+    with scraping(controller, tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_prometheus_sees_cpu_memory_and_calls_and_loads_the_rules(controller, prometheus):
@@ -148,7 +156,7 @@ def test_prometheus_sees_cpu_memory_and_calls_and_loads_the_rules(controller, pr
     rules = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(rules) == {
         "PluginDown", "PluginCrashLooping", "PluginMemoryNearLimit", "PluginCPUThrottled",
-        "PluginSwapFailed", "PluginStateRestored", "PluginCheckpointsFailing",
+        "PluginOOMKilled", "PluginSwapFailed", "PluginStateRestored", "PluginCheckpointsFailing",
         "ControllerReconcileErrors", "GatewayErrorRate",
     }  # fmt: skip
     wait_for(
@@ -181,6 +189,118 @@ def test_the_dashboard_queries_only_metrics_the_controller_exports(controller, p
     assert rule_names <= names, sorted(rule_names - names)
 
 
+def dashboard_queries(plugins: str, rate_interval: str = "15s") -> list[str]:
+    """Every query of the dashboard, its variables set as Grafana would (``plugins``: a regex)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        target["expr"].replace("$plugin", plugins).replace("$__rate_interval", rate_interval)
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+UNDEFINED_UNTIL_OBSERVED = (
+    "histogram_quantile(",
+    "blackhole_state_restored_checkpoint_age_seconds",
+)
+"""Queries whose answer is NaN until there is something to measure: quantiles of a histogram
+that observed nothing in the window, the age of a restore that never happened."""
+
+
+def test_every_dashboard_query_returns_a_value_on_a_fresh_controller(controller, prometheus):
+    queries = dashboard_queries("busy|idle")
+    assert len(queries) >= 28
+
+    def results() -> dict[str, list[dict[str, Any]]]:
+        return {q: prometheus.get("/api/v1/query", query=q)["result"] for q in queries}
+
+    def all_answered() -> dict[str, list[dict[str, Any]]]:
+        answered = results()
+        return answered if all(answered.values()) else {}
+
+    try:
+        answered = wait_for(all_answered, timeout=60, what="every dashboard query to answer")
+    except pytest.fail.Exception:
+        empty = [q for q, found in results().items() if not found]
+        pytest.fail(f"{len(empty)} of {len(queries)} dashboard queries return nothing: {empty}")
+    for query, found in answered.items():
+        per_plugin = '{plugin=~"busy|idle"' in query or "by (plugin" in query
+        if per_plugin:
+            plugins = {r["metric"].get("plugin") for r in found}
+            assert plugins == {"busy", "idle"}, (query, plugins)
+        values = [float(r["value"][1]) for r in found]
+        if not any(marker in query for marker in UNDEFINED_UNTIL_OBSERVED):
+            assert all(math.isfinite(v) for v in values), (query, values)
+
+
+STATEFUL = "  state: {{version: 1}}\n  env: {{STATE_VERSION: '1', BUILD: '{build}'}}\n"
+STATEFUL += "  hotSwap: {{scaleDownDelaySeconds: 1}}\n"
+MUTE = "  state: {version: 1}\n  env: {STATE_VERSION: '1', MODE: mute}\n"
+MUTE += "  health: {startupDeadlineSeconds: 3}\n"
+
+
+def last_swap(controller: ControllerProcess, result: str, version: str) -> bool:
+    status = controller.status("kv")
+    last = status.get("lastSwap") or {}
+    return status.get("swap") is None and (last.get("result"), last.get("to")) == (
+        result,
+        version,
+    )
+
+
+def scraped(prometheus: Prometheus, expr: str) -> dict[str, float]:
+    return wait_for(lambda: prometheus.value(expr), what=f"Prometheus to have {expr}")
+
+
+def test_the_swap_pause_quantiles_are_numbers_after_swaps(controller, tmp_path):
+    controller.write("kv", STATEFUL.format(build=1))
+    controller.start()
+    wait_for(lambda: controller.ready("kv"), what="kv Ready")
+    with scraping(controller, tmp_path) as prometheus:
+        # The histogram is there, empty, before the first swap: its first one counts.
+        scraped(prometheus, 'blackhole_swap_pause_seconds_count{plugin="kv"} == 0')
+        for n, version in enumerate(("1.1.0", "1.2.0"), start=2):
+            controller.write("kv", STATEFUL.format(build=n), version=version)
+            wait_for(
+                lambda v=version: last_swap(controller, "Promoted", v),  # type: ignore[misc]
+                timeout=90,
+                what=f"the swap to {version}",
+            )
+        scraped(prometheus, 'blackhole_swap_pause_seconds_count{plugin="kv"} == 2')
+        pauses = [q for q in dashboard_queries("kv") if "blackhole_swap_pause_seconds" in q]
+        assert len(pauses) == 2
+        for query in pauses:
+            [pause] = prometheus.value(query).values()
+            assert math.isfinite(pause), (query, pause)
+            assert 0 < pause <= 5, (query, pause)
+
+
+def test_a_real_rollback_fires_plugin_swap_failed(controller, tmp_path):
+    controller.write("kv", STATEFUL.format(build=1))
+    controller.start()
+    wait_for(lambda: controller.ready("kv"), what="kv Ready")
+    with scraping(controller, tmp_path) as prometheus:
+        controller.write("kv", MUTE, version="1.1.0")
+        wait_for(
+            lambda: last_swap(controller, "RolledBack", "1.1.0"),
+            timeout=90,
+            what="the swap to 1.1.0 rolled back",
+        )
+
+        def firing() -> list[dict[str, Any]]:
+            return [
+                a
+                for a in prometheus.get("/api/v1/alerts")["alerts"]
+                if a["labels"]["alertname"] == "PluginSwapFailed" and a["state"] == "firing"
+            ]
+
+        [alert] = wait_for(firing, timeout=60, what="PluginSwapFailed to fire")
+        assert alert["labels"]["plugin"] == "kv"
+        assert alert["labels"]["reason"] == "SwapFailedNotReady"
+        rollbacks = 'blackhole_swap_rollbacks_total{plugin="kv",reason="SwapFailedNotReady"}'
+        assert prometheus.value(rollbacks) == {"kv": 1.0}
+
+
 def test_a_plugin_past_its_memory_limit_is_oom_killed_and_reported(controller):
     controller.write("hungry", "  resources: {memory: 64Mi}\n  restart: {backoffSeconds: 30}\n")
     controller.start()
@@ -205,6 +325,12 @@ def test_a_plugin_past_its_memory_limit_is_oom_killed_and_reported(controller):
     assert "OOMKilled" in events
     assert re.search(
         r'^blackhole_resource_violations_total\{kind="OOMKilled",plugin="hungry"\} 1\.0$',
+        scrape(controller),
+        re.MULTILINE,
+    )
+    # Counted by the controller, once, though the kernel and the engine both tell of it.
+    assert re.search(
+        r'^blackhole_instance_oom_kills_total\{plugin="hungry"\} 1\.0$',
         scrape(controller),
         re.MULTILINE,
     )
