@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STEP := scripts/step.sh
 
-.PHONY: demo test setup venv engines images lint typecheck imports unit integration crd manifests proto
+.PHONY: demo test setup venv venv-dev venv-docs engines images lint typecheck imports unit integration docs crd manifests proto
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
@@ -22,15 +22,19 @@ test: setup
 	@$(STEP) unit $(MAKE) --no-print-directory unit
 	@$(STEP) integration $(MAKE) --no-print-directory integration
 
-setup: venv
+setup: venv-dev
 	@$(STEP) helm bash scripts/helm.sh tools $(BIN)
 	@$(STEP) engines bash scripts/engines.sh docker podman prometheus
 	@$(STEP) images bash images/build.sh
 
-venv: $(VENV)/.installed
+# The virtual environment with what a target needs: venv the controller and the SDK
+# (make demo), venv-dev the development tools too (make test), venv-docs mkdocs (make docs).
+venv: $(VENV)/.installed-base
+venv-dev: $(VENV)/.installed-dev
+venv-docs: $(VENV)/.installed-docs
 
-$(VENV)/.installed: pyproject.toml sdk/pyproject.toml VERSION
-	@$(STEP) venv bash scripts/venv.sh "$(PYTHON)" "$(VENV)"
+$(VENV)/.installed-%: pyproject.toml sdk/pyproject.toml VERSION
+	@$(STEP) venv-$* bash scripts/venv.sh "$(PYTHON)" "$(VENV)" $*
 	@touch $@
 
 engines:
@@ -55,6 +59,10 @@ unit:
 integration:
 	$(BIN)/pytest tests/integration
 
+# The docs site into site/, strict: a broken link or a missing page fails.
+docs: venv-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 crd: venv
 	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml
 	$(BIN)/bhctl crd > deploy/kubernetes/crd-plugins.blackhole.dev.yaml
@@ -64,5 +72,5 @@ crd: venv
 manifests: venv
 	BIN_DIR=$(BIN) bash scripts/helm.sh manifests
 
-proto: venv
+proto: venv-dev
 	bash scripts/proto.sh $(BIN)/python
