@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from types import ModuleType
@@ -104,3 +106,22 @@ def test_every_page_is_in_the_navigation() -> None:
     written = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     generated = {"reference/spec.md", "reference/cli.md"}
     assert listed == written | generated
+
+
+def test_the_sdk_readme_example_passes_its_own_tests(tmp_path: Path) -> None:
+    """The README's worked example, as written: plugin.py and test_plugin.py, under pytest."""
+    text = (TOP / "sdk" / "README.md").read_text()
+    blocks = dict(re.findall(r"<!-- example: (\S+) -->\n```python\n(.*?)```", text, flags=re.S))
+    assert sorted(blocks) == ["plugin.py", "test_plugin.py"]
+    for name, body in blocks.items():
+        (tmp_path / name).write_text(body)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_plugin.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
