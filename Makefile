@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STEP := scripts/step.sh
 
-.PHONY: demo test test-loaded check setup venv engines images lint typecheck imports unit integration crd manifests proto
+.PHONY: demo test test-loaded check setup venv venv-dev venv-docs engines images lint typecheck imports unit integration docs crd manifests proto
 
 demo: venv
 	@$(STEP) engines bash scripts/engines.sh docker
@@ -27,22 +27,26 @@ test: setup
 test-loaded: setup
 	@bash scripts/loaded.sh $(MAKE) --no-print-directory integration
 
-check: venv
+check: venv-dev
 	@$(STEP) helm bash scripts/helm.sh tools $(BIN)
 	@$(STEP) lint $(MAKE) --no-print-directory lint
 	@$(STEP) typecheck $(MAKE) --no-print-directory typecheck
 	@$(STEP) imports $(MAKE) --no-print-directory imports
 	@$(STEP) unit $(MAKE) --no-print-directory unit
 
-setup: venv
+setup: venv-dev
 	@$(STEP) helm bash scripts/helm.sh tools $(BIN)
 	@$(STEP) engines bash scripts/engines.sh docker podman prometheus
 	@$(STEP) images bash images/build.sh
 
-venv: $(VENV)/.installed
+# The virtual environment with what a target needs: venv the controller and the SDK
+# (make demo), venv-dev the development tools too (make test), venv-docs mkdocs (make docs).
+venv: $(VENV)/.installed-base
+venv-dev: $(VENV)/.installed-dev
+venv-docs: $(VENV)/.installed-docs
 
-$(VENV)/.installed: pyproject.toml sdk/pyproject.toml VERSION
-	@$(STEP) venv bash scripts/venv.sh "$(PYTHON)" "$(VENV)"
+$(VENV)/.installed-%: pyproject.toml sdk/pyproject.toml VERSION
+	@$(STEP) venv-$* bash scripts/venv.sh "$(PYTHON)" "$(VENV)" $*
 	@touch $@
 
 engines:
@@ -67,6 +71,10 @@ unit:
 integration:
 	$(BIN)/pytest tests/integration
 
+# The docs site into site/, strict: a broken link or a missing page fails.
+docs: venv-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 crd: venv
 	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml
 	$(BIN)/bhctl crd > deploy/kubernetes/crd-plugins.blackhole.dev.yaml
@@ -76,5 +84,5 @@ crd: venv
 manifests: venv
 	BIN_DIR=$(BIN) bash scripts/helm.sh manifests
 
-proto: venv
+proto: venv-dev
 	bash scripts/proto.sh $(BIN)/python
