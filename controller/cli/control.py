@@ -457,18 +457,16 @@ def new_lines(before: list[str], now: list[str], full: bool) -> list[str]:
     """The lines of ``now`` not in ``before``, two reads of the end of one log.
 
     While the log fits the window (``full`` false: fewer lines came than asked for)
-    ``now`` starts with ``before``; past it, the last lines read before are looked for
-    in ``now``; not found (a new instance, or more written than the window between
-    the reads), every line of ``now`` is new.
+    ``now`` starts with ``before``; past it, the window moved on: ``now`` starts with
+    the end of ``before``; neither (a new instance, or more written than the window
+    between the reads), every line of ``now`` is new.
     """
     if not full and now[: len(before)] == before:
         return now[len(before) :]
-    anchor = before[-20:]
-    if not anchor:
-        return now
-    for start in range(len(now) - len(anchor), -1, -1):
-        if now[start : start + len(anchor)] == anchor:
-            return now[start + len(anchor) :]
+    for start in range(len(before)):  # the window moved on by ``start`` lines
+        kept = before[start:]
+        if now[: len(kept)] == kept:
+            return now[len(kept) :]
     return now
 
 
