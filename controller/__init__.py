@@ -5,6 +5,16 @@ The package's layers point one way: ``cli`` -> ``reconcile`` -> ``sources`` |
 ``pyproject.toml``).
 """
 
-from importlib import metadata
+from __future__ import annotations
 
-__version__ = metadata.version("blackhole-controller")
+__all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed package's metadata when first asked for
+    (reading it costs more than the rest of a ``bhctl get``)."""
+    if name == "__version__":
+        from importlib import metadata
+
+        return metadata.version("blackhole-controller")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,23 @@
-"""A small synchronous client of the admin API, for ``bhctl``."""
+"""A small synchronous client of the admin API, for ``bhctl``.
+
+It imports the standard library and the error hierarchy only: every ``bhctl``
+command that talks to a running controller loads it, and must start fast.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
+import os
 import socket
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from controller.errors import ControllerError
-from controller.runtimes import base
 
 
 class AdminError(ControllerError):
@@ -29,6 +35,25 @@ class ControllerNotRunningError(ControllerError):
     """Nothing answers on the admin socket."""
 
 
+SUN_PATH_MAX = 107
+"""Longest socket path ``connect`` takes (sun_path's 108 bytes, the last one NUL)."""
+
+
+@contextlib.contextmanager
+def _unix_address(path: Path) -> Iterator[str]:
+    """An address for ``path`` that fits in sun_path, however deep the data directory is:
+    a long one is reached through ``/proc/self/fd`` of its open directory."""
+    text = str(path)
+    if len(text.encode()) <= SUN_PATH_MAX:
+        yield text
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -38,7 +63,7 @@ class _UnixConnection(http.client.HTTPConnection):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            with base.unix_address(self.path) as address:
+            with _unix_address(self.path) as address:
                 sock.connect(address)
         except OSError:
             sock.close()
@@ -87,8 +112,10 @@ class AdminClient:
     def get(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
 
-    def apply(self, text: str | bytes, origin: str) -> dict[str, Any]:
-        return self._call("POST", "/v1/plugins", text, origin=origin)
+    def apply(self, text: str | bytes, origin: str, dry_run: bool = False) -> dict[str, Any]:
+        """Apply specs; ``dry_run``: only say what each would change, applying nothing."""
+        query = {"dryRun": "true"} if dry_run else {}
+        return self._call("POST", "/v1/plugins", text, origin=origin, **query)
 
     def delete(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/plugins/{urllib.parse.quote(name, safe='')}")
@@ -106,12 +133,25 @@ class AdminClient:
         query = {"snapshot": str(snapshot)} if snapshot is not None else {}
         return self._call("GET", f"{_plugin(name)}/state/export", **query)
 
+    def request(self, id: int, wait: float = 0.0) -> dict[str, Any]:
+        """An operator's request and its outcome (Pending, Done or Refused); ``wait``: up to
+        that many seconds for a pending one to be answered."""
+        return self._call("GET", f"/v1/requests/{id}", wait=f"{wait:g}")
+
+    def down(self, volumes: bool) -> dict[str, Any]:
+        """Remove every instance the controller runs (and its volumes), then stop it."""
+        return self._call("POST", "/v1/down", volumes=str(volumes).lower())
+
     def state_import(self, name: str, state_version: int, data: bytes) -> dict[str, Any]:
         body = json.dumps({"stateVersion": state_version, "data": base64.b64encode(data).decode()})
         return self._call("POST", f"{_plugin(name)}/state/import", body)
 
-    def logs(self, name: str, color: str | None, tail: int) -> dict[str, Any]:
+    def logs(
+        self, name: str, color: str | None, tail: int, previous: bool = False
+    ) -> dict[str, Any]:
         query = {"tail": str(tail)} | ({"color": color} if color else {})
+        if previous:
+            query["previous"] = "true"
         return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}/logs", **query)
 
 

@@ -5,9 +5,16 @@ HTTP with JSON bodies, so that ``curl --unix-socket`` works too:
 - ``GET /v1/plugins``: every declared plugin with its status, and the specs
   that failed to load;
 - ``GET /v1/plugins/{name}``: one plugin with its status, origin and events;
-- ``POST /v1/plugins``: apply YAML specs (the body); ``422`` lists every problem;
+- ``POST /v1/plugins``: apply YAML specs (the body); ``422`` lists every problem; each
+  plugin is reported ``created``, ``configured`` or ``unchanged``; with ``?dryRun=true``
+  nothing is applied and each plugin's change is told instead: ``created``,
+  ``unchanged``, ``in-place``, ``swap`` or ``replace``, with the fields that differ;
 - ``DELETE /v1/plugins/{name}``: delete an applied spec (``409`` for a file's);
-- ``GET /v1/plugins/{name}/logs?color=&tail=``: an instance's last lines.
+- ``GET /v1/plugins/{name}/logs?color=&tail=&previous=``: an instance's last lines
+  (``previous=true``: of the instance other than the active one, while it is kept);
+- ``GET /v1/requests/{id}?wait=SECONDS``: an operator's request (a swap action, a state
+  import) and its outcome, ``Pending``, ``Done`` or ``Refused``; ``wait`` holds the
+  answer up to that long (at most 30 s) while it is pending.
 
 Only the owner of the data directory can reach it; there is no other auth.
 
@@ -45,12 +52,14 @@ from controller.protocol import client
 from controller.reconcile import manager, reconciler
 from controller.runtimes import base
 from controller.sources import base as sources_base
-from controller.spec import models, safe_yaml
+from controller.spec import loader, models, safe_yaml
 from controller.state import snapshots
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = safe_yaml.MAX_BYTES
+REQUEST_WAIT_MAX = 30.0
+"""Longest ``GET /v1/requests/{id}?wait=`` holds its answer, in seconds."""
 IMPORT_TIMEOUT = 120.0
 """How long a state import request waits for the plugin's pass to answer (else 202)."""
 """Largest spec body accepted, in bytes (the spec loader's limit)."""
@@ -88,6 +97,7 @@ class AdminServer:
                 web.get("/v1/plugins/{name}/state", self._state_history),
                 web.get("/v1/plugins/{name}/state/export", self._state_export),
                 web.post("/v1/plugins/{name}/state/import", self._state_import),
+                web.get("/v1/requests/{id}", self._request),
                 web.get("/v1/top", self._top),
             ]
         )
@@ -206,14 +216,42 @@ class AdminServer:
         text = await request.read()  # bytes: the loader decodes and bounds them
         origin = request.query.get("origin", "<apply>")
         try:
+            if request.query.get("dryRun") == "true":
+                return web.json_response({"changes": await self._changes(text, origin)})
+            before = {
+                k: d.spec_hash for k in self.source.declared_keys() if (d := self.source.get(k))
+            }
             applied = await self.source.apply(text, origin)
         except SpecError as e:
             return web.json_response(
                 {"error": "invalid spec", "issues": [str(i) for i in e.issues]}, status=422
             )
         return web.json_response(
-            {"applied": [{"name": d.plugin.key, "generation": d.generation} for d in applied]}
+            {
+                "applied": [
+                    {
+                        "name": d.plugin.key,
+                        "generation": d.generation,
+                        "change": "created"
+                        if d.plugin.key not in before
+                        else "unchanged"
+                        if before[d.plugin.key] == d.spec_hash
+                        else "configured",
+                    }
+                    for d in applied
+                ]
+            }
         )
+
+    async def _changes(self, text: bytes, origin: str) -> list[dict[str, Any]]:
+        """What applying ``text`` would change, plugin by plugin (see :func:`change`)."""
+        loaded = await asyncio.to_thread(loader.load_text, text, origin)
+        found = []
+        for item in loaded:
+            existing = self.source.get(item.plugin.key)
+            status = await self.source.read_status(item.plugin.key) if existing else None
+            found.append(change(existing, item.plugin, status))
+        return found
 
     async def _delete(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -241,6 +279,9 @@ class AdminServer:
         color_text = request.query.get("color") or (
             status.active_color.value if status and status.active_color else "blue"
         )
+        previous = request.query.get("previous") == "true"
+        if previous:  # the other color: the instance a swap replaced, while it is kept
+            color_text = "green" if color_text == "blue" else "blue"
         try:
             color = models.Color(color_text)
         except ValueError:
@@ -257,8 +298,9 @@ class AdminServer:
         try:
             lines = await self.runtime.logs(name, tail)
         except InstanceNotFoundError:
+            kept = " (no previous instance is kept)" if previous else ""
             raise web.HTTPNotFound(
-                text=_error(f"{name} does not exist"), content_type="application/json"
+                text=_error(f"{name} does not exist{kept}"), content_type="application/json"
             ) from None
         except ControllerError as e:
             raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
@@ -350,6 +392,25 @@ class AdminServer:
         self.control.queue.add(key)
         return web.json_response({"plugin": key, "requested": action, "request": recorded.id})
 
+    async def _request(self, request: web.Request) -> web.Response:
+        """One recorded request and its outcome; ``?wait=S``: up to S seconds for the answer."""
+        target = self._reconciler()
+        try:
+            id = int(request.match_info["id"])
+            wait = min(float(request.query.get("wait", "0")), REQUEST_WAIT_MAX)
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text=_error("the request id and wait must be numbers"),
+                content_type="application/json",
+            ) from None
+        if wait > 0:
+            found = await target.wait_answer(id, wait)
+        else:
+            found = await asyncio.to_thread(target.requests.request, id)
+        if found is None:
+            raise web.HTTPNotFound(text=_error(f"no request {id}"), content_type="application/json")
+        return web.json_response(found.to_document())
+
     async def _state_history(self, request: web.Request) -> web.Response:
         desired = self._desired(request)
         history = await asyncio.to_thread(self._snapshots().history, desired.plugin.key)
@@ -397,7 +458,12 @@ class AdminServer:
                     text=_error(str(e)), content_type="application/json"
                 ) from e
             snapshot = await asyncio.to_thread(
-                states.save, key, status.active_version or "", state.version, state.data, "export"
+                states.save,
+                key,
+                status.active_version or "",
+                state.version,
+                state.data,
+                snapshots.EXPORT,
             )
             snapshot = dataclasses.replace(snapshot, data=state.data)
         return web.json_response(
@@ -469,6 +535,55 @@ def _concerns(store: str, plugin: models.Plugin | None) -> bool:
     if plugin is None or store != snapshots.STORE:
         return True
     return plugin.spec.state is not None
+
+
+def change(
+    existing: sources_base.Desired | None,
+    plugin: models.Plugin,
+    status: models.PluginStatus | None,
+) -> dict[str, Any]:
+    """What declaring ``plugin`` over ``existing`` does, by the reconciler's rules (the
+    README's "Edits"): ``created``, ``unchanged``; ``in-place`` when what an instance is
+    made of (:func:`~controller.runtimes.base.instance_hash`) stays; else ``swap`` for a
+    Ready plugin swapped blue/green, ``replace`` for one that is not Ready or swaps with
+    ``hotSwap.strategy: Recreate``. ``fields``: each dotted path that differs."""
+    name = plugin.key
+    if existing is None:
+        return {"name": name, "change": "created", "fields": []}
+    before, after = _declared(existing.plugin), _declared(plugin)
+    fields = [
+        {"path": path, "from": before.get(path), "to": after.get(path)}
+        for path in sorted(set(before) | set(after))
+        if before.get(path) != after.get(path)
+    ]
+    if not fields:
+        return {"name": name, "change": "unchanged", "fields": []}
+    if base.instance_hash(existing.plugin.spec) == base.instance_hash(plugin.spec):
+        return {"name": name, "change": "in-place", "fields": fields}
+    ready = status is not None and any(
+        c.type == "Ready" and c.status == "True" for c in status.conditions
+    )
+    if not ready:
+        return {"name": name, "change": "replace", "why": "not Ready", "fields": fields}
+    if plugin.spec.hot_swap.strategy == "Recreate":
+        return {"name": name, "change": "replace", "why": "strategy Recreate", "fields": fields}
+    return {"name": name, "change": "swap", "fields": fields}
+
+
+def _declared(plugin: models.Plugin) -> dict[str, Any]:
+    """Every leaf of the spec and the labels, by dotted path."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        else:
+            flat[prefix] = value
+
+    walk("spec", plugin.spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+    walk("metadata.labels", dict(plugin.metadata.labels or {}))
+    return {k: v for k, v in flat.items() if v != {}}
 
 
 def _error(message: str) -> str:

@@ -1,5 +1,12 @@
-"""``bhctl`` commands: the controller (run), its admin client (apply, get, describe, delete,
-logs) and offline tools (validate, crd, engines, version).
+"""``bhctl``: the command line of the controller.
+
+Commands group by what they reach: the controller process itself (``run``,
+``gateway``), a running controller through its admin socket
+(:mod:`controller.cli.control`, :mod:`controller.cli.swap`,
+:mod:`controller.cli.state`), bundles and the registry on the data
+directory (:mod:`controller.cli.plugin`) and offline tools (``validate``,
+``crd``, ``engines``, ``version``). Each command imports what it needs when
+it runs, so that one talking to a running controller starts in a blink.
 
 The CLI is the top layer: it may import every other part of the controller,
 and nothing imports it. It is the only place that prints.
@@ -8,69 +15,73 @@ and nothing imports it. It is the only place that prints.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import platform
 import socket
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
-from rich.console import Console
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
 
 import controller
-from controller.admin import client as admin_client
-from controller.cli import gateway, logs, plugin, run
-from controller.errors import ControllerError, EngineUnavailableError, SpecError
-from controller.gateway import connections
-from controller.metrics import violations
-from controller.runtimes import container, process
-from controller.spec import crd, loader, models
+from controller.cli import control, flags, output, plugin, state, swap
 
 app = typer.Typer(
     name="bhctl",
     help="Blackhole plugin controller: run isolated, hot-swappable plugins from declarative specs.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
-# Tables keep their full width when the output is piped (scripts, CI logs).
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"bhctl {controller.__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """Blackhole plugin controller: run isolated, hot-swappable plugins from declarative specs."""
 
 
 @app.command()
 def version(
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    fmt: flags.Format = flags.output(flags.Format.TEXT, flags.Format.TEXT, flags.Format.JSON),
 ) -> None:
-    """Print the controller's version."""
+    """Print the controller's version (and the spec API's and Python's)."""
+    flags.check_format(fmt, flags.Format.TEXT, flags.Format.JSON)
+    from controller.spec import models
+
     info = {
         "version": controller.__version__,
         "apiVersion": models.API_VERSION,
         "python": platform.python_version(),
     }
-    if output == "json":
-        out.print_json(json.dumps(info))
-    elif output == "text":
-        out.print(f"bhctl {info['version']} (API {info['apiVersion']}, Python {info['python']})")
+    if fmt is flags.Format.JSON:
+        output.document(info, "json")
     else:
-        raise typer.BadParameter(f'"{output}"; use text or json', param_hint="--output")
+        output.out.print(
+            f"bhctl {info['version']} (API {info['apiVersion']}, Python {info['python']})"
+        )
 
 
 @app.command("crd")
 def print_crd() -> None:
     """Print the Plugin CustomResourceDefinition (generated from the spec models)."""
+    from controller.spec import crd
+
     sys.stdout.write(crd.render())
 
 
@@ -79,21 +90,26 @@ def validate(
     files: list[Path] = typer.Argument(..., help="Spec files or directories of them."),
 ) -> None:
     """Check plugin specs; exit 1 and list every problem if any spec is invalid."""
+    from rich.markup import escape
+
+    from controller.errors import SpecError
+    from controller.spec import loader
+
     missing = [f for f in files if not f.exists()]
     if missing:
         for path in missing:
-            err.print(f"[red]error[/]: {escape(str(path))}: no such file or directory")
+            output.error(f"{path}: no such file or directory")
         raise typer.Exit(1)
     try:
         loaded = loader.load_paths(files)
     except SpecError as e:
         for issue in e.issues:
-            err.print(f"[red]error[/]: {escape(str(issue))}")
-        err.print(f"{len(e.issues)} problem{'s' if len(e.issues) != 1 else ''} found")
+            output.error(str(issue))
+        output.err.print(f"{len(e.issues)} problem{'s' if len(e.issues) != 1 else ''} found")
         raise typer.Exit(1) from None
     for item in loaded:
         spec = item.plugin.spec
-        out.print(
+        output.out.print(
             f"[green]valid[/]  {escape(item.source)}: {item.plugin.key} "
             f"{spec.version or spec.bundle} ({escape(spec.image or 'from the bundle')})"
         )
@@ -101,17 +117,20 @@ def validate(
 
 @app.command()
 def engines(
-    engine: list[run.RuntimeChoice] = typer.Option(
-        list(run.RuntimeChoice), "--engine", "-e", help="Runtimes to check (default: all)."
+    engine: list[flags.RuntimeChoice] = typer.Option(
+        list(flags.RuntimeChoice), "--engine", "-e", help="Runtimes to check (default: all)."
     ),
 ) -> None:
     """Check that the container engines answer and that processes can be run; exit 1 if not."""
-    table = Table("ENGINE", "ENDPOINT", "VERSION", "API", "STATUS", box=None)
+    from controller.errors import EngineUnavailableError
+    from controller.runtimes import container, process
+
+    table = output.table("ENGINE", "ENDPOINT", "VERSION", "API", "STATUS")
     failed = False
     for kind in engine:
+        url = "-"
         try:
-            if kind is run.RuntimeChoice.PROCESS:
-                url = "-"
+            if kind is flags.RuntimeChoice.PROCESS:
                 host = process.describe()
                 version = host.kernel
                 api = f"cgroup v{host.cgroup_version}" + (", SDK preloaded" if host.warm else "")
@@ -122,20 +141,12 @@ def engines(
         except EngineUnavailableError as e:
             failed = True
             table.add_row(str(kind), url, "-", "-", "[red]unavailable[/]")
-            err.print(f"[red]error[/]: {escape(str(e))}")
+            output.error(str(e))
             continue
         table.add_row(str(kind), url, version, api, "[green]ready[/]")
-    out.print(table)
+    output.out.print(table)
     if failed:
         raise typer.Exit(1)
-
-
-DATA_DIR = typer.Option(
-    None,
-    "--data-dir",
-    envvar="BLACKHOLE_DATA_DIR",
-    help="The controller's data directory (default /var/lib/blackhole as root).",
-)
 
 
 @app.command("run")
@@ -143,8 +154,8 @@ def run_controller(
     specs: Path | None = typer.Option(
         None, "--specs", help="Directory of spec files to follow (never written)."
     ),
-    runtime: run.RuntimeChoice = typer.Option(
-        run.RuntimeChoice.DOCKER, "--runtime", help="Where instances run."
+    runtime: flags.RuntimeChoice = typer.Option(
+        flags.RuntimeChoice.DOCKER, "--runtime", help="Where instances run."
     ),
     plugin_root: Path | None = typer.Option(
         None,
@@ -152,7 +163,7 @@ def run_controller(
         help="--runtime process: plugin directories (spec.process.path) lie under it "
         "(default DATA_DIR/plugins).",
     ),
-    data_dir: Path | None = DATA_DIR,
+    data_dir: Path | None = flags.DATA_DIR,
     workers: int = typer.Option(8, "--workers", min=1, max=256, help="Parallel reconcilers."),
     resync_seconds: float = typer.Option(
         300.0, "--resync-seconds", min=1.0, help="Seconds between full resyncs."
@@ -161,7 +172,7 @@ def run_controller(
         None, "--host-path-root", help="Host paths in specs must lie under it (default: none)."
     ),
     start_cpu: int = typer.Option(
-        container.START_CPU_MILLIS,
+        flags.START_CPU_MILLIS,
         "--start-cpu",
         min=0,
         help="Docker and Podman: millicores an instance may use until its socket accepts, "
@@ -204,8 +215,8 @@ def run_controller(
         min=1,
         help="Open connections per gateway listener; past it the oldest idle one is closed.",
     ),
-    gateway_mode: run.GatewayMode = typer.Option(
-        run.GatewayMode.PROCESS,
+    gateway_mode: flags.GatewayMode = typer.Option(
+        flags.GatewayMode.PROCESS,
         "--gateway",
         help="process: the gateway in a process of its own, adopted if one runs on the data "
         "directory, else started and supervised (it outlives the controller); external: one "
@@ -248,10 +259,10 @@ def run_controller(
     plugins_dir: Path | None = typer.Option(
         None, "--plugins-dir", help="Install every plugin bundle in this directory at start."
     ),
-    trust_dir: Path | None = plugin.TRUST_DIR,
-    policy: Path | None = plugin.POLICY,
-    log_format: str = typer.Option("text", "--log-format", help="text or json"),
-    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    trust_dir: Path | None = flags.TRUST_DIR,
+    policy: Path | None = flags.POLICY,
+    log_format: flags.LogFormat = typer.Option(flags.LogFormat.TEXT, "--log-format"),
+    log_level: flags.LogLevel = typer.Option(flags.LogLevel.INFO, "--log-level"),
     on_kubernetes: bool = typer.Option(
         False,
         "--kubernetes",
@@ -280,8 +291,11 @@ def run_controller(
     retry_seconds: float = typer.Option(2.0, "--retry-seconds", min=0.1),
 ) -> None:
     """Run the controller in the foreground until SIGTERM; instances keep running after it."""
-    if log_format not in {"text", "json"}:
-        raise typer.BadParameter(f'"{log_format}"; use text or json', param_hint="--log-format")
+    from controller.cli import logs, run
+    from controller.errors import ControllerError
+    from controller.gateway import connections
+    from controller.metrics import violations
+
     if specs is not None and not specs.is_dir():
         raise typer.BadParameter(f"{specs} is not a directory", param_hint="--specs")
     if on_kubernetes and specs is not None:
@@ -345,13 +359,12 @@ def run_controller(
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
             runner.run(run.serve(options))
     except ControllerError as e:
-        err.print(f"[red]error[/]: {escape(str(e))}")
-        raise typer.Exit(1) from None
+        output.fail(str(e))
 
 
 @app.command("gateway")
 def run_gateway(
-    data_dir: Path | None = DATA_DIR,
+    data_dir: Path | None = flags.DATA_DIR,
     addr: str = typer.Option("127.0.0.1:8080", "--addr", help="HTTP address, HOST:PORT."),
     grpc_addr: str = typer.Option(
         "127.0.0.1:8081", "--grpc-addr", help='gRPC address, HOST:PORT ("" for none).'
@@ -382,27 +395,29 @@ def run_gateway(
     status: bool = typer.Option(
         False, "--status", help="Print the running gateway's routes, as JSON, and exit."
     ),
-    log_format: str = typer.Option("text", "--log-format", help="text or json"),
-    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    log_format: flags.LogFormat = typer.Option(flags.LogFormat.TEXT, "--log-format"),
+    log_level: flags.LogLevel = typer.Option(flags.LogLevel.INFO, "--log-level"),
 ) -> None:
     """Run the gateway in the foreground until SIGTERM; bhctl run sends it its routes."""
+    from controller.cli import gateway, logs, run
+    from controller.errors import ControllerError
+    from controller.gateway import connections
+
     directory = data_dir or run.default_data_dir()
     if stop:
         pid = gateway.stop_running(directory)
-        out.print(f"stopped the gateway (pid {pid})" if pid else "no gateway was running")
+        output.out.print(f"stopped the gateway (pid {pid})" if pid else "no gateway was running")
         return
     if status:
-        out.print(json.dumps(gateway.status(directory), indent=2))
+        output.out.print(json.dumps(gateway.status(directory), indent=2))
         return
-    if log_format not in {"text", "json"}:
-        raise typer.BadParameter(f'"{log_format}"; use text or json', param_hint="--log-format")
     logs.configure(log_format, log_level)
     limits = connections.Limits(
         header_timeout=header_timeout, idle_timeout=idle_timeout, max_connections=max_connections
     )
     options = run.Options(
         specs=None,
-        runtime=run.RuntimeChoice.PROCESS,
+        runtime=flags.RuntimeChoice.PROCESS,
         data_dir=directory,
         workers=1,
         resync_seconds=300,
@@ -428,463 +443,13 @@ def run_gateway(
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
             runner.run(gateway.serve(settings, found))
     except ControllerError as e:
-        err.print(f"[red]error[/]: {escape(str(e))}")
-        raise typer.Exit(1) from None
+        output.fail(str(e))
 
 
-def _client(data_dir: Path | None) -> admin_client.AdminClient:
-    return admin_client.AdminClient(run.admin_socket(data_dir or run.default_data_dir()))
-
-
-def _fail(e: ControllerError) -> typer.Exit:
-    err.print(f"[red]error[/]: {escape(str(e))}")
-    return typer.Exit(1)
-
-
-@app.command()
-def apply(
-    files: list[Path] = typer.Option(..., "--filename", "-f", help="Spec files to apply."),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """Apply specs to the running controller (kept in its data directory)."""
-    admin = _client(data_dir)
-    for path in files:
-        try:
-            text = path.read_bytes()  # decoded and checked by the controller
-        except OSError as e:
-            err.print(f"[red]error[/]: {escape(str(path))}: {escape(e.strerror or str(e))}")
-            raise typer.Exit(1) from None
-        try:
-            answer = admin.apply(text, str(path))
-        except ControllerError as e:
-            raise _fail(e) from None
-        for item in answer["applied"]:
-            out.print(f"plugin/{item['name']} applied (generation {item['generation']})")
-
-
-def _condition(document: dict[str, Any], type_: str) -> dict[str, Any]:
-    for condition in (document.get("status") or {}).get("conditions", []):
-        if condition["type"] == type_:
-            return dict(condition)
-    return {}
-
-
-def _age(since: str | None) -> str:
-    if not since:
-        return "-"
-    seconds = int((datetime.now(UTC) - datetime.fromisoformat(since)).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
-
-
-_PHASE_STYLE = {"Running": "green", "Pending": "yellow", "Degraded": "red", "Failed": "red"}
-_STEP_SHOWN = {"AwaitingPromotion": "awaiting promotion", "Promoting": "promoting"}
-
-
-def _declared_if_other(item: dict[str, Any]) -> str | None:
-    """The declared version of a plugin when what runs is another one (None: the same)."""
-    declared = item["spec"].get("version")
-    running = (item.get("status") or {}).get("activeVersion")
-    if declared is None or running is None or str(declared) == str(running):
-        return None
-    return str(declared)
-
-
-@app.command()
-def get(
-    name: str | None = typer.Argument(None, help="One plugin (default: all)."),
-    output: str = typer.Option("table", "--output", "-o", help="table, wide, json or yaml"),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """List plugins with their status."""
-    if output not in {"table", "wide", "json", "yaml"}:
-        raise typer.BadParameter(f'"{output}"; use table, wide, json or yaml', param_hint="-o")
-    admin = _client(data_dir)
-    try:
-        if name is None:
-            answer = admin.list()
-            items, errors = answer["items"], answer["errors"]
-            controller_conditions = (answer.get("controller") or {}).get("conditions", [])
-        else:
-            items, errors, controller_conditions = [admin.get(name)["plugin"]], [], []
-    except ControllerError as e:
-        raise _fail(e) from None
-    if output in {"json", "yaml"}:
-        document: Any = items[0] if name else {"apiVersion": "v1", "kind": "List", "items": items}
-        if output == "json":
-            sys.stdout.write(json.dumps(document, indent=2) + "\n")
-        else:
-            sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
-        return
-    declared = {id(item): _declared_if_other(item) for item in items}
-    columns = ["NAME", "VERSION", "PHASE", "READY", "RESTARTS", "ACTIVE", "AGE"]
-    if any(declared.values()):
-        columns.insert(2, "DECLARED")
-    if output == "wide":
-        columns += ["IMAGE", "REASON", "MESSAGE"]
-    table = Table(*columns, box=None)
-    for item in items:
-        status = item.get("status") or {}
-        ready = _condition(item, "Ready")
-        phase = status.get("phase", "Pending")
-        step = (status.get("swap") or {}).get("step")
-        shown = f"{phase} ({_STEP_SHOWN[step]})" if step in _STEP_SHOWN else phase
-        restarts = sum(i.get("restarts", 0) for i in status.get("instances", []))
-        row = [
-            item["metadata"]["name"],
-            str(status.get("activeVersion") or "-"),  # what runs, not what is declared
-            f"[{_PHASE_STYLE.get(phase, 'white')}]{escape(shown)}[/]",
-            ready.get("status", "Unknown"),
-            str(restarts),
-            status.get("activeColor", "-"),
-            _age(ready.get("lastTransitionTime")),
-        ]
-        if "DECLARED" in columns:
-            row.insert(2, declared[id(item)] or "")
-        if output == "wide":
-            message = ready.get("message", "").splitlines()
-            image = item["spec"].get("image") or item["spec"]["bundle"]
-            row += [image, ready.get("reason", "-"), message[0] if message else ""]
-        table.add_row(*(escape(c) if "[" not in c else c for c in row))
-    out.print(table)
-    for error in errors:
-        err.print(f"[yellow]warning[/]: {escape(error['origin'])}: {escape(error['message'])}")
-    for condition in controller_conditions:  # the controller's own stores
-        err.print(
-            f"[red]controller[/]: {condition['type']} ({condition['reason']}): "
-            f"{escape(condition.get('message', ''))}"
-        )
-
-
-@app.command()
-def describe(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """Show one plugin: spec, status, conditions, instances and events."""
-    try:
-        answer = _client(data_dir).get(name)
-    except ControllerError as e:
-        raise _fail(e) from None
-    plugin, status = answer["plugin"], answer["plugin"].get("status") or {}
-    spec = plugin["spec"]
-    resources = spec.get("resources", {})
-    out.print(f"[bold]Name:[/]        {escape(plugin['metadata']['name'])}")
-    out.print(f"[bold]Declared in:[/] {escape(answer['origin'])}")
-    if "bundle" in spec:
-        out.print(f"[bold]Bundle:[/]      {escape(spec['bundle'])}")
-    out.print(f"[bold]Image:[/]       {escape(spec.get('image', '(from the bundle)'))}")
-    out.print(f"[bold]Version:[/]     {spec.get('version', status.get('activeVersion', '-'))}")
-    out.print(
-        f"[bold]Resources:[/]   cpu {resources.get('cpu')}, memory {resources.get('memory')}, "
-        f"pids {resources.get('pids')}"
-    )
-    out.print(f"[bold]Network:[/]     {spec.get('permissions', {}).get('network', 'none')}")
-    out.print(
-        f"[bold]Phase:[/]       {status.get('phase', 'Pending')} "
-        f"(generation {plugin['metadata'].get('generation')}, observed "
-        f"{status.get('observedGeneration', '-')})"
-    )
-    if swap := status.get("swap"):
-        out.print(
-            f"[bold]Swap:[/]        {swap['fromVersion']} ({swap['fromColor']}) -> "
-            f"{swap['toVersion']} ({swap['toColor']}): {swap['step']}"
-        )
-    if last := status.get("lastSwap"):
-        pause = last.get("pauseMilliseconds")
-        out.print(
-            f"[bold]Last swap:[/]   {last['from']} -> {last['to']}: {last['result']}"
-            + (f" ({last['reason']})" if last.get("reason") else "")
-            + (f", calls held {pause} ms" if pause is not None else "")
-        )
-    conditions = Table("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE", box=None, title="Conditions")
-    for c in status.get("conditions", []):
-        conditions.add_row(
-            c["type"],
-            c["status"],
-            c["reason"],
-            _age(c["lastTransitionTime"]),
-            escape(c.get("message", "")),
-        )
-    out.print(conditions)
-    instances = Table(
-        "COLOR", "VERSION", "STATE", "READY", "RESTARTS", "LAST EXIT", box=None, title="Instances"
-    )
-    for i in status.get("instances", []):
-        exit_code = i.get("lastExitCode")
-        last = "-" if exit_code is None else str(exit_code) + (" OOM" if i.get("oomKilled") else "")
-        instances.add_row(
-            i["color"],
-            i["version"],
-            i["state"],
-            str(i.get("ready", False)),
-            str(i.get("restarts", 0)),
-            last,
-        )
-    out.print(instances)
-    events = Table("TYPE", "REASON", "AGE", "COUNT", "MESSAGE", box=None, title="Events")
-    for event in answer["events"]:
-        events.add_row(
-            event["type"],
-            event["reason"],
-            _age(event["lastTimestamp"]),
-            str(event["count"]),
-            escape(event["message"]),
-        )
-    out.print(events)
-
-
-@app.command()
-def delete(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """Delete an applied plugin: its instances and networks go; named volumes stay."""
-    try:
-        _client(data_dir).delete(name)
-    except ControllerError as e:
-        raise _fail(e) from None
-    out.print(f"plugin/{name} deleted")
-
-
-@app.command("logs")
-def show_logs(
-    name: str = typer.Argument(...),
-    color: str | None = typer.Option(None, "--color", help="blue or green (default: active)."),
-    tail: int = typer.Option(100, "--tail", min=0, help="Lines to show."),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """Print the last lines an instance wrote."""
-    try:
-        answer = _client(data_dir).logs(name, color, tail)
-    except ControllerError as e:
-        raise _fail(e) from None
-    for line in answer["lines"]:
-        sys.stdout.write(line + "\n")
-
-
-@app.command()
-def top(
-    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until Ctrl-C."),
-    interval: float = typer.Option(2.0, "--interval", min=0.5, help="Seconds between refreshes."),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """The plugins' resource use, read from their cgroups (as /metrics is)."""
-    admin = _client(data_dir)
-
-    def table() -> Table:
-        rows = admin.top()["instances"]
-        grid = Table("PLUGIN", "COLOR", "VERSION", "CPU", "MEMORY", "LIMIT", "MEM%", "PIDS",
-                     "NET RX/TX", "DISK R/W")  # fmt: skip
-        for row in rows:
-            limit = row["memoryLimitBytes"]
-            share = f"{row['memoryWorkingSetBytes'] / limit:.0%}" if limit else "-"
-            grid.add_row(
-                (f"{row['namespace']}/" if row["namespace"] else "") + row["plugin"],
-                row["color"],
-                row["version"],
-                f"{row['cpuCores'] * 1000:.0f}m",
-                _bytes(row["memoryWorkingSetBytes"]),
-                _bytes(limit) if limit else "-",
-                share,
-                str(row["pids"]),
-                f"{_bytes(row['networkReceiveBytes'])}/{_bytes(row['networkTransmitBytes'])}",
-                f"{_bytes(row['fsReadBytes'])}/{_bytes(row['fsWriteBytes'])}",
-            )
-        return grid
-
-    try:
-        if not watch:
-            out.print(table())
-            return
-        with Live(table(), console=out, refresh_per_second=4) as live:
-            while True:
-                time.sleep(interval)
-                live.update(table())
-    except ControllerError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        return
-
-
-def _bytes(value: float) -> str:
-    for unit in ("B", "Ki", "Mi", "Gi"):
-        if value < 1024 or unit == "Gi":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}Gi"
-
-
-swap_app = typer.Typer(
-    help="Steer a blue/green swap: promote, abort, undo, retry.", no_args_is_help=True
-)
-state_app = typer.Typer(help="Plugins' state snapshots.", no_args_is_help=True)
+control.register(app)
+app.add_typer(swap.app, name="swap")
+app.add_typer(state.app, name="state")
 app.add_typer(plugin.app, name="plugin")
-app.add_typer(swap_app, name="swap")
-app.add_typer(state_app, name="state")
-
-
-@swap_app.command("promote")
-def swap_promote(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """Promote a new version that waits for it (hotSwap.autoPromote: false)."""
-    _swap(name, "promote", data_dir)
-
-
-@swap_app.command("abort")
-def swap_abort(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """Roll a swap back: before promotion, or within the scale-down window after it."""
-    _swap(name, "abort", data_dir)
-
-
-@swap_app.command("undo")
-def swap_undo(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """Go back to the version the last swap came from, its state from the latest snapshot.
-
-    It stays (condition Pinned) until the plugin's spec changes.
-    """
-    _swap(name, "undo", data_dir)
-
-
-@swap_app.command("retry")
-def swap_retry(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """Try a rolled-back swap again with the same spec (editing the spec does too)."""
-    _swap(name, "retry", data_dir)
-
-
-def _swap(name: str, action: str, data_dir: Path | None) -> None:
-    try:
-        _client(data_dir).swap(name, action)
-    except ControllerError as e:
-        raise _fail(e) from None
-    out.print(f"{action} requested for {escape(name)}; watch bhctl describe {escape(name)}")
-
-
-@state_app.command("history")
-def state_history(name: str = typer.Argument(...), data_dir: Path | None = DATA_DIR) -> None:
-    """The state snapshots kept for a plugin, oldest first."""
-    try:
-        snapshots = _client(data_dir).state_history(name)["snapshots"]
-    except ControllerError as e:
-        raise _fail(e) from None
-    table = Table("ID", "TAKEN", "VERSION", "STATE VERSION", "SIZE", "SHA256", "REASON", "KIND")
-    for s in snapshots:
-        table.add_row(
-            str(s["id"]), _age(s["takenAt"]), s["pluginVersion"], str(s["stateVersion"]),
-            str(s["size"]), s["sha256"][:12], s["reason"], "delta" if s.get("delta") else "full",
-        )  # fmt: skip
-    out.print(table)
-
-
-@state_app.command("export")
-def state_export(
-    name: str = typer.Argument(...),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write the state to."),
-    snapshot: int | None = typer.Option(
-        None, "--snapshot", help="A stored snapshot's id (default: the live state, kept too)."
-    ),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """Write a plugin's state (live, or a stored snapshot) to a file."""
-    try:
-        answer = _client(data_dir).state_export(name, snapshot)
-    except ControllerError as e:
-        raise _fail(e) from None
-    data = base64.b64decode(answer["data"])
-    # A plugin's state may hold its secrets: the file is private from its first byte.
-    descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        os.fchmod(descriptor, 0o600)  # a file that was there keeps its mode otherwise
-        handle.write(data)
-    meta = answer["snapshot"]
-    out.print(
-        f"wrote {meta['size']} bytes of state version {meta['stateVersion']} "
-        f"(sha256 {meta['sha256'][:12]}..., snapshot {meta['id']}) to {escape(str(output))}"
-    )
-
-
-@state_app.command("import")
-def state_import(
-    name: str = typer.Argument(...),
-    source: Path = typer.Argument(..., help="File of state bytes, e.g. from bhctl state export."),
-    state_version: int = typer.Option(
-        ..., "--state-version", min=1, help="The state version the bytes are in."
-    ),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """Replace a plugin's state (calls held meanwhile); what it had is kept as a snapshot."""
-    try:
-        data = source.read_bytes()
-    except OSError as e:
-        raise typer.BadParameter(f"{source}: {e.strerror}", param_hint="SOURCE") from None
-    try:
-        answer = _client(data_dir).state_import(name, state_version, data)
-    except ControllerError as e:
-        raise _fail(e) from None
-    out.print(
-        f"imported {len(data)} bytes into {escape(name)} (now state version "
-        f"{answer['stateVersion']}); its previous state is snapshot {answer['previous']['id']}"
-    )
-
-
-@app.command()
-def call(
-    name: str = typer.Argument(..., help="The plugin."),
-    method: str = typer.Argument(..., help="The method to call."),
-    data: str = typer.Option(
-        "", "--data", "-d", help="The payload: JSON, or @FILE to read it from a file."
-    ),
-    timeout: float | None = typer.Option(
-        None, "--timeout", min=0.001, help="Seconds (at most the plugin's own timeout)."
-    ),
-    gateway: str | None = typer.Option(
-        None,
-        "--gateway",
-        envvar="BLACKHOLE_GATEWAY",
-        help="The gateway's HOST:PORT (default: what the running controller says).",
-    ),
-    token: str | None = typer.Option(
-        None, "--token", envvar="BLACKHOLE_TOKEN", help="Bearer token, when the gateway asks."
-    ),
-    data_dir: Path | None = DATA_DIR,
-) -> None:
-    """Call a plugin through the gateway and print its answer."""
-    payload = data.encode()
-    if data.startswith("@"):
-        try:
-            payload = Path(data[1:]).read_bytes()
-        except OSError as e:
-            raise typer.BadParameter(f"{data[1:]}: {e.strerror}", param_hint="--data") from None
-    if payload:
-        try:
-            json.loads(payload)
-        except ValueError as e:
-            raise typer.BadParameter(f"not JSON: {e}", param_hint="--data") from None
-    address = gateway or run.gateway_address(data_dir or run.default_data_dir())
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if timeout is not None:
-        headers["X-Timeout-Seconds"] = f"{timeout:g}"
-    url = (
-        f"http://{address}/v1/plugins/{urllib.parse.quote(name)}/call/{urllib.parse.quote(method)}"
-    )
-    request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=(timeout or 30) + 5) as response:
-            body = response.read()
-    except urllib.error.HTTPError as e:
-        answer = e.read()
-        try:
-            problem = json.loads(answer)
-            message = f"{problem['error']} ({e.code} {problem.get('reason', '')})"
-        except (ValueError, KeyError, TypeError):
-            message = f"{e.code} {answer.decode(errors='replace')}"
-        err.print(f"[red]error[/]: {escape(message)}")
-        raise typer.Exit(1) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        err.print(f"[red]error[/]: cannot reach the gateway at {address}: {escape(str(reason))}")
-        raise typer.Exit(1) from None
-    try:
-        print(json.dumps(json.loads(body), indent=2) if body else "")
-    except ValueError:
-        sys.stdout.buffer.write(body)
 
 
 def main() -> None:

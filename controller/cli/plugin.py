@@ -11,28 +11,21 @@ naming a bundle, so it sees an install at once.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-import yaml
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from controller.cli import run
+from controller.cli import flags, paths
+from controller.cli import output as printed
 from controller.errors import BundleRefusedError, ControllerError
-from controller.protocol import client
-from controller.registry import bundle, catalog, remote, signing
-from controller.registry import manifest as manifest_module
-from controller.registry import registry as registry_module
-from controller.runtimes import container
-from controller.spec import models
+
+if TYPE_CHECKING:
+    from controller.registry import catalog, remote
+    from controller.registry import manifest as manifest_module
+    from controller.registry import registry as registry_module
 
 T = TypeVar("T")
 
@@ -40,31 +33,13 @@ app = typer.Typer(
     help="Plugin bundles and the registry: keys, pack, sign, verify, search, install.",
     no_args_is_help=True,
 )
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-DATA_DIR = typer.Option(
-    None,
-    "--data-dir",
-    envvar="BLACKHOLE_DATA_DIR",
-    help="The controller's data directory (default /var/lib/blackhole as root).",
-)
-TRUST_DIR = typer.Option(
-    None,
-    "--trust-dir",
-    envvar="BLACKHOLE_TRUST_DIR",
-    help="Directory of trusted public keys, *.pub (default DATA_DIR/registry/trusted).",
-)
-POLICY = typer.Option(
-    None,
-    "--policy",
-    envvar="BLACKHOLE_POLICY",
-    help="The operator's policy file (default DATA_DIR/registry/policy.yaml).",
-)
-RUNTIME = typer.Option(
-    container.Engine.DOCKER, "--runtime", help="The engine that loads bundles' images."
-)
-OUTPUT = typer.Option("table", "--output", "-o", help="table or json")
+out = printed.out
+err = printed.err
+DATA_DIR = flags.DATA_DIR
+TRUST_DIR = flags.TRUST_DIR
+POLICY = flags.POLICY
+RUNTIME = flags.RUNTIME
+OUTPUT = flags.output(flags.Format.TABLE, flags.Format.TABLE, flags.Format.JSON)
 
 
 def _fail(e: ControllerError) -> typer.Exit:
@@ -77,12 +52,19 @@ def _with_registry(
     data_dir: Path | None,
     trust_dir: Path | None,
     policy: Path | None,
-    engine: container.Engine | None,
+    engine: flags.EngineChoice | None,
     action: Callable[[registry_module.Registry], Awaitable[T]],
     limits: remote.Limits | None = None,
 ) -> T:
     """Run ``action`` on the registry of ``data_dir``, on ``engine`` when given."""
-    directory = data_dir or run.default_data_dir()
+    import asyncio
+
+    from controller.protocol import client
+    from controller.registry import registry as registry_module
+    from controller.registry import remote
+    from controller.runtimes import container
+
+    directory = data_dir or paths.default_data_dir()
     settings = registry_module.Settings(
         directory,
         trust_dir=trust_dir,
@@ -93,7 +75,9 @@ def _with_registry(
 
     async def main() -> T:
         runtime = (
-            container.ContainerRuntime(container.Settings(engine=engine, data_dir=directory))
+            container.ContainerRuntime(
+                container.Settings(engine=container.Engine(engine.value), data_dir=directory)
+            )
             if engine is not None
             else None
         )
@@ -117,6 +101,8 @@ def keygen(
     directory: Path = typer.Option(Path("."), "--dir", help="Where to write them."),
 ) -> None:
     """Create an Ed25519 key pair for signing bundles."""
+    from controller.registry import signing
+
     try:
         private, public, ident = signing.generate(directory, name)
     except ControllerError as e:
@@ -135,12 +121,20 @@ def pack(
         help="The image as docker save wrote it (default: saved from the engine now).",
     ),
     key: Path | None = typer.Option(None, "--key", help="Sign with this private key."),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="The bundle file (default NAME-VERSION.bundle)."
+    output_file: Path | None = typer.Option(
+        None,
+        "--output-file",
+        help="The bundle file, or a directory to put NAME-VERSION.bundle in (default: here).",
     ),
-    engine: container.Engine = RUNTIME,
+    engine: flags.EngineChoice = RUNTIME,
 ) -> None:
     """Pack a manifest and its image into a bundle, pinning the image digest (and sign it)."""
+    import tempfile
+
+    from controller.registry import bundle, signing
+    from controller.registry import manifest as manifest_module
+    from controller.runtimes import container
+
     manifest_path = source / bundle.MANIFEST if source.is_dir() else source
     try:
         found = manifest_module.parse(manifest_path.read_bytes(), str(manifest_path))
@@ -148,11 +142,18 @@ def pack(
         raise typer.BadParameter(f"{manifest_path}: {e.strerror}", param_hint="SOURCE") from None
     except ControllerError as e:
         raise _fail(e) from None
-    target = output or Path(f"{found.name}-{found.version}{bundle.SUFFIX}")
+    named = f"{found.name}-{found.version}{bundle.SUFFIX}"
+    target = output_file or Path(named)
+    if target.is_dir():
+        target = target / named
+
+    import asyncio
 
     async def save(archive: Path) -> None:
         runtime = container.ContainerRuntime(
-            container.Settings(engine=engine, data_dir=run.default_data_dir())
+            container.Settings(
+                engine=container.Engine(engine.value), data_dir=paths.default_data_dir()
+            )
         )
         try:
             await runtime.save_image(found.image, archive)
@@ -178,6 +179,8 @@ def sign(
     key: Path = typer.Option(..., "--key", help="The private key (from bhctl plugin keygen)."),
 ) -> None:
     """Sign a bundle's manifest (which pins its image), replacing any signature."""
+    from controller.registry import bundle
+
     try:
         ident = bundle.sign_in_place(path, key)
     except ControllerError as e:
@@ -193,6 +196,9 @@ def verify(
     policy: Path | None = POLICY,
 ) -> None:
     """Check a bundle as an install would, loading nothing; exit 1 with the reason if refused."""
+    import asyncio
+
+    from controller.registry import bundle
 
     async def check(found: registry_module.Registry) -> tuple[manifest_module.Manifest, str | None]:
         def opened() -> tuple[manifest_module.Manifest, str | None]:
@@ -207,13 +213,16 @@ def verify(
     out.print(f"[green]verified[/] {checked.ref}: {who}, image {checked.image_digest}")
 
 
-def _listing(items: list[tuple[int, Any]], output: str, scores: bool) -> None:
-    if output == "json":
+def _listing(items: list[tuple[int, Any]], fmt: flags.Format, scores: bool) -> None:
+    if fmt is flags.Format.JSON:
         rows = [_document(item) | ({"score": s} if scores else {}) for s, item in items]
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        printed.document(rows, "json")
+        return
+    if not items:
+        err.print("No resources found")
         return
     columns = ["NAME", "VERSION", "CATEGORY", "PROVIDES", "AUTHOR", "DESCRIPTION"]
-    table = Table(*(["SCORE"] if scores else []), *columns, box=None)
+    table = printed.table(*(["SCORE"] if scores else []), *columns)
     for points, item in items:
         table.add_row(
             *([str(points)] if scores else []),
@@ -228,14 +237,15 @@ def _listing(items: list[tuple[int, Any]], output: str, scores: bool) -> None:
 
 
 def _document(item: Any) -> dict[str, Any]:
+    from controller.registry import catalog
+
     if isinstance(item, catalog.Entry):
         return item.to_document()
     return dict(item.model_dump(mode="json", by_alias=True))
 
 
-def _check_output(output: str) -> None:
-    if output not in {"table", "json"}:
-        raise typer.BadParameter(f'"{output}"; use table or json', param_hint="--output")
+def _check_output(fmt: flags.Format) -> None:
+    flags.check_format(fmt, flags.Format.TABLE, flags.Format.JSON)
 
 
 @app.command()
@@ -250,11 +260,14 @@ def search(
     index: str | None = typer.Option(
         None, "--index", help="Search this marketplace index instead of the installed bundles."
     ),
-    output: str = OUTPUT,
+    fmt: flags.Format = OUTPUT,
     data_dir: Path | None = DATA_DIR,
 ) -> None:
-    """Search bundles by capability, author, category and free text, best match first."""
-    _check_output(output)
+    """Search bundles by capability, author, category and free text, best match first.
+
+    Nothing found: "No resources found" on stderr, exit 0 (as kubectl get)."""
+    _check_output(fmt)
+    from controller.registry import catalog, remote
 
     async def find(found: registry_module.Registry) -> list[tuple[int, Any]]:
         if index is None:
@@ -266,27 +279,31 @@ def search(
             )
         )
 
-    _listing(_with_registry(data_dir, None, None, None, find), output, scores=True)
+    _listing(_with_registry(data_dir, None, None, None, find), fmt, scores=True)
 
 
 @app.command("list")
-def list_installed(output: str = OUTPUT, data_dir: Path | None = DATA_DIR) -> None:
+def list_installed(fmt: flags.Format = OUTPUT, data_dir: Path | None = DATA_DIR) -> None:
     """The installed bundles, every version."""
-    _check_output(output)
+    _check_output(fmt)
 
     async def entries(found: registry_module.Registry) -> list[tuple[int, Any]]:
         return [(0, e) for e in found.catalog.entries()]
 
-    _listing(_with_registry(data_dir, None, None, None, entries), output, scores=False)
+    _listing(_with_registry(data_dir, None, None, None, entries), fmt, scores=False)
 
 
 @app.command()
 def show(
     name: str = typer.Argument(..., help="NAME or NAME@RANGE (default: the highest version)."),
-    output: str = typer.Option("yaml", "--output", "-o", help="yaml or json"),
+    fmt: flags.Format = flags.output(flags.Format.YAML, flags.Format.YAML, flags.Format.JSON),
     data_dir: Path | None = DATA_DIR,
 ) -> None:
     """One installed bundle: its manifest, signer, digests and where it came from."""
+    flags.check_format(fmt, flags.Format.YAML, flags.Format.JSON)
+    from controller.registry import catalog
+    from controller.spec import models
+
     try:
         plugin, wanted = models.parse_bundle(name)
     except ValueError as e:
@@ -301,11 +318,7 @@ def show(
     if entry is None:
         err.print(f"[red]error[/]: no installed version of {escape(name)}; see bhctl plugin list")
         raise typer.Exit(1)
-    document = entry.to_document()
-    if output == "json":
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
-        sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
+    printed.document(entry.to_document(), fmt.value)
 
 
 @app.command()
@@ -320,15 +333,15 @@ def install(
         None, "--sha256", help="The bundle's sha256, checked after a download from a URL."
     ),
     max_bytes: int = typer.Option(
-        remote.Limits.max_bytes, "--max-bytes", min=1, help="Largest download accepted."
+        flags.MAX_DOWNLOAD_BYTES, "--max-bytes", min=1, help="Largest download accepted."
     ),
     timeout: float = typer.Option(
-        remote.Limits.timeout, "--timeout", min=0.1, help="Seconds a download may take."
+        flags.DOWNLOAD_TIMEOUT, "--timeout", min=0.1, help="Seconds a download may take."
     ),
     attempts: int = typer.Option(
-        remote.Limits.attempts, "--attempts", min=1, help="Tries of a failing download."
+        flags.DOWNLOAD_ATTEMPTS, "--attempts", min=1, help="Tries of a failing download."
     ),
-    engine: container.Engine = RUNTIME,
+    engine: flags.EngineChoice = RUNTIME,
     data_dir: Path | None = DATA_DIR,
     trust_dir: Path | None = TRUST_DIR,
     policy: Path | None = POLICY,
@@ -338,6 +351,8 @@ def install(
     The checks: signature by a trusted key, image digest, the policy, protocol version and
     dependencies.
     """
+    from controller.registry import remote
+
     limits = remote.Limits(max_bytes=max_bytes, timeout=timeout, attempts=attempts)
 
     async def act(found: registry_module.Registry) -> list[registry_module.Installed]:
@@ -361,7 +376,7 @@ def install(
 @app.command()
 def remove(
     name: str = typer.Argument(..., help="NAME (every version) or NAME@VERSION."),
-    engine: container.Engine = RUNTIME,
+    engine: flags.EngineChoice = RUNTIME,
     data_dir: Path | None = DATA_DIR,
 ) -> None:
     """Uninstall a bundle: catalog entry, cached bundle, and its image when nothing else uses it."""

@@ -26,7 +26,6 @@ import signal
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ from controller import kubeapi, lease
 from controller.admin import server
 from controller.cli import gateway as gateway_process
 from controller.cli import locks
+from controller.cli.flags import GatewayMode, RuntimeChoice
+from controller.cli.paths import addresses_file, admin_socket, default_data_dir, gateway_address
 from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
 from controller.gateway import control as control_protocol
@@ -54,33 +55,6 @@ from controller.state import snapshots
 log = logging.getLogger(__name__)
 
 
-def default_data_dir() -> Path:
-    """``BLACKHOLE_DATA_DIR``, else /var/lib/blackhole as root, else the user's data home."""
-    if configured := os.environ.get("BLACKHOLE_DATA_DIR"):
-        return Path(configured)
-    if os.geteuid() == 0:
-        return Path("/var/lib/blackhole")
-    home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(home) / "blackhole"
-
-
-def admin_socket(data_dir: Path) -> Path:
-    return data_dir / "admin.sock"
-
-
-def addresses_file(data_dir: Path) -> Path:
-    """Where a running controller says it listens (gateway, metrics), for ``bhctl call``."""
-    return data_dir / "addresses.json"
-
-
-def gateway_address(data_dir: Path) -> str:
-    """The HTTP address of the gateway of the controller on ``data_dir`` (else the default)."""
-    try:
-        return str(json.loads(addresses_file(data_dir).read_text())["http"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return Options.gateway_address
-
-
 def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
     path = addresses_file(data_dir)
     temporary = path.with_suffix(".tmp")
@@ -88,23 +62,7 @@ def write_addresses(data_dir: Path, bound: dict[str, str]) -> None:
     temporary.replace(path)
 
 
-class GatewayMode(StrEnum):
-    """Where ``bhctl run``'s gateway runs."""
-
-    PROCESS = "process"
-    """Its own process, started and supervised by the controller (adopted if running)."""
-    EXTERNAL = "external"
-    """Its own process, started by someone else (``bhctl gateway``): never started here."""
-    IN_PROCESS = "in-process"
-    """Inside the controller: it stops with it (Kubernetes, where the pod is the unit)."""
-
-
-class RuntimeChoice(StrEnum):
-    """Where ``bhctl run`` runs instances: a container engine, or plain processes."""
-
-    DOCKER = "docker"
-    PODMAN = "podman"
-    PROCESS = "process"
+__all__ = ["GatewayMode", "RuntimeChoice", "admin_socket", "default_data_dir", "gateway_address"]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,10 @@ from controller import database
 from controller.errors import ControllerError, StoreUnavailableError
 
 KEPT = 10
-"""Whole snapshots (exports, imports) kept per plugin."""
+"""Whole snapshots kept per plugin: of exports, and apart from them of the others (imports,
+the state an import replaced)."""
+EXPORT = "export"
+"""The reason of a snapshot taken by ``bhctl state export``."""
 CHAINS_KEPT = 2
 """Full checkpoints kept per plugin, each with the deltas that follow it."""
 STORE = "snapshots"
@@ -215,11 +218,18 @@ class Snapshots:
                     (key, plugin_version, state_version, digest, len(data), taken.isoformat(),
                      reason, data),
                 )  # fmt: skip
+                # Exports are pruned among themselves: taking copies never pushes out the
+                # snapshots an import or an undo keeps.
+                kinds: tuple[str, ...]
+                if reason == EXPORT:
+                    kind, kinds = "reason = ?", (EXPORT,)
+                else:
+                    kind, kinds = "reason NOT IN (?, ?, ?)", (*CHECKPOINT_REASONS, EXPORT)
                 self._db.execute(
-                    "DELETE FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) AND id NOT IN "
-                    "(SELECT id FROM snapshots WHERE key = ? AND reason NOT IN (?, ?) "
+                    f"DELETE FROM snapshots WHERE key = ? AND {kind} AND id NOT IN "
+                    f"(SELECT id FROM snapshots WHERE key = ? AND {kind} "
                     "ORDER BY id DESC LIMIT ?)",
-                    (key, *CHECKPOINT_REASONS, key, *CHECKPOINT_REASONS, self.kept),
+                    (key, *kinds, key, *kinds, self.kept),
                 )
             return Snapshot(
                 int(cursor.lastrowid or 0), key, plugin_version, state_version, digest, len(data),

@@ -216,7 +216,12 @@ def test_state_snapshots_through_the_cli(controller, tmp_path):
     assert "1.0.0" in history
     assert "swap" in history
     exported = tmp_path / "kv.state"
-    assert bhctl(controller, "state", "export", "kv", "-o", str(exported)).returncode == 0
+    assert (
+        bhctl(
+            controller, "state", "export", "kv", "--raw", "--output-file", str(exported)
+        ).returncode
+        == 0
+    )
     state = json.loads(exported.read_bytes())
     assert state["entries"]["a"] == {"value": 1, "revision": 1}
 

@@ -337,7 +337,9 @@ def test_a_spec_naming_a_bundle_runs_it_and_a_refused_one_says_why(
     path = tmp_path / "runnable.bundle"
     # pack saves the image from the engine (docker save) and pins its digest
     key = str(keys / "author.key")
-    assert "signed by" in run("pack", str(work), "--key", key, "-o", str(path), data_dir=False)
+    assert "signed by" in run(
+        "pack", str(work), "--key", key, "--output-file", str(path), data_dir=False
+    )
     refused = bhctl(process, "plugin", "verify", str(path))
     assert refused.returncode == 1
     assert "(UntrustedKey)" in refused.stderr

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import main
+from controller.cli import control, main
 
 
 def plugin(
@@ -36,7 +36,7 @@ class Admin:
 
 
 def table(monkeypatch: pytest.MonkeyPatch, items: list[dict[str, Any]]) -> list[list[str]]:
-    monkeypatch.setattr(main, "_client", lambda data_dir: Admin(items))
+    monkeypatch.setattr(control, "client", lambda data_dir: Admin(items))
     result = CliRunner().invoke(main.app, ["get"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     return [line.split() for line in result.output.splitlines() if line.strip()]

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from controller import database
-from controller.cli import main, run
+from controller.cli import control, main, run
 
 
 def mode(path: Path) -> int:
@@ -49,7 +49,7 @@ def test_an_old_database_left_readable_is_made_private(tmp_path: Path):
 
 class ExportingAdmin:
     def state_export(self, name: str, snapshot: int | None) -> dict[str, Any]:
-        meta = {"size": 6, "stateVersion": 1, "sha256": "ab" * 32, "id": 7}
+        meta = {"size": 6, "stateVersion": 1, "sha256": "ab" * 32, "id": 7, "plugin": "kv"}
         return {"data": base64.b64encode(b"secret").decode(), "snapshot": meta}
 
 
@@ -57,12 +57,14 @@ class ExportingAdmin:
 def test_state_export_writes_a_private_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
 ):
-    monkeypatch.setattr(main, "_client", lambda data_dir: ExportingAdmin())
+    monkeypatch.setattr(control, "client", lambda data_dir: ExportingAdmin())
     output = tmp_path / "state.bin"
     if existing:
         output.write_bytes(b"older and longer")
         output.chmod(0o644)
-    result = CliRunner().invoke(main.app, ["state", "export", "kv", "-o", str(output)])
+    result = CliRunner().invoke(
+        main.app, ["state", "export", "kv", "--raw", "--output-file", str(output)]
+    )
     assert result.exit_code == 0, result.output
     assert output.read_bytes() == b"secret"
     assert mode(output) == 0o600
