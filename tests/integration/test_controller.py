@@ -334,7 +334,10 @@ def test_applied_specs_run_and_delete_through_the_admin_api(controller):
     )
     result = bhctl(controller, "apply", "-f", str(spec))
     assert result.returncode == 0, result.stderr
-    assert "plugin/applied applied (generation 1)" in result.stdout
+    assert "plugin/applied created (generation 1)" in result.stdout
     wait_for(lambda: controller.ready("applied"), what="applied Ready")
+    again = bhctl(controller, "apply", "-f", str(spec))
+    assert again.returncode == 0, again.stderr
+    assert "plugin/applied unchanged" in again.stdout
     assert bhctl(controller, "delete", "applied").returncode == 0
     wait_for(lambda: not controller.containers(), what="applied removed")
