@@ -7,17 +7,15 @@ command that talks to a running controller loads it, and must start fast.
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import json
-import os
 import socket
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from controller.errors import ControllerError
+from controller.unix import unix_address
 
 
 class AdminError(ControllerError):
@@ -35,25 +33,6 @@ class ControllerNotRunningError(ControllerError):
     """Nothing answers on the admin socket."""
 
 
-SUN_PATH_MAX = 107
-"""Longest socket path ``connect`` takes (sun_path's 108 bytes, the last one NUL)."""
-
-
-@contextlib.contextmanager
-def _unix_address(path: Path) -> Iterator[str]:
-    """An address for ``path`` that fits in sun_path, however deep the data directory is:
-    a long one is reached through ``/proc/self/fd`` of its open directory."""
-    text = str(path)
-    if len(text.encode()) <= SUN_PATH_MAX:
-        yield text
-        return
-    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{directory}/{path.name}"
-    finally:
-        os.close(directory)
-
-
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -63,7 +42,7 @@ class _UnixConnection(http.client.HTTPConnection):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            with _unix_address(self.path) as address:
+            with unix_address(self.path) as address:
                 sock.connect(address)
         except OSError:
             sock.close()

@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controller import database
+from controller import database, unix
 from controller.errors import (
     ControllerError,
     InstanceNotFoundError,
@@ -107,7 +107,7 @@ class AdminServer:
         await self._runner.setup()
         self.path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with base.unix_address(self.path) as address:
+        with unix.unix_address(self.path) as address:
             sock.bind(address)
         self.path.chmod(0o600)
         site = web.SockSite(self._runner, sock)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -44,28 +44,6 @@ SOCKET_NAME = "plugin.sock"
 """The file name of the socket a plugin listens on, inside its socket directory."""
 GATEWAY_SOCKET_NAME = "gateway.sock"
 """The socket beside it through which the plugin calls other plugins (when its spec allows)."""
-
-
-SUN_PATH_MAX = 107
-"""Longest Unix socket path the kernel takes (sun_path is 108 bytes with its NUL)."""
-
-
-@contextlib.contextmanager
-def unix_address(path: Path) -> Iterator[str]:
-    """An address for ``path`` that fits in sun_path, however deep the directory is.
-
-    Long paths are reached through ``/proc/self/fd`` of their open directory,
-    which works for ``bind`` and ``connect`` alike.
-    """
-    text = str(path)
-    if len(text.encode()) <= SUN_PATH_MAX:
-        yield text
-        return
-    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{directory}/{path.name}"
-    finally:
-        os.close(directory)
 
 
 def open_socket(path: Path) -> int:

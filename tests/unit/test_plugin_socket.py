@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from blackhole_sdk import Plugin, server
 
+from controller import unix
 from controller.errors import IncompatiblePluginError, PluginCallError
 from controller.protocol import client
 from controller.runtimes import base
@@ -146,8 +147,8 @@ def test_deep_socket_paths_are_reached(tmp_path: Path) -> None:
     deep = tmp_path.joinpath(*["d" * 30] * 4)
     deep.mkdir(parents=True)
     path = deep / "x.sock"
-    assert len(str(path)) > base.SUN_PATH_MAX
-    with socket.socket(socket.AF_UNIX) as listener, base.unix_address(path) as address:
+    assert len(str(path)) > unix.SUN_PATH_MAX
+    with socket.socket(socket.AF_UNIX) as listener, unix.unix_address(path) as address:
         listener.bind(address)
         listener.listen()
         pinned = base.open_socket(path)

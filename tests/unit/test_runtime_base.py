@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from controller import unix
 from controller.runtimes import base, container, process
 from controller.spec import models
 
@@ -143,11 +144,11 @@ def test_deep_socket_paths_are_reached_through_their_directory(tmp_path: Path) -
     deep = tmp_path.joinpath(*["d" * 30] * 4)
     deep.mkdir(parents=True)
     path = deep / "x.sock"
-    assert len(str(path)) > base.SUN_PATH_MAX
-    with socket.socket(socket.AF_UNIX) as server, base.unix_address(path) as address:
+    assert len(str(path)) > unix.SUN_PATH_MAX
+    with socket.socket(socket.AF_UNIX) as server, unix.unix_address(path) as address:
         server.bind(address)
         server.listen()
-        with socket.socket(socket.AF_UNIX) as client, base.unix_address(path) as again:
+        with socket.socket(socket.AF_UNIX) as client, unix.unix_address(path) as again:
             client.connect(again)
     assert path.exists()
 
