@@ -347,12 +347,14 @@ class DirectorySource:
     async def run(self, stop: asyncio.Event) -> None:
         """Load, enqueue every key, then follow changes and resync until ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
+        # Watched before the first reading, so that no change in between is missed.
+        watching = _Watch(self.directory) if self.directory is not None else None
         await asyncio.to_thread(self.rescan)
         for key in self.declared_keys():
             self.enqueue(key)
         async with asyncio.TaskGroup() as group:
-            if self.directory is not None:
-                group.create_task(self._watch(self.directory, stop))
+            if watching is not None:
+                group.create_task(self._watch(watching, stop))
             group.create_task(self._resync(stop))
             group.create_task(self._retry(stop))
 
@@ -381,47 +383,34 @@ class DirectorySource:
                         self.enqueue(key)
             self._store_failed.clear()
 
-    async def _watch(self, directory: Path, stop: asyncio.Event) -> None:
-        """Read the specs again after each change in ``directory``: once a burst of events has
+    async def _watch(self, watching: _Watch, stop: asyncio.Event) -> None:
+        """Read the specs again after each change in the directory: once a burst of events has
         been quiet for :data:`DEBOUNCE` seconds (an editor's save is several), at most
         :data:`DEBOUNCE_CEILING` after its first. inotify is read by the event loop, so an
         idle watch wakes nothing; a directory removed or replaced is watched again once it is
         back (looked for every :data:`GONE_RETRY` seconds)."""
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
-        notify = inotify.Inotify()
-        watch: int | None = None
 
         def readable() -> None:
-            nonlocal watch
-            for wd, mask, _ in notify.read():
-                if wd == watch and mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF
-                                           | inotify.IN_MOVE_SELF):  # fmt: skip
-                    watch = None
+            if watching.read():
                 changed.set()
 
-        loop.add_reader(notify.fd, readable)
+        loop.add_reader(watching.notify.fd, readable)
         try:
-            first = True
             while not stop.is_set():
-                if watch is None:
-                    try:
-                        watch = notify.add(directory, WATCH_MASK)
-                    except OSError:  # not there (yet): look again soon
-                        watch = None
-                    else:
-                        if not first:  # it may have changed while it was not watched
-                            changed.set()
-                    first = False
-                await _either(changed, stop, None if watch is not None else GONE_RETRY)
+                if watching.watch is None and watching.add():
+                    changed.set()  # it may have changed while it was not watched
+                timeout = None if watching.watch is not None else GONE_RETRY
+                await _either(changed, stop, timeout)
                 if stop.is_set() or not changed.is_set():
                     continue
                 await _quiet(changed, stop)
                 for key in sorted(await asyncio.to_thread(self.rescan)):
                     self.enqueue(key)
         finally:
-            loop.remove_reader(notify.fd)
-            notify.close()
+            loop.remove_reader(watching.notify.fd)
+            watching.notify.close()
 
     async def _resync(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -431,6 +420,32 @@ class DirectorySource:
                 await asyncio.to_thread(self.rescan)
                 for key in self.declared_keys():
                     self.enqueue(key)
+
+
+class _Watch:
+    """The inotify watch of the spec directory (None while the directory is not there)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.notify = inotify.Inotify()
+        self.watch: int | None = None
+        self.add()
+
+    def add(self) -> bool:
+        """Watch the directory; whether it is watched now."""
+        try:
+            self.watch = self.notify.add(self.directory, WATCH_MASK)
+        except OSError:  # not there (yet): looked for again
+            self.watch = None
+        return self.watch is not None
+
+    def read(self) -> bool:
+        """Take the events that arrived; whether there were any."""
+        events = self.notify.read()
+        gone = inotify.IN_IGNORED | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
+        if any(wd == self.watch and mask & gone for wd, mask, _ in events):
+            self.watch = None
+        return bool(events)
 
 
 async def _either(event: asyncio.Event, stop: asyncio.Event, timeout: float | None) -> None:
