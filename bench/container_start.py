@@ -12,8 +12,10 @@ draws the distributions (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import select
 import shutil
 import statistics
 import tempfile
@@ -24,6 +26,7 @@ from typing import Any
 
 import support
 
+from controller import inotify as linux_inotify
 from controller.runtimes import base, container
 from controller.runtimes.container import isolation
 from controller.spec import models
@@ -41,32 +44,50 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def bare_start(client: Any, spec: models.PluginSpec, name: str, labels: dict[str, str]) -> float:
+    """Seconds to create and start one container of ``spec``'s image with the controller's
+    isolation settings until a socket bound in it accepts; it is removed after."""
+    uid, gid = (int(x) for x in base.DEFAULT_USER.split(":"))
+    socket_dir = Path(tempfile.mkdtemp(prefix="bh-bench-"))
+    try:
+        os.chown(socket_dir, uid, gid)
+        socket_dir.chmod(0o700)
+        options = isolation.container_options(spec, name=name, labels=labels)
+        options["command"] = ["python3", "-c", SERVER, "/run/plugin/plugin.sock"]
+        options["volumes"] = {str(socket_dir): {"bind": "/run/plugin", "mode": "rw"}}
+        with contextlib.closing(linux_inotify.Inotify()) as notify:
+            notify.add(socket_dir, linux_inotify.IN_CREATE)
+            start = time.perf_counter()
+            created = client.containers.create(**options)
+            created.start()
+            # Woken when the socket appears (as the controller is), not by polling.
+            if not select.select([notify.fd], [], [], 30)[0]:
+                raise TimeoutError(f"no socket in {socket_dir} within 30 s")
+            support.wait_for_socket(socket_dir / "plugin.sock", time.monotonic() + 30)
+            elapsed = time.perf_counter() - start
+        created.remove(force=True)
+        return elapsed
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def remove_labelled(client: Any, run_id: str) -> None:
+    """Remove what :func:`bare_start` left behind under ``run_id`` (after an error)."""
+    for leftover in client.containers.list(all=True, filters={"label": f"{LABEL}={run_id}"}):
+        leftover.remove(force=True)
+
+
 def measure(engine: container.Engine, image: str, runs: int) -> dict[str, Any]:
     client = container.connect(engine)
     spec = models.PluginSpec.model_validate({"image": image, "version": "0.0.1"})
     run_id = uuid.uuid4().hex[:8]
-    uid, gid = (int(x) for x in base.DEFAULT_USER.split(":"))
     samples = []
     try:
         for i in range(runs):
-            socket_dir = Path(tempfile.mkdtemp(prefix="bh-bench-"))
-            os.chown(socket_dir, uid, gid)
-            socket_dir.chmod(0o700)
-            options = isolation.container_options(
-                spec, name=f"bh-bench-{run_id}-{i}", labels={LABEL: run_id}
-            )
-            options["command"] = ["python3", "-c", SERVER, "/run/plugin/plugin.sock"]
-            options["volumes"] = {str(socket_dir): {"bind": "/run/plugin", "mode": "rw"}}
-            start = time.perf_counter()
-            created = client.containers.create(**options)
-            created.start()
-            support.wait_for_socket(socket_dir / "plugin.sock", time.monotonic() + 30)
-            samples.append((time.perf_counter() - start) * 1000)
-            created.remove(force=True)
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            name = f"bh-bench-{run_id}-{i}"
+            samples.append(bare_start(client, spec, name, {LABEL: run_id}) * 1000)
     finally:
-        for leftover in client.containers.list(all=True, filters={"label": f"{LABEL}={run_id}"}):
-            leftover.remove(force=True)
+        remove_labelled(client, run_id)
         client.close()
     return {
         "runs": runs,

@@ -10,6 +10,12 @@ running (not timed) while analytics is measured. Prints p50 and p99 per
 plugin and runtime, and the ratio of each runtime's p50 to the process
 runtime's; ``--plot FILE`` draws them.
 
+On Docker and Podman the floor is measured in the same interleaved loop: a
+bare create+start of the plugin's own image with its spec's isolation and
+limits (no boost, no volumes), timed until a socket bound in it accepts
+(``container_start.bare_start``), once per run beside each timed start; each
+plugin's row carries the floor's p50/p99 and ``p50_over_floor``.
+
     .venv/bin/python bench/startup.py [--runs 20] [--runtime process ...] [--plot FILE]
 
 Needs root (the process runtime), Docker and Podman with the example images
@@ -26,15 +32,19 @@ import os
 import sqlite3
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import container_start
 import support
+import yaml
 
 from controller import inotify as linux_inotify
 from controller.admin import client as admin_client
 from controller.runtimes import base, container
+from controller.spec import models
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PLUGINS = ("echo", "kv-store", "analytics")
@@ -204,6 +214,36 @@ async def start_once(watched: Watched, name: str, variant: Variant) -> tuple[flo
     return elapsed, cpu
 
 
+class Floor:
+    """The bare create+start of a plugin's image on an engine (see the module's notes)."""
+
+    def __init__(self, runtime: str) -> None:
+        self.client = container.connect(container.Engine(runtime))
+        self.run_id = uuid.uuid4().hex[:8]
+        self.count = 0
+
+    async def once(self, name: str, images_from: str | None) -> float:
+        document = yaml.safe_load(spec(name))
+        # Its volumes are left out: the floor is the container alone.
+        plugin = models.PluginSpec.model_validate({**document["spec"], "volumes": []})
+        if images_from is not None and plugin.image is not None:
+            image = plugin.image.replace("blackhole/", f"{images_from}/", 1)
+            plugin = plugin.model_copy(update={"image": image})
+        self.count += 1
+        labels = {container_start.LABEL: self.run_id}
+        return await asyncio.to_thread(
+            container_start.bare_start,
+            self.client,
+            plugin,
+            f"bh-floor-{self.run_id}-{self.count}",
+            labels,
+        )
+
+    def close(self) -> None:
+        container_start.remove_labelled(self.client, self.run_id)
+        self.client.close()
+
+
 def summary(samples: list[tuple[float, float]]) -> dict[str, Any]:
     times = [elapsed for elapsed, _ in samples]
     return {
@@ -225,12 +265,18 @@ def label(variant: Variant) -> str:
     return ", ".join(parts)
 
 
-async def measure(runtime: str, runs: int, root: Path, variants: list[Variant]) -> dict[str, Any]:
+async def measure(
+    runtime: str, runs: int, root: Path, variants: list[Variant], with_floor: bool = True
+) -> dict[str, Any]:
     options = ["--gateway-grpc-addr", "", "--metrics-addr", ""]
     if runtime == "process":
         options += ["--plugin-root", str(EXAMPLES)]
     results: dict[str, Any] = {}
     async with contextlib.AsyncExitStack() as stack:
+        floor = None
+        if runtime != "process" and with_floor:
+            floor = Floor(runtime)
+            stack.callback(floor.close)
         controllers: dict[int | None, Watched] = {}
         for start_cpu in dict.fromkeys(v.start_cpu for v in variants):
             extra = [] if start_cpu is None else ["--start-cpu", str(start_cpu)]
@@ -257,14 +303,25 @@ async def measure(runtime: str, runs: int, root: Path, variants: list[Variant]) 
                     await asyncio.to_thread(watched.running.admin.apply, kv, "kv-store.yaml")
                     await watched.store.until(watched.running, watched.store.ready, "kv-store")
             samples: dict[Variant, list[tuple[float, float]]] = {}
+            floors: list[tuple[float, float]] = []
+            steps: list[Variant | None] = [*variants, None] if floor else list(variants)
             for variant in variants:  # warms caches; not counted
                 await start_once(controllers[variant.start_cpu], name, variant)
             for run in range(runs):
-                for variant in variants if run % 2 == 0 else variants[::-1]:
-                    sample = await start_once(controllers[variant.start_cpu], name, variant)
-                    samples.setdefault(variant, []).append(sample)
+                for step in steps if run % 2 == 0 else steps[::-1]:
+                    if step is None and floor is not None:
+                        floors.append((await floor.once(name, variants[0].images_from), 0.0))
+                    elif step is not None:
+                        sample = await start_once(controllers[step.start_cpu], name, step)
+                        samples.setdefault(step, []).append(sample)
             first = summary(samples[variants[0]])
             results[name] = first
+            if floors:
+                bare = summary(floors)
+                del bare["controller_cpu_ms_p50"]
+                first["floor"] = bare
+                first["p50_over_floor"] = round(first["p50_ms"] / bare["p50_ms"], 2)
+                first["p99_over_floor"] = round(first["p99_ms"] / bare["p99_ms"], 2)
             if len(variants) > 1:
                 rows = {label(v): summary(samples[v]) for v in variants}
                 results[name]["variants"] = rows
@@ -308,7 +365,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     measured = {}
     for runtime in args.runtime:
         with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
-            measured[runtime] = await measure(runtime, args.runs, Path(temp), variants)
+            measured[runtime] = await measure(
+                runtime, args.runs, Path(temp), variants, not args.no_floor
+            )
     ratios = {}
     if "process" in measured:
         for runtime in set(measured) - {"process"}:
@@ -325,6 +384,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_before": load,
         "runtimes": measured,
         "ratios": ratios,
+        "p50_over_floor": {
+            runtime: {name: rows[name]["p50_over_floor"] for name in PLUGINS}
+            for runtime, rows in measured.items()
+            if "p50_over_floor" in rows[PLUGINS[0]]
+        },
+        "loadavg_after": os.getloadavg(),
     }
 
 
@@ -336,6 +401,7 @@ def main() -> None:
     parser.add_argument("--images-from", metavar="PREFIX")
     parser.add_argument("--start-cpu", action="append", type=int, metavar="MILLIS")
     parser.add_argument("--plot", metavar="FILE")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare create+start")
     args = parser.parse_args()
     args.runtime = args.runtime or list(RUNTIMES)
     args.wait = args.wait or ["store"]

@@ -46,6 +46,8 @@ class Reading:
     memory_usage_bytes: int
     memory_limit_bytes: int
     """0 when there is no limit."""
+    cpu_limit_cores: float
+    """The CFS quota over its period, in cores; 0 when there is no limit."""
     oom_events: int
     pids: int
     fs_read_bytes: int
@@ -122,6 +124,7 @@ class Cgroups:
             memory_working_set_bytes=max(0, usage - inactive),
             memory_usage_bytes=usage,
             memory_limit_bytes=0 if limit >= 1 << 62 else limit,
+            cpu_limit_cores=_cores(text(cpu / "cpu.cfs_quota_us"), text(cpu / "cpu.cfs_period_us")),
             oom_events=keyed(memory / "memory.oom_control").get("oom_kill", 0),
             pids=number(self._v1(paths, "pids") / "pids.current"),
             fs_read_bytes=read,
@@ -146,6 +149,7 @@ class Cgroups:
             memory_working_set_bytes=max(0, usage - memory_stat.get("inactive_file", 0)),
             memory_usage_bytes=usage,
             memory_limit_bytes=number(group / "memory.max"),
+            cpu_limit_cores=_cores(*[*text(group / "cpu.max").split(), "", ""][:2]),
             oom_events=keyed(group / "memory.events").get("oom_kill", 0),
             pids=number(group / "pids.current"),
             fs_read_bytes=read,
@@ -226,3 +230,10 @@ def _blkio(path: Path) -> tuple[int, int]:
         elif len(fields) == 3 and fields[1] == "Write":
             write += int(fields[2])
     return read, write
+
+
+def _cores(quota: str, period: str) -> float:
+    """A CFS quota over its period in cores; 0 for none ("max", -1) or one not readable."""
+    if not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return 0.0
+    return int(quota) / int(period)

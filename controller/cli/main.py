@@ -175,8 +175,9 @@ def run_controller(
         flags.START_CPU_MILLIS,
         "--start-cpu",
         min=0,
-        help="Docker and Podman: millicores an instance may use until its socket accepts, "
-        "where its spec allows less; then the spec's limit (0: the spec's from the start).",
+        help="Docker, Podman and processes: millicores an instance may use until its socket "
+        "accepts, where its spec allows less; then the spec's limit (0: the spec's from the "
+        "start). A spec's resources.startCpu overrides it.",
     ),
     controller_id: str = typer.Option(
         "default",

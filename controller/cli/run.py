@@ -397,6 +397,7 @@ async def _runtime(options: Options) -> base.Runtime:
             controller_id=options.controller_id,
             plugin_root=options.plugin_root,
             host_path_root=options.host_path_root,
+            start_cpu_millis=options.start_cpu_millis,
         )
         host = await asyncio.to_thread(process.describe, settings)
         log.info(

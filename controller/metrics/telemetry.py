@@ -476,6 +476,12 @@ class InstanceCollector(Collector):
                 "The instance's memory limit.",
                 labels=labels,
             ),
+            "cpu_limit": GaugeMetricFamily(
+                "blackhole_container_spec_cpu_limit_cores",
+                "The instance's CPU limit now, in cores: above its spec's while a start-up "
+                "boost lasts (resources.startCpu), until its socket accepts.",
+                labels=labels,
+            ),
             "oom": CounterMetricFamily(
                 "blackhole_container_oom_events",
                 "Processes of the instance killed for memory.",
@@ -527,6 +533,7 @@ class InstanceCollector(Collector):
             families["working_set"].add_metric(values, reading.memory_working_set_bytes)
             families["usage"].add_metric(values, reading.memory_usage_bytes)
             families["limit"].add_metric(values, reading.memory_limit_bytes)
+            families["cpu_limit"].add_metric(values, reading.cpu_limit_cores)
             families["oom"].add_metric(values, reading.oom_events)
             families["pids"].add_metric(values, reading.pids)
             families["reads"].add_metric(values, reading.fs_read_bytes)

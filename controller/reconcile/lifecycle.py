@@ -92,6 +92,7 @@ class Lifecycle:
         record.state = base.InstanceState.RUNNING.value
         record.ready = False
         record.version = str(c.spec.version)
+        record.start_cpu = None  # a new instance: known once observed
         await self.e.event("Normal", reason, message)
         c.found(
             "False",
@@ -217,6 +218,7 @@ class Lifecycle:
                 current, endpoint, timeout
             )
         record.state = current.state.value
+        record.start_cpu = base.start_cpu_of(current)
         if ready and not record.ready and not await self.checkpoints.restore(current, endpoint):
             return Result(requeue_after=c.memory.next_probe(current.name))  # state not back yet
         if ready:

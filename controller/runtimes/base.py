@@ -36,6 +36,14 @@ LABEL_NAMESPACE = models.LABEL_PREFIX + "namespace"
 LABEL_COLOR = models.LABEL_PREFIX + "color"
 LABEL_VERSION = models.LABEL_PREFIX + "version"
 LABEL_SPEC_HASH = models.LABEL_PREFIX + "spec-hash"
+LABEL_START_CPU = models.LABEL_PREFIX + "start-cpu-millis"
+"""On an instance started with more CPU than its spec's: that CPU, in millicores."""
+LABEL_QUOTA_WHEN_READY = models.LABEL_PREFIX + "start-cpu-boost"
+"""On an instance started with more CPU than its spec's: the spec's CFS quota, in microseconds
+per period, to apply once its socket accepts (a restarted controller reads it back)."""
+START_CPU_MILLIS = 2000
+"""Default CPU (millicores) of an instance until its socket accepts (bhctl run --start-cpu)."""
+"""On an instance started with more CPU than its spec's: that CPU, in millicores."""
 LABEL_VOLUME = models.LABEL_PREFIX + "volume"
 
 SOCKET_DIR_IN_INSTANCE = "/run/blackhole"
@@ -309,6 +317,24 @@ def volume_name(
     return "-".join(["bh", *scope, plugin, volume])
 
 
+def start_cpu_millis(spec: models.PluginSpec, default: int) -> int | None:
+    """The CPU (millicores) an instance of ``spec`` starts with when that is more than its
+    spec's (the start-up boost): its ``resources.startCpu``, else the controller's
+    ``default``; None when it starts at its spec's CPU."""
+    wanted = spec.resources.start_cpu
+    millis = default if wanted is None else wanted.as_millis()
+    return millis if millis > spec.resources.cpu.as_millis() else None
+
+
+def start_cpu_of(instance: Instance) -> str | None:
+    """The CPU ``instance`` started with above its spec's, as a quantity ("2", "1500m")."""
+    millis = instance.labels.get(LABEL_START_CPU, "")
+    if not millis.isdigit():
+        return None
+    value = int(millis)
+    return str(value // 1000) if value % 1000 == 0 else f"{value}m"
+
+
 def instance_hash(spec: models.PluginSpec) -> str:
     """A digest of what an instance is made from: a change of it needs a new instance.
 
@@ -334,6 +360,7 @@ def instance_hash(spec: models.PluginSpec) -> str:
         },
     )
     made_of.get("permissions", {}).pop("callPlugins", None)
+    made_of.get("resources", {}).pop("startCpu", None)  # read at a start only
     text = json.dumps(made_of, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -196,6 +196,12 @@ class Resources(Model):
     Swap is not allowed beyond it. Default 128Mi; at least 6Mi."""
     pids: int = Field(default=64, ge=1, le=4_194_304)
     """Maximum number of processes and threads in the instance. Default 64."""
+    start_cpu: Quantity | None = Field(default=None, alias="startCpu")
+    """CPU limit while an instance starts, until its socket accepts: its imports are then not
+    throttled by cpu, which it gets once its socket accepts. Default: the controller's
+    (bhctl run --start-cpu, 2 cores). "0", or any value at or below cpu, turns the boost off.
+    On Docker, Podman and processes; on Kubernetes instances start at cpu. Changing it
+    replaces no running instance."""
 
     @field_validator("cpu")
     @classmethod
@@ -204,6 +210,13 @@ class Resources(Model):
             raise ValueError(f'"{cpu}" is negative; use a positive CPU amount such as "500m"')
         if cpu.as_millis() < 10:
             raise ValueError(f'"{cpu}" is below the minimum of 10m (0.01 cores)')
+        return cpu
+
+    @field_validator("start_cpu")
+    @classmethod
+    def _check_start_cpu(cls, cpu: Quantity | None) -> Quantity | None:
+        if cpu is not None and cpu.value < 0:
+            raise ValueError(f'"{cpu}" is negative; use "2" for two cores, "0" for no boost')
         return cpu
 
     @field_validator("memory")
@@ -586,6 +599,9 @@ class InstanceStatus(Model):
     """The exit code of its last crash, if any."""
     oom_killed: bool = Field(default=False, alias="oomKilled")
     """Whether its last crash was an out-of-memory kill."""
+    start_cpu: str | None = Field(default=None, alias="startCpu", max_length=32)
+    """The CPU it started with above its spec's (the start-up boost), e.g. "2"; it has its
+    spec's cpu since its socket accepted. Unset when it started at its spec's cpu."""
 
 
 class SwapStep(StrEnum):

@@ -125,6 +125,7 @@ class Coordinator:
         record = c.instance_status(target)
         record.version, record.state, record.ready = str(c.spec.version), "running", False
         record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
+        record.start_cpu = None  # known once observed
         message = (
             f"swapping {current.version} -> {c.spec.version}: started {want.name} beside "
             f"{current.name}"
@@ -229,6 +230,7 @@ class Coordinator:
     async def _ready(self, progress: models.SwapProgress, new: base.Instance) -> bool:
         c = self.c
         timeout = float(c.spec.health.timeout_seconds)
+        c.instance_status(new.color).start_cpu = base.start_cpu_of(new)
         if not await self.s.runtime.ready(new, timeout):
             return False
         endpoint = self.s.runtime.endpoint(new)

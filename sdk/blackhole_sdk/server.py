@@ -19,6 +19,7 @@ reveal nothing and need no token).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -447,4 +448,7 @@ def serve(plugin: Plugin, address: str | None = None) -> None:
             loop.add_signal_handler(signum, stop.set)
         await serve_async(plugin, target, stop)
 
+    # Everything is imported by now: the module objects of asyncio, grpc and protobuf are
+    # kept out of the collector's passes, which would otherwise walk (and write) them all.
+    gc.freeze()
     asyncio.run(main())

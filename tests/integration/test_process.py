@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,24 @@ def test_a_restarted_controller_adopts_running_processes(controller: ControllerP
     assert answer == {"value": 1}, "the same process, with what it held"
     assert state(controller, "kept") == before, "the same process, not a new one"
     assert instance(controller, "kept").get("restarts", 0) == 0
+
+
+def test_a_plugin_starts_boosted_is_shown_so_and_has_its_specs_cpu_once_ready(
+    controller: ControllerProcess,
+):
+    controller.start()
+    write(controller, "alpha")
+    body = BODY.format(path=PLUGIN_DIR.name, memory="64Mi")
+    controller.write("beta", body.replace("pids: 64}", "pids: 64, startCpu: '0'}"))
+    wait_for(lambda: controller.ready("alpha", "beta"), what="alpha and beta Ready")
+    assert instance(controller, "alpha")["startCpu"] == "2", "the controller's default"
+    assert "startCpu" not in instance(controller, "beta"), "turned off in its spec"
+    address = controller.gateway("metrics")
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    limits = {
+        line.split('plugin="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("blackhole_container_spec_cpu_limit_cores{")
+    }
+    assert limits == {"alpha": 0.5, "beta": 0.5}

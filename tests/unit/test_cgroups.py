@@ -29,6 +29,8 @@ def v1_tree(root: Path, usage: int = 100 << 20, periods: int = 100, throttled: i
             f"cpuacct/{group}/cpuacct.usage": "2500000000\n",
             f"cpu/{group}/cpu.stat": f"nr_periods {periods}\nnr_throttled {throttled}\n"
             "throttled_time 750000000\n",
+            f"cpu/{group}/cpu.cfs_quota_us": "50000\n",
+            f"cpu/{group}/cpu.cfs_period_us": "100000\n",
             f"memory/{group}/memory.usage_in_bytes": f"{usage}\n",
             f"memory/{group}/memory.stat": "cache 0\ntotal_inactive_file 10485760\n",
             f"memory/{group}/memory.limit_in_bytes": f"{128 << 20}\n",
@@ -62,6 +64,7 @@ def test_v1_reading(v1: cgroups.Cgroups) -> None:
     assert reading.memory_usage_bytes == 100 << 20
     assert reading.memory_working_set_bytes == 90 << 20, "inactive file pages are not counted"
     assert reading.memory_limit_bytes == 128 << 20
+    assert reading.cpu_limit_cores == 0.5
     assert reading.oom_events == 2
     assert reading.pids == 7
     assert (reading.fs_read_bytes, reading.fs_write_bytes) == (4097, 8192)
@@ -77,6 +80,7 @@ def test_v2_reading(tmp_path: Path) -> None:
             "system.slice/x/memory.current": f"{64 << 20}\n",
             "system.slice/x/memory.stat": "anon 1\ninactive_file 4194304\n",
             "system.slice/x/memory.max": "max\n",
+            "system.slice/x/cpu.max": "200000 100000\n",
             "system.slice/x/memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
             "system.slice/x/pids.current": "3\n",
             "system.slice/x/io.stat": "8:0 rbytes=100 wbytes=200 rios=1 wios=2\n"
@@ -89,6 +93,7 @@ def test_v2_reading(tmp_path: Path) -> None:
     assert (reading.cpu_periods, reading.cpu_throttled_periods) == (40, 10)
     assert reading.memory_working_set_bytes == 60 << 20
     assert reading.memory_limit_bytes == 0, "max means no limit"
+    assert reading.cpu_limit_cores == 2.0
     assert reading.oom_events == 1
     assert reading.pids == 3
     assert (reading.fs_read_bytes, reading.fs_write_bytes) == (101, 202)
@@ -135,3 +140,22 @@ def test_oom_kills_and_restart_bursts_last_their_window(tmp_path: Path) -> None:
     assert set(watch.current("kv")) == {"OOMKilled", "RestartBurst"}
     now[0] += 301
     assert watch.current("kv") == {}
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cgroup.controllers": "cpu\n", "g/cpu.max": "max 100000\n"}, 0.0),
+        ({"cgroup.controllers": "cpu\n"}, 0.0),
+        ({"cpu/g/cpu.cfs_quota_us": "-1\n", "cpu/g/cpu.cfs_period_us": "100000\n"}, 0.0),
+        ({"cpu/g/cpu.cfs_quota_us": "25000\n", "cpu/g/cpu.cfs_period_us": "50000\n"}, 0.5),
+    ],
+)
+def test_cpu_limit_without_a_quota_reads_zero(
+    tmp_path: Path, files: dict[str, str], cores: float
+) -> None:
+    write(tmp_path, files)
+    paths = {"": "/g"} if "cgroup.controllers" in files else {"cpu": "/g"}
+    reading = reader(tmp_path, paths).read(PID)
+    assert reading is not None
+    assert reading.cpu_limit_cores == cores

@@ -194,3 +194,30 @@ def test_cgroup_stats_on_v1_read_each_hierarchy_and_no_limit_reads_as_none(tmp_p
             (tmp_path / controller / group / name).write_text(text + "\n")
     stats = cgroups.Cgroups(tmp_path).stats(group)
     assert stats == base.Stats(cpu_seconds=1.5, memory_bytes=2048, memory_limit_bytes=0, pids=7)
+
+
+def test_a_start_up_boost_raises_the_cgroup_cpu_until_lowered_to_the_specs(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    groups = cgroups.Cgroups(tmp_path)
+    groups.create("blackhole/ctl/x", resources(), start_cpu_millis=2000)
+    cpu_max = tmp_path / "blackhole" / "ctl" / "x" / "cpu.max"
+    assert cpu_max.read_text() == "200000 100000"
+    groups.set_cpu_quota("blackhole/ctl/x", 25_000)
+    assert cpu_max.read_text() == "25000 100000"
+
+
+def test_a_start_up_boost_below_the_specs_cpu_keeps_the_specs(tmp_path: Path):
+    (tmp_path / "cpu").mkdir()
+    groups = cgroups.Cgroups(tmp_path)
+    groups.create("g", resources(cpu="1500m"), start_cpu_millis=1000)
+    assert (tmp_path / "cpu" / "g" / "cpu.cfs_quota_us").read_text() == "150000"
+    groups.set_cpu_quota("g", 25_000)
+    assert (tmp_path / "cpu" / "g" / "cpu.cfs_quota_us").read_text() == "25000"
+
+
+def test_lowering_the_cpu_where_the_cpu_controller_is_off_writes_nothing(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    groups = cgroups.Cgroups(tmp_path)
+    groups.create("g", resources(), start_cpu_millis=2000)
+    groups.set_cpu_quota("g", 25_000)
+    assert not (tmp_path / "g" / "cpu.max").exists()

@@ -169,3 +169,53 @@ def test_instance_hash_ignores_what_the_instance_does_not_read() -> None:
     assert base.instance_hash(spec) != base.instance_hash(
         spec.model_copy(update={"env": {"A": "1"}})
     )
+
+
+def resourced(resources: dict[str, str]) -> models.PluginSpec:
+    return models.PluginSpec.model_validate(
+        {"image": "x/y:1", "version": "1.0.0", "resources": resources}
+    )
+
+
+@pytest.mark.parametrize(
+    ("resources", "default", "millis"),
+    [
+        ({"cpu": "500m"}, 2000, 2000),
+        ({"cpu": "500m", "startCpu": "1"}, 2000, 1000),
+        ({"cpu": "500m", "startCpu": "3"}, 0, 3000),
+        ({"cpu": "500m", "startCpu": "0"}, 2000, None),
+        ({"cpu": "500m", "startCpu": "500m"}, 2000, None),
+        ({"cpu": "2500m"}, 2000, None),
+        ({"cpu": "500m"}, 0, None),
+    ],
+)
+def test_the_start_cpu_is_the_specs_else_the_controllers_and_only_above_the_limit(
+    resources: dict[str, str], default: int, millis: int | None
+) -> None:
+    assert base.start_cpu_millis(resourced(resources), default) == millis
+
+
+def test_a_negative_start_cpu_is_refused() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        resourced({"startCpu": "-1"})
+
+
+def test_changing_the_start_cpu_replaces_no_instance() -> None:
+    assert base.instance_hash(resourced({"cpu": "500m"})) == base.instance_hash(
+        resourced({"cpu": "500m", "startCpu": "0"})
+    )
+    assert base.instance_hash(resourced({"cpu": "500m"})) != base.instance_hash(
+        resourced({"cpu": "400m"})
+    )
+
+
+@pytest.mark.parametrize(("label", "shown"), [("2000", "2"), ("1500", "1500m"), ("x", None)])
+def test_the_start_cpu_an_instance_started_with_is_shown_as_a_quantity(
+    label: str, shown: str | None
+) -> None:
+    spec = resourced({})
+    labels = {base.LABEL_VERSION: "1.0.0", base.LABEL_SPEC_HASH: base.instance_hash(spec)}
+    desired = base.InstanceSpec("p", models.Color.BLUE, spec, labels)
+    instance = base.started_instance(desired, "id", {base.LABEL_START_CPU: label})
+    assert base.start_cpu_of(instance) == shown
+    assert base.start_cpu_of(base.started_instance(desired, "id", {})) is None

@@ -180,7 +180,9 @@ class ContainerRuntime:
             env=base.plugin_environment(desired),
         )
         self._settled.discard(name)  # a new container of that name, not yet lowered
-        start_cpu.boost(options, self.settings.start_cpu_millis)
+        start_cpu.boost(
+            options, base.start_cpu_millis(desired.spec, self.settings.start_cpu_millis)
+        )
         links = networks.links(desired, self.controller_id)
         if links:
             options["network_mode"] = links[0]

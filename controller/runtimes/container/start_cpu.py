@@ -13,21 +13,23 @@ from typing import Any
 import docker
 
 from controller import cgroups
+from controller.runtimes import base
 from controller.runtimes.container import engine
-from controller.spec import models
 
-START_CPU_MILLIS = 2000
+START_CPU_MILLIS = base.START_CPU_MILLIS
 """Default CPU (millicores) of an instance until it is ready."""
-LABEL_START_CPU = models.LABEL_PREFIX + "start-cpu-boost"
-"""On an instance started with more CPU than its spec's: the spec's CFS quota, in microseconds
-per period, to apply once it is ready (a restarted controller reads it back)."""
+LABEL_START_CPU = base.LABEL_QUOTA_WHEN_READY
 
 
-def boost(options: dict[str, Any], millis: int) -> None:
-    """Raise the CPU of the ``container_options`` to ``millis`` where the spec gives it less."""
+def boost(options: dict[str, Any], millis: int | None) -> None:
+    """Raise the CPU of the ``container_options`` to ``millis`` (see
+    :func:`base.start_cpu_millis`; None: no boost)."""
+    if millis is None:
+        return
     quota = cgroups.cpu_quota(millis)
     if quota > options["cpu_quota"]:
         options["labels"][LABEL_START_CPU] = str(options["cpu_quota"])
+        options["labels"][base.LABEL_START_CPU] = str(millis)
         options["cpu_quota"] = quota
 
 

@@ -52,9 +52,13 @@ class Cgroups:
             return {"": self.root / group}
         return {c: self.root / c / group for c in V1_CONTROLLERS if (self.root / c).is_dir()}
 
-    def create(self, group: str, resources: models.Resources) -> Group:
+    def create(
+        self, group: str, resources: models.Resources, start_cpu_millis: int | None = None
+    ) -> Group:
+        """Make the group with ``resources``' limits; its CPU ``start_cpu_millis`` instead of
+        the spec's when that is more (the start-up boost, see :meth:`set_cpu_quota`)."""
         memory = resources.memory.as_int()
-        quota = cgroups.cpu_quota(resources.cpu.as_millis())
+        quota = cgroups.cpu_quota(max(resources.cpu.as_millis(), start_cpu_millis or 0))
         if self.unified:
             return self._create_v2(group, memory, quota, resources.pids)
         made: list[Path] = []
@@ -102,6 +106,18 @@ class Cgroups:
         for name, value in limits.items():
             cgroups.write(directory / name, value)
         return Group((directory,), directory / "memory.events")
+
+    def set_cpu_quota(self, group: str, quota: int) -> None:
+        """Give the group ``quota`` microseconds of CPU per CFS period (its spec's, after a
+        start-up boost)."""
+        directory = self.dirs(group).get("" if self.unified else "cpu")
+        if directory is None:
+            return
+        if self.unified:
+            if (directory / "cpu.max").exists():  # the cpu controller is enabled there
+                cgroups.write(directory / "cpu.max", f"{quota} {cgroups.CPU_PERIOD_US}")
+        else:
+            cgroups.write(directory / "cpu.cfs_quota_us", quota)
 
     def procs(self, group: str) -> set[int]:
         found: set[int] = set()

@@ -69,6 +69,8 @@ class Settings:
     python: str = sys.executable
     """The interpreter of the launcher, and of plugins without a virtual environment."""
     cgroup_root: Path = cgroupfs.ROOT
+    start_cpu_millis: int = base.START_CPU_MILLIS
+    """CPU (millicores) of an instance until its socket accepts, where its spec allows less."""
 
     @property
     def plugins(self) -> Path:
@@ -126,6 +128,8 @@ class ProcessRuntime:
         self._sockets = inotify.SocketWatch()
         self._keys: dict[str, str] = {}
         """Instance name to its plugin's key, for the instances seen by this backend."""
+        self._settled: set[str] = set()
+        """Instances started with more CPU than their spec's that have their spec's now."""
 
     # Paths.
 
@@ -189,8 +193,15 @@ class ProcessRuntime:
             raise InstanceConflictError(f"{NAME}: {name} exists; remove it first")
         running = await self._ensure_launcher()
         labels = {**desired.labels, **self._owner}
+        boost = base.start_cpu_millis(desired.spec, self.settings.start_cpu_millis)
+        if boost is not None:
+            labels[base.LABEL_START_CPU] = str(boost)
+            labels[base.LABEL_QUOTA_WHEN_READY] = str(
+                cgroupfs.cpu_quota(desired.spec.resources.cpu.as_millis())
+            )
         key = base.key_of(labels)
         self._keys[name] = key
+        self._settled.discard(name)  # a new instance of that name, not yet lowered
         request = await asyncio.to_thread(self._prepare, desired, labels, running)
         self._sockets.add(self.socket_dir(name), key)
         try:
@@ -216,7 +227,10 @@ class ProcessRuntime:
         socket_dir = self.socket_dir(name)
         base.prepare_socket_dir(socket_dir, self.settings.user)
         self._file(name, "exit").unlink(missing_ok=True)
-        group = self.cgroups.create(self._group(name), spec.resources)
+        start_cpu = labels.get(base.LABEL_START_CPU)
+        group = self.cgroups.create(
+            self._group(name), spec.resources, int(start_cpu) if start_cpu else None
+        )
         directory = self.plugin_dir(spec.process).resolve()
         entrypoint = str(directory / spec.process.entrypoint)
         python_path = [str((directory / p).resolve()) for p in spec.process.python_path]
@@ -286,7 +300,16 @@ class ProcessRuntime:
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
         if instance.state is not base.InstanceState.RUNNING:
             return False
-        return await base.probe_socket(self.socket_dir(instance.name) / base.SOCKET_NAME, timeout)
+        path = self.socket_dir(instance.name) / base.SOCKET_NAME
+        if not await base.probe_socket(path, timeout):
+            return False
+        quota = instance.labels.get(base.LABEL_QUOTA_WHEN_READY)
+        if quota is not None and instance.name not in self._settled:
+            await asyncio.to_thread(
+                self.cgroups.set_cpu_quota, self._group(instance.name), int(quota)
+            )
+            self._settled.add(instance.name)
+        return True
 
     def endpoint(self, instance: base.Instance) -> str:
         return f"unix:{self.socket_dir(instance.name) / base.SOCKET_NAME}"
@@ -331,6 +354,7 @@ class ProcessRuntime:
             await self._until_exited(name, 10.0)
         await asyncio.to_thread(self._clean, name)
         self._keys.pop(name, None)
+        self._settled.discard(name)
 
     def _clean(self, name: str) -> None:
         group = self._group(name)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import gc
 import json
 import os
 import signal
@@ -459,6 +460,9 @@ def main() -> int:
         except ImportError as e:
             print(f"launcher: cannot preload {name}: {e}", file=sys.stderr)
             warm = False
+    # What is preloaded stays shared with every plugin forked from here: frozen, the
+    # collector of a plugin never writes into those objects' pages (which would copy them).
+    gc.freeze()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # shims are reaped by the kernel
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "pdeathsig")
     _answer(
