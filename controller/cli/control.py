@@ -707,7 +707,7 @@ def down(
     gateway = answer["gateway"]
     if gateway["mode"] == "process":
         pid = gateway.get("pid")
-        output.out.print(f"gateway (pid {pid}) stopped" if pid else "no gateway was running")
+        output.out.print(f"gateway stopped (pid {pid})" if pid else "no gateway was running")
     elif gateway["mode"] == "external":
         output.out.print(
             "gateway left running: it was started apart (stop it: bhctl gateway --stop)"
@@ -715,7 +715,7 @@ def down(
     pid = int(answer["controller"]["pid"])
     if not _exited(pid, EXIT_TIMEOUT):
         output.fail(f"the controller (pid {pid}) has not exited after {EXIT_TIMEOUT:g}s")
-    output.out.print(f"controller (pid {pid}) stopped")
+    output.out.print(f"controller stopped (pid {pid})")
 
 
 def _exited(pid: int, timeout: float) -> bool:

@@ -365,8 +365,8 @@ def test_down_removes_instances_networks_volumes_the_gateway_and_the_controller(
         for p in ("left", "right")
     )
     assert [f"instance/{n} removed" for n in instances] == kept.stdout.splitlines()[:2]
-    assert f"gateway (pid {gateway}) stopped" in kept.stdout
-    assert f"controller (pid {controller.process.pid}) stopped" in kept.stdout
+    assert f"gateway stopped (pid {gateway})" in kept.stdout
+    assert f"controller stopped (pid {controller.process.pid})" in kept.stdout
     assert controller.process.wait(timeout=60) == 0
     assert controller.containers() == {}
     assert engine.client.api.networks(filters=owner) == []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -91,7 +92,7 @@ def start(root: Path, names: dict[str, str]) -> subprocess.Popen[str]:
         time.sleep(0.05)
 
 
-def bhctl(root: Path, *args: str) -> object:
+def bhctl(root: Path, *args: str) -> Any:
     return CliRunner().invoke(main.app, [*args, "--data-dir", str(root)], env={"COLUMNS": "200"})
 
 
@@ -123,7 +124,7 @@ def test_down_removes_every_instance_keeps_volumes_and_stops_the_controller(
         "instance/bh-alpha-blue removed",
         "instance/bh-beta-blue removed",
         "volumes kept (remove them with bhctl down --volumes)",
-        f"controller (pid {process.pid}) stopped",
+        f"controller stopped (pid {process.pid})",
     ]
     out, _ = process.communicate(timeout=30)
     assert process.returncode == 0

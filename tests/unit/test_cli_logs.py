@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -61,7 +62,7 @@ def data(tmp_path: Path) -> Iterator[Path]:
     thread.join(30)
 
 
-def bhctl(data: Path, *args: str) -> object:
+def bhctl(data: Path, *args: str) -> Any:
     return CliRunner().invoke(main.app, [*args, "--data-dir", str(data)], env={"COLUMNS": "200"})
 
 
