@@ -126,11 +126,18 @@ class AdminClient:
         return self._call("POST", f"{_plugin(name)}/state/import", body)
 
     def logs(
-        self, name: str, color: str | None, tail: int, previous: bool = False
+        self,
+        name: str,
+        color: str | None,
+        tail: int,
+        previous: bool = False,
+        timestamps: bool = False,
     ) -> dict[str, Any]:
         query = {"tail": str(tail)} | ({"color": color} if color else {})
         if previous:
             query["previous"] = "true"
+        if timestamps:
+            query["timestamps"] = "true"
         return self._call("GET", f"/v1/plugins/{urllib.parse.quote(name, safe='')}/logs", **query)
 
 

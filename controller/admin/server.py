@@ -10,11 +10,16 @@ HTTP with JSON bodies, so that ``curl --unix-socket`` works too:
   nothing is applied and each plugin's change is told instead: ``created``,
   ``unchanged``, ``in-place``, ``swap`` or ``replace``, with the fields that differ;
 - ``DELETE /v1/plugins/{name}``: delete an applied spec (``409`` for a file's);
-- ``GET /v1/plugins/{name}/logs?color=&tail=&previous=``: an instance's last lines
-  (``previous=true``: of the instance other than the active one, while it is kept);
+- ``GET /v1/plugins/{name}/logs?color=&tail=&previous=&timestamps=``: an instance's last
+  lines (``previous=true``: of the instance other than the active one, while it is kept;
+  ``timestamps=true``: each starting with the time the runtime read it, RFC 3339 in UTC);
 - ``GET /v1/requests/{id}?wait=SECONDS``: an operator's request (a swap action, a state
   import) and its outcome, ``Pending``, ``Done`` or ``Refused``; ``wait`` holds the
-  answer up to that long (at most 30 s) while it is pending.
+  answer up to that long (at most 30 s) while it is pending;
+- ``POST /v1/down?volumes=true|false``: take the controller down: it finishes the passes
+  in flight, removes every instance it owns with their networks (and, with
+  ``volumes=true``, its named volumes), stops the gateway it runs and exits; the answer,
+  sent once all that is done, names what was removed.
 
 Only the owner of the data directory can reach it; there is no other auth.
 
@@ -34,6 +39,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +82,11 @@ class AdminServer:
         *,
         control: manager.Manager | None = None,
         plugins: client.Clients | None = None,
+        down: Callable[[bool], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.source = source
+        self.down = down
+        """Takes the controller down (``bhctl down``): what it removed; None: not here."""
         self.runtime = runtime
         self.path = path
         self.control = control
@@ -99,6 +108,7 @@ class AdminServer:
                 web.post("/v1/plugins/{name}/state/import", self._state_import),
                 web.get("/v1/requests/{id}", self._request),
                 web.get("/v1/top", self._top),
+                web.post("/v1/down", self._down),
             ]
         )
         self._runner = web.AppRunner(app, access_log=None)
@@ -296,7 +306,9 @@ class AdminServer:
             self.runtime.controller_id,
         )
         try:
-            lines = await self.runtime.logs(name, tail)
+            lines = await self.runtime.logs(
+                name, tail, timestamps=request.query.get("timestamps") == "true"
+            )
         except InstanceNotFoundError:
             kept = " (no previous instance is kept)" if previous else ""
             raise web.HTTPNotFound(
@@ -350,6 +362,27 @@ class AdminServer:
         for name in set(self._cpu) - set(tracked):
             del self._cpu[name]
         return rows
+
+    async def _down(self, request: web.Request) -> web.Response:
+        if self.down is None:
+            raise web.HTTPServiceUnavailable(
+                text=_error(
+                    "this controller is not taken down from here: on Kubernetes, delete the "
+                    "Plugin objects (kubectl delete plugins --all) and helm uninstall"
+                ),
+                content_type="application/json",
+            )
+        volumes = request.query.get("volumes", "false")
+        if volumes not in ("true", "false"):
+            raise web.HTTPBadRequest(
+                text=_error(f"volumes={volumes!r}: use true or false"),
+                content_type="application/json",
+            )
+        try:
+            removed = await self.down(volumes == "true")
+        except ControllerError as e:
+            raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
+        return web.json_response(removed)
 
     # Swaps and state.
 

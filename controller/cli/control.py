@@ -1,5 +1,5 @@
 """``bhctl`` commands that talk to a running controller through its admin socket: apply,
-diff, get, describe, delete, logs, top and call.
+diff, get, describe, delete, logs, top, call and down.
 
 They import the admin client, the standard library and typer/rich only (see
 :mod:`controller.cli.main`): each answers in about the time Python takes to start.
@@ -485,6 +485,13 @@ def logs(
     follow: bool = typer.Option(
         False, "--follow", "-f", help="Then print new lines as they are written (Ctrl-C)."
     ),
+    timestamps: bool = typer.Option(
+        False,
+        "--timestamps",
+        help="Start each line with the time the runtime read it from the instance (RFC 3339, "
+        "UTC): the engine's own on Docker, Podman and Kubernetes; on processes, the time the "
+        "instance's shim read it from the plugin's output.",
+    ),
     prefix: bool | None = typer.Option(
         None,
         "--prefix/--no-prefix",
@@ -507,7 +514,7 @@ def logs(
 
     def read(each: str, lines: int, first: bool) -> None:
         try:
-            got = admin.logs(each, color, lines, previous)["lines"]
+            got = admin.logs(each, color, lines, previous, timestamps)["lines"]
         except admin_client.AdminError as e:
             if first and name is not None:
                 raise fail(e) from None
@@ -668,7 +675,66 @@ def call(
         sys.stdout.buffer.write(body)
 
 
+# down
+
+DOWN_TIMEOUT = 600.0
+"""Seconds ``down`` waits for the controller to finish its passes and remove what runs."""
+EXIT_TIMEOUT = 60.0
+"""Seconds ``down`` then waits for the controller's process to exit."""
+
+
+def down(
+    volumes: bool = typer.Option(
+        False, "--volumes", "-v", help="Remove the plugins' named volumes too (their data)."
+    ),
+    data_dir: Path | None = flags.DATA_DIR,
+) -> None:
+    """Tear down what bhctl run started on the data directory: every instance the controller
+    runs and their networks are removed (named volumes only with --volumes), the gateway it
+    runs is stopped, then the controller. Specs and state snapshots stay: bhctl run starts
+    the plugins again."""
+    admin = client(data_dir, timeout=DOWN_TIMEOUT)
+    try:
+        answer = admin.down(volumes)
+    except ControllerError as e:
+        raise fail(e) from None
+    for name in answer["instances"]:
+        output.out.print(f"instance/{escape(name)} removed")
+    for name in answer.get("volumes") or []:
+        output.out.print(f"volume/{escape(name)} removed")
+    if answer.get("volumes") is None:
+        output.out.print("volumes kept (remove them with bhctl down --volumes)")
+    gateway = answer["gateway"]
+    if gateway["mode"] == "process":
+        pid = gateway.get("pid")
+        output.out.print(f"gateway stopped (pid {pid})" if pid else "no gateway was running")
+    elif gateway["mode"] == "external":
+        output.out.print(
+            "gateway left running: it was started apart (stop it: bhctl gateway --stop)"
+        )
+    pid = int(answer["controller"]["pid"])
+    if not _exited(pid, EXIT_TIMEOUT):
+        output.fail(f"the controller (pid {pid}) has not exited after {EXIT_TIMEOUT:g}s")
+    output.out.print(f"controller stopped (pid {pid})")
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has exited within ``timeout`` seconds (a zombie has: its
+    parent has yet to reap it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rpartition(")")[2].split()[0] in ("Z", "X"):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to ``app``, in the order ``--help`` lists them."""
-    for command in (apply, diff, get, describe, delete, logs, top, call):
+    for command in (apply, diff, get, describe, delete, logs, top, call, down):
         app.command(command.__name__)(command)

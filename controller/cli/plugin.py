@@ -1,5 +1,5 @@
-"""``bhctl plugin``: keys, bundles and the registry (keygen, pack, sign, verify, search, list,
-show, install, remove).
+"""``bhctl plugin``: keys, bundles and the registry (keygen, trust, pack, sign, verify, search,
+list, show, install, remove).
 
 These commands work on the data directory and the engine directly, not
 through the running controller: a bundle can be hundreds of megabytes,
@@ -109,7 +109,28 @@ def keygen(
         raise _fail(e) from None
     out.print(f"private key {escape(str(private))} (mode 0600; keep it secret)")
     out.print(f"public key  {escape(str(public))} (key id {ident})")
-    out.print("Operators trust it by copying the .pub file into their trust directory.")
+    out.print(f"Operators trust it with: bhctl plugin trust {escape(str(public))}")
+
+
+@app.command()
+def trust(
+    key: Path = typer.Argument(..., help="An Ed25519 public key (.pub, PEM), e.g. from keygen."),
+    data_dir: Path | None = DATA_DIR,
+    trust_dir: Path | None = TRUST_DIR,
+) -> None:
+    """Trust bundles signed by this key: copy it into the trust directory (as KEYID.pub)."""
+
+    async def act(registry: registry_module.Registry) -> tuple[str, Path, bool]:
+        return registry.trust_key(key)
+
+    try:
+        ident, where, added = _with_registry(data_dir, trust_dir, None, None, act)
+    except ControllerError as e:
+        raise _fail(e) from None
+    shown = escape(str(where))
+    out.print(
+        f"key {ident} trusted ({shown})" if added else f"key {ident} trusted already ({shown})"
+    )
 
 
 @app.command()

@@ -7,7 +7,9 @@ adopted when one runs on the data directory, else started, and started
 again when it dies; the controller sends it the route table it rebuilds from
 its store before any pass. SIGTERM or SIGINT finishes the passes in flight
 and exits 0, leaving every instance and the gateway running for the next
-controller to adopt.
+controller to adopt. ``bhctl down`` (the admin API's ``POST /v1/down``) does
+the same, then removes every instance it owns (:class:`Down`) and stops the
+gateway it runs before it exits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import resource
 import signal
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -580,8 +582,14 @@ async def _lead(
         may_act=election.valid if election is not None else None,
         requests=records,
     )
+    down = Down(stop) if options.kubernetes is None else None
     admin = server.AdminServer(
-        source, runtime, admin_socket(options.data_dir), control=control, plugins=plugins
+        source,
+        runtime,
+        admin_socket(options.data_dir),
+        control=control,
+        plugins=plugins,
+        down=down,
     )
     await admin.start()
     holding = None
@@ -612,12 +620,73 @@ async def _lead(
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connection
+        await _close(
+            down, control, options, admin, (plugins.close, runtime.close),
+            (states.close, bundles.close, records.close),
+        )  # fmt: skip
+
+
+async def _close(
+    down: Down | None,
+    control: manager.Manager,
+    options: Options,
+    admin: server.AdminServer,
+    clients: tuple[Callable[[], Awaitable[None]], ...],
+    stores: tuple[Callable[[], None], ...],
+) -> None:
+    """Carry out a ``bhctl down`` if one was asked, then close the admin API, the clients,
+    the runtime and the stores."""
+    try:
+        if down is not None:
+            await down.carry_out(control, options)
+    finally:
         await admin.stop()
-        await plugins.close()
-        await runtime.close()
-        states.close()
-        bundles.close()
-        records.close()
+        for close in clients:
+            await close()
+        for close_store in stores:
+            close_store()
+
+
+class Down:
+    """``bhctl down``, asked through the admin API: the controller stops reconciling, then
+    removes every instance it owns (and its volumes, when asked), stops the gateway it runs
+    and exits; each asker is answered with what was removed."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.volumes: bool | None = None
+        """None until asked; then whether the named volumes go too."""
+        self.done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    async def __call__(self, volumes: bool) -> dict[str, Any]:
+        if not self.done.done():
+            self.volumes = bool(self.volumes) or volumes
+            self.stop.set()
+        return await asyncio.shield(self.done)
+
+    async def carry_out(self, control: manager.Manager, options: Options) -> None:
+        """Remove what runs (every pass has ended), stop the gateway; answer the askers.
+        Nothing when no one asked."""
+        if self.volumes is None:
+            return
+        try:
+            removed = await control.remove_all(bool(self.volumes))
+            gateway: dict[str, Any] = {"mode": str(options.gateway_mode)}
+            if options.gateway_mode is GatewayMode.PROCESS:
+                gateway["pid"] = await asyncio.to_thread(
+                    gateway_process.stop_running, options.data_dir
+                )
+        except ControllerError as e:
+            self.done.set_exception(e)
+            raise
+        self.done.set_result(
+            {
+                "instances": removed.instances,
+                "volumes": removed.volumes if self.volumes else None,
+                "gateway": gateway,
+                "controller": {"pid": os.getpid()},
+            }
+        )
 
 
 ADOPT_TIMEOUT = 10.0

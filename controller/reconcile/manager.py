@@ -5,13 +5,16 @@ follows the runtime's events (a dead instance is reconciled at once, not at
 the next resync), and sweeps for orphans: keys the runtime still runs or the
 store still remembers but no spec declares, which the reconciler then
 removes. On stop it finishes the passes in flight and leaves every instance
-running; a controller started again adopts them by listing.
+running; a controller started again adopts them by listing. Taken down
+(``bhctl down``), it removes them once the passes have ended
+(:meth:`Manager.remove_all`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -30,6 +33,14 @@ log = logging.getLogger(__name__)
 EVENTS_RETRY_SECONDS = 2.0
 VIOLATIONS_SECONDS = 5.0
 """How often resource use is checked against the violation thresholds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Removed:
+    """What :meth:`Manager.remove_all` removed, by name."""
+
+    instances: list[str]
+    volumes: list[str]
 
 
 class Manager:
@@ -97,6 +108,24 @@ class Manager:
                 task.cancel()
             if self.metrics.oom is not None:
                 self.metrics.oom.close()
+
+    async def remove_all(self, volumes: bool) -> Removed:
+        """Remove every instance this controller owns, what they shared, and (``volumes``)
+        its named volumes: ``bhctl down``, once :meth:`run` has returned (no pass runs)."""
+        owned = await self.runtime.list_owned()
+        recon = self.reconciler
+        for instance in sorted(owned, key=lambda i: i.name):
+            recon.routes.clear_route(instance.key)
+            recon.metrics.track(instance.name, None)
+            await self.runtime.remove(instance.name)
+            await recon.plugins.drop(self.runtime.endpoint(instance))
+            log.info("removed %s: the controller is taken down", instance.name)
+        for plugin, namespace in sorted({(i.plugin, i.namespace or "") for i in owned}):
+            await self.runtime.release(plugin, namespace or None)
+        removed_volumes = await self.runtime.remove_volumes() if volumes else []
+        for name in removed_volumes:
+            log.info("removed volume %s", name)
+        return Removed(sorted(i.name for i in owned), removed_volumes)
 
     async def sweep(self) -> set[str]:
         """Queue every key that runs or has a status but has no spec; return them."""

@@ -117,6 +117,8 @@ class Registry:
         self.catalog = catalog_module.Catalog(settings.data_dir / "registry.db")
         self.cache = settings.root / "bundles"
         self.cache.mkdir(mode=0o700, exist_ok=True)
+        if settings.trust_dir is None:  # the default one is there to be filled
+            settings.trusted.mkdir(mode=0o700, exist_ok=True)
         self._lock = asyncio.Lock()
 
     def close(self) -> None:
@@ -128,19 +130,40 @@ class Registry:
     def trust(self) -> signing.TrustStore:
         return signing.TrustStore(self.settings.trusted)
 
+    def trust_key(self, path: Path) -> tuple[str, Path, bool]:
+        """Put the Ed25519 public key at ``path`` in the trust directory as ``<key id>.pub``:
+        its key id, where it is, and whether it was added (False: it was trusted already)."""
+        public = signing.load_public(path)  # refuses anything but such a key
+        ident = signing.key_id(public)
+        known = self.trust().keys.get(ident)
+        if known is not None:
+            return ident, known[1], False
+        directory = self.settings.trusted
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = directory / f"{ident}.pub"
+        staged = target.with_suffix(".tmp")
+        staged.write_bytes(path.read_bytes())
+        staged.chmod(0o644)
+        staged.replace(target)
+        return ident, target, True
+
     # Checks.
+
+    def _unsigned(self, source: str) -> str:
+        """Why an unsigned bundle is refused, and the two ways out."""
+        return (
+            f"{source} is not signed, and the policy ({self.settings.policy_file}) refuses "
+            "unsigned bundles: "
+            "sign it with bhctl plugin sign, or accept unsigned bundles with "
+            "allowUnsigned: true in the policy"
+        )
 
     def check(self, opened: bundle_module.Bundle) -> str | None:
         """Every check of one bundle but its dependencies; the signer's key id (None: unsigned)."""
         rules = self.policy()
         if opened.signature is None:
             if not rules.allow_unsigned:
-                raise BundleRefusedError(
-                    "Unsigned",
-                    f"{opened.source} is not signed, and the policy "
-                    f"({self.settings.policy_file}) does not allow unsigned bundles "
-                    "(allowUnsigned: true); sign it with bhctl plugin sign",
-                )
+                raise BundleRefusedError("Unsigned", self._unsigned(opened.source))
             key = None
         else:  # the signature is over the raw bytes: checked before any YAML is parsed
             key = self.trust().verify(opened.manifest_bytes, opened.signature, opened.source)
@@ -430,10 +453,7 @@ class Registry:
         rules = self.policy()
         if entry.signature is None:
             if not rules.allow_unsigned:
-                raise BundleRefusedError(
-                    "Unsigned",
-                    f"{source} is not signed, and the policy does not allow unsigned bundles",
-                )
+                raise BundleRefusedError("Unsigned", self._unsigned(source))
         else:
             self.trust().verify(entry.manifest_bytes, entry.signature, source)
         self._check_protocol(found, source)

@@ -554,12 +554,18 @@ class Runtime(Protocol):
         """Remove what the plugin's instances shared (networks); called once none is left."""
         ...
 
+    async def remove_volumes(self) -> list[str]:
+        """Remove every named volume this controller owns, once no instance uses them; the
+        names of those removed (host paths are never touched)."""
+        ...
+
     async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
         """Point the plugin's stable address at ``color`` (runtimes without one do nothing)."""
         ...
 
-    async def logs(self, name: str, tail: int) -> list[str]:
-        """The instance's last ``tail`` lines of output."""
+    async def logs(self, name: str, tail: int, timestamps: bool = False) -> list[str]:
+        """The instance's last ``tail`` lines of output; ``timestamps``: each line starts
+        with the time it was read from the instance and a space (RFC 3339, UTC)."""
         ...
 
     async def stats(self, name: str) -> Stats:

@@ -346,6 +346,12 @@ class KubernetesRuntime:
         self._tokens.pop(key, None)
         self._routed.pop(key, None)
 
+    async def remove_volumes(self) -> list[str]:
+        raise RuntimeBackendError(
+            "not supported on Kubernetes: a plugin's PersistentVolumeClaims go when its Plugin "
+            "object is deleted (kubectl delete plugin NAME); the controller with helm uninstall"
+        )
+
     async def _list_claims(self, plugin: str, namespace: str) -> list[str]:
         selector = ",".join(
             f"{k}={v}" for k, v in manifests.plugin_selector(plugin, self.controller_id).items()
@@ -440,7 +446,7 @@ class KubernetesRuntime:
         else:
             self._tokens[key] = _token_of(secret)
 
-    async def logs(self, name: str, tail: int) -> list[str]:
+    async def logs(self, name: str, tail: int, timestamps: bool = False) -> list[str]:
         where = self._names.get(name)
         deployment = self._deployments.get(where) if where else None
         pod = self._pod(deployment) if deployment else None
@@ -454,6 +460,7 @@ class KubernetesRuntime:
             namespace,
             container=manifests.CONTAINER,
             tail_lines=tail,
+            timestamps=timestamps,
         )
         return text.splitlines()
 

@@ -25,7 +25,7 @@ from controller.runtimes import base
 from controller.spec import models
 from controller.spec.keys import plugin_key
 
-WRITES = frozenset({"start", "stop", "remove", "release"})
+WRITES = frozenset({"start", "stop", "remove", "release", "remove_volumes"})
 """The calls that change what runs."""
 
 
@@ -36,7 +36,10 @@ class MemoryRuntime:
         self.name = "memory"
         self.controller_id = controller_id
         self.instances: dict[str, base.Instance] = {}
-        self.output: dict[str, list[str]] = collections.defaultdict(list)
+        self.output: dict[str, list[tuple[datetime, str]]] = collections.defaultdict(list)
+        """Each instance's lines, with when each was written."""
+        self.volumes: set[str] = set()
+        """The named volumes instances were started with (kept until removed)."""
         self.calls: collections.Counter[str] = collections.Counter()
         self.routed: dict[str, models.Color] = {}
         """Where each plugin's stable address points (see :meth:`route`)."""
@@ -72,7 +75,12 @@ class MemoryRuntime:
         labels = {**desired.labels, **base.owner_labels(self.controller_id)}
         instance = base.started_instance(desired, f"mem-{next(self._ids)}", labels)
         self.instances[desired.name] = instance
-        self.output[desired.name].append(f"{desired.plugin} {desired.spec.version} started")
+        self.volumes |= {
+            base.volume_name(desired.plugin, v.name, desired.namespace, self.controller_id)
+            for v in desired.spec.volumes
+            if v.host_path is None
+        }
+        self.write(desired.name, f"{desired.plugin} {desired.spec.version} started")
         self._events.put_nowait(instance.key)
         return instance
 
@@ -99,7 +107,7 @@ class MemoryRuntime:
         """Make a running instance die, as a kill or an out-of-memory kill would."""
         instance = self.instances[name]
         if line:
-            self.output[name].append(line)
+            self.write(name, line)
         self.instances[name] = replace(
             instance,
             state=base.InstanceState.EXITED,
@@ -108,6 +116,10 @@ class MemoryRuntime:
             finished_at=datetime.now(UTC),
         )
         self._events.put_nowait(instance.key)
+
+    def write(self, name: str, line: str) -> None:
+        """A line of output of instance ``name``, written now."""
+        self.output[name].append((datetime.now(UTC), line))
 
     def pause(self, name: str) -> None:
         """Freeze a running instance, as ``docker pause`` does: alive, answering nothing."""
@@ -127,15 +139,26 @@ class MemoryRuntime:
     async def release(self, plugin: str, namespace: str | None = None) -> None:
         self.calls["release"] += 1
 
+    async def remove_volumes(self) -> list[str]:
+        self.calls["remove_volumes"] += 1
+        removed, self.volumes = sorted(self.volumes), set()
+        return removed
+
     async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
         self.calls["route"] += 1
         self.routed[plugin_key(plugin, namespace)] = color
 
-    async def logs(self, name: str, tail: int) -> list[str]:
+    async def logs(self, name: str, tail: int, timestamps: bool = False) -> list[str]:
         self.calls["logs"] += 1
         if name not in self.instances:
             raise InstanceNotFoundError(f"memory: no instance {name}")
-        return self.output[name][-tail:] if tail else []
+        lines = [
+            f"{at.isoformat(timespec='microseconds').replace('+00:00', 'Z')} {line}"
+            if timestamps
+            else line
+            for at, line in self.output[name]
+        ]
+        return lines[-tail:] if tail else []
 
     async def stats(self, name: str) -> base.Stats:
         self.calls["stats"] += 1

@@ -368,12 +368,14 @@ class Snapshots:
         return chain
 
     def newest_full(self, key: str, max_state_version: int) -> Snapshot:
-        """The newest whole snapshot of at most that state version, without its bytes."""
+        """The newest full checkpoint (of a pass or a swap) of at most that state version,
+        without its bytes: never an export or an import, which are no checkpoints."""
         with self.guard("newest_full", write=False):
             row = self._db.execute(
                 f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1 "
-                "AND base_revision = '' AND state_version <= ? ORDER BY id DESC LIMIT 1",
-                (key, max_state_version),
+                "AND reason IN (?, ?) AND base_revision = '' AND state_version <= ? "
+                "ORDER BY id DESC LIMIT 1",
+                (key, *CHECKPOINT_REASONS, max_state_version),
             ).fetchone()
             if row is None:
                 raise SnapshotNotFoundError(
@@ -401,15 +403,17 @@ class Snapshots:
     def get(
         self, key: str, ident: int | None = None, *, max_state_version: int | None = None
     ) -> Snapshot:
-        """A whole snapshot with its bytes: ``ident``, else the newest full one (of at most
-        that state version). Deltas hold only changes: asked for by id, they come as they are."""
+        """A whole snapshot with its bytes: ``ident`` (of any kind), else the newest full
+        checkpoint (of at most that state version; never an export or an import). Deltas hold
+        only changes: asked for by id, they come as they are."""
         query = f"SELECT {_COLUMNS} FROM snapshots WHERE key = ? AND complete = 1"
         arguments: list[object] = [key]
         if ident is not None:
             query += " AND id = ?"
             arguments.append(ident)
         else:
-            query += " AND base_revision = ''"
+            query += " AND base_revision = '' AND reason IN (?, ?)"
+            arguments += CHECKPOINT_REASONS
         if max_state_version is not None:
             query += " AND state_version <= ?"
             arguments.append(max_state_version)

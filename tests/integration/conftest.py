@@ -323,13 +323,15 @@ class ControllerProcess:
         return self.engine.owned_by(self.controller_id)
 
 
-def bhctl(controller: ControllerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+def bhctl(
+    controller: ControllerProcess, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """``bhctl ARGS --data-dir`` of ``controller``; its exit status is the caller's to check."""
     return subprocess.run(
         [str(BHCTL), *args, "--data-dir", str(controller.data)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 

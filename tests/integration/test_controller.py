@@ -341,3 +341,47 @@ def test_applied_specs_run_and_delete_through_the_admin_api(controller):
     assert "plugin/applied unchanged" in again.stdout
     assert bhctl(controller, "delete", "applied").returncode == 0
     wait_for(lambda: not controller.containers(), what="applied removed")
+
+
+def test_down_removes_instances_networks_volumes_the_gateway_and_the_controller(controller):
+    engine = controller.engine
+    assert engine is not None
+    owner = {"label": f"{base.LABEL_CONTROLLER}={controller.controller_id}"}
+    controller.write(
+        "left",
+        "  permissions: {network: private, peers: [right]}\n"
+        "  volumes: [{name: data, mountPath: /data, size: 1Gi}]\n",
+    )
+    controller.write("right", "  permissions: {network: private, peers: [left]}\n")
+    controller.start()
+    wait_for(lambda: controller.ready("left", "right"), timeout=90, what="two Ready plugins")
+    assert engine.client.api.networks(filters=owner)
+    volume = base.volume_name("left", "data", None, controller.controller_id)
+    assert [v["Name"] for v in engine.client.api.volumes(filters=owner)["Volumes"]] == [volume]
+    gateway = controller.gateway_pid()
+    assert gateway is not None
+
+    kept = bhctl(controller, "down", timeout=300)
+    assert kept.returncode == 0, kept.stderr
+    instances = sorted(
+        base.instance_name(p, models.Color.BLUE, None, controller.controller_id)
+        for p in ("left", "right")
+    )
+    assert [f"instance/{n} removed" for n in instances] == kept.stdout.splitlines()[:2]
+    assert f"gateway stopped (pid {gateway})" in kept.stdout
+    assert f"controller stopped (pid {controller.process.pid})" in kept.stdout
+    assert controller.process.wait(timeout=60) == 0
+    assert controller.containers() == {}
+    assert engine.client.api.networks(filters=owner) == []
+    assert [v["Name"] for v in engine.client.api.volumes(filters=owner)["Volumes"]] == [volume]
+    assert controller.gateway_pid() is None
+    assert bhctl(controller, "get").returncode == 1  # nothing answers any more
+
+    controller.start()  # the specs are still there: up again, then down with the volumes
+    wait_for(lambda: controller.ready("left", "right"), timeout=90, what="Ready again")
+    removed = bhctl(controller, "down", "--volumes", timeout=300)
+    assert removed.returncode == 0, removed.stderr
+    assert f"volume/{volume} removed" in removed.stdout
+    assert controller.process.wait(timeout=60) == 0
+    assert engine.client.api.volumes(filters=owner)["Volumes"] in (None, [])
+    assert controller.containers() == {}

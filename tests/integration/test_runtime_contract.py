@@ -14,6 +14,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,36 @@ async def test_a_host_path_outside_the_root_is_refused_naming_the_field(backend:
     assert issue.path == "spec.volumes[0].hostPath"
     assert issue.value == "/etc"
     assert await backend.runtime.list_owned() == []
+
+
+async def test_logs_with_timestamps_are_the_same_lines_each_with_when_it_was_read(
+    backend: Backend,
+):
+    runtime = backend.runtime
+    before = datetime.now(UTC) - timedelta(seconds=5)  # engines' clocks round
+    await runtime.start(desired("alpha", runtime.controller_id))
+    await until_ready(runtime, name(backend, "alpha"))
+    plain = await runtime.logs(name(backend, "alpha"), 100)
+    stamped = await runtime.logs(name(backend, "alpha"), 100, timestamps=True)
+    assert plain
+    assert [line.split(" ", 1)[1] if " " in line else "" for line in stamped] == plain
+    for line in stamped:
+        at = datetime.fromisoformat(line.split(" ", 1)[0][:26].rstrip("Z") + "+00:00")
+        assert before <= at <= datetime.now(UTC)
+
+
+async def test_remove_volumes_removes_the_named_volumes_once_no_instance_uses_them(
+    backend: Backend,
+):
+    runtime = backend.runtime
+    want = desired("alpha", runtime.controller_id)
+    volumes = [models.Volume.model_validate({"name": "data", "mountPath": "/data"})]
+    spec = want.spec.model_copy(update={"volumes": volumes})
+    await runtime.start(
+        base.InstanceSpec("alpha", want.color, spec, want.labels, None, want.controller_id)
+    )
+    await until_ready(runtime, name(backend, "alpha"))
+    await runtime.remove(name(backend, "alpha"))
+    volume = base.volume_name("alpha", "data", None, runtime.controller_id)
+    assert await runtime.remove_volumes() == [volume]
+    assert await runtime.remove_volumes() == []

@@ -138,7 +138,8 @@ async def test_a_signature_by_an_untrusted_key_is_refused(setup: Setup) -> None:
 async def test_an_unsigned_bundle_is_refused_unless_the_policy_allows_it(setup: Setup) -> None:
     path = setup.bundle(key=None)
     error = await setup.refused(path, "Unsigned")
-    assert "allowUnsigned" in str(error)
+    assert "refuses unsigned bundles: sign it with bhctl plugin sign" in str(error)
+    assert "accept unsigned bundles with allowUnsigned: true in the policy" in str(error)
     setup.policy("allowUnsigned: true\n")
     [done] = await setup.registry.install(str(path))
     assert done.entry.key_id is None

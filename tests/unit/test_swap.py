@@ -184,6 +184,27 @@ async def test_going_back_to_an_older_state_version_takes_the_newest_snapshot_it
     assert re.search(r"cannot go back to 1: the state is snapshot \d+ \(1\.0\.0", promoted.message)
 
 
+async def test_going_back_never_takes_an_export_or_an_import_for_a_checkpoint(
+    kv: World,
+) -> None:
+    await ready_on_blue(kv)  # 1.0.0, state version 1: {"a": 1}
+    write(kv, "2.0.0", state=2)
+    await kv.settle("kv")
+    kv.clock.offset += 31
+    await kv.settle("kv")
+    states = kv.reconciler.snapshots
+    assert states is not None
+    # Newer whole snapshots of state version 1 that are no checkpoints of the plugin's:
+    states.save("kv", "2.0.0", 1, b'{"exported": 1}', snapshots.EXPORT)
+    states.save("kv", "2.0.0", 1, b'{"imported": 1}', "import")
+    assert states.get("kv", max_state_version=1).data == b'{"a": 1}'
+    assert states.newest_full("kv", 1).reason in snapshots.CHECKPOINT_REASONS
+    write(kv, "1.0.0", state=1)
+    status = await kv.settle("kv")
+    assert status.active_version == "1.0.0"
+    assert kv.plugins.states[f"bh-kv-{status.active_color}"] == b'{"a": 1}'
+
+
 async def test_undo_goes_back_to_the_previous_spec_until_the_spec_changes(kv: World) -> None:
     await ready_on_blue(kv)  # 1.0.0, state version 1
     write(kv, "1.1.0", state=2)

@@ -268,8 +268,11 @@ class ContainerRuntime:
     async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
         """Nothing to move: on one host, plugins are reached only through the gateway."""
 
-    async def logs(self, name: str, tail: int) -> list[str]:
-        raw = await self._call(self.client.api.logs, name, tail=tail, timestamps=False)
+    async def remove_volumes(self) -> list[str]:
+        return await self._call(volumes.remove_owned, self.client, self._owner)
+
+    async def logs(self, name: str, tail: int, timestamps: bool = False) -> list[str]:
+        raw = await self._call(self.client.api.logs, name, tail=tail, timestamps=timestamps)
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         return text.splitlines()[-tail:] if tail else []
 

@@ -39,6 +39,20 @@ def ensure_volume(
     return name
 
 
+def remove_owned(client: docker.DockerClient, owner: Mapping[str, str]) -> list[str]:
+    """Remove every volume carrying ``owner``'s labels; the names removed, sorted."""
+    selector = {"label": [f"{k}={v}" for k, v in owner.items()]}
+    found = client.api.volumes(filters=selector).get("Volumes") or []
+    removed = []
+    for volume in found:
+        try:
+            client.api.remove_volume(volume["Name"])
+        except docker.errors.NotFound:
+            continue  # removed in between
+        removed.append(str(volume["Name"]))
+    return sorted(removed)
+
+
 def sources(
     client: docker.DockerClient, desired: base.InstanceSpec, owner: Mapping[str, str], user: str
 ) -> dict[str, str]:

@@ -3,7 +3,8 @@
 ``DATA_DIR/processes/<name>.json`` (labels, pid and the pid's start time,
 written by the instance's shim, checked against ``/proc``), ``<name>.exit``
 (exit code, whether the cgroup's OOM killer fired) and ``<name>.log`` (the
-plugin's output: at most 8 MiB, the part before in ``<name>.log.1``).
+plugin's output: at most 8 MiB, the part before in ``<name>.log.1``), each
+line starting with the time the shim read it from the plugin and a space.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +56,22 @@ def tail(path: Path, size: int = 256 << 10) -> str:
             return handle.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
+"""The time the shim puts before each line of a log."""
+
+
+def log_lines(text: str, timestamps: bool) -> list[str]:
+    """The lines of a log, with their time (as ``TIME LINE``) or without it.
+
+    A line without one (written by the shim itself, or cut by the read) is
+    given as it is.
+    """
+    lines = text.splitlines()
+    if timestamps:
+        return lines
+    return [line[len(m.group()) :] if (m := STAMP.match(line)) else line for line in lines]
 
 
 async def read(name: str, state: Path, exit_file: Path) -> base.Instance | None:

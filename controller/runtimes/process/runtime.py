@@ -370,11 +370,23 @@ class ProcessRuntime:
     async def route(self, plugin: str, namespace: str | None, color: models.Color) -> None:
         """Nothing to move: processes are reached only through the gateway."""
 
-    async def logs(self, name: str, tail: int) -> list[str]:
+    async def remove_volumes(self) -> list[str]:
+        """The named volumes' directories under the data directory (the controller's own)."""
+
+        def remove() -> list[str]:
+            root = self.settings.data_dir / "volumes"
+            found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            for path in found:
+                shutil.rmtree(path)
+            return [p.name for p in found]
+
+        return await asyncio.to_thread(remove)
+
+    async def logs(self, name: str, tail: int, timestamps: bool = False) -> list[str]:
         if not self._file(name, "json").exists():
             raise InstanceNotFoundError(f"{NAME}: no instance {name}")
         text = await asyncio.to_thread(records.tail, self._file(name, "log"))
-        return text.splitlines()[-tail:] if tail else []
+        return records.log_lines(text, timestamps)[-tail:] if tail else []
 
     async def stats(self, name: str) -> base.Stats:
         if not self._file(name, "json").exists():

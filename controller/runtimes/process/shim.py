@@ -318,8 +318,25 @@ def _oom_kills(path: str) -> int:
     return 0
 
 
+def stamped(chunk: bytes, line_start: bool, now_ns: int) -> tuple[bytes, bool]:
+    """``chunk`` with the time it was read (RFC 3339 in UTC, to the nanosecond, and a space)
+    before each line that begins in it, as container engines keep their logs; and whether
+    the next chunk begins a line. ``line_start``: whether this one does."""
+    seconds, nanos = divmod(now_ns, 1_000_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
+    stamp += b".%09dZ " % nanos
+    parts = chunk.split(b"\n")
+    out = []
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        begins = line_start if index == 0 else True
+        out.append(stamp + part if begins and not (last and not part) else part)
+    return b"\n".join(out), chunk.endswith(b"\n")
+
+
 def _copy_output(source: int, path: str, limit: int = LOG_BYTES, stderr: bool = True) -> None:
-    """The plugin's output into ``path``, moved to ``path.1`` whenever it passes ``limit``.
+    """The plugin's output into ``path``, each line stamped with the time it was read
+    (:func:`stamped`), moved to ``path.1`` whenever it passes ``limit``.
 
     The previous run's log (a restart keeps the instance's name) is kept as
     ``path.1`` too. Returns at end of file: when the plugin, PID 1 of its
@@ -332,16 +349,20 @@ def _copy_output(source: int, path: str, limit: int = LOG_BYTES, stderr: bool = 
     if stderr:
         os.dup2(log, 2)  # the shim's own troubles, if any, go beside the plugin's output
     written = 0
+    line_start = True
     while chunk := os.read(source, 65536):
-        if written + len(chunk) > limit and written:
-            os.close(log)
-            os.replace(path, f"{path}.1")
-            log = os.open(path, flags, 0o640)
-            if stderr:
-                os.dup2(log, 2)
-            written = 0
-        os.write(log, chunk)
-        written += len(chunk)
+        chunk, line_start = stamped(chunk, line_start, time.time_ns())
+        for offset in range(0, len(chunk), limit):  # the times make a chunk longer
+            piece = chunk[offset : offset + limit]
+            if written + len(piece) > limit and written:
+                os.close(log)
+                os.replace(path, f"{path}.1")
+                log = os.open(path, flags, 0o640)
+                if stderr:
+                    os.dup2(log, 2)
+                written = 0
+            os.write(log, piece)
+            written += len(piece)
     os.close(source)
     os.close(log)
 
