@@ -531,8 +531,13 @@ class _Pass:
         return Result(requeue_after=blocked.retry)
 
     async def _undo(self) -> None:
-        """Pin the spec the last swap came from; the pass then swaps back to it."""
+        """Pin the spec the last swap came from (or the revision asked for); the pass then
+        swaps back to it."""
         c = self.c
+        assert c.request is not None
+        if c.request.argument:
+            await self._undo_to(int(c.request.argument))
+            return
         last = c.status.last_swap
         specs = self.r.specs
         text = None
@@ -554,6 +559,33 @@ class _Pass:
             f"going back to {last.from_version} (bhctl swap undo); it stays until the spec changes",
         )
         c.answered("Done", f"going back to {last.from_version}")
+
+    async def _undo_to(self, number: int) -> None:
+        """Pin revision ``number``'s spec (``bhctl swap undo --to-revision``)."""
+        c = self.c
+        specs = self.r.specs
+        revision = None
+        if specs is not None:
+            revision = await asyncio.to_thread(specs.revision, c.key, number)
+        if specs is None or revision is None:
+            message = f"no revision {number} of {c.key} is kept (see bhctl swap history)"
+            await self.event("Warning", "UndoImpossible", message)
+            c.answered("Refused", message)
+            return
+        current = c.instance(c.color)
+        if current is not None and current.spec_hash == revision.instance_hash:
+            c.answered("Refused", f"revision {number} ({revision.version}) runs already")
+            return
+        await asyncio.to_thread(specs.pin, c.key, c.declared_hash, revision.spec)
+        c.spec = models.PluginSpec.model_validate_json(revision.spec)
+        c.pinned = True
+        await self.event(
+            "Normal",
+            "Undo",
+            f"going back to revision {number} ({revision.version}) (bhctl swap undo "
+            "--to-revision); it stays until the spec changes",
+        )
+        c.answered("Done", f"going back to revision {number} ({revision.version})")
 
     def _swap_wanted(self, current: base.Instance | None) -> bool:
         """Whether a change should be made blue/green: a Ready instance of another spec."""
@@ -692,6 +724,15 @@ class _Pass:
                 await asyncio.to_thread(specs.save, self.c.key, want.spec_hash, text)
             except StoreUnavailableError as e:  # only bhctl swap undo needs it: go on without
                 log.warning("%s: the spec of %s is not kept: %s", self.c.key, want.name, e)
+
+    async def revision_result(self, instance_hash: str, result: str, reason: str = "") -> None:
+        specs = self.r.specs
+        if specs is None:
+            return
+        try:
+            await asyncio.to_thread(specs.settle, self.c.key, instance_hash, result, reason)
+        except StoreUnavailableError as e:  # only bhctl swap history reads it: go on without
+            log.warning("%s: the revision's result is not kept: %s", self.c.key, e)
 
     async def remove(self, instance: base.Instance) -> None:
         c = self.c

@@ -108,6 +108,9 @@ class Effects(Protocol):
 
     async def remove(self, instance: base.Instance) -> None: ...
 
+    async def revision_result(self, instance_hash: str, result: str, reason: str = "") -> None:
+        """Record how the swap to the revision made of ``instance_hash`` went."""
+
     async def last_logs(self, name: str) -> str: ...
 
 

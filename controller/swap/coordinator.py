@@ -122,6 +122,7 @@ class Coordinator:
             started=datetime.fromtimestamp(c.now, UTC),
         )
         await self.e.start(want)
+        await self.e.revision_result(want.spec_hash, "InProgress")
         record = c.instance_status(target)
         record.version, record.state, record.ready = str(c.spec.version), "running", False
         record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
@@ -564,6 +565,7 @@ class Coordinator:
             c.status.last_swap.result = "Promoted"
             c.status.last_swap.time = datetime.now(UTC)
         self.s.metrics.swaps.labels(c.key, "Promoted").inc()
+        await self.e.revision_result(progress.to_hash, "Promoted")
         await self.e.event(
             "Normal",
             "SwapCompleted",
@@ -642,6 +644,7 @@ class Coordinator:
         if self.held_ms is not None:
             self.s.metrics.swap_pause.labels(c.key).observe(self.held_ms / 1000)
         self.s.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
+        await self.e.revision_result(progress.to_hash, c.status.last_swap.result, failure.reason)
         self.s.metrics.rollbacks.labels(c.key, failure.reason).inc()
         await self.e.event(
             "Normal" if quiet else "Warning",
