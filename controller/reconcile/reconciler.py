@@ -53,6 +53,7 @@ from controller.spec import conditions, models
 from controller.spec.keys import PluginKey, split_key
 from controller.state import snapshots as snapshots_module
 from controller.swap import context, coordinator, transfer
+from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,11 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
+        webhooks: webhooks_module.Sender | None = None,
     ) -> None:
         self.source = source
+        self.webhooks = webhooks or webhooks_module.Sender()
+        """Sends the swaps' webhooks (unsigned unless given a secret)."""
         self.requests: requests_module.Requests = requests or requests_module.MemoryRequests()
         """Operators' requests, each carried out and answered by a pass of its plugin."""
         self._answered: dict[int, asyncio.Event] = {}
@@ -177,7 +181,7 @@ class Reconciler:
     def services(self) -> context.Services:
         """What every pass works with."""
         return context.Services(
-            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics
+            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics, self.webhooks
         )
 
     def check_may_act(self) -> None:

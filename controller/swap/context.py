@@ -23,7 +23,7 @@ from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey
 from controller.state import snapshots as snapshots_module
-from controller.swap import transfer
+from controller.swap import transfer, webhooks
 
 FIRST_PROBE = 0.05
 """Seconds before the first readiness probe of a new instance; it grows by half each time.
@@ -93,6 +93,7 @@ class Services:
     routes: Routes
     snapshots: snapshots_module.Snapshots | None
     metrics: telemetry.Metrics
+    webhooks: webhooks.Sender
 
 
 class Effects(Protocol):
