@@ -58,6 +58,9 @@ class Routes(Protocol):
 
     def clear_route(self, key: str) -> None: ...
 
+    def set_preview(self, key: str, endpoint: str | None) -> None:
+        """Let preview calls reach ``endpoint`` (a swap's new color); None: no preview."""
+
     def hold(self, key: str) -> None: ...
 
     def release(self, key: str) -> None: ...
@@ -72,6 +75,9 @@ class NoRoutes:
         pass
 
     def clear_route(self, key: str) -> None:
+        pass
+
+    def set_preview(self, key: str, endpoint: str | None) -> None:
         pass
 
     def hold(self, key: str) -> None:

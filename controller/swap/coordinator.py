@@ -201,6 +201,7 @@ class Coordinator:
                 return delay
             c.instance_status(progress.to_color).ready = True
             await self._checks(new)
+            self.s.routes.set_preview(c.key, self.s.runtime.endpoint(new))
             if not c.spec.hot_swap.auto_promote and request != "promote":
                 if progress.step is not models.SwapStep.AWAITING_PROMOTION:
                     progress.step = models.SwapStep.AWAITING_PROMOTION
@@ -401,6 +402,7 @@ class Coordinator:
             steps.append((name, time.monotonic()))
 
         self.s.routes.hold(c.key)
+        self.s.routes.set_preview(c.key, None)  # about to be the active color
         try:
             left = await self.s.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
             step("in flight")
@@ -563,6 +565,7 @@ class Coordinator:
                 "SwapFailedAfterPromotion", f"{new.name} failed its health check after promotion"
             )
         self.s.routes.set_route(c.key, endpoint, new.name, c.spec)
+        self.s.routes.set_preview(c.key, None)
         assert progress.promoted is not None
         kept = c.now - progress.promoted.timestamp()
         window = float(c.spec.hot_swap.scale_down_delay_seconds)
@@ -611,6 +614,7 @@ class Coordinator:
         # persisted before they are released: a controller dying after this finds the
         # old color active, never the one being removed.
         self.s.routes.hold(c.key)
+        self.s.routes.set_preview(c.key, None)
         try:
             if promoted and old_alive and old is not None:
                 message += await self._return_state(old, new)
