@@ -102,8 +102,14 @@ class AdminClient:
     def top(self) -> dict[str, Any]:
         return self._call("GET", "/v1/top")
 
-    def swap(self, name: str, action: str) -> dict[str, Any]:
-        return self._call("POST", f"{_plugin(name)}/swap/{urllib.parse.quote(action, safe='')}")
+    def swap(self, name: str, action: str, revision: int | None = None) -> dict[str, Any]:
+        query = {"revision": str(revision)} if revision is not None else {}
+        return self._call(
+            "POST", f"{_plugin(name)}/swap/{urllib.parse.quote(action, safe='')}", **query
+        )
+
+    def revisions(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"{_plugin(name)}/revisions")
 
     def state_history(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"{_plugin(name)}/state")

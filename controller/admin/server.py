@@ -13,6 +13,9 @@ HTTP with JSON bodies, so that ``curl --unix-socket`` works too:
 - ``GET /v1/plugins/{name}/logs?color=&tail=&previous=&timestamps=``: an instance's last
   lines (``previous=true``: of the instance other than the active one, while it is kept;
   ``timestamps=true``: each starting with the time the runtime read it, RFC 3339 in UTC);
+- ``POST /v1/plugins/{name}/swap/{action}``: request ``promote``, ``abort``, ``undo``
+  (``?revision=N``: to that revision) or ``retry`` of a plugin's swap;
+- ``GET /v1/plugins/{name}/revisions``: the plugin's revisions, oldest first;
 - ``GET /v1/requests/{id}?wait=SECONDS``: an operator's request (a swap action, a state
   import) and its outcome, ``Pending``, ``Done`` or ``Refused``; ``wait`` holds the
   answer up to that long (at most 30 s) while it is pending;
@@ -103,6 +106,7 @@ class AdminServer:
                 web.delete("/v1/plugins/{name}", self._delete),
                 web.get("/v1/plugins/{name}/logs", self._logs),
                 web.post("/v1/plugins/{name}/swap/{action}", self._swap),
+                web.get("/v1/plugins/{name}/revisions", self._revisions),
                 web.get("/v1/plugins/{name}/state", self._state_history),
                 web.get("/v1/plugins/{name}/state/export", self._state_export),
                 web.post("/v1/plugins/{name}/state/import", self._state_import),
@@ -403,7 +407,14 @@ class AdminServer:
         target = self._reconciler()
         key = desired.plugin.key
         status = await self.source.read_status(key) or models.PluginStatus()
-        if action == "retry":
+        argument = ""
+        if "revision" in request.query:
+            if action != "undo":
+                return web.json_response(
+                    {"error": f"a revision is only for undo, not {action}"}, status=400
+                )
+            argument = await self._revision_to_undo(key, request.query["revision"], status)
+        elif action == "retry":
             last = status.last_swap
             if status.swap is not None or last is None or last.result == "Promoted":
                 return web.json_response(
@@ -420,10 +431,41 @@ class AdminServer:
                 )
         elif action == "promote" and status.swap.step is models.SwapStep.PROMOTED:
             return web.json_response({"error": f"{key}: the swap is promoted already"}, status=409)
-        recorded = await asyncio.to_thread(target.request, key, action)
+        recorded = await asyncio.to_thread(target.request, key, action, argument)
         assert self.control is not None
         self.control.queue.add(key)
         return web.json_response({"plugin": key, "requested": action, "request": recorded.id})
+
+    async def _revision_to_undo(self, key: str, text: str, status: models.PluginStatus) -> str:
+        """The revision ``undo --to-revision`` asks for, checked: its number as the argument."""
+        if not text.isdigit() or int(text) < 1:
+            raise web.HTTPBadRequest(
+                text=_error(f"revision {text!r}: use a revision number, e.g. 3"),
+                content_type="application/json",
+            )
+        if status.swap is not None:
+            raise web.HTTPConflict(
+                text=_error(
+                    f"{key}: a swap to {status.swap.to_version} is in progress "
+                    f"({status.swap.step.value}); abort it first"
+                ),
+                content_type="application/json",
+            )
+        found = await asyncio.to_thread(self._specs().revision, key, int(text))
+        if found is None:
+            raise web.HTTPNotFound(
+                text=_error(f"no revision {text} of {key} is kept; see bhctl swap history {key}"),
+                content_type="application/json",
+            )
+        return str(found.revision)
+
+    async def _revisions(self, request: web.Request) -> web.Response:
+        desired = self._desired(request)
+        found = await asyncio.to_thread(self._specs().revisions, desired.plugin.key)
+        return web.json_response({"revisions": [r.to_document() for r in found]})
+
+    def _specs(self) -> snapshots.Specs:
+        return snapshots.Specs(self._snapshots())
 
     async def _request(self, request: web.Request) -> web.Response:
         """One recorded request and its outcome; ``?wait=S``: up to S seconds for the answer."""

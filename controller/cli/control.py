@@ -627,6 +627,12 @@ def call(
     token: str | None = typer.Option(
         None, "--token", envvar="BLACKHOLE_TOKEN", help="Bearer token, when the gateway asks."
     ),
+    preview: bool = typer.Option(
+        False,
+        "--preview",
+        help="Call the new color of the plugin's swap before promotion, never the active one "
+        "(a token with preview: true, when the gateway asks for tokens).",
+    ),
     data_dir: Path | None = flags.DATA_DIR,
 ) -> None:
     """Call a plugin through the gateway and print its answer."""
@@ -651,6 +657,8 @@ def call(
         headers["Authorization"] = f"Bearer {token}"
     if timeout is not None:
         headers["X-Timeout-Seconds"] = f"{timeout:g}"
+    if preview:
+        headers["X-Blackhole-Preview"] = "true"
     url = (
         f"http://{address}/v1/plugins/{urllib.parse.quote(name)}/call/{urllib.parse.quote(method)}"
     )

@@ -260,6 +260,12 @@ def run_controller(
     plugins_dir: Path | None = typer.Option(
         None, "--plugins-dir", help="Install every plugin bundle in this directory at start."
     ),
+    webhook_secret: Path | None = typer.Option(
+        None,
+        "--webhook-secret",
+        help="File of the secret (mode 0600, 16 bytes or more) that signs the swaps' "
+        "webhooks (HMAC-SHA256); without it they are sent unsigned.",
+    ),
     trust_dir: Path | None = flags.TRUST_DIR,
     policy: Path | None = flags.POLICY,
     log_format: flags.LogFormat = typer.Option(flags.LogFormat.TEXT, "--log-format"),
@@ -351,6 +357,7 @@ def run_controller(
         ),
         kubernetes=kubernetes,
         plugins_dir=plugins_dir,
+        webhook_secret=webhook_secret,
         trust_dir=trust_dir,
         policy=policy,
         gateway_mode=gateway_mode,

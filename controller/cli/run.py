@@ -53,6 +53,7 @@ from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
 from controller.spec.keys import split_key
 from controller.state import snapshots
+from controller.swap import webhooks
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Options:
     kubernetes: KubernetesOptions | None = None
     plugins_dir: Path | None = None
     """Bundles installed into the registry at start."""
+    webhook_secret: Path | None = None
+    """The secret that signs the swaps' webhooks."""
     trust_dir: Path | None = None
     policy: Path | None = None
     plugin_root: Path | None = None
@@ -440,6 +443,8 @@ async def serve(options: Options) -> None:
     """Run the controller until SIGTERM/SIGINT (or, on Kubernetes, until it stops leading)."""
     map_large_buffers()
     tokens = gateway_tokens(options)
+    if options.webhook_secret is not None:
+        webhooks.read_secret(options.webhook_secret)  # refused before anything starts
     limits = fit_gateway_limits(options.gateway_limits, open_files_limit())
     options = replace(options, gateway_limits=limits)
     with _lock(options.data_dir):
@@ -581,6 +586,9 @@ async def _lead(
         workers=options.workers,
         may_act=election.valid if election is not None else None,
         requests=records,
+        webhooks=webhooks.Sender(
+            webhooks.read_secret(options.webhook_secret) if options.webhook_secret else None
+        ),
     )
     down = Down(stop) if options.kubernetes is None else None
     admin = server.AdminServer(

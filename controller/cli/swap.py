@@ -1,5 +1,6 @@
-"""``bhctl swap``: steer a blue/green swap (promote, abort, undo, retry) and wait on one
-(status), through the running controller's admin socket.
+"""``bhctl swap``: steer a blue/green swap (promote, abort, undo, retry), wait on one
+(status) and list a plugin's revisions (history), through the running controller's admin
+socket.
 
 A request is recorded by the controller and carried out by the plugin's next
 pass; ``--wait`` waits for that pass's answer. ``status`` follows the swap
@@ -21,7 +22,8 @@ from controller.cli import control, flags, output
 from controller.errors import ControllerError
 
 app = typer.Typer(
-    help="Steer a blue/green swap: promote, abort, undo, retry; follow it with status.",
+    help="Steer a blue/green swap: promote, abort, undo, retry; follow it with status; "
+    "list the revisions with history.",
     no_args_is_help=True,
 )
 
@@ -61,15 +63,19 @@ def abort(
 @app.command("undo")
 def undo(
     name: str = typer.Argument(...),
+    to_revision: int | None = typer.Option(
+        None, "--to-revision", min=1, help="The revision to go back to (see swap history)."
+    ),
     wait: bool = WAIT,
     timeout: float = TIMEOUT,
     data_dir: Path | None = flags.DATA_DIR,
 ) -> None:
-    """Go back to the version the last swap came from, its state from the latest snapshot.
+    """Go back to the version the last swap came from (or to --to-revision), its state from
+    the latest snapshot it reads.
 
     It stays (condition Pinned) until the plugin's spec changes.
     """
-    _request(name, "undo", wait, timeout, data_dir)
+    _request(name, "undo", wait, timeout, data_dir, to_revision)
 
 
 @app.command("retry")
@@ -83,10 +89,50 @@ def retry(
     _request(name, "retry", wait, timeout, data_dir)
 
 
-def _request(name: str, action: str, wait: bool, timeout: float, data_dir: Path | None) -> None:
+@app.command("history")
+def history(
+    name: str = typer.Argument(...),
+    fmt: flags.Format = flags.output(flags.Format.TABLE, flags.Format.TABLE, flags.Format.JSON),
+    no_headers: bool = typer.Option(False, "--no-headers", help="The table without its header."),
+    data_dir: Path | None = flags.DATA_DIR,
+) -> None:
+    """A plugin's revisions, oldest first: each spec its instances were made from, and how
+    the swap to it ended."""
+    flags.check_format(fmt, flags.Format.TABLE, flags.Format.JSON)
+    try:
+        revisions = control.client(data_dir).revisions(name)["revisions"]
+    except ControllerError as e:
+        raise control.fail(e) from None
+    if fmt is flags.Format.JSON:
+        output.document({"revisions": revisions}, "json")
+        return
+    output.rows(
+        ["REVISION", "VERSION", "SPEC HASH", "CREATED", "RESULT"],
+        (
+            [
+                str(r["revision"]),
+                r["version"],
+                r["specHash"][:12],
+                control.age(r["createdAt"]),
+                r["result"] + (f" ({r['reason']})" if r.get("reason") else ""),
+            ]
+            for r in revisions
+        ),
+        headers=not no_headers,
+    )
+
+
+def _request(
+    name: str,
+    action: str,
+    wait: bool,
+    timeout: float,
+    data_dir: Path | None,
+    revision: int | None = None,
+) -> None:
     admin = control.client(data_dir, timeout=ANSWER_WAIT + 30)
     try:
-        recorded = admin.swap(name, action)
+        recorded = admin.swap(name, action, revision)
     except ControllerError as e:
         raise control.fail(e) from None
     if not wait:

@@ -6,6 +6,7 @@ The tokens file (``bhctl run --gateway-tokens FILE``) is YAML::
       - name: billing-service          # shown in logs, never the token
         sha256: 9f86d08...             # sha256 of the token (or `token:` in clear)
         plugins: [kv-store, analytics] # or ["*"] for every plugin
+        preview: true                  # may call a swap's new color before promotion
 
 Without a tokens file the gateway takes calls without authentication, and
 then only on a loopback address. Tokens are compared by their sha256 in
@@ -33,6 +34,8 @@ class Token:
     name: str
     sha256: str
     plugins: frozenset[str]
+    preview: bool = False
+    """Whether it may call a swap's new color before promotion (a preview call)."""
 
     def allows(self, plugin: str) -> bool:
         return "*" in self.plugins or plugin in self.plugins
@@ -86,5 +89,8 @@ class Tokens:
             plugins = entry.get("plugins")
             if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
                 raise TokensFileError(f'{where}.plugins: a list of plugin names, or ["*"]')
-            tokens.append(Token(entry["name"], digest, frozenset(plugins)))
+            preview = entry.get("preview", False)
+            if not isinstance(preview, bool):
+                raise TokensFileError(f"{where}.preview: true or false")
+            tokens.append(Token(entry["name"], digest, frozenset(plugins), preview))
         return cls(tokens)

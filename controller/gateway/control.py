@@ -54,7 +54,7 @@ import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
@@ -95,10 +95,16 @@ class RouteEntry(TypedDict):
     its socket's path): the gateway then opens a new channel to it."""
     gateway: dict[str, Any]
     callPlugins: list[str]
+    preview: NotRequired[str | None]
+    """The endpoint of a swap's new color, while preview calls may reach it."""
 
 
 def entry(
-    declared: router.Declared, endpoint: str | None, instance: str | None, incarnation: int = 0
+    declared: router.Declared,
+    endpoint: str | None,
+    instance: str | None,
+    incarnation: int = 0,
+    preview: str | None = None,
 ) -> RouteEntry:
     return {
         "endpoint": endpoint,
@@ -106,6 +112,7 @@ def entry(
         "incarnation": incarnation if endpoint else 0,
         "gateway": declared.gateway.model_dump(mode="json", by_alias=True, exclude_none=True),
         "callPlugins": sorted(declared.calls),
+        "preview": preview,
     }
 
 
@@ -233,9 +240,11 @@ class ControlServer:
                 self.router.route_to(key, item["endpoint"], item["instance"] or "", table[key])
             else:
                 self.router.clear_route(key)
+            self.router.set_preview(key, item.get("preview"))
         for key in list(self.router.gates):
             if key not in table:
                 self.router.clear_route(key)
+                self.router.set_preview(key, None)
         self.generation += 1
         self.ready.set()
 
@@ -420,6 +429,8 @@ class RemoteRoutes:
         self._syncing = False
         self._sent: dict[str, RouteEntry] | None = None
         self._flush_scheduled = False
+        self._previews: dict[str, str] = {}
+        """Per plugin: the endpoint preview calls reach (a swap's new color)."""
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
 
@@ -432,6 +443,14 @@ class RemoteRoutes:
 
     def clear_route(self, key: str) -> None:
         if self._routes.pop(key, None) is not None:
+            self.changed()
+
+    def set_preview(self, key: str, endpoint: str | None) -> None:
+        if self._previews.get(key) != endpoint:
+            if endpoint is None:
+                del self._previews[key]
+            else:
+                self._previews[key] = endpoint
             self.changed()
 
     def route(self, key: str) -> str | None:
@@ -478,7 +497,7 @@ class RemoteRoutes:
         for key, declared in self.declared().items():
             endpoint, instance = self._routes.get(key, (None, None))
             incarnation = self._incarnations[endpoint] if endpoint else 0
-            table[key] = entry(declared, endpoint, instance, incarnation)
+            table[key] = entry(declared, endpoint, instance, incarnation, self._previews.get(key))
         return table
 
     def _flush(self) -> None:

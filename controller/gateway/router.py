@@ -93,6 +93,8 @@ class Gate:
     """Holders of the hold (a swap, a state import): calls pass when none is left."""
     calls: tuple[str, ...] = ()
     """The plugins it may call, as its route was last set: a change re-makes its socket."""
+    preview: str | None = None
+    """The endpoint of a swap's new color while it may be previewed (before promotion)."""
 
     def __post_init__(self) -> None:
         self.open.set()
@@ -127,6 +129,11 @@ class Router:
         if limit != gate.bucket_spec:
             gate.bucket_spec = limit
             gate.bucket = TokenBucket(limit.calls_per_second, limit.burst) if limit else None
+
+    def set_preview(self, key: str, endpoint: str | None) -> None:
+        """Send ``key``'s preview calls to ``endpoint`` (a swap's new color); None: none."""
+        if endpoint is not None or key in self.gates:
+            self.gates[key].preview = endpoint
 
     def clear_route(self, key: str) -> None:
         gate = self.gates.get(key)
@@ -188,8 +195,11 @@ class Router:
     # What the front ends call.
 
     @contextlib.asynccontextmanager
-    async def admit(self, key: str, limits: models.Gateway, timeout: float) -> AsyncIterator[str]:
-        """Let one call through to ``key``'s active endpoint, or raise :class:`Refused`."""
+    async def admit(
+        self, key: str, limits: models.Gateway, timeout: float, *, preview: bool = False
+    ) -> AsyncIterator[str]:
+        """Let one call through to ``key``'s active endpoint (``preview``: to the new color of
+        its swap, never the active one), or raise :class:`Refused`."""
         gate = self.gates[key]
         if gate.bucket is not None:
             wait = gate.bucket.take()
@@ -224,7 +234,9 @@ class Router:
                 finally:
                     gate.held -= 1
                     held.dec()
-            endpoint = gate.endpoint
+            endpoint = gate.preview if preview else gate.endpoint
+            if endpoint is None and preview:
+                raise Refused(409, "NoPreview", f"{key} has no new color to preview")
             if endpoint is None:
                 raise Refused(503, "PluginNotReady", f"{key} has no Ready instance")
             self.by_endpoint[endpoint] += 1

@@ -8,6 +8,13 @@
   ``x-blackhole-plugin: NAME`` (``NAMESPACE/NAME`` on Kubernetes): the request
   and answer pass through as bytes.
 
+A call with ``X-Blackhole-Preview: true`` (gRPC metadata
+``x-blackhole-preview: true``) is a preview call: it reaches the new color
+of the plugin's swap while it waits for promotion (409 ``NoPreview`` when
+there is none), and never the active color. Only tokens with ``preview:
+true`` may make one (403 ``PreviewForbidden``); without a tokens file
+anyone on loopback may.
+
 Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
 file is configured (401 without a known token). A plugin calls others over
 ``gateway.sock`` beside its own socket, and only those its spec's
@@ -71,6 +78,9 @@ DRAINING_RETRY_MAX = 0.2
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for the HTTP listener before the gateway takes them."""
 PLUGIN_HEADER = "x-blackhole-plugin"
+PREVIEW_HEADER = "X-Blackhole-Preview"
+"""``true`` on an HTTP call (``x-blackhole-preview`` in gRPC metadata): the call goes to the
+new color of the plugin's swap before promotion, never the active one."""
 GATEWAY_SOCKET = base.GATEWAY_SOCKET_NAME
 _CALL_PATH = re.compile(r"^/v1/plugins/(?P<name>[^/]+)/call/(?P<method>[^/]+)$")
 _PUBLIC_PATH = re.compile(
@@ -136,6 +146,8 @@ class Caller:
 
     name: str
     may_call: Callable[[str], bool]
+    may_preview: bool = False
+    """Whether its calls may ask for a swap's new color (:data:`PREVIEW_HEADER`)."""
 
 
 class Gateway:
@@ -322,14 +334,14 @@ class Gateway:
 
     def _caller(self, authorization: str | None) -> Caller:
         if self.tokens is None:
-            return Caller("anonymous", lambda _plugin: True)
+            return Caller("anonymous", lambda _plugin: True, may_preview=True)
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise router.Refused(401, "Unauthenticated", "send Authorization: Bearer TOKEN")
         token = self.tokens.find(presented.strip())
         if token is None:
             raise router.Refused(401, "Unauthenticated", "unknown token")
-        return Caller(f"token {token.name}", token.allows)
+        return Caller(f"token {token.name}", token.allows, token.preview)
 
     async def _routes(self, timeout: float) -> None:
         """Wait until the gateway has its routes (at most ``timeout``): early calls are held."""
@@ -391,9 +403,10 @@ class Gateway:
             if request.content_length is not None and request.content_length > limit:
                 raise _too_large(name, request.content_length, limit)
             timeout = _timeout(request.headers.get("X-Timeout-Seconds"), limits.timeout_seconds)
+            preview = _preview(caller, request.headers.get(PREVIEW_HEADER), name)
             body = await _read(request, name, limit, timeout)
             reached = True
-            answer = await self._forward(name, limits, method, body, timeout)
+            answer = await self._forward(name, limits, method, body, timeout, preview)
         except router.Refused as e:
             if plugin is not None:  # names nobody declared stay out of the labels
                 self.router.metrics.answered(name, method if reached else None, e.status, started)
@@ -402,7 +415,13 @@ class Gateway:
         return web.Response(body=answer, content_type="application/json")
 
     async def _forward(
-        self, name: str, limits: models.Gateway, method: str, body: bytes, timeout: float
+        self,
+        name: str,
+        limits: models.Gateway,
+        method: str,
+        body: bytes,
+        timeout: float,
+        preview: bool = False,
     ) -> bytes:
         """The plugin's answer; a call a draining instance refused unrun is tried again.
 
@@ -415,7 +434,8 @@ class Gateway:
         deadline = time.monotonic() + timeout
         pause = DRAINING_RETRY
         while True:
-            async with self.router.admit(name, limits, deadline - time.monotonic()) as endpoint:
+            left = deadline - time.monotonic()
+            async with self.router.admit(name, limits, left, preview=preview) as endpoint:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
@@ -461,7 +481,10 @@ class Gateway:
                     ) from None
                 _check_method(decoded.method)
                 method = decoded.method
-                answer = await self._forward(name, limits, method, decoded.payload, timeout)
+                preview = _preview(caller, metadata.get(PREVIEW_HEADER.lower()), name)
+                answer = await self._forward(
+                    name, limits, method, decoded.payload, timeout, preview
+                )
             except router.Refused:
                 raise
             except Exception:  # a fault of the gateway's own: logged, never told to the caller
@@ -476,6 +499,19 @@ class Gateway:
             await context.abort(code, str(e))
         self.router.metrics.answered(name, method, 200, started)
         return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
+
+
+def _preview(caller: Caller, asked: str | bytes | None, name: str) -> bool:
+    """Whether the call asks for the new color of ``name``'s swap, and may."""
+    if asked is None or str(asked).lower() in ("", "false", "0"):
+        return False
+    if not caller.may_preview:
+        raise router.Refused(
+            403,
+            "PreviewForbidden",
+            f"{caller.name} may not preview {name}: its token lacks preview",
+        )
+    return True
 
 
 def _check_method(method: str) -> None:

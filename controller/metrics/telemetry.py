@@ -71,6 +71,7 @@ ROLLBACK_REASONS = (
     "SwapFailedDrain",
     "SwapFailedPause",
     "SwapFailedAfterPromotion",
+    "SwapFailedWebhook",
 )
 """Why a swap rolls back: the reasons of the swap coordinator's failures."""
 VIOLATION_KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
@@ -135,6 +136,13 @@ class Metrics:
             "blackhole_swap_rollbacks",
             "Swaps rolled back, by reason.",
             ["plugin", "reason"],
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "blackhole_swap_webhooks",
+            "Swap webhooks called, by type and result (Passed, or what the failure did: "
+            "Block, RollBack, Ignore). Made at a plugin's first call of a hook.",
+            ["plugin", "type", "result"],
             registry=r,
         )
         self.checkpoints = Counter(
@@ -286,6 +294,7 @@ class Metrics:
             self.swaps,
             self.swap_pause,
             self.rollbacks,
+            self.webhooks,
             self.checkpoints,
             self.checkpoint_bytes,
             self.checkpoint_failures,

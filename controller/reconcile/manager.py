@@ -27,6 +27,7 @@ from controller.runtimes import base
 from controller.sources import base as sources_base
 from controller.spec.keys import plugin_key
 from controller.state import snapshots as snapshots_module
+from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Manager:
         bundles: gates.Bundles | None = None,
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
+        webhooks: webhooks_module.Sender | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
@@ -79,6 +81,7 @@ class Manager:
             bundles=bundles,
             may_act=may_act,
             requests=requests,
+            webhooks=webhooks,
         )
         self.pool = _pool(queue, self.reconciler, workers)
         self.metrics.queue_depth.set_function(lambda: len(queue))
@@ -106,6 +109,7 @@ class Manager:
             await pool
             for task in helpers:
                 task.cancel()
+            await self.reconciler.webhooks.close()
             if self.metrics.oom is not None:
                 self.metrics.oom.close()
 

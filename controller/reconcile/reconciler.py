@@ -53,6 +53,7 @@ from controller.spec import conditions, models
 from controller.spec.keys import PluginKey, split_key
 from controller.state import snapshots as snapshots_module
 from controller.swap import context, coordinator, transfer
+from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,11 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
+        webhooks: webhooks_module.Sender | None = None,
     ) -> None:
         self.source = source
+        self.webhooks = webhooks or webhooks_module.Sender()
+        """Sends the swaps' webhooks (unsigned unless given a secret)."""
         self.requests: requests_module.Requests = requests or requests_module.MemoryRequests()
         """Operators' requests, each carried out and answered by a pass of its plugin."""
         self._answered: dict[int, asyncio.Event] = {}
@@ -177,7 +181,7 @@ class Reconciler:
     def services(self) -> context.Services:
         """What every pass works with."""
         return context.Services(
-            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics
+            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics, self.webhooks
         )
 
     def check_may_act(self) -> None:
@@ -531,8 +535,13 @@ class _Pass:
         return Result(requeue_after=blocked.retry)
 
     async def _undo(self) -> None:
-        """Pin the spec the last swap came from; the pass then swaps back to it."""
+        """Pin the spec the last swap came from (or the revision asked for); the pass then
+        swaps back to it."""
         c = self.c
+        assert c.request is not None
+        if c.request.argument:
+            await self._undo_to(int(c.request.argument))
+            return
         last = c.status.last_swap
         specs = self.r.specs
         text = None
@@ -554,6 +563,33 @@ class _Pass:
             f"going back to {last.from_version} (bhctl swap undo); it stays until the spec changes",
         )
         c.answered("Done", f"going back to {last.from_version}")
+
+    async def _undo_to(self, number: int) -> None:
+        """Pin revision ``number``'s spec (``bhctl swap undo --to-revision``)."""
+        c = self.c
+        specs = self.r.specs
+        revision = None
+        if specs is not None:
+            revision = await asyncio.to_thread(specs.revision, c.key, number)
+        if specs is None or revision is None:
+            message = f"no revision {number} of {c.key} is kept (see bhctl swap history)"
+            await self.event("Warning", "UndoImpossible", message)
+            c.answered("Refused", message)
+            return
+        current = c.instance(c.color)
+        if current is not None and current.spec_hash == revision.instance_hash:
+            c.answered("Refused", f"revision {number} ({revision.version}) runs already")
+            return
+        await asyncio.to_thread(specs.pin, c.key, c.declared_hash, revision.spec)
+        c.spec = models.PluginSpec.model_validate_json(revision.spec)
+        c.pinned = True
+        await self.event(
+            "Normal",
+            "Undo",
+            f"going back to revision {number} ({revision.version}) (bhctl swap undo "
+            "--to-revision); it stays until the spec changes",
+        )
+        c.answered("Done", f"going back to revision {number} ({revision.version})")
 
     def _swap_wanted(self, current: base.Instance | None) -> bool:
         """Whether a change should be made blue/green: a Ready instance of another spec."""
@@ -692,6 +728,15 @@ class _Pass:
                 await asyncio.to_thread(specs.save, self.c.key, want.spec_hash, text)
             except StoreUnavailableError as e:  # only bhctl swap undo needs it: go on without
                 log.warning("%s: the spec of %s is not kept: %s", self.c.key, want.name, e)
+
+    async def revision_result(self, instance_hash: str, result: str, reason: str = "") -> None:
+        specs = self.r.specs
+        if specs is None:
+            return
+        try:
+            await asyncio.to_thread(specs.settle, self.c.key, instance_hash, result, reason)
+        except StoreUnavailableError as e:  # only bhctl swap history reads it: go on without
+            log.warning("%s: the revision's result is not kept: %s", self.c.key, e)
 
     async def remove(self, instance: base.Instance) -> None:
         c = self.c

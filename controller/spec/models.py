@@ -8,8 +8,10 @@ Field names are camelCase on the wire and snake_case in Python.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
+import urllib.parse
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -324,6 +326,76 @@ class Check(Model):
     values (others may be there too). Default: any answer that is not an error."""
 
 
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
+"""Names of cloud metadata endpoints, refused as webhook hosts whatever they resolve to."""
+
+
+def link_local(host: str) -> bool:
+    """Whether ``host`` is a link-local address (169.254.0.0/16, fe80::/10, the cloud
+    metadata endpoints 169.254.169.254 and fd00:ec2::254) or a metadata endpoint's name."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return host.lower().rstrip(".") in METADATA_HOSTS
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_link_local or address == ipaddress.ip_address("fd00:ec2::254")
+
+
+class Webhook(Model):
+    """An HTTP POST at a step of the swap (as Flagger's webhooks); see the swaps guide."""
+
+    name: DnsLabel
+    """The hook's name, unique among the plugin's hooks."""
+    type: Literal["PrePromotion", "PostPromotion", "Rollback"]
+    """PrePromotion: before the new version is promoted (after its checks). PostPromotion:
+    when the scale-down window has passed, before the old version is removed. Rollback:
+    after a swap rolled back, to tell."""
+    url: str = Field(min_length=1, max_length=2048)
+    """An http or https URL; link-local and metadata addresses are refused."""
+    timeout_seconds: int = Field(default=10, ge=1, le=120, alias="timeoutSeconds")
+    """Longest wait for one attempt's answer. Default 10."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Attempts after the first, for no connection, a timeout or a 5xx (a 4xx is an answer),
+    with exponential backoff from 0.2 s. Default 2."""
+    on_failure: Literal["Block", "RollBack", "Ignore"] | None = Field(
+        default=None, alias="onFailure"
+    )
+    """What an answer that is not 2xx does. Block: the swap waits, asking again each
+    health period (PrePromotion, PostPromotion; the default for PrePromotion). RollBack:
+    the swap rolls back (the default for PostPromotion). Ignore: only an event (the only
+    choice for Rollback, and its default)."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http or https URL; use e.g. https://host/path")
+        if parts.username or parts.password:
+            raise ValueError("credentials in the URL are refused; sign with --webhook-secret")
+        if link_local(parts.hostname):
+            raise ValueError(
+                f"{parts.hostname} is a link-local or metadata address: refused, as for egress"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _check_on_failure(self) -> Self:
+        if self.type == "Rollback" and self.on_failure not in (None, "Ignore"):
+            raise ValueError("onFailure: a Rollback hook only tells; use Ignore (or leave it)")
+        return self
+
+    @property
+    def failure(self) -> Literal["Block", "RollBack", "Ignore"]:
+        """What a failure does (onFailure, or the type's default)."""
+        if self.on_failure is not None:
+            return self.on_failure
+        return {"PrePromotion": "Block", "PostPromotion": "RollBack"}.get(  # type: ignore[return-value]
+            self.type, "Ignore"
+        )
+
+
 class HotSwap(Model):
     """How a running plugin is moved to a new version, image, config or state version."""
 
@@ -358,6 +430,17 @@ class HotSwap(Model):
     )
     """Changes small enough to move while calls are held: the rounds stop once what
     changed during the last one is at most this many bytes. Default 262144."""
+    webhooks: list[Webhook] = Field(default_factory=list, max_length=16)
+    """HTTP POSTs at the swap's steps, signed when the controller has --webhook-secret."""
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_hooks(cls, hooks: list[Webhook]) -> list[Webhook]:
+        names = [h.name for h in hooks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"webhook names must be unique: {', '.join(twice)} more than once")
+        return hooks
 
 
 class ProcessSource(Model):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -53,6 +54,9 @@ STORE = "snapshots"
 """This store's name in :class:`~controller.database.Health` and the metrics."""
 CHECKPOINT_REASONS = ("checkpoint", "swap")
 """Reasons of the snapshots pruned by chain (streamed), not by count."""
+REVISIONS_KEPT = 10
+"""Revisions kept per plugin (as Argo Rollouts' ``revisionHistoryLimit``); older ones are
+dropped."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -73,12 +77,17 @@ CREATE TABLE IF NOT EXISTS snapshot_chunks (
     data BLOB NOT NULL,
     PRIMARY KEY (snapshot, seq)
 );
-CREATE TABLE IF NOT EXISTS specs (
+CREATE TABLE IF NOT EXISTS revisions (
     key TEXT NOT NULL,
+    revision INTEGER NOT NULL,
     instance_hash TEXT NOT NULL,
+    version TEXT NOT NULL,
     spec TEXT NOT NULL,
-    saved_at TEXT NOT NULL,
-    PRIMARY KEY (key, instance_hash)
+    created_at TEXT NOT NULL,
+    result TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    result_at TEXT,
+    PRIMARY KEY (key, revision)
 );
 CREATE TABLE IF NOT EXISTS pins (
     key TEXT PRIMARY KEY,
@@ -169,6 +178,7 @@ class Snapshots:
                 if column not in present:
                     db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} {declaration}")
             _remove_incomplete(db)
+            _revisions_from_specs(db)
         except BaseException:
             db.close()
             raise
@@ -429,45 +439,135 @@ class Snapshots:
         return dataclasses.replace(snapshot, data=data)
 
 
+@dataclass(frozen=True)
+class Revision:
+    """One applied spec of a plugin, numbered from 1 in the order its instances were first
+    made from it; a spec made again later (``bhctl swap undo``) is a new revision."""
+
+    key: str
+    revision: int
+    instance_hash: str
+    version: str
+    spec: str
+    """The spec, as JSON."""
+    created_at: datetime
+    result: str = ""
+    """How the swap to it ended: InProgress, Promoted, RolledBack, Aborted; "" when it
+    started with no swap (the first one, a replacement)."""
+    reason: str = ""
+    result_at: datetime | None = None
+
+    def to_document(self) -> dict[str, object]:
+        return {
+            "revision": self.revision,
+            "plugin": self.key,
+            "version": self.version,
+            "specHash": self.instance_hash,
+            "createdAt": self.created_at.isoformat(),
+            "result": self.result or "None",
+            "reason": self.reason,
+            "resultAt": self.result_at.isoformat() if self.result_at else None,
+        }
+
+
+_REVISION_COLUMNS = (
+    "key, revision, instance_hash, version, spec, created_at, result, reason, result_at"
+)
+
+
 class Specs:
-    """What each instance was made from, and the specs ``bhctl swap undo`` pins over declared ones.
+    """The revisions of each plugin (what its instances were made from), and the specs
+    ``bhctl swap undo`` pins over declared ones.
 
     Kept beside the snapshots: undoing a swap needs the previous version's
     spec, which the user's files no longer hold.
     """
 
-    def __init__(self, snapshots: Snapshots) -> None:
+    def __init__(self, snapshots: Snapshots, kept: int | None = None) -> None:
         self._snapshots = snapshots
         self.guard = snapshots.guard
-        self.kept = snapshots.kept
+        self.kept = REVISIONS_KEPT if kept is None else kept
 
     @property
     def _db(self) -> sqlite3.Connection:
         return self._snapshots.db
 
-    def save(self, key: str, instance_hash: str, spec: str) -> None:
-        with self.guard("spec_save", write=True):
-            now = datetime.now(UTC).isoformat()
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "INSERT INTO specs (key, instance_hash, spec, saved_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (key, instance_hash) DO UPDATE SET saved_at = excluded.saved_at",
-                    (key, instance_hash, spec, now),
-                )
-                self._db.execute(
-                    "DELETE FROM specs WHERE key = ? AND instance_hash NOT IN "
-                    "(SELECT instance_hash FROM specs WHERE key = ? "
-                    "ORDER BY saved_at DESC LIMIT ?)",
-                    (key, key, self.kept),
-                )
+    def save(self, key: str, instance_hash: str, spec: str) -> int:
+        """Keep the spec an instance is made from; its revision number.
 
-    def get(self, key: str, instance_hash: str) -> str | None:
+        The newest revision when it has this hash (a restart, the same spec
+        again): nothing is written. Else a new revision, numbered after the newest.
+        """
+        newest = self._newest(key)
+        if newest is not None and newest[1] == instance_hash:
+            return newest[0]
+        version = str(json.loads(spec).get("version", ""))
+        with self.guard("spec_save", write=True), self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT revision, instance_hash FROM revisions WHERE key = ? "
+                "ORDER BY revision DESC LIMIT 1",
+                (key,),
+            ).fetchone()
+            if row is not None and row[1] == instance_hash:
+                return int(row[0])
+            revision = 1 if row is None else int(row[0]) + 1
+            self._db.execute(
+                "INSERT INTO revisions (key, revision, instance_hash, version, spec, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, revision, instance_hash, version, spec, datetime.now(UTC).isoformat()),
+            )
+            self._db.execute(
+                "DELETE FROM revisions WHERE key = ? AND revision <= ?",
+                (key, revision - self.kept),
+            )
+            return revision
+
+    def _newest(self, key: str) -> tuple[int, str] | None:
         with self.guard("spec_get", write=False):
             row = self._db.execute(
-                "SELECT spec FROM specs WHERE key = ? AND instance_hash = ?", (key, instance_hash)
+                "SELECT revision, instance_hash FROM revisions WHERE key = ? "
+                "ORDER BY revision DESC LIMIT 1",
+                (key,),
+            ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def get(self, key: str, instance_hash: str) -> str | None:
+        """The spec of the newest revision made of ``instance_hash``."""
+        with self.guard("spec_get", write=False):
+            row = self._db.execute(
+                "SELECT spec FROM revisions WHERE key = ? AND instance_hash = ? "
+                "ORDER BY revision DESC LIMIT 1",
+                (key, instance_hash),
             ).fetchone()
             return None if row is None else str(row[0])
+
+    def revision(self, key: str, revision: int) -> Revision | None:
+        with self.guard("revision_get", write=False):
+            row = self._db.execute(
+                f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE key = ? AND revision = ?",
+                (key, revision),
+            ).fetchone()
+        return None if row is None else _revision(row)
+
+    def revisions(self, key: str) -> list[Revision]:
+        """The revisions kept of ``key``, oldest first."""
+        with self.guard("revision_list", write=False):
+            rows = self._db.execute(
+                f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE key = ? ORDER BY revision",
+                (key,),
+            ).fetchall()
+        return [_revision(row) for row in rows]
+
+    def settle(self, key: str, instance_hash: str, result: str, reason: str = "") -> None:
+        """Record how the swap to the newest revision made of ``instance_hash`` went."""
+        with self.guard("revision_result", write=True):
+            self._db.execute(
+                "UPDATE revisions SET result = ?, reason = ?, result_at = ? WHERE key = ? "
+                "AND revision = (SELECT MAX(revision) FROM revisions "
+                "WHERE key = ? AND instance_hash = ?)",
+                (result, reason, datetime.now(UTC).isoformat(), key, key, instance_hash),
+            )
 
     def pin(self, key: str, declared_hash: str, spec: str) -> None:
         with self.guard("spec_pin", write=True):
@@ -489,6 +589,46 @@ class Specs:
     def unpin(self, key: str) -> None:
         with self.guard("spec_unpin", write=True):
             self._db.execute("DELETE FROM pins WHERE key = ?", (key,))
+
+
+def _revision(row: tuple[object, ...]) -> Revision:
+    return Revision(
+        key=str(row[0]),
+        revision=int(str(row[1])),
+        instance_hash=str(row[2]),
+        version=str(row[3]),
+        spec=str(row[4]),
+        created_at=datetime.fromisoformat(str(row[5])),
+        result=str(row[6] or ""),
+        reason=str(row[7] or ""),
+        result_at=datetime.fromisoformat(str(row[8])) if row[8] else None,
+    )
+
+
+def _revisions_from_specs(db: sqlite3.Connection) -> None:
+    """A file of an earlier controller kept one spec per instance hash (``specs``): they
+    become the first revisions, in the order they were saved."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'specs'").fetchone() is None:
+        return
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        rows = db.execute(
+            "SELECT key, instance_hash, spec, saved_at FROM specs ORDER BY key, saved_at"
+        ).fetchall()
+        numbers: dict[str, int] = {}
+        for key, instance_hash, spec, saved_at in rows:
+            numbers[key] = numbers.get(key, 0) + 1
+            try:
+                version = str(json.loads(spec).get("version", ""))
+            except ValueError:
+                version = ""
+            db.execute(
+                "INSERT OR IGNORE INTO revisions "
+                "(key, revision, instance_hash, version, spec, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, numbers[key], instance_hash, version, spec, saved_at),
+            )
+        db.execute("DROP TABLE specs")
 
 
 def _snapshot(row: tuple[object, ...]) -> Snapshot:

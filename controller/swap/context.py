@@ -23,7 +23,7 @@ from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey
 from controller.state import snapshots as snapshots_module
-from controller.swap import transfer
+from controller.swap import transfer, webhooks
 
 FIRST_PROBE = 0.05
 """Seconds before the first readiness probe of a new instance; it grows by half each time.
@@ -58,6 +58,9 @@ class Routes(Protocol):
 
     def clear_route(self, key: str) -> None: ...
 
+    def set_preview(self, key: str, endpoint: str | None) -> None:
+        """Let preview calls reach ``endpoint`` (a swap's new color); None: no preview."""
+
     def hold(self, key: str) -> None: ...
 
     def release(self, key: str) -> None: ...
@@ -72,6 +75,9 @@ class NoRoutes:
         pass
 
     def clear_route(self, key: str) -> None:
+        pass
+
+    def set_preview(self, key: str, endpoint: str | None) -> None:
         pass
 
     def hold(self, key: str) -> None:
@@ -93,6 +99,7 @@ class Services:
     routes: Routes
     snapshots: snapshots_module.Snapshots | None
     metrics: telemetry.Metrics
+    webhooks: webhooks.Sender
 
 
 class Effects(Protocol):
@@ -107,6 +114,9 @@ class Effects(Protocol):
         """Start an instance and keep its spec (what ``bhctl swap undo`` goes back to)."""
 
     async def remove(self, instance: base.Instance) -> None: ...
+
+    async def revision_result(self, instance_hash: str, result: str, reason: str = "") -> None:
+        """Record how the swap to the revision made of ``instance_hash`` went."""
 
     async def last_logs(self, name: str) -> str: ...
 

@@ -24,6 +24,11 @@ controller that dies at any step finds it when it starts again:
 4. Promoted: the old color is kept, frozen, for ``scaleDownDelaySeconds``;
    then it is removed and the swap is done.
 
+The spec's webhooks (:mod:`~controller.swap.webhooks`) are called before
+promotion (PrePromotion: a no blocks the swap at AwaitingPromotion or rolls
+it back), when the scale-down window has passed (PostPromotion: a no rolls
+back or keeps both colors) and after a rollback (Rollback: to tell).
+
 Any failure rolls back: the route stays on (or returns to) the old color,
 which takes calls again with its state as it was frozen; the new color is
 removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
@@ -122,6 +127,7 @@ class Coordinator:
             started=datetime.fromtimestamp(c.now, UTC),
         )
         await self.e.start(want)
+        await self.e.revision_result(want.spec_hash, "InProgress")
         record = c.instance_status(target)
         record.version, record.state, record.ready = str(c.spec.version), "running", False
         record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
@@ -196,6 +202,7 @@ class Coordinator:
                 return delay
             c.instance_status(progress.to_color).ready = True
             await self._checks(new)
+            self.s.routes.set_preview(c.key, self.s.runtime.endpoint(new))
             if not c.spec.hot_swap.auto_promote and request != "promote":
                 if progress.step is not models.SwapStep.AWAITING_PROMOTION:
                     progress.step = models.SwapStep.AWAITING_PROMOTION
@@ -206,6 +213,13 @@ class Coordinator:
                         f"promote it with bhctl swap promote {c.key}",
                     )
                 self._swapping("SwapAwaitingPromotion", f"{new.name} waits for bhctl swap promote")
+                return float(c.spec.health.period_seconds)
+            blocked = await self._gate("PrePromotion", progress, can_roll_back=True)
+            if blocked is not None:
+                if request == "promote":
+                    c.answered("Refused", blocked)
+                progress.step = models.SwapStep.AWAITING_PROMOTION
+                self._swapping("SwapBlockedByWebhook", blocked)
                 return float(c.spec.health.period_seconds)
             if request == "promote":
                 c.answered("Done", f"{new.name} ({progress.to_version}) is promoted")
@@ -390,6 +404,7 @@ class Coordinator:
             steps.append((name, time.monotonic()))
 
         self.s.routes.hold(c.key)
+        self.s.routes.set_preview(c.key, None)  # about to be the active color
         try:
             left = await self.s.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
             step("in flight")
@@ -552,12 +567,19 @@ class Coordinator:
                 "SwapFailedAfterPromotion", f"{new.name} failed its health check after promotion"
             )
         self.s.routes.set_route(c.key, endpoint, new.name, c.spec)
+        self.s.routes.set_preview(c.key, None)
         assert progress.promoted is not None
         kept = c.now - progress.promoted.timestamp()
         window = float(c.spec.hot_swap.scale_down_delay_seconds)
         changed = progress.to_hash != c.want_for(progress.to_color).spec_hash
         if kept < window and not changed:
             return min(float(c.spec.health.period_seconds), window - kept)
+        if not changed:
+            blocked = await self._gate("PostPromotion", progress, can_roll_back=old_alive)
+            if blocked is not None:
+                kept_for = f"; {old.name} is kept meanwhile" if old is not None else ""
+                self._swapping("SwapBlockedByWebhook", blocked + kept_for)
+                return float(c.spec.health.period_seconds)
         if old is not None:
             await self.e.remove(old)
         c.status.instances = [i for i in c.status.instances if i.color is progress.to_color]
@@ -566,6 +588,7 @@ class Coordinator:
             c.status.last_swap.result = "Promoted"
             c.status.last_swap.time = datetime.now(UTC)
         self.s.metrics.swaps.labels(c.key, "Promoted").inc()
+        await self.e.revision_result(progress.to_hash, "Promoted")
         await self.e.event(
             "Normal",
             "SwapCompleted",
@@ -593,6 +616,7 @@ class Coordinator:
         # persisted before they are released: a controller dying after this finds the
         # old color active, never the one being removed.
         self.s.routes.hold(c.key)
+        self.s.routes.set_preview(c.key, None)
         try:
             if promoted and old_alive and old is not None:
                 message += await self._return_state(old, new)
@@ -644,6 +668,7 @@ class Coordinator:
         if self.held_ms is not None:
             self.s.metrics.swap_pause.labels(c.key).observe(self.held_ms / 1000)
         self.s.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()
+        await self.e.revision_result(progress.to_hash, c.status.last_swap.result, failure.reason)
         self.s.metrics.rollbacks.labels(c.key, failure.reason).inc()
         await self.e.event(
             "Normal" if quiet else "Warning",
@@ -652,7 +677,59 @@ class Coordinator:
         )
         if quiet:
             return 0.0  # the next pass starts over from what runs
+        await self._gate(
+            "Rollback",
+            progress,
+            can_roll_back=False,
+            reason=failure.reason,
+            result=c.status.last_swap.result,
+            message=message,
+        )
         return float(c.spec.health.period_seconds)
+
+    # Webhooks.
+
+    async def _gate(
+        self, type: str, progress: models.SwapProgress, *, can_roll_back: bool, **more: str
+    ) -> str | None:
+        """Call the spec's hooks of ``type``: what blocks the swap (None: nothing), or a
+        :class:`SwapFailure` for a hook that says no with onFailure RollBack."""
+        c = self.c
+        hooks = c.spec.hot_swap.webhooks
+        if not any(h.type == type for h in hooks):
+            return None
+        about = {
+            "plugin": c.name,
+            "namespace": c.namespace,
+            "generation": c.generation,
+            "step": progress.step.value,
+            "fromVersion": progress.from_version,
+            "toVersion": progress.to_version,
+            "fromColor": progress.from_color.value,
+            "toColor": progress.to_color.value,
+            "fromSpecHash": progress.from_hash,
+            "toSpecHash": progress.to_hash,
+            **more,
+        }
+        blocked = []
+        for outcome in await self.s.webhooks.send(hooks, type, about):
+            said = (
+                f"webhook {outcome.hook.name} ({type}) said no after {outcome.attempts} "
+                f"attempt{'s' if outcome.attempts > 1 else ''}: {outcome.message}"
+            )
+            failure = outcome.hook.failure
+            self.s.metrics.webhooks.labels(c.key, type, "Passed" if outcome.ok else failure).inc()
+            if outcome.ok:
+                continue
+            if failure == "RollBack" and can_roll_back:
+                raise SwapFailure("SwapFailedWebhook", said)
+            if failure == "Block":
+                await self.e.event("Warning", "SwapBlockedByWebhook", said)
+                blocked.append(said)
+                continue
+            ignored = "nothing to roll back to" if failure == "RollBack" else "ignored"
+            await self.e.event("Warning", "WebhookFailed", f"{said} ({ignored})")
+        return "; ".join(blocked) if blocked else None
 
     async def _return_state(self, old: base.Instance, new: base.Instance | None) -> str:
         """After promotion: hand what the new color wrote back to the old one, if it can.

@@ -10,7 +10,8 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from typer.testing import CliRunner
 from controller.admin import server
 from controller.cli import flags, main, state, swap
 from controller.cli.control import new_lines
+from controller.protocol import memory as memory_protocol
+from controller.reconcile import manager, queue
 from controller.registry import remote
 from controller.runtimes import container, memory
 from controller.sources.directory import DirectorySource
@@ -235,3 +238,89 @@ def test_following_logs_prints_each_new_line_once() -> None:
     assert new_lines(["a", "b", "c"], ["b", "c", "d", "e"], full=True) == ["d", "e"]
     assert new_lines(["x"], ["fresh"], full=True) == ["fresh"]  # a new instance
     assert new_lines([], ["a"], full=False) == ["a"]
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[Path]:
+    """A data directory whose admin socket a running controller answers on: the real admin
+    API and reconciler over a spec directory and the in-memory runtime."""
+    ready, stop = threading.Event(), threading.Event()
+    specs = tmp_path / "specs"
+    specs.mkdir()
+
+    async def serve() -> None:
+        work = queue.WorkQueue()
+        source = DirectorySource(specs, Store(tmp_path / "state.db"), work.add)
+        runtime = memory.MemoryRuntime()
+        plugins = memory_protocol.MemoryPlugins(runtime)
+        states = snapshots.Snapshots(tmp_path / "snapshots.db")
+        control = manager.Manager(source, runtime, work, plugins, snapshots=states, workers=2)
+        api = server.AdminServer(
+            source,
+            runtime,
+            tmp_path / "admin.sock",
+            control=control,
+            plugins=plugins,  # type: ignore[arg-type]
+        )
+        await api.start()
+        halt = asyncio.Event()
+        running = asyncio.create_task(control.run(halt))
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+        halt.set()
+        await running
+        await api.stop()
+        states.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    yield tmp_path
+    stop.set()
+    thread.join(30)
+
+
+def wait_for(what: Callable[[], bool], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def active(data: Path) -> tuple[str | None, bool]:
+    status = json.loads(bhctl(data, "get", "kv", "-o", "json").stdout).get("status") or {}
+    return status.get("activeVersion"), status.get("swap") is None
+
+
+def test_swap_history_lists_revisions_and_undo_goes_back_to_one(controller: Path) -> None:
+    fast = "  hotSwap: {scaleDownDelaySeconds: 0}\n"
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        result = bhctl(controller, "apply", "-f", "-", stdin=spec("kv", version, fast))
+        assert result.exit_code == 0, result.output
+        wait_for(lambda v=version: active(controller) == (v, True))  # type: ignore[misc]
+    result = bhctl(controller, "swap", "history", "kv")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["REVISION", "VERSION", "SPEC", "HASH", "CREATED", "RESULT"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("1", "1.0.0", "None"),
+        ("2", "1.1.0", "Promoted"),
+        ("3", "1.2.0", "Promoted"),
+    ]
+    documents = json.loads(bhctl(controller, "swap", "history", "kv", "-o", "json").stdout)
+    hashes = [r["specHash"] for r in documents["revisions"]]
+    assert [row[2] for row in rows] == [h[:12] for h in hashes]
+
+    result = bhctl(controller, "swap", "undo", "kv", "--to-revision", "7")
+    assert result.exit_code == 1
+    assert "no revision 7 of kv is kept" in result.stderr
+    result = bhctl(controller, "swap", "undo", "kv", "--to-revision", "1", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "going back to revision 1 (1.0.0)" in result.stdout
+    wait_for(lambda: active(controller) == ("1.0.0", True))
+    documents = json.loads(bhctl(controller, "swap", "history", "kv", "-o", "json").stdout)
+    newest = documents["revisions"][-1]
+    assert (newest["revision"], newest["version"], newest["specHash"]) == (4, "1.0.0", hashes[0])
+    assert newest["result"] == "Promoted"

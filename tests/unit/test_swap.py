@@ -294,3 +294,103 @@ async def test_the_serving_color_is_health_checked_while_the_new_one_waits(kv: W
     kv.runtime.unready.clear()
     status = await kv.settle("kv", passes=1)
     assert conditions.is_true(status.conditions, "Ready")
+
+
+async def test_each_spec_made_is_a_revision_and_undo_goes_back_to_any_of_them(kv: World) -> None:
+    specs = kv.reconciler.specs
+    assert specs is not None
+    await ready_on_blue(kv)  # revision 1: 1.0.0
+    write(kv, "1.1.0")
+    await kv.settle("kv")
+    assert [(r.revision, r.version, r.result) for r in specs.revisions("kv")] == [
+        (1, "1.0.0", ""),
+        (2, "1.1.0", "InProgress"),
+    ]
+    kv.clock.offset += 31
+    await kv.settle("kv")
+    write(kv, "1.2.0", swap=", checks: [{method: echo, payload: {x: 1}, expect: {x: 2}}]")
+    status = await kv.settle("kv")
+    assert status.active_version == "1.1.0"
+    found = [(r.revision, r.version, r.result, r.reason) for r in specs.revisions("kv")]
+    assert found == [
+        (1, "1.0.0", "", ""),
+        (2, "1.1.0", "Promoted", ""),
+        (3, "1.2.0", "RolledBack", "SwapFailedChecks"),
+    ]
+    assert len({r.instance_hash for r in specs.revisions("kv")}) == 3
+
+    asked = kv.reconciler.request("kv", "undo", "2")
+    await kv.settle("kv", passes=1)
+    answer = kv.store.request(asked.id)
+    assert answer is not None
+    assert (answer.outcome, answer.message) == ("Refused", "revision 2 (1.1.0) runs already")
+    asked = kv.reconciler.request("kv", "undo", "9")
+    await kv.settle("kv", passes=1)
+    answer = kv.store.request(asked.id)
+    assert answer is not None
+    assert answer.outcome == "Refused"
+    assert "no revision 9" in answer.message
+
+    asked = kv.reconciler.request("kv", "undo", "1")
+    status = await kv.settle("kv")
+    answer = kv.store.request(asked.id)
+    assert answer is not None
+    assert answer.outcome == "Done"
+    assert status.active_version == "1.0.0"
+    pinned = conditions.find(status.conditions, "Pinned")
+    assert pinned is not None
+    assert pinned.status == "True"
+    kv.clock.offset += 31
+    status = await kv.settle("kv")
+    assert status.active_version == "1.0.0", "the pin holds while the spec is unchanged"
+    revisions = specs.revisions("kv")
+    assert [(r.revision, r.version, r.result) for r in revisions][-1] == (4, "1.0.0", "Promoted")
+    assert revisions[-1].instance_hash == revisions[0].instance_hash, "made again: a new number"
+
+
+async def test_a_restart_makes_no_revision_and_old_ones_are_pruned(
+    kv: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshots, "REVISIONS_KEPT", 3)
+    specs = kv.reconciler.specs
+    assert specs is not None
+    await ready_on_blue(kv)
+    kv.runtime.crash("bh-kv-blue")
+    await kv.settle("kv")
+    assert [r.revision for r in specs.revisions("kv")] == [1]
+    for minor in range(1, 5):
+        write(kv, f"1.{minor}.0")
+        await kv.settle("kv")
+        kv.clock.offset += 31
+        await kv.settle("kv")
+    assert [(r.revision, r.version) for r in specs.revisions("kv")] == [
+        (3, "1.2.0"),
+        (4, "1.3.0"),
+        (5, "1.4.0"),
+    ]
+
+
+def test_specs_of_an_earlier_file_become_the_first_revisions(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "snapshots.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE specs (key TEXT NOT NULL, instance_hash TEXT NOT NULL, spec TEXT NOT NULL, "
+        "saved_at TEXT NOT NULL, PRIMARY KEY (key, instance_hash))"
+    )
+    db.executemany(
+        "INSERT INTO specs VALUES (?, ?, ?, ?)",
+        [
+            ("kv", "bbb", '{"version": "1.1.0"}', "2026-01-02T00:00:00+00:00"),
+            ("kv", "aaa", '{"version": "1.0.0"}', "2026-01-01T00:00:00+00:00"),
+        ],
+    )
+    db.commit()
+    db.close()
+    specs = snapshots.Specs(snapshots.Snapshots(path))
+    assert [(r.revision, r.version, r.instance_hash) for r in specs.revisions("kv")] == [
+        (1, "1.0.0", "aaa"),
+        (2, "1.1.0", "bbb"),
+    ]
+    assert specs.get("kv", "aaa") == '{"version": "1.0.0"}', "undo still finds them"
