@@ -1,5 +1,5 @@
-"""``bhctl plugin``: keys, bundles and the registry (keygen, trust, pack, sign, verify, search,
-list, show, install, remove).
+"""``bhctl plugin``: a new plugin's scaffold, keys, bundles and the registry (new, keygen,
+trust, pack, sign, verify, search, list, show, install, remove).
 
 These commands work on the data directory and the engine directly, not
 through the running controller: a bundle can be hundreds of megabytes,
@@ -11,6 +11,7 @@ naming a bundle, so it sees an install at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -93,6 +94,57 @@ def _with_registry(
         return asyncio.run(main())
     except ControllerError as e:
         raise _fail(e) from None
+
+
+SCAFFOLD = Path(__file__).resolve().parent / "scaffold"
+"""The templates ``plugin new`` fills in: file name (with .tmpl) to where it goes."""
+SCAFFOLD_FILES = {
+    "plugin.py.tmpl": "plugin.py",
+    "plugin.yaml.tmpl": "plugin.yaml",
+    "spec.yaml.tmpl": "spec.yaml",
+    "Dockerfile.tmpl": "Dockerfile",
+    "test_plugin.py.tmpl": "tests/test_plugin.py",
+}
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@app.command()
+def new(
+    name: str = typer.Argument(..., help="The plugin's name: a DNS-1123 label, e.g. greeter."),
+    directory: Path | None = typer.Option(
+        None, "--dir", help="Where to write it (default: ./NAME); must not exist or be empty."
+    ),
+    image: str | None = typer.Option(
+        None, "--image", help="The image it is built as (default: NAME:0.1.0)."
+    ),
+) -> None:
+    """Write a new plugin: code with state and a migration, manifest, spec, Dockerfile and
+    tests that pass as written (run them with pytest in its directory)."""
+    if not _NAME.match(name):
+        raise typer.BadParameter(
+            f"{name!r}: use lower-case letters, digits and '-', starting with a letter and "
+            "ending with a letter or digit, at most 63 characters",
+            param_hint="NAME",
+        )
+    target = directory or Path(name)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        err.print(f"[red]error[/]: {escape(str(target))} exists and is not an empty directory")
+        raise typer.Exit(1)
+    values = {
+        "name": name,
+        "cls": "".join(part.capitalize() for part in name.split("-")),
+        "title": name.replace("-", " ").capitalize(),
+        "image": image or f"{name}:0.1.0",
+    }
+    for template, written in SCAFFOLD_FILES.items():
+        path = target / written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text((SCAFFOLD / template).read_text().format(**values))
+        out.print(f"wrote {escape(str(path))}")
+    out.print(
+        f"Next: cd {escape(str(target))} && pytest; docker build -t {escape(values['image'])} .; "
+        "then bhctl apply -f spec.yaml"
+    )
 
 
 @app.command()
