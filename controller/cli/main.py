@@ -266,6 +266,15 @@ def run_controller(
         help="File of the secret (mode 0600, 16 bytes or more) that signs the swaps' "
         "webhooks (HMAC-SHA256); without it they are sent unsigned.",
     ),
+    ca_cert: Path | None = typer.Option(
+        None,
+        "--ca-cert",
+        help="The CA certificate (PEM) that certifies plugins reached over TLS, with "
+        "--ca-key; default a CA the controller makes in its data directory.",
+    ),
+    ca_key: Path | None = typer.Option(
+        None, "--ca-key", help="The private key (PEM, ECDSA, mode 0600) of --ca-cert."
+    ),
     trust_dir: Path | None = flags.TRUST_DIR,
     policy: Path | None = flags.POLICY,
     log_format: flags.LogFormat = typer.Option(flags.LogFormat.TEXT, "--log-format"),
@@ -329,6 +338,8 @@ def run_controller(
             kubernetes.lease()
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--lease-seconds") from None
+    if (ca_cert is None) != (ca_key is None):
+        raise typer.BadParameter("give both --ca-cert and --ca-key", param_hint="--ca-cert")
     logs.configure(log_format, log_level)
     options = run.Options(
         specs=specs,
@@ -358,6 +369,7 @@ def run_controller(
         kubernetes=kubernetes,
         plugins_dir=plugins_dir,
         webhook_secret=webhook_secret,
+        ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
         trust_dir=trust_dir,
         policy=policy,
         gateway_mode=gateway_mode,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import controller
-from controller import kubeapi, lease
+from controller import kubeapi, lease, pki
 from controller.admin import server
 from controller.cli import gateway as gateway_process
 from controller.cli import locks
@@ -119,6 +119,8 @@ class Options:
     """Bundles installed into the registry at start."""
     webhook_secret: Path | None = None
     """The secret that signs the swaps' webhooks."""
+    ca: tuple[Path, Path] | None = None
+    """An operator's CA (certificate, key); default the controller's own in the data dir."""
     trust_dir: Path | None = None
     policy: Path | None = None
     plugin_root: Path | None = None
@@ -220,8 +222,12 @@ class DataDirError(ControllerError):
     """The data directory exists and is not one the controller may make its own."""
 
 
+PKI_DIR = "pki"
+"""The directory, in the data directory, of the controller's CA."""
+
+
 DATA_DIR_ENTRIES = frozenset(
-    {"controller.lock", "gateway.lock", "state.db", "registry.db", "registry"}
+    {"controller.lock", "gateway.lock", "state.db", "registry.db", "registry", PKI_DIR}
 )
 """Names that mark a directory as a controller's data directory (bhctl's commands make them)."""
 
@@ -385,6 +391,14 @@ async def resync_from_store(
     return routed
 
 
+def certificate_authority(options: Options) -> pki.Authority:
+    """The CA that certifies plugins reached over TLS: the operator's, else the controller's
+    own (made on first start, its key 0600 in the data directory)."""
+    if options.ca is not None:
+        return pki.Authority.from_files(*options.ca)
+    return pki.Authority.load_or_create(options.data_dir / PKI_DIR, options.controller_id)
+
+
 def registry_settings(options: Options) -> registry.Settings:
     return registry.Settings(
         options.data_dir,
@@ -448,6 +462,10 @@ async def serve(options: Options) -> None:
     limits = fit_gateway_limits(options.gateway_limits, open_files_limit())
     options = replace(options, gateway_limits=limits)
     with _lock(options.data_dir):
+        authority = await asyncio.to_thread(certificate_authority, options)
+        log.info(
+            "plugins reached over TLS are certified by %s", authority.cert.subject.rfc4514_string()
+        )
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

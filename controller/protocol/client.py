@@ -8,7 +8,12 @@ errors, and calls cut by their channel's closing, become
 :class:`~controller.errors.PluginCallError` here, so ``grpc`` never reaches
 the callers. Where a runtime gives its instances a token (plugins reached
 over TCP, on Kubernetes), every call on the channel carries it as
-``authorization: Bearer <token>``.
+``authorization: Bearer <token>``. Where an endpoint is reached over mutual
+TLS (:class:`ChannelTLS`), the channel presents the controller's client
+certificate and accepts only a plugin certificate from the trusted CA that
+names the identity expected there (its server name); a channel whose TLS
+settings changed (a renewed client certificate) is replaced, the old one
+closing once its calls are done.
 """
 
 from __future__ import annotations
@@ -167,12 +172,32 @@ def _token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     ]
 
 
+@dataclass(frozen=True)
+class ChannelTLS:
+    """How a channel reaches its instance over mutual TLS."""
+
+    ca: bytes
+    """The CA (PEM) the instance's certificate must chain to."""
+    cert: bytes
+    key: bytes
+    """The client certificate and key (PEM) presented."""
+    server_name: str
+    """The DNS name the instance's certificate must carry (its identity)."""
+
+
+RENEWED_GRACE = 30.0
+"""Seconds a channel replaced by a renewed certificate keeps its calls in flight."""
+
+
 class PluginClient:
     """The protocol's calls to one instance."""
 
-    def __init__(self, endpoint: str, token: str | None = None) -> None:
+    def __init__(
+        self, endpoint: str, token: str | None = None, tls: ChannelTLS | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.token = token
+        self.tls = tls
         self._socket: int | None = None
         target = endpoint
         if endpoint.startswith("unix:"):
@@ -183,9 +208,18 @@ class PluginClient:
             except OSError as e:
                 raise PluginCallError("UNAVAILABLE", f"{path}: {e.strerror}") from e
             target = f"unix:{base.fd_address(self._socket)}"
-        self.channel = grpc.aio.insecure_channel(
-            target, options=_OPTIONS, interceptors=_token_interceptors(token) if token else None
-        )
+        interceptors = _token_interceptors(token) if token else None
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(
+                target, options=_OPTIONS, interceptors=interceptors
+            )
+        else:
+            self.channel = grpc.aio.secure_channel(
+                target,
+                grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert),
+                options=[*_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)],
+                interceptors=interceptors,
+            )
         self.stub = plugin_pb2_grpc.PluginStub(self.channel)
         self._check = self.channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -379,8 +413,8 @@ class PluginClient:
             raise _error(e) from e
         return int(answer.in_flight)
 
-    async def close(self) -> None:
-        await self.channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        await self.channel.close(grace)
         if self._socket is not None:
             with contextlib.suppress(OSError):
                 os.close(self._socket)
@@ -413,24 +447,36 @@ class Clients:
     """One :class:`PluginClient` per endpoint, shared by everyone who calls plugins.
 
     ``tokens`` gives the token an endpoint's instance expects, if any (the
-    runtime that made the instance knows it).
+    runtime that made the instance knows it); ``tls`` how an endpoint is
+    reached over mutual TLS, if it is.
     """
 
-    def __init__(self, tokens: Callable[[str], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Callable[[str], str | None] | None = None,
+        tls: Callable[[str], ChannelTLS | None] | None = None,
+    ) -> None:
         self._clients: dict[str, PluginClient] = {}
         self._tokens = tokens
+        self._tls = tls
         self._closing: set[asyncio.Future[None]] = set()
 
     def get(self, endpoint: str) -> PluginClient:
         token = self._tokens(endpoint) if self._tokens else None
+        tls = self._tls(endpoint) if self._tls else None
         client = self._clients.get(endpoint)
         if client is not None and client.token != token:
             # The address now belongs to another plugin's instance (pod IPs are
             # reused): its token, not the old one, on a channel of its own.
             self._close_later(client)
             client = None
+        elif client is not None and client.tls != tls:
+            # A renewed certificate (or another identity expected there): new calls
+            # take a new channel, those in flight finish on the old one.
+            self._close_later(client, RENEWED_GRACE)
+            client = None
         if client is None:
-            client = self._clients[endpoint] = PluginClient(endpoint, token)
+            client = self._clients[endpoint] = PluginClient(endpoint, token, tls)
         return client
 
     async def handshake(self, endpoint: str, want: base.InstanceSpec, timeout: float) -> Handshake:
@@ -490,8 +536,8 @@ class Clients:
         if client is not None:
             self._close_later(client)
 
-    def _close_later(self, client: PluginClient) -> None:
-        closing = asyncio.ensure_future(client.close())
+    def _close_later(self, client: PluginClient, grace: float | None = None) -> None:
+        closing = asyncio.ensure_future(client.close(grace))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 

@@ -14,6 +14,17 @@ Reached over TCP, a plugin is started with ``BLACKHOLE_PLUGIN_TOKEN`` too:
 every call of the plugin protocol must then carry ``authorization: Bearer
 <token>``, and is refused with UNAUTHENTICATED otherwise (health checks
 reveal nothing and need no token).
+
+Given ``BLACKHOLE_TLS_CERT``, ``BLACKHOLE_TLS_KEY`` and ``BLACKHOLE_TLS_CA``
+(PEM files), a TCP listener serves TLS only and requires a client certificate
+from that CA (mutual TLS). The files are read again at each new connection's
+handshake when they changed, so a renewed certificate is served from the next
+connection on, and connections already open go on. Only the controller's own
+clients are let in: a certificate whose SAN URI is a role of the controller
+(``blackhole://<controller-id>/<role>``), not another plugin's
+(``blackhole://<controller-id>/<namespace>/<plugin>``);
+``BLACKHOLE_TLS_CLIENTS``, a comma-separated list of such URIs, narrows that
+to the ones named.
 """
 
 from __future__ import annotations
@@ -384,17 +395,193 @@ def _refuse(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[A
     return grpc.stream_stream_rpc_method_handler(abort_stream)
 
 
-def server_for(plugin: Plugin, token: str | None = None) -> tuple[grpc.aio.Server, Servicer]:
+class TLSFiles:
+    """The certificate, key and CA a TLS listener serves with, read again when they change.
+
+    The files may be replaced at any time (a renewal): they are read as
+    certificate, key, certificate again, and taken only if both readings of
+    the certificate agree, so a key is never paired with another
+    certificate. Writers replace them by swapping a directory (as
+    Kubernetes does for mounted Secrets) or by renaming each file.
+    """
+
+    def __init__(self, cert: str, key: str, ca: str) -> None:
+        self.paths = (cert, key, ca)
+        self.current: tuple[bytes, bytes, bytes] = self._read()
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        cert_path, key_path, ca_path = self.paths
+        for _ in range(50):
+            try:
+                with open(cert_path, "rb") as f:
+                    first = f.read()
+                with open(key_path, "rb") as f:
+                    key = f.read()
+                with open(cert_path, "rb") as f:
+                    cert = f.read()
+                with open(ca_path, "rb") as f:
+                    ca = f.read()
+            except FileNotFoundError:  # a directory swapped between a lookup and an open
+                time.sleep(0.001)
+                continue
+            if first == cert and cert and key and ca:
+                return cert, key, ca
+            time.sleep(0.001)
+        raise OSError(f"{cert_path} and {key_path} kept changing or are empty")
+
+    def configuration(self) -> Any:
+        cert, key, ca = self.current
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> Any:
+        """gRPC's question at each handshake: a new configuration, or None for the same."""
+        try:
+            found = self._read()
+        except OSError as e:
+            log.warning("TLS files unreadable, serving the last ones: %s", e)
+            return None
+        if found == self.current:
+            return None
+        self.current = found
+        log.info("TLS certificate renewed from %s", self.paths[0])
+        return self.configuration()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.configuration(), self.fetch, require_client_authentication=True
+        )
+
+
+def tls_from_environment() -> TLSFiles | None:
+    """The TLS files ``BLACKHOLE_TLS_CERT``/``_KEY``/``_CA`` name; None without them."""
+    names = ("BLACKHOLE_TLS_CERT", "BLACKHOLE_TLS_KEY", "BLACKHOLE_TLS_CA")
+    given = [os.environ.get(name, "") for name in names]
+    if not any(given):
+        return None
+    if not all(given):
+        missing = [name for name, value in zip(names, given, strict=True) if not value]
+        sys.exit(f"TLS needs all of {', '.join(names)}; missing {', '.join(missing)}")
+    try:
+        return TLSFiles(*given)
+    except OSError as e:
+        sys.exit(f"cannot read the TLS files: {e}")
+
+
+IDENTITY_SCHEME = "blackhole://"
+
+
+def is_role(uri: str) -> bool:
+    """Whether ``uri`` names one of the controller's clients (``blackhole://<id>/<role>``)."""
+    if not uri.startswith(IDENTITY_SCHEME):
+        return False
+    parts = uri.removeprefix(IDENTITY_SCHEME).split("/")
+    return len(parts) == 2 and all(parts)
+
+
+class ClientCheck(grpc.aio.ServerInterceptor):
+    """Refuses calls whose client certificate names no allowed client (PERMISSION_DENIED)."""
+
+    def __init__(self, allowed: frozenset[str] = frozenset()) -> None:
+        self.allowed = allowed
+        """URIs let in; empty: any role of a controller."""
+
+    def admits(self, uris: list[str]) -> bool:
+        if self.allowed:
+            return any(uri in self.allowed for uri in uris)
+        return any(is_role(uri) for uri in uris)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        return _checked(handler, self)
+
+
+def _peer_uris(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    found = context.auth_context().get("x509_subject_alternative_name", [])
+    return [value.decode(errors="replace") for value in found]
+
+
+def _checked(
+    handler: grpc.RpcMethodHandler[Any, Any], check: ClientCheck
+) -> grpc.RpcMethodHandler[Any, Any]:
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        uris = _peer_uris(context)
+        if not check.admits(uris):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {', '.join(uris) or 'without an identity'} may not call this plugin",
+            )
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        unary: Any = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await refuse(context)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.stream_unary:
+        stream_unary: Any = handler.stream_unary
+
+        async def client_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await refuse(context)
+            return await stream_unary(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(client_stream, **kwargs)
+    if handler.unary_stream:
+        unary_stream: Any = handler.unary_stream
+
+        async def server_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await refuse(context)
+            async for item in unary_stream(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(server_stream, **kwargs)
+    stream_stream: Any = handler.stream_stream
+
+    async def both(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await refuse(context)
+        async for item in stream_stream(requests, context):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(both, **kwargs)
+
+
+def clients_from_environment() -> frozenset[str]:
+    given = os.environ.get("BLACKHOLE_TLS_CLIENTS", "")
+    return frozenset(uri.strip() for uri in given.split(",") if uri.strip())
+
+
+def server_for(
+    plugin: Plugin, token: str | None = None, clients: ClientCheck | None = None
+) -> tuple[grpc.aio.Server, Servicer]:
     """A gRPC server (not yet bound or started) answering for ``plugin``.
 
-    With ``token``, protocol calls must carry it (see :class:`TokenCheck`).
+    With ``token``, protocol calls must carry it (see :class:`TokenCheck`);
+    with ``clients``, every call must come from a client it admits (over TLS).
     """
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if clients is not None:
+        interceptors.append(clients)
+    if token:
+        interceptors.append(TokenCheck(token))
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
-        interceptors=[TokenCheck(token)] if token else None,
+        interceptors=interceptors or None,
     )
     servicer = Servicer(plugin)
     plugin_pb2_grpc.add_PluginServicer_to_server(servicer, server)
@@ -411,21 +598,31 @@ def address_from_environment() -> str:
     sys.exit("no address to listen on: set BLACKHOLE_SOCKET or BLACKHOLE_ADDRESS, or pass one")
 
 
-async def serve_async(plugin: Plugin, address: str, stop: asyncio.Event) -> None:
-    """Serve ``plugin`` on ``address`` until ``stop`` is set, then drain and stop."""
+async def serve_async(
+    plugin: Plugin, address: str, stop: asyncio.Event, tls: TLSFiles | None = None
+) -> None:
+    """Serve ``plugin`` on ``address`` until ``stop`` is set, then drain and stop.
+
+    With ``tls``, over mutual TLS only (see the module's docstring).
+    """
     if address.startswith("unix:"):
         path = address.removeprefix("unix:").removeprefix("//")
         if os.path.exists(path):
             os.unlink(path)
-    server, servicer = server_for(plugin, os.environ.get("BLACKHOLE_PLUGIN_TOKEN") or None)
-    server.add_insecure_port(address)
+    clients = ClientCheck(clients_from_environment()) if tls is not None else None
+    server, servicer = server_for(plugin, os.environ.get("BLACKHOLE_PLUGIN_TOKEN") or None, clients)
+    if tls is not None:
+        server.add_secure_port(address, tls.credentials())
+    else:
+        server.add_insecure_port(address)
     started = time.monotonic()
     await server.start()
     log.info(
-        "%s %s listening on %s (%.0f ms)",
+        "%s %s listening on %s%s (%.0f ms)",
         os.environ.get("BLACKHOLE_PLUGIN", type(plugin).__name__),
         os.environ.get("BLACKHOLE_VERSION", ""),
         address,
+        " over mutual TLS" if tls is not None else "",
         (time.monotonic() - started) * 1000,
     )
     await stop.wait()
@@ -440,13 +637,14 @@ def serve(plugin: Plugin, address: str | None = None) -> None:
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     target = address or address_from_environment()
+    tls = tls_from_environment()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve_async(plugin, target, stop)
+        await serve_async(plugin, target, stop, tls)
 
     # Everything is imported by now: the module objects of asyncio, grpc and protobuf are
     # kept out of the collector's passes, which would otherwise walk (and write) them all.
