@@ -62,6 +62,10 @@ class GatewayOptions:
     metrics_address: str | None = None
     """Its own /metrics (the controller's /metrics carries its series in any case)."""
     ready_timeout: float = gateway_server.READY_TIMEOUT
+    control_address: str | None = None
+    """Also take controllers on TCP, HOST:PORT (Kubernetes: the controller is another pod)."""
+    control_secret: Path | None = None
+    """The secret a controller proves on ``control_address``."""
 
     def arguments(self) -> list[str]:
         """This, as ``bhctl gateway`` options."""
@@ -77,6 +81,10 @@ class GatewayOptions:
             args += ["--tokens", str(self.tokens)]
         if self.metrics_address:
             args += ["--metrics-addr", self.metrics_address]
+        if self.control_address:
+            args += ["--control-addr", self.control_address]
+        if self.control_secret is not None:
+            args += ["--control-secret", str(self.control_secret)]
         return args
 
 
@@ -110,6 +118,13 @@ def _lock(data_dir: Path) -> contextlib.AbstractContextManager[None]:
 
 async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
     """Run the gateway until SIGTERM/SIGINT."""
+    secret = None
+    if options.control_address:
+        if options.control_secret is None:
+            raise control.ControlSecretError(
+                "--control-addr takes controllers over the network: give --control-secret FILE"
+            )
+        secret = control.SharedSecret.load(options.control_secret)
     with _lock(options.data_dir):
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -118,7 +133,7 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         metrics = telemetry.Metrics(version=controller.__version__)
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
-        plugins = client.Clients()
+        plugins = client.Clients(tokens=lambda endpoint: controls.tokens.get(endpoint))
         dropping: set[asyncio.Task[None]] = set()
 
         def replaced(endpoint: str) -> None:
@@ -145,6 +160,9 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             about["requested"] = {"http": options.address, "grpc": options.grpc_address or ""}
             # Callers may connect from now on: their calls wait for the first table.
             await controls.start(control_socket(options.data_dir))
+            if options.control_address and secret is not None:
+                bound["control"] = await controls.start_tcp(options.control_address, secret)
+                log.info("gateway: control on %s (shared secret)", bound["control"])
             log.info("gateway %s: waiting for routes (pid %d)", controller.__version__, os.getpid())
             await stop.wait()
         finally:

@@ -376,6 +376,16 @@ def run_gateway(
         min=0.0,
         help="Seconds a call waits for the first route table after a start, then 503.",
     ),
+    control_addr: str = typer.Option(
+        "",
+        "--control-addr",
+        help="Also take controllers on TCP, HOST:PORT (Kubernetes), with --control-secret.",
+    ),
+    control_secret: Path | None = typer.Option(
+        None,
+        "--control-secret",
+        help="File of the secret a controller proves on --control-addr (16 bytes or more).",
+    ),
     stop: bool = typer.Option(
         False, "--stop", help="Stop the gateway running on the data directory, and exit."
     ),
@@ -424,6 +434,8 @@ def run_gateway(
             limits=limits,
             metrics_address=metrics_addr or None,
             ready_timeout=ready_timeout,
+            control_address=control_addr or None,
+            control_secret=control_secret,
         )
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
             runner.run(gateway.serve(settings, found))

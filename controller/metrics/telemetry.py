@@ -43,6 +43,10 @@ _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 _PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+HOLD_RELEASES = "blackhole_gateway_hold_releases"
+"""Counted by the controller (gateways report these releases to it), never by a gateway."""
+
+
 @dataclass(frozen=True)
 class Tracked:
     """An instance whose resources are exported: its process and its labels."""
@@ -181,6 +185,13 @@ class Metrics:
             "blackhole_gateway_rate_limited",
             "Calls refused with 429 by a rate or concurrency limit.",
             ["plugin"],
+            registry=r,
+        )
+        self.hold_releases = Counter(
+            HOLD_RELEASES,
+            "Holds a gateway released by itself, as the controller learnt: LeaseLapsed (not "
+            "renewed in time) or ControllerGone (its connection closed), by plugin and gateway.",
+            ["plugin", "gateway", "cause"],
             registry=r,
         )
         Info("blackhole_build", "The controller's version.", registry=r).info(

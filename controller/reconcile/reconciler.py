@@ -91,6 +91,9 @@ class NoRoutes:
     def release(self, key: str) -> None:
         pass
 
+    async def acknowledged(self) -> None:
+        pass
+
     async def wait_idle(self, endpoint: str, timeout: float) -> int:
         return 0
 

@@ -27,7 +27,9 @@ controller that dies at any step finds it when it starts again:
 Any failure rolls back: the route stays on (or returns to) the old color,
 which takes calls again with its state as it was frozen; the new color is
 removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
-``SwapFailedChecks``, ``SwapFailedImport``, ...), and that spec is not tried
+``SwapFailedChecks``, ``SwapFailedImport``, ``SwapFailedHold`` and
+``SwapFailedFlip`` when a gateway does not acknowledge the hold or the flip
+in time, ...), and that spec is not tried
 again until it changes (its generation: any edit, the swap settings
 included) or ``bhctl swap retry``. A controller that died while Promoting rolls back
 and tries again; one that died after the flip goes on from Promoted.
@@ -88,6 +90,11 @@ class Routes(Protocol):
     def hold(self, key: str) -> None: ...
 
     def release(self, key: str) -> None: ...
+
+    async def acknowledged(self) -> None:
+        """Every gateway applied the holds and routes set so far (raises ControllerError,
+        naming those that did not in time)."""
+        ...
 
     async def wait_idle(self, endpoint: str, timeout: float) -> int: ...
 
@@ -461,7 +468,12 @@ class Coordinator:
             steps.append((name, time.monotonic()))
 
         c.routes.hold(c.key)
+        flipped = False
         try:
+            try:
+                await c.routes.acknowledged()
+            except ControllerError as e:
+                raise SwapFailure("SwapFailedHold", f"calls could not be held: {e}") from None
             left = await c.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
             step("in flight")
             if left:
@@ -488,6 +500,7 @@ class Coordinator:
                     f"({swap.max_pause_milliseconds}); raise spec.hotSwap.maxPauseMilliseconds "
                     "to allow it",
                 )
+            unflipped = (c.status.active_color, c.status.active_version, c.status.last_swap)
             progress.step = models.SwapStep.PROMOTED
             progress.promoted = datetime.fromtimestamp(c.now, UTC)
             c.status.active_color = progress.to_color
@@ -506,7 +519,19 @@ class Coordinator:
             step("status")
             _checkpoint("flipped")
             c.routes.set_route(c.key, new_endpoint, new.name, c.spec)
+            flipped = True
+            try:
+                await c.routes.acknowledged()
+            except ControllerError as e:
+                # Not every gateway flipped: none may. The old route goes to all of them
+                # before the release does, and the rollback records the old color.
+                progress.step = models.SwapStep.PROMOTING
+                progress.promoted = None
+                c.status.active_color, c.status.active_version, c.status.last_swap = unflipped
+                raise SwapFailure("SwapFailedFlip", f"the flip was not applied: {e}") from None
         except BaseException:  # a failed step, or anything else: the old color serves again
+            if flipped:
+                c.routes.set_route(c.key, old_endpoint, old.name, c.spec)
             await self._resume(old_endpoint)
             c.routes.release(c.key)
             self.held_ms = (time.monotonic() - started) * 1000
