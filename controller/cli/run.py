@@ -122,6 +122,11 @@ class KubernetesOptions:
     retry_seconds: float = 2.0
     identity: str = ""
     pod: str | None = None
+    gateway_service: str | None = None
+    """The headless Service of the gateway's own Deployment: the controller sends routes to
+    each of its endpoints. None: the gateway runs in the leader's pod."""
+    gateway_control_secret: Path | None = None
+    """The secret the controller proves to those gateways."""
 
     def lease(self) -> lease.Settings:
         return lease.Settings(
@@ -161,9 +166,12 @@ class Options:
     plugin_root: Path | None = None
     """Where the process runtime finds plugin directories (default ``data_dir/plugins``)."""
     gateway_mode: GatewayMode = GatewayMode.PROCESS
-    """Ignored on Kubernetes, where the gateway runs in the controller's pod."""
+    """Ignored on Kubernetes, where the gateway runs in the controller's pod or, with
+    ``kubernetes.gateway_service``, as a Deployment of its own."""
     hold_lease: float = control_protocol.DEFAULT_LEASE
     """Seconds the gateway keeps a hold this controller stops renewing."""
+    ack_timeout: float = control_protocol.ACK_TIMEOUT
+    """Seconds every gateway has to acknowledge a swap's hold and its flip."""
     gateway_ready_timeout: float = gateway_server.READY_TIMEOUT
 
     def gateway_options(self) -> gateway_process.GatewayOptions:
@@ -179,6 +187,11 @@ class Options:
     @property
     def separate_gateway(self) -> bool:
         return self.kubernetes is None and self.gateway_mode is not GatewayMode.IN_PROCESS
+
+    @property
+    def gateway_replicas(self) -> bool:
+        """The gateway is a Deployment of its own, of replicas found from its Service."""
+        return self.kubernetes is not None and self.kubernetes.gateway_service is not None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -526,6 +539,7 @@ async def _lead(
     records = store.Store(options.data_dir / "state.db", metrics.stores)
     work = queue.WorkQueue()
     remote: control_protocol.RemoteRoutes | None = None
+    replicas: kubernetes_runtime.GatewayReplicas | None = None
 
     def enqueue(key: str) -> None:
         work.add(key)
@@ -541,7 +555,7 @@ async def _lead(
         source = kubernetes_source.KubernetesSource(
             api,
             records,
-            work.add,
+            enqueue,
             namespaces=k8s.namespaces,
             resync_seconds=options.resync_seconds,
         )
@@ -586,6 +600,30 @@ async def _lead(
         exposition_server.extra = functools.partial(
             control_protocol.fetch_metrics, gateway_process.control_socket(options.data_dir)
         )
+    elif options.gateway_replicas:
+        assert options.kubernetes is not None
+        assert isinstance(runtime, kubernetes_runtime.KubernetesRuntime)
+        secret = options.kubernetes.gateway_control_secret
+        if secret is None:
+            raise control_protocol.ControlSecretError(
+                "--gateway-service needs --gateway-control-secret FILE: the gateways take "
+                "routes only from a controller that proves it"
+            )
+        remote = routes = control_protocol.RemoteRoutes(
+            None,
+            _declared(source),
+            lease=options.hold_lease,
+            about={"pid": os.getpid(), "controllerVersion": controller.__version__},
+            secret=control_protocol.SharedSecret.load(secret),
+            ack_timeout=options.ack_timeout,
+        )
+        remote.carry_tokens(runtime.token)
+        replicas = kubernetes_runtime.GatewayReplicas(
+            api,
+            options.kubernetes.controller_namespace,
+            options.kubernetes.gateway_service or "",
+            functools.partial(_replicas_changed, remote),
+        )
     else:
         routes = router.Router(metrics)
         gateway = gateway_server.Gateway(
@@ -599,6 +637,8 @@ async def _lead(
         for path, why in sorted(refused.items()):
             log.error("plugin bundle %s refused: %s", path, why)
         log.info("%d bundle(s) installed from %s", len(installed), options.plugins_dir)
+    if remote is not None:
+        remote.on_released = functools.partial(_released, source, metrics)
     control = manager.Manager(
         source,
         runtime,
@@ -623,7 +663,9 @@ async def _lead(
     try:
         if gateway is not None:
             bound.update(await gateway.start(options.gateway_address, options.gateway_grpc_address))
-        if remote is not None:
+        if replicas is not None and remote is not None:
+            connection = await _reach_replicas(source, runtime, remote, replicas, stop)
+        elif remote is not None:
             connection = await _adopt_gateway(options, source, runtime, remote, supervisor, stop)
         else:
             write_addresses(options.data_dir, bound)
@@ -638,6 +680,8 @@ async def _lead(
             await holding
         if gateway is not None:
             await gateway.stop()
+        if replicas is not None:
+            replicas.stop()
         if remote is not None:
             await remote.close()
         if connection is not None:
@@ -707,6 +751,71 @@ async def _adopt_gateway(
             asked,
         )
     return connection
+
+
+async def _reach_replicas(
+    source: sources_base.Source,
+    runtime: base.Runtime,
+    remote: control_protocol.RemoteRoutes,
+    replicas: kubernetes_runtime.GatewayReplicas,
+    stop: asyncio.Event,
+) -> asyncio.Task[None]:
+    """Find the gateway's replicas and send each the table rebuilt from the store."""
+    replicas.start()
+    connection = asyncio.create_task(remote.run(stop), name="gateway-control")
+    routed = await resync_from_store(source, runtime, remote)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(replicas.synced.wait(), ADOPT_TIMEOUT)
+    remote.start_syncing()
+    found = replicas.replicas()
+    log.info(
+        "gateway: %d replica(s) behind Service %s; sending them %d route(s) rebuilt from the store",
+        len(found),
+        replicas.service,
+        routed,
+    )
+    return connection
+
+
+def _replicas_changed(
+    remote: control_protocol.RemoteRoutes,
+    found: dict[str, kubernetes_runtime.GatewayEndpoint],
+) -> None:
+    remote.set_gateways(
+        {
+            name: control_protocol.Replica(
+                control_protocol.Address(host=endpoint.host, port=endpoint.port), endpoint.ready
+            )
+            for name, endpoint in found.items()
+        }
+    )
+
+
+def _released(
+    source: sources_base.Source, metrics: telemetry.Metrics, gateway: str, record: dict[str, Any]
+) -> None:
+    """A gateway released holds by itself: count it, and say so on each plugin."""
+    cause = str(record.get("cause") or "Unknown")
+    why = {
+        "LeaseLapsed": f"this controller did not renew its hold within {record.get('lease')}s",
+        "ControllerGone": "its connection to the controller closed",
+    }.get(cause, cause)
+    for key in record.get("plugins") or []:
+        metrics.hold_releases.labels(str(key), gateway, cause).inc()
+        task = asyncio.get_running_loop().create_task(
+            source.record_event(
+                str(key),
+                "Warning",
+                "GatewayHoldReleased",
+                f"gateway {gateway} released the held calls by itself ({why}): they went to "
+                "the last route it had",
+            )
+        )
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _gateway_up(

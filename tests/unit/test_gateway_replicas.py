@@ -27,6 +27,7 @@ from controller.gateway import control, router
 from controller.spec import models
 
 SECRET = b"a-secret-of-more-than-sixteen-bytes"
+GATEWAY = [sys.executable, "-m", "controller.cli", "gateway"]
 
 
 def spec() -> models.PluginSpec:
@@ -34,6 +35,7 @@ def spec() -> models.PluginSpec:
 
 
 KV = router.Declared.of(spec())
+HOLD = {"type": "holds", "id": 2, "holds": {"kv": 1}, "lease": 0.2}
 TABLE = {"kv": control.entry(KV, "unix:/blue.sock", "bh-kv-blue")}
 
 
@@ -182,7 +184,7 @@ async def test_two_replicas_hold_flip_and_release_together() -> None:
 
 async def test_a_replica_that_joins_mid_hold_gets_the_table_and_the_holds() -> None:
     async with (
-        tcp_gateway() as (one, first),
+        tcp_gateway() as (_, first),
         tcp_gateway() as (late, second),
         controller({"a": control.Replica(first)}) as remote,
     ):
@@ -228,7 +230,9 @@ async def test_a_ready_replica_not_connected_fails_the_acknowledgement() -> None
 
 
 @pytest.fixture
-def frozen_gateway(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], control.Address]]:
+def frozen_gateway(
+    tmp_path: Path,
+) -> Iterator[tuple[subprocess.Popen[bytes], control.Address, Path]]:
     """A real ``bhctl gateway`` process with a TCP control listener."""
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
@@ -252,12 +256,12 @@ def frozen_gateway(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], co
             f"127.0.0.1:{port}",
             "--control-secret",
             str(secret),
-        ],  # fmt: skip
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        yield process, control.Address(host="127.0.0.1", port=port)
+        yield process, control.Address(host="127.0.0.1", port=port), data / "d"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGCONT)
@@ -266,9 +270,9 @@ def frozen_gateway(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], co
 
 
 async def test_a_frozen_replica_fails_the_acknowledgement_and_the_other_goes_on(
-    frozen_gateway: tuple[subprocess.Popen[bytes], control.Address],
+    frozen_gateway: tuple[subprocess.Popen[bytes], control.Address, Path],
 ) -> None:
-    process, address = frozen_gateway
+    process, address, data = frozen_gateway
     async with (
         tcp_gateway() as (one, first),
         controller(
@@ -291,15 +295,7 @@ async def test_a_frozen_replica_fails_the_acknowledgement_and_the_other_goes_on(
         status = await asyncio.to_thread(
             lambda: json.loads(
                 subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "controller.cli",
-                        "gateway",
-                        "--status",
-                        "--data-dir",
-                        process.args[5],
-                    ],  # fmt: skip
+                    [*GATEWAY, "--status", "--data-dir", str(data)],
                     capture_output=True,
                     check=True,
                 ).stdout
@@ -324,8 +320,7 @@ async def test_holds_released_without_the_controller_are_reported_to_it() -> Non
                 sock.sendall(
                     json.dumps({**hello, "proof": shared.proof(nonce)}).encode() + b"\n"
                     + json.dumps({"type": "routes", "id": 1, "routes": TABLE}).encode() + b"\n"
-                    + json.dumps({"type": "holds", "id": 2, "holds": {"kv": 1}, "lease": 0.2}).encode()
-                    + b"\n"
+                    + json.dumps(HOLD).encode() + b"\n"
                 )  # fmt: skip
                 return [json.loads(stream.readline()) for _ in range(4)]
 
