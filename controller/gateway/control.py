@@ -757,9 +757,11 @@ class RemoteRoutes:
     async def wait_idle(self, endpoint: str, timeout: float) -> int:
         """Calls still in flight to ``endpoint`` after ``timeout``, summed over the gateways."""
         links = self._needed()
+        if not links:
+            return 0  # no gateway replica at all (none found yet): no call goes through one
         missing = sorted(link.name for link in links if link.writer is None)
-        if missing or not links:
-            raise GatewayUnavailableError(f"gateway {', '.join(missing) or '(none)'} not connected")
+        if missing:
+            raise GatewayUnavailableError(f"gateway {', '.join(missing)} not connected")
         message = {"type": "wait_idle", "endpoint": endpoint, "timeout": timeout}
         answers = await asyncio.gather(
             *(self._request(link, message, timeout + self.ack_timeout) for link in links)
