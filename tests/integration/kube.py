@@ -30,7 +30,9 @@ directory shared with the pod's init containers when it has any, which run
 to completion first; Secret volumes as read-only files, root's, group
 ``fsGroup`` made group-readable as the kubelet does), reports the
 container's IP as the pod IP and its Ready condition from the
-``readinessProbe`` (``httpGet``; without a probe, running is ready),
+``readinessProbe`` when it is an ``httpGet`` (without one, or with a grpc
+or exec probe, which it does not run, a running unpaused container is
+ready),
 restarts it when it exits (``restartCount``, ``lastState.terminated``), and
 stops and removes pods when the Deployment goes or is scaled down.
 """
@@ -45,6 +47,7 @@ import itertools
 import json
 import os
 import threading
+import traceback
 import urllib.error
 import urllib.request
 import uuid
@@ -323,7 +326,13 @@ class Kubelet:
 
     async def run(self) -> None:
         while True:
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:  # a pod that cannot start: said in kubelet.log, the rest go on
+                self.logs.mkdir(parents=True, exist_ok=True)
+                with (self.logs / "kubelet.log").open("a") as log:
+                    log.write(traceback.format_exc())
+                await asyncio.sleep(1.0)
             await asyncio.sleep(0.2)
 
     async def sync(self) -> None:
@@ -415,9 +424,8 @@ class Kubelet:
                 where.mkdir(parents=True, exist_ok=True)
                 where.chmod(0o777)
                 if sub := mount.get("subPath"):
-                    where = where / sub
+                    where = where / sub  # made if missing, else left as the pod made it
                     where.mkdir(exist_ok=True)
-                    where.chmod(0o777)
                 binds.append(f"{where}:{mount['mountPath']}{suffix}")
             else:
                 tmpfs[mount["mountPath"]] = f"size=64m,uid={uid},gid={gid}"
@@ -586,8 +594,8 @@ class Kubelet:
     ) -> bool:
         """The readinessProbe's answer (httpGet), at most once per periodSeconds."""
         probe = container.get("readinessProbe")
-        if probe is None:
-            return True
+        if probe is None or "httpGet" not in probe:
+            return not paused  # no probe, or one not run here (grpc, exec): running is ready
         if address is None or paused:
             return False if paused else pod.ready  # a frozen process answers nothing
         loop = asyncio.get_running_loop()
