@@ -328,7 +328,8 @@ class Kubelet:
         while True:
             try:
                 await self.sync()
-            except Exception:  # a pod that cannot start: said in kubelet.log, the rest go on
+            except (docker.errors.DockerException, OSError, RuntimeError, KeyError):
+                # A pod that cannot start: said in kubelet.log, and the rest go on.
                 self.logs.mkdir(parents=True, exist_ok=True)
                 with (self.logs / "kubelet.log").open("a") as log:
                     log.write(traceback.format_exc())
