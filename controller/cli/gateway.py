@@ -5,7 +5,9 @@ pid), listens on HTTP and gRPC for callers and on ``DATA_DIR/gateway.sock``
 (0600) for its controller (:mod:`controller.gateway.control`). It holds
 early calls until a controller sends it a route table, then routes with the
 last table it got for as long as it runs: a controller killed, restarted or
-upgraded leaves it serving. SIGTERM stops it.
+upgraded leaves it serving. SIGTERM stops it. With ``--control-addr`` it
+also takes controllers over TCP (Kubernetes, where the controller is
+another pod), each proving ``--control-secret``; the Unix socket stays.
 
 :class:`Supervisor` is ``bhctl run``'s side: it adopts a gateway that is
 already running on the data directory, else starts one (a session of its
