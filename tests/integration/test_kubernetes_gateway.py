@@ -211,9 +211,11 @@ class Gateways:
         return [e for s in json.loads(listing.data)["items"] for e in s.get("endpoints") or []]
 
 
-def call(address: str, name: str, payload: Any, timeout: float = 30) -> tuple[int, Any]:
+def call(
+    address: str, name: str, payload: Any, timeout: float = 30, method: str = "echo"
+) -> tuple[int, Any]:
     request = urllib.request.Request(
-        f"http://{address}:8080/v1/namespaces/{NAMESPACE}/plugins/{name}/call/echo",
+        f"http://{address}:8080/v1/namespaces/{NAMESPACE}/plugins/{name}/call/{method}",
         data=json.dumps(payload).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
         method="POST",
@@ -228,8 +230,9 @@ def call(address: str, name: str, payload: Any, timeout: float = 30) -> tuple[in
 class Caller:
     """Calls through one replica, one after the other, until stopped: each answer's status."""
 
-    def __init__(self, address: str, name: str) -> None:
+    def __init__(self, address: str, name: str, method: str = "echo", payload: Any = None) -> None:
         self.address, self.name = address, name
+        self.method, self.payload = method, payload
         self.answers: list[tuple[int, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -246,7 +249,8 @@ class Caller:
         n = 0
         while not self._stop.is_set():
             try:
-                self.answers.append(call(self.address, self.name, {"n": n}))
+                payload = {"n": n} if self.payload is None else self.payload
+                self.answers.append(call(self.address, self.name, payload, method=self.method))
             except OSError as e:
                 self.answers.append((0, str(e)))
             n += 1
@@ -377,3 +381,65 @@ def test_a_frozen_replica_rolls_the_swap_back_and_the_other_keeps_answering(
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda a: call(a, "echo", {"after": True}), pods.values()))
     assert answers == [(200, {"after": True})] * 2
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_replica_frozen_after_holding_rolls_the_flip_back_on_every_replica(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    """Both replicas hold; one freezes while the swap drains; its flip is never acknowledged:
+    the swap rolls back (SwapFailedFlip) and the other replica never sends a call to green."""
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(env={"MARK": "old"}, **SWAP))
+    pods = _ready_everywhere(api, gateways, controller)
+    answering, frozen = sorted(pods)
+    blue = gateways.route(answering, "echo")
+    paused = gateways.docker.containers.get(gateways.container(frozen))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # A call in flight on blue keeps the drain waiting, with both replicas holding.
+        slow = pool.submit(
+            lambda: call(pods[answering], "echo", {"seconds": 6}, timeout=60, method="sleep")
+        )
+        wait_for(
+            lambda: gateways.status(answering)["plugins"][f"{NAMESPACE}/echo"]["inFlight"] == 1,
+            30,
+            "the slow call",
+        )
+        api.apply_plugin("echo", _spec("1.1.0", env={"MARK": "new"}, **SWAP))
+        wait_for(
+            lambda: all(
+                gateways.status(p)["plugins"][f"{NAMESPACE}/echo"]["holds"] == 1 for p in pods
+            ),
+            120,
+            f"both replicas holding ({controller.log})",
+        )
+        paused.pause()
+        try:
+            mark = {"argv": ["printenv", "MARK"]}  # which color answered
+            with Caller(pods[answering], "echo", "run", mark) as caller:
+                wait_for(
+                    lambda: (
+                        (api.status("echo").get("lastSwap") or {}).get("result") == "RolledBack"
+                    ),
+                    120,
+                    f"the swap rolled back ({controller.log})",
+                )
+                assert api.status("echo")["lastSwap"]["reason"] == "SwapFailedFlip"
+                assert api.status("echo")["activeColor"] == "blue"
+                assert gateways.route(answering, "echo") == blue
+                time.sleep(0.5)
+            assert caller.answers
+            assert caller.failed() == []
+            assert {a[1]["output"] for a in caller.answers} == {"old\n"}  # never green
+            assert slow.result()[0] == 200
+        finally:
+            paused.unpause()
+    wait_for(
+        lambda: gateways.status(frozen)["plugins"][f"{NAMESPACE}/echo"]["holds"] == 0,
+        60,
+        "the thawed replica released",
+    )
+    assert gateways.route(frozen, "echo") == blue
