@@ -250,7 +250,9 @@ class Caller:
         while not self._stop.is_set():
             try:
                 payload = {"n": n} if self.payload is None else self.payload
-                self.answers.append(call(self.address, self.name, payload, method=self.method))
+                self.answers.append(
+                    call(self.address, self.name, payload, timeout=150, method=self.method)
+                )
             except OSError as e:
                 self.answers.append((0, str(e)))
             n += 1
@@ -268,6 +270,10 @@ def gateways(api: Api, tmp_path: Path) -> Gateways:
 
 
 SWAP: dict[str, Any] = {"hotSwap": {"maxPauseMilliseconds": 60000, "drainTimeoutSeconds": 10}}
+LONG_DRAIN: dict[str, Any] = {
+    "hotSwap": {"maxPauseMilliseconds": 60000, "drainTimeoutSeconds": 120},
+    "gateway": {"timeoutSeconds": 120},
+}
 
 
 def _start(controller: KubeController, gateways: Gateways) -> None:
@@ -393,22 +399,23 @@ def test_a_replica_frozen_after_holding_rolls_the_flip_back_on_every_replica(
     the swap rolls back (SwapFailedFlip) and the other replica never sends a call to green."""
     controller = controllers[0]
     _start(controller, gateways)
-    api.apply_plugin("echo", _spec(env={"MARK": "old"}, **SWAP))
+    api.apply_plugin("echo", _spec(env={"MARK": "old"}, **LONG_DRAIN))
     pods = _ready_everywhere(api, gateways, controller)
     answering, frozen = sorted(pods)
     blue = gateways.route(answering, "echo")
     paused = gateways.docker.containers.get(gateways.container(frozen))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # A call in flight on blue keeps the drain waiting, with both replicas holding.
+        # A call in flight on blue keeps the drain waiting, with both replicas holding: long
+        # enough to outlast the new color's start on a loaded machine.
         slow = pool.submit(
-            lambda: call(pods[answering], "echo", {"seconds": 6}, timeout=60, method="sleep")
+            lambda: call(pods[answering], "echo", {"seconds": 45}, timeout=150, method="sleep")
         )
         wait_for(
             lambda: gateways.status(answering)["plugins"][f"{NAMESPACE}/echo"]["inFlight"] == 1,
             30,
             "the slow call",
         )
-        api.apply_plugin("echo", _spec("1.1.0", env={"MARK": "new"}, **SWAP))
+        api.apply_plugin("echo", _spec("1.1.0", env={"MARK": "new"}, **LONG_DRAIN))
         wait_for(
             lambda: all(
                 gateways.status(p)["plugins"][f"{NAMESPACE}/echo"]["holds"] == 1 for p in pods
