@@ -15,13 +15,11 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
-import io
 import json
 import os
 import secrets
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.error
@@ -35,7 +33,6 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from controller import __version__ as controller_version
 from controller.runtimes import container
 
 from . import kube
@@ -60,48 +57,43 @@ TOKEN = secrets.token_urlsafe(24)
 
 def _source_tag() -> str:
     digest = hashlib.sha256()
-    for path in sorted((TOP / "controller").rglob("*.py")):
+    sources = [*(TOP / "controller").rglob("*.py"), *(TOP / "sdk" / "blackhole_sdk").rglob("*.py")]
+    for path in sorted([*sources, TOP / "pyproject.toml", TOP / "sdk" / "pyproject.toml"]):
         digest.update(str(path.relative_to(TOP)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
 GATEWAY_IMAGE = f"blackhole/controller-test:{_source_tag()}"
-"""The controller image with this checkout's ``controller`` package (built when missing)."""
-
-DOCKERFILE = f"""\
-FROM blackhole/controller:{controller_version}
-USER root
-COPY controller /tmp/controller-source
-RUN target=$(python3 -c 'import controller, os; print(os.path.dirname(controller.__file__))') \\
-    && rm -rf "$target" && cp -r /tmp/controller-source "$target" \\
-    && rm -rf /tmp/controller-source && python3 -m compileall -q "$target"
-USER 65532:65532
-"""
+"""The controller image of this checkout (``images/controller/Dockerfile``, built when missing)."""
+BASE_IMAGE = "blackhole/base:bookworm"
 
 
-def _ensure_gateway_image(client: docker.DockerClient) -> None:
+def _ensure_gateway_image(client: docker.DockerClient, work: Path) -> None:
+    """Build the controller image from this checkout's wheels, as images/build.sh does, under
+    a tag of the test's own (the shared ``blackhole/controller`` may be of another checkout)."""
     try:
         client.images.get(GATEWAY_IMAGE)
         return
     except docker.errors.ImageNotFound:
         pass
     try:
-        client.images.get(f"blackhole/controller:{controller_version}")
+        client.images.get(BASE_IMAGE)
     except docker.errors.ImageNotFound:
-        pytest.fail(f"blackhole/controller:{controller_version} is missing: run images/build.sh")
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        data = DOCKERFILE.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        tar.add(
-            TOP / "controller",
-            arcname="controller",
-            filter=lambda member: None if "__pycache__" in member.name else member,
-        )
-    context.seek(0)
-    client.images.build(fileobj=context, custom_context=True, tag=GATEWAY_IMAGE, rm=True)
+        pytest.fail(f"{BASE_IMAGE} is missing: run images/base/build.sh")
+    wheels = work / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+         "--wheel-dir", str(wheels), "--find-links", str(wheels), str(TOP / "sdk"), str(TOP),
+         "pip"],
+        check=True,
+    )  # fmt: skip
+    client.images.build(
+        path=str(wheels),
+        dockerfile=str(TOP / "images" / "controller" / "Dockerfile"),
+        buildargs={"BASE_IMAGE": BASE_IMAGE},
+        tag=GATEWAY_IMAGE,
+        rm=True,
+    )
 
 
 def _render(tmp_path: Path) -> list[dict[str, Any]]:
@@ -265,7 +257,7 @@ class Caller:
 @pytest.fixture
 def gateways(api: Api, tmp_path: Path) -> Gateways:
     assert api.cluster is not None  # the stand-in runs the image built here
-    _ensure_gateway_image(get_engine(container.Engine.DOCKER).client)
+    _ensure_gateway_image(get_engine(container.Engine.DOCKER).client, tmp_path)
     return Gateways(api, tmp_path)
 
 
