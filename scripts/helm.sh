@@ -99,7 +99,8 @@ render_manifests() {
   # The plain manifests read the gateway's tokens from a Secret the operator
   # creates (deploy/kubernetes/README.md): no token hash is shipped.
   run_helm template blackhole "$chart" --namespace blackhole-system \
-    --set gateway.tokens.existingSecret=blackhole-gateway-tokens >"$out.new"
+    --set gateway.tokens.existingSecret=blackhole-gateway-tokens \
+    --set gateway.controlSecret.existingSecret=blackhole-gateway-control >"$out.new"
   mv -f "$out.new" "$out"
   bh_log "rendered $out"
 }

@@ -5,7 +5,9 @@ pid), listens on HTTP and gRPC for callers and on ``DATA_DIR/gateway.sock``
 (0600) for its controller (:mod:`controller.gateway.control`). It holds
 early calls until a controller sends it a route table, then routes with the
 last table it got for as long as it runs: a controller killed, restarted or
-upgraded leaves it serving. SIGTERM stops it.
+upgraded leaves it serving. SIGTERM stops it. With ``--control-addr`` it
+also takes controllers over TCP (Kubernetes, where the controller is
+another pod), each proving ``--control-secret``; the Unix socket stays.
 
 :class:`Supervisor` is ``bhctl run``'s side: it adopts a gateway that is
 already running on the data directory, else starts one (a session of its
@@ -62,6 +64,10 @@ class GatewayOptions:
     metrics_address: str | None = None
     """Its own /metrics (the controller's /metrics carries its series in any case)."""
     ready_timeout: float = gateway_server.READY_TIMEOUT
+    control_address: str | None = None
+    """Also take controllers on TCP, HOST:PORT (Kubernetes: the controller is another pod)."""
+    control_secret: Path | None = None
+    """The secret a controller proves on ``control_address``."""
 
     def arguments(self) -> list[str]:
         """This, as ``bhctl gateway`` options."""
@@ -77,6 +83,10 @@ class GatewayOptions:
             args += ["--tokens", str(self.tokens)]
         if self.metrics_address:
             args += ["--metrics-addr", self.metrics_address]
+        if self.control_address:
+            args += ["--control-addr", self.control_address]
+        if self.control_secret is not None:
+            args += ["--control-secret", str(self.control_secret)]
         return args
 
 
@@ -110,6 +120,13 @@ def _lock(data_dir: Path) -> contextlib.AbstractContextManager[None]:
 
 async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
     """Run the gateway until SIGTERM/SIGINT."""
+    secret = None
+    if options.control_address:
+        if options.control_secret is None:
+            raise control.ControlSecretError(
+                "--control-addr takes controllers over the network: give --control-secret FILE"
+            )
+        secret = control.SharedSecret.load(options.control_secret)
     with _lock(options.data_dir):
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -118,7 +135,7 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         metrics = telemetry.Metrics(version=controller.__version__)
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
-        plugins = client.Clients()
+        plugins = client.Clients(tokens=lambda endpoint: controls.tokens.get(endpoint))
         # At once, while the table that routes calls there is applied: see Clients.forget.
         controls = control.ControlServer(routes, about=about, replaced=plugins.forget)
         gateway = gateway_server.Gateway(
@@ -139,6 +156,9 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             about["requested"] = {"http": options.address, "grpc": options.grpc_address or ""}
             # Callers may connect from now on: their calls wait for the first table.
             await controls.start(control_socket(options.data_dir))
+            if options.control_address and secret is not None:
+                bound["control"] = await controls.start_tcp(options.control_address, secret)
+                log.info("gateway: control on %s (shared secret)", bound["control"])
             log.info("gateway %s: waiting for routes (pid %d)", controller.__version__, os.getpid())
             await stop.wait()
         finally:

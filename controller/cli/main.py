@@ -222,7 +222,24 @@ def run_controller(
         help="process: the gateway in a process of its own, adopted if one runs on the data "
         "directory, else started and supervised (it outlives the controller); external: one "
         "started with bhctl gateway, never started here; in-process: inside the controller. "
-        "On Kubernetes always in-process.",
+        "On Kubernetes: in the leader's pod, unless --gateway-service.",
+    ),
+    gateway_service: str = typer.Option(
+        "",
+        "--gateway-service",
+        help="With --kubernetes: the headless Service of the gateway's own Deployment; the "
+        "controller sends its routes to every endpoint (port named control).",
+    ),
+    gateway_control_secret: Path | None = typer.Option(
+        None,
+        "--gateway-control-secret",
+        help="With --gateway-service: the file of the secret the gateways ask for.",
+    ),
+    gateway_ack_timeout: float = typer.Option(
+        2.0,
+        "--gateway-ack-timeout",
+        min=0.05,
+        help="Seconds every gateway has to acknowledge a swap's hold and flip, else it rolls back.",
     ),
     gateway_hold_lease: float = typer.Option(
         3.0,
@@ -334,6 +351,8 @@ def run_controller(
                 retry_seconds=retry_seconds,
                 identity=pod or f"{socket.gethostname()}-{os.getpid()}",
                 pod=pod,
+                gateway_service=gateway_service or None,
+                gateway_control_secret=gateway_control_secret,
             )
             kubernetes.lease()
         except ValueError as e:
@@ -374,6 +393,7 @@ def run_controller(
         policy=policy,
         gateway_mode=gateway_mode,
         hold_lease=gateway_hold_lease,
+        ack_timeout=gateway_ack_timeout,
     )
     try:
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
@@ -408,6 +428,16 @@ def run_gateway(
         "--ready-timeout",
         min=0.0,
         help="Seconds a call waits for the first route table after a start, then 503.",
+    ),
+    control_addr: str = typer.Option(
+        "",
+        "--control-addr",
+        help="Also take controllers on TCP, HOST:PORT (Kubernetes), with --control-secret.",
+    ),
+    control_secret: Path | None = typer.Option(
+        None,
+        "--control-secret",
+        help="File of the secret a controller proves on --control-addr (16 bytes or more).",
     ),
     stop: bool = typer.Option(
         False, "--stop", help="Stop the gateway running on the data directory, and exit."
@@ -459,6 +489,8 @@ def run_gateway(
             limits=limits,
             metrics_address=metrics_addr or None,
             ready_timeout=ready_timeout,
+            control_address=control_addr or None,
+            control_secret=control_secret,
         )
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
             runner.run(gateway.serve(settings, found))

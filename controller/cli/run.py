@@ -83,6 +83,11 @@ class KubernetesOptions:
     retry_seconds: float = 2.0
     identity: str = ""
     pod: str | None = None
+    gateway_service: str | None = None
+    """The headless Service of the gateway's own Deployment: the controller sends routes to
+    each of its endpoints. None: the gateway runs in the leader's pod."""
+    gateway_control_secret: Path | None = None
+    """The secret the controller proves to those gateways."""
 
     def lease(self) -> lease.Settings:
         return lease.Settings(
@@ -126,9 +131,12 @@ class Options:
     plugin_root: Path | None = None
     """Where the process runtime finds plugin directories (default ``data_dir/plugins``)."""
     gateway_mode: GatewayMode = GatewayMode.PROCESS
-    """Ignored on Kubernetes, where the gateway runs in the controller's pod."""
+    """Ignored on Kubernetes, where the gateway runs in the controller's pod or, with
+    ``kubernetes.gateway_service``, as a Deployment of its own."""
     hold_lease: float = control_protocol.DEFAULT_LEASE
     """Seconds the gateway keeps a hold this controller stops renewing."""
+    ack_timeout: float = control_protocol.ACK_TIMEOUT
+    """Seconds every gateway has to acknowledge a swap's hold and its flip."""
     gateway_ready_timeout: float = gateway_server.READY_TIMEOUT
 
     def gateway_options(self) -> gateway_process.GatewayOptions:
@@ -144,6 +152,11 @@ class Options:
     @property
     def separate_gateway(self) -> bool:
         return self.kubernetes is None and self.gateway_mode is not GatewayMode.IN_PROCESS
+
+    @property
+    def gateway_replicas(self) -> bool:
+        """The gateway is a Deployment of its own, of replicas found from its Service."""
+        return self.kubernetes is not None and self.kubernetes.gateway_service is not None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -517,72 +530,19 @@ async def _lead(
     """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
     records = store.Store(options.data_dir / "state.db", metrics.stores)
     work = queue.WorkQueue()
-    remote: control_protocol.RemoteRoutes | None = None
+    plane = _Plane()
 
     def enqueue(key: str) -> None:
         work.add(key)
-        if remote is not None:
-            remote.changed()  # the declared plugins may differ: the gateway's table too
+        if plane.remote is not None:
+            plane.remote.changed()  # the declared plugins may differ: the gateway's table too
 
-    source: sources_base.Source
-    runtime: base.Runtime
-    plugins: client.Clients
-    images: registry.Images | None = None
-    if options.kubernetes is not None:
-        k8s = options.kubernetes
-        source = kubernetes_source.KubernetesSource(
-            api,
-            records,
-            work.add,
-            namespaces=k8s.namespaces,
-            resync_seconds=options.resync_seconds,
-        )
-        backend = kubernetes_runtime.KubernetesRuntime(
-            kubernetes_runtime.Settings(
-                controller_id=options.controller_id,
-                controller_namespace=k8s.controller_namespace,
-                namespaces=k8s.namespaces,
-            ),
-            api,
-        )
-        runtime, plugins = backend, client.Clients(tokens=backend.token)
-        log.info(
-            "controller %s on Kubernetes (%s), data in %s",
-            options.controller_id,
-            ", ".join(k8s.namespaces) or "all namespaces",
-            options.data_dir,
-        )
-    else:
-        source = directory.DirectorySource(
-            options.specs, records, enqueue, resync_seconds=options.resync_seconds
-        )
-        runtime = await _runtime(options)
-        plugins = _Clients(lambda endpoint: remote.dropped(endpoint) if remote else None)
-        if isinstance(runtime, container.ContainerRuntime):
-            images = runtime  # bundles' images are loaded into the engine
-    routes: router.Router | control_protocol.RemoteRoutes
-    gateway: gateway_server.Gateway | None = None
-    supervisor: gateway_process.Supervisor | None = None
-    if options.separate_gateway:
-        if options.gateway_mode is GatewayMode.PROCESS:
-            supervisor = gateway_process.Supervisor(options.gateway_options())
-        remote = routes = control_protocol.RemoteRoutes(
-            gateway_process.control_socket(options.data_dir),
-            _declared(source),
-            lease=options.hold_lease,
-            about={"pid": os.getpid(), "controllerVersion": controller.__version__},
-            on_down=supervisor.ensure if supervisor is not None else None,
-            on_up=functools.partial(_gateway_up, options.data_dir, bound, supervisor),
-        )
-        metrics.relay_gateway()
-        exposition_server.extra = functools.partial(
-            control_protocol.fetch_metrics, gateway_process.control_socket(options.data_dir)
-        )
-    else:
-        routes = router.Router(metrics)
-        gateway = gateway_server.Gateway(
-            _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
-        )
+    source, runtime, plugins, images = await _backend(options, api, records, enqueue, plane)
+    _data_plane(options, plane, source, runtime, plugins, tokens, metrics, exposition_server,
+                bound, api)  # fmt: skip
+    routes, remote, gateway = plane.routes, plane.remote, plane.gateway
+    supervisor, replicas = plane.supervisor, plane.replicas
+    assert routes is not None
     states = snapshots.Snapshots(options.data_dir / "snapshots.db", health=metrics.stores)
     # On Kubernetes the nodes pull images: bundles there name images a registry serves.
     bundles = registry.Registry(registry_settings(options), images)
@@ -591,6 +551,8 @@ async def _lead(
         for path, why in sorted(refused.items()):
             log.error("plugin bundle %s refused: %s", path, why)
         log.info("%d bundle(s) installed from %s", len(installed), options.plugins_dir)
+    if remote is not None:
+        remote.on_released = functools.partial(_released, source, metrics)
     control = manager.Manager(
         source,
         runtime,
@@ -625,7 +587,9 @@ async def _lead(
     try:
         if gateway is not None:
             bound.update(await gateway.start(options.gateway_address, options.gateway_grpc_address))
-        if remote is not None:
+        if replicas is not None and remote is not None:
+            connection = await _reach_replicas(source, runtime, remote, replicas, stop)
+        elif remote is not None:
             connection = await _adopt_gateway(options, source, runtime, remote, supervisor, stop)
         else:
             write_addresses(options.data_dir, bound)
@@ -640,6 +604,8 @@ async def _lead(
             await holding
         if gateway is not None:
             await gateway.stop()
+        if replicas is not None:
+            replicas.stop()
         if remote is not None:
             await remote.close()
         if connection is not None:
@@ -650,6 +616,128 @@ async def _lead(
             down, control, options, admin, (plugins.close, runtime.close),
             (states.close, bundles.close, records.close),
         )  # fmt: skip
+
+
+@dataclass
+class _Plane:
+    """How calls reach the plugins: the gateway in this process, or gateways of their own
+    (a process on this host, or a Deployment's replicas on Kubernetes) driven over the
+    control protocol."""
+
+    routes: router.Router | control_protocol.RemoteRoutes | None = None
+    remote: control_protocol.RemoteRoutes | None = None
+    gateway: gateway_server.Gateway | None = None
+    supervisor: gateway_process.Supervisor | None = None
+    replicas: kubernetes_runtime.GatewayReplicas | None = None
+
+
+async def _backend(
+    options: Options,
+    api: Any,
+    records: store.Store,
+    enqueue: Callable[[str], None],
+    plane: _Plane,
+) -> tuple[sources_base.Source, base.Runtime, client.Clients, registry.Images | None]:
+    """Where specs come from and where instances run: Kubernetes, or a directory and an
+    engine (or processes) on this host."""
+    source: sources_base.Source
+    runtime: base.Runtime
+    plugins: client.Clients
+    images: registry.Images | None = None
+    if options.kubernetes is not None:
+        k8s = options.kubernetes
+        source = kubernetes_source.KubernetesSource(
+            api,
+            records,
+            enqueue,
+            namespaces=k8s.namespaces,
+            resync_seconds=options.resync_seconds,
+        )
+        backend = kubernetes_runtime.KubernetesRuntime(
+            kubernetes_runtime.Settings(
+                controller_id=options.controller_id,
+                controller_namespace=k8s.controller_namespace,
+                namespaces=k8s.namespaces,
+            ),
+            api,
+        )
+        runtime, plugins = backend, client.Clients(tokens=backend.token)
+        log.info(
+            "controller %s on Kubernetes (%s), data in %s",
+            options.controller_id,
+            ", ".join(k8s.namespaces) or "all namespaces",
+            options.data_dir,
+        )
+    else:
+        source = directory.DirectorySource(
+            options.specs, records, enqueue, resync_seconds=options.resync_seconds
+        )
+        runtime = await _runtime(options)
+        plugins = _Clients(
+            lambda endpoint: plane.remote.dropped(endpoint) if plane.remote else None
+        )
+        if isinstance(runtime, container.ContainerRuntime):
+            images = runtime  # bundles' images are loaded into the engine
+    return source, runtime, plugins, images
+
+
+def _data_plane(
+    options: Options,
+    plane: _Plane,
+    source: sources_base.Source,
+    runtime: base.Runtime,
+    plugins: client.Clients,
+    tokens: auth.Tokens | None,
+    metrics: telemetry.Metrics,
+    exposition_server: exposition.MetricsServer,
+    bound: dict[str, str],
+    api: Any,
+) -> None:
+    """Set up ``plane``: the gateway this controller runs or drives."""
+    if options.separate_gateway:
+        if options.gateway_mode is GatewayMode.PROCESS:
+            plane.supervisor = gateway_process.Supervisor(options.gateway_options())
+        plane.remote = plane.routes = remote = control_protocol.RemoteRoutes(
+            gateway_process.control_socket(options.data_dir),
+            _declared(source),
+            lease=options.hold_lease,
+            about={"pid": os.getpid(), "controllerVersion": controller.__version__},
+            on_down=plane.supervisor.ensure if plane.supervisor is not None else None,
+            on_up=functools.partial(_gateway_up, options.data_dir, bound, plane.supervisor),
+        )
+        metrics.relay_gateway()
+        exposition_server.extra = functools.partial(
+            control_protocol.fetch_metrics, gateway_process.control_socket(options.data_dir)
+        )
+    elif options.gateway_replicas:
+        assert options.kubernetes is not None
+        assert isinstance(runtime, kubernetes_runtime.KubernetesRuntime)
+        secret = options.kubernetes.gateway_control_secret
+        if secret is None:
+            raise control_protocol.ControlSecretError(
+                "--gateway-service needs --gateway-control-secret FILE: the gateways take "
+                "routes only from a controller that proves it"
+            )
+        plane.remote = plane.routes = remote = control_protocol.RemoteRoutes(
+            None,
+            _declared(source),
+            lease=options.hold_lease,
+            about={"pid": os.getpid(), "controllerVersion": controller.__version__},
+            secret=control_protocol.SharedSecret.load(secret),
+            ack_timeout=options.ack_timeout,
+        )
+        remote.carry_tokens(runtime.token)
+        plane.replicas = kubernetes_runtime.GatewayReplicas(
+            api,
+            options.kubernetes.controller_namespace,
+            options.kubernetes.gateway_service or "",
+            functools.partial(_replicas_changed, remote),
+        )
+    else:
+        plane.routes = routes = router.Router(metrics)
+        plane.gateway = gateway_server.Gateway(
+            _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
+        )
 
 
 async def _close(
@@ -770,6 +858,71 @@ async def _adopt_gateway(
             asked,
         )
     return connection
+
+
+async def _reach_replicas(
+    source: sources_base.Source,
+    runtime: base.Runtime,
+    remote: control_protocol.RemoteRoutes,
+    replicas: kubernetes_runtime.GatewayReplicas,
+    stop: asyncio.Event,
+) -> asyncio.Task[None]:
+    """Find the gateway's replicas and send each the table rebuilt from the store."""
+    replicas.start()
+    connection = asyncio.create_task(remote.run(stop), name="gateway-control")
+    routed = await resync_from_store(source, runtime, remote)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(replicas.synced.wait(), ADOPT_TIMEOUT)
+    remote.start_syncing()
+    found = replicas.replicas()
+    log.info(
+        "gateway: %d replica(s) behind Service %s; sending them %d route(s) rebuilt from the store",
+        len(found),
+        replicas.service,
+        routed,
+    )
+    return connection
+
+
+def _replicas_changed(
+    remote: control_protocol.RemoteRoutes,
+    found: dict[str, kubernetes_runtime.GatewayEndpoint],
+) -> None:
+    remote.set_gateways(
+        {
+            name: control_protocol.Replica(
+                control_protocol.Address(host=endpoint.host, port=endpoint.port), endpoint.ready
+            )
+            for name, endpoint in found.items()
+        }
+    )
+
+
+def _released(
+    source: sources_base.Source, metrics: telemetry.Metrics, gateway: str, record: dict[str, Any]
+) -> None:
+    """A gateway released holds by itself: count it, and say so on each plugin."""
+    cause = str(record.get("cause") or "Unknown")
+    why = {
+        "LeaseLapsed": f"this controller did not renew its hold within {record.get('lease')}s",
+        "ControllerGone": "its connection to the controller closed",
+    }.get(cause, cause)
+    for key in record.get("plugins") or []:
+        metrics.hold_releases.labels(str(key), gateway, cause).inc()
+        task = asyncio.get_running_loop().create_task(
+            source.record_event(
+                str(key),
+                "Warning",
+                "GatewayHoldReleased",
+                f"gateway {gateway} released the held calls by itself ({why}): they went to "
+                "the last route it had",
+            )
+        )
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _gateway_up(

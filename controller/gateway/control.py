@@ -1,58 +1,98 @@
-"""The control protocol between the controller and a gateway in its own process.
+"""The control protocol between the controller and gateways in processes of their own.
 
-One Unix socket (``DATA_DIR/gateway.sock``, mode 0600, its peers checked to
-be the gateway's own user) carries newline-delimited JSON. The controller
-speaks first, ``{"type": "hello", "versions": [1], "role": "controller"}``;
-the gateway answers with the highest version both speak, its pid and the
-addresses it listens on, or ``{"type": "refused", "reason":
+On one host, one Unix socket (``DATA_DIR/gateway.sock``, mode 0600, its
+peers checked to be the gateway's own user) carries newline-delimited JSON.
+On Kubernetes each gateway replica listens on TCP on the pod network too
+(``bhctl gateway --control-addr``), and there it speaks first:
+``{"type": "challenge", "nonce": ...}``; the controller's hello carries
+``proof``, HMAC-SHA256 of the nonce under a secret both hold
+(:class:`SharedSecret`, from a Secret), which the gateway compares in
+constant time, else it answers ``refused`` with reason ``Unauthenticated``
+and closes. The Unix socket asks for no proof. Then, on either transport,
+the controller speaks, ``{"type": "hello", "versions": [1], "role":
+"controller"}``; the gateway answers with the highest version both speak,
+its pid and the addresses it listens on, or ``{"type": "refused", "reason":
 "ProtocolUnsupported", "message": ...}`` and closes: an old gateway and a
 new controller (or the reverse) work together while they share a version,
 and say so clearly when they do not. Then each message carries an ``id``
 and is answered ``{"id": N, "ok": true, ...}`` or ``{"id": N, "error": ...,
-"reason": ...}``; messages are applied in the order sent:
+"reason": ...}``; messages are applied in the order sent, so an answer to
+message N says that every message before it was applied too:
 
 - ``routes``: the **whole** route table: every declared plugin with its
-  limits, whom it may call, and its endpoint (``null``: declared, not Ready,
-  503). Level-triggered: the controller sends it on every change and on
-  every (re)connect, never a delta that could be lost; the gateway replaces
-  what it had. A gateway answers calls only once it has a table (until then
-  it holds them, at most :data:`~controller.gateway.server.READY_TIMEOUT`),
+  limits, whom it may call, its endpoint (``null``: declared, not Ready,
+  503) and, on Kubernetes, the protocol ``token`` its instance asks for.
+  Level-triggered: the controller sends it on every change and on every
+  (re)connect, never a delta that could be lost; the gateway replaces what
+  it had. A gateway answers calls only once it has a table (until then it
+  holds them, at most :data:`~controller.gateway.server.READY_TIMEOUT`),
   and keeps its last table for as long as no controller sends another.
 - ``holds``: the whole set of plugins this controller holds (key to count)
   and a lease in seconds. The controller sends it on each hold and release
   and renews it every third of the lease while it holds anything. A hold
   whose lease lapses, or whose controller's connection closes, is
   released at once to the route of the last table: a controller killed
-  mid-hold never freezes traffic.
+  mid-hold never freezes traffic. The gateway then tells the controller
+  ``{"type": "released", "plugins": [...], "cause": "LeaseLapsed" |
+  "ControllerGone", "lease": s}`` (no ``id``): at once if it is still
+  connected, else the next controller that connects, which records an
+  event on each plugin and counts ``blackhole_gateway_hold_releases_total``.
 - ``wait_idle``: wait until no call is in flight to an endpoint (a swap's
   drain), at most ``timeout`` seconds; answers ``left``.
 - ``status``: each plugin's endpoint, calls in flight and held, holds.
 - ``metrics``: the gateway's ``blackhole_gateway_*`` series in Prometheus'
   text format (the controller serves them on its own ``/metrics``).
 
-Version 1 is this text. A new message type, or a new field that a gateway
-may ignore, keeps the version (a gateway answers an unknown type with
-reason ``UnknownMessage``); any other change (a field of ``models.Gateway``
-included: the gateway validates entries strictly) adds a version.
+Version 1 is this text. A new message type, or a new field that the other
+side may ignore (``token``, ``released``, ``challenge`` on the new TCP
+transport), keeps the version (a gateway answers an unknown type with
+reason ``UnknownMessage``, a controller ignores what it does not know); any
+other change (a field of ``models.Gateway`` included: the gateway validates
+entries strictly) adds a version.
 
 Commit rule: the controller records a flip in its store before it sends the
 table with the new route, and a controller that starts again sends the
-table it rebuilds from its store, so the store and not the gateway is the
+table it rebuilds from its store, so the store and not a gateway is the
 truth about which color is active.
+
+Several replicas (Kubernetes): the controller keeps a connection to each
+replica it finds (:class:`RemoteRoutes`, :meth:`RemoteRoutes.set_gateways`)
+and sends each the same table and holds. A swap holds on every replica and
+waits until each acknowledges the hold (:meth:`RemoteRoutes.acknowledged`),
+records the flip in its store, sends the new table and waits until each
+acknowledges it, and only then releases: flipped on every replica or on
+none. If any replica does not acknowledge the hold or the flip within
+``ack_timeout``, the swap rolls back: the old route goes to every replica
+before the release does, so the replicas that answered never route to the
+new color, and one that was frozen applies hold, flip and rollback in the
+order sent when it thaws (or its lease lapses first, releasing to its last
+table). A replica that joins mid-swap (a new pod, or one reconnecting) is
+brought in line on connecting: before anything else it gets the whole table
+as committed and the current hold set, so it holds the swapping plugin's
+calls with the others, takes the flip when it is sent to all, and is
+released with them; it is counted in the swap's acknowledgements from then
+on. A replica not yet ready (no table, so no calls) is not waited for
+until it connects; a ready one that is not connected fails the swap, as it
+could not hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
+import hmac
 import itertools
 import json
 import logging
 import os
+import secrets
 import socket
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -62,6 +102,7 @@ from prometheus_client.registry import Collector
 
 from controller.errors import ControllerError
 from controller.gateway import router
+from controller.metrics import exposition, telemetry
 from controller.spec import models
 
 log = logging.getLogger(__name__)
@@ -74,7 +115,10 @@ HELLO_TIMEOUT = 5.0
 DEFAULT_LEASE = 3.0
 """Seconds a controller's holds last without a renewal."""
 MAX_LEASE = 60.0
+ACK_TIMEOUT = 2.0
+"""Seconds every gateway has to acknowledge a swap's hold and its flip before it rolls back."""
 METRICS_PREFIX = "blackhole_gateway_"
+SECRET_MIN_BYTES = 16
 
 
 class GatewayUnavailableError(ControllerError):
@@ -83,6 +127,84 @@ class GatewayUnavailableError(ControllerError):
 
 class GatewayProtocolError(ControllerError):
     """The gateway and the controller speak no common control protocol version."""
+
+
+class ControlSecretError(ControllerError):
+    """The control listener's shared secret cannot be read, or is too short."""
+
+
+class SharedSecret:
+    """How a gateway listening on TCP knows its controller, and the reverse: a secret both hold.
+
+    The gateway sends a fresh nonce; the controller answers with
+    HMAC-SHA256(secret, nonce), which the gateway compares in constant time.
+    The secret itself never crosses the network, and an answer overheard is
+    worth nothing for the next nonce. (Mutual TLS would take this class's
+    place: it is the one thing the TCP listener and its client ask of their
+    peer.)
+    """
+
+    CONTEXT = b"blackhole-control-v1:"
+
+    def __init__(self, secret: bytes) -> None:
+        secret = secret.strip()
+        if len(secret) < SECRET_MIN_BYTES:
+            raise ControlSecretError(
+                f"the control secret has {len(secret)} bytes, fewer than {SECRET_MIN_BYTES}: "
+                "make one with e.g. `head -c 32 /dev/urandom | base64`"
+            )
+        self._secret = secret
+
+    @classmethod
+    def load(cls, path: Path) -> SharedSecret:
+        try:
+            return cls(path.read_bytes())
+        except OSError as e:
+            raise ControlSecretError(f"cannot read the control secret {path}: {e.strerror}") from e
+
+    @staticmethod
+    def challenge() -> str:
+        return secrets.token_hex(32)
+
+    def proof(self, nonce: str) -> str:
+        return hmac.new(self._secret, self.CONTEXT + nonce.encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, nonce: str, proof: object) -> bool:
+        given = proof.encode() if isinstance(proof, str) else b""
+        return hmac.compare_digest(self.proof(nonce).encode(), given)
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a gateway's control listener is: a Unix socket (one host) or TCP (a pod network)."""
+
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def tcp(self) -> bool:
+        return self.path is None
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.path is not None:
+            return await asyncio.open_unix_connection(str(self.path), limit=MAX_MESSAGE_BYTES)
+        return await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=MAX_MESSAGE_BYTES), HELLO_TIMEOUT
+        )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``) as its parts."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 class RouteEntry(TypedDict):
@@ -97,6 +219,8 @@ class RouteEntry(TypedDict):
     callPlugins: list[str]
     preview: NotRequired[str | None]
     """The endpoint of a swap's new color, while preview calls may reach it."""
+    token: NotRequired[str]
+    """The protocol token the instance asks for (Kubernetes: the gateway is another pod)."""
 
 
 def entry(
@@ -151,7 +275,11 @@ class _GatewayMetrics(Collector):
         self.registry = registry
 
     def collect(self) -> list[Metric]:
-        return [m for m in self.registry.collect() if m.name.startswith(METRICS_PREFIX)]
+        return [
+            m
+            for m in self.registry.collect()
+            if m.name.startswith(METRICS_PREFIX) and m.name != telemetry.HOLD_RELEASES
+        ]
 
 
 class _Peer:
@@ -179,6 +307,8 @@ class ControlServer:
         self.replaced = replaced
         """Told of an endpoint whose instance was replaced: its channel is stale."""
         self.incarnations: dict[str, int] = {}
+        self.tokens: dict[str, str] = {}
+        """Endpoint to the protocol token its instance asks for, as the table says."""
         self.table: dict[str, router.Declared] = {}
         """The declared plugins of the last table: the gateway's lookup."""
         self.ready = asyncio.Event()
@@ -189,7 +319,10 @@ class ControlServer:
         self.generation = 0
         """Tables applied since the gateway started."""
         self._server: asyncio.AbstractServer | None = None
+        self._tcp: asyncio.AbstractServer | None = None
         self._peers: set[_Peer] = set()
+        self._unreported: list[dict[str, Any]] = []
+        """Holds this gateway released by itself that no controller was told of yet."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = CollectorRegistry(auto_describe=False)
         self._metrics.register(_GatewayMetrics(routes.metrics.registry))
@@ -209,7 +342,28 @@ class ControlServer:
             os.umask(previous)
         path.chmod(0o600)
 
+    async def start_tcp(self, address: str, secret: SharedSecret) -> str:
+        """Listen on ``HOST:PORT`` too (a pod network), for controllers that prove ``secret``.
+
+        Returns the address listened on (port 0 picks a free one).
+        """
+        host, port = split_address(address)
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            await exposition.bind(listener, (host, port), "gateway control")
+        except OSError:
+            listener.close()
+            raise
+        self._tcp = await asyncio.start_server(
+            functools.partial(self._serve, secret=secret), sock=listener, limit=MAX_MESSAGE_BYTES
+        )
+        bound = listener.getsockname()[1]
+        return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+
     async def stop(self) -> None:
+        if self._tcp is not None:
+            self._tcp.close()
         if self._server is not None:
             self._server.close()
         for peer in list(self._peers):
@@ -229,6 +383,11 @@ class ControlServer:
         }
         self.table = table
         self.router.metrics.gateway_plugins(table)
+        self.tokens = {
+            str(item["endpoint"]): str(item["token"])
+            for item in routes.values()
+            if item.get("endpoint") and item.get("token")
+        }
         for item in routes.values():
             endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
             if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:
@@ -264,7 +423,28 @@ class ControlServer:
             lease,
             ", ".join(sorted(peer.holds)),
         )
+        self._note_released(peer, "LeaseLapsed", lease)
         self._release_all(peer)
+
+    def _note_released(self, peer: _Peer, cause: str, lease: float) -> None:
+        """Tell the controller of holds released without it: at once if it is still
+        connected (its lease lapsed), else the next controller that connects."""
+        if not peer.holds:
+            return
+        record = {"plugins": sorted(peer.holds), "cause": cause, "lease": lease}
+        self._unreported.append(record)
+        del self._unreported[:-100]
+        self._report()
+
+    def _report(self) -> None:
+        controllers = [p for p in self._peers if p.role == "controller"]
+        if not self._unreported or not controllers:
+            return
+        for peer in controllers:
+            if not peer.writer.is_closing():
+                for record in self._unreported:
+                    peer.writer.write(_line({"type": "released", **record}))
+        self._unreported.clear()
 
     def _release_all(self, peer: _Peer) -> None:
         if peer.lapse is not None:
@@ -287,15 +467,48 @@ class ControlServer:
 
     # Serving.
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        secret: SharedSecret | None = None,
+    ) -> None:
         sock = writer.get_extra_info("socket")
-        if sock is not None and _peer_uid(sock) not in (os.geteuid(), 0):
+        if secret is None and sock is not None and _peer_uid(sock) not in (os.geteuid(), 0):
             writer.close()
             return
+        if secret is not None and sock is not None:
+            # Small messages each awaited by the other side: Nagle's algorithm with
+            # delayed ACKs would add 40 ms to each (asyncio sets it only for sockets
+            # it made itself).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer: _Peer | None = None
+        lease = DEFAULT_LEASE
         try:
+            nonce = ""
+            if secret is not None:
+                nonce = secret.challenge()
+                writer.write(_line({"type": "challenge", "nonce": nonce}))
             hello = await asyncio.wait_for(_read(reader), HELLO_TIMEOUT)
             if hello is None or hello.get("type") != "hello":
+                return
+            if secret is not None and not secret.verify(nonce, hello.get("proof")):
+                log.warning(
+                    "gateway: refused a control connection from %s: wrong or no proof of "
+                    "the shared secret",
+                    writer.get_extra_info("peername"),
+                )
+                writer.write(
+                    _line(
+                        {
+                            "type": "refused",
+                            "reason": "Unauthenticated",
+                            "message": "this gateway's control listener asks for its shared "
+                            "secret, and the proof given does not match it",
+                        }
+                    )
+                )
+                await writer.drain()
                 return
             version = choose_version(list(hello.get("versions") or []), self.versions)
             if version is None:
@@ -329,7 +542,12 @@ class ControlServer:
                     }
                 )
             )
+            if peer.role == "controller":
+                self._report()
             while (message := await _read(reader)) is not None:
+                if message.get("type") == "holds":
+                    with contextlib.suppress(TypeError, ValueError):
+                        lease = float(message.get("lease", DEFAULT_LEASE))
                 self._handle(peer, message)
         except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
             log.debug("gateway: a control connection ended: %s", e)
@@ -341,6 +559,7 @@ class ControlServer:
                         "gateway: the controller went away; released %s",
                         ", ".join(sorted(peer.holds)),
                     )
+                    self._note_released(peer, "ControllerGone", lease)
                 self._release_all(peer)
             writer.close()
 
@@ -387,28 +606,77 @@ class ControlServer:
 
 DeclaredPlugins = Callable[[], dict[str, router.Declared]]
 """Every plugin the controller declares now, with its limits."""
+Released = Callable[[str, dict[str, Any]], None]
+"""Told (gateway, record) of holds a gateway released by itself: ``plugins``, ``cause``
+(``LeaseLapsed`` or ``ControllerGone``) and ``lease``."""
+LOCAL = "local"
+"""The name of the one gateway of a single host."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A gateway the controller found: where its control listener is, and whether it serves."""
+
+    address: Address
+    ready: bool = True
+    """A ready replica takes calls: a swap needs its acknowledgements, connected or not.
+    One that is not ready (it has no table yet) is waited for only once connected."""
+
+
+class _Link:
+    """One gateway's control connection, and what was sent on it."""
+
+    def __init__(self, name: str, replica: Replica) -> None:
+        self.name = name
+        self.replica = replica
+        self.writer: asyncio.StreamWriter | None = None
+        self.hello: dict[str, Any] = {}
+        self.sent: dict[str, RouteEntry] | None = None
+        """The table last sent on this connection."""
+        self.last_change = 0
+        """The id of the last routes or holds message sent."""
+        self.applied = 0
+        """The highest id the gateway answered: it applied everything up to it, in order."""
+        self.progress = asyncio.Event()
+        """Set at each answer and at each disconnection."""
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.task: asyncio.Task[None] | None = None
 
 
 class RemoteRoutes:
-    """The swap coordinator's and the reconciler's ``Routes``, kept in a gateway process.
+    """The swap coordinator's and the reconciler's ``Routes``, kept in gateway processes.
 
     ``set_route``, ``clear_route``, ``hold`` and ``release`` change what this
     controller wants and send it at once (the whole table, the whole hold
-    set); a connection that breaks and comes back gets both again. Nothing
-    is sent before :meth:`start_syncing`: a controller that has not yet read
-    its specs and store would send an empty table.
+    set) to every gateway; a connection that breaks and comes back gets both
+    again. Nothing is sent before :meth:`start_syncing`: a controller that
+    has not yet read its specs and store would send an empty table.
+
+    On one host there is one gateway, at ``path``. With ``path`` None the
+    gateways are the replicas :meth:`set_gateways` names (on Kubernetes, the
+    endpoints of the gateways' headless Service), each with a connection of
+    its own; :meth:`acknowledged` is how a swap learns that every one of them
+    holds, or has flipped, before it goes on: any that does not within
+    ``ack_timeout`` makes the swap roll back. A replica that connects
+    mid-swap gets the table (which carries only committed routes: a flip is
+    set here after the store records it) and the current holds before
+    anything else, so it holds the swapping plugin's calls like the others
+    until the release reaches every replica.
     """
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         declared: DeclaredPlugins,
         *,
         lease: float = DEFAULT_LEASE,
         about: dict[str, Any] | None = None,
         on_down: Callable[[], Awaitable[None]] | None = None,
         on_up: Callable[[dict[str, Any]], None] | None = None,
+        on_released: Released | None = None,
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+        secret: SharedSecret | None = None,
+        ack_timeout: float = ACK_TIMEOUT,
     ) -> None:
         self.path = path
         self.declared = declared
@@ -417,22 +685,34 @@ class RemoteRoutes:
         self.on_down = on_down
         """Awaited each time the gateway cannot be reached (a supervisor starts it again)."""
         self.on_up = on_up
-        """Called with the gateway's hello at each connection."""
+        """Called with a gateway's hello at each connection."""
+        self.on_released = on_released
         self.versions = versions
+        self.secret = secret
+        """Proves this controller to gateways that listen on TCP."""
+        self.ack_timeout = ack_timeout
         self.gateway: dict[str, Any] = {}
-        """What the gateway said in its last hello."""
+        """What a gateway said in its last hello."""
         self.connected = asyncio.Event()
+        """Set while at least one gateway is connected."""
         self._routes: dict[str, tuple[str, str]] = {}
+        self._tokens: Callable[[str], str | None] | None = None
         self._holds: Counter[str] = Counter()
         self._incarnations: Counter[str] = Counter()
-        self._writer: asyncio.StreamWriter | None = None
+        self._links: dict[str, _Link] = {}
+        if path is not None:
+            self._links[LOCAL] = _Link(LOCAL, Replica(Address(path=path)))
+        self._stop: asyncio.Event | None = None
         self._syncing = False
-        self._sent: dict[str, RouteEntry] | None = None
         self._flush_scheduled = False
         self._previews: dict[str, str] = {}
         """Per plugin: the endpoint preview calls reach (a swap's new color)."""
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    def carry_tokens(self, tokens: Callable[[str], str | None]) -> None:
+        """Send each endpoint's protocol token in its entry (``token``: a gateway of another
+        pod calls plugins that ask for one). A field an older gateway ignores."""
+        self._tokens = tokens
 
     # Routes, as the coordinator and the reconciler call them.
 
@@ -473,11 +753,85 @@ class RemoteRoutes:
             del self._holds[key]
         self._send_holds()
 
+    async def acknowledged(self) -> None:
+        """Every gateway that serves has applied all that was sent to it (routes, holds).
+
+        Raises :class:`GatewayUnavailableError`, naming them, when some did
+        not within ``ack_timeout`` (or a ready one is not connected at all).
+        """
+        self._flush()
+        waiting = {link.name: (link, link.last_change) for link in self._needed()}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout
+        late = []
+        for name, (link, target) in waiting.items():
+            while link.writer is not None and link.applied < target:
+                link.progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(link.progress.wait(), max(0.0, deadline - loop.time()))
+                if loop.time() >= deadline:
+                    break
+            if link.writer is None or link.applied < target:
+                late.append(name)
+        if late:
+            raise GatewayUnavailableError(
+                f"gateway {', '.join(sorted(late))} did not acknowledge within "
+                f"{self.ack_timeout:g}s"
+            )
+
     async def wait_idle(self, endpoint: str, timeout: float) -> int:
-        answer = await self.request(
-            {"type": "wait_idle", "endpoint": endpoint, "timeout": timeout}, timeout + 5
+        """Calls still in flight to ``endpoint`` after ``timeout``, summed over the gateways."""
+        links = self._needed()
+        if not links:
+            return 0  # no gateway replica at all (none found yet): no call goes through one
+        missing = sorted(link.name for link in links if link.writer is None)
+        if missing:
+            raise GatewayUnavailableError(f"gateway {', '.join(missing)} not connected")
+        message = {"type": "wait_idle", "endpoint": endpoint, "timeout": timeout}
+        answers = await asyncio.gather(
+            *(self._request(link, message, timeout + self.ack_timeout) for link in links)
         )
-        return int(answer["left"])
+        return sum(int(answer["left"]) for answer in answers)
+
+    def _needed(self) -> list[_Link]:
+        """The gateways a swap waits for: the ready ones, and any that is connected."""
+        return [
+            link for link in self._links.values() if link.replica.ready or link.writer is not None
+        ]
+
+    # The gateways.
+
+    def set_gateways(self, found: dict[str, Replica]) -> None:
+        """The gateway replicas now (name to replica): connect to new ones, drop gone ones."""
+        for name in list(self._links):
+            if name not in found or found[name].address != self._links[name].replica.address:
+                link = self._links.pop(name)
+                if link.task is not None:
+                    link.task.cancel()
+                if link.writer is not None:
+                    link.writer.close()
+                log.info("gateway %s: gone (%s)", name, link.replica.address)
+        for name, replica in found.items():
+            if name in self._links:
+                self._links[name].replica = replica
+                continue
+            new = self._links[name] = _Link(name, replica)
+            log.info("gateway %s: found at %s", name, replica.address)
+            if self._stop is not None:
+                self._start(new)
+        self._refresh_connected()
+
+    def gateways(self) -> dict[str, dict[str, Any]]:
+        """Each gateway's address, readiness and connection."""
+        return {
+            name: {
+                "address": str(link.replica.address),
+                "ready": link.replica.ready,
+                "connected": link.writer is not None,
+                "pid": link.hello.get("pid"),
+            }
+            for name, link in sorted(self._links.items())
+        }
 
     # Sending.
 
@@ -498,75 +852,138 @@ class RemoteRoutes:
             endpoint, instance = self._routes.get(key, (None, None))
             incarnation = self._incarnations[endpoint] if endpoint else 0
             table[key] = entry(declared, endpoint, instance, incarnation, self._previews.get(key))
+            if endpoint and self._tokens is not None and (token := self._tokens(endpoint)):
+                table[key]["token"] = token
         return table
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._syncing or self._writer is None:
+        if not self._syncing:
             return
-        table = self.table()
-        if table == self._sent:
-            return
-        self._send({"type": "routes", "routes": table})
-        self._sent = table
+        table: dict[str, RouteEntry] | None = None
+        for link in self._links.values():
+            if link.writer is None:
+                continue
+            if table is None:
+                table = self.table()
+            if table != link.sent:
+                self._send(link, {"type": "routes", "routes": table}, change=True)
+                link.sent = table
 
     def _send_holds(self) -> None:
         self._flush()  # a release after a flip must reach the gateway after the new route
-        if self._syncing and self._writer is not None:
-            self._send({"type": "holds", "holds": dict(self._holds), "lease": self.lease})
+        if self._syncing:
+            for link in self._links.values():
+                self._send_holds_to(link)
 
-    def _send(self, message: dict[str, Any]) -> int:
-        assert self._writer is not None
+    def _send_holds_to(self, link: _Link) -> None:
+        if link.writer is not None:
+            message = {"type": "holds", "holds": dict(self._holds), "lease": self.lease}
+            self._send(link, message, change=True)
+
+    def _send(self, link: _Link, message: dict[str, Any], *, change: bool = False) -> int:
+        assert link.writer is not None
         ident = next(self._ids)
-        self._writer.write(_line({"id": ident, **message}))
+        link.writer.write(_line({"id": ident, **message}))
+        if change:
+            link.last_change = ident
         return ident
 
     async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send ``message`` after what is pending; its answer (raises when unreachable)."""
+        """Send ``message`` to the one gateway after what is pending; its answer (raises
+        when unreachable)."""
+        if len(self._links) != 1:
+            raise GatewayUnavailableError(f"{len(self._links)} gateways, not one, to ask")
+        return await self._request(next(iter(self._links.values())), message, timeout)
+
+    async def _request(
+        self, link: _Link, message: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         self._flush()
-        if self._writer is None:
-            raise GatewayUnavailableError(f"the gateway at {self.path} is not connected")
+        if link.writer is None:
+            raise GatewayUnavailableError(f"the gateway at {link.replica.address} is not connected")
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        ident = self._send(message)
-        self._pending[ident] = future
+        ident = self._send(link, message)
+        link.pending[ident] = future
         try:
             async with asyncio.timeout(timeout):
                 answer = await future
         except TimeoutError:
             raise GatewayUnavailableError(
-                f"the gateway did not answer {message['type']} within {timeout:g}s"
+                f"gateway {link.name} did not answer {message['type']} within {timeout:g}s"
             ) from None
         finally:
-            self._pending.pop(ident, None)
+            link.pending.pop(ident, None)
         if "error" in answer:
-            raise GatewayUnavailableError(f"the gateway refused {message['type']}: {answer}")
+            raise GatewayUnavailableError(
+                f"gateway {link.name} refused {message['type']}: {answer}"
+            )
         return answer
 
-    # The connection.
+    # The connections.
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until ``stop``.
+        """Stay connected to every gateway until ``stop``.
 
-        Raises :class:`GatewayProtocolError` when the gateway speaks no common version.
+        Raises :class:`GatewayProtocolError` when the one gateway of a single
+        host speaks no common version (replicas that do are retried: an
+        upgrade replaces them).
         """
+        self._stop = stop
+        if self.path is not None:
+            await self._keep(self._links[LOCAL], stop)
+            return
+        for link in self._links.values():
+            self._start(link)
+        try:
+            await stop.wait()
+        finally:
+            for link in self._links.values():
+                if link.task is not None:
+                    link.task.cancel()
+
+    def _start(self, link: _Link) -> None:
+        assert self._stop is not None
+        link.task = asyncio.get_running_loop().create_task(
+            self._keep(link, self._stop), name=f"gateway-control-{link.name}"
+        )
+
+    async def _keep(self, link: _Link, stop: asyncio.Event) -> None:
         delay = 0.02
         while not stop.is_set():
             try:
-                await self._connect_and_serve(stop)
+                await self._connect_and_serve(link, stop)
                 delay = 0.02
             except (OSError, ValueError, TimeoutError, GatewayUnavailableError) as e:
-                log.debug("gateway control connection: %s", e)
+                log.debug("gateway %s control connection: %s", link.name, e)
+            except GatewayProtocolError as e:
+                if self.path is not None:
+                    raise
+                log.error("gateway %s: %s", link.name, e)
+                delay = 5.0
             if stop.is_set():
                 break
             if self.on_down is not None:
                 await self.on_down()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            delay = min(1.0, delay * 2)
+            delay = min(1.0 if self.path is not None else 5.0, delay * 2)
 
-    async def _connect_and_serve(self, stop: asyncio.Event) -> None:
-        reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_MESSAGE_BYTES)
+    async def _connect_and_serve(self, link: _Link, stop: asyncio.Event) -> None:
+        address = link.replica.address
+        reader, writer = await address.open()
         try:
+            proof: dict[str, str] = {}
+            if address.tcp:
+                challenge = await asyncio.wait_for(_read(reader), HELLO_TIMEOUT)
+                if challenge is None or challenge.get("type") != "challenge":
+                    raise GatewayUnavailableError(f"the gateway at {address} sent no challenge")
+                if self.secret is None:
+                    raise GatewayProtocolError(
+                        f"the gateway at {address} asks for the control secret, and this "
+                        "controller has none (--gateway-control-secret)"
+                    )
+                proof = {"proof": self.secret.proof(str(challenge.get("nonce", "")))}
             writer.write(
                 _line(
                     {
@@ -574,6 +991,7 @@ class RemoteRoutes:
                         "versions": list(self.versions),
                         "role": "controller",
                         **self.about,
+                        **proof,
                     }
                 )
             )
@@ -581,55 +999,89 @@ class RemoteRoutes:
             if hello is None:
                 raise GatewayUnavailableError("the gateway closed the connection at hello")
             if hello.get("type") == "refused":
+                if hello.get("reason") == "Unauthenticated":
+                    raise GatewayProtocolError(
+                        f"the gateway at {address} refused this controller's control secret"
+                    )
                 raise GatewayProtocolError(
-                    f"the gateway at {self.path} (pid {self.gateway.get('pid', '?')}) refused "
+                    f"the gateway at {address} (pid {link.hello.get('pid', '?')}) refused "
                     f"this controller: {hello.get('message')}; run a gateway of this version "
                     "(stop it with bhctl gateway --stop, and bhctl run starts one)"
                 )
-            self.gateway = hello
+            link.hello = self.gateway = hello
             log.info(
-                "gateway: connected to pid %s (control protocol %s, %s)",
+                "gateway %s: connected to pid %s at %s (control protocol %s, %s)",
+                link.name,
                 hello.get("pid"),
+                address,
                 hello.get("version"),
                 "has routes" if hello.get("ready") else "waiting for its routes",
             )
-            self._writer = writer
-            self._sent = None
+            link.writer = writer
+            link.sent = None
             self._flush()
-            if self._holds:
-                self._send_holds()
-            self.connected.set()
+            if self._holds and self._syncing:
+                self._send_holds_to(link)
+            self._refresh_connected()
             if self.on_up is not None:
                 self.on_up(hello)
-            renew = asyncio.create_task(self._renew())
+            renew = asyncio.create_task(self._renew(link))
             try:
                 while (message := await _read(reader)) is not None:
-                    future = self._pending.get(message.get("id", -1))
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                    elif "error" in message:
-                        log.error("gateway: %s", message)
+                    self._answered(link, message)
             finally:
                 renew.cancel()
         finally:
-            self.connected.clear()
-            self._writer = None
-            for future in self._pending.values():
+            if link.writer is writer:
+                link.writer = None
+            link.progress.set()
+            self._refresh_connected()
+            for future in link.pending.values():
                 if not future.done():
                     future.set_exception(GatewayUnavailableError("the gateway went away"))
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _renew(self) -> None:
+    def _answered(self, link: _Link, message: dict[str, Any]) -> None:
+        if message.get("type") == "released":
+            log.warning(
+                "gateway %s released %s by itself (%s, lease %ss): their calls went to "
+                "their last routes",
+                link.name,
+                ", ".join(message.get("plugins") or []),
+                message.get("cause"),
+                message.get("lease"),
+            )
+            if self.on_released is not None:
+                self.on_released(link.name, message)
+            return
+        ident = message.get("id", -1)
+        if isinstance(ident, int) and ident > link.applied:
+            link.applied = ident  # messages are applied in order: all before it are too
+        link.progress.set()
+        future = link.pending.get(ident)
+        if future is not None and not future.done():
+            future.set_result(message)
+        elif "error" in message:
+            log.error("gateway %s: %s", link.name, message)
+
+    def _refresh_connected(self) -> None:
+        if any(link.writer is not None for link in self._links.values()):
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    async def _renew(self, link: _Link) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)
-            if self._holds:
-                self._send_holds()
+            if self._holds and self._syncing:
+                self._send_holds_to(link)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        for link in self._links.values():
+            if link.writer is not None:
+                link.writer.close()
 
 
 def ask(path: Path, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:

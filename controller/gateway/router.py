@@ -162,6 +162,9 @@ class Router:
         if not gate.holds:
             gate.open.set()
 
+    async def acknowledged(self) -> None:
+        """Holds and routes take effect here as they are set: nothing to wait for."""
+
     def set_holds(self, owner: dict[str, int], holds: dict[str, int]) -> None:
         """Make ``owner``'s holds ``holds`` (key to count), holding and releasing the difference.
 

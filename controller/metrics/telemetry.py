@@ -72,6 +72,8 @@ ROLLBACK_REASONS = (
     "SwapFailedPause",
     "SwapFailedAfterPromotion",
     "SwapFailedWebhook",
+    "SwapFailedHold",
+    "SwapFailedFlip",
 )
 """Why a swap rolls back: the reasons of the swap coordinator's failures."""
 VIOLATION_KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
@@ -79,6 +81,10 @@ CHECKPOINT_KINDS = ("full", "delta")
 RESTORE_RESULTS = ("Restored", "Skipped", "Empty")
 _KERNEL = "kernel"
 """The run of an instance whose OOM kill the kernel reported, not yet the engine."""
+
+
+HOLD_RELEASES = "blackhole_gateway_hold_releases"
+"""Counted by the controller (gateways report these releases to it), never by a gateway."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,13 @@ class Metrics:
             "blackhole_gateway_rate_limited",
             "Calls refused with 429 by a rate or concurrency limit.",
             ["plugin"],
+            registry=r,
+        )
+        self.hold_releases = Counter(
+            HOLD_RELEASES,
+            "Holds a gateway released by itself, as the controller learnt: LeaseLapsed (not "
+            "renewed in time) or ControllerGone (its connection closed), by plugin and gateway.",
+            ["plugin", "gateway", "cause"],
             registry=r,
         )
         Info("blackhole_build", "The controller's version.", registry=r).info(

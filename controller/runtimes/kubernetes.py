@@ -630,3 +630,81 @@ def _state(
     if not replicas:
         return base.InstanceState.EXITED, None, False, None, None
     return base.InstanceState.RUNNING, None, False, None, None
+
+
+@dataclass(frozen=True)
+class GatewayEndpoint:
+    """One gateway replica, as its headless Service's EndpointSlices list it."""
+
+    host: str
+    port: int
+    ready: bool
+
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+class GatewayReplicas:
+    """The gateway's replicas: the endpoints of its headless Service, kept current.
+
+    Watches the Service's EndpointSlices (``discovery.k8s.io/v1``, selected by
+    the ``kubernetes.io/service-name`` label) with an informer, and tells
+    ``changed`` the whole set, by pod name, at each change: not-ready pods
+    included (a gateway is ready only once a controller sent it a table, so
+    waiting for ready ones would wait forever), terminating ones left out.
+    The port is the slice's port named ``port_name``.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        service: str,
+        changed: Callable[[dict[str, GatewayEndpoint]], None],
+        *,
+        port_name: str = "control",
+    ) -> None:
+        self.service = service
+        self.port_name = port_name
+        self.changed = changed
+        discovery = client.DiscoveryV1Api(api)
+        self._informer = kubeapi.Informer(
+            "gateway-endpoints",
+            [(discovery.list_namespaced_endpoint_slice, {"namespace": namespace})],
+            lambda before, after: self.changed(self.replicas()),
+            label_selector=f"{SERVICE_NAME_LABEL}={service}",
+        )
+
+    @property
+    def synced(self) -> asyncio.Event:
+        return self._informer.synced
+
+    def start(self) -> None:
+        self._informer.start()
+
+    def stop(self) -> None:
+        self._informer.stop()
+
+    def replicas(self) -> dict[str, GatewayEndpoint]:
+        found: dict[str, GatewayEndpoint] = {}
+        for piece in self._informer.items():
+            port = next(
+                (
+                    int(p["port"])
+                    for p in piece.get("ports") or []
+                    if p.get("name") == self.port_name and p.get("port")
+                ),
+                None,
+            )
+            if port is None:
+                continue
+            for endpoint in piece.get("endpoints") or []:
+                conditions = endpoint.get("conditions") or {}
+                addresses = endpoint.get("addresses") or []
+                if conditions.get("terminating") or not addresses:
+                    continue
+                name = (endpoint.get("targetRef") or {}).get("name") or addresses[0]
+                # A condition left out means ready (discovery.k8s.io/v1).
+                ready = conditions.get("ready") is not False
+                found[str(name)] = GatewayEndpoint(str(addresses[0]), port, ready)
+        return found

@@ -48,7 +48,12 @@ CONTROLLER_POD_LABELS = {
     "app.kubernetes.io/name": "blackhole",
     "app.kubernetes.io/component": "controller",
 }
-"""Labels of the controller's pods (the Helm chart sets them): the only ones let in."""
+"""Labels of the controller's pods (the Helm chart sets them): let in, with the gateway's."""
+GATEWAY_POD_LABELS = {
+    "app.kubernetes.io/name": "blackhole",
+    "app.kubernetes.io/component": "gateway",
+}
+"""Labels of the gateway's pods (the Helm chart sets them), which call the plugins."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,8 @@ def _port() -> dict[str, Any]:
 def network_policy(
     desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
 ) -> Manifest:
-    """Default deny; in: the controller's pods on the protocol port (and peers); out: the spec's."""
+    """Default deny; in: the controller's and the gateway's pods on the protocol port (and
+    peers); out: the spec's."""
     cid = desired.controller_id
     permissions = desired.spec.permissions
     ingress: list[dict[str, Any]] = [
@@ -282,8 +288,9 @@ def network_policy(
                     "namespaceSelector": {
                         "matchLabels": {"kubernetes.io/metadata.name": controller_namespace}
                     },
-                    "podSelector": {"matchLabels": dict(CONTROLLER_POD_LABELS)},
+                    "podSelector": {"matchLabels": dict(labels)},
                 }
+                for labels in (CONTROLLER_POD_LABELS, GATEWAY_POD_LABELS)
             ],
             "ports": [{"protocol": "TCP", "port": PROTOCOL_PORT}],
         }

@@ -58,6 +58,10 @@ class Routes(Protocol):
 
     def clear_route(self, key: str) -> None: ...
 
+    async def acknowledged(self) -> None:
+        """Every gateway applied the holds and routes set so far (raises ControllerError,
+        naming those that did not in time)."""
+
     def set_preview(self, key: str, endpoint: str | None) -> None:
         """Let preview calls reach ``endpoint`` (a swap's new color); None: no preview."""
 
@@ -75,6 +79,9 @@ class NoRoutes:
         pass
 
     def clear_route(self, key: str) -> None:
+        pass
+
+    async def acknowledged(self) -> None:
         pass
 
     def set_preview(self, key: str, endpoint: str | None) -> None:

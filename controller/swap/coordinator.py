@@ -32,7 +32,9 @@ back or keeps both colors) and after a rollback (Rollback: to tell).
 Any failure rolls back: the route stays on (or returns to) the old color,
 which takes calls again with its state as it was frozen; the new color is
 removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
-``SwapFailedChecks``, ``SwapFailedImport``, ...), and that spec is not tried
+``SwapFailedChecks``, ``SwapFailedImport``, ``SwapFailedHold`` and
+``SwapFailedFlip`` when a gateway does not acknowledge the hold or the flip
+in time, ...), and that spec is not tried
 again until it changes (its generation: any edit, the swap settings
 included) or ``bhctl swap retry``. A controller that died while Promoting rolls back
 and tries again; one that died after the flip goes on from Promoted.
@@ -405,7 +407,12 @@ class Coordinator:
 
         self.s.routes.hold(c.key)
         self.s.routes.set_preview(c.key, None)  # about to be the active color
+        flipped = False
         try:
+            try:
+                await self.s.routes.acknowledged()
+            except ControllerError as e:
+                raise SwapFailure("SwapFailedHold", f"calls could not be held: {e}") from None
             left = await self.s.routes.wait_idle(old_endpoint, float(swap.drain_timeout_seconds))
             step("in flight")
             if left:
@@ -434,6 +441,7 @@ class Coordinator:
                     f"({swap.max_pause_milliseconds}); raise spec.hotSwap.maxPauseMilliseconds "
                     "to allow it",
                 )
+            unflipped = (c.status.active_color, c.status.active_version, c.status.last_swap)
             progress.step = models.SwapStep.PROMOTED
             progress.promoted = datetime.fromtimestamp(c.now, UTC)
             c.status.active_color = progress.to_color
@@ -452,7 +460,19 @@ class Coordinator:
             step("status")
             _checkpoint("flipped")
             self.s.routes.set_route(c.key, new_endpoint, new.name, c.spec)
+            flipped = True
+            try:
+                await self.s.routes.acknowledged()
+            except ControllerError as e:
+                # Not every gateway flipped: none may. The old route goes to all of them
+                # before the release does, and the rollback records the old color.
+                progress.step = models.SwapStep.PROMOTING
+                progress.promoted = None
+                c.status.active_color, c.status.active_version, c.status.last_swap = unflipped
+                raise SwapFailure("SwapFailedFlip", f"the flip was not applied: {e}") from None
         except BaseException:  # a failed step, or anything else: the old color serves again
+            if flipped:
+                self.s.routes.set_route(c.key, old_endpoint, old.name, c.spec)
             await self._resume(old_endpoint)
             self.s.routes.release(c.key)
             self.held_ms = (time.monotonic() - started) * 1000
@@ -465,19 +485,7 @@ class Coordinator:
             before = at
         c.status.last_swap.pause_milliseconds = round(pause, 3)
         self.s.metrics.swap_pause.labels(c.key).observe(pause / 1000)
-        if c.spec.state is not None and self.s.snapshots is not None:
-            # What moved while calls were held was not kept as it passed (that would
-            # lengthen the hold): keep it now from the old color, frozen as it was, as the
-            # last delta of the pre-copy's chain (or the whole state, for a whole copy).
-            try:
-                await transfer.record(
-                    self.s.plugins, self.s.snapshots, c.key, old_endpoint,
-                    progress.from_version, "swap", since if self.held_delta else "",
-                    timeout=STATE_TIMEOUT,
-                    limit=c.spec.resources.memory.as_int(),
-                )  # fmt: skip
-            except ControllerError as e:
-                log.warning("%s: the swap's state was not kept as a snapshot: %s", c.key, e)
+        await self._keep_held_state(progress, old_endpoint, since)
         moved = (
             f"; {self.moved} bytes of state moved, {self.held_bytes} of them while held "
             f"({self.transfer})"
@@ -497,6 +505,25 @@ class Coordinator:
             "SwapPromoted", f"{old.name} is kept for rollback until the scale-down delay passes"
         )
         return min(float(c.spec.health.period_seconds), float(swap.scale_down_delay_seconds))
+
+    async def _keep_held_state(
+        self, progress: models.SwapProgress, old_endpoint: str, since: str
+    ) -> None:
+        """Keep what moved while calls were held as a snapshot, from the old color, frozen
+        as it was: the last delta of the pre-copy's chain (or the whole state, for a whole
+        copy). Not kept as it passed: that would have lengthened the hold."""
+        c = self.c
+        if c.spec.state is None or self.s.snapshots is None:
+            return
+        try:
+            await transfer.record(
+                self.s.plugins, self.s.snapshots, c.key, old_endpoint,
+                progress.from_version, "swap", since if self.held_delta else "",
+                timeout=STATE_TIMEOUT,
+                limit=c.spec.resources.memory.as_int(),
+            )  # fmt: skip
+        except ControllerError as e:
+            log.warning("%s: the swap's state was not kept as a snapshot: %s", c.key, e)
 
     async def _older_state(self, endpoint: str, newer: int, version: int) -> str:
         """Going back to an older state version: the newest snapshot it can read, streamed in.

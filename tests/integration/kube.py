@@ -22,12 +22,19 @@ check what those would act on (the ownerReferences, the NetworkPolicy
 objects validated offline, the printer columns' JSON paths), not their effect.
 
 :class:`Kubelet` stands in for the controller manager and kubelet: for each
-Deployment with replicas it makes a Pod object and runs the pod's container
-on the real Docker engine (its image, env with Secret references resolved,
-user, read-only root, dropped capabilities, memory and CPU limits; emptyDirs
-and PVCs as tmpfs), reports the container's IP as the pod IP, restarts it when
-it exits (``restartCount``, ``lastState.terminated``), and stops and removes
-it when the Deployment goes or is scaled to zero.
+Deployment it keeps ``spec.replicas`` Pod objects and runs each pod's
+container on the real Docker engine (its image, command and args, env with
+Secret references resolved, user, read-only root, dropped capabilities,
+memory and CPU limits; PVCs as tmpfs; emptyDirs as tmpfs, or as a host
+directory shared with the pod's init containers when it has any, which run
+to completion first; Secret volumes as read-only files, root's, group
+``fsGroup`` made group-readable as the kubelet does), reports the
+container's IP as the pod IP and its Ready condition from the
+``readinessProbe`` when it is an ``httpGet`` (without one, or with a grpc
+or exec probe, which it does not run, a running unpaused container is
+ready),
+restarts it when it exits (``restartCount``, ``lastState.terminated``), and
+stops and removes pods when the Deployment goes or is scaled down.
 """
 
 from __future__ import annotations
@@ -38,7 +45,11 @@ import copy
 import datetime
 import itertools
 import json
+import os
 import threading
+import traceback
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -57,7 +68,11 @@ from controller.spec import quantity
 
 DEPLOYMENTS = "apps/v1/deployments"
 PODS = "v1/pods"
+SERVICES = "v1/services"
+ENDPOINT_SLICES = "discovery.k8s.io/v1/endpointslices"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 RESOURCES = [
+    ENDPOINT_SLICES,
     "blackhole.dev/v1alpha1/plugins",
     DEPLOYMENTS,
     PODS,
@@ -288,6 +303,9 @@ class _Pod:
     container_id: str = ""
     last: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
+    address: str | None = None
+    ready: bool = False
+    probed: float = 0.0
 
 
 class Kubelet:
@@ -299,14 +317,23 @@ class Kubelet:
         self.server = server
         self.logs = logs
         """Where each pod's output is kept when it is removed (for the failures' reports)."""
+        self.volumes = logs.parent / "volumes"
         self.docker = docker_client
         self.session = session
-        self.pods: dict[str, _Pod] = {}
-        """Deployment uid -> its pod."""
+        self.pods: dict[str, list[_Pod]] = {}
+        """Deployment uid -> its pods."""
+        self._slices: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def run(self) -> None:
         while True:
-            await self.sync()
+            try:
+                await self.sync()
+            except (docker.errors.DockerException, OSError, RuntimeError, KeyError):
+                # A pod that cannot start: said in kubelet.log, and the rest go on.
+                self.logs.mkdir(parents=True, exist_ok=True)
+                with (self.logs / "kubelet.log").open("a") as log:
+                    log.write(traceback.format_exc())
+                await asyncio.sleep(1.0)
             await asyncio.sleep(0.2)
 
     async def sync(self) -> None:
@@ -316,13 +343,18 @@ class Kubelet:
                 wanted[deployment["metadata"]["uid"]] = deployment
         for uid in list(self.pods):
             if uid not in wanted:
-                await self._stop(self.pods.pop(uid))
+                for pod in self.pods.pop(uid):
+                    await self._stop(pod)
         for uid, deployment in wanted.items():
-            pod = self.pods.get(uid)
-            if pod is None:
-                self.pods[uid] = await self._start(deployment)
-            else:
+            pods = self.pods.setdefault(uid, [])
+            replicas = int(deployment["spec"].get("replicas", 1))
+            while len(pods) > replicas:
+                await self._stop(pods.pop())
+            for pod in list(pods):
                 await self._observe(pod, deployment)
+            while len(pods) < replicas:
+                pods.append(await self._start(deployment))
+        await self._endpoint_slices()
 
     async def _start(self, deployment: dict[str, Any]) -> _Pod:
         metadata = deployment["metadata"]
@@ -355,12 +387,86 @@ class Kubelet:
             "status": {"phase": "Pending"},
         }
         await self.server.store(PODS, obj)
-        await asyncio.to_thread(self._run_container, pod, namespace, spec, container)
+        await asyncio.to_thread(self._run_pod, pod, namespace, spec, container)
         await self._observe(pod, deployment)
         return pod
 
-    def _run_container(
+    def _run_pod(
         self, pod: _Pod, namespace: str, spec: dict[str, Any], container: dict[str, Any]
+    ) -> None:
+        shared = bool(spec.get("initContainers"))
+        for index, init in enumerate(spec.get("initContainers") or []):
+            name = f"{pod.container}-init{index}"
+            self._run_container(name, pod, namespace, spec, init, shared=shared)
+            finished = self.docker.api.wait(name, timeout=120)
+            output = self.docker.api.logs(name)
+            self.docker.api.remove_container(name, force=True)
+            if finished["StatusCode"] != 0:
+                raise RuntimeError(f"init container {init['name']} of {pod.name}: {output!r}")
+        self._run_container(pod.container, pod, namespace, spec, container, shared=shared)
+
+    def _mounts(
+        self, pod: _Pod, namespace: str, spec: dict[str, Any], container: dict[str, Any],
+        user: str, *, shared: bool,
+    ) -> tuple[dict[str, str], list[str]]:  # fmt: skip
+        """tmpfs mounts and bind mounts (``host:path[:ro]``) of ``container``'s volumeMounts."""
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        group = (spec.get("securityContext") or {}).get("fsGroup")
+        tmpfs, binds = {}, []
+        uid, gid = user.split(":")
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount["name"], {})
+            suffix = ":ro" if mount.get("readOnly") else ""
+            if "secret" in volume:
+                where = self._secret_volume(pod, namespace, mount["name"], volume["secret"], group)
+                binds.append(f"{where}:{mount['mountPath']}{suffix}")
+            elif "emptyDir" in volume and shared:
+                where = self.volumes / pod.name / mount["name"]
+                where.mkdir(parents=True, exist_ok=True)
+                where.chmod(0o777)
+                if sub := mount.get("subPath"):
+                    where = where / sub  # made if missing, else left as the pod made it
+                    where.mkdir(exist_ok=True)
+                binds.append(f"{where}:{mount['mountPath']}{suffix}")
+            else:
+                tmpfs[mount["mountPath"]] = f"size=64m,uid={uid},gid={gid}"
+        return tmpfs, binds
+
+    def _secret_volume(
+        self, pod: _Pod, namespace: str, name: str, source: dict[str, Any], group: int | None
+    ) -> Path:
+        where = self.volumes / pod.name / name
+        if where.exists():
+            return where
+        where.mkdir(parents=True)
+        secret = next(
+            s
+            for s in self.server.live("v1/secrets")
+            if s["metadata"].get("namespace") == namespace
+            and s["metadata"]["name"] == source["secretName"]
+        )
+        data = secret.get("data") or {}
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        mode = int(source.get("defaultMode", 0o644))
+        if group is not None and mode & 0o400:
+            mode |= 0o040  # the kubelet makes the files readable by fsGroup
+        for item in items:
+            path = where / item["path"]
+            path.write_bytes(base64.b64decode(data[item["key"]]))
+            os.chown(path, 0, group if group is not None else 0)
+            path.chmod(int(item.get("mode", mode)))
+        where.chmod(0o755)
+        return where
+
+    def _run_container(
+        self,
+        name: str,
+        pod: _Pod,
+        namespace: str,
+        spec: dict[str, Any],
+        container: dict[str, Any],
+        *,
+        shared: bool = False,
     ) -> None:
         env = {}
         for item in container.get("env") or []:
@@ -368,20 +474,27 @@ class Kubelet:
                 env[item["name"]] = item["value"]
             elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
                 env[item["name"]] = self._secret(namespace, ref["name"], ref["key"])
-        security = container.get("securityContext") or {}
+            elif ref := (item.get("valueFrom") or {}).get("fieldRef"):
+                env[item["name"]] = {
+                    "metadata.name": pod.name, "metadata.namespace": namespace
+                }.get(ref["fieldPath"], "")  # fmt: skip
+        security = {
+            **(spec.get("securityContext") or {}),
+            **(container.get("securityContext") or {}),
+        }
         user = f"{security.get('runAsUser', 65532)}:{security.get('runAsGroup', 65532)}"
         limits = (container.get("resources") or {}).get("limits") or {}
-        tmpfs = {}
-        for mount in container.get("volumeMounts") or []:
-            tmpfs[mount["mountPath"]] = (
-                f"size=64m,uid={user.split(':')[0]},gid={user.split(':')[1]}"
-            )
+        tmpfs, binds = self._mounts(pod, namespace, spec, container, user, shared=shared)
+        group = (spec.get("securityContext") or {}).get("fsGroup")
         self.docker.containers.run(
             container["image"],
-            name=pod.container,
+            name=name,
             detach=True,
+            entrypoint=container.get("command"),
+            command=container.get("args"),
             environment=env,
             user=user,
+            group_add=[str(group)] if group is not None else None,
             read_only=bool(security.get("readOnlyRootFilesystem")),
             cap_drop=["ALL"]
             if "ALL" in (security.get("capabilities") or {}).get("drop", [])
@@ -394,6 +507,7 @@ class Kubelet:
             if "cpu" in limits
             else None,
             tmpfs=tmpfs,
+            volumes=binds or None,
             labels={KUBELET_LABEL: self.session},
         )
 
@@ -412,8 +526,11 @@ class Kubelet:
         state = attrs["State"]
         pod.image_id, pod.container_id = attrs["Image"], attrs["Id"]
         address = attrs["NetworkSettings"]["IPAddress"] or None
+        pod.address = address
         if state["Running"]:
             container_state: dict[str, Any] = {"running": {"startedAt": state["StartedAt"]}}
+            container = deployment["spec"]["template"]["spec"]["containers"][0]
+            pod.ready = await self._probe(pod, container, address, paused=state["Paused"])
         else:
             pod.restarts += 1
             pod.last = {
@@ -425,6 +542,7 @@ class Kubelet:
                 }
             }
             container_state = {"waiting": {"reason": "CrashLoopBackOff"}}
+            pod.ready = False
             await self._report(pod, deployment, container_state, None)
             await asyncio.sleep(1.0)  # the kubelet's back-off, shortened
             await asyncio.to_thread(self.docker.api.start, pod.container)
@@ -450,9 +568,10 @@ class Kubelet:
                     "state": container_state,
                     "lastState": pod.last or {},
                     "restartCount": pod.restarts,
-                    "ready": "running" in container_state,
+                    "ready": pod.ready,
                 }
             ],
+            "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
         }
         if not address:
             del status["podIP"]
@@ -470,6 +589,115 @@ class Kubelet:
         if current is not None:
             current["status"] = status
             await self.server.store(PODS, current)
+
+    async def _probe(
+        self, pod: _Pod, container: dict[str, Any], address: str | None, *, paused: bool
+    ) -> bool:
+        """The readinessProbe's answer (httpGet), at most once per periodSeconds."""
+        probe = container.get("readinessProbe")
+        if probe is None or "httpGet" not in probe:
+            return not paused  # no probe, or one not run here (grpc, exec): running is ready
+        if address is None or paused:
+            return False if paused else pod.ready  # a frozen process answers nothing
+        loop = asyncio.get_running_loop()
+        if loop.time() - pod.probed < float(probe.get("periodSeconds", 10)):
+            return pod.ready
+        pod.probed = loop.time()
+        get = probe["httpGet"]
+        port = get["port"]
+        if isinstance(port, str):
+            port = next(
+                p["containerPort"] for p in container.get("ports") or [] if p["name"] == port
+            )
+        url = f"http://{address}:{port}{get.get('path', '/')}"
+
+        def ask() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=float(probe.get("timeoutSeconds", 1))):
+                    return True
+            except (urllib.error.URLError, OSError):
+                return False
+
+        return await asyncio.to_thread(ask)
+
+    async def _endpoint_slices(self) -> None:
+        """One EndpointSlice per Service with a selector, as the EndpointSlice controller keeps."""
+        live = self.server.live(PODS)
+        running = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]): p
+            for p in live
+            if (p.get("status") or {}).get("podIP")
+        }
+        seen = set()
+        for service in self.server.live(SERVICES):
+            selector = (service.get("spec") or {}).get("selector")
+            if not selector:
+                continue
+            namespace, name = service["metadata"]["namespace"], service["metadata"]["name"]
+            seen.add((namespace, name))
+            members = [
+                p
+                for (ns, _), p in sorted(running.items())
+                if ns == namespace
+                and all(
+                    (p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items()
+                )
+            ]
+            endpoints = []
+            for member in members:
+                ready = any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in member["status"].get("conditions") or []
+                )
+                endpoints.append(
+                    {
+                        "addresses": [member["status"]["podIP"]],
+                        "conditions": {"ready": ready, "serving": ready, "terminating": False},
+                        "targetRef": {
+                            "kind": "Pod",
+                            "name": member["metadata"]["name"],
+                            "namespace": namespace,
+                        },
+                    }
+                )
+            ports = []
+            for port in service["spec"].get("ports") or []:
+                target = port.get("targetPort", port["port"])
+                if isinstance(target, str):
+                    containers = members[0]["spec"]["containers"] if members else []
+                    target = next(
+                        (
+                            p["containerPort"]
+                            for c in containers
+                            for p in c.get("ports") or []
+                            if p.get("name") == target
+                        ),
+                        None,
+                    )
+                if target is not None:
+                    ports.append({"name": port.get("name", ""), "port": target, "protocol": "TCP"})
+            body = {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{name}-stand-in",
+                    "namespace": namespace,
+                    "labels": {
+                        SERVICE_NAME_LABEL: name,
+                        "endpointslice.kubernetes.io/managed-by": "stand-in.blackhole.dev",
+                    },
+                },
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": ports,
+            }
+            if self._slices.get((namespace, name)) != body:
+                self._slices[(namespace, name)] = copy.deepcopy(body)
+                await self.server.store(ENDPOINT_SLICES, body)
+        for namespace, name in list(self._slices):
+            if (namespace, name) not in seen:
+                del self._slices[(namespace, name)]
+                await self.server.discard(ENDPOINT_SLICES, namespace, f"{name}-stand-in")
 
     async def _stop(self, pod: _Pod) -> None:
         def stop() -> None:
@@ -548,8 +776,9 @@ class Cluster:
             self._ready.set()
             await self._stop.wait()
             task.cancel()
-            for pod in list(self.kubelet.pods.values()):
-                await self.kubelet._stop(pod)
+            for pods in list(self.kubelet.pods.values()):
+                for pod in pods:
+                    await self.kubelet._stop(pod)
 
     def kubeconfig(self) -> Path:
         path = self.directory / "kubeconfig"

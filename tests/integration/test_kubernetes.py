@@ -453,6 +453,83 @@ def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
+def _slice_endpoints(api: Api, service: str) -> list[dict[str, Any]]:
+    listing = k8s_client.DiscoveryV1Api(api.client).list_namespaced_endpoint_slice(
+        NAMESPACE, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False
+    )
+    return [e for s in _json(listing)["items"] for e in s.get("endpoints") or []]
+
+
+def test_endpoint_slices_list_every_pod_a_service_selects(api: Api):
+    """What the controller relies on to find the gateway's replicas, on the stand-in and on a
+    real cluster alike: one endpoint per running pod, with its IP, its pod, its readiness,
+    and the Service's named target port resolved to the container's."""
+    name = f"slices-{new_controller_id()}"
+    labels = {"app.kubernetes.io/name": name}
+    deployment: Any = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "plugin",
+                            "image": PLUGIN_IMAGE,
+                            "imagePullPolicy": "Never",
+                            "ports": [{"name": "proto", "containerPort": 50051}],
+                        }
+                    ]
+                },
+            },
+        },
+    }
+    service: Any = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "clusterIP": "None",
+            "selector": labels,
+            "ports": [{"name": "control", "port": 9200, "targetPort": "proto"}],
+        },
+    }
+    api.core.create_namespaced_service(NAMESPACE, service)
+    api.apps.create_namespaced_deployment(NAMESPACE, deployment)
+    try:
+        wait_for(
+            lambda: (
+                len([e for e in _slice_endpoints(api, name) if e["conditions"].get("ready")]) == 2
+            ),
+            120,
+            "two ready endpoints",
+        )
+        listing = k8s_client.DiscoveryV1Api(api.client).list_namespaced_endpoint_slice(
+            NAMESPACE, label_selector=f"kubernetes.io/service-name={name}", _preload_content=False
+        )
+        slices = _json(listing)["items"]
+        assert {p["port"] for s in slices for p in s["ports"] if p["name"] == "control"} == {50051}
+        pods = _json(
+            api.core.list_namespaced_pod(
+                NAMESPACE, label_selector=f"app.kubernetes.io/name={name}", _preload_content=False
+            )
+        )["items"]
+        by_pod = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+        endpoints = _slice_endpoints(api, name)
+        assert {e["targetRef"]["name"]: e["addresses"][0] for e in endpoints} == by_pod
+        assert {e["targetRef"]["kind"] for e in endpoints} == {"Pod"}
+        api.apps.patch_namespaced_deployment(name, NAMESPACE, {"spec": {"replicas": 1}})
+        wait_for(lambda: len(_slice_endpoints(api, name)) == 1, 120, "one endpoint left")
+    finally:
+        api.apps.delete_namespaced_deployment(name, NAMESPACE)
+        api.core.delete_namespaced_service(name, NAMESPACE)
+    wait_for(lambda: _slice_endpoints(api, name) == [], 120, "the slices gone with the Service")
+
+
 @pytest.mark.parametrize("api", ["kmock"], indirect=True)
 def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
     api: Api, controllers: list[KubeController]
@@ -460,7 +537,8 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
     """Everything the controller does, on the stand-in that records every request.
 
     Plugins with volumes and state, a blue/green swap, a crash loop (its logs
-    read), deletion, and a leader labelling its pod then giving the Lease up.
+    read), deletion, a leader labelling its pod then giving the Lease up, and
+    the gateway's replicas looked for (none runs here: the swap holds none).
     """
     assert api.cluster is not None
     pod: Any = {
@@ -471,7 +549,15 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
     }
     api.core.create_namespaced_pod(SYSTEM, pod)
     controller = controllers[0]
-    controller.start(env={"POD_NAME": "blackhole-0", "POD_NAMESPACE": SYSTEM})
+    secret = controller.root / "control-secret"
+    secret.write_text("a-control-secret-of-some-length")
+    controller.start(
+        "--gateway-service",
+        "bh-gateway-control",
+        "--gateway-control-secret",
+        str(secret),
+        env={"POD_NAME": "blackhole-0", "POD_NAMESPACE": SYSTEM},
+    )  # fmt: skip
     stateful: dict[str, Any] = {"env": {"STATE_VERSION": "1"}, "state": {"version": 1}}
     volume: dict[str, Any] = {"volumes": [{"name": "data", "mountPath": "/data", "size": "1Gi"}]}
     api.apply_plugin("kv", _spec(**stateful, **volume))

@@ -42,6 +42,11 @@ SELECTOR = {
     "app.kubernetes.io/component": "controller",
 }
 LEADER = {"blackhole.dev/leader": "true"}
+GATEWAY_SELECTOR = {
+    "app.kubernetes.io/name": "blackhole",
+    "app.kubernetes.io/instance": RELEASE,
+    "app.kubernetes.io/component": "gateway",
+}
 
 # Go durations as prometheus-operator's v1 CRDs declare them (monitoring.coreos.com_*.yaml).
 DURATION = {
@@ -212,6 +217,10 @@ def controller(documents: tuple[dict[str, Any], ...], name: str = RELEASE) -> di
     return find(documents, "Deployment", name)
 
 
+def gateway(documents: tuple[dict[str, Any], ...], name: str = RELEASE) -> dict[str, Any]:
+    return find(documents, "Deployment", f"{name}-gateway")
+
+
 def test_chart_version_follows_the_project_version():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     version = (TOP / "VERSION").read_text().strip()
@@ -270,8 +279,9 @@ def test_validation_is_strict(helm, version):
             validate(document, version)
 
 
-def test_controller_pod_security(helm):
-    pod = controller(helm.render(*ci("default")))["spec"]["template"]["spec"]
+@pytest.mark.parametrize("deployment", [controller, gateway])
+def test_controller_and_gateway_pod_security(helm, deployment):
+    pod = deployment(helm.render(*ci("default")))["spec"]["template"]["spec"]
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
         "runAsUser": 65532,
@@ -303,12 +313,10 @@ BASE_ARGS = [
     "/var/lib/blackhole",
     "--log-format",
     "json",
-    "--gateway-addr",
-    "0.0.0.0:8080",
-    "--gateway-grpc-addr",
-    "0.0.0.0:8081",
-    "--gateway-tokens",
-    "/etc/blackhole/gateway/tokens.yaml",
+    "--gateway-service",
+    "{release}-gateway-control",
+    "--gateway-control-secret",
+    "/etc/blackhole/control/secret",
     "--metrics-addr",
     "0.0.0.0:9100",
     "--lease-name",
@@ -328,7 +336,67 @@ def test_controller_command_line(helm, name, deployment, extra):
         "containers"
     ]
     assert container["command"] == ["bhctl"]
-    assert container["args"] == BASE_ARGS + extra
+    assert container["args"] == [a.format(release=deployment) for a in BASE_ARGS] + extra
+
+
+GATEWAY_ARGS = [
+    "gateway", "--data-dir", "/var/lib/blackhole", "--log-format", "json",
+    "--addr", "0.0.0.0:8080", "--grpc-addr", "0.0.0.0:8081",
+    "--tokens", "/etc/blackhole/gateway/tokens.yaml", "--metrics-addr", "0.0.0.0:9100",
+    "--control-addr", "0.0.0.0:9200", "--control-secret", "/etc/blackhole/control/secret",
+]  # fmt: skip
+
+
+def test_gateway_is_a_deployment_of_its_own_with_the_control_port(helm):
+    """`bhctl gateway` replicas, ready once routed; the controller finds them from a
+    headless Service and proves the control secret both mount."""
+    documents = helm.render(*ci("default"))
+    deployment = gateway(documents)
+    assert deployment["spec"]["replicas"] == 2
+    template = deployment["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "gateway"
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "blackhole/controller:0.1.0"  # the same image
+    assert container["command"] == ["bhctl"]
+    assert container["args"] == GATEWAY_ARGS
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "grpc": 8081, "metrics": 9100, "control": 9200}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert pod["automountServiceAccountToken"] is False  # it calls no Kubernetes API
+    control = find(documents, "Service", f"{RELEASE}-gateway-control")
+    assert control["spec"]["clusterIP"] == "None"
+    assert control["spec"]["selector"].items() <= labels.items()
+    assert "publishNotReadyAddresses" not in control["spec"]  # not-ready listed as such
+    assert control["spec"]["ports"] == [
+        {"name": "control", "port": 9200, "targetPort": "control", "protocol": "TCP"}
+    ]
+    secret = find(documents, "Secret", f"{RELEASE}-gateway-control")
+    assert len(base64.b64decode(secret["data"]["secret"])) >= 16
+    for deployed in (deployment, controller(documents)):
+        spec = deployed["spec"]["template"]["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "control-secret")
+        assert volume["secret"]["secretName"] == f"{RELEASE}-gateway-control"
+        mount = next(
+            m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "control-secret"
+        )
+        assert mount["mountPath"] == "/etc/blackhole/control"
+    budget = find(documents, "PodDisruptionBudget", f"{RELEASE}-gateway")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    single = helm.render(*ci("default"), "--set", "gateway.replicas=1")
+    assert gateway(single)["spec"]["replicas"] == 1
+    assert f"{RELEASE}-gateway" not in {
+        d["metadata"]["name"] for d in single if d["kind"] == "PodDisruptionBudget"
+    }
+    mine = helm.render(*ci("default"), "--set", "gateway.controlSecret.existingSecret=mine")
+    assert f"{RELEASE}-gateway-control" not in {
+        d["metadata"]["name"] for d in mine if d["kind"] == "Secret"
+    }
+    spec = gateway(mine)["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "control-secret")
+    assert volume["secret"]["secretName"] == "mine"
 
 
 def test_controller_pod(helm):
@@ -344,7 +412,7 @@ def test_controller_pod(helm):
         "POD_NAMESPACE": "metadata.namespace",
     }
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8080, "grpc": 8081, "metrics": 9100}
+    assert ports == {"metrics": 9100}  # calls go to the gateway's own pods
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert container["resources"] == {
@@ -382,7 +450,7 @@ def test_gateway_tokens_reach_the_gateway_as_a_file_it_accepts(helm, tmp_path):
         ("billing", ["analytics", "kv-store"]),
     ]
 
-    pod = controller(documents, "bh")["spec"]["template"]["spec"]
+    pod = gateway(documents, "bh")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     (prepare,) = pod["initContainers"]
     (container,) = pod["containers"]
@@ -390,8 +458,8 @@ def test_gateway_tokens_reach_the_gateway_as_a_file_it_accepts(helm, tmp_path):
     secret_volume = volumes["gateway-tokens-secret"]["secret"]
     assert secret_volume["secretName"] == "bh-gateway-tokens"
     assert secret_volume["defaultMode"] == 0o400
-    # The init container copies it, as the controller's user, mode 0600, into
-    # the memory volume the controller reads it from.
+    # The init container copies it, as the gateway's user, mode 0600, into
+    # the memory volume the gateway reads it from.
     script = prepare["command"][-1]
     source = f"{prepare_mounts['gateway-tokens-secret']}/tokens.yaml"
     copied = f"{prepare_mounts['gateway-tokens']}/tokens.yaml"
@@ -403,20 +471,21 @@ def test_gateway_tokens_reach_the_gateway_as_a_file_it_accepts(helm, tmp_path):
         "mountPath": "/etc/blackhole/gateway",
         "readOnly": True,
     }
-    # ... and makes the data directory the controller's own (an emptyDir's root is root's).
+    # ... and makes the data directory the gateway's own (an emptyDir's root is root's).
     assert f"install -d -m 0700 {prepare_mounts['data']}/blackhole" in script
     data = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/blackhole")
     assert (data["name"], data["subPath"]) == ("data", "blackhole")
-    # A change of tokens rolls the pods: the controller reads the file once.
-    annotations = controller(documents, "bh")["spec"]["template"]["metadata"]["annotations"]
+    # A change of tokens rolls the pods: the gateway reads the file once.
+    annotations = gateway(documents, "bh")["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/gateway-tokens" in annotations
 
 
 def test_existing_tokens_secret_is_used_as_it_is(helm):
     documents = helm.render(*ci("single-replica"))
-    assert [d for d in documents if d["kind"] == "Secret"] == []
-    pod = controller(documents)["spec"]["template"]["spec"]
-    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    secrets = [d["metadata"]["name"] for d in documents if d["kind"] == "Secret"]
+    assert secrets == [f"{RELEASE}-gateway-control"]  # no tokens Secret of the chart's
+    pod = gateway(documents)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "gateway-tokens-secret")
     assert volume["secret"]["secretName"] == "blackhole-gateway-tokens"
 
 
@@ -466,11 +535,11 @@ def test_schema_refuses_bad_values(helm, setting, path):
     assert path in result.stderr, result.stderr
 
 
-def test_gateway_service_selects_the_leader_only(helm):
+def test_gateway_service_selects_the_gateway_replicas(helm):
     documents = helm.render(*ci("default"))
     service = find(documents, "Service", f"{RELEASE}-gateway")
     assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["selector"] == SELECTOR | LEADER
+    assert service["spec"]["selector"] == GATEWAY_SELECTOR
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"},
         {
@@ -481,23 +550,33 @@ def test_gateway_service_selects_the_leader_only(helm):
             "appProtocol": "grpc",
         },
     ]
-    # A controller pod matches it once the leader has labelled it, and only then.
+    # The gateway's pods, and not the controller's, leader or not.
+    assert (
+        GATEWAY_SELECTOR.items()
+        <= gateway(documents)["spec"]["template"]["metadata"]["labels"].items()
+    )
     labels = controller(documents)["spec"]["template"]["metadata"]["labels"]
-    assert not service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["selector"].items() <= (labels | LEADER).items()
+    assert not service["spec"]["selector"].items() <= (labels | LEADER).items()
 
 
-def test_no_gateway_deployment_of_its_own(helm):
-    """The gateway runs in the leader's process, which holds calls during a flip."""
+def test_one_deployment_each_for_the_controller_and_the_gateway(helm):
     for path in CI_VALUES:
-        (deployment,) = [d for d in helm.render(*values(path)) if d["kind"] == "Deployment"]
-        assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"
+        components = sorted(
+            d["metadata"]["labels"]["app.kubernetes.io/component"]
+            for d in helm.render(*values(path))
+            if d["kind"] == "Deployment"
+        )
+        assert components == ["controller", "gateway"]
 
 
 def test_metrics_service_and_service_monitor(helm):
     documents = helm.render(*ci("all"))
     metrics = find(documents, "Service", "bh-metrics")
-    assert metrics["spec"]["selector"] == SELECTOR
+    # Every controller and gateway pod of the release: both serve /metrics on that port.
+    assert metrics["spec"]["selector"] == {
+        "app.kubernetes.io/name": "blackhole",
+        "app.kubernetes.io/instance": "blackhole",
+    }
     assert metrics["spec"]["ports"] == [
         {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
     ]
@@ -620,7 +699,8 @@ def test_rbac_can_be_left_out(helm):
 def test_pod_disruption_budget_only_with_several_replicas(helm):
     budget = find(helm.render(*ci("default")), "PodDisruptionBudget", RELEASE)
     assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": SELECTOR}}
-    assert "PodDisruptionBudget" not in kinds(helm.render(*ci("single-replica")))
+    single = helm.render(*ci("single-replica"), "--set", "gateway.replicas=1")
+    assert "PodDisruptionBudget" not in kinds(single)
 
 
 @pytest.mark.parametrize(
@@ -677,6 +757,13 @@ def test_plain_manifests_apply_in_their_namespace(helm, version):
         assert namespace == (None if document["kind"] in cluster_scoped else NAMESPACE), document[
             "kind"
         ]
-    pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-    (volume,) = [v for v in pod["volumes"] if "secret" in v]
-    assert volume["secret"]["secretName"] == "blackhole-gateway-tokens"
+    assert "Secret" not in {d["kind"] for d in documents}  # both are the operator's
+    for document in documents:
+        if document["kind"] == "Deployment":
+            pod = document["spec"]["template"]["spec"]
+            secrets = {
+                v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v
+            }
+            assert secrets["control-secret"] == "blackhole-gateway-control"
+            if document["metadata"]["name"] == "blackhole-gateway":
+                assert secrets["gateway-tokens-secret"] == "blackhole-gateway-tokens"

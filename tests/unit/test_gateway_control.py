@@ -240,9 +240,14 @@ async def test_the_gateways_series_reach_the_controllers_metrics(socket_dir: Pat
         text = (await asyncio.to_thread(control.fetch_metrics, path)).decode()
     assert 'blackhole_gateway_requests_total{code="200",method="get",plugin="kv"} 1.0' in text
     assert "blackhole_reconcile" not in text  # the controller's own families stay its own
+    assert telemetry.HOLD_RELEASES not in text  # the controller's to count, not the gateway's
     controller_metrics = telemetry.Metrics()
     controller_metrics.relay_gateway()
-    assert "blackhole_gateway_" not in generate_latest(controller_metrics.registry).decode()
+    own = generate_latest(controller_metrics.registry).decode()
+    families = {line.split()[2] for line in own.splitlines() if line.startswith("# TYPE")}
+    assert {f for f in families if f.startswith("blackhole_gateway_")} == {
+        f"{telemetry.HOLD_RELEASES}_total"
+    }  # the one gateway family the controller keeps: no family is exported twice
     assert await asyncio.to_thread(control.fetch_metrics, path) == b""  # gone: nothing, no error
 
 

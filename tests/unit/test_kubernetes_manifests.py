@@ -98,17 +98,19 @@ def test_the_pod_is_locked_down_and_probed_over_grpc():
     assert claims == ["bh-kv-data", "bh-kv-cache"]
 
 
-def test_the_network_policy_lets_in_only_the_controller_and_lets_out_what_the_spec_says():
+def test_the_network_policy_lets_in_only_the_controller_and_gateway_and_out_what_the_spec_says():
     policy = manifests.network_policy(
         _desired(**SPECS["everything"]), "team-a", "blackhole-system", OWNER
     )["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     (ingress,) = policy["ingress"]
-    (source,) = ingress["from"]
-    assert source["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "blackhole-system"
-    }
-    assert source["podSelector"]["matchLabels"] == manifests.CONTROLLER_POD_LABELS
+    controller, gateway = ingress["from"]
+    for source in (controller, gateway):
+        assert source["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": "blackhole-system"
+        }
+    assert controller["podSelector"]["matchLabels"] == manifests.CONTROLLER_POD_LABELS
+    assert gateway["podSelector"]["matchLabels"] == manifests.GATEWAY_POD_LABELS
     assert ingress["ports"] == [{"protocol": "TCP", "port": manifests.PROTOCOL_PORT}]
     by_ip, by_name, dns = policy["egress"]
     assert by_ip["to"] == [{"ipBlock": {"cidr": "10.1.2.3/32"}}]

@@ -33,6 +33,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: controller
 {{- end -}}
 
+{{/* The gateway pods' labels that its Deployment and Services select. */}}
+{{- define "blackhole.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: blackhole
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{/* The gateway pods' labels: podLabels, under the chart's own (which win). */}}
+{{- define "blackhole.gatewayPodLabels" -}}
+{{- $labels := include "blackhole.labels" . | fromYaml -}}
+{{- $_ := set $labels "app.kubernetes.io/component" "gateway" -}}
+{{- toYaml (merge $labels (deepCopy .Values.podLabels)) -}}
+{{- end -}}
+
+{{/* The Secret holding the control secret the controller proves to the gateways (key "secret"). */}}
+{{- define "blackhole.controlSecretName" -}}
+{{- default (printf "%s-gateway-control" (include "blackhole.fullname" .)) .Values.gateway.controlSecret.existingSecret -}}
+{{- end -}}
+
 {{/* The label the leader puts on its own pod (and takes off when it steps down). */}}
 {{- define "blackhole.leaderLabel" -}}
 blackhole.dev/leader: "true"

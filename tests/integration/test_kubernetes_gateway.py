@@ -1,0 +1,444 @@
+"""The gateway as a Deployment of its own on Kubernetes: swaps flip on every replica or on none.
+
+The chart's gateway objects (rendered by helm: its Deployment of two
+replicas, the headless control Service, the tokens and control Secrets) run
+on the stand-in (``kube.py``), whose kubelet runs each replica as a real
+container of an image with this checkout's code, and keeps the Service's
+EndpointSlices. The controller runs on the host with ``--gateway-service``,
+finds both replicas from the EndpointSlices, and reaches each over TCP with
+the control secret. Calls go to each replica's pod IP with a caller token,
+as a client behind the gateway's Service would.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+import yaml
+from kubernetes import client as k8s_client
+
+from controller.runtimes import container
+
+from . import kube
+from .conftest import get_engine, wait_for
+from .test_kubernetes import (  # the fixtures
+    NAMESPACE,
+    SYSTEM,
+    Api,
+    KubeController,
+    _spec,
+    api,
+    controllers,
+)
+
+__all__ = ["api", "controllers"]
+
+TOP = Path(__file__).parents[2]
+CHART = TOP / "charts" / "blackhole"
+RELEASE = "bh"
+TOKEN = secrets.token_urlsafe(24)
+
+
+def _source_tag() -> str:
+    digest = hashlib.sha256()
+    sources = [*(TOP / "controller").rglob("*.py"), *(TOP / "sdk" / "blackhole_sdk").rglob("*.py")]
+    for path in sorted([*sources, TOP / "pyproject.toml", TOP / "sdk" / "pyproject.toml"]):
+        digest.update(str(path.relative_to(TOP)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+GATEWAY_IMAGE = f"blackhole/controller-test:{_source_tag()}"
+"""The controller image of this checkout (``images/controller/Dockerfile``, built when missing)."""
+BASE_IMAGE = "blackhole/base:bookworm"
+
+
+def _ensure_gateway_image(client: docker.DockerClient, work: Path) -> None:
+    """Build the controller image from this checkout's wheels, as images/build.sh does, under
+    a tag of the test's own (the shared ``blackhole/controller`` may be of another checkout)."""
+    try:
+        client.images.get(GATEWAY_IMAGE)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        client.images.get(BASE_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"{BASE_IMAGE} is missing: run images/base/build.sh")
+    wheels = work / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+         "--wheel-dir", str(wheels), "--find-links", str(wheels), str(TOP / "sdk"), str(TOP),
+         "pip"],
+        check=True,
+    )  # fmt: skip
+    client.images.build(
+        path=str(wheels),
+        dockerfile=str(TOP / "images" / "controller" / "Dockerfile"),
+        buildargs={"BASE_IMAGE": BASE_IMAGE},
+        tag=GATEWAY_IMAGE,
+        rm=True,
+    )
+
+
+def _render(tmp_path: Path) -> list[dict[str, Any]]:
+    helm = Path(sys.executable).parent / "helm"
+    if not helm.exists():
+        pytest.fail(f"helm is not installed at {helm}: run `make setup` (scripts/helm.sh tools)")
+    repository, tag = GATEWAY_IMAGE.split(":")
+    values = {
+        "fullnameOverride": RELEASE,
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "gateway": {
+            "tokens": {
+                "items": [
+                    {
+                        "name": "test",
+                        "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+                        "plugins": ["*"],
+                    }
+                ]
+            }
+        },
+    }
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    homes = {
+        f"HELM_{kind}_HOME": str(tmp_path / f"helm-{kind.lower()}")
+        for kind in ("CACHE", "CONFIG", "DATA")
+    }
+    result = subprocess.run(
+        [
+            str(helm),
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            SYSTEM,
+            "--values",
+            str(tmp_path / "values.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **homes},
+    )
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def _find(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+class Gateways:
+    """The chart's gateway, deployed on the stand-in: its pods, their containers and calls."""
+
+    def __init__(self, api: Api, tmp_path: Path) -> None:
+        assert api.cluster is not None
+        self.api = api
+        self.cluster = api.cluster
+        documents = _render(tmp_path)
+        control = _find(documents, "Secret", f"{RELEASE}-gateway-control")
+        self.secret = tmp_path / "control-secret"
+        self.secret.write_bytes(base64.b64decode(control["data"]["secret"]))
+        self.secret.chmod(0o600)
+        body: Any
+        for secret in ("gateway-tokens", "gateway-control"):
+            body = _find(documents, "Secret", f"{RELEASE}-{secret}")
+            self.api.core.create_namespaced_secret(SYSTEM, body)
+        body = _find(documents, "Service", f"{RELEASE}-gateway-control")
+        self.api.core.create_namespaced_service(SYSTEM, body)
+        body = _find(documents, "Deployment", f"{RELEASE}-gateway")
+        self.api.apps.create_namespaced_deployment(SYSTEM, body)
+        self.docker = get_engine(container.Engine.DOCKER).client
+
+    def pods(self) -> dict[str, str]:
+        """Pod name to pod IP, of the gateway's running pods."""
+        listing: Any = self.api.core.list_namespaced_pod(
+            SYSTEM, label_selector="app.kubernetes.io/component=gateway", _preload_content=False
+        )
+        return {
+            p["metadata"]["name"]: p["status"]["podIP"]
+            for p in json.loads(listing.data)["items"]
+            if (p.get("status") or {}).get("podIP")
+        }
+
+    def container(self, pod: str) -> str:
+        return f"bhk-{self.cluster.session}-{SYSTEM}-{pod}"
+
+    def status(self, pod: str) -> dict[str, Any]:
+        """``bhctl gateway --status`` inside the replica."""
+        found = self.docker.containers.get(self.container(pod))
+        code, output = found.exec_run(
+            ["bhctl", "gateway", "--status", "--data-dir", "/var/lib/blackhole"]
+        )
+        assert code == 0, output
+        assert isinstance(output, bytes)
+        return dict(json.loads(output))
+
+    def route(self, pod: str, name: str) -> str | None:
+        plugin = self.status(pod)["plugins"].get(f"{NAMESPACE}/{name}") or {}
+        return plugin.get("endpoint")
+
+    def slice_endpoints(self) -> list[dict[str, Any]]:
+        listing: Any = k8s_client.DiscoveryV1Api(self.api.client).list_namespaced_endpoint_slice(
+            SYSTEM,
+            label_selector=f"{kube.SERVICE_NAME_LABEL}={RELEASE}-gateway-control",
+            _preload_content=False,
+        )
+        return [e for s in json.loads(listing.data)["items"] for e in s.get("endpoints") or []]
+
+
+def call(
+    address: str, name: str, payload: Any, timeout: float = 30, method: str = "echo"
+) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://{address}:8080/v1/namespaces/{NAMESPACE}/plugins/{name}/call/{method}",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Caller:
+    """Calls through one replica, one after the other, until stopped: each answer's status."""
+
+    def __init__(self, address: str, name: str, method: str = "echo", payload: Any = None) -> None:
+        self.address, self.name = address, name
+        self.method, self.payload = method, payload
+        self.answers: list[tuple[int, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Caller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                payload = {"n": n} if self.payload is None else self.payload
+                self.answers.append(
+                    call(self.address, self.name, payload, timeout=150, method=self.method)
+                )
+            except OSError as e:
+                self.answers.append((0, str(e)))
+            n += 1
+            time.sleep(0.02)
+
+    def failed(self) -> list[tuple[int, Any]]:
+        return [a for a in self.answers if a[0] != 200]
+
+
+@pytest.fixture
+def gateways(api: Api, tmp_path: Path) -> Gateways:
+    assert api.cluster is not None  # the stand-in runs the image built here
+    _ensure_gateway_image(get_engine(container.Engine.DOCKER).client, tmp_path)
+    return Gateways(api, tmp_path)
+
+
+SWAP: dict[str, Any] = {"hotSwap": {"maxPauseMilliseconds": 60000, "drainTimeoutSeconds": 10}}
+LONG_DRAIN: dict[str, Any] = {
+    "hotSwap": {"maxPauseMilliseconds": 60000, "drainTimeoutSeconds": 120},
+    "gateway": {"timeoutSeconds": 120},
+}
+
+
+def _start(controller: KubeController, gateways: Gateways) -> None:
+    controller.start(
+        "--gateway-service", f"{RELEASE}-gateway-control",
+        "--gateway-control-secret", str(gateways.secret),
+        "--gateway-ack-timeout", "3",
+    )  # fmt: skip
+
+
+def _ready_everywhere(api: Api, gateways: Gateways, controller: KubeController) -> dict[str, str]:
+    wait_for(lambda: len(gateways.pods()) == 2, 120, "two gateway pods")
+    wait_for(lambda: api.ready("echo"), 120, f"echo Ready ({controller.log})")
+    pods = gateways.pods()
+    wait_for(
+        lambda: all(gateways.route(p, "echo") for p in pods),
+        120,
+        f"both replicas routing echo ({controller.log})",
+    )
+    return pods
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_swap_across_two_gateway_replicas_flips_both(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**SWAP))
+    pods = _ready_everywhere(api, gateways, controller)
+    blue = {gateways.route(p, "echo") for p in pods}
+    assert len(blue) == 1
+    # Ready once routed: both are ready endpoints of the control Service now.
+    wait_for(
+        lambda: (
+            sorted(e["conditions"]["ready"] for e in gateways.slice_endpoints()) == [True, True]
+        ),
+        60,
+        "both replicas ready in the EndpointSlice",
+    )
+    with (
+        Caller(pods[sorted(pods)[0]], "echo") as first,
+        Caller(pods[sorted(pods)[1]], "echo") as second,
+    ):
+        wait_for(lambda: len(first.answers) > 5 and len(second.answers) > 5, 60, "calls")
+        api.apply_plugin("echo", _spec("1.1.0", **SWAP))
+        wait_for(
+            lambda: api.status("echo").get("activeColor") == "green",
+            120,
+            f"the swap ({controller.log})",
+        )
+        wait_for(
+            lambda: (
+                len({gateways.route(p, "echo") for p in pods} - blue) == 1
+                and len({gateways.route(p, "echo") for p in pods}) == 1
+            ),
+            60,
+            "both replicas on the new color",
+        )
+        time.sleep(0.5)  # calls after the flip, too
+    assert first.failed() == []
+    assert second.failed() == []
+    assert len(first.answers) > 10
+    assert len(second.answers) > 10
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_frozen_replica_rolls_the_swap_back_and_the_other_keeps_answering(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**SWAP))
+    pods = _ready_everywhere(api, gateways, controller)
+    answering, frozen = sorted(pods)
+    blue = gateways.route(answering, "echo")
+    assert gateways.route(frozen, "echo") == blue
+    paused = gateways.docker.containers.get(gateways.container(frozen))
+    paused.pause()
+    try:
+        with Caller(pods[answering], "echo") as caller:
+            wait_for(lambda: len(caller.answers) > 5, 60, "calls")
+            api.apply_plugin("echo", _spec("1.1.0", **SWAP))
+            wait_for(
+                lambda: (api.status("echo").get("lastSwap") or {}).get("result") == "RolledBack",
+                120,
+                f"the swap rolled back ({controller.log})",
+            )
+            last = api.status("echo")["lastSwap"]
+            assert last["reason"] == "SwapFailedHold", last
+            assert api.status("echo")["activeColor"] == "blue"
+            assert gateways.route(answering, "echo") == blue
+            time.sleep(0.5)
+        assert caller.failed() == []
+    finally:
+        paused.unpause()
+    # Thawed, it applies what was sent meanwhile, in order: still the old color, nothing held.
+    wait_for(
+        lambda: gateways.status(frozen)["plugins"][f"{NAMESPACE}/echo"]["holds"] == 0,
+        60,
+        "the thawed replica released",
+    )
+    assert gateways.route(frozen, "echo") == blue
+    events: Any = api.core.list_namespaced_event(NAMESPACE, _preload_content=False)
+    reasons = {e.get("reason") for e in json.loads(events.data)["items"]}
+    assert "SwapFailedHold" in reasons
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda a: call(a, "echo", {"after": True}), pods.values()))
+    assert answers == [(200, {"after": True})] * 2
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_replica_frozen_after_holding_rolls_the_flip_back_on_every_replica(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    """Both replicas hold; one freezes while the swap drains; its flip is never acknowledged:
+    the swap rolls back (SwapFailedFlip) and the other replica never sends a call to green."""
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(env={"MARK": "old"}, **LONG_DRAIN))
+    pods = _ready_everywhere(api, gateways, controller)
+    answering, frozen = sorted(pods)
+    blue = gateways.route(answering, "echo")
+    paused = gateways.docker.containers.get(gateways.container(frozen))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # A call in flight on blue keeps the drain waiting, with both replicas holding: long
+        # enough to outlast the new color's start on a loaded machine.
+        slow = pool.submit(
+            lambda: call(pods[answering], "echo", {"seconds": 45}, timeout=150, method="sleep")
+        )
+        wait_for(
+            lambda: gateways.status(answering)["plugins"][f"{NAMESPACE}/echo"]["inFlight"] == 1,
+            30,
+            "the slow call",
+        )
+        api.apply_plugin("echo", _spec("1.1.0", env={"MARK": "new"}, **LONG_DRAIN))
+        wait_for(
+            lambda: all(
+                gateways.status(p)["plugins"][f"{NAMESPACE}/echo"]["holds"] == 1 for p in pods
+            ),
+            120,
+            f"both replicas holding ({controller.log})",
+        )
+        paused.pause()
+        try:
+            mark = {"argv": ["printenv", "MARK"]}  # which color answered
+            with Caller(pods[answering], "echo", "run", mark) as caller:
+                wait_for(
+                    lambda: (
+                        (api.status("echo").get("lastSwap") or {}).get("result") == "RolledBack"
+                    ),
+                    120,
+                    f"the swap rolled back ({controller.log})",
+                )
+                assert api.status("echo")["lastSwap"]["reason"] == "SwapFailedFlip"
+                assert api.status("echo")["activeColor"] == "blue"
+                assert gateways.route(answering, "echo") == blue
+                time.sleep(0.5)
+            assert caller.answers
+            assert caller.failed() == []
+            assert {a[1]["output"] for a in caller.answers} == {"old\n"}  # never green
+            assert slow.result()[0] == 200
+        finally:
+            paused.unpause()
+    wait_for(
+        lambda: gateways.status(frozen)["plugins"][f"{NAMESPACE}/echo"]["holds"] == 0,
+        60,
+        "the thawed replica released",
+    )
+    assert gateways.route(frozen, "echo") == blue
