@@ -343,9 +343,8 @@ def test_a_spec_naming_a_bundle_runs_it_and_a_refused_one_says_why(
     refused = bhctl(process, "plugin", "verify", str(path))
     assert refused.returncode == 1
     assert "(UntrustedKey)" in refused.stderr
-    trusted = process.data / "registry" / "trusted"
-    trusted.mkdir(parents=True)
-    (trusted / "author.pub").write_bytes((keys / "author.pub").read_bytes())
+    assert (process.data / "registry" / "trusted").is_dir(), "made by default"
+    assert "trusted" in run("trust", str(keys / "author.pub"))
     assert "verified runnable@1.4.0" in run("verify", str(path))
     assert "installed runnable@1.4.0" in run("install", str(path))
     (process.specs / "runnable.yaml").write_text(
