@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS bundles (
     key_id TEXT,
     source TEXT NOT NULL,
     installed_at TEXT NOT NULL,
+    loaded INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, version)
 );
 """
@@ -55,6 +56,9 @@ class Entry:
     source: str
     """Where it was installed from."""
     installed_at: datetime
+    loaded: bool = False
+    """Whether an install of it loaded its image into the engine (False: the engine had it
+    already, so removing the bundle leaves the image)."""
 
     @property
     def name(self) -> str:
@@ -100,6 +104,9 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self._db = database.connect(path, _SCHEMA)
         self._lock = threading.Lock()
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(bundles)")}
+        if "loaded" not in columns:  # a catalog from before images loaded were recorded
+            self._db.execute("ALTER TABLE bundles ADD COLUMN loaded INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -113,24 +120,32 @@ class Catalog:
         key_id: str | None,
         sha256: str,
         source: str,
+        loaded: bool = False,
     ) -> Entry:
-        """Record an installed bundle, replacing one of the same name and version."""
+        """Record an installed bundle, replacing one of the same name and version (``loaded``:
+        whether this install loaded its image; once loaded, it stays so)."""
         now = datetime.now(UTC)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO bundles (name, version, sha256, image_digest, manifest, signature, "
-                "key_id, source, installed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "key_id, source, installed_at, loaded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (name, version) DO UPDATE SET sha256 = excluded.sha256, "
                 "image_digest = excluded.image_digest, manifest = excluded.manifest, "
                 "signature = excluded.signature, key_id = excluded.key_id, "
-                "source = excluded.source, installed_at = excluded.installed_at",
+                "source = excluded.source, installed_at = excluded.installed_at, "
+                "loaded = MAX(bundles.loaded, excluded.loaded)",
                 (found.name, str(found.version), sha256, found.image_digest or "",
-                 manifest_bytes, signature, key_id, source, now.isoformat()),
+                 manifest_bytes, signature, key_id, source, now.isoformat(), int(loaded)),
             )  # fmt: skip
+            row = self._db.execute(
+                "SELECT loaded FROM bundles WHERE name = ? AND version = ?",
+                (found.name, str(found.version)),
+            ).fetchone()
         return Entry(
-            found, manifest_bytes, signature, key_id, sha256, found.image_digest or "", source, now
-        )
+            found, manifest_bytes, signature, key_id, sha256, found.image_digest or "", source,
+            now, bool(row[0]),
+        )  # fmt: skip
 
     def remove(self, name: str, version: Version | None = None) -> list[Entry]:
         """Forget ``name`` (one version, or all); the entries removed."""
@@ -165,7 +180,8 @@ class Catalog:
     def _select(self, where: str, arguments: tuple[object, ...]) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT manifest, signature, key_id, sha256, image_digest, source, installed_at "
+                "SELECT manifest, signature, key_id, sha256, image_digest, source, installed_at, "
+                "loaded "
                 f"FROM bundles {where}",
                 arguments,
             ).fetchall()
@@ -179,6 +195,7 @@ class Catalog:
                 str(row[4]),
                 str(row[5]),
                 datetime.fromisoformat(str(row[6])),
+                bool(row[7]),
             )
             for row in rows
         ]

@@ -366,6 +366,7 @@ class Registry:
                 item.key_id,
                 item.sha256,
                 item.source,
+                was_loaded,
             )
             log.info("installed %s from %s", entry.manifest.ref, item.source)
             done.append(Installed(entry, item.downloaded, was_loaded))
@@ -424,7 +425,10 @@ class Registry:
             for entry in gone:
                 if self.catalog.uses(entry.sha256) == 0:
                     self._cached(entry.sha256).unlink(missing_ok=True)
-                if self.images is not None and self.catalog.uses_image(entry.image_digest) == 0:
+                if not entry.loaded:  # the engine had it before: not the registry's to remove
+                    log.info("kept the image of %s: it was in the engine before the install",
+                             entry.manifest.ref)  # fmt: skip
+                elif self.images is not None and self.catalog.uses_image(entry.image_digest) == 0:
                     current = await self.images.image_id(entry.manifest.image)
                     if current == entry.image_digest:
                         try:

@@ -287,6 +287,23 @@ async def test_remove_forgets_the_bundle_its_cache_and_its_image(setup: Setup) -
         await setup.registry.remove("kv")
 
 
+async def test_remove_leaves_an_image_the_engine_had_before_the_install(setup: Setup) -> None:
+    path = setup.bundle()
+    [first] = await setup.registry.install(str(path))
+    assert first.loaded
+    await setup.registry.remove("kv")
+    [again] = await setup.registry.install(str(path))  # loaded again: the remove took it
+    assert again.loaded
+    image = again.entry.manifest.image
+    kept = setup.images.images[image]
+    setup.registry.catalog.remove("kv")  # forgotten, image left: as if brought in otherwise
+    [found] = await setup.registry.install(str(path))
+    assert not found.loaded, "the engine had it: nothing loaded"
+    assert not found.entry.loaded
+    await setup.registry.remove("kv")
+    assert setup.images.images.get(image) == kept, "not the registry's image to remove"
+
+
 async def test_a_spec_naming_a_bundle_gets_its_image_version_and_state(setup: Setup) -> None:
     await setup.registry.install(str(setup.bundle("kv", "1.2.0", stateVersion=2)))
     await setup.registry.install(str(setup.bundle("kv", "1.3.0", stateVersion=2)))
