@@ -86,6 +86,24 @@ def print_crd() -> None:
 
 
 @app.command()
+def explain(
+    path: str = typer.Argument(
+        "plugin", help="An object of the spec, e.g. plugin.spec.hotSwap (default: plugin)."
+    ),
+) -> None:
+    """Print the fields of a Plugin's object: type, limits, default and meaning (the same
+    text as the docs' spec reference)."""
+    from controller.errors import ControllerError
+    from controller.spec import reference
+
+    try:
+        sys.stdout.write(reference.explain(path))
+    except ControllerError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def validate(
     files: list[Path] = typer.Argument(..., help="Spec files or directories of them."),
 ) -> None:
