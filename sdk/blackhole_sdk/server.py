@@ -279,6 +279,13 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
                 await invoke(self.plugin.import_snapshot, result, adopted)
         except PluginError as e:
             await context.abort(e.status, f"import failed: {e}")
+        except (ValueError, TypeError, KeyError) as e:  # bytes the plugin cannot read
+            log.warning("refused an import of state version %d: %r", version, e)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"import failed: the plugin cannot read these {size} bytes as state version "
+                f"{version} ({type(e).__name__}: {e}); the state it had is kept",
+            )
         log.info(
             "imported %s%d bytes of state version %d as version %d (revision %s)",
             "a delta of " if delta else "",

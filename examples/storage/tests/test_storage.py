@@ -76,3 +76,13 @@ def test_the_program_serves_under_the_harness(blackhole_plugin):
     kv.call("put", {"key": "x", "value": 1})
     assert kv.call("get", {"key": "x"})["value"] == 1
     assert kv.healthy()
+
+
+def test_garbage_is_refused_as_invalid_and_the_state_is_kept(blackhole_plugin):
+    kv = blackhole_plugin(storage.KeyValueStore())
+    kv.call("put", {"key": "a", "value": 1})
+    with pytest.raises(testing.CallError) as refused:
+        kv.import_state(2, b"\x00 this is not json")
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "import failed" in str(refused.value)
+    assert kv.call("get", {"key": "a"})["value"] == 1
