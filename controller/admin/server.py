@@ -181,7 +181,9 @@ class AdminServer:
         plugin = desired.plugin.model_copy(update={"status": status})
         return plugin.to_document()
 
-    async def _list(self, request: web.Request) -> web.Response:
+    async def listing(self) -> dict[str, Any]:
+        """Every declared plugin with its status, the specs that failed to load, and the
+        controller's own conditions (``GET /v1/plugins``)."""
         items = []
         for key in self.source.declared_keys():
             desired = self.source.get(key)
@@ -192,12 +194,16 @@ class AdminServer:
             c.model_dump(mode="json", by_alias=True, exclude_none=True)
             for c in self._store_conditions(None)
         ]
-        return web.json_response(
-            {"items": items, "errors": errors, "controller": {"conditions": conditions}}
-        )
+        return {"items": items, "errors": errors, "controller": {"conditions": conditions}}
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.listing())
 
     def _desired(self, request: web.Request) -> sources_base.Desired:
-        name = request.match_info["name"]
+        return self.desired(request.match_info["name"])
+
+    def desired(self, name: str) -> sources_base.Desired:
+        """The declared plugin ``name``; 404 when there is none."""
         desired = self.source.get(name)
         if desired is None:
             raise web.HTTPNotFound(
@@ -205,8 +211,9 @@ class AdminServer:
             )
         return desired
 
-    async def _get(self, request: web.Request) -> web.Response:
-        desired = self._desired(request)
+    async def plugin(self, name: str) -> dict[str, Any]:
+        """One plugin with its status, origin and events (``GET /v1/plugins/{name}``)."""
+        desired = self.desired(name)
         document = await self._document(desired)
         events = [e.to_document() for e in await self.source.events(desired.plugin.key)]
         health = self._health
@@ -224,7 +231,10 @@ class AdminServer:
                 if _concerns(e.store, desired.plugin)
             ]
             events.sort(key=lambda e: str(e["lastTimestamp"]))
-        return web.json_response({"plugin": document, "origin": desired.origin, "events": events})
+        return {"plugin": document, "origin": desired.origin, "events": events}
+
+    async def _get(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.plugin(request.match_info["name"]))
 
     async def _apply(self, request: web.Request) -> web.Response:
         text = await request.read()  # bytes: the loader decodes and bounds them
@@ -322,11 +332,13 @@ class AdminServer:
             raise web.HTTPBadGateway(text=_error(str(e)), content_type="application/json") from e
         return web.json_response({"instance": name, "lines": lines})
 
-    async def _top(self, request: web.Request) -> web.Response:
-        """Every running instance's resource use, read from its cgroup now."""
+    async def top(self) -> list[dict[str, Any]]:
+        """Every running instance's resource use, read from its cgroup now (``GET /v1/top``)."""
         metrics = self._reconciler().metrics
-        rows = await asyncio.to_thread(self._readings, metrics)
-        return web.json_response({"instances": rows})
+        return await asyncio.to_thread(self._readings, metrics)
+
+    async def _top(self, request: web.Request) -> web.Response:
+        return web.json_response({"instances": await self.top()})
 
     def _readings(self, metrics: telemetry.Metrics) -> list[dict[str, Any]]:
         tracked = dict(metrics.instances)
@@ -397,44 +409,48 @@ class AdminServer:
             )
         return self.control.reconciler
 
-    async def _swap(self, request: web.Request) -> web.Response:
-        desired = self._desired(request)
-        action = request.match_info["action"]
+    async def swap(self, name: str, action: str, revision: str | None = None) -> dict[str, Any]:
+        """Request ``action`` of ``name``'s swap, checked first (``POST
+        /v1/plugins/{name}/swap/{action}``): the plugin, the action and the request's id,
+        which its pass answers. A refusal raises the HTTP error to answer with."""
+        desired = self.desired(name)
         if action not in ("promote", "abort", "undo", "retry"):
-            return web.json_response(
-                {"error": f"{action!r}: use promote, abort, undo or retry"}, status=404
-            )
+            raise _refused(web.HTTPNotFound, f"{action!r}: use promote, abort, undo or retry")
         target = self._reconciler()
         key = desired.plugin.key
         status = await self.source.read_status(key) or models.PluginStatus()
         argument = ""
-        if "revision" in request.query:
+        if revision is not None:
             if action != "undo":
-                return web.json_response(
-                    {"error": f"a revision is only for undo, not {action}"}, status=400
-                )
-            argument = await self._revision_to_undo(key, request.query["revision"], status)
+                raise _refused(web.HTTPBadRequest, f"a revision is only for undo, not {action}")
+            argument = await self._revision_to_undo(key, revision, status)
         elif action == "retry":
             last = status.last_swap
             if status.swap is not None or last is None or last.result == "Promoted":
-                return web.json_response(
-                    {"error": f"{key}: no rolled-back swap to retry"}, status=409
-                )
+                raise _refused(web.HTTPConflict, f"{key}: no rolled-back swap to retry")
         elif status.swap is None and action != "undo":
-            return web.json_response({"error": f"{key} has no swap in progress"}, status=409)
+            raise _refused(web.HTTPConflict, f"{key} has no swap in progress")
         elif status.swap is None:
             last = status.last_swap
             if last is None or last.result != "Promoted" or not last.from_hash:
-                return web.json_response(
-                    {"error": f"{key}: no promoted swap to undo; edit its spec instead"},
-                    status=409,
+                raise _refused(
+                    web.HTTPConflict, f"{key}: no promoted swap to undo; edit its spec instead"
                 )
         elif action == "promote" and status.swap.step is models.SwapStep.PROMOTED:
-            return web.json_response({"error": f"{key}: the swap is promoted already"}, status=409)
+            raise _refused(web.HTTPConflict, f"{key}: the swap is promoted already")
         recorded = await asyncio.to_thread(target.request, key, action, argument)
         assert self.control is not None
         self.control.queue.add(key)
-        return web.json_response({"plugin": key, "requested": action, "request": recorded.id})
+        return {"plugin": key, "requested": action, "request": recorded.id}
+
+    async def _swap(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            await self.swap(
+                request.match_info["name"],
+                request.match_info["action"],
+                request.query.get("revision"),
+            )
+        )
 
     async def _revision_to_undo(self, key: str, text: str, status: models.PluginStatus) -> str:
         """The revision ``undo --to-revision`` asks for, checked: its number as the argument."""
@@ -460,36 +476,52 @@ class AdminServer:
         return str(found.revision)
 
     async def _revisions(self, request: web.Request) -> web.Response:
-        desired = self._desired(request)
-        found = await asyncio.to_thread(self._specs().revisions, desired.plugin.key)
-        return web.json_response({"revisions": [r.to_document() for r in found]})
+        return web.json_response({"revisions": await self.revisions(request.match_info["name"])})
 
     def _specs(self) -> snapshots.Specs:
         return snapshots.Specs(self._snapshots())
 
-    async def _request(self, request: web.Request) -> web.Response:
-        """One recorded request and its outcome; ``?wait=S``: up to S seconds for the answer."""
+    async def answer(self, id: int, wait: float = 0.0) -> dict[str, Any]:
+        """Recorded request ``id`` and its outcome, waiting up to ``wait`` seconds (at most
+        :data:`REQUEST_WAIT_MAX`) while a pass has not answered it."""
         target = self._reconciler()
-        try:
-            id = int(request.match_info["id"])
-            wait = min(float(request.query.get("wait", "0")), REQUEST_WAIT_MAX)
-        except ValueError:
-            raise web.HTTPBadRequest(
-                text=_error("the request id and wait must be numbers"),
-                content_type="application/json",
-            ) from None
+        wait = min(wait, REQUEST_WAIT_MAX)
         if wait > 0:
             found = await target.wait_answer(id, wait)
         else:
             found = await asyncio.to_thread(target.requests.request, id)
         if found is None:
-            raise web.HTTPNotFound(text=_error(f"no request {id}"), content_type="application/json")
-        return web.json_response(found.to_document())
+            raise _refused(web.HTTPNotFound, f"no request {id}")
+        return found.to_document()
+
+    async def _request(self, request: web.Request) -> web.Response:
+        """One recorded request and its outcome; ``?wait=S``: up to S seconds for the answer."""
+        try:
+            id = int(request.match_info["id"])
+            wait = float(request.query.get("wait", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text=_error("the request id and wait must be numbers"),
+                content_type="application/json",
+            ) from None
+        return web.json_response(await self.answer(id, wait))
+
+    async def state_history(self, name: str) -> list[dict[str, Any]]:
+        """The state snapshots of ``name``, oldest first, without their bytes."""
+        desired = self.desired(name)
+        history = await asyncio.to_thread(self._snapshots().history, desired.plugin.key)
+        return [s.to_document() for s in history]
+
+    async def revisions(self, name: str) -> list[dict[str, Any]]:
+        """The revisions of ``name``, oldest first."""
+        desired = self.desired(name)
+        found = await asyncio.to_thread(self._specs().revisions, desired.plugin.key)
+        return [r.to_document() for r in found]
 
     async def _state_history(self, request: web.Request) -> web.Response:
-        desired = self._desired(request)
-        history = await asyncio.to_thread(self._snapshots().history, desired.plugin.key)
-        return web.json_response({"snapshots": [s.to_document() for s in history]})
+        return web.json_response(
+            {"snapshots": await self.state_history(request.match_info["name"])}
+        )
 
     async def _active(self, key: str) -> tuple[client.Clients, models.PluginStatus, str]:
         """The plugin clients, the status and the endpoint of ``key``'s serving instance."""
@@ -663,3 +695,8 @@ def _declared(plugin: models.Plugin) -> dict[str, Any]:
 
 def _error(message: str) -> str:
     return json.dumps({"error": message})
+
+
+def _refused(kind: type[web.HTTPException], message: str) -> web.HTTPException:
+    """The HTTP error ``kind`` with ``message`` as its JSON body."""
+    return kind(text=_error(message), content_type="application/json")

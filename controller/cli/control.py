@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from controller.admin import client as admin_client
+from controller.admin import columns as plugin_columns
 from controller.cli import flags, output, paths
 from controller.errors import ControllerError
 
@@ -183,63 +183,8 @@ def _declared_names(origin: str, text: bytes) -> list[str]:
 # get, describe
 
 
-def _condition(document: dict[str, Any], type_: str) -> dict[str, Any]:
-    for condition in (document.get("status") or {}).get("conditions", []):
-        if condition["type"] == type_:
-            return dict(condition)
-    return {}
-
-
 def age(since: str | None) -> str:
-    if not since:
-        return "-"
-    seconds = int((datetime.now(UTC) - datetime.fromisoformat(since)).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
-
-
-_STEP_SHOWN = {"AwaitingPromotion": "awaiting promotion", "Promoting": "promoting"}
-
-
-def _declared_if_other(item: dict[str, Any]) -> str | None:
-    """The declared version of a plugin when what runs is another one (None: the same)."""
-    declared = item["spec"].get("version")
-    running = (item.get("status") or {}).get("activeVersion")
-    if declared is None or running is None or str(declared) == str(running):
-        return None
-    return str(declared)
-
-
-def _columns(items: list[dict[str, Any]], wide: bool, declared: bool) -> list[str]:
-    columns = ["NAME", "VERSION", "PHASE", "READY", "RESTARTS", "ACTIVE", "AGE"]
-    if declared:
-        columns.insert(2, "DECLARED")
-    if wide:
-        columns += ["IMAGE", "REASON", "MESSAGE"]
-    return columns
-
-
-def _row(item: dict[str, Any], columns: list[str]) -> list[str]:
-    status = item.get("status") or {}
-    ready = _condition(item, "Ready")
-    phase = status.get("phase", "Pending")
-    step = (status.get("swap") or {}).get("step")
-    values = {
-        "NAME": item["metadata"]["name"],
-        "VERSION": str(status.get("activeVersion") or "-"),  # what runs, not what is declared
-        "DECLARED": _declared_if_other(item) or "",
-        "PHASE": f"{phase} ({_STEP_SHOWN[step]})" if step in _STEP_SHOWN else phase,
-        "READY": ready.get("status", "Unknown"),
-        "RESTARTS": str(sum(i.get("restarts", 0) for i in status.get("instances", []))),
-        "ACTIVE": status.get("activeColor", "-"),
-        "AGE": age(ready.get("lastTransitionTime")),
-        "IMAGE": item["spec"].get("image") or item["spec"].get("bundle", "-"),
-        "REASON": ready.get("reason", "-"),
-        "MESSAGE": (ready.get("message", "").splitlines() or [""])[0],
-    }
-    return [values[c] for c in columns]
+    return plugin_columns.age(since)
 
 
 def _fetch(
@@ -283,14 +228,15 @@ def get(
     except ControllerError as e:
         raise fail(e) from None
     tabular = fmt in {flags.Format.TABLE, flags.Format.WIDE}
-    columns = _columns(
+    columns = plugin_columns.columns(
         items,
         fmt is flags.Format.WIDE,
-        watch or any(_declared_if_other(i) for i in items),  # a watch keeps its columns
+        # a watch keeps its columns
+        watch or any(plugin_columns.declared_if_other(i) for i in items),
     )
     widths = [len(c) for c in columns]
     if tabular:
-        rows = [_row(item, columns) for item in items]
+        rows = [plugin_columns.row(item, columns) for item in items]
         widths = [max([widths[i], *(len(r[i]) for r in rows)]) + 2 for i in range(len(columns))]
         if not items and not watch:
             output.err.print("No resources found")
@@ -338,7 +284,7 @@ def _watch(
 
     def seen(documents: list[dict[str, Any]]) -> dict[str, Any]:
         if fmt in {flags.Format.TABLE, flags.Format.WIDE, flags.Format.NAME}:
-            return {d["metadata"]["name"]: _row(d, watched) for d in documents}
+            return {d["metadata"]["name"]: plugin_columns.row(d, watched) for d in documents}
         return {d["metadata"]["name"]: d.get("status") for d in documents}
 
     last = seen(items)
@@ -362,7 +308,7 @@ def _watch(
                     sys.stdout.write(f"plugin/{key}\n")
                     sys.stdout.flush()
                 elif fmt in {flags.Format.TABLE, flags.Format.WIDE}:
-                    _line(_row(item, columns), widths)
+                    _line(plugin_columns.row(item, columns), widths)
                 else:
                     output.document(item, fmt.value)
             for key in set(last) - set(now):
