@@ -6,7 +6,8 @@
 # root, installs Debian's packages, starts the engine in the background and
 # waits for it. Anywhere else it prints what the user must do and fails.
 #
-# Usage: scripts/engines.sh [docker] [podman] [prometheus] [compose]   (default: docker podman)
+# Usage: scripts/engines.sh [docker] [podman] [prometheus] [compose] [browser]
+#   (default: docker podman; browser: Debian's chromium, for the dashboard's tests)
 # Writes the endpoints to "$BLACKHOLE_RUN_DIR/engines.env" for the tools to source.
 set -euo pipefail
 
@@ -133,13 +134,22 @@ ensure_compose() {  # the peer the benchmarks compare with: Debian's docker-comp
   apt_install docker-compose
 }
 
+ensure_browser() {  # the dashboard's browser tests: Debian's Chromium, driven by playwright
+  if [ -x /usr/bin/chromium ]; then
+    bh_log "chromium installed"
+    return
+  fi
+  apt_install chromium
+}
+
 for engine in "${want[@]}"; do
   case $engine in
     docker) ensure_docker ;;
     podman) ensure_podman ;;
     prometheus) ensure_prometheus ;;
     compose) ensure_compose ;;
-    *) bh_die "unknown engine '$engine'; use docker, podman, prometheus or compose" ;;
+    browser) ensure_browser ;;
+    *) bh_die "unknown engine '$engine'; use docker, podman, prometheus, compose or browser" ;;
   esac
 done
 

@@ -272,6 +272,13 @@ def run_controller(
         "--metrics-addr",
         help='Where /metrics is served, HOST:PORT ("" for none).',
     ),
+    dashboard_addr: str = typer.Option(
+        "",
+        "--dashboard-addr",
+        help="Serve the web dashboard on HOST:PORT (off unless given; keep it on loopback, "
+        "or behind a proxy). Read-only, but for --gateway-tokens entries with "
+        "dashboard: admin.",
+    ),
     memory_alert_share: float = typer.Option(
         0.9,
         "--memory-alert-share",
@@ -396,6 +403,7 @@ def run_controller(
             max_connections=gateway_max_connections,
         ),
         metrics_address=metrics_addr or None,
+        dashboard_address=dashboard_addr or None,
         plugin_root=plugin_root,
         thresholds=violations.Thresholds(
             memory_share=memory_alert_share,

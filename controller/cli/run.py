@@ -38,6 +38,7 @@ from controller.cli import gateway as gateway_process
 from controller.cli import locks
 from controller.cli.flags import GatewayMode, RuntimeChoice
 from controller.cli.paths import addresses_file, admin_socket, default_data_dir, gateway_address
+from controller.dashboard import server as dashboard_server
 from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
 from controller.gateway import control as control_protocol
@@ -116,6 +117,8 @@ class Options:
     gateway_limits: connections.Limits = field(default_factory=connections.Limits)
     """Time and number bounds of the gateway's connections."""
     metrics_address: str | None = "127.0.0.1:9100"
+    dashboard_address: str | None = None
+    """Where the web dashboard listens (None: no dashboard)."""
     start_cpu_millis: int = container.START_CPU_MILLIS
     """Docker and Podman: CPU an instance may use until ready, above its spec's (0: none)."""
     thresholds: violations.Thresholds = field(default_factory=violations.Thresholds)
@@ -580,6 +583,7 @@ async def _lead(
         down=down,
     )
     await admin.start()
+    stop_dashboard = await _start_dashboard(options, admin, tokens, bundles, bound)
     holding = None
     renewing = asyncio.Event()
     """Set once the passes in flight are done: the Lease is renewed until then."""
@@ -613,7 +617,7 @@ async def _lead(
             with contextlib.suppress(asyncio.CancelledError):
                 await connection
         await _close(
-            down, control, options, admin, (plugins.close, runtime.close),
+            down, control, options, admin, (stop_dashboard, plugins.close, runtime.close),
             (states.close, bundles.close, records.close),
         )  # fmt: skip
 
@@ -738,6 +742,30 @@ def _data_plane(
         plane.gateway = gateway_server.Gateway(
             _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
         )
+
+
+async def _start_dashboard(
+    options: Options,
+    admin: server.AdminServer,
+    tokens: auth.Tokens | None,
+    bundles: registry.Registry,
+    bound: dict[str, str],
+) -> Callable[[], Awaitable[None]]:
+    """Start the web dashboard on ``--dashboard-addr``, over what the admin API reads; what
+    stops it (nothing to stop when it is off). Stops the admin API when it cannot start."""
+    if options.dashboard_address is None:
+        return _nothing
+    dashboard = dashboard_server.DashboardServer(admin, tokens=tokens, bundles=bundles)
+    try:
+        bound["dashboard"] = await dashboard.start(options.dashboard_address)
+    except ControllerError:
+        await admin.stop()
+        raise
+    return dashboard.stop
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _close(

@@ -7,10 +7,13 @@ The tokens file (``bhctl run --gateway-tokens FILE``) is YAML::
         sha256: 9f86d08...             # sha256 of the token (or `token:` in clear)
         plugins: [kv-store, analytics] # or ["*"] for every plugin
         preview: true                  # may call a swap's new color before promotion
+        dashboard: admin               # may act in the dashboard (promote, abort, undo, retry)
 
 Without a tokens file the gateway takes calls without authentication, and
 then only on a loopback address. Tokens are compared by their sha256 in
-constant time.
+constant time. The dashboard (``bhctl run --dashboard-addr``) reads the same
+file: only a token with ``dashboard: admin`` may act there; without one it is
+read-only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from pathlib import Path
 from controller.errors import ControllerError, SpecError
 from controller.spec import safe_yaml
 
+DASHBOARD_ADMIN = "admin"
+"""The value of a token's ``dashboard:`` that lets it act in the dashboard."""
+
 
 class TokensFileError(ControllerError):
     """The tokens file cannot be used."""
@@ -36,6 +42,8 @@ class Token:
     plugins: frozenset[str]
     preview: bool = False
     """Whether it may call a swap's new color before promotion (a preview call)."""
+    dashboard_admin: bool = False
+    """Whether it may act in the dashboard: promote, abort, undo and retry swaps."""
 
     def allows(self, plugin: str) -> bool:
         return "*" in self.plugins or plugin in self.plugins
@@ -92,5 +100,16 @@ class Tokens:
             preview = entry.get("preview", False)
             if not isinstance(preview, bool):
                 raise TokensFileError(f"{where}.preview: true or false")
-            tokens.append(Token(entry["name"], digest, frozenset(plugins), preview))
+            dashboard = entry.get("dashboard")
+            if dashboard not in (None, DASHBOARD_ADMIN):
+                raise TokensFileError(f'{where}.dashboard: "{DASHBOARD_ADMIN}" or left out')
+            tokens.append(
+                Token(
+                    entry["name"],
+                    digest,
+                    frozenset(plugins),
+                    preview,
+                    dashboard_admin=dashboard == DASHBOARD_ADMIN,
+                )
+            )
         return cls(tokens)
