@@ -10,6 +10,12 @@ that the machine's noise falls on all three alike:
 
 At concurrency 1 it reports p50 and p99 latency and the gateway's overhead
 over direct; at concurrency 32, calls per second and their ratio to direct.
+
+``--dashboard`` runs the controller with its web dashboard and measures each
+round twice, interleaved: with no one looking, and with viewers in another
+process (``--viewers`` live streams of the plugin's page open, and its page and
+the plugin list loaded again every half second); it reports both and the
+difference, with how many pages and stream messages the viewers got.
 Prints JSON; ``--plot FILE`` draws the latencies. Needs Docker and the
 example images (``scripts/engines.sh docker``, ``images/build.sh``).
 """
@@ -21,7 +27,9 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,15 +62,84 @@ Call = Callable[[], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def controller(root: Path) -> AsyncIterator[tuple[str, str, str]]:
-    """``bhctl run`` on Docker with the echo plugin; yields (direct, http, grpc) addresses."""
-    options = ("--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "")
+async def controller(
+    root: Path, dashboard: bool
+) -> AsyncIterator[tuple[str, str, str, str | None, int]]:
+    """``bhctl run`` on Docker with the echo plugin; yields the (direct, http, grpc,
+    dashboard) addresses and the controller's pid."""
+    options = ["--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", ""]
+    if dashboard:
+        options += ["--dashboard-addr", "127.0.0.1:0"]
     async with support.controller(root, {"echo.yaml": SPEC}, *options) as running:
         await running.until(lambda: running.status("echo"))
         addresses = running.addresses()
+        if dashboard:
+            await running.until(lambda: "dashboard" in running.addresses())
+            addresses = running.addresses()
         instance = base.instance_name("echo", models.Color.BLUE, None, running.ident)
         direct = f"unix:{running.data / 'instances' / instance / base.SOCKET_NAME}"
-        yield direct, addresses["http"], addresses["grpc"]
+        yield (
+            direct,
+            addresses["http"],
+            addresses["grpc"],
+            addresses.get("dashboard"),
+            running.process.pid,
+        )
+
+
+async def view(address: str, streams: int) -> None:
+    """A viewer of the dashboard until SIGTERM: ``streams`` live streams of echo's page,
+    and its page and the list loaded every half second; prints what it got, as JSON."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    counts = {"pages": 0, "messages": 0}
+
+    async def stream(session: aiohttp.ClientSession) -> None:
+        async with session.get(f"http://{address}/plugins/echo/live") as response:
+            async for line in response.content:
+                if line.startswith(b"event: sections"):
+                    counts["messages"] += 1
+
+    async def pages(session: aiohttp.ClientSession) -> None:
+        while True:
+            for path in ("/plugins/echo", "/"):
+                async with session.get(f"http://{address}{path}") as response:
+                    await response.read()
+                    counts["pages"] += 1
+            await asyncio.sleep(0.5)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        tasks = [asyncio.create_task(stream(session)) for _ in range(streams)]
+        tasks.append(asyncio.create_task(pages(session)))
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps(counts))
+
+
+@contextlib.contextmanager
+def viewers(address: str, streams: int, seen: dict[str, int]) -> Any:
+    """The viewer (:func:`view`) in its own process while the block runs; adds its counts
+    to ``seen``."""
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--view", address, "--viewers", str(streams)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.5)  # its streams are open before the calls start
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+        for key, value in json.loads(out).items():
+            seen[key] = seen.get(key, 0) + value
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` used so far (user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def grpc_call(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Call:
@@ -124,8 +201,10 @@ def quantile(values: list[float], q: float) -> float:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    seen: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
-        async with controller(Path(temp)) as (direct, http_address, grpc_address):
+        async with controller(Path(temp), args.dashboard) as addresses:
+            direct, http_address, grpc_address, dashboard, pid = addresses
             direct_channel = grpc.aio.insecure_channel(direct)
             gateway_channel = grpc.aio.insecure_channel(grpc_address)
             connector = aiohttp.TCPConnector(limit=0)
@@ -137,36 +216,66 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 for call in calls.values():  # warm every path up
                     await latencies(call, 200)
-                serial: dict[str, list[float]] = {name: [] for name in calls}
-                rate: dict[str, list[float]] = {name: [] for name in calls}
+                settings = ["idle", "viewed"] if dashboard else ["idle"]
+                serial = {(s, n): [] for s in settings for n in calls}  # type: ignore[var-annotated]
+                rate = {(s, n): [] for s in settings for n in calls}  # type: ignore[var-annotated]
+                spent = {s: [0.0, 0.0] for s in settings}
+                """Per setting: seconds measured, and the controller's CPU seconds in them."""
                 for _ in range(args.rounds):
-                    for name, call in calls.items():
-                        serial[name] += await latencies(call, args.calls)
-                    for name, call in calls.items():
-                        rate[name].append(await throughput(call, 32, args.seconds))
+                    for setting in settings:
+                        with (
+                            viewers(str(dashboard), args.viewers, seen)
+                            if setting == "viewed"
+                            else contextlib.nullcontext()
+                        ):
+                            began = time.perf_counter(), cpu_seconds(pid)
+                            for name, call in calls.items():
+                                serial[setting, name] += await latencies(call, args.calls)
+                            for name, call in calls.items():
+                                rate[setting, name].append(await throughput(call, 32, args.seconds))
+                            spent[setting][0] += time.perf_counter() - began[0]
+                            spent[setting][1] += cpu_seconds(pid) - began[1]
             await direct_channel.close()
             await gateway_channel.close()
     result: dict[str, Any] = {"benchmark": "gateway", "image": IMAGE, "rounds": args.rounds}
-    floor = serial["direct"]
-    for name in calls:
-        times = serial[name]
-        entry = {
-            "c1_p50_ms": round(quantile(times, 0.5) * 1000, 3),
-            "c1_p99_ms": round(quantile(times, 0.99) * 1000, 3),
-            "c32_calls_per_second": round(statistics.median(rate[name])),
+    for setting in settings:
+        into = result if setting == "idle" else result.setdefault("dashboard_viewed", {})
+        into["controller_cpu_cores"] = round(spent[setting][1] / spent[setting][0], 4)
+        floor = serial[setting, "direct"]
+        for name in calls:
+            times = serial[setting, name]
+            entry = {
+                "c1_p50_ms": round(quantile(times, 0.5) * 1000, 3),
+                "c1_p99_ms": round(quantile(times, 0.99) * 1000, 3),
+                "c32_calls_per_second": round(statistics.median(rate[setting, name])),
+            }
+            if name != "direct":
+                entry["c1_overhead_p50_ms"] = round(
+                    (quantile(times, 0.5) - quantile(floor, 0.5)) * 1000, 3
+                )
+                entry["c1_overhead_p99_ms"] = round(
+                    (quantile(times, 0.99) - quantile(floor, 0.99)) * 1000, 3
+                )
+                entry["c32_ratio_to_direct"] = round(
+                    statistics.median(rate[setting, name])
+                    / statistics.median(rate[setting, "direct"]),
+                    2,
+                )
+            into[name] = entry
+    if dashboard:
+        viewed = result["dashboard_viewed"]
+        viewed["viewers"] = {"streams": args.viewers, **seen}
+        viewed["difference_viewed_minus_idle"] = {
+            name: {
+                "c1_p50_ms": round(viewed[name]["c1_p50_ms"] - result[name]["c1_p50_ms"], 3),
+                "c1_p99_ms": round(viewed[name]["c1_p99_ms"] - result[name]["c1_p99_ms"], 3),
+                "c32_calls_per_second_ratio": round(
+                    viewed[name]["c32_calls_per_second"] / result[name]["c32_calls_per_second"], 3
+                ),
+            }
+            for name in calls
         }
-        if name != "direct":
-            entry["c1_overhead_p50_ms"] = round(
-                (quantile(times, 0.5) - quantile(floor, 0.5)) * 1000, 3
-            )
-            entry["c1_overhead_p99_ms"] = round(
-                (quantile(times, 0.99) - quantile(floor, 0.99)) * 1000, 3
-            )
-            entry["c32_ratio_to_direct"] = round(
-                statistics.median(rate[name]) / statistics.median(rate["direct"]), 2
-            )
-        result[name] = entry
-    result["samples"] = {name: serial[name] for name in calls} if args.plot else None
+    result["samples"] = {name: serial["idle", name] for name in calls} if args.plot else None
     return result
 
 
@@ -191,7 +300,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500, help="calls per path per round, c=1")
     parser.add_argument("--seconds", type=float, default=2.0, help="per path per round, c=32")
     parser.add_argument("--plot", metavar="FILE")
+    parser.add_argument(
+        "--dashboard", action="store_true", help="also measure with the dashboard viewed"
+    )
+    parser.add_argument("--viewers", type=int, default=4, help="live streams open, --dashboard")
+    parser.add_argument("--view", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.view:
+        asyncio.run(view(args.view, args.viewers))
+        return
     if os.geteuid() != 0:
         sys.exit("run as root: the plugin's socket directory belongs to the plugin's user")
     results = asyncio.run(measure(args))

@@ -106,6 +106,12 @@ class History:
         """The readings of ``key``'s instances, by color."""
         return {color: list(s) for (k, color), s in sorted(self.usage.items()) if k == key}
 
+    def version(self, key: str) -> tuple[int, ...]:
+        """Changes whenever a sample of ``key`` is added (to know when to draw again)."""
+        usage = [s[-1].time for (k, _), s in sorted(self.usage.items()) if k == key and s]
+        pauses = self.pauses.get(key)
+        return (*(int(t * 1000) for t in usage), len(pauses) if pauses else 0)
+
     def pauses_of(self, key: str) -> list[Pause]:
         return list(self.pauses.get(key, ()))
 

@@ -80,6 +80,15 @@ def _table(
     )
 
 
+def _age(since: str | None) -> str:
+    """How long ago ``since`` was, as ``bhctl get`` says it; the page's script keeps it
+    current from the ``datetime``, so a live section is sent again only when its data
+    changes."""
+    if not since:
+        return "-"
+    return f'<time datetime="{escape(since)}">{escape(plugin_columns.age(since))}</time>'
+
+
 def _phase(text: str) -> str:
     kind = text.split(" ", 1)[0].lower()
     return f'<span class="phase {escape(kind)}">{escape(text)}</span>'
@@ -304,11 +313,11 @@ def swap_tree(document: dict[str, Any], revisions: list[dict[str, Any]], control
         )
     step = ""
     if swap is not None:
-        since = plugin_columns.age(swap.get("started"))
+        since = _age(swap.get("started"))
         step = (
             f'<p class="step">Swap {escape(swap.get("fromVersion", "?"))} → '
             f'{escape(swap.get("toVersion", "?"))}: <strong data-step="{escape(swap["step"])}">'
-            f"{escape(swap['step'])}</strong> for {escape(since)}</p>"
+            f"{escape(swap['step'])}</strong> for {since}</p>"
         )
     last = status.get("lastSwap")
     ended = ""
@@ -316,7 +325,7 @@ def swap_tree(document: dict[str, Any], revisions: list[dict[str, Any]], control
         pause = last.get("pauseMilliseconds")
         held = f", calls held {pause:.1f} ms" if isinstance(pause, int | float) else ""
         reason = f" ({escape(last['reason'])})" if last.get("reason") else ""
-        when = f" · {escape(plugin_columns.age(last['time']))} ago" if last.get("time") else ""
+        when = f" · {_age(last['time'])} ago" if last.get("time") else ""
         ended = (
             f'<p class="last">Last swap {escape(str(last.get("from")))} → '
             f'{escape(str(last.get("to")))}: <strong data-result="{escape(last["result"])}">'
@@ -327,7 +336,7 @@ def swap_tree(document: dict[str, Any], revisions: list[dict[str, Any]], control
     restored = (
         f'<p class="last">Checkpoint {int(restore["checkpoint"])} restored into '
         f"<code>{escape(restore['instance'])}</code> "
-        f"({escape(plugin_columns.age(restore['time']))} ago; it was "
+        f"({_age(restore['time'])} ago; it was "
         f"{float(restore['ageSeconds']):.0f} s old)</p>"
         if restore
         else ""
@@ -350,7 +359,7 @@ def _conditions(conditions: list[dict[str, Any]]) -> str:
                 f'<span class="status-{escape(str(c["status"]).lower())}">'
                 f"{escape(str(c['status']))}</span>",
                 escape(c.get("reason", "")),
-                escape(plugin_columns.age(c.get("lastTransitionTime"))),
+                _age(c.get("lastTransitionTime")),
                 escape(c.get("message", "")),
             ]
             for c in conditions
@@ -367,7 +376,7 @@ def _events(events: list[dict[str, Any]]) -> str:
             [
                 f'<span class="event-{escape(e["type"].lower())}">{escape(e["type"])}</span>',
                 escape(e["reason"]),
-                escape(plugin_columns.age(e["lastTimestamp"])),
+                _age(e["lastTimestamp"]),
                 str(int(e["count"])),
                 escape(e["message"]),
             ]
@@ -388,7 +397,7 @@ def _revisions(revisions: list[dict[str, Any]]) -> str:
                 escape(str(r["version"])),
                 escape(r["result"]),
                 escape(r.get("reason") or ""),
-                escape(plugin_columns.age(r["createdAt"])) + " ago",
+                _age(r["createdAt"]) + " ago",
             ]
             for r in reversed(revisions)
         ),
@@ -411,7 +420,7 @@ def _snapshots(snapshots: list[dict[str, Any]] | None, document: dict[str, Any])
                 escape(str(s["pluginVersion"])),
                 str(int(s["stateVersion"])),
                 escape(_bytes(s["size"])),
-                escape(plugin_columns.age(s["takenAt"])) + " ago",
+                _age(s["takenAt"]) + " ago",
             ]
             for s in reversed(snapshots)
         ),

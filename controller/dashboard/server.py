@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,6 +57,18 @@ SECURITY_HEADERS = {
 }
 
 
+@dataclasses.dataclass
+class _Snapshot:
+    """The live parts of one plugin's page, as last read and rendered."""
+
+    read_at: float
+    fingerprint: str
+    """Of the documents the parts were rendered from."""
+    sections: dict[str, tuple[str, str]]
+    """By element id: the digest of its HTML, and the HTML."""
+    actions: dict[str, bool]
+
+
 class DashboardError(ControllerError):
     """The dashboard cannot listen where it was asked to."""
 
@@ -76,6 +89,8 @@ class DashboardServer:
         self.bundles = bundles
         self.history = history.History(admin.top, admin.listing, interval=interval)
         self._stop = asyncio.Event()
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._sampler: asyncio.Task[None] | None = None
         self._static = {
             name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC
@@ -201,29 +216,14 @@ class DashboardServer:
         quiet = 0.0
         with contextlib.suppress(ConnectionResetError):
             while not self._stop.is_set():
-                try:
-                    answer = await self.admin.plugin(name)
-                except web.HTTPNotFound:
+                found = await self._snapshot(name)
+                if found is None:
                     await response.write(b"event: gone\ndata: {}\n\n")
                     break
-                sections = pages.plugin_sections(
-                    answer,
-                    await self._revisions(name),
-                    pages.charts_for(answer["plugin"], self.history),
-                    self.admin.runtime.controller_id,
-                )
-                changed = {}
-                for part, html in sections.items():
-                    digest = hashlib.sha256(html.encode()).hexdigest()
-                    if sent.get(part) != digest:
-                        sent[part] = digest
-                        changed[part] = html
-                if changed or not sent.get("_actions"):
-                    sent["_actions"] = "sent"
-                    message = {
-                        "sections": changed,
-                        "actions": pages.allowed_actions(answer["plugin"]),
-                    }
+                changed = {p: html for p, (d, html) in found.sections.items() if sent.get(p) != d}
+                if changed or not sent:
+                    sent.update({p: d for p, (d, _) in found.sections.items()})
+                    message = {"sections": changed, "actions": found.actions}
                     await response.write(
                         f"event: sections\ndata: {json.dumps(message)}\n\n".encode()
                     )
@@ -235,6 +235,44 @@ class DashboardServer:
                     await asyncio.wait_for(self._stop.wait(), LIVE_SECONDS)
                 quiet += LIVE_SECONDS
         return response
+
+    async def _snapshot(self, name: str) -> _Snapshot | None:
+        """The live parts of ``name``'s page, read at most once per :data:`LIVE_SECONDS`
+        whatever the number of streams, and rendered again only when what they show
+        changed (None: the plugin is gone)."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            kept = self._snapshots.get(name)
+            now = asyncio.get_running_loop().time()
+            if kept is not None and now - kept.read_at < LIVE_SECONDS * 0.9:
+                return kept
+            try:
+                answer = await self.admin.plugin(name)
+            except web.HTTPNotFound:
+                self._snapshots.pop(name, None)
+                return None
+            key = _key(answer["plugin"])
+            fingerprint = hashlib.sha256(
+                json.dumps(answer, sort_keys=True, default=str).encode()
+                + repr(self.history.version(key)).encode()
+            ).hexdigest()
+            if kept is not None and kept.fingerprint == fingerprint:
+                kept.read_at = now
+                return kept
+            sections = pages.plugin_sections(
+                answer,
+                await self._revisions(name),
+                pages.charts_for(answer["plugin"], self.history),
+                self.admin.runtime.controller_id,
+            )
+            found = _Snapshot(
+                now,
+                fingerprint,
+                {p: (hashlib.sha256(h.encode()).hexdigest(), h) for p, h in sections.items()},
+                pages.allowed_actions(answer["plugin"]),
+            )
+            self._snapshots[name] = found
+            return found
 
     # Actions.
 
@@ -277,6 +315,15 @@ class DashboardServer:
         except ValueError:
             raise _refused(web.HTTPBadRequest, "the request id and wait must be numbers") from None
         return web.json_response(await self.admin.answer(id, wait))
+
+
+def _key(document: dict[str, Any]) -> str:
+    metadata = document["metadata"]
+    return (
+        f"{metadata['namespace']}/{metadata['name']}"
+        if metadata.get("namespace")
+        else metadata["name"]
+    )
 
 
 def _page(title: str, body: str, current: str) -> web.Response:

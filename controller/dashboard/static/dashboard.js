@@ -119,7 +119,26 @@ function setupActions() {
   }
 }
 
+// Ages as bhctl get shows them (45s, 3m, 2h, 1d), kept current here: the server sends a
+// part of the page again only when its data changes.
+function age(since) {
+  const seconds = Math.max(0, Math.floor((Date.now() - Date.parse(since)) / 1000));
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60]]) {
+    if (seconds >= size) return Math.floor(seconds / size) + unit;
+  }
+  return seconds + "s";
+}
+
+function setupAges() {
+  setInterval(() => {
+    for (const element of document.querySelectorAll("time[datetime]")) {
+      element.textContent = age(element.getAttribute("datetime"));
+    }
+  }, 1000);
+}
+
 setupToken();
+setupAges();
 setupFilter();
 setupLive();
 setupActions();
