@@ -5,6 +5,8 @@
 #
 # Usage: scripts/loaded.sh COMMAND...
 #   HOG_WORKERS   CPU workers of the hog (default: one per core)
+# The tests' waits on conditions and pytest's per-test limit are scaled for the load
+# (BLACKHOLE_TEST_TIME_SCALE, default 3; PYTEST_TIMEOUT, default 900 s) unless set.
 # The hog is stress-ng from Debian's package (installed when missing, as root).
 set -euo pipefail
 
@@ -23,6 +25,8 @@ workers=${HOG_WORKERS:-$(nproc)}
 stress-ng --cpu "$workers" --quiet &
 hog=$!
 export BLACKHOLE_HOG_PID=$hog
+export BLACKHOLE_TEST_TIME_SCALE=${BLACKHOLE_TEST_TIME_SCALE:-3}
+export PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-900}
 trap 'kill "$hog" 2>/dev/null || true; wait "$hog" 2>/dev/null || true' EXIT
 bh_log "running beside a CPU hog ($workers stress-ng workers, pid $hog)"
 "$@"

@@ -165,8 +165,14 @@ def engine(request: pytest.FixtureRequest) -> EngineUnderTest:
     return get_engine(request.param)
 
 
+TIME_SCALE = float(os.environ.get("BLACKHOLE_TEST_TIME_SCALE", "1") or "1")
+"""How much longer waits may take on a loaded machine (scripts/loaded.sh sets it)."""
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds
+    (times :data:`TIME_SCALE`)."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     last: T = condition()
     while not last:

@@ -34,6 +34,7 @@ from . import kube
 from .conftest import (
     BHCTL,
     PLUGIN_IMAGE,
+    TIME_SCALE,
     EngineUnderTest,
     get_engine,
     new_controller_id,
@@ -181,7 +182,10 @@ class KubeController:
             str(BHCTL), "run", "--kubernetes", "--kubeconfig", str(self.api.kubeconfig),
             "--data-dir", str(self.data), "--controller-id", self.controller_id,
             "--lease-namespace", SYSTEM, "--lease-name", f"bh-{self.controller_id}",
-            "--lease-seconds", "3", "--renew-seconds", "2", "--retry-seconds", "0.5",
+            # Lease times scaled for a loaded machine: a renewal that misses its deadline
+            # under load makes the leader exit 1, as it must.
+            "--lease-seconds", f"{3 * TIME_SCALE:g}", "--renew-seconds", f"{2 * TIME_SCALE:g}",
+            "--retry-seconds", f"{0.5 * TIME_SCALE:g}",
             "--resync-seconds", "5", "--gateway-addr", "127.0.0.1:0",
             "--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
             *extra,
