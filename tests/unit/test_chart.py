@@ -328,7 +328,19 @@ BASE_ARGS = [
     [
         ("default", RELEASE, [RELEASE]),
         ("single-replica", RELEASE, [RELEASE, "--no-leader-elect"]),
-        ("all", "bh", ["bh", "--watch-namespace", "team-a", "--watch-namespace", "team-b"]),
+        (
+            "all",
+            "bh",
+            [
+                "bh",
+                "--dashboard-addr",
+                "0.0.0.0:9300",
+                "--watch-namespace",
+                "team-a",
+                "--watch-namespace",
+                "team-b",
+            ],
+        ),
     ],
 )
 def test_controller_command_line(helm, name, deployment, extra):
@@ -767,3 +779,16 @@ def test_plain_manifests_apply_in_their_namespace(helm, version):
             assert secrets["control-secret"] == "blackhole-gateway-control"
             if document["metadata"]["name"] == "blackhole-gateway":
                 assert secrets["gateway-tokens-secret"] == "blackhole-gateway-tokens"
+
+
+def test_the_dashboard_service_selects_the_leader_only(helm):
+    """The dashboard runs where the controller acts: the pod holding the Lease."""
+    documents = helm.render(*ci("all"))
+    [service] = [
+        d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == "bh-dashboard"
+    ]
+    assert service["spec"]["selector"]["blackhole.dev/leader"] == "true"
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "controller"
+    assert service["spec"]["ports"][0]["targetPort"] == "dashboard"
+    default = helm.render(*ci("default"))
+    assert not [d for d in default if d["metadata"]["name"].endswith("-dashboard")]
