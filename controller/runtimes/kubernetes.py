@@ -141,6 +141,18 @@ class KubernetesRuntime:
                     has_value=True,
                 )
             )
+        too_long = manifests.names_too_long(desired.plugin, self.settings.controller_id)
+        if too_long is not None:
+            issues.append(
+                SpecIssue(
+                    "runtime",
+                    None,
+                    "metadata.name",
+                    too_long,
+                    value=desired.plugin,
+                    has_value=True,
+                )
+            )
         namespace = self._namespace(desired.namespace)
         if self.settings.namespaces and namespace not in self.settings.namespaces:
             issues.append(

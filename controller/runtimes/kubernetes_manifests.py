@@ -79,6 +79,25 @@ def object_name(plugin: str, color: models.Color, controller_id: str) -> str:
     return base.instance_name(plugin, color, None, controller_id)
 
 
+SERVICE_NAME_MAX = 63
+"""Service names are DNS-1035 labels: at most 63 characters."""
+
+
+def names_too_long(plugin: str, controller_id: str) -> str | None:
+    """Why the objects of ``plugin`` could not be created under these names (a Service's
+    name is at most 63 characters), or None. Checked before anything is created: the API
+    server would refuse the Service with a 422 after the Deployment was made."""
+    longest = max((object_name(plugin, color, controller_id) for color in models.Color), key=len)
+    if len(longest) <= SERVICE_NAME_MAX:
+        return None
+    room = SERVICE_NAME_MAX - (len(longest) - len(plugin))
+    return (
+        f"the Service {longest!r} would be {len(longest)} characters, over Kubernetes' "
+        f"{SERVICE_NAME_MAX}: with controller id {controller_id!r} a plugin's name may be at "
+        f"most {room} characters here"
+    )
+
+
 def stable_name(plugin: str, controller_id: str) -> str:
     scope = [] if controller_id == base.DEFAULT_CONTROLLER else [controller_id]
     return "-".join(["bh", *scope, plugin])

@@ -7,6 +7,7 @@ and the newest version kubernetes-validate bundles.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import kubernetes_validate
@@ -135,3 +136,21 @@ def test_the_color_service_publishes_its_pod_before_it_is_ready():
     stable = manifests.stable_service("kv", models.Color.BLUE, "team-a", "default", OWNER)
     assert stable["spec"]["selector"][base.LABEL_COLOR] == "blue"
     assert stable["metadata"]["ownerReferences"] == [OWNER.reference()]
+
+
+def test_a_name_whose_service_would_pass_63_characters_is_refused_before_anything_is_made():
+    from kubernetes import client
+
+    from controller.runtimes import kubernetes
+
+    runtime = kubernetes.KubernetesRuntime(
+        kubernetes.Settings(controller_id="blue-team"), client.ApiClient()
+    )
+    longest = "p" * (63 - len("bh-blue-team--green"))
+    fits = dataclasses.replace(_desired(), plugin=longest, controller_id="blue-team")
+    assert not [i for i in runtime.validate(fits) if i.path == "metadata.name"]
+    over = dataclasses.replace(fits, plugin=longest + "x")
+    [issue] = [i for i in runtime.validate(over) if i.path == "metadata.name"]
+    assert "would be 64 characters, over Kubernetes' 63" in issue.message
+    assert f"at most {len(longest)} characters" in issue.message
+    assert manifests.names_too_long(longest, "blue-team") is None
