@@ -485,6 +485,8 @@ def test_endpoint_slices_list_every_pod_a_service_selects(api: Api):
                             "name": "plugin",
                             "image": PLUGIN_IMAGE,
                             "imagePullPolicy": "Never",
+                            # It serves (and stays running) only with an address to serve on.
+                            "env": [{"name": "BLACKHOLE_ADDRESS", "value": "0.0.0.0:50051"}],
                             "ports": [{"name": "proto", "containerPort": 50051}],
                         }
                     ]

@@ -157,7 +157,7 @@ def test_prometheus_sees_cpu_memory_and_calls_and_loads_the_rules(controller, pr
     assert set(rules) == {
         "PluginDown", "PluginCrashLooping", "PluginMemoryNearLimit", "PluginCPUThrottled",
         "PluginOOMKilled", "PluginSwapFailed", "PluginStateRestored", "PluginCheckpointsFailing",
-        "ControllerReconcileErrors", "GatewayErrorRate",
+        "ControllerReconcileErrors", "ControllerStoreErrors", "GatewayErrorRate",
     }  # fmt: skip
     wait_for(
         lambda: all(
