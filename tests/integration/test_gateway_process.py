@@ -13,13 +13,20 @@ import json
 import socket
 
 from controller.cli import gateway as gateway_process
+from controller.gateway.control import GatewayUnavailableError
 from tests.integration.conftest import ControllerProcess, wait_for
 
 SWAP = "  hotSwap: {maxPauseMilliseconds: 60000, drainTimeoutSeconds: 60}\n"
 
 
 def _route(controller: ControllerProcess, name: str) -> str | None:
-    plugin = controller.gateway_status()["plugins"].get(name) or {}
+    """The gateway's route for ``name``; None also while a (new) gateway does not answer yet:
+    its pid file is written before its control socket is bound."""
+    try:
+        status = controller.gateway_status()
+    except GatewayUnavailableError:
+        return None
+    plugin = status["plugins"].get(name) or {}
     return plugin.get("endpoint")
 
 
