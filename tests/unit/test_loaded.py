@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "loaded.sh"
 
 
-@pytest.mark.skipif(shutil.which("stress-ng") is None, reason="needs stress-ng (make setup)")
 def test_the_command_runs_beside_the_hog_and_the_hog_is_gone_after() -> None:
     done = subprocess.run(
         [
@@ -25,7 +21,7 @@ def test_the_command_runs_beside_the_hog_and_the_hog_is_gone_after() -> None:
         env={**os.environ, "HOG_WORKERS": "1"},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     assert done.returncode == 7, done.stderr
