@@ -40,6 +40,14 @@ done
 "$bhctl" get -o wide
 [ "$ready" = "$names" ] || bh_die "not every example plugin became Ready; see $log_file"
 echo
+# The gateway (its own process) may still be starting: wait until it routes kv-store.
+for _ in $(seq 600); do
+  "$bhctl" gateway --status 2>/dev/null | python3 -c '
+import json, sys
+sys.exit(0 if (json.load(sys.stdin)["plugins"].get("kv-store") or {}).get("endpoint") else 1)
+' 2>/dev/null && break
+  sleep 0.1
+done
 bh_log "a call through the gateway: bhctl call kv-store put, then get"
 "$bhctl" call kv-store put --data '{"key": "greeting", "value": "hello"}' >/dev/null
 "$bhctl" call kv-store get --data '{"key": "greeting"}'
