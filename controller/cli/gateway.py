@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import controller
-from controller.cli import locks
+from controller import pki
+from controller.cli import locks, paths
 from controller.errors import ControllerError
 from controller.gateway import auth, connections, control, router
 from controller.gateway import server as gateway_server
@@ -135,7 +136,11 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         metrics = telemetry.Metrics(version=controller.__version__)
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
-        plugins = client.Clients(tokens=lambda endpoint: controls.tokens.get(endpoint))
+        credentials = pki.Credentials(paths.client_certificates(options.data_dir, pki.GATEWAY))
+        plugins = client.Clients(
+            tokens=lambda endpoint: controls.tokens.get(endpoint),
+            tls=lambda endpoint: _tls(controls, credentials, endpoint),
+        )
         # At once, while the table that routes calls there is applied: see Clients.forget.
         controls = control.ControlServer(routes, about=about, replaced=plugins.forget)
         gateway = gateway_server.Gateway(
@@ -169,6 +174,23 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             with contextlib.suppress(FileNotFoundError):
                 control_socket(options.data_dir).unlink()
         log.info("gateway stopped")
+
+
+def _tls(
+    controls: control.ControlServer, credentials: pki.Credentials, endpoint: str
+) -> client.ChannelTLS | None:
+    """How the gateway reaches ``endpoint`` over mutual TLS (a remote plugin): checked as the
+    table says, with the gateway's own client certificate, which the controller renews."""
+    entry = controls.tls.get(endpoint)
+    if entry is None:
+        return None
+    current = credentials.current()
+    if current is None:
+        return None
+    _, key, cert = current
+    return client.ChannelTLS(
+        ca=entry["ca"].encode(), cert=cert, key=key, server_name=entry["serverName"]
+    )
 
 
 def status(data_dir: Path) -> dict[str, object]:

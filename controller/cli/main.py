@@ -317,6 +317,14 @@ def run_controller(
     ca_key: Path | None = typer.Option(
         None, "--ca-key", help="The private key (PEM, ECDSA, mode 0600) of --ca-cert."
     ),
+    client_cert_lifetime: float = typer.Option(
+        3600.0,
+        "--client-cert-lifetime",
+        min=10.0,
+        max=30 * 86400.0,
+        help="Seconds the client certificates of the controller and of the gateway (with "
+        "which they reach remote plugins) live; each is renewed at two thirds of it.",
+    ),
     trust_dir: Path | None = flags.TRUST_DIR,
     policy: Path | None = flags.POLICY,
     log_format: flags.LogFormat = typer.Option(flags.LogFormat.TEXT, "--log-format"),
@@ -415,6 +423,7 @@ def run_controller(
         plugins_dir=plugins_dir,
         webhook_secret=webhook_secret,
         ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
+        client_cert_lifetime=client_cert_lifetime,
         trust_dir=trust_dir,
         policy=policy,
         gateway_mode=gateway_mode,

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import functools
 import ipaddress
 import json
@@ -37,7 +38,14 @@ from controller.admin import server
 from controller.cli import gateway as gateway_process
 from controller.cli import locks
 from controller.cli.flags import GatewayMode, RuntimeChoice
-from controller.cli.paths import addresses_file, admin_socket, default_data_dir, gateway_address
+from controller.cli.paths import (
+    PKI_DIR,
+    addresses_file,
+    admin_socket,
+    client_certificates,
+    default_data_dir,
+    gateway_address,
+)
 from controller.dashboard import server as dashboard_server
 from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
@@ -49,6 +57,7 @@ from controller.reconcile import manager, queue
 from controller.registry import registry
 from controller.runtimes import base, container, process
 from controller.runtimes import kubernetes as kubernetes_runtime
+from controller.runtimes import remote as remote_runtime
 from controller.sources import base as sources_base
 from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
@@ -129,6 +138,8 @@ class Options:
     """The secret that signs the swaps' webhooks."""
     ca: tuple[Path, Path] | None = None
     """An operator's CA (certificate, key); default the controller's own in the data dir."""
+    client_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    """Seconds the controller's and the gateway's client certificates live (renewed at 2/3)."""
     trust_dir: Path | None = None
     policy: Path | None = None
     plugin_root: Path | None = None
@@ -236,10 +247,6 @@ class AlreadyRunningError(ControllerError):
 
 class DataDirError(ControllerError):
     """The data directory exists and is not one the controller may make its own."""
-
-
-PKI_DIR = "pki"
-"""The directory, in the data directory, of the controller's CA."""
 
 
 DATA_DIR_ENTRIES = frozenset(
@@ -351,10 +358,13 @@ def _lookup(source: sources_base.Source) -> gateway_server.Lookup:
 
 class _Clients(client.Clients):
     """The controller's plugin clients: an instance it lets go of is let go of by the
-    gateway process too (a restarted instance reuses its socket's path)."""
+    gateway process too (a restarted instance reuses its socket's path). Remote plugins
+    are reached over mutual TLS with the controller's client certificate."""
 
-    def __init__(self, dropped: Callable[[str], None]) -> None:
-        super().__init__()
+    def __init__(
+        self, dropped: Callable[[str], None], remotes: remote_runtime.RemoteRuntime | None
+    ) -> None:
+        super().__init__(tls=functools.partial(_channel_tls, remotes) if remotes else None)
         self.dropped = dropped
 
     async def drop(self, endpoint: str) -> None:
@@ -405,6 +415,37 @@ async def resync_from_store(
             routes.set_route(key, runtime.endpoint(instance), instance.name, desired.plugin.spec)
             routed += 1
     return routed
+
+
+def _channel_tls(remotes: remote_runtime.RemoteRuntime, endpoint: str) -> client.ChannelTLS | None:
+    found = remotes.reach(endpoint)
+    if found is None:
+        return None
+    target, key, cert = found
+    return client.ChannelTLS(ca=target.ca, cert=cert, key=key, server_name=target.server_name)
+
+
+def _endpoint_tls(
+    remotes: remote_runtime.RemoteRuntime, endpoint: str
+) -> control_protocol.EndpointTLS | None:
+    target = remotes.target_at(endpoint)
+    if target is None:
+        return None
+    return {"serverName": target.server_name, "ca": target.ca.decode()}
+
+
+def client_renewers(options: Options, authority: pki.Authority) -> list[pki.Renewer]:
+    """The controller's and the gateway's client certificates, each in its directory."""
+    lifetime = datetime.timedelta(seconds=options.client_cert_lifetime)
+    return [
+        pki.Renewer(
+            authority,
+            pki.Identity.role(options.controller_id, role),
+            client_certificates(options.data_dir, role),
+            lifetime=lifetime,
+        )
+        for role in (pki.CONTROLLER, pki.GATEWAY)
+    ]
 
 
 def certificate_authority(options: Options) -> pki.Authority:
@@ -510,8 +551,9 @@ async def serve(options: Options) -> None:
                 elif not await election.acquire(stop):
                     return
             await _lead(
-                options, tokens, metrics, exposition_server, bound, stop, api, election, lost
-            )
+                options, tokens, metrics, exposition_server, bound, stop, api, election, lost,
+                authority,
+            )  # fmt: skip
         finally:
             if election is not None:
                 await election.release()
@@ -529,20 +571,40 @@ async def _lead(
     api: Any,
     election: lease.Election | None,
     lost: asyncio.Event,
+    authority: pki.Authority,
 ) -> None:
     """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
     records = store.Store(options.data_dir / "state.db", metrics.stores)
     work = queue.WorkQueue()
     plane = _Plane()
+    renewers = client_renewers(options, authority)
+    for renewer in renewers:  # before any pass: a remote plugin is reached with them
+        await asyncio.to_thread(renewer.ensure)
+    renewal = asyncio.create_task(pki.keep_renewed(renewers, stop), name="certificates")
+    remotes = (
+        remote_runtime.RemoteRuntime(
+            options.controller_id,
+            options.data_dir / remote_runtime.RECORDS_DIR,
+            authority.cert_pem,
+            pki.Credentials(client_certificates(options.data_dir, pki.CONTROLLER)),
+        )
+        if options.kubernetes is None
+        else None
+    )
 
     def enqueue(key: str) -> None:
         work.add(key)
         if plane.remote is not None:
             plane.remote.changed()  # the declared plugins may differ: the gateway's table too
 
-    source, runtime, plugins, images = await _backend(options, api, records, enqueue, plane)
+    source, runtime, plugins, images = await _backend(
+        options, api, records, enqueue, plane, remotes
+    )
     _data_plane(options, plane, source, runtime, plugins, tokens, metrics, exposition_server,
                 bound, api)  # fmt: skip
+    runtime = remote_runtime.WithRemotes(runtime, remotes)
+    if remotes is not None and plane.remote is not None:
+        plane.remote.carry_tls(functools.partial(_endpoint_tls, remotes))
     routes, remote, gateway = plane.routes, plane.remote, plane.gateway
     supervisor, replicas = plane.supervisor, plane.replicas
     assert routes is not None
@@ -604,6 +666,7 @@ async def _lead(
             connection.result()  # the gateway refused this controller: exit 1 with why
     finally:
         renewing.set()
+        renewal.cancel()
         if holding is not None:
             await holding
         if gateway is not None:
@@ -641,6 +704,7 @@ async def _backend(
     records: store.Store,
     enqueue: Callable[[str], None],
     plane: _Plane,
+    remotes: remote_runtime.RemoteRuntime | None,
 ) -> tuple[sources_base.Source, base.Runtime, client.Clients, registry.Images | None]:
     """Where specs come from and where instances run: Kubernetes, or a directory and an
     engine (or processes) on this host."""
@@ -678,7 +742,7 @@ async def _backend(
         )
         runtime = await _runtime(options)
         plugins = _Clients(
-            lambda endpoint: plane.remote.dropped(endpoint) if plane.remote else None
+            lambda endpoint: plane.remote.dropped(endpoint) if plane.remote else None, remotes
         )
         if isinstance(runtime, container.ContainerRuntime):
             images = runtime  # bundles' images are loaded into the engine

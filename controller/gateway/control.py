@@ -21,7 +21,9 @@ message N says that every message before it was applied too:
 
 - ``routes``: the **whole** route table: every declared plugin with its
   limits, whom it may call, its endpoint (``null``: declared, not Ready,
-  503) and, on Kubernetes, the protocol ``token`` its instance asks for.
+  503) and, on Kubernetes, the protocol ``token`` its instance asks for; for
+  an endpoint reached over mutual TLS (a remote plugin), ``tls``: the server
+  name and CA its certificate is checked against.
   Level-triggered: the controller sends it on every change and on every
   (re)connect, never a delta that could be lost; the gateway replaces what
   it had. A gateway answers calls only once it has a table (until then it
@@ -44,7 +46,7 @@ message N says that every message before it was applied too:
   text format (the controller serves them on its own ``/metrics``).
 
 Version 1 is this text. A new message type, or a new field that the other
-side may ignore (``token``, ``released``, ``challenge`` on the new TCP
+side may ignore (``token``, ``tls``, ``released``, ``challenge`` on the new TCP
 transport), keeps the version (a gateway answers an unknown type with
 reason ``UnknownMessage``, a controller ignores what it does not know); any
 other change (a field of ``models.Gateway`` included: the gateway validates
@@ -221,6 +223,18 @@ class RouteEntry(TypedDict):
     """The endpoint of a swap's new color, while preview calls may reach it."""
     token: NotRequired[str]
     """The protocol token the instance asks for (Kubernetes: the gateway is another pod)."""
+    tls: NotRequired[EndpointTLS]
+    """How the instance is reached over mutual TLS (a remote plugin): the gateway presents
+    its own client certificate."""
+
+
+class EndpointTLS(TypedDict):
+    """What a gateway checks of the certificate an endpoint presents."""
+
+    serverName: str
+    """The name the certificate must carry."""
+    ca: str
+    """The CA certificate(s), PEM, it must chain to."""
 
 
 def entry(
@@ -309,6 +323,8 @@ class ControlServer:
         self.incarnations: dict[str, int] = {}
         self.tokens: dict[str, str] = {}
         """Endpoint to the protocol token its instance asks for, as the table says."""
+        self.tls: dict[str, EndpointTLS] = {}
+        """Endpoint to how it is reached over mutual TLS, as the table says."""
         self.table: dict[str, router.Declared] = {}
         """The declared plugins of the last table: the gateway's lookup."""
         self.ready = asyncio.Event()
@@ -387,6 +403,11 @@ class ControlServer:
             str(item["endpoint"]): str(item["token"])
             for item in routes.values()
             if item.get("endpoint") and item.get("token")
+        }
+        self.tls = {
+            str(item["endpoint"]): item["tls"]
+            for item in routes.values()
+            if item.get("endpoint") and item.get("tls")
         }
         for item in routes.values():
             endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
@@ -697,6 +718,7 @@ class RemoteRoutes:
         """Set while at least one gateway is connected."""
         self._routes: dict[str, tuple[str, str]] = {}
         self._tokens: Callable[[str], str | None] | None = None
+        self._tls: Callable[[str], EndpointTLS | None] | None = None
         self._holds: Counter[str] = Counter()
         self._incarnations: Counter[str] = Counter()
         self._links: dict[str, _Link] = {}
@@ -713,6 +735,11 @@ class RemoteRoutes:
         """Send each endpoint's protocol token in its entry (``token``: a gateway of another
         pod calls plugins that ask for one). A field an older gateway ignores."""
         self._tokens = tokens
+
+    def carry_tls(self, tls: Callable[[str], EndpointTLS | None]) -> None:
+        """Send how each endpoint reached over mutual TLS is checked in its entry (``tls``).
+        A field an older gateway ignores (and then cannot reach remote plugins)."""
+        self._tls = tls
 
     # Routes, as the coordinator and the reconciler call them.
 
@@ -854,6 +881,8 @@ class RemoteRoutes:
             table[key] = entry(declared, endpoint, instance, incarnation, self._previews.get(key))
             if endpoint and self._tokens is not None and (token := self._tokens(endpoint)):
                 table[key]["token"] = token
+            if endpoint and self._tls is not None and (tls := self._tls(endpoint)):
+                table[key]["tls"] = tls
         return table
 
     def _flush(self) -> None:

@@ -539,6 +539,66 @@ class Dependency(Model):
     "1.x"; "||" between alternatives. Default "*" (any)."""
 
 
+_HOSTNAME_RE = re.compile(
+    r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$"
+)
+
+
+class Remote(Model):
+    """A plugin the controller does not run: reached at an address, over mutual TLS only."""
+
+    address: str = Field(min_length=3, max_length=262)
+    """Where it listens, HOST:PORT: a DNS name, an IPv4 address or an [IPv6] address,
+    e.g. 10.0.3.2:7443 or kv.example.net:7443."""
+    server_name: str | None = Field(default=None, alias="serverName", max_length=253)
+    """The DNS name its certificate must carry in its SAN (its identity). Default
+    <plugin>.<namespace>.<controller-id>.plugin.blackhole, the name the controller's CA
+    certifies for this plugin (namespace "default" on one host)."""
+    ca_file: str | None = Field(default=None, alias="caFile", max_length=4096)
+    """An absolute path, on the controller's host, of the PEM CA certificate(s) its
+    certificate must chain to. Default: the controller's CA (its own, or --ca-cert)."""
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        host, colon, port = address.rpartition(":")
+        if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f'"{address}" is not HOST:PORT with a port 1-65535, e.g. 10.0.3.2:7443'
+            )
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise ValueError(f'"{address}": {host} is not an IPv6 address') from None
+        elif not _HOSTNAME_RE.match(host) or len(host) > 253:
+            raise ValueError(
+                f'"{address}": {host or "(nothing)"} is not a host name or an address; '
+                "write an IPv6 address in brackets, e.g. [fd00::2]:7443"
+            )
+        return address
+
+    @field_validator("server_name")
+    @classmethod
+    def _check_server_name(cls, name: str | None) -> str | None:
+        if name is not None and not _HOSTNAME_RE.match(name):
+            raise ValueError(f'"{name}" is not a DNS name, e.g. kv.plugins.example.net')
+        return name
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if not path.startswith("/"):
+            raise ValueError(f'"{path}" must be an absolute path')
+        return _clean_path(path, "caFile")
+
+
+REMOTE_EXCLUDES = ("image", "bundle", "runtime", "process", "volumes", "env")
+"""What a remote plugin's spec cannot have: the controller runs nothing of it."""
+
+
 class PluginSpec(Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
@@ -559,6 +619,11 @@ class PluginSpec(Model):
     process: ProcessSource | None = None
     """Where the process runtime finds the plugin's code (its directory and entrypoint);
     needed on the process runtime, unused by the others (they run image)."""
+    remote: Remote | None = None
+    """A plugin the controller does not run, reached at an address over mutual TLS: its
+    health is checked, calls are routed to it and swaps move its state to the next address.
+    Excludes image, bundle, runtime, process, volumes and env; resources and restarts do
+    not apply to it."""
     provides: list[Annotated[str, Field(pattern=CAPABILITY)]] = Field(default_factory=list)
     """Capabilities the plugin offers, searchable in the registry, e.g. storage.kv."""
     permissions: Permissions = Field(default_factory=Permissions)
@@ -604,6 +669,22 @@ class PluginSpec(Model):
 
     @model_validator(mode="after")
     def _check_source(self) -> Self:
+        if self.remote is not None:
+            given = [name for name in REMOTE_EXCLUDES if getattr(self, name)]
+            if given:
+                raise ValueError(
+                    f"remote: a plugin the controller does not run has no {', '.join(given)}; "
+                    f"remove {'it' if len(given) == 1 else 'them'}, or remove remote to run "
+                    "the plugin here"
+                )
+            if self.permissions != Permissions():
+                raise ValueError(
+                    "remote: permissions do not apply to a plugin the controller does not "
+                    "run (its network is its host's, it has no gateway socket); remove them"
+                )
+            if self.version is None:
+                raise ValueError("version required: the version the remote plugin runs")
+            return self
         if self.bundle is None:
             missing = [f for f in ("image", "version") if getattr(self, f) is None]
             if missing:
@@ -665,6 +746,20 @@ class Condition(Model):
     """The generation of the spec this condition was computed from."""
 
 
+class RemoteStatus(Model):
+    """Where a remote plugin's instance is reached, and what the controller cannot do to it."""
+
+    address: str
+    """The address it is reached at (spec.remote.address when it was bound)."""
+    server_name: str = Field(alias="serverName")
+    """The name its certificate must carry."""
+    not_applicable: list[str] = Field(default_factory=list, alias="notApplicable")
+    """What the controller does to the instances it runs and cannot do to this one: resources
+    (no limits applied), cgroupMetrics (no CPU, memory or OOM readings), processRestart (an
+    unhealthy one is only probed again, nothing is restarted), logs (its output stays on its
+    host)."""
+
+
 class InstanceStatus(Model):
     """What one instance (one color) of the plugin is doing."""
 
@@ -685,6 +780,8 @@ class InstanceStatus(Model):
     start_cpu: str | None = Field(default=None, alias="startCpu", max_length=32)
     """The CPU it started with above its spec's (the start-up boost), e.g. "2"; it has its
     spec's cpu since its socket accepted. Unset when it started at its spec's cpu."""
+    remote: RemoteStatus | None = None
+    """Set for a remote plugin (spec.remote): its address and what does not apply to it."""
 
 
 class SwapStep(StrEnum):
