@@ -20,7 +20,7 @@ from controller.errors import ControllerError, IncompatiblePluginError, Permanen
 from controller.metrics import violations as violations_module
 from controller.reconcile.checkpoints import Checkpoints
 from controller.reconcile.workers import Result
-from controller.runtimes import base, remote
+from controller.runtimes import base
 from controller.spec import conditions
 from controller.swap import context
 
@@ -219,7 +219,6 @@ class Lifecycle:
             )
         record.state = current.state.value
         record.start_cpu = base.start_cpu_of(current)
-        record.remote = remote.status_of(current)
         if ready and not record.ready and not await self.checkpoints.restore(current, endpoint):
             return Result(requeue_after=c.memory.next_probe(current.name))  # state not back yet
         if ready:

@@ -47,7 +47,7 @@ from controller.metrics import violations as violations_module
 from controller.reconcile import checkpoints, gates, lifecycle, status
 from controller.reconcile import requests as requests_module
 from controller.reconcile.workers import Result
-from controller.runtimes import base
+from controller.runtimes import base, remote
 from controller.sources import base as sources_base
 from controller.sources import store
 from controller.spec import conditions, models
@@ -631,6 +631,10 @@ class _Pass:
 
     def _computed(self) -> models.PluginStatus:
         c = self.c
+        for instance in c.observed:  # a remote plugin's: where it is, what does not apply
+            for record in c.status.instances:
+                if record.color is instance.color:
+                    record.remote = remote.status_of(instance)
         beside = status.Beside(
             waiting=self.waiting,
             held_back=c.held_back,
