@@ -25,7 +25,7 @@ from pathlib import Path
 import typer
 
 import controller
-from controller.cli import control, flags, output, plugin, state, swap
+from controller.cli import certificate, control, flags, output, plugin, state, swap
 
 app = typer.Typer(
     name="bhctl",
@@ -537,6 +537,7 @@ control.register(app)
 app.add_typer(swap.app, name="swap")
 app.add_typer(state.app, name="state")
 app.add_typer(plugin.app, name="plugin")
+app.add_typer(certificate.app, name="certificate")
 
 
 def main() -> None:

@@ -314,3 +314,37 @@ async def test_the_client_certificates_are_renewed_before_they_expire_and_read_a
     finally:
         stop.set()
         await renewing
+
+
+def test_bhctl_certificate_issue_certifies_a_remote_plugin_from_the_controllers_ca(
+    tmp_path: Path,
+):
+    from typer.testing import CliRunner
+
+    from controller.cli import main
+
+    data = tmp_path / "data"
+    missing = CliRunner().invoke(
+        main.app,
+        ["certificate", "issue", "kv", "--out", str(tmp_path / "x"), "--data-dir", str(data)],
+    )
+    assert missing.exit_code == 1
+    assert "no CA in" in missing.output
+    authority = pki.Authority.load_or_create(data / "pki", CONTROLLER_ID)  # as bhctl run makes it
+    out = tmp_path / "kv-tls"
+    done = CliRunner().invoke(
+        main.app,
+        [
+            "certificate", "issue", "kv", "--out", str(out), "--host", "10.0.3.2",
+            "--controller-id", CONTROLLER_ID, "--namespace", "ns", "--data-dir", str(data),
+        ],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    ca, _, cert = pki.read_pair(pki.Files.in_directory(out))
+    assert ca == authority.cert_pem
+    assert pki.identities_of(cert) == [pki.Identity.plugin(CONTROLLER_ID, "ns", "kv")]
+    issued = x509.load_pem_x509_certificate(cert)
+    issued.verify_directly_issued_by(authority.cert)
+    san = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kv.ns.c1.plugin.blackhole" in san.get_values_for_type(x509.DNSName)
+    assert (out / pki.KEY).stat().st_mode & 0o077 == 0
