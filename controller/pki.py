@@ -431,12 +431,19 @@ class Renewer:
         self.lifetime = lifetime
 
     def ensure(self, now: datetime.datetime | None = None) -> bool:
-        """Issue and write a new certificate if the one there is due; whether it did."""
-        if not due(self.files.cert, now) and self.files.ca.exists():
+        """Issue and write a new certificate if the one there is due, or is another CA's (the
+        controller started with another ``--ca-cert``); whether it did."""
+        if not due(self.files.cert, now) and self._same_ca():
             return False
         issued = self.authority.issue(self.identity, hosts=self.hosts, lifetime=self.lifetime)
         issued.write(self.directory, self.authority.cert_pem)
         return True
+
+    def _same_ca(self) -> bool:
+        try:
+            return self.files.ca.read_bytes() == self.authority.cert_pem
+        except OSError:
+            return False
 
     def next_check(self) -> float:
         """Seconds until the current certificate is due (0 if it is)."""

@@ -348,3 +348,16 @@ def test_bhctl_certificate_issue_certifies_a_remote_plugin_from_the_controllers_
     san = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "kv.ns.c1.plugin.blackhole" in san.get_values_for_type(x509.DNSName)
     assert (out / pki.KEY).stat().st_mode & 0o077 == 0
+
+
+def test_a_client_certificate_of_another_ca_is_issued_again_at_once(tmp_path: Path):
+    identity = pki.Identity.role(CONTROLLER_ID, pki.CONTROLLER)
+    before = pki.Renewer(pki.Authority.create(CONTROLLER_ID), identity, tmp_path / "c")
+    assert before.ensure()
+    assert not before.ensure()  # not due yet
+    operators = pki.Authority.create("operator")  # the controller now runs with --ca-cert
+    after = pki.Renewer(operators, identity, tmp_path / "c")
+    assert after.ensure()
+    ca, _, cert = pki.read_pair(after.files)
+    assert ca == operators.cert_pem
+    x509.load_pem_x509_certificate(cert).verify_directly_issued_by(operators.cert)
