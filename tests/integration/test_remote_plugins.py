@@ -296,6 +296,15 @@ def test_a_remote_plugin_is_reached_only_over_mutual_tls_through_controller_and_
         key = paths.client_certificates(controller.data, pki.GATEWAY) / pki.KEY
         assert key.stat().st_mode & 0o077 == 0
 
+        # A controller started again finds the binding (nothing to start) and goes on.
+        bindings = sorted(p.name for p in (controller.data / "remote").iterdir())
+        assert controller.terminate() == 0
+        controller.start()
+        wait_for(lambda: controller.ready("kv"), 90, "kv Ready under the new controller")
+        assert sorted(p.name for p in (controller.data / "remote").iterdir()) == bindings
+        assert _instance(controller, "kv")["remote"]["address"] == address
+        assert put(controller, "after", 1) == 200
+
 
 @pytest.mark.parametrize(
     ("case", "reason", "says"),
