@@ -73,15 +73,6 @@ class InstanceConflictError(RuntimeBackendError):
     """An instance of that name exists already (another pass, or a controller before a crash)."""
 
 
-class RemoteRefusedError(RuntimeBackendError):
-    """A remote plugin's address answered with a certificate (or without TLS) the controller
-    must not trust; ``reason`` says which, e.g. RemoteIdentityMismatch."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class TemporaryError(ControllerError):
     """A reconcile pass failed in a way worth retrying: requeue the key with backoff.
 

@@ -366,6 +366,17 @@ class _Clients(client.Clients):
     ) -> None:
         super().__init__(tls=functools.partial(_channel_tls, remotes) if remotes else None)
         self.dropped = dropped
+        self.remotes = remotes
+
+    async def handshake(
+        self, endpoint: str, want: base.InstanceSpec, timeout: float
+    ) -> client.Handshake:
+        """Refused, with the reason, for a remote plugin whose certificate (or its lack of
+        TLS) the last probe refused: the plugin is Failed until its spec changes."""
+        refused = self.remotes.refusal(endpoint) if self.remotes is not None else None
+        if refused is not None:
+            raise refused
+        return await super().handshake(endpoint, want, timeout)
 
     async def drop(self, endpoint: str) -> None:
         await super().drop(endpoint)

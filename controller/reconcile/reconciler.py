@@ -36,7 +36,6 @@ from controller.errors import (
     InstanceNotFoundError,
     PermanentError,
     PluginCallError,
-    RemoteRefusedError,
     RuntimeBackendError,
     SpecError,
     StoreUnavailableError,
@@ -772,8 +771,6 @@ def _reason(error: Exception) -> str:
         return "EngineUnavailable"
     if isinstance(error, InstanceNotFoundError):
         return "InstanceGone"
-    if isinstance(error, RemoteRefusedError):
-        return error.reason
     if isinstance(error, RuntimeBackendError):
         return "RuntimeError"
     if isinstance(error, PluginCallError):

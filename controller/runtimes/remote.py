@@ -6,10 +6,12 @@ directory (so a restarted controller finds it, as it finds containers by
 their labels). Starting one starts nothing, stopping one stops nothing;
 :meth:`RemoteRuntime.ready` opens a TLS connection to the address with the
 controller's client certificate and checks the plugin's certificate
-against the CA and the server name expected there, raising
-:class:`~controller.errors.RemoteRefusedError` with the reason when the
-plugin is not one the controller may trust (another CA, another name, an
-expired certificate, no TLS at all). The plugin client reaches it with the
+against the CA and the server name expected there. Something that answers
+there and is not a plugin the controller may trust (another CA, another
+name, an expired certificate, no TLS at all) counts as there, like a
+tampered socket on this host: its handshake is then refused with the reason
+(:meth:`RemoteRuntime.refusal`), so the plugin is Failed until its spec
+changes, and a swap to it rolls back. The plugin client reaches it with the
 same settings (:meth:`RemoteRuntime.reach`). :class:`WithRemotes` puts
 remote plugins beside the instances of the host's runtime: the reconciler
 sees one runtime. What the controller cannot do to a remote plugin (limit
@@ -33,8 +35,8 @@ from pathlib import Path
 
 from controller import pki
 from controller.errors import (
+    IncompatiblePluginError,
     InstanceNotFoundError,
-    RemoteRefusedError,
     RuntimeBackendError,
     SpecIssue,
 )
@@ -106,6 +108,8 @@ class RemoteRuntime:
         """The controller's client certificate, kept renewed."""
         self._targets: dict[str, Target] = {}
         """Address to how it is reached, for the instances that exist."""
+        self._refusals: dict[str, IncompatiblePluginError] = {}
+        """Address to why what answers there is refused, as the last probe found."""
 
     # What the reconciler calls.
 
@@ -167,41 +171,42 @@ class RemoteRuntime:
         return instance
 
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
-        """Whether the plugin answers a TLS handshake at its address with a certificate from
-        the CA expected there that names it; False when nothing answers there (yet).
+        """Whether something answers a TLS handshake at the instance's address; False when
+        nothing answers there (yet).
 
-        Raises :class:`RemoteRefusedError` when something answers that the controller
-        must not trust, saying what.
+        What answers with a certificate the controller must not trust, or without TLS,
+        counts as there: :meth:`refusal` then says why, and the handshake that follows
+        refuses it.
         """
         target = self.target(instance)
         host, port = split_address(target.address)
         context = self._context(target)
+        self._refusals.pop(target.address, None)
         try:
             async with asyncio.timeout(timeout):
                 _, writer = await asyncio.open_connection(
                     host, port, ssl=context, server_hostname=target.server_name
                 )
         except ssl.SSLCertVerificationError as e:
-            raise _refusal(target, e) from None
+            self._refusals[target.address] = _refusal(target, e)
+            return True
         except ssl.SSLError as e:
-            raise RemoteRefusedError(
-                "RemoteNotTLS",
-                f"{target.address} did not complete a TLS handshake ({e.reason or e}): the "
-                "controller reaches remote plugins over mutual TLS only (does it serve with "
-                "BLACKHOLE_TLS_CERT, BLACKHOLE_TLS_KEY and BLACKHOLE_TLS_CA?)",
-            ) from None
+            self._refusals[target.address] = _not_tls(target, str(e.reason or e))
+            return True
         except (ConnectionResetError, asyncio.IncompleteReadError) as e:
-            raise RemoteRefusedError(
-                "RemoteNotTLS",
-                f"{target.address} closed the connection during the TLS handshake ({e}): "
-                "the controller reaches remote plugins over mutual TLS only",
-            ) from None
+            self._refusals[target.address] = _not_tls(target, f"closed: {e}")
+            return True
         except (OSError, TimeoutError):
             return False
         writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
         return True
+
+    def refusal(self, endpoint: str) -> IncompatiblePluginError | None:
+        """Why the plugin client must not handshake with ``endpoint``, as the last probe of it
+        found (another CA, another name, expired, no TLS); None when nothing was wrong."""
+        return self._refusals.get(endpoint)
 
     def endpoint(self, instance: base.Instance) -> str:
         return self.target(instance).address
@@ -344,19 +349,28 @@ def _read_ca(path: Path) -> bytes:
     return data
 
 
-def _refusal(target: Target, e: ssl.SSLCertVerificationError) -> RemoteRefusedError:
+def _not_tls(target: Target, what: str) -> IncompatiblePluginError:
+    return IncompatiblePluginError(
+        "RemoteNotTLS",
+        f"{target.address} did not complete a TLS handshake ({what}): the controller reaches "
+        "remote plugins over mutual TLS only (does it serve with BLACKHOLE_TLS_CERT, "
+        "BLACKHOLE_TLS_KEY and BLACKHOLE_TLS_CA?)",
+    )
+
+
+def _refusal(target: Target, e: ssl.SSLCertVerificationError) -> IncompatiblePluginError:
     why = e.verify_message or str(e)
     if "hostname mismatch" in why.lower() or "ip address mismatch" in why.lower():
-        return RemoteRefusedError(
+        return IncompatiblePluginError(
             "RemoteIdentityMismatch",
             f"{target.address} presented a certificate that does not name "
             f"{target.server_name} ({why}): it is not the plugin expected there",
         )
     if "expired" in why.lower():
-        return RemoteRefusedError(
+        return IncompatiblePluginError(
             "RemoteCertificateExpired", f"{target.address} presented an expired certificate"
         )
-    return RemoteRefusedError(
+    return IncompatiblePluginError(
         "RemoteUntrusted",
         f"{target.address} presented a certificate that does not chain to the CA trusted "
         f"for it ({why}); give spec.remote.caFile, or have the plugin certified by the "

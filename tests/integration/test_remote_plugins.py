@@ -420,3 +420,43 @@ def test_a_swap_between_two_remote_plugins_keeps_every_key_under_calls(
             assert status == 200, (key, answer)
             assert answer["value"] == value
         assert controller.ready("kv")
+
+
+def test_a_swap_to_an_address_whose_certificate_names_another_plugin_rolls_back(
+    controller: ControllerProcess, operator: Operator, tmp_path: Path
+):
+    with contextlib.ExitStack() as stack:
+        first_host = stack.enter_context(network_namespace())
+        other_host = stack.enter_context(network_namespace())
+        first = stack.enter_context(
+            serving(
+                first_host,
+                PORT,
+                certify(operator.authority, controller, "kv", first_host, tmp_path / "first-tls"),
+                tmp_path / "first.log",
+            )
+        )
+        impostor = stack.enter_context(
+            serving(
+                other_host,
+                PORT,
+                certify(operator.authority, controller, "other", other_host, tmp_path / "other"),
+                tmp_path / "other.log",
+            )
+        )
+        spec = controller.specs / "kv.yaml"
+        spec.write_text(KV_BODY.format(name="kv", address=first))
+        wait_for(lambda: controller.ready("kv"), 90, "kv at the first address to be Ready")
+        assert put(controller, "kept", 1) == 200
+        spec.write_text(KV_BODY.format(name="kv", address=impostor))
+        wait_for(
+            lambda: (controller.status("kv").get("lastSwap") or {}).get("result") == "RolledBack",
+            120,
+            "the swap to the impostor to roll back",
+        )
+        swap = controller.status("kv")["lastSwap"]
+        assert swap["reason"] == "SwapFailedHandshake", swap
+        assert f"does not name kv.default.{controller.controller_id}" in swap["message"]
+        assert get(controller, "kept") == (200, {"key": "kept", "value": 1, "revision": 1})
+        assert _instance(controller, "kv")["remote"]["address"] == first
+        assert controller.ready("kv")
