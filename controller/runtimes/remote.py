@@ -209,7 +209,7 @@ class RemoteRuntime:
         return self._refusals.get(endpoint)
 
     def endpoint(self, instance: base.Instance) -> str:
-        return self.target(instance).address
+        return instance.labels.get(LABEL_REMOTE) or instance.address or ""
 
     async def stop(self, name: str, timeout: float) -> None:
         """Nothing runs here to stop: the binding is marked stopped (no more calls sent)."""
@@ -220,13 +220,10 @@ class RemoteRuntime:
         await asyncio.to_thread(self._save, name, record)
 
     async def remove(self, name: str) -> None:
-        record = await asyncio.to_thread(self._read, name)
+        """Forget the binding. How its address is reached is kept: a channel still open to it
+        (a swap's old color draining) goes on over mutual TLS, never in plaintext."""
         with contextlib.suppress(FileNotFoundError):
             (self.directory / f"{name}.json").unlink()
-        if record is not None and not any(
-            other.address == record["address"] for other in await self.list_owned()
-        ):
-            self._targets.pop(str(record["address"]), None)
 
     async def logs(self, name: str, tail: int, timestamps: bool = False) -> list[str]:
         instance = await self.inspect(name)
