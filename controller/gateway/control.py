@@ -23,7 +23,8 @@ message N says that every message before it was applied too:
   limits, whom it may call, its endpoint (``null``: declared, not Ready,
   503) and, on Kubernetes, the protocol ``token`` its instance asks for; for
   an endpoint reached over mutual TLS (a remote plugin), ``tls``: the server
-  name and CA its certificate is checked against.
+  name and CA its certificate is checked against (``previewTls`` for the
+  preview endpoint).
   Level-triggered: the controller sends it on every change and on every
   (re)connect, never a delta that could be lost; the gateway replaces what
   it had. A gateway answers calls only once it has a table (until then it
@@ -226,6 +227,8 @@ class RouteEntry(TypedDict):
     tls: NotRequired[EndpointTLS]
     """How the instance is reached over mutual TLS (a remote plugin): the gateway presents
     its own client certificate."""
+    previewTls: NotRequired[EndpointTLS]
+    """The same for the preview endpoint."""
 
 
 class EndpointTLS(TypedDict):
@@ -404,11 +407,13 @@ class ControlServer:
             for item in routes.values()
             if item.get("endpoint") and item.get("token")
         }
-        self.tls = {
-            str(item["endpoint"]): item["tls"]
-            for item in routes.values()
-            if item.get("endpoint") and item.get("tls")
-        }
+        reached: dict[str, EndpointTLS] = {}
+        for item in routes.values():
+            if item.get("endpoint") and "tls" in item:
+                reached[str(item["endpoint"])] = item["tls"]
+            if item.get("preview") and "previewTls" in item:
+                reached[str(item["preview"])] = item["previewTls"]
+        self.tls = reached
         for item in routes.values():
             endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
             if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:
@@ -883,6 +888,9 @@ class RemoteRoutes:
                 table[key]["token"] = token
             if endpoint and self._tls is not None and (tls := self._tls(endpoint)):
                 table[key]["tls"] = tls
+            preview = self._previews.get(key)
+            if preview and self._tls is not None and (tls := self._tls(preview)):
+                table[key]["previewTls"] = tls
         return table
 
     def _flush(self) -> None:

@@ -276,13 +276,17 @@ async def test_the_gateways_table_carries_how_a_remote_endpoint_is_checked():
     routes.set_route("kv", "10.0.0.2:7443", "bh-kv-blue", spec)
     routes.set_route("local", "unix:/x/plugin.sock", "bh-local-blue", spec)
     checked: control.EndpointTLS = {"serverName": "kv.ns.c1.plugin.blackhole", "ca": "PEM"}
-    routes.carry_tls(lambda endpoint: checked if endpoint == "10.0.0.2:7443" else None)
+    routes.set_preview("kv", "10.0.0.3:7443")  # a swap's new color, also remote
+    other: control.EndpointTLS = {"serverName": "kv.ns.c1.plugin.blackhole", "ca": "PEM2"}
+    known = {"10.0.0.2:7443": checked, "10.0.0.3:7443": other}
+    routes.carry_tls(known.get)
     table = routes.table()
     assert table["kv"]["tls"] == checked
+    assert table["kv"]["previewTls"] == other
     assert "tls" not in table["local"]
     gateway = control.ControlServer(router.Router(telemetry.Metrics()))
     gateway.apply_table(table)
-    assert gateway.tls == {"10.0.0.2:7443": checked}
+    assert gateway.tls == known
 
 
 async def test_the_client_certificates_are_renewed_before_they_expire_and_read_again(
