@@ -63,8 +63,17 @@ def row(item: dict[str, Any], columns: list[str]) -> list[str]:
         "RESTARTS": str(sum(i.get("restarts", 0) for i in status.get("instances", []))),
         "ACTIVE": status.get("activeColor", "-"),
         "AGE": age(ready.get("lastTransitionTime")),
-        "IMAGE": item["spec"].get("image") or item["spec"].get("bundle", "-"),
+        "IMAGE": _image(item["spec"]),
         "REASON": ready.get("reason", "-"),
         "MESSAGE": (ready.get("message", "").splitlines() or [""])[0],
     }
     return [values[c] for c in columns]
+
+
+def _image(spec: dict[str, Any]) -> str:
+    """What runs: the image, ``remote ADDRESS`` for a plugin the controller does not run,
+    else the bundle."""
+    remote = spec.get("remote")
+    if not spec.get("image") and isinstance(remote, dict):
+        return f"remote {remote.get('address', '')}"
+    return str(spec.get("image") or spec.get("bundle", "-"))

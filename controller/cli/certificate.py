@@ -16,7 +16,6 @@ from pathlib import Path
 
 import typer
 
-from controller import pki
 from controller.cli import flags, output
 from controller.cli.paths import PKI_DIR, default_data_dir
 
@@ -50,6 +49,8 @@ def issue(
     data_dir: Path | None = flags.DATA_DIR,
 ) -> None:
     """Issue a remote plugin's certificate: its identity in the SAN, from the controller's CA."""
+    from controller import pki  # cryptography: for this command only, not every bhctl start
+
     if (ca_cert is None) != (ca_key is None):
         raise typer.BadParameter("give both --ca-cert and --ca-key", param_hint="--ca-cert")
     try:

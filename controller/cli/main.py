@@ -21,11 +21,15 @@ import platform
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 import controller
 from controller.cli import certificate, control, flags, output, plugin, state, swap
+
+if TYPE_CHECKING:
+    from controller.spec import models
 
 app = typer.Typer(
     name="bhctl",
@@ -129,7 +133,7 @@ def validate(
         spec = item.plugin.spec
         output.out.print(
             f"[green]valid[/]  {escape(item.source)}: {item.plugin.key} "
-            f"{spec.version or spec.bundle} ({escape(spec.image or 'from the bundle')})"
+            f"{spec.version or spec.bundle} ({escape(spec.image or _remote_or_bundle(spec))})"
         )
 
 
@@ -538,6 +542,10 @@ app.add_typer(swap.app, name="swap")
 app.add_typer(state.app, name="state")
 app.add_typer(plugin.app, name="plugin")
 app.add_typer(certificate.app, name="certificate")
+
+
+def _remote_or_bundle(spec: models.PluginSpec) -> str:
+    return f"remote at {spec.remote.address}" if spec.remote else "from the bundle"
 
 
 def main() -> None:

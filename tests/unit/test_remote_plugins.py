@@ -367,3 +367,10 @@ def test_a_client_certificate_of_another_ca_is_issued_again_at_once(tmp_path: Pa
     ca, _, cert = pki.read_pair(after.files)
     assert ca == operators.cert_pem
     x509.load_pem_x509_certificate(cert).verify_directly_issued_by(operators.cert)
+
+
+def test_bhctl_get_shows_where_a_remote_plugin_is_reached():
+    from controller.admin import columns
+
+    item = {"metadata": {"name": "kv"}, "spec": {"version": "1.0.0", "remote": {"address": "h:1"}}}
+    assert columns.row(item, ["NAME", "IMAGE"]) == ["kv", "remote h:1"]
