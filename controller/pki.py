@@ -422,6 +422,7 @@ class Renewer:
         *,
         hosts: Sequence[str] = (),
         lifetime: datetime.timedelta = INSTANCE_LIFETIME,
+        follow: bool = False,
     ) -> None:
         self.authority = authority
         self.identity = identity
@@ -429,10 +430,15 @@ class Renewer:
         self.directory = directory
         self.hosts = tuple(hosts)
         self.lifetime = lifetime
+        self.follow = follow
+        """Renew only a certificate there of this same CA, never issue the first nor replace
+        another CA's (a gateway behind its controller, which decides the CA)."""
 
     def ensure(self, now: datetime.datetime | None = None) -> bool:
         """Issue and write a new certificate if the one there is due, or is another CA's (the
         controller started with another ``--ca-cert``); whether it did."""
+        if self.follow and not self._same_ca():
+            return False
         if not due(self.files.cert, now) and self._same_ca():
             return False
         issued = self.authority.issue(self.identity, hosts=self.hosts, lifetime=self.lifetime)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fcntl
 import logging
 import os
@@ -69,6 +70,10 @@ class GatewayOptions:
     """Also take controllers on TCP, HOST:PORT (Kubernetes: the controller is another pod)."""
     control_secret: Path | None = None
     """The secret a controller proves on ``control_address``."""
+    controller_id: str = "default"
+    ca: tuple[Path, Path] | None = None
+    """The operator's CA its controller runs with; default the controller's own, if any."""
+    client_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
 
     def arguments(self) -> list[str]:
         """This, as ``bhctl gateway`` options."""
@@ -88,6 +93,10 @@ class GatewayOptions:
             args += ["--control-addr", self.control_address]
         if self.control_secret is not None:
             args += ["--control-secret", str(self.control_secret)]
+        args += ["--controller-id", self.controller_id]
+        args += ["--client-cert-lifetime", repr(self.client_cert_lifetime)]
+        if self.ca is not None:
+            args += ["--ca-cert", str(self.ca[0]), "--ca-key", str(self.ca[1])]
         return args
 
 
@@ -137,6 +146,9 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
         credentials = pki.Credentials(paths.client_certificates(options.data_dir, pki.GATEWAY))
+        renewal = asyncio.create_task(
+            pki.keep_renewed(await asyncio.to_thread(_renewers, options), stop), name="certificate"
+        )
         plugins = client.Clients(
             tokens=lambda endpoint: controls.tokens.get(endpoint),
             tls=lambda endpoint: _tls(controls, credentials, endpoint),
@@ -167,6 +179,9 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             log.info("gateway %s: waiting for routes (pid %d)", controller.__version__, os.getpid())
             await stop.wait()
         finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
             await controls.stop()
             await gateway.stop()
             await own_metrics.stop()
@@ -174,6 +189,33 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             with contextlib.suppress(FileNotFoundError):
                 control_socket(options.data_dir).unlink()
         log.info("gateway stopped")
+
+
+def _renewers(options: GatewayOptions) -> list[pki.Renewer]:
+    """The gateway's own client certificate, renewed here too when due, so that a gateway
+    serving on without its controller still reaches remote plugins: with the CA it was
+    issued from only (the controller's, in the data directory, or ``--ca-cert``), which the
+    controller decides; none when the gateway cannot read that CA's key."""
+    if options.ca is not None:
+        cert, key = options.ca
+    else:
+        cert, key = (options.data_dir / paths.PKI_DIR / n for n in (pki.CA_CERT, pki.CA_KEY))
+        if not cert.exists():
+            return []
+    try:
+        authority = pki.Authority.from_files(cert, key)
+    except pki.PKIError as e:
+        log.warning("gateway: its client certificate is renewed by the controller only: %s", e)
+        return []
+    return [
+        pki.Renewer(
+            authority,
+            pki.Identity.role(options.controller_id, pki.GATEWAY),
+            paths.client_certificates(options.data_dir, pki.GATEWAY),
+            lifetime=datetime.timedelta(seconds=options.client_cert_lifetime),
+            follow=True,
+        )
+    ]
 
 
 def _tls(

@@ -478,6 +478,23 @@ def run_gateway(
         "--control-secret",
         help="File of the secret a controller proves on --control-addr (16 bytes or more).",
     ),
+    controller_id: str = typer.Option(
+        "default", "--controller-id", help="The --controller-id of the controller it serves."
+    ),
+    ca_cert: Path | None = typer.Option(
+        None,
+        "--ca-cert",
+        help="The operator's CA the controller runs with (with --ca-key): the gateway renews "
+        "its client certificate with it when due. Default the controller's own CA, if any.",
+    ),
+    ca_key: Path | None = typer.Option(None, "--ca-key", help="The key of --ca-cert."),
+    client_cert_lifetime: float = typer.Option(
+        3600.0,
+        "--client-cert-lifetime",
+        min=10.0,
+        max=30 * 86400.0,
+        help="Seconds its client certificate lives when it renews it (as bhctl run's).",
+    ),
     stop: bool = typer.Option(
         False, "--stop", help="Stop the gateway running on the data directory, and exit."
     ),
@@ -500,6 +517,8 @@ def run_gateway(
     if status:
         output.out.print(json.dumps(gateway.status(directory), indent=2))
         return
+    if (ca_cert is None) != (ca_key is None):
+        raise typer.BadParameter("give both --ca-cert and --ca-key", param_hint="--ca-cert")
     logs.configure(log_format, log_level)
     limits = connections.Limits(
         header_timeout=header_timeout, idle_timeout=idle_timeout, max_connections=max_connections
@@ -530,6 +549,9 @@ def run_gateway(
             ready_timeout=ready_timeout,
             control_address=control_addr or None,
             control_secret=control_secret,
+            controller_id=controller_id,
+            ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
+            client_cert_lifetime=client_cert_lifetime,
         )
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
             runner.run(gateway.serve(settings, found))

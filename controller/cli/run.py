@@ -161,6 +161,9 @@ class Options:
             tokens=self.gateway_tokens,
             limits=self.gateway_limits,
             ready_timeout=self.gateway_ready_timeout,
+            controller_id=self.controller_id,
+            ca=self.ca,
+            client_cert_lifetime=self.client_cert_lifetime,
         )
 
     @property
@@ -678,6 +681,8 @@ async def _lead(
     finally:
         renewing.set()
         renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewal
         if holding is not None:
             await holding
         if gateway is not None:

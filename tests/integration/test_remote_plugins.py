@@ -460,3 +460,34 @@ def test_a_swap_to_an_address_whose_certificate_names_another_plugin_rolls_back(
         assert get(controller, "kept") == (200, {"key": "kept", "value": 1, "revision": 1})
         assert _instance(controller, "kv")["remote"]["address"] == first
         assert controller.ready("kv")
+
+
+def test_a_gateway_left_without_its_controller_renews_its_own_certificate_and_serves_on(
+    controller: ControllerProcess, operator: Operator, tmp_path: Path
+):
+    with (
+        network_namespace() as host,
+        serving(
+            host,
+            PORT,
+            certify(operator.authority, controller, "kv", host, tmp_path / "kv-tls"),
+            tmp_path / "kv.log",
+        ) as address,
+    ):
+        controller.specs.joinpath("kv.yaml").write_text(KV_BODY.format(name="kv", address=address))
+        wait_for(lambda: controller.ready("kv"), 90, "kv (remote) to be Ready")
+        assert put(controller, "before", 1) == 200
+        controller.kill()  # SIGKILL: nothing renews the gateway's certificate but itself now
+        cert = pki.Files.in_directory(paths.client_certificates(controller.data, pki.GATEWAY)).cert
+        before = _serial(cert)
+        load = Load(controller, threads=2)
+        try:
+            wait_for(lambda: _serial(cert) != before, CLIENT_LIFETIME * 3, "a renewal")
+            time.sleep(1.0)  # calls on the renewed certificate's channel
+        finally:
+            load.stop()
+        assert load.failures == []
+        assert load.answered > 10
+        renewed = x509.load_pem_x509_certificate(cert.read_bytes())
+        renewed.verify_directly_issued_by(operator.authority.cert)
+        assert get(controller, "before") == (200, {"key": "before", "value": 1, "revision": 1})

@@ -374,3 +374,40 @@ def test_bhctl_get_shows_where_a_remote_plugin_is_reached():
 
     item = {"metadata": {"name": "kv"}, "spec": {"version": "1.0.0", "remote": {"address": "h:1"}}}
     assert columns.row(item, ["NAME", "IMAGE"]) == ["kv", "remote h:1"]
+
+
+def test_a_following_renewer_renews_only_a_certificate_of_its_own_ca(tmp_path: Path):
+    identity = pki.Identity.role(CONTROLLER_ID, pki.GATEWAY)
+    ours, theirs = pki.Authority.create(CONTROLLER_ID), pki.Authority.create("operator")
+    short = datetime.timedelta(seconds=30)
+    gateway = pki.Renewer(ours, identity, tmp_path / "g", lifetime=short, follow=True)
+    assert not gateway.ensure()  # the controller issues the first
+    pki.Renewer(theirs, identity, tmp_path / "g").ensure()  # ... from the operator's CA
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=2)
+    assert not gateway.ensure(later)  # due, but another CA's: the controller decides
+    pki.Renewer(ours, identity, tmp_path / "g", lifetime=short).ensure()
+    assert not gateway.ensure()  # ours, not due
+    assert gateway.ensure(later)  # ours and due: renewed without the controller
+    ca, _, _ = pki.read_pair(gateway.files)
+    assert ca == ours.cert_pem
+
+
+def test_the_gateway_process_is_started_with_what_renews_its_certificate(tmp_path: Path):
+    from controller.cli import gateway, run
+
+    options = run.Options(
+        specs=None, runtime=run.RuntimeChoice.PROCESS, data_dir=tmp_path, workers=1,
+        resync_seconds=5, host_path_root=None, controller_id="c9",
+        ca=(tmp_path / "ca.crt", tmp_path / "ca.key"), client_cert_lifetime=60.0,
+    )  # fmt: skip
+    args = options.gateway_options().arguments()
+    assert args[args.index("--controller-id") + 1] == "c9"
+    assert args[args.index("--ca-cert") + 1] == str(tmp_path / "ca.crt")
+    assert args[args.index("--ca-key") + 1] == str(tmp_path / "ca.key")
+    assert float(args[args.index("--client-cert-lifetime") + 1]) == 60.0
+    authority = pki.Authority.load_or_create(tmp_path / "pki", "c9")  # the controller's own
+    (renewer,) = gateway._renewers(gateway.GatewayOptions(data_dir=tmp_path, controller_id="c9"))
+    assert renewer.authority.cert_pem == authority.cert_pem
+    assert renewer.identity == pki.Identity.role("c9", pki.GATEWAY)
+    assert renewer.follow
+    assert gateway._renewers(gateway.GatewayOptions(data_dir=tmp_path / "none")) == []
