@@ -28,7 +28,12 @@ def age(since: str | None) -> str:
     return f"{max(seconds, 0)}s"
 
 
-STEP_SHOWN = {"AwaitingPromotion": "awaiting promotion", "Promoting": "promoting"}
+STEP_SHOWN = {
+    "AwaitingPromotion": "awaiting promotion",
+    "Promoting": "promoting",
+    "Analyzing": "analyzing",
+    "Canary": "canary",
+}
 
 
 def declared_if_other(item: dict[str, Any]) -> str | None:

@@ -308,6 +308,11 @@ def run_controller(
         help="File of the secret (mode 0600, 16 bytes or more) that signs the swaps' "
         "webhooks (HMAC-SHA256); without it they are sent unsigned.",
     ),
+    prometheus_url: str | None = typer.Option(
+        None,
+        "--prometheus-url",
+        help="The Prometheus (http(s)://HOST:PORT) that swaps' Prometheus analyses query.",
+    ),
     ca_cert: Path | None = typer.Option(
         None,
         "--ca-cert",
@@ -414,6 +419,7 @@ def run_controller(
         kubernetes=kubernetes,
         plugins_dir=plugins_dir,
         webhook_secret=webhook_secret,
+        prometheus_url=prometheus_url,
         ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
         trust_dir=trust_dir,
         policy=policy,

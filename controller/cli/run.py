@@ -54,7 +54,7 @@ from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
 from controller.spec.keys import split_key
 from controller.state import snapshots
-from controller.swap import webhooks
+from controller.swap import analysis, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ class Options:
     """Bundles installed into the registry at start."""
     webhook_secret: Path | None = None
     """The secret that signs the swaps' webhooks."""
+    prometheus_url: str | None = None
+    """The Prometheus that the swaps' Prometheus analyses query."""
     ca: tuple[Path, Path] | None = None
     """An operator's CA (certificate, key); default the controller's own in the data dir."""
     trust_dir: Path | None = None
@@ -572,6 +574,7 @@ async def _lead(
         webhooks=webhooks.Sender(
             webhooks.read_secret(options.webhook_secret) if options.webhook_secret else None
         ),
+        prometheus=analysis.Prometheus(options.prometheus_url),
     )
     down = Down(stop) if options.kubernetes is None else None
     admin = server.AdminServer(

@@ -46,7 +46,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,7 +406,9 @@ class Gateway:
             preview = _preview(caller, request.headers.get(PREVIEW_HEADER), name)
             body = await _read(request, name, limit, timeout)
             reached = True
-            answer = await self._forward(name, limits, method, body, timeout, preview)
+            answer = await self._forward(
+                name, limits, method, body, timeout, preview, request.headers
+            )
         except router.Refused as e:
             if plugin is not None:  # names nobody declared stay out of the labels
                 self.router.metrics.answered(name, method if reached else None, e.status, started)
@@ -422,6 +424,7 @@ class Gateway:
         body: bytes,
         timeout: float,
         preview: bool = False,
+        headers: Mapping[str, Any] | None = None,
     ) -> bytes:
         """The plugin's answer; a call a draining instance refused unrun is tried again.
 
@@ -435,7 +438,9 @@ class Gateway:
         pause = DRAINING_RETRY
         while True:
             left = deadline - time.monotonic()
-            async with self.router.admit(name, limits, left, preview=preview) as endpoint:
+            async with self.router.admit(
+                name, limits, left, preview=preview, headers=headers
+            ) as endpoint:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
@@ -483,7 +488,7 @@ class Gateway:
                 method = decoded.method
                 preview = _preview(caller, metadata.get(PREVIEW_HEADER.lower()), name)
                 answer = await self._forward(
-                    name, limits, method, decoded.payload, timeout, preview
+                    name, limits, method, decoded.payload, timeout, preview, metadata
                 )
             except router.Refused:
                 raise

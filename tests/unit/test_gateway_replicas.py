@@ -303,7 +303,7 @@ async def test_a_frozen_replica_fails_the_acknowledgement_and_the_other_goes_on(
         )
         assert status["plugins"]["kv"] == {
             "endpoint": "unix:/blue.sock", "instance": "bh-kv-blue", "inFlight": 0,
-            "held": 0, "holds": 0,
+            "held": 0, "holds": 0, "canary": None, "weight": 0.0,
         }  # fmt: skip
 
 
