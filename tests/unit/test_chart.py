@@ -333,6 +333,8 @@ BASE_ARGS = [
             "bh",
             [
                 "bh",
+                "--prometheus-url",
+                "http://prometheus-operated.monitoring:9090",
                 "--dashboard-addr",
                 "0.0.0.0:9300",
                 "--watch-namespace",
