@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 from controller.cli import gateway as gateway_process
 from controller.gateway import control
 
-from .conftest import ControllerProcess, bhctl, wait_for
+from .conftest import BHCTL, ControllerProcess, bhctl, wait_for
 from .test_metrics import Prometheus, _free_port
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,22 @@ def canary_at(controller: ControllerProcess, step: int, weight: int) -> bool:
     )
 
 
+def watched_tree(controller: ControllerProcess, until: str) -> list[str]:
+    """The lines ``bhctl get kv -w`` prints, up to the first with ``until``."""
+    command = [str(BHCTL), "get", "kv", "-w", "--data-dir", str(controller.data)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as watch:
+        assert watch.stdout is not None
+        lines: list[str] = []
+        try:
+            for line in watch.stdout:
+                lines.append(line.rstrip("\n"))
+                if until in line:
+                    return lines
+        finally:
+            watch.terminate()
+    raise AssertionError(f"bhctl get -w ended before {until!r}: {lines}")
+
+
 def share(versions: list[str], version: str) -> float:
     return versions.count(version) / len(versions)
 
@@ -138,6 +155,10 @@ def test_a_canary_splits_calls_by_its_weights_and_fails_none(controller):
         wait_for(lambda: canary_at(controller, 1, 10), timeout=90, what="the canary at 10%")
         said = bhctl(controller, "swap", "status", "kv", "--no-watch")
         assert "Canary step 2/4, weight 10%" in said.stdout, said.stdout
+        drawn = watched_tree(controller, "[canary]")
+        assert "  Weight:    10%" in drawn
+        assert "├── revision 1  blue  1.0.0  weight 90%  [active]" in drawn
+        assert "└── revision 2  green  1.1.0  weight 10%  [canary]" in drawn
         at_10, rate = load.window(2000)
         assert abs(share(at_10, "1.1.0") - 0.10) < 0.03, share(at_10, "1.1.0")
         assert rate > 100, f"{rate:.0f} calls/s"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 
+from controller.cli import tree
 from controller.gateway import counts, router
 from controller.gateway.counts import Stats
 from controller.spec import models
@@ -390,3 +392,42 @@ async def test_the_canary_and_the_counts_cross_the_control_socket(socket_dir: Pa
         await remote.acknowledged()
         assert (gate.canary, gate.weight) == (None, 0.0)
         assert "canary" not in remote.table()["kv"]
+
+
+async def test_the_rollout_tree_shows_revisions_colors_weights_and_analyses(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    routes = router.Router(world.reconciler.metrics)
+    world.reconciler.routes = routes
+    world.write("kv")
+    await world.settle("kv")
+    world.write("kv", version="1.1.0", extra=ANALYZED)
+    status = await world.settle("kv", passes=2)
+    assert status.swap is not None
+    spec = models.PluginSpec.model_validate(
+        {"image": "x/y:1", "version": "1.1.0", "hotSwap": hot_swap_of(ANALYZED)}
+    )
+    document = {
+        "metadata": {"name": "kv"},
+        "spec": spec.model_dump(mode="json", by_alias=True),
+        "status": status.model_dump(mode="json", by_alias=True),
+    }
+    revisions = [
+        {"revision": 1, "specHash": status.swap.from_hash},
+        {"revision": 2, "specHash": status.swap.to_hash},
+    ]
+    lines = tree.rollout(document, revisions)
+    text = "\n".join(lines)
+    assert "Strategy:    Canary" in text
+    assert "  Step:      2/2 (analysis success)" in text
+    assert "  Weight:    20%" in text
+    assert "├── revision 1  blue  1.0.0  weight 80%  [active]" in lines
+    assert "└── revision 2  green  1.1.0  weight 20%  [canary]" in lines
+    assert "    ├── instance green: running, ready" in lines
+    assert "    └── analysis step 2 of 2: Running" in lines
+    assert "        └── success: Running, 0 measured" in lines
+
+
+def hot_swap_of(extra: str) -> object:
+    return yaml.safe_load(extra)["hotSwap"]
