@@ -16,6 +16,8 @@ round twice, interleaved: with no one looking, and with viewers in another
 process (``--viewers`` live streams of the plugin's page open, and its page and
 the plugin list loaded again every half second); it reports both and the
 difference, with how many pages and stream messages the viewers got.
+``--weighted`` measures instead what a canary's weighted route and its
+analysis add to a call (``bench/gateway_weighted.py``).
 Prints JSON; ``--plot FILE`` draws the latencies. Needs Docker and the
 example images (``scripts/engines.sh docker``, ``images/build.sh``).
 """
@@ -305,12 +307,23 @@ def main() -> None:
     )
     parser.add_argument("--viewers", type=int, default=4, help="live streams open, --dashboard")
     parser.add_argument("--view", metavar="ADDRESS", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--weighted",
+        action="store_true",
+        help="instead: a canary's weighted route and analysis against a plain route "
+        "(bench/gateway_weighted.py)",
+    )
     args = parser.parse_args()
     if args.view:
         asyncio.run(view(args.view, args.viewers))
         return
     if os.geteuid() != 0:
         sys.exit("run as root: the plugin's socket directory belongs to the plugin's user")
+    if args.weighted:
+        import gateway_weighted
+
+        print(json.dumps(gateway_weighted.run(args.rounds, args.calls), indent=2))
+        return
     results = asyncio.run(measure(args))
     if args.plot:
         plot(results, args.plot)
