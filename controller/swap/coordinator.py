@@ -24,6 +24,19 @@ controller that dies at any step finds it when it starts again:
 4. Promoted: the old color is kept, frozen, for ``scaleDownDelaySeconds``;
    then it is removed and the swap is done.
 
+A Canary swap (``hotSwap.strategy: Canary``, stateless plugins only) goes
+from Starting through its steps instead of waiting for promotion (step
+``Canary``): ``setWeight`` has the gateway send that share of the calls to
+the new color, ``pause`` waits for its duration or for ``bhctl swap
+promote`` (which also goes past an analysis), ``analysis`` measures the new
+color. After the last step it is promoted as above; an abort or a failed
+analysis at any step returns every call to the old color and removes the
+new one once its calls in flight have ended. A BlueGreen swap may be
+measured before promotion (``prePromotionAnalysis``, step ``Analyzing``) and
+either after it (``postPromotionAnalysis``, within the scale-down window,
+which lasts until it passed); :mod:`~controller.swap.analysis` takes the
+measurements, one pass at a time.
+
 The spec's webhooks (:mod:`~controller.swap.webhooks`) are called before
 promotion (PrePromotion: a no blocks the swap at AwaitingPromotion or rolls
 it back), when the scale-down window has passed (PostPromotion: a no rolls
@@ -32,7 +45,7 @@ back or keeps both colors) and after a rollback (Rollback: to tell).
 Any failure rolls back: the route stays on (or returns to) the old color,
 which takes calls again with its state as it was frozen; the new color is
 removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
-``SwapFailedChecks``, ``SwapFailedImport``, ``SwapFailedHold`` and
+``SwapFailedChecks``, ``SwapFailedImport``, ``SwapFailedAnalysis``, ``SwapFailedHold`` and
 ``SwapFailedFlip`` when a gateway does not acknowledge the hold or the flip
 in time, ...), and that spec is not tried
 again until it changes (its generation: any edit, the swap settings
@@ -617,6 +630,7 @@ class Coordinator:
             _checkpoint("flipped")
             self.s.routes.set_route(c.key, new_endpoint, new.name, c.spec)
             self.s.routes.set_canary(c.key, None, 0)
+            self.s.metrics.canary_weight.labels(c.key).set(0)
             flipped = True
             try:
                 await self.s.routes.acknowledged()

@@ -130,6 +130,7 @@ async def test_a_canary_steps_through_its_weights_and_is_promoted(tmp_path: Path
     assert status.active_color is models.Color.GREEN
     assert routes.route("kv") == _green(world)
     assert routes.gates["kv"].canary is None
+    assert weight._value.get() == 0, "no canary any more"
     assert "bh-kv-blue" not in world.runtime.instances
     reasons = [e.reason for e in world.store.events("kv")]
     assert reasons.count("CanaryWeight") == 2
