@@ -32,7 +32,6 @@ STEP_SHOWN = {
     "AwaitingPromotion": "awaiting promotion",
     "Promoting": "promoting",
     "Analyzing": "analyzing",
-    "Canary": "canary",
 }
 
 
@@ -58,12 +57,16 @@ def row(item: dict[str, Any], columns: list[str]) -> list[str]:
     status = item.get("status") or {}
     ready = condition(item, "Ready")
     phase = status.get("phase", "Pending")
-    step = (status.get("swap") or {}).get("step")
+    swap = status.get("swap") or {}
+    step = swap.get("step")
+    shown = STEP_SHOWN.get(step or "")
+    if step == "Canary":
+        shown = f"canary {swap.get('weight') or 0}%"
     values = {
         "NAME": item["metadata"]["name"],
         "VERSION": str(status.get("activeVersion") or "-"),  # what runs, not what is declared
         "DECLARED": declared_if_other(item) or "",
-        "PHASE": f"{phase} ({STEP_SHOWN[step]})" if step in STEP_SHOWN else phase,
+        "PHASE": f"{phase} ({shown})" if shown else phase,
         "READY": ready.get("status", "Unknown"),
         "RESTARTS": str(sum(i.get("restarts", 0) for i in status.get("instances", []))),
         "ACTIVE": status.get("activeColor", "-"),

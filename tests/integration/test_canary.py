@@ -36,6 +36,7 @@ CANARY = """\
 {more}"""
 STEPS = """\
     canary:
+      stickyHeader: X-User
       steps:
         - setWeight: 10
         - pause: {}
@@ -141,6 +142,16 @@ def watched_tree(controller: ControllerProcess, until: str) -> list[str]:
     raise AssertionError(f"bhctl get -w ended before {until!r}: {lines}")
 
 
+def sticky_versions(controller: ControllerProcess, user: str) -> set[str]:
+    """The versions that answered a few calls with ``user`` in the sticky header."""
+    seen = set()
+    for _ in range(4):
+        status, answer, _ = controller.call("kv", "who", {}, headers={"X-User": user})
+        assert status == 200, answer
+        seen.add(answer["version"])
+    return seen
+
+
 def share(versions: list[str], version: str) -> float:
     return versions.count(version) / len(versions)
 
@@ -155,11 +166,16 @@ def test_a_canary_splits_calls_by_its_weights_and_fails_none(controller):
         wait_for(lambda: canary_at(controller, 1, 10), timeout=90, what="the canary at 10%")
         said = bhctl(controller, "swap", "status", "kv", "--no-watch")
         assert "Canary step 2/4, weight 10%" in said.stdout, said.stdout
+        listed = bhctl(controller, "get", "kv")
+        assert "Swapping (canary 10%)" in listed.stdout, listed.stdout
         drawn = watched_tree(controller, "[canary]")
         assert "  Weight:    10%" in drawn
         assert "├── revision 1  blue  1.0.0  weight 90%  [active]" in drawn
         assert "└── revision 2  green  1.1.0  weight 10%  [canary]" in drawn
         at_10, rate = load.window(2000)
+        users = {f"user-{n}": sticky_versions(controller, f"user-{n}") for n in range(40)}
+        assert all(len(seen) == 1 for seen in users.values()), "a caller keeps its color"
+        assert {"1.0.0"} <= set().union(*users.values())
         assert abs(share(at_10, "1.1.0") - 0.10) < 0.03, share(at_10, "1.1.0")
         assert rate > 100, f"{rate:.0f} calls/s"
 
