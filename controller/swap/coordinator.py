@@ -258,6 +258,8 @@ class Coordinator:
             delay = await self._analyze(progress, new, "PrePromotion", swap.pre_promotion_analysis)
             if delay is not None:
                 return delay, request
+        elif request == "promote":
+            self._skip_analysis(progress)
         if not swap.auto_promote and request != "promote" and not canary:
             if progress.step is not models.SwapStep.AWAITING_PROMOTION:
                 progress.step = models.SwapStep.AWAITING_PROMOTION
@@ -360,9 +362,7 @@ class Coordinator:
             elif request == "promote":
                 c.answered("Done", f"{where} ({step.kind}) skipped by bhctl swap promote")
                 request = None
-                if progress.analysis is not None:
-                    progress.analysis.phase = "Skipped"
-                    self._keep_run(progress)
+                self._skip_analysis(progress)
             elif step.pause is not None:
                 duration = step.pause.duration_seconds
                 waited = c.now - (progress.step_started or progress.started).timestamp()
@@ -398,6 +398,13 @@ class Coordinator:
 
     def _analyzed(self, progress: models.SwapProgress, where: str) -> bool:
         return any(r.at == where and r.phase != "Running" for r in progress.analyses)
+
+    def _skip_analysis(self, progress: models.SwapProgress) -> None:
+        """A promote goes past the analysis that runs, if one does."""
+        if progress.analysis is not None and progress.analysis.phase == "Running":
+            progress.analysis.phase = "Skipped"
+            self.s.metrics.analysis_runs.labels(self.c.key, "Skipped").inc()
+            self._keep_run(progress)
 
     def _keep_run(self, progress: models.SwapProgress) -> None:
         if progress.analysis is not None:

@@ -432,3 +432,24 @@ async def test_the_rollout_tree_shows_revisions_colors_weights_and_analyses(
 
 def hot_swap_of(extra: str) -> object:
     return yaml.safe_load(extra)["hotSwap"]
+
+
+async def test_a_promote_goes_past_a_running_analysis_and_says_so(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    routes = router.Router(world.reconciler.metrics)
+    world.reconciler.routes = routes
+    world.write("kv")
+    await world.settle("kv")
+    world.write("kv", version="1.1.0", extra=ANALYZED)
+    status = await world.settle("kv", passes=2)
+    assert status.swap is not None
+    assert status.swap.analysis is not None
+    world.reconciler.request("kv", "promote")
+    status = await world.settle("kv", passes=1)
+    assert status.swap is not None
+    assert status.swap.step is models.SwapStep.PROMOTED
+    assert [(r.at, r.phase) for r in status.swap.analyses] == [("step 2 of 2", "Skipped")]
+    assert world.reconciler.metrics.analysis_runs.labels("kv", "Skipped")._value.get() == 1
+    status = await world.settle("kv")
+    assert status.swap is None
+    assert status.active_version == "1.1.0"
