@@ -156,8 +156,10 @@ def test_prometheus_sees_cpu_memory_and_calls_and_loads_the_rules(controller, pr
     rules = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(rules) == {
         "PluginDown", "PluginCrashLooping", "PluginMemoryNearLimit", "PluginCPUThrottled",
-        "PluginOOMKilled", "PluginSwapFailed", "PluginStateRestored", "PluginCheckpointsFailing",
-        "ControllerReconcileErrors", "ControllerStoreErrors", "GatewayErrorRate",
+        "PluginOOMKilled", "PluginSwapFailed", "PluginSwapAnalysisFailing",
+        "PluginSwapWebhookFailing", "PluginCanaryStalled", "PluginStateRestored",
+        "PluginCheckpointsFailing", "ControllerReconcileErrors", "ControllerStoreErrors",
+        "GatewayErrorRate",
     }  # fmt: skip
     wait_for(
         lambda: all(
