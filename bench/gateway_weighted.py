@@ -5,9 +5,10 @@ A real controller on Docker runs the echo example twice: ``echo`` with a plain r
 ``echo-canary`` in a canary swap held at weight 50 while a builtin analysis measures the
 new color every second (the controller asks the gateway process for its counts over the
 control socket). This process calls both through the gateway's HTTP port at concurrency
-1, in interleaved rounds so that the machine's noise falls on both alike, and calls the
-canary also with a sticky header (a hash of its value picks the color). It reports the
-p50 and p99 of each and the difference of the p50s, and, in this process, what the
+1, in interleaved rounds (each mode first in turn) so that the machine's noise falls on
+all alike, and calls the canary also with a sticky header (a hash of its value picks the
+color). It reports the p50 and p99 of each, the difference of the p50s (pooled, and the
+median of each round's), and, in this process, what the
 router's own choice costs (``admit`` with a plain route, by weight, by header, and one
 call's count).
 """
@@ -125,13 +126,22 @@ async def measure(rounds: int, calls: int) -> dict[str, Any]:
             plain_url = f"http://{http}/v1/plugins/echo/call/echo"
             canary_url = f"http://{http}/v1/plugins/echo-canary/call/echo"
             samples: dict[str, list[float]] = {"plain": [], "weighted": [], "sticky": []}
+            deltas: dict[str, list[float]] = {"weighted": [], "sticky": []}
+            paths = {"plain": (plain_url, False), "weighted": (canary_url, False)}
+            paths["sticky"] = (canary_url, True)
+            modes = list(paths)
             async with aiohttp.ClientSession() as session:
                 await _latencies(session, plain_url, 100)  # warm both paths
                 await _latencies(session, canary_url, 100)
-                for _ in range(rounds):
-                    samples["plain"] += await _latencies(session, plain_url, calls)
-                    samples["weighted"] += await _latencies(session, canary_url, calls)
-                    samples["sticky"] += await _latencies(session, canary_url, calls, True)
+                for n in range(rounds):
+                    p50: dict[str, float] = {}
+                    for mode in modes[n % 3 :] + modes[: n % 3]:  # each goes first
+                        url, sticky = paths[mode]
+                        times = await _latencies(session, url, calls, sticky)
+                        samples[mode] += times
+                        p50[mode] = _ms(times, 0.5)
+                    for mode in deltas:
+                        deltas[mode].append(p50[mode] - p50["plain"])
             swap = running.status("echo-canary").get("swap") or {}
             analysis = swap.get("analysis") or {}
     p50 = {mode: _ms(values, 0.5) for mode, values in samples.items()}
@@ -142,6 +152,14 @@ async def measure(rounds: int, calls: int) -> dict[str, Any]:
         "mean_ms": {m: round(statistics.fmean(v) * 1000, 4) for m, v in samples.items()},
         "weighted_minus_plain_p50_ms": round(p50["weighted"] - p50["plain"], 4),
         "sticky_minus_plain_p50_ms": round(p50["sticky"] - p50["plain"], 4),
+        "per_round_p50_difference_ms": {
+            mode: {
+                "median": round(statistics.median(values), 4),
+                "min": round(min(values), 4),
+                "max": round(max(values), 4),
+            }
+            for mode, values in deltas.items()
+        },
         "analysis_during_the_run": [
             {k: m.get(k) for k in ("name", "phase", "measured", "failures", "value")}
             for m in analysis.get("measurements", [])
