@@ -63,14 +63,15 @@ Call = Callable[[], Awaitable[None]]
 
 @contextlib.asynccontextmanager
 async def controller(
-    root: Path, dashboard: bool
+    root: Path, dashboard: bool, *extra: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[str, str, str, str | None, int]]:
-    """``bhctl run`` on Docker with the echo plugin; yields the (direct, http, grpc,
-    dashboard) addresses and the controller's pid."""
-    options = ["--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", ""]
+    """``bhctl run`` on Docker with the echo plugin (``extra`` options, ``env`` added to its
+    environment); yields the (direct, http, grpc, dashboard) addresses and the controller's
+    pid."""
+    options = ["--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "", *extra]
     if dashboard:
         options += ["--dashboard-addr", "127.0.0.1:0"]
-    async with support.controller(root, {"echo.yaml": SPEC}, *options) as running:
+    async with support.controller(root, {"echo.yaml": SPEC}, *options, env=env) as running:
         await running.until(lambda: running.status("echo"))
         addresses = running.addresses()
         if dashboard:
@@ -203,40 +204,53 @@ def quantile(values: list[float], q: float) -> float:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     seen: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
-        async with controller(Path(temp), args.dashboard) as addresses:
-            direct, http_address, grpc_address, dashboard, pid = addresses
+        async with contextlib.AsyncExitStack() as stack:
+            direct, http_address, grpc_address, dashboard, pid = await stack.enter_async_context(
+                controller(Path(temp) / "this", args.dashboard)
+            )
             direct_channel = grpc.aio.insecure_channel(direct)
             gateway_channel = grpc.aio.insecure_channel(grpc_address)
+            channels = [direct_channel, gateway_channel]
             connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                calls = {
-                    "direct": grpc_call(direct_channel, ()),
-                    "http": http_call(session, http_address),
-                    "grpc": grpc_call(gateway_channel, (("x-blackhole-plugin", "echo"),)),
-                }
-                for call in calls.values():  # warm every path up
-                    await latencies(call, 200)
-                settings = ["idle", "viewed"] if dashboard else ["idle"]
-                serial = {(s, n): [] for s in settings for n in calls}  # type: ignore[var-annotated]
-                rate = {(s, n): [] for s in settings for n in calls}  # type: ignore[var-annotated]
-                spent = {s: [0.0, 0.0] for s in settings}
-                """Per setting: seconds measured, and the controller's CPU seconds in them."""
-                for _ in range(args.rounds):
-                    for setting in settings:
-                        with (
-                            viewers(str(dashboard), args.viewers, seen)
-                            if setting == "viewed"
-                            else contextlib.nullcontext()
-                        ):
-                            began = time.perf_counter(), cpu_seconds(pid)
-                            for name, call in calls.items():
-                                serial[setting, name] += await latencies(call, args.calls)
-                            for name, call in calls.items():
-                                rate[setting, name].append(await throughput(call, 32, args.seconds))
-                            spent[setting][0] += time.perf_counter() - began[0]
-                            spent[setting][1] += cpu_seconds(pid) - began[1]
-            await direct_channel.close()
-            await gateway_channel.close()
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+            calls = {
+                "direct": grpc_call(direct_channel, ()),
+                "http": http_call(session, http_address),
+                "grpc": grpc_call(gateway_channel, (("x-blackhole-plugin", "echo"),)),
+            }
+            if args.baseline:
+                # The same benchmark through another checkout's controller and gateway.
+                env = {"PYTHONPATH": str(Path(args.baseline).resolve())}
+                _, base_http, base_grpc, _, _ = await stack.enter_async_context(
+                    controller(Path(temp) / "baseline", False, env=env)
+                )
+                base_channel = grpc.aio.insecure_channel(base_grpc)
+                channels.append(base_channel)
+                calls["baseline_http"] = http_call(session, base_http)
+                calls["baseline_grpc"] = grpc_call(base_channel, (("x-blackhole-plugin", "echo"),))
+            for call in calls.values():  # warm every path up
+                await latencies(call, 200)
+            settings = ["idle", "viewed"] if dashboard else ["idle"]
+            serial = {(s, n): [] for s in settings for n in calls}  # type: ignore[var-annotated]
+            rate = {(s, n): [] for s in settings for n in calls}  # type: ignore[var-annotated]
+            spent = {s: [0.0, 0.0] for s in settings}
+            """Per setting: seconds measured, and the controller's CPU seconds in them."""
+            for _ in range(args.rounds):
+                for setting in settings:
+                    with (
+                        viewers(str(dashboard), args.viewers, seen)
+                        if setting == "viewed"
+                        else contextlib.nullcontext()
+                    ):
+                        began = time.perf_counter(), cpu_seconds(pid)
+                        for name, call in calls.items():
+                            serial[setting, name] += await latencies(call, args.calls)
+                        for name, call in calls.items():
+                            rate[setting, name].append(await throughput(call, 32, args.seconds))
+                        spent[setting][0] += time.perf_counter() - began[0]
+                        spent[setting][1] += cpu_seconds(pid) - began[1]
+            for channel in channels:
+                await channel.close()
     result: dict[str, Any] = {"benchmark": "gateway", "image": IMAGE, "rounds": args.rounds}
     for setting in settings:
         into = result if setting == "idle" else result.setdefault("dashboard_viewed", {})
@@ -304,6 +318,11 @@ def main() -> None:
         "--dashboard", action="store_true", help="also measure with the dashboard viewed"
     )
     parser.add_argument("--viewers", type=int, default=4, help="live streams open, --dashboard")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure, interleaved, a controller and gateway run from the checkout DIR",
+    )
     parser.add_argument("--view", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.view:
