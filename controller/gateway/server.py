@@ -46,15 +46,13 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
-from blackhole_sdk.proto import plugin_pb2
-from google.protobuf import message as protobuf_message
 
 from controller.errors import ControllerError, PluginCallError
 from controller.gateway import auth, connections, router
@@ -422,8 +420,13 @@ class Gateway:
         body: bytes,
         timeout: float,
         preview: bool = False,
+        *,
+        raw: bool = False,
     ) -> bytes:
         """The plugin's answer; a call a draining instance refused unrun is tried again.
+
+        ``raw``: ``body`` is a whole ``HandleRequest`` as its caller encoded it, sent on
+        as it is, and the answer is the plugin's ``HandleResponse`` as it came.
 
         An instance is draining only between a swap's hold and its flip (or
         rollback); a call reaches one when the controller went away in
@@ -439,8 +442,11 @@ class Gateway:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
+                plugin = self.clients.get(endpoint)
                 try:
-                    return await self.clients.get(endpoint).handle(method, body, timeout=left)
+                    if raw:
+                        return await plugin.handle_raw(body, left)
+                    return await plugin.handle(method, body, timeout=left)
                 except PluginCallError as e:
                     if (e.code, e.message) != ("UNAVAILABLE", DRAINING):
                         raise _from_plugin(name, e, timeout) from None
@@ -473,17 +479,11 @@ class Gateway:
                 timeout = limits.timeout_seconds
                 if (left := context.time_remaining()) is not None:
                     timeout = min(timeout, left)
-                try:
-                    decoded = plugin_pb2.HandleRequest.FromString(request)
-                except protobuf_message.DecodeError:
-                    raise router.Refused(
-                        400, "BadRequest", "the request is not a blackhole.plugin.v1.HandleRequest"
-                    ) from None
-                _check_method(decoded.method)
-                method = decoded.method
+                method = _method_of(request)
+                _check_method(method)
                 preview = _preview(caller, metadata.get(PREVIEW_HEADER.lower()), name)
                 answer = await self._forward(
-                    name, limits, method, decoded.payload, timeout, preview
+                    name, limits, method, request, timeout, preview, raw=True
                 )
             except router.Refused:
                 raise
@@ -498,7 +498,7 @@ class Gateway:
                 code = grpc.StatusCode[e.grpc_code]
             await context.abort(code, str(e))
         self.router.metrics.answered(name, method, 200, started)
-        return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
+        return answer
 
 
 def _preview(caller: Caller, asked: str | bytes | None, name: str) -> bool:
@@ -514,6 +514,80 @@ def _preview(caller: Caller, asked: str | bytes | None, name: str) -> bool:
     return True
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at ``at`` and where it ends; ValueError when it is cut short or too long."""
+    value = shift = 0
+    while True:
+        byte = data[at]  # IndexError past the end
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(data: bytes, at: int = 0, group: int = 0) -> Iterator[tuple[int, int, int, int]]:
+    """The top-level fields of protobuf ``data`` from ``at``: (number, wire type, start, end)
+    of each value, its bytes not looked into; ValueError on a malformed message. Within a
+    ``group`` (its field number), up to its end, whose start it yields as number 0."""
+    size = len(data)
+    while at < size:
+        tag, at = _varint(data, at)
+        number, wire = tag >> 3, tag & 7
+        start = at
+        if not 0 < number < 1 << 29 or tag >> 32:
+            raise ValueError(f"field number {number}")
+        if wire == 0:
+            _, at = _varint(data, at)
+        elif wire == 2:
+            length, start = _varint(data, at)
+            at = start + length
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        elif wire == 3:  # a group (never in a HandleRequest, but parsed as unknown)
+            for inner, *_, end in _fields(data, at, number):
+                at = end
+                if inner == 0:
+                    break
+            else:
+                raise ValueError("a group with no end")
+        elif wire == 4 and number == group:
+            yield 0, wire, start, at
+            return
+        else:
+            raise ValueError(f"wire type {wire}")
+        if at > size:
+            raise ValueError("cut short")
+        yield number, wire, start, at
+    if group:
+        raise ValueError("a group with no end")
+
+
+def _method_of(request: bytes) -> str:
+    """The method of a ``HandleRequest`` as its caller encoded it, checked as the plugin will
+    parse it (strings UTF-8, metadata entries of strings), its payload's bytes not copied.
+
+    Raises :class:`router.Refused` (400) for what is not a ``HandleRequest``.
+    """
+    method = ""
+    try:
+        for number, wire, start, end in _fields(request):
+            if number == 1 and wire == 2:
+                method = request[start:end].decode()  # the last one counts, as in protobuf
+            elif number == 2 and wire == 2:  # a map entry: key 1, value 2, both strings
+                entry = request[start:end]
+                for inner, inner_wire, begin, finish in _fields(entry):
+                    if inner in (1, 2) and inner_wire == 2:
+                        entry[begin:finish].decode()
+    except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+        raise router.Refused(
+            400, "BadRequest", "the request is not a blackhole.plugin.v1.HandleRequest"
+        ) from None
+    return method
+
+
 def _check_method(method: str) -> None:
     """Refuse a method name too long to forward (or to keep anywhere)."""
     if len(method) > MAX_METHOD_BYTES or len(method.encode(errors="replace")) > MAX_METHOD_BYTES:
@@ -524,8 +598,11 @@ def _check_method(method: str) -> None:
 
 async def _read(request: web.BaseRequest, name: str, limit: int, timeout: float) -> bytes:
     """The body, at most ``limit`` bytes, arrived within ``timeout`` seconds (else 408)."""
+    content = request.content
     body = bytearray()
     try:
+        if content.is_eof() and content.total_bytes <= limit:
+            return content.read_nowait()  # it came with the head: nothing to wait for
         async with asyncio.timeout(timeout):
             async for chunk in request.content.iter_chunked(1 << 16):
                 body += chunk
