@@ -55,7 +55,7 @@ import grpc
 from aiohttp import web
 
 from controller.errors import ControllerError, PluginCallError
-from controller.gateway import auth, connections, router
+from controller.gateway import auth, connections, router, tls
 from controller.metrics import exposition
 from controller.protocol import client
 from controller.runtimes import base
@@ -161,8 +161,11 @@ class Gateway:
         limits: connections.Limits | None = None,
         ready: asyncio.Event | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        tls: tls.ListenerTLS | None = None,
     ) -> None:
         self.lookup = lookup
+        self.tls = tls
+        """HTTPS and gRPC over TLS on the listeners (None: plaintext)."""
         self.ready = ready
         """Set once the gateway has its routes; calls wait for it (None: it has them)."""
         self.ready_timeout = ready_timeout
@@ -201,8 +204,12 @@ class Gateway:
             listener.close()
             raise GatewayError(f"the gateway cannot listen on {http_address}: {e.strerror}") from e
         bound = {"http": _join(host, listener.getsockname()[1])}
-        await web.SockSite(self._runner, listener, backlog=LISTEN_BACKLOG).start()
-        log.info("gateway: HTTP on http://%s", bound["http"])
+        context = self.tls.ssl_context() if self.tls is not None else None
+        await web.SockSite(
+            self._runner, listener, backlog=LISTEN_BACKLOG, ssl_context=context
+        ).start()
+        scheme = "https" if context is not None else "http"
+        log.info("gateway: HTTP on %s://%s", scheme, bound["http"])
         if grpc_address:
             self._grpc = grpc.aio.server(
                 options=[
@@ -219,7 +226,7 @@ class Gateway:
             grpc_port = await self._add_grpc_port(grpc_address)
             bound["grpc"] = _join(grpc_host, grpc_port)
             await self._grpc.start()
-            log.info("gateway: gRPC on %s", bound["grpc"])
+            log.info("gateway: gRPC%s on %s", " over TLS" if self.tls else "", bound["grpc"])
         return bound
 
     async def _add_grpc_port(self, address: str) -> int:
@@ -230,6 +237,9 @@ class Gateway:
         delay = 0.05
         while True:
             try:
+                if self.tls is not None:
+                    credentials = self.tls.grpc_credentials()
+                    return int(self._grpc.add_secure_port(address, credentials))
                 return int(self._grpc.add_insecure_port(address))
             except RuntimeError as e:
                 if time.monotonic() >= deadline:
@@ -330,9 +340,21 @@ class Gateway:
 
     # Who calls.
 
-    def _caller(self, authorization: str | None) -> Caller:
+    def _caller(
+        self, authorization: str | None, certificate: Callable[[], frozenset[str]]
+    ) -> Caller:
+        """Who calls: by the bearer token it sends, else by its verified client certificate's
+        ``certificate()`` names (a listener that requires client certificates)."""
         if self.tokens is None:
             return Caller("anonymous", lambda _plugin: True, may_preview=True)
+        by_certificate = self.tls is not None and self.tls.client_ca is not None
+        if not authorization and by_certificate:
+            token = self.tokens.by_certificate(certificate())
+            if token is None:
+                raise router.Refused(
+                    401, "Unauthenticated", "no tokens file entry lists this client certificate"
+                )
+            return Caller(f"certificate of {token.name}", token.allows, token.preview)
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise router.Refused(401, "Unauthenticated", "send Authorization: Bearer TOKEN")
@@ -381,7 +403,12 @@ class Gateway:
         if namespace := match["namespace"]:
             name = plugin_key(name, namespace)  # plugins on Kubernetes: namespace/name
         try:
-            caller = self._caller(request.headers.get("Authorization"))
+            caller = self._caller(
+                request.headers.get("Authorization"),
+                lambda: tls.names_of_peercert(
+                    request.transport.get_extra_info("peercert") if request.transport else None
+                ),
+            )
         except router.Refused as e:
             return _refusal(e)
         return await self._answer(request, name, match["method"], caller)
@@ -467,7 +494,10 @@ class Gateway:
         method: str | None = None
         try:
             try:
-                caller = self._caller(str(metadata.get("authorization", "")) or None)
+                caller = self._caller(
+                    str(metadata.get("authorization", "")) or None,
+                    lambda: tls.names_of_auth_context(context.auth_context()),
+                )
                 if not name:
                     raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
                 await self._routes(context.time_remaining() or READY_TIMEOUT)
