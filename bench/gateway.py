@@ -16,6 +16,13 @@ round twice, interleaved: with no one looking, and with viewers in another
 process (``--viewers`` live streams of the plugin's page open, and its page and
 the plugin list loaded again every half second); it reports both and the
 difference, with how many pages and stream messages the viewers got.
+``--baseline DIR`` also runs a controller (and its gateway) from another
+checkout, e.g. the last release, and measures its ``baseline_http`` and
+``baseline_grpc`` in the same rounds: old and new side by side. ``--tls`` also
+runs a controller whose gateway serves HTTPS and gRPC over TLS (a certificate
+made for the run) and reports ``https``, ``grpc_tls`` and what TLS adds
+(``tls_minus_plaintext``). Each of these controllers runs its own echo
+instance; ``direct`` is the first one's.
 Prints JSON; ``--plot FILE`` draws the latencies. Needs Docker and the
 example images (``scripts/engines.sh docker``, ``images/build.sh``).
 """
@@ -28,6 +35,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -42,6 +50,7 @@ import grpc
 import support
 from blackhole_sdk.proto import plugin_pb2
 
+from controller import pki
 from controller.runtimes import base
 from controller.spec import models
 
@@ -159,12 +168,16 @@ def grpc_call(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) 
     return call
 
 
-def http_call(session: aiohttp.ClientSession, address: str) -> Call:
-    url = f"http://{address}/v1/plugins/echo/call/echo"
+def http_call(
+    session: aiohttp.ClientSession, address: str, trusted: ssl.SSLContext | None = None
+) -> Call:
+    """``POST`` echo's call to the gateway at ``address``; over HTTPS when ``trusted``."""
+    url = f"{'https' if trusted else 'http'}://{address}/v1/plugins/echo/call/echo"
     headers = {"Content-Type": "application/json"}
+    secure: dict[str, Any] = {"ssl": trusted} if trusted else {}
 
     async def call() -> None:
-        async with session.post(url, data=PAYLOAD, headers=headers) as response:
+        async with session.post(url, data=PAYLOAD, headers=headers, **secure) as response:
             body = await response.read()
             if response.status != 200 or not body:
                 raise RuntimeError(f"{response.status}: {body[:200]!r}")
@@ -194,6 +207,19 @@ async def throughput(call: Call, concurrency: int, seconds: float) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / (time.perf_counter() - start)
+
+
+def certificates(directory: Path) -> Path:
+    """A CA, and a server certificate for 127.0.0.1 it issued, as files in ``directory``."""
+    directory.mkdir(parents=True)
+    authority = pki.Authority.create("bench")
+    issued = authority.issue(pki.Identity.plugin("bench", None, "gateway"), hosts=["127.0.0.1"])
+    (directory / "ca.crt").write_bytes(authority.cert_pem)
+    (directory / "tls.crt").write_bytes(issued.cert_pem)
+    key = directory / "tls.key"
+    key.write_bytes(issued.key_pem)
+    key.chmod(0o600)
+    return directory
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -228,6 +254,24 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 channels.append(base_channel)
                 calls["baseline_http"] = http_call(session, base_http)
                 calls["baseline_grpc"] = grpc_call(base_channel, (("x-blackhole-plugin", "echo"),))
+            if args.tls:
+                # The same gateway code with TLS on its listeners, beside the plaintext one.
+                server_tls = certificates(Path(temp) / "tls")
+                _, tls_http, tls_grpc, _, _ = await stack.enter_async_context(
+                    controller(
+                        Path(temp) / "tls",
+                        False,
+                        "--gateway-tls-cert", str(server_tls / "tls.crt"),
+                        "--gateway-tls-key", str(server_tls / "tls.key"),
+                    )
+                )  # fmt: skip
+                trusted = ssl.create_default_context(cafile=str(server_tls / "ca.crt"))
+                tls_channel = grpc.aio.secure_channel(
+                    tls_grpc, grpc.ssl_channel_credentials((server_tls / "ca.crt").read_bytes())
+                )
+                channels.append(tls_channel)
+                calls["https"] = http_call(session, tls_http, trusted)
+                calls["grpc_tls"] = grpc_call(tls_channel, (("x-blackhole-plugin", "echo"),))
             for call in calls.values():  # warm every path up
                 await latencies(call, 200)
             settings = ["idle", "viewed"] if dashboard else ["idle"]
@@ -276,6 +320,18 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     2,
                 )
             into[name] = entry
+    if args.tls:
+        result["tls_minus_plaintext"] = {
+            plain: {
+                "c1_p50_ms": round(result[secure]["c1_p50_ms"] - result[plain]["c1_p50_ms"], 3),
+                "c1_p99_ms": round(result[secure]["c1_p99_ms"] - result[plain]["c1_p99_ms"], 3),
+                "c32_calls_per_second_ratio": round(
+                    result[secure]["c32_calls_per_second"] / result[plain]["c32_calls_per_second"],
+                    3,
+                ),
+            }
+            for plain, secure in (("http", "https"), ("grpc", "grpc_tls"))
+        }
     if dashboard:
         viewed = result["dashboard_viewed"]
         viewed["viewers"] = {"streams": args.viewers, **seen}
@@ -322,6 +378,11 @@ def main() -> None:
         "--baseline",
         metavar="DIR",
         help="also measure, interleaved, a controller and gateway run from the checkout DIR",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure, interleaved, a gateway serving HTTPS and gRPC over TLS",
     )
     parser.add_argument("--view", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
