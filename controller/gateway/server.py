@@ -16,7 +16,9 @@ true`` may make one (403 ``PreviewForbidden``); without a tokens file
 anyone on loopback may.
 
 Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
-file is configured (401 without a known token). A plugin calls others over
+file is configured (401 without a known token), or, on listeners that
+require client certificates, a certificate a tokens file entry lists
+(:mod:`controller.gateway.tls`: HTTPS and gRPC over TLS). A plugin calls others over
 ``gateway.sock`` beside its own socket, and only those its spec's
 ``permissions.callPlugins`` lists. A plugin the caller may not call gets the
 same answer as one that does not exist (404 ``PluginNotFound``), so a caller
