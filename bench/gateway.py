@@ -5,7 +5,9 @@ Docker; this process calls the plugin three ways, in interleaved rounds so
 that the machine's noise falls on all three alike:
 
 - direct: gRPC ``Handle`` on the instance's Unix socket (the floor);
-- http: ``POST /v1/plugins/echo/call/echo`` to the gateway, keep-alive;
+- http: ``POST /v1/plugins/echo/call/echo`` to the gateway, keep-alive (aiohttp's
+  client), and ``http_bare_client``: the same on bare connections, without an HTTP
+  library's own cost per call;
 - grpc: ``Handle`` to the gateway's gRPC port, the plugin in the metadata.
 
 At concurrency 1 it reports p50 and p99 latency and the gateway's overhead
@@ -185,6 +187,29 @@ def http_call(
     return call
 
 
+def raw_http_call(address: str) -> Call:
+    """The same ``POST`` on bare keep-alive connections (asyncio streams, one per caller at
+    a time): what the gateway costs without an HTTP client library's own cost on top."""
+    host, port = address.rsplit(":", 1)
+    request = (
+        f"POST /v1/plugins/echo/call/echo HTTP/1.1\r\nHost: {address}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n"
+    ).encode() + PAYLOAD
+    free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def call() -> None:
+        reader, writer = free.pop() if free else await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        body = await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200 ") or not body:
+            raise RuntimeError(f"{head[:100]!r}: {body[:200]!r}")
+        free.append((reader, writer))
+
+    return call
+
+
 async def latencies(call: Call, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -242,6 +267,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             calls = {
                 "direct": grpc_call(direct_channel, ()),
                 "http": http_call(session, http_address),
+                "http_bare_client": raw_http_call(http_address),
                 "grpc": grpc_call(gateway_channel, (("x-blackhole-plugin", "echo"),)),
             }
             if args.baseline:
@@ -253,6 +279,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 base_channel = grpc.aio.insecure_channel(base_grpc)
                 channels.append(base_channel)
                 calls["baseline_http"] = http_call(session, base_http)
+                calls["baseline_http_bare_client"] = raw_http_call(base_http)
                 calls["baseline_grpc"] = grpc_call(base_channel, (("x-blackhole-plugin", "echo"),))
             if args.tls:
                 # The same gateway code with TLS on its listeners, beside the plaintext one.
