@@ -19,10 +19,10 @@ process (``--viewers`` live streams of the plugin's page open, and its page and
 the plugin list loaded again every half second); it reports both and the
 difference, with how many pages and stream messages the viewers got.
 ``--baseline DIR`` also runs a controller (and its gateway) from another
-checkout, e.g. the last release, and measures its ``baseline_http`` and
-``baseline_grpc`` in the same rounds: old and new side by side. ``--tls`` also
-runs a controller whose gateway serves HTTPS and gRPC over TLS (a certificate
-made for the run) and reports ``https``, ``grpc_tls`` and what TLS adds
+checkout, e.g. the last release, and measures its ``baseline_*`` paths in the
+same rounds: old and new side by side. ``--tls`` also runs a controller whose
+gateway serves HTTPS and gRPC over TLS (a certificate made for the run) and
+reports ``https``, ``https_bare_client``, ``grpc_tls`` and what TLS adds
 (``tls_minus_plaintext``). Each of these controllers runs its own echo
 instance; ``direct`` is the first one's.
 Prints JSON; ``--plot FILE`` draws the latencies. Needs Docker and the
@@ -187,7 +187,7 @@ def http_call(
     return call
 
 
-def raw_http_call(address: str) -> Call:
+def raw_http_call(address: str, trusted: ssl.SSLContext | None = None) -> Call:
     """The same ``POST`` on bare keep-alive connections (asyncio streams, one per caller at
     a time): what the gateway costs without an HTTP client library's own cost on top."""
     host, port = address.rsplit(":", 1)
@@ -198,7 +198,9 @@ def raw_http_call(address: str) -> Call:
     free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def call() -> None:
-        reader, writer = free.pop() if free else await asyncio.open_connection(host, int(port))
+        reader, writer = (
+            free.pop() if free else await asyncio.open_connection(host, int(port), ssl=trusted)
+        )
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
@@ -298,6 +300,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 channels.append(tls_channel)
                 calls["https"] = http_call(session, tls_http, trusted)
+                calls["https_bare_client"] = raw_http_call(tls_http, trusted)
                 calls["grpc_tls"] = grpc_call(tls_channel, (("x-blackhole-plugin", "echo"),))
             for call in calls.values():  # warm every path up
                 await latencies(call, 200)
@@ -357,7 +360,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     3,
                 ),
             }
-            for plain, secure in (("http", "https"), ("grpc", "grpc_tls"))
+            for plain, secure in (
+                ("http", "https"),
+                ("http_bare_client", "https_bare_client"),
+                ("grpc", "grpc_tls"),
+            )
         }
     if dashboard:
         viewed = result["dashboard_viewed"]
