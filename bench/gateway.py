@@ -11,7 +11,9 @@ that the machine's noise falls on all three alike:
 - grpc: ``Handle`` to the gateway's gRPC port, the plugin in the metadata.
 
 At concurrency 1 it reports p50 and p99 latency and the gateway's overhead
-over direct; at concurrency 32, calls per second and their ratio to direct.
+over direct; at concurrency 32, calls per second, their ratio to direct, and the
+CPU the gateway's process spent per call (less moved by other load on the
+machine than the rates are).
 
 ``--dashboard`` runs the controller with its web dashboard and measures each
 round twice, interleaved: with no one looking, and with viewers in another
@@ -53,6 +55,7 @@ import support
 from blackhole_sdk.proto import plugin_pb2
 
 from controller import pki
+from controller.cli import gateway as gateway_process
 from controller.runtimes import base
 from controller.spec import models
 
@@ -75,10 +78,10 @@ Call = Callable[[], Awaitable[None]]
 @contextlib.asynccontextmanager
 async def controller(
     root: Path, dashboard: bool, *extra: str, env: dict[str, str] | None = None
-) -> AsyncIterator[tuple[str, str, str, str | None, int]]:
+) -> AsyncIterator[tuple[str, str, str, str | None, int, int]]:
     """``bhctl run`` on Docker with the echo plugin (``extra`` options, ``env`` added to its
-    environment); yields the (direct, http, grpc, dashboard) addresses and the controller's
-    pid."""
+    environment); yields the (direct, http, grpc, dashboard) addresses, the controller's pid
+    and its gateway process's."""
     options = ["--gateway-grpc-addr", "127.0.0.1:0", "--metrics-addr", "", *extra]
     if dashboard:
         options += ["--dashboard-addr", "127.0.0.1:0"]
@@ -96,6 +99,7 @@ async def controller(
             addresses["grpc"],
             addresses.get("dashboard"),
             running.process.pid,
+            gateway_process.running(running.data) or 0,
         )
 
 
@@ -221,7 +225,8 @@ async def latencies(call: Call, n: int) -> list[float]:
     return times
 
 
-async def throughput(call: Call, concurrency: int, seconds: float) -> float:
+async def throughput(call: Call, concurrency: int, seconds: float) -> tuple[float, int]:
+    """Calls per second with ``concurrency`` callers for ``seconds``, and how many were made."""
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -233,7 +238,7 @@ async def throughput(call: Call, concurrency: int, seconds: float) -> float:
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), done
 
 
 def certificates(directory: Path) -> Path:
@@ -258,9 +263,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     seen: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
         async with contextlib.AsyncExitStack() as stack:
-            direct, http_address, grpc_address, dashboard, pid = await stack.enter_async_context(
-                controller(Path(temp) / "this", args.dashboard)
-            )
+            this = await stack.enter_async_context(controller(Path(temp) / "this", args.dashboard))
+            direct, http_address, grpc_address, dashboard, pid, gateway_pid = this
             direct_channel = grpc.aio.insecure_channel(direct)
             gateway_channel = grpc.aio.insecure_channel(grpc_address)
             channels = [direct_channel, gateway_channel]
@@ -275,7 +279,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             if args.baseline:
                 # The same benchmark through another checkout's controller and gateway.
                 env = {"PYTHONPATH": str(Path(args.baseline).resolve())}
-                _, base_http, base_grpc, _, _ = await stack.enter_async_context(
+                _, base_http, base_grpc, _, _, base_gateway = await stack.enter_async_context(
                     controller(Path(temp) / "baseline", False, env=env)
                 )
                 base_channel = grpc.aio.insecure_channel(base_grpc)
@@ -286,7 +290,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             if args.tls:
                 # The same gateway code with TLS on its listeners, beside the plaintext one.
                 server_tls = certificates(Path(temp) / "tls")
-                _, tls_http, tls_grpc, _, _ = await stack.enter_async_context(
+                _, tls_http, tls_grpc, _, _, tls_gateway = await stack.enter_async_context(
                     controller(
                         Path(temp) / "tls",
                         False,
@@ -302,6 +306,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 calls["https"] = http_call(session, tls_http, trusted)
                 calls["https_bare_client"] = raw_http_call(tls_http, trusted)
                 calls["grpc_tls"] = grpc_call(tls_channel, (("x-blackhole-plugin", "echo"),))
+            gateways = {name: gateway_pid for name in calls if name != "direct"}
+            """The gateway process each path goes through, whose CPU per call is measured."""
+            if args.baseline:
+                gateways.update({n: base_gateway for n in calls if n.startswith("baseline_")})
+            if args.tls:
+                gateways.update(
+                    {n: tls_gateway for n in ("https", "https_bare_client", "grpc_tls")}
+                )
+            cpu = {name: [0.0, 0] for name in gateways}
+            """Per path at concurrency 32: its gateway's CPU seconds, and the calls made."""
             for call in calls.values():  # warm every path up
                 await latencies(call, 200)
             settings = ["idle", "viewed"] if dashboard else ["idle"]
@@ -320,7 +334,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         for name, call in calls.items():
                             serial[setting, name] += await latencies(call, args.calls)
                         for name, call in calls.items():
-                            rate[setting, name].append(await throughput(call, 32, args.seconds))
+                            before = cpu_seconds(gateways[name]) if name in gateways else 0.0
+                            per_second, done = await throughput(call, 32, args.seconds)
+                            rate[setting, name].append(per_second)
+                            if name in gateways and setting == "idle":
+                                cpu[name][0] += cpu_seconds(gateways[name]) - before
+                                cpu[name][1] += done
                         spent[setting][0] += time.perf_counter() - began[0]
                         spent[setting][1] += cpu_seconds(pid) - began[1]
             for channel in channels:
@@ -344,6 +363,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 entry["c1_overhead_p99_ms"] = round(
                     (quantile(times, 0.99) - quantile(floor, 0.99)) * 1000, 3
                 )
+                if setting == "idle":
+                    entry["c32_gateway_cpu_us_per_call"] = round(cpu[name][0] / cpu[name][1] * 1e6)
                 entry["c32_ratio_to_direct"] = round(
                     statistics.median(rate[setting, name])
                     / statistics.median(rate[setting, "direct"]),
