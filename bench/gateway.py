@@ -60,7 +60,15 @@ from controller.runtimes import base
 from controller.spec import models
 
 IMAGE = "blackhole/example-echo:0.1.0"
-PAYLOAD = json.dumps({"user": 42, "items": ["a", "b", "c"], "note": "x" * 64}).encode()
+
+
+def payload(size: int) -> bytes:
+    """A JSON call body of about ``size`` bytes (at least the default's ~100)."""
+    return json.dumps(
+        {"user": 42, "items": ["a", "b", "c"], "note": "x" * max(64, size - 40)}
+    ).encode()
+
+
 SPEC = f"""\
 apiVersion: blackhole.dev/v1alpha1
 kind: Plugin
@@ -69,10 +77,11 @@ spec:
   image: {IMAGE}
   version: 0.1.0
   resources: {{cpu: "1", memory: 128Mi}}
-  gateway: {{maxConcurrentCalls: 1000}}
+  gateway: {{maxConcurrentCalls: 1000, maxRequestBytes: 16Mi}}
 """
 
 Call = Callable[[], Awaitable[None]]
+PLUGIN_METADATA = (("x-blackhole-plugin", "echo"),)
 
 
 @contextlib.asynccontextmanager
@@ -158,13 +167,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def grpc_call(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Call:
+def grpc_call(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], body: bytes
+) -> Call:
     handle = channel.unary_unary(
         "/blackhole.plugin.v1.Plugin/Handle",
         request_serializer=plugin_pb2.HandleRequest.SerializeToString,
         response_deserializer=plugin_pb2.HandleResponse.FromString,
     )
-    request = plugin_pb2.HandleRequest(method="echo", payload=PAYLOAD)
+    request = plugin_pb2.HandleRequest(method="echo", payload=body)
 
     async def call() -> None:
         answer = await handle(request, metadata=metadata or None, timeout=10)
@@ -175,7 +186,10 @@ def grpc_call(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) 
 
 
 def http_call(
-    session: aiohttp.ClientSession, address: str, trusted: ssl.SSLContext | None = None
+    session: aiohttp.ClientSession,
+    address: str,
+    body: bytes,
+    trusted: ssl.SSLContext | None = None,
 ) -> Call:
     """``POST`` echo's call to the gateway at ``address``; over HTTPS when ``trusted``."""
     url = f"{'https' if trusted else 'http'}://{address}/v1/plugins/echo/call/echo"
@@ -183,22 +197,22 @@ def http_call(
     secure: dict[str, Any] = {"ssl": trusted} if trusted else {}
 
     async def call() -> None:
-        async with session.post(url, data=PAYLOAD, headers=headers, **secure) as response:
-            body = await response.read()
-            if response.status != 200 or not body:
-                raise RuntimeError(f"{response.status}: {body[:200]!r}")
+        async with session.post(url, data=body, headers=headers, **secure) as response:
+            answer = await response.read()
+            if response.status != 200 or not answer:
+                raise RuntimeError(f"{response.status}: {answer[:200]!r}")
 
     return call
 
 
-def raw_http_call(address: str, trusted: ssl.SSLContext | None = None) -> Call:
+def raw_http_call(address: str, body: bytes, trusted: ssl.SSLContext | None = None) -> Call:
     """The same ``POST`` on bare keep-alive connections (asyncio streams, one per caller at
     a time): what the gateway costs without an HTTP client library's own cost on top."""
     host, port = address.rsplit(":", 1)
     request = (
         f"POST /v1/plugins/echo/call/echo HTTP/1.1\r\nHost: {address}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n"
-    ).encode() + PAYLOAD
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def call() -> None:
@@ -208,9 +222,9 @@ def raw_http_call(address: str, trusted: ssl.SSLContext | None = None) -> Call:
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-        body = await reader.readexactly(length)
-        if not head.startswith(b"HTTP/1.1 200 ") or not body:
-            raise RuntimeError(f"{head[:100]!r}: {body[:200]!r}")
+        answer = await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200 ") or not answer:
+            raise RuntimeError(f"{head[:100]!r}: {answer[:200]!r}")
         free.append((reader, writer))
 
     return call
@@ -261,6 +275,7 @@ def quantile(values: list[float], q: float) -> float:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     seen: dict[str, int] = {}
+    body = payload(args.payload_bytes)
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
         async with contextlib.AsyncExitStack() as stack:
             this = await stack.enter_async_context(controller(Path(temp) / "this", args.dashboard))
@@ -271,10 +286,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             connector = aiohttp.TCPConnector(limit=0)
             session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
             calls = {
-                "direct": grpc_call(direct_channel, ()),
-                "http": http_call(session, http_address),
-                "http_bare_client": raw_http_call(http_address),
-                "grpc": grpc_call(gateway_channel, (("x-blackhole-plugin", "echo"),)),
+                "direct": grpc_call(direct_channel, (), body),
+                "http": http_call(session, http_address, body),
+                "http_bare_client": raw_http_call(http_address, body),
+                "grpc": grpc_call(gateway_channel, PLUGIN_METADATA, body),
             }
             if args.baseline:
                 # The same benchmark through another checkout's controller and gateway.
@@ -284,9 +299,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 base_channel = grpc.aio.insecure_channel(base_grpc)
                 channels.append(base_channel)
-                calls["baseline_http"] = http_call(session, base_http)
-                calls["baseline_http_bare_client"] = raw_http_call(base_http)
-                calls["baseline_grpc"] = grpc_call(base_channel, (("x-blackhole-plugin", "echo"),))
+                calls["baseline_http"] = http_call(session, base_http, body)
+                calls["baseline_http_bare_client"] = raw_http_call(base_http, body)
+                calls["baseline_grpc"] = grpc_call(base_channel, PLUGIN_METADATA, body)
             if args.tls:
                 # The same gateway code with TLS on its listeners, beside the plaintext one.
                 server_tls = certificates(Path(temp) / "tls")
@@ -303,9 +318,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     tls_grpc, grpc.ssl_channel_credentials((server_tls / "ca.crt").read_bytes())
                 )
                 channels.append(tls_channel)
-                calls["https"] = http_call(session, tls_http, trusted)
-                calls["https_bare_client"] = raw_http_call(tls_http, trusted)
-                calls["grpc_tls"] = grpc_call(tls_channel, (("x-blackhole-plugin", "echo"),))
+                calls["https"] = http_call(session, tls_http, body, trusted)
+                calls["https_bare_client"] = raw_http_call(tls_http, body, trusted)
+                calls["grpc_tls"] = grpc_call(tls_channel, PLUGIN_METADATA, body)
             gateways = {name: gateway_pid for name in calls if name != "direct"}
             """The gateway process each path goes through, whose CPU per call is measured."""
             if args.baseline:
@@ -344,7 +359,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         spent[setting][1] += cpu_seconds(pid) - began[1]
             for channel in channels:
                 await channel.close()
-    result: dict[str, Any] = {"benchmark": "gateway", "image": IMAGE, "rounds": args.rounds}
+    result: dict[str, Any] = {
+        "benchmark": "gateway",
+        "image": IMAGE,
+        "rounds": args.rounds,
+        "payload_bytes": len(body),
+    }
     for setting in settings:
         into = result if setting == "idle" else result.setdefault("dashboard_viewed", {})
         into["controller_cpu_cores"] = round(spent[setting][1] / spent[setting][0], 4)
@@ -424,6 +444,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=500, help="calls per path per round, c=1")
     parser.add_argument("--seconds", type=float, default=2.0, help="per path per round, c=32")
+    parser.add_argument(
+        "--payload-bytes", type=int, default=0, help="the size of each call's body (default ~100)"
+    )
     parser.add_argument("--plot", metavar="FILE")
     parser.add_argument(
         "--dashboard", action="store_true", help="also measure with the dashboard viewed"
