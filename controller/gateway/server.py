@@ -560,10 +560,18 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(data: bytes, at: int = 0, group: int = 0) -> Iterator[tuple[int, int, int, int]]:
+MAX_GROUP_DEPTH = 100
+"""Groups nested deeper are refused, as protobuf's parser refuses them."""
+
+
+def _fields(
+    data: bytes, at: int = 0, group: int = 0, depth: int = 0
+) -> Iterator[tuple[int, int, int, int]]:
     """The top-level fields of protobuf ``data`` from ``at``: (number, wire type, start, end)
     of each value, its bytes not looked into; ValueError on a malformed message. Within a
-    ``group`` (its field number), up to its end, whose start it yields as number 0."""
+    ``group`` (its field number, ``depth`` deep), up to its end, yielded as number 0."""
+    if depth > MAX_GROUP_DEPTH:
+        raise ValueError("groups nested too deep")
     size = len(data)
     while at < size:
         tag, at = _varint(data, at)
@@ -579,7 +587,7 @@ def _fields(data: bytes, at: int = 0, group: int = 0) -> Iterator[tuple[int, int
         elif wire in (1, 5):
             at += 8 if wire == 1 else 4
         elif wire == 3:  # a group (never in a HandleRequest, but parsed as unknown)
-            for inner, *_, end in _fields(data, at, number):
+            for inner, *_, end in _fields(data, at, number, depth + 1):
                 at = end
                 if inner == 0:
                     break

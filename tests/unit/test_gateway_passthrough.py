@@ -63,3 +63,10 @@ def test_the_method_is_what_protobuf_parses(body: bytes) -> None:
 def test_what_is_not_a_request_is_refused(body: bytes) -> None:
     assert parsed(body) is None
     assert scanned(body) == 400
+
+
+@pytest.mark.parametrize("depth", [1, 100, 101, 5000])
+def test_groups_nest_as_deep_as_protobuf_lets_them(depth: int) -> None:
+    body = b"\x0b" * depth + b"\x0c" * depth  # field 1 groups, unknown to a HandleRequest
+    method = parsed(body)
+    assert scanned(body) == (400 if method is None else method)
