@@ -207,8 +207,12 @@ class Gateway:
             raise GatewayError(f"the gateway cannot listen on {http_address}: {e.strerror}") from e
         bound = {"http": _join(host, listener.getsockname()[1])}
         context = self.tls.ssl_context() if self.tls is not None else None
-        await web.SockSite(
-            self._runner, listener, backlog=LISTEN_BACKLOG, ssl_context=context
+        await connections.Site(
+            self._runner,
+            listener,
+            backlog=LISTEN_BACKLOG,
+            ssl_context=context,
+            handshake_timeout=self.limits.header_timeout,
         ).start()
         scheme = "https" if context is not None else "http"
         log.info("gateway: HTTP on %s://%s", scheme, bound["http"])

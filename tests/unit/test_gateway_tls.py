@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from blackhole_sdk.proto import plugin_pb2
 
 from controller import pki
 from controller.cli import run
-from controller.gateway import auth, tls
+from controller.gateway import auth, connections, tls
 from tests.gateway_harness import NARROW, OPS, GatewayThread, raw_handle
 
 READER = "blackhole://test/reader"
@@ -155,6 +156,17 @@ def test_https_and_grpc_over_tls_answer_and_plaintext_is_refused(files, channels
         with pytest.raises(grpc.RpcError) as refused:
             raw_handle(channel)(b"", metadata=(("x-blackhole-plugin", "kv"),), timeout=10)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_tls_handshake_that_does_not_come_is_closed_at_the_header_timeout(files) -> None:
+    limits = connections.Limits(header_timeout=0.5)
+    with GatewayThread(limits, listener_tls=_listener(files)) as gateway:
+        host, port = gateway.http.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=60) as silent:
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionError):
+                assert silent.recv(1) == b""  # closed, with nothing sent
+            assert time.monotonic() - started < 30  # not asyncio's 60 s
 
 
 def test_client_certificates_are_required_from_the_client_ca(files, channels) -> None:
