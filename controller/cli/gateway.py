@@ -35,6 +35,7 @@ from controller.cli import locks, paths
 from controller.errors import ControllerError
 from controller.gateway import auth, connections, control, router
 from controller.gateway import server as gateway_server
+from controller.gateway import tls as gateway_tls
 from controller.metrics import exposition, telemetry
 from controller.protocol import client
 
@@ -74,6 +75,8 @@ class GatewayOptions:
     ca: tuple[Path, Path] | None = None
     """The operator's CA its controller runs with; default the controller's own, if any."""
     client_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    tls: tuple[Path, Path, Path | None] | None = None
+    """The listeners' certificate, key and client CA (None: plaintext)."""
 
     def arguments(self) -> list[str]:
         """This, as ``bhctl gateway`` options."""
@@ -97,6 +100,11 @@ class GatewayOptions:
         args += ["--client-cert-lifetime", repr(self.client_cert_lifetime)]
         if self.ca is not None:
             args += ["--ca-cert", str(self.ca[0]), "--ca-key", str(self.ca[1])]
+        if self.tls is not None:
+            cert, key, client_ca = self.tls
+            args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            if client_ca is not None:
+                args += ["--tls-client-ca", str(client_ca)]
         return args
 
 
@@ -128,8 +136,12 @@ def _lock(data_dir: Path) -> contextlib.AbstractContextManager[None]:
     )
 
 
-async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
-    """Run the gateway until SIGTERM/SIGINT."""
+async def serve(
+    options: GatewayOptions,
+    tokens: auth.Tokens | None,
+    listener_tls: gateway_tls.ListenerTLS | None = None,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT (``listener_tls``: HTTPS and gRPC over TLS)."""
     secret = None
     if options.control_address:
         if options.control_secret is None:
@@ -163,6 +175,7 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             limits=options.limits,
             ready=controls.ready,
             ready_timeout=options.ready_timeout,
+            tls=listener_tls,
         )
         own_metrics = exposition.MetricsServer(metrics.registry)
         try:

@@ -271,19 +271,23 @@ async def test_remote_plugins_sit_beside_the_hosts_instances(kv: Remote, tmp_pat
 
 async def test_the_gateways_table_carries_how_a_remote_endpoint_is_checked():
     declared = router.Declared(models.Gateway(), frozenset())
-    routes = control.RemoteRoutes(None, lambda: {"kv": declared, "local": declared})
+    routes = control.RemoteRoutes(
+        None, lambda: {"kv": declared, "local": declared, "plain": declared}
+    )
     spec = _spec(address="10.0.0.2:7443")
     routes.set_route("kv", "10.0.0.2:7443", "bh-kv-blue", spec)
     routes.set_route("local", "unix:/x/plugin.sock", "bh-local-blue", spec)
+    routes.set_route("plain", "unix:/x/plain.sock", "bh-plain-blue", spec)
     checked: control.EndpointTLS = {"serverName": "kv.ns.c1.plugin.blackhole", "ca": "PEM"}
     routes.set_preview("kv", "10.0.0.3:7443")  # a swap's new color, also remote
     other: control.EndpointTLS = {"serverName": "kv.ns.c1.plugin.blackhole", "ca": "PEM2"}
     known = {"10.0.0.2:7443": checked, "10.0.0.3:7443": other}
     routes.carry_tls(known.get)
+    routes.set_canary("local", "10.0.0.3:7443", 10)  # a canary on a remote address
     table = routes.table()
-    assert table["kv"]["tls"] == checked
-    assert table["kv"]["previewTls"] == other
-    assert "tls" not in table["local"]
+    assert table["kv"]["tls"] == known
+    assert table["local"]["tls"] == {"10.0.0.3:7443": other}
+    assert "tls" not in table["plain"]
     gateway = control.ControlServer(router.Router(telemetry.Metrics()))
     gateway.apply_table(table)
     assert gateway.tls == known
