@@ -720,7 +720,8 @@ class _Pass:
             log.warning("%s: moving the stable address failed: %s", c.key, e)
 
     async def start(self, want: base.InstanceSpec) -> None:
-        await self.s.runtime.start(want)
+        started = await self.s.runtime.start(want)
+        self.c.memory.crashes_counted[started.id] = 0  # each of its exits is a new one
         specs = self.r.specs
         if specs is not None:  # kept so that a swap away from it can be undone
             text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
@@ -743,6 +744,7 @@ class _Pass:
         if instance.color is c.status.active_color and c.status.swap is None:
             self.s.routes.clear_route(c.key)
         c.memory.handshaken.discard(instance.id)
+        c.memory.crashes_counted.pop(instance.id, None)
         c.memory.probe_delay.pop(instance.name, None)
         self.s.metrics.track(instance.name, None)
         await self.s.runtime.remove(instance.name)

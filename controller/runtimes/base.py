@@ -414,6 +414,13 @@ class Instance:
     """The main process on this host, when it runs here (its cgroup holds the instance)."""
     address: str | None = None
     """``host:port`` where it is reached over the network, for runtimes that reach it so."""
+    crashes: int = 0
+    """Where the platform restarts crashed instances by itself (``restarts_crashed``): how
+    many times this one exited so far (a kubelet's ``restartCount``, plus one while it
+    waits out its restart back-off). ``exit_code``, ``oom_killed`` and ``finished_at``
+    then tell of its last exit even while it runs again."""
+    restarting: bool = False
+    """Exited, and the platform starts it again by itself after its back-off."""
 
     @property
     def key(self) -> PluginKey:

@@ -241,7 +241,7 @@ class KubernetesRuntime:
         plugin = labels.get(base.LABEL_PLUGIN, "")
         namespace = labels.get(base.LABEL_NAMESPACE) or None
         pod = self._pod(deployment)
-        state, exit_code, oom, started, finished = _state(deployment, pod)
+        seen = _state(deployment, pod)
         address = ((pod or {}).get("status") or {}).get("podIP")
         return base.Instance(
             name=base.instance_name(plugin, color, namespace, self.controller_id),
@@ -249,11 +249,13 @@ class KubernetesRuntime:
             color=color,
             version=labels.get(base.LABEL_VERSION, ""),
             spec_hash=labels.get(base.LABEL_SPEC_HASH, ""),
-            state=state,
-            exit_code=exit_code,
-            oom_killed=oom,
-            started_at=started,
-            finished_at=finished,
+            state=seen.state,
+            exit_code=seen.exit_code,
+            oom_killed=seen.oom_killed,
+            started_at=seen.started_at,
+            finished_at=seen.finished_at,
+            crashes=seen.crashes,
+            restarting=seen.restarting,
             namespace=namespace,
             id=str(metadata.get("uid") or metadata.get("name")),
             labels=dict(labels),
@@ -606,42 +608,58 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
-def _state(
-    deployment: kubeapi.Object, pod: kubeapi.Object | None
-) -> tuple[base.InstanceState, int | None, bool, datetime | None, datetime | None]:
-    """(state, exit code, OOM-killed, started, finished) of a color from its pod.
+@dataclass(frozen=True)
+class _Observed:
+    """What a color's pod says of its container."""
+
+    state: base.InstanceState
+    exit_code: int | None = None
+    oom_killed: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    crashes: int = 0
+    restarting: bool = False
+
+
+def _state(deployment: kubeapi.Object, pod: kubeapi.Object | None) -> _Observed:
+    """A color's state from its pod's container status.
 
     A Deployment whose pod is not running yet (scheduling, pulling) counts as
-    running but not ready: the startup deadline judges it. One scaled to zero
-    (stopped) or whose container last terminated counts as exited.
+    running but not ready: the startup deadline judges it. The kubelet restarts
+    a container that exits, after a back-off: meanwhile it is exited and
+    ``restarting``, with the code of its last termination; its exits are
+    counted from ``restartCount`` (restarts made) and the termination it waits
+    out, so that an exit the status coalesced into a restart is counted too.
+    One scaled to zero (stopped) counts as exited, not restarting.
     """
     replicas = (deployment.get("spec") or {}).get("replicas", 1)
     statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
-    mine = next((s for s in statuses if s.get("name") == manifests.CONTAINER), None)
-    state = (mine or {}).get("state") or {}
-    last = (mine or {}).get("lastState") or {}
-    terminated = state.get("terminated") or (
-        last.get("terminated") if "running" not in state else None
-    )
+    mine = next((s for s in statuses if s.get("name") == manifests.CONTAINER), None) or {}
+    state = mine.get("state") or {}
+    last = (mine.get("lastState") or {}).get("terminated")
+    now = state.get("terminated")
+    terminated = now or last
+    restarts = int(mine.get("restartCount") or 0)
+    crashes = restarts + (1 if "running" not in state and terminated else 0)
+    exit_code = terminated.get("exitCode") if terminated else None
+    oom = (terminated or {}).get("reason") == "OOMKilled"
+    finished = _time(terminated.get("finishedAt")) if terminated else None
     if "running" in state and replicas:
-        return (
-            base.InstanceState.RUNNING,
-            None,
-            False,
-            _time(state["running"].get("startedAt")),
-            None,
-        )
+        started = _time(state["running"].get("startedAt"))
+        return _Observed(base.InstanceState.RUNNING, exit_code, oom, started, finished, crashes)
     if terminated:
-        return (
+        return _Observed(
             base.InstanceState.EXITED,
-            terminated.get("exitCode"),
-            terminated.get("reason") == "OOMKilled",
+            exit_code,
+            oom,
             _time(terminated.get("startedAt")),
-            _time(terminated.get("finishedAt")),
+            finished,
+            crashes,
+            restarting=bool(replicas),
         )
     if not replicas:
-        return base.InstanceState.EXITED, None, False, None, None
-    return base.InstanceState.RUNNING, None, False, None, None
+        return _Observed(base.InstanceState.EXITED)
+    return _Observed(base.InstanceState.RUNNING)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ class Memory:
 
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     """When it restarted crashed instances, within the restart window."""
+    crashes_counted: dict[str, int] = field(default_factory=dict)
+    """Instance id -> how many of the exits its platform restarted it from are counted
+    (runtimes that restart crashed instances by themselves)."""
     probe_delay: dict[str, float] = field(default_factory=dict)
     """The next readiness probe's delay, per instance that is not Ready yet."""
     health_failures: int = 0

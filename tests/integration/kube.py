@@ -33,7 +33,10 @@ container's IP as the pod IP and its Ready condition from the
 ``readinessProbe`` when it is an ``httpGet`` (without one, or with a grpc
 or exec probe, which it does not run, a running unpaused container is
 ready),
-restarts it when it exits (``restartCount``, ``lastState.terminated``), and
+restarts it when it exits with the kubelet's back-off (10 s doubling to 300 s,
+:class:`KubeletBackoff`), reporting it meanwhile as waiting in
+``CrashLoopBackOff`` with ``lastState.terminated`` and ``restartCount`` as a
+kubelet does, and
 stops and removes pods when the Deployment goes or is scaled down.
 """
 
@@ -84,10 +87,24 @@ RESOURCES = [
     "coordination.k8s.io/v1/leases",
 ]
 KUBELET_LABEL = "blackhole.dev/test-kubelet"
+CONTAINER_NAME = "plugin"
+"""The name the kubelet reports its pods' (single) container under."""
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _seconds_between(started: str, finished: str) -> float | None:
+    """Seconds from Docker's ``StartedAt`` to its ``FinishedAt`` (nanosecond RFC 3339)."""
+    try:
+        start, end = (
+            datetime.datetime.fromisoformat(t[:26].rstrip("Z") + "+00:00")
+            for t in (started, finished)
+        )
+    except ValueError:
+        return None
+    return (end - start).total_seconds()
 
 
 def matches(obj: dict[str, Any], selector: str | None) -> bool:
@@ -292,6 +309,24 @@ class ApiServer(kmock.KubernetesEmulator):
         ]
 
 
+@dataclass(frozen=True)
+class KubeletBackoff:
+    """The kubelet's restart back-off for crashed containers (its defaults).
+
+    The first restart comes ``initial`` seconds after the exit, each further one
+    twice as late, at most ``limit``; a container that ran ``reset`` seconds
+    before it exited starts over at ``initial`` (kubelet's ``backOffPeriod`` and
+    ``MaxContainerBackOff``: 10 s doubling to 300 s, reset after 10 minutes).
+    """
+
+    initial: float = 10.0
+    limit: float = 300.0
+    reset: float = 600.0
+
+    def delay(self, steps: int) -> float:
+        return float(min(self.limit, self.initial * 2.0**steps))
+
+
 @dataclass
 class _Pod:
     name: str
@@ -306,15 +341,26 @@ class _Pod:
     address: str | None = None
     ready: bool = False
     probed: float = 0.0
+    restart_at: float | None = None
+    """When the kubelet starts the exited container again (its back-off), if it exited."""
+    backoff_steps: int = 0
+    """Restarts in a row without a long enough run between: the back-off's exponent."""
 
 
 class Kubelet:
     """Runs the pods of the API server's Deployments as Docker containers (see the module)."""
 
     def __init__(
-        self, server: ApiServer, docker_client: docker.DockerClient, session: str, logs: Path
+        self,
+        server: ApiServer,
+        docker_client: docker.DockerClient,
+        session: str,
+        logs: Path,
+        *,
+        backoff: KubeletBackoff | None = None,
     ) -> None:
         self.server = server
+        self.backoff = backoff or KubeletBackoff()
         self.logs = logs
         """Where each pod's output is kept when it is removed (for the failures' reports)."""
         self.volumes = logs.parent / "volumes"
@@ -532,22 +578,44 @@ class Kubelet:
             container = deployment["spec"]["template"]["spec"]["containers"][0]
             pod.ready = await self._probe(pod, container, address, paused=state["Paused"])
         else:
-            pod.restarts += 1
+            await self._exited(pod, deployment, state)
+            return
+        await self._report(pod, deployment, container_state, address)
+
+    async def _exited(self, pod: _Pod, deployment: dict[str, Any], state: dict[str, Any]) -> None:
+        """An exited container: reported as waiting in CrashLoopBackOff with its last
+        termination, then started again once its back-off has passed, with
+        ``restartCount`` one more (as the kubelet counts: restarts made, not exits)."""
+        now = asyncio.get_running_loop().time()
+        if pod.restart_at is None:
+            ran = _seconds_between(state["StartedAt"], state["FinishedAt"])
+            if ran is not None and ran >= self.backoff.reset:
+                pod.backoff_steps = 0
+            pod.restart_at = now + self.backoff.delay(pod.backoff_steps)
             pod.last = {
                 "terminated": {
                     "exitCode": state["ExitCode"],
                     "reason": "OOMKilled" if state["OOMKilled"] else "Error",
                     "startedAt": state["StartedAt"],
                     "finishedAt": state["FinishedAt"],
+                    "containerID": f"docker://{pod.container_id}",
                 }
             }
-            container_state = {"waiting": {"reason": "CrashLoopBackOff"}}
             pod.ready = False
-            await self._report(pod, deployment, container_state, None)
-            await asyncio.sleep(1.0)  # the kubelet's back-off, shortened
-            await asyncio.to_thread(self.docker.api.start, pod.container)
+        if now < pod.restart_at:
+            waiting = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {self.backoff.delay(pod.backoff_steps):g}s "
+                    f"restarting failed container={CONTAINER_NAME} pod={pod.name}",
+                }
+            }
+            await self._report(pod, deployment, waiting, None)
             return
-        await self._report(pod, deployment, container_state, address)
+        await asyncio.to_thread(self.docker.api.start, pod.container)
+        pod.restarts += 1
+        pod.backoff_steps += 1
+        pod.restart_at = None
 
     async def _report(
         self,
@@ -561,7 +629,7 @@ class Kubelet:
             "podIP": address,
             "containerStatuses": [
                 {
-                    "name": "plugin",
+                    "name": CONTAINER_NAME,
                     "image": deployment["spec"]["template"]["spec"]["containers"][0]["image"],
                     "imageID": f"docker-pullable://{pod.image_id}",
                     "containerID": f"docker://{pod.container_id}",
@@ -734,7 +802,14 @@ class Call:
 class Cluster:
     """The API server and kubelet above, served from a thread of their own."""
 
-    def __init__(self, docker_client: docker.DockerClient, directory: Path) -> None:
+    def __init__(
+        self,
+        docker_client: docker.DockerClient,
+        directory: Path,
+        *,
+        backoff: KubeletBackoff | None = None,
+    ) -> None:
+        self.backoff = backoff
         self.session = uuid.uuid4().hex[:8]
         self.docker = docker_client
         self.directory = directory
@@ -771,7 +846,9 @@ class Cluster:
         async with ApiServer() as server, kmock.Server(server) as http:
             self.server = server
             self.url = str(http.url).rstrip("/")
-            self.kubelet = Kubelet(server, self.docker, self.session, self.directory / "pods")
+            self.kubelet = Kubelet(
+                server, self.docker, self.session, self.directory / "pods", backoff=self.backoff
+            )
             task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
             await self._stop.wait()

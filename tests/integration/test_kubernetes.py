@@ -660,3 +660,59 @@ def test_an_invalid_plugin_changes_nothing_that_runs(api: Api, controllers: list
     assert "blackhole.dev/owner" in next(
         c["message"] for c in api.status("kv")["conditions"] if c["type"] == "Ready"
     )
+
+
+def _pods_of(api: Api, deployment: str) -> list[dict[str, Any]]:
+    listing = _json(api.core.list_namespaced_pod(NAMESPACE, _preload_content=False))
+    return [
+        p
+        for p in listing["items"]
+        if p["metadata"]["name"].startswith(f"{deployment}-")
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def _record(api: Api, name: str, color: str) -> dict[str, Any]:
+    return next((i for i in api.status(name).get("instances", []) if i["color"] == color), {})
+
+
+def test_a_crash_is_counted_from_restart_count_and_the_deployment_kept(
+    api: Api, controllers: list[KubeController]
+):
+    """The kubelet restarts a crashed container itself (after its back-off): the controller
+    counts the exit from restartCount and lastState, leaves the Deployment (same uid, same
+    pod), and its crash-loop limit counts these restarts."""
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("kv", _spec(restart={"maxRestarts": 1, "windowSeconds": 600}))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    name = f"bh-{controller.controller_id}-kv-blue"
+    uid = api.read("deployments", name)["metadata"]["uid"]
+    [pod] = _pods_of(api, name)
+    assert controller.call("kv", "crash", {})[0] != 200
+
+    def restarted() -> bool:
+        return _record(api, "kv", "blue").get("restarts") == 1 and api.ready("kv")
+
+    wait_for(restarted, timeout=120 * TIME_SCALE, what=f"kv restarted ({controller.log})")
+    assert api.read("deployments", name)["metadata"]["uid"] == uid
+    [same] = _pods_of(api, name)
+    assert same["metadata"]["uid"] == pod["metadata"]["uid"]
+    [container_status] = same["status"]["containerStatuses"]
+    assert container_status["restartCount"] == 1
+    assert container_status["lastState"]["terminated"]["exitCode"] == 3
+    assert _record(api, "kv", "blue")["lastExitCode"] == 3
+    assert controller.call("kv", "echo", {"again": True}) == (200, {"again": True})
+    # The second crash is past maxRestarts 1: a crash loop, the Deployment scaled to zero.
+    assert controller.call("kv", "crash", {})[0] != 200
+    wait_for(
+        lambda: api.status("kv").get("phase") == "Degraded",
+        timeout=60 * TIME_SCALE,
+        what=f"a crash loop ({controller.log})",
+    )
+    degraded = next(c for c in api.status("kv")["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "CrashLoop"
+    assert "crashed 2 times" in degraded["message"]
+    deployment = api.read("deployments", name)
+    assert deployment["metadata"]["uid"] == uid
+    wait_for(lambda: api.read("deployments", name)["spec"]["replicas"] == 0, what="scaled down")
