@@ -635,6 +635,7 @@ class _Pass:
             held_back=c.held_back,
             pinned=(str(c.spec.version), str(c.plugin.spec.version)) if c.pinned else None,
             violations=self.r.violations.current(c.key),
+            unenforced=self.s.runtime.capabilities().not_enforced,
         )
         return status.compute(c.old, c.status, c.finding, beside, c.generation, datetime.now(UTC))
 

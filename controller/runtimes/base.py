@@ -502,6 +502,9 @@ class Capabilities:
     restarts_crashed: bool = False
     """Whether the platform restarts an exited instance by itself (a kubelet does): the
     controller then stops one it decides not to restart yet."""
+    not_enforced: Mapping[str, str] = field(default_factory=dict)
+    """Spec fields this backend runs but cannot enforce (field -> why): the plugin's status
+    says so (condition Unenforced), its spec is not refused."""
 
 
 @dataclass(frozen=True)

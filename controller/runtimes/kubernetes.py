@@ -26,7 +26,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +62,22 @@ class Settings:
     """The namespaces whose plugins this controller runs; empty for all."""
     default_namespace: str = "default"
     """Where a plugin declared without a namespace runs."""
+    pods: manifests.PodOptions = field(default_factory=manifests.PodOptions)
+    """Image pull secrets and the DNS pods, for every plugin pod."""
+    network_policy_enforced: bool = False
+    """The operator checked that the cluster's network plugin enforces NetworkPolicy (the
+    API cannot tell): else every plugin's status says its isolation is unverified."""
+
+
+PIDS_NOT_ENFORCED = (
+    "Kubernetes has no per-pod PID limit to set; the kubelet's podPidsLimit (node "
+    "configuration, the same for every pod of a node) is what bounds a plugin's processes"
+)
+NETWORK_POLICY_UNVERIFIED = (
+    "isolation is a NetworkPolicy, which only a network plugin that enforces NetworkPolicy "
+    "applies, and the API does not say whether this cluster's does; check it (see the "
+    "Kubernetes guide) and run the controller with --network-policy-enforced"
+)
 
 
 class KubernetesRuntime:
@@ -116,11 +132,15 @@ class KubernetesRuntime:
     # What it can do.
 
     def capabilities(self) -> base.Capabilities:
+        not_enforced = {"spec.resources.pids": PIDS_NOT_ENFORCED}
+        if not self.settings.network_policy_enforced:
+            not_enforced["spec.permissions"] = NETWORK_POLICY_UNVERIFIED
         return base.Capabilities(
             networks=frozenset(models.NetworkMode),
             volumes=True,
             host_paths=False,
             restarts_crashed=True,
+            not_enforced=not_enforced,
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
@@ -286,13 +306,16 @@ class KubernetesRuntime:
 
     async def start(self, desired: base.InstanceSpec) -> base.Instance:
         await self._sync()
+        settings = self.settings
         namespace = self._namespace(desired.namespace)
         owner = manifests.Owner(desired.plugin, desired.owner_uid) if desired.owner_uid else None
         key = plugin_key(desired.plugin, desired.namespace)
         await self._ensure_token(desired.plugin, namespace, key, owner)
         await self._apply(
             "networkpolicy",
-            manifests.network_policy(desired, namespace, self.settings.controller_namespace, owner),
+            manifests.network_policy(
+                desired, namespace, self.settings.controller_namespace, owner, settings.pods.dns
+            ),
         )
         for volume in desired.spec.volumes:
             await self._create_if_missing("pvc", manifests.claim(desired, volume, namespace, owner))
@@ -302,7 +325,9 @@ class KubernetesRuntime:
         )
         if await self._create_if_missing("service", stable):
             self._routed[key] = desired.color
-        body = manifests.deployment(desired, namespace, owner, secrets.token_hex(6))
+        body = manifests.deployment(
+            desired, namespace, owner, secrets.token_hex(6), self.settings.pods
+        )
         raw = await self._request(
             f"creating {_describe(body)}", self.apps.create_namespaced_deployment, namespace, body
         )

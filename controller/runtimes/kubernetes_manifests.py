@@ -26,7 +26,7 @@ controller could not.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from controller.runtimes import base
@@ -54,6 +54,25 @@ GATEWAY_POD_LABELS = {
     "app.kubernetes.io/component": "gateway",
 }
 """Labels of the gateway's pods (the Helm chart sets them), which call the plugins."""
+
+
+@dataclass(frozen=True)
+class Dns:
+    """The cluster's DNS pods, which a plugin with named egress destinations may reach."""
+
+    namespace: str = "kube-system"
+    labels: tuple[tuple[str, str], ...] = (("k8s-app", "kube-dns"),)
+    """The DNS pods' labels (CoreDNS keeps kube-dns's ``k8s-app=kube-dns``; OpenShift's
+    are ``dns.operator.openshift.io/daemonset-dns=default`` in ``openshift-dns``)."""
+
+
+@dataclass(frozen=True)
+class PodOptions:
+    """What every plugin pod of this controller gets, from the controller's settings."""
+
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets (in each plugin's namespace) the kubelet pulls plugin images with."""
+    dns: Dns = field(default_factory=Dns)
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,11 @@ def _owned_labels(plugin: str, controller_id: str) -> dict[str, str]:
 
 
 def deployment(
-    desired: base.InstanceSpec, namespace: str, owner: Owner | None, run: str = "0"
+    desired: base.InstanceSpec,
+    namespace: str,
+    owner: Owner | None,
+    run: str = "0",
+    options: PodOptions | None = None,
 ) -> Manifest:
     spec = desired.spec
     cid = desired.controller_id
@@ -186,6 +209,7 @@ def deployment(
             }
         )
     resources = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
+    pull_secrets = (options or PodOptions()).image_pull_secrets
     container = {
         "name": CONTAINER,
         "image": spec.image,
@@ -237,6 +261,11 @@ def deployment(
                     },
                     "containers": [container],
                     "volumes": volumes,
+                    **(
+                        {"imagePullSecrets": [{"name": n} for n in pull_secrets]}
+                        if pull_secrets
+                        else {}
+                    ),
                 },
             },
         },
@@ -294,7 +323,11 @@ def _port() -> dict[str, Any]:
 
 
 def network_policy(
-    desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
+    desired: base.InstanceSpec,
+    namespace: str,
+    controller_namespace: str,
+    owner: Owner | None,
+    dns: Dns | None = None,
 ) -> Manifest:
     """Default deny; in: the controller's and the gateway's pods on the protocol port (and
     peers); out: the spec's."""
@@ -316,7 +349,7 @@ def network_policy(
     ]
     egress: list[dict[str, Any]] = []
     if permissions.network is models.NetworkMode.EGRESS:
-        egress += _egress(permissions.egress)
+        egress += _egress(permissions.egress, dns or Dns())
     if permissions.network is models.NetworkMode.PRIVATE:
         peers = {
             "podSelector": {
@@ -347,13 +380,13 @@ def network_policy(
     }
 
 
-def _egress(destinations: list[str]) -> list[dict[str, Any]]:
+def _egress(destinations: list[str], dns: Dns) -> list[dict[str, Any]]:
     """``host:port`` destinations as egress rules.
 
     An IP address becomes that address alone; a name cannot be written in a
     NetworkPolicy, so it becomes its port to any public address (not the
     private, carrier-grade NAT or link-local ranges: no cluster addresses, no
-    cloud metadata endpoint), plus DNS to the cluster's DNS pods to resolve it.
+    cloud metadata endpoint), plus DNS to the cluster's DNS pods (``dns``) to resolve it.
     """
     rules: list[dict[str, Any]] = []
     named_ports: set[int] = set()
@@ -398,9 +431,9 @@ def _egress(destinations: list[str]) -> list[dict[str, Any]]:
                 "to": [
                     {
                         "namespaceSelector": {
-                            "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                            "matchLabels": {"kubernetes.io/metadata.name": dns.namespace}
                         },
-                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                        "podSelector": {"matchLabels": dict(dns.labels)},
                     }
                 ],
                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
@@ -446,14 +479,19 @@ def token_secret(
 
 
 def all_for(
-    desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
+    desired: base.InstanceSpec,
+    namespace: str,
+    controller_namespace: str,
+    owner: Owner | None,
+    options: PodOptions | None = None,
 ) -> list[Manifest]:
     """Every object ``desired`` needs, in the order they are made (for validation and docs)."""
+    options = options or PodOptions()
     return [
         token_secret(desired.plugin, "example-token", namespace, desired.controller_id, owner),
-        network_policy(desired, namespace, controller_namespace, owner),
+        network_policy(desired, namespace, controller_namespace, owner, options.dns),
         *[claim(desired, v, namespace, owner) for v in desired.spec.volumes],
         color_service(desired, namespace, owner),
         stable_service(desired.plugin, desired.color, namespace, desired.controller_id, owner),
-        deployment(desired, namespace, owner),
+        deployment(desired, namespace, owner, options=options),
     ]
