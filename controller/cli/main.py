@@ -364,6 +364,12 @@ def run_controller(
         "--dns-selector",
         help="With --kubernetes: the labels of those DNS pods (key=value[,key=value]).",
     ),
+    storage_class: str | None = typer.Option(
+        None,
+        "--storage-class",
+        help="With --kubernetes: the StorageClass of plugins' volume claims; default the "
+        "cluster's default class.",
+    ),
     network_policy_enforced: bool = typer.Option(
         False,
         "--network-policy-enforced",
@@ -403,6 +409,7 @@ def run_controller(
                 gateway_control_secret=gateway_control_secret,
                 image_pull_secrets=tuple(image_pull_secret or ()),
                 dns=_dns(dns_namespace, dns_selector),
+                storage_class=storage_class or None,
                 network_policy_enforced=network_policy_enforced,
             )
             kubernetes.lease()

@@ -92,6 +92,7 @@ class KubernetesOptions:
     image_pull_secrets: tuple[str, ...] = ()
     dns: tuple[str, tuple[tuple[str, str], ...]] = ("kube-system", (("k8s-app", "kube-dns"),))
     """(namespace, labels) of the cluster DNS pods plugins may query."""
+    storage_class: str | None = None
     network_policy_enforced: bool = False
 
     def lease(self) -> lease.Settings:
@@ -669,6 +670,7 @@ async def _backend(
                 pods=kubernetes_manifests.PodOptions(
                     image_pull_secrets=k8s.image_pull_secrets,
                     dns=kubernetes_manifests.Dns(*k8s.dns),
+                    storage_class=k8s.storage_class,
                 ),
                 network_policy_enforced=k8s.network_policy_enforced,
             ),

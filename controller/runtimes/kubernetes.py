@@ -43,7 +43,7 @@ from controller.errors import (
 )
 from controller.runtimes import base
 from controller.runtimes import kubernetes_manifests as manifests
-from controller.spec import models
+from controller.spec import models, quantity
 from controller.spec.keys import plugin_key
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,9 @@ class KubernetesRuntime:
             ),
         )
         for volume in desired.spec.volumes:
-            await self._create_if_missing("pvc", manifests.claim(desired, volume, namespace, owner))
+            await self._claim(
+                manifests.claim(desired, volume, namespace, owner, settings.pods.storage_class)
+            )
         await self._apply("service", manifests.color_service(desired, namespace, owner))
         stable = manifests.stable_service(
             desired.plugin, desired.color, namespace, self.controller_id, owner
@@ -338,6 +340,44 @@ class KubernetesRuntime:
         log.info("created deployment %s/%s", namespace, body["metadata"]["name"])
         return instance
 
+    async def _claim(self, body: dict[str, Any]) -> None:
+        """Make a volume's claim, or grow the one there to the spec's size.
+
+        A claim can grow where its StorageClass allows expansion (the API server
+        refuses it otherwise, and that refusal is the error); it can never
+        shrink, which is refused here with what to do instead.
+        """
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        read = self.core.read_namespaced_persistent_volume_claim
+        existing = await self._read(read, name, namespace)
+        if existing is None:
+            await self._create_if_missing("pvc", body)
+            return
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            raise RuntimeBackendError(
+                f"the claim {namespace}/{name} is still being deleted (a pod may still use it)"
+            )
+        want = body["spec"]["resources"]["requests"]["storage"]
+        requests = ((existing.get("spec") or {}).get("resources") or {}).get("requests") or {}
+        have = requests.get("storage")
+        if have is None or quantity.Quantity(have).value == quantity.Quantity(want).value:
+            return
+        if quantity.Quantity(want).value < quantity.Quantity(have).value:
+            raise RuntimeBackendError(
+                f"spec.volumes[{body['metadata']['labels'][base.LABEL_VOLUME]}].size: {want} is "
+                f"less than the {have} of its claim {namespace}/{name}, and a "
+                "PersistentVolumeClaim cannot shrink; keep the size, or move the data by a "
+                "swap with spec.state (each color has claims of its own then)"
+            )
+        await self._patch(
+            f"growing the claim to {want}:",
+            self.core.patch_namespaced_persistent_volume_claim,
+            name,
+            namespace,
+            {"spec": {"resources": {"requests": {"storage": want}}}},
+        )
+        log.info("claim %s/%s grown from %s to %s", namespace, name, have, want)
+
     async def stop(self, name: str, timeout: float) -> None:
         """Scale to zero: the pod gets SIGTERM and its grace period, as on any Kubernetes."""
         where = self._names.get(name)
@@ -356,12 +396,31 @@ class KubernetesRuntime:
         if where is None:
             return
         namespace, object_name = where
+        deployment = self._deployments.get(where) or {}
         for delete in (
             self.apps.delete_namespaced_deployment,
             self.core.delete_namespaced_service,
         ):
             await self._delete(delete, object_name, namespace)
         self._names.pop(name, None)
+        await self._remove_color_claims(deployment, namespace)
+
+    async def _remove_color_claims(self, deployment: kubeapi.Object, namespace: str) -> None:
+        """The claims of a color that goes while the other one carries on (a swap's end:
+        promoted or rolled back); a color restarted alone keeps them."""
+        labels = (deployment.get("metadata") or {}).get("labels") or {}
+        plugin, color = labels.get(base.LABEL_PLUGIN), labels.get(base.LABEL_COLOR)
+        if not plugin or color not in {c.value for c in models.Color}:
+            return
+        other = models.Color.GREEN if color == models.Color.BLUE.value else models.Color.BLUE
+        scope = labels.get(base.LABEL_NAMESPACE) or None
+        if base.instance_name(plugin, other, scope, self.controller_id) not in self._names:
+            return
+        for claim in await self._list_claims(plugin, namespace, color=models.Color(color)):
+            await self._delete(
+                self.core.delete_namespaced_persistent_volume_claim, claim, namespace
+            )
+            log.info("removed the claim %s/%s of the %s color that went", namespace, claim, color)
 
     async def release(self, plugin: str, namespace: str | None = None) -> None:
         """The plugin is deleted: its stable Service, NetworkPolicy, token and volumes go too."""
@@ -391,10 +450,14 @@ class KubernetesRuntime:
             "object is deleted (kubectl delete plugin NAME); the controller with helm uninstall"
         )
 
-    async def _list_claims(self, plugin: str, namespace: str) -> list[str]:
-        selector = ",".join(
-            f"{k}={v}" for k, v in manifests.plugin_selector(plugin, self.controller_id).items()
-        )
+    async def _list_claims(
+        self, plugin: str, namespace: str, color: models.Color | None = None
+    ) -> list[str]:
+        """The plugin's claims (of ``color`` only, when given: per-color claims)."""
+        wanted = manifests.plugin_selector(plugin, self.controller_id)
+        if color is not None:
+            wanted = {**wanted, base.LABEL_COLOR: color.value}
+        selector = ",".join(f"{k}={v}" for k, v in wanted.items())
         listing = await self._request(
             f"listing the volumes of {plugin}",
             self.core.list_namespaced_persistent_volume_claim,
@@ -405,7 +468,9 @@ class KubernetesRuntime:
         for item in listing.get("items") or []:
             metadata = item.get("metadata") or {}
             labels = metadata.get("labels") or {}
-            if labels.get(base.LABEL_PLUGIN) == plugin and labels.get(base.LABEL_VOLUME):
+            if labels.get(base.LABEL_PLUGIN) != plugin or not labels.get(base.LABEL_VOLUME):
+                continue
+            if color is None or labels.get(base.LABEL_COLOR) == color.value:
                 names.append(str(metadata["name"]))
         return names
 

@@ -803,6 +803,7 @@ def test_plugin_pod_options_reach_the_controllers_command_line(helm):
         "--set", "plugins.dns.podLabels.k8s-app=null",
         "--set", "plugins.dns.podLabels.dns\\.operator\\.openshift\\.io/daemonset-dns=default",
         "--set", "plugins.networkPolicyEnforced=true",
+        "--set", "plugins.storageClass=fast-ssd",
     ]  # fmt: skip
     (container,) = controller(helm.render(*ci("default"), *values))["spec"]["template"]["spec"][
         "containers"
@@ -812,5 +813,6 @@ def test_plugin_pod_options_reach_the_controllers_command_line(helm):
         "--image-pull-secret", "registry-a", "--image-pull-secret", "registry-b",
         "--dns-namespace", "openshift-dns",
         "--dns-selector", "dns.operator.openshift.io/daemonset-dns=default",
+        "--storage-class", "fast-ssd",
         "--network-policy-enforced",
     ]  # fmt: skip
