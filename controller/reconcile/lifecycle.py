@@ -324,6 +324,8 @@ class Lifecycle:
             return Result(requeue_after=await self.checkpoints.checkpoint(current, endpoint))
         if not record.ready:  # still starting
             started = current.started_at.timestamp() if current.started_at else c.now
+            if current.waiting and c.now - started < health.startup_deadline_seconds:
+                return await self._waiting(current)
             if c.now - started < health.startup_deadline_seconds:
                 c.found(
                     "False",
@@ -332,10 +334,11 @@ class Lifecycle:
                     progressing=("InstanceStarting", f"waiting for {current.name} to be Ready"),
                 )
                 return Result(requeue_after=c.memory.next_probe(current.name))
+            waited = f" ({current.waiting}: {current.waiting_message})" if current.waiting else ""
             return await self._unhealthy(
                 current,
                 f"{current.name} was not Ready within startupDeadlineSeconds "
-                f"({health.startup_deadline_seconds}s)",
+                f"({health.startup_deadline_seconds}s){waited}",
             )
         self.s.routes.clear_route(c.key)
         c.memory.health_failures += 1
@@ -351,6 +354,29 @@ class Lifecycle:
             )
             return Result(requeue_after=float(health.period_seconds))
         return await self._unhealthy(current, failed)
+
+    async def _waiting(self, current: base.Instance) -> Result:
+        """An instance the platform has not run yet: scheduling and pulling are reported
+        as such and do not count against the startup deadline; a failed wait (an image
+        that cannot be pulled) is Degraded and counts from when the instance was made."""
+        c = self.c
+        failed = current.started_at is not None
+        said = f"{current.name} does not run yet: {current.waiting}" + (
+            f" ({current.waiting_message})" if current.waiting_message else ""
+        )
+        if not failed:
+            said += "; the startup deadline counts from when it runs"
+        if c.memory.waiting_said.get(current.name) != current.waiting:
+            c.memory.waiting_said[current.name] = current.waiting
+            await self.e.event("Warning" if failed else "Normal", current.waiting, said)
+        c.found(
+            "False",
+            current.waiting,
+            said,
+            progressing=(current.waiting, said),
+            degraded=(current.waiting, said) if failed else None,
+        )
+        return Result(requeue_after=float(c.spec.health.period_seconds))
 
     async def _handshake(self, current: base.Instance, endpoint: str, timeout: float) -> bool:
         """Initialize the instance (idempotent) and check what it says; True when it is healthy.

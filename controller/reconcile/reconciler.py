@@ -746,6 +746,7 @@ class _Pass:
             self.s.routes.clear_route(c.key)
         c.memory.handshaken.discard(instance.id)
         c.memory.crashes_counted.pop(instance.id, None)
+        c.memory.waiting_said.pop(instance.name, None)
         c.memory.probe_delay.pop(instance.name, None)
         self.s.metrics.track(instance.name, None)
         await self.s.runtime.remove(instance.name)

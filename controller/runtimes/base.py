@@ -421,6 +421,12 @@ class Instance:
     then tell of its last exit even while it runs again."""
     restarting: bool = False
     """Exited, and the platform starts it again by itself after its back-off."""
+    waiting: str = ""
+    """Why it does not run yet, where the platform says (CamelCase, e.g. Unschedulable,
+    ContainerCreating, ImagePullBackOff); ``waiting_message`` says more. Until it runs its
+    ``started_at`` is None and the startup deadline does not count, except for a wait that
+    fails (``ImagePullBackOff``, ...), whose ``started_at`` is when it was made."""
+    waiting_message: str = ""
 
     @property
     def key(self) -> PluginKey:

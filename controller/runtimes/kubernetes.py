@@ -276,6 +276,8 @@ class KubernetesRuntime:
             finished_at=seen.finished_at,
             crashes=seen.crashes,
             restarting=seen.restarting,
+            waiting=seen.waiting,
+            waiting_message=seen.waiting_message,
             namespace=namespace,
             id=str(metadata.get("uid") or metadata.get("name")),
             labels=dict(labels),
@@ -709,13 +711,58 @@ class _Observed:
     finished_at: datetime | None = None
     crashes: int = 0
     restarting: bool = False
+    waiting: str = ""
+    waiting_message: str = ""
+
+
+FAILED_WAITS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+"""Container waiting reasons that are failures, not progress: the startup deadline counts
+them (from the pod's creation)."""
+
+
+def _not_running(pod: kubeapi.Object | None, mine: dict[str, Any]) -> _Observed:
+    """A pod (or none yet) whose container has not run: why, from its status."""
+    if pod is None:
+        return _Observed(
+            base.InstanceState.RUNNING, waiting="Pending", waiting_message="no pod yet"
+        )
+    status = pod.get("status") or {}
+    scheduled = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
+    )
+    if scheduled is not None and scheduled.get("status") == "False":
+        return _Observed(
+            base.InstanceState.RUNNING,
+            waiting=str(scheduled.get("reason") or "Unschedulable"),
+            waiting_message=str(scheduled.get("message") or ""),
+        )
+    waiting = (mine.get("state") or {}).get("waiting") or {}
+    reason = str(waiting.get("reason") or ("ContainerCreating" if scheduled else "Pending"))
+    created = _time((pod.get("metadata") or {}).get("creationTimestamp"))
+    return _Observed(
+        base.InstanceState.RUNNING,
+        started_at=created if reason in FAILED_WAITS else None,
+        waiting=reason,
+        waiting_message=str(waiting.get("message") or ""),
+    )
 
 
 def _state(deployment: kubeapi.Object, pod: kubeapi.Object | None) -> _Observed:
     """A color's state from its pod's container status.
 
-    A Deployment whose pod is not running yet (scheduling, pulling) counts as
-    running but not ready: the startup deadline judges it. The kubelet restarts
+    A Deployment whose pod is not running yet counts as running but not ready,
+    with why it waits (scheduling, pulling: the startup deadline counts from
+    when its container runs; a failed pull counts from the pod's creation). The
+    kubelet restarts
     a container that exits, after a back-off: meanwhile it is exited and
     ``restarting``, with the code of its last termination; its exits are
     counted from ``restartCount`` (restarts made) and the termination it waits
@@ -749,7 +796,7 @@ def _state(deployment: kubeapi.Object, pod: kubeapi.Object | None) -> _Observed:
         )
     if not replicas:
         return _Observed(base.InstanceState.EXITED)
-    return _Observed(base.InstanceState.RUNNING)
+    return _not_running(pod, mine)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ objects validated offline, the printer columns' JSON paths), not their effect.
 Deployment it keeps ``spec.replicas`` Pod objects and runs each pod's
 container on the real Docker engine (its image, command and args, env with
 Secret references resolved, user, read-only root, dropped capabilities,
-memory and CPU limits; PVCs as tmpfs; emptyDirs as tmpfs, or as a host
+memory and CPU limits; PVCs as a host directory per claim, kept across its
+pods; emptyDirs as tmpfs, or as a host
 directory shared with the pod's init containers when it has any, which run
 to completion first; Secret volumes as read-only files, root's, group
 ``fsGroup`` made group-readable as the kubelet does), reports the
@@ -36,7 +37,18 @@ ready),
 restarts it when it exits with the kubelet's back-off (10 s doubling to 300 s,
 :class:`KubeletBackoff`), reporting it meanwhile as waiting in
 ``CrashLoopBackOff`` with ``lastState.terminated`` and ``restartCount`` as a
-kubelet does, and
+kubelet does;
+schedules each pod onto one of its named nodes as the scheduler would (its
+claims must exist; a required pod affinity by ``matchLabels`` over
+``kubernetes.io/hostname`` must hold, the first pod of a group matching its
+own term going anywhere; the node with the fewest pods wins), setting
+``spec.nodeName`` or reporting ``PodScheduled=False``/``Unschedulable``;
+keeps a pod whose ReadWriteOnce claim a pod on another node uses in
+``ContainerCreating`` with the attach/detach controller's Multi-Attach error;
+reports an image that is not there as ``ErrImagePull``, then
+``ImagePullBackOff``, and starts the pod once it is (with ``pull_seconds``,
+the first pod of an image on a node waits that long in ``ContainerCreating``,
+as for a pull); and
 stops and removes pods when the Deployment goes or is scaled down.
 """
 
@@ -105,6 +117,10 @@ def _seconds_between(started: str, finished: str) -> float | None:
     except ValueError:
         return None
     return (end - start).total_seconds()
+
+
+def _labels_match(labels: dict[str, str], wanted: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in wanted.items())
 
 
 def matches(obj: dict[str, Any], selector: str | None) -> bool:
@@ -345,6 +361,15 @@ class _Pod:
     """When the kubelet starts the exited container again (its back-off), if it exited."""
     backoff_steps: int = 0
     """Restarts in a row without a long enough run between: the back-off's exponent."""
+    node: str = ""
+    """The node it is scheduled on ("" while unschedulable)."""
+    running: bool = False
+    """Its containers were created (scheduled, claims attached, image there)."""
+    pulls_failed: int = 0
+    pulled_at: float | None = None
+    """When its image is pulled onto its node, while it is being pulled."""
+    claims: tuple[str, ...] = ()
+    """The PersistentVolumeClaims it mounts."""
 
 
 class Kubelet:
@@ -358,9 +383,17 @@ class Kubelet:
         logs: Path,
         *,
         backoff: KubeletBackoff | None = None,
+        nodes: tuple[str, ...] = ("node-a",),
+        pull_seconds: float = 0.0,
     ) -> None:
         self.server = server
+        self.pull_seconds = pull_seconds
+        """How long the first pod of an image on a node waits in ContainerCreating (its
+        pull); the image itself always comes from the Docker engine."""
+        self._pulled: set[tuple[str, str]] = set()
         self.backoff = backoff or KubeletBackoff()
+        self.nodes = nodes
+        """The nodes pods are scheduled on (names only: every pod runs on this Docker)."""
         self.logs = logs
         """Where each pod's output is kept when it is removed (for the failures' reports)."""
         self.volumes = logs.parent / "volumes"
@@ -397,7 +430,10 @@ class Kubelet:
             while len(pods) > replicas:
                 await self._stop(pods.pop())
             for pod in list(pods):
-                await self._observe(pod, deployment)
+                if pod.running:
+                    await self._observe(pod, deployment)
+                else:
+                    await self._launch(pod, deployment)
             while len(pods) < replicas:
                 pods.append(await self._start(deployment))
         await self._endpoint_slices()
@@ -408,7 +444,6 @@ class Kubelet:
         template = deployment["spec"]["template"]
         name = f"{metadata['name']}-{uuid.uuid4().hex[:5]}"
         spec = template["spec"]
-        container = spec["containers"][0]
         pod = _Pod(name, namespace, metadata["uid"], f"bhk-{self.session}-{namespace}-{name}")
         obj = {
             "apiVersion": "v1",
@@ -433,9 +468,145 @@ class Kubelet:
             "status": {"phase": "Pending"},
         }
         await self.server.store(PODS, obj)
-        await asyncio.to_thread(self._run_pod, pod, namespace, spec, container)
-        await self._observe(pod, deployment)
+        pod.claims = tuple(
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec.get("volumes") or []
+            if "persistentVolumeClaim" in v
+        )
+        await self._launch(pod, deployment)
         return pod
+
+    # Scheduling, attaching claims, pulling: what keeps a pod Pending.
+
+    async def _launch(self, pod: _Pod, deployment: dict[str, Any]) -> None:
+        """Run the pod's containers once it is scheduled, its claims are attachable and its
+        image is there; until then report it Pending with the reason a cluster gives."""
+        spec = deployment["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        if not pod.node:
+            node, why = self._schedule(pod, spec)
+            if node is None:
+                await self._pending(pod, None, why)
+                return
+            pod.node = node
+        if why := self._unattachable(pod):
+            await self._pending(pod, {"reason": "ContainerCreating", "message": why}, "")
+            return
+        try:
+            await asyncio.to_thread(self.docker.images.get, container["image"])
+        except docker.errors.ImageNotFound:
+            pod.pulls_failed += 1
+            reason = "ErrImagePull" if pod.pulls_failed == 1 else "ImagePullBackOff"
+            message = f'failed to pull image "{container["image"]}": not found'
+            await self._pending(pod, {"reason": reason, "message": message}, "")
+            return
+        if self.pull_seconds and (pod.node, container["image"]) not in self._pulled:
+            now = asyncio.get_running_loop().time()
+            if pod.pulled_at is None:
+                pod.pulled_at = now + self.pull_seconds
+            if now < pod.pulled_at:
+                await self._pending(pod, {"reason": "ContainerCreating"}, "")
+                return
+            self._pulled.add((pod.node, container["image"]))
+        await asyncio.to_thread(self._run_pod, pod, pod.namespace, spec, container)
+        pod.running = True
+        await self._observe(pod, deployment)
+
+    def _schedule(self, pod: _Pod, spec: dict[str, Any]) -> tuple[str | None, str]:
+        """(the node, or None and why not), as the scheduler picks one: its claims must
+        exist, its required pod affinity (``matchLabels`` over ``kubernetes.io/hostname``)
+        must hold, and of the nodes left the one with the fewest pods wins (spreading)."""
+        claims = {
+            (c["metadata"]["namespace"], c["metadata"]["name"])
+            for c in self.server.live("v1/persistentvolumeclaims")
+        }
+        for claim in pod.claims:
+            if (pod.namespace, claim) not in claims:
+                return None, f'persistentvolumeclaim "{claim}" not found'
+        candidates = list(self.nodes)
+        own = self._labels_of(pod)
+        terms = ((spec.get("affinity") or {}).get("podAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ) or []
+        for term in terms:
+            wanted = (term.get("labelSelector") or {}).get("matchLabels") or {}
+            hosts = {
+                other.node
+                for other in self._all_pods()
+                if other is not pod
+                and other.node
+                and other.namespace == pod.namespace
+                and _labels_match(self._labels_of(other), wanted)
+            }
+            if not hosts and _labels_match(own, wanted):
+                continue  # the first pod of a group that matches its own term: anywhere
+            candidates = [n for n in candidates if n in hosts]
+        if not candidates:
+            return None, (
+                f"0/{len(self.nodes)} nodes are available: {len(self.nodes)} node(s) didn't "
+                "match pod affinity rules"
+            )
+        load = {n: sum(1 for p in self._all_pods() if p.node == n) for n in candidates}
+        return min(candidates, key=lambda n: (load[n], n)), ""
+
+    def _unattachable(self, pod: _Pod) -> str:
+        """Why a ReadWriteOnce claim of the pod cannot be attached to its node: a pod on
+        another node uses it (the attach/detach controller's Multi-Attach error)."""
+        for claim in pod.claims:
+            users = [
+                other.name
+                for other in self._all_pods()
+                if other is not pod
+                and other.running
+                and other.node != pod.node
+                and other.namespace == pod.namespace
+                and claim in other.claims
+            ]
+            if users:
+                return (
+                    f'Multi-Attach error for volume "{claim}" Volume is already used by '
+                    f"pod(s) {', '.join(users)}"
+                )
+        return ""
+
+    def _all_pods(self) -> list[_Pod]:
+        return [p for pods in self.pods.values() for p in pods]
+
+    def _labels_of(self, pod: _Pod) -> dict[str, str]:
+        for live in self.server.live(PODS):
+            metadata = live["metadata"]
+            if metadata["name"] == pod.name and metadata["namespace"] == pod.namespace:
+                return dict(metadata.get("labels") or {})
+        return {}
+
+    async def _pending(self, pod: _Pod, waiting: dict[str, Any] | None, unschedulable: str) -> None:
+        """Report the pod Pending: unschedulable (``waiting`` None), or scheduled with its
+        container waiting (ContainerCreating, ErrImagePull, ImagePullBackOff)."""
+        scheduled: dict[str, Any] = {"type": "PodScheduled", "status": "True"}
+        if waiting is None:
+            scheduled = {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": unschedulable,
+            }
+        status: dict[str, Any] = {
+            "phase": "Pending",
+            "conditions": [scheduled, {"type": "Ready", "status": "False"}],
+        }
+        if waiting is not None:
+            status["containerStatuses"] = [
+                {
+                    "name": CONTAINER_NAME,
+                    "image": "",
+                    "imageID": "",
+                    "state": {"waiting": waiting},
+                    "lastState": {},
+                    "restartCount": 0,
+                    "ready": False,
+                }
+            ]
+        await self._store_status(pod, status)
 
     def _run_pod(
         self, pod: _Pod, namespace: str, spec: dict[str, Any], container: dict[str, Any]
@@ -466,6 +637,11 @@ class Kubelet:
             if "secret" in volume:
                 where = self._secret_volume(pod, namespace, mount["name"], volume["secret"], group)
                 binds.append(f"{where}:{mount['mountPath']}{suffix}")
+            elif "persistentVolumeClaim" in volume:
+                where = self.claim_directory(
+                    namespace, volume["persistentVolumeClaim"]["claimName"]
+                )
+                binds.append(f"{where}:{mount['mountPath']}{suffix}")
             elif "emptyDir" in volume and shared:
                 where = self.volumes / pod.name / mount["name"]
                 where.mkdir(parents=True, exist_ok=True)
@@ -477,6 +653,14 @@ class Kubelet:
             else:
                 tmpfs[mount["mountPath"]] = f"size=64m,uid={uid},gid={gid}"
         return tmpfs, binds
+
+    def claim_directory(self, namespace: str, claim: str) -> Path:
+        """Where a claim's data lives: a directory of its own, kept across its pods."""
+        where = self.volumes / "claims" / namespace / claim
+        if not where.exists():
+            where.mkdir(parents=True)
+            where.chmod(0o777)  # the volume's owner is the pod's fsGroup on a cluster
+        return where
 
     def _secret_volume(
         self, pod: _Pod, namespace: str, name: str, source: dict[str, Any], group: int | None
@@ -643,6 +827,10 @@ class Kubelet:
         }
         if not address:
             del status["podIP"]
+        await self._store_status(pod, status)
+
+    async def _store_status(self, pod: _Pod, status: dict[str, Any]) -> None:
+        """Write the pod's status (and its node) when either changed."""
         if status == pod.status:
             return
         pod.status = status
@@ -656,6 +844,8 @@ class Kubelet:
         )
         if current is not None:
             current["status"] = status
+            if pod.node:
+                current["spec"] = {**current["spec"], "nodeName": pod.node}
             await self.server.store(PODS, current)
 
     async def _probe(
@@ -808,8 +998,12 @@ class Cluster:
         directory: Path,
         *,
         backoff: KubeletBackoff | None = None,
+        nodes: tuple[str, ...] = ("node-a", "node-b"),
+        pull_seconds: float = 0.0,
     ) -> None:
         self.backoff = backoff
+        self.nodes = nodes
+        self.pull_seconds = pull_seconds
         self.session = uuid.uuid4().hex[:8]
         self.docker = docker_client
         self.directory = directory
@@ -847,7 +1041,13 @@ class Cluster:
             self.server = server
             self.url = str(http.url).rstrip("/")
             self.kubelet = Kubelet(
-                server, self.docker, self.session, self.directory / "pods", backoff=self.backoff
+                server,
+                self.docker,
+                self.session,
+                self.directory / "pods",
+                backoff=self.backoff,
+                nodes=self.nodes,
+                pull_seconds=self.pull_seconds,
             )
             task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
