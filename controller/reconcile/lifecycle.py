@@ -149,9 +149,15 @@ class Lifecycle:
         ):  # the kernel said so, though the engine did not (Podman on cgroup v1)
             current = dataclasses.replace(current, oom_killed=True)
         restart = c.spec.restart
-        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
         record.state = current.state.value
         record.ready = False
+        held = c.memory.crash_held == current.id
+        if held:  # stopped by us for a crash loop whose exits are all counted: no new one
+            how = f"exit code {record.last_exit_code}" + (
+                " (OOM killed)" if record.oom_killed else ""
+            )
+            return await self._crash_loop_held(current, how)
+        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
         record.last_exit_code = current.exit_code
         record.oom_killed = current.oom_killed
         if current.oom_killed:
@@ -194,6 +200,30 @@ class Lifecycle:
         record.restarts = restarts
         record.last_exit_code = current.exit_code
         record.oom_killed = current.oom_killed
+        return result
+
+    async def _crash_loop_held(self, current: base.Instance, how: str) -> Result:
+        """The instance a crash loop of platform restarts stopped: held until the window
+        lets a restart in (made then, as after any crash), or the spec changes."""
+        c = self.c
+        history = c.memory.restarts
+        while history and history[0] <= c.now - c.spec.restart.window_seconds:
+            history.popleft()
+        if len(history) > c.spec.restart.max_restarts:
+            return await self._crash_loop(current, len(history), how)
+        c.memory.crash_held = None
+        lines = await self.e.last_logs(current.name)
+        await self.e.remove(current)
+        history.append(c.now)
+        self.s.metrics.restarts.labels(c.key).inc()
+        self.violations.restarted(c.key)
+        restarts = c.instance_status(current.color).restarts + 1
+        result = await self.start(
+            "Restarted",
+            f"restarted {current.name} after its crash loop ({how}; restart {restarts}); "
+            f"last log lines:\n{lines}",
+        )
+        c.instance_status(self.want.color).restarts = restarts
         return result
 
     async def _crash_loop(self, current: base.Instance, crashes: int, how: str) -> Result:
@@ -257,6 +287,7 @@ class Lifecycle:
             self.violations.restarted(c.key)
         if len(history) > restart.max_restarts:
             await self.s.runtime.stop(current.name, STOP_TIMEOUT)
+            c.memory.crash_held = current.id
             return await self._crash_loop(current, len(history), how)
         lines = await self.e.last_logs(current.name)
         await self.e.event(

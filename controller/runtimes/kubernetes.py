@@ -12,6 +12,14 @@ termination (the kubelet restarts a crashed container; the controller's
 crash-loop rules see every exit). Plugins are reached over TCP at their pod's
 IP, with the per-plugin token of the plugin's Secret on every call.
 
+The kubelet restarts a crashed container itself: its exits are counted from
+the pod's ``restartCount`` and ``lastState`` (``Instance.crashes``), and the
+Deployment is kept; a pod not running yet says why (``Instance.waiting``:
+scheduling, pulling), so the startup deadline counts from when it runs.
+Volumes are ReadWriteOnce claims, per color or shared
+(:mod:`~controller.runtimes.kubernetes_manifests` says which and why); a
+claim grows with its spec, never shrinks.
+
 The stable Service ``bh-<plugin>`` follows the active color (:meth:`route`),
 so in-cluster callers that hold the token see the flip of a blue/green swap
 when the gateway does.
@@ -119,6 +127,8 @@ class KubernetesRuntime:
         """Plugin key -> its protocol token."""
         self._endpoint_keys: dict[str, str] = {}
         self._routed: dict[str, models.Color] = {}
+        self._claim_sizes: dict[kubeapi.ObjectKey, str] = {}
+        """The size of each claim as last made or read: a shrink is refused up front."""
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._started = False
 
@@ -174,6 +184,19 @@ class KubernetesRuntime:
                 )
             )
         namespace = self._namespace(desired.namespace)
+        for index, volume in enumerate(desired.spec.volumes):
+            have = self._claim_sizes.get((namespace, manifests.claim_of(desired, volume.name)))
+            if have is not None and volume.size is not None and _shrinks(str(volume.size), have):
+                issues.append(
+                    SpecIssue(
+                        "runtime",
+                        None,
+                        f"spec.volumes[{index}].size",
+                        _shrink_refused(str(volume.size), have),
+                        value=str(volume.size),
+                        has_value=True,
+                    )
+                )
         if self.settings.namespaces and namespace not in self.settings.namespaces:
             issues.append(
                 SpecIssue(
@@ -352,24 +375,25 @@ class KubernetesRuntime:
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         read = self.core.read_namespaced_persistent_volume_claim
         existing = await self._read(read, name, namespace)
+        want = body["spec"]["resources"]["requests"]["storage"]
         if existing is None:
             await self._create_if_missing("pvc", body)
+            self._claim_sizes[(namespace, name)] = want
             return
         if (existing.get("metadata") or {}).get("deletionTimestamp"):
             raise RuntimeBackendError(
                 f"the claim {namespace}/{name} is still being deleted (a pod may still use it)"
             )
-        want = body["spec"]["resources"]["requests"]["storage"]
         requests = ((existing.get("spec") or {}).get("resources") or {}).get("requests") or {}
         have = requests.get("storage")
         if have is None or quantity.Quantity(have).value == quantity.Quantity(want).value:
             return
-        if quantity.Quantity(want).value < quantity.Quantity(have).value:
+        self._claim_sizes[(namespace, name)] = str(have)
+        if _shrinks(want, str(have)):
+            volume = body["metadata"]["labels"][base.LABEL_VOLUME]
             raise RuntimeBackendError(
-                f"spec.volumes[{body['metadata']['labels'][base.LABEL_VOLUME]}].size: {want} is "
-                f"less than the {have} of its claim {namespace}/{name}, and a "
-                "PersistentVolumeClaim cannot shrink; keep the size, or move the data by a "
-                "swap with spec.state (each color has claims of its own then)"
+                f"spec.volumes[{volume}].size: {_shrink_refused(want, str(have))} "
+                f"(claim {namespace}/{name})"
             )
         await self._patch(
             f"growing the claim to {want}:",
@@ -378,6 +402,7 @@ class KubernetesRuntime:
             namespace,
             {"spec": {"resources": {"requests": {"storage": want}}}},
         )
+        self._claim_sizes[(namespace, name)] = want
         log.info("claim %s/%s grown from %s to %s", namespace, name, have, want)
 
     async def stop(self, name: str, timeout: float) -> None:
@@ -422,6 +447,7 @@ class KubernetesRuntime:
             await self._delete(
                 self.core.delete_namespaced_persistent_volume_claim, claim, namespace
             )
+            self._claim_sizes.pop((namespace, claim), None)
             log.info("removed the claim %s/%s of the %s color that went", namespace, claim, color)
 
     async def release(self, plugin: str, namespace: str | None = None) -> None:
@@ -442,6 +468,7 @@ class KubernetesRuntime:
         claims = await self._list_claims(plugin, where)
         for claim in claims:
             await self._delete(self.core.delete_namespaced_persistent_volume_claim, claim, where)
+            self._claim_sizes.pop((where, claim), None)
         key = plugin_key(plugin, namespace)
         self._tokens.pop(key, None)
         self._routed.pop(key, None)
@@ -676,6 +703,18 @@ class KubernetesRuntime:
         change = {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]}
         with contextlib.suppress(InstanceNotFoundError):
             await self._patch("updating", patch, name, namespace, change)
+
+
+def _shrinks(want: str, have: str) -> bool:
+    return quantity.Quantity(want).value < quantity.Quantity(have).value
+
+
+def _shrink_refused(want: str, have: str) -> str:
+    return (
+        f"{want} is less than the {have} of the volume's claim, and a PersistentVolumeClaim "
+        "cannot shrink; keep the size, or declare spec.state, whose swaps give the new color "
+        "claims of its own"
+    )
 
 
 def _describe(body: dict[str, Any]) -> str:

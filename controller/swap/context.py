@@ -134,6 +134,8 @@ class Memory:
 
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     """When it restarted crashed instances, within the restart window."""
+    crash_held: str | None = None
+    """The id of the instance stopped for a crash loop of its platform's restarts."""
     waiting_said: dict[str, str] = field(default_factory=dict)
     """Instance name -> the reason it waits to run that its event told (said once)."""
     crashes_counted: dict[str, int] = field(default_factory=dict)

@@ -569,10 +569,12 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
     api.apply_plugin("kv", _spec(**stateful, **volume))
     api.apply_plugin("crashy", _spec(env={"MODE": "crash"}, restart={"maxRestarts": 0}))
     recreate: dict[str, Any] = {"hotSwap": {"strategy": "Recreate"}}
-    api.apply_plugin("plain", _spec(**recreate))
+    small = [{"name": "data", "mountPath": "/data", "size": "1Gi"}]
+    api.apply_plugin("plain", _spec(**recreate, volumes=small))
     wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
     wait_for(lambda: api.ready("plain"), timeout=90, what=f"plain Ready ({controller.log})")
-    api.apply_plugin("plain", _spec("1.0.1", **recreate))  # stopped, then replaced
+    grown = [{**small[0], "size": "2Gi"}]
+    api.apply_plugin("plain", _spec("1.0.1", **recreate, volumes=grown))  # replaced, claim grown
     api.apply_plugin("kv", _spec("1.1.0", **stateful, **volume))
     wait_for(
         lambda: (api.status("kv").get("lastSwap") or {}).get("result") == "Promoted",
@@ -865,3 +867,43 @@ def test_scheduling_and_pulls_are_reported_and_not_counted_against_the_startup_d
         )
 
     wait_for(pull_failed, timeout=60, what=f"the failed pull reported ({controller.log})")
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_larger_volume_grows_its_claim_and_a_smaller_one_is_refused(
+    api: Api, controllers: list[KubeController]
+):
+    """(Stand-in only: whether a real cluster grows a claim is its StorageClass's choice.)"""
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    recreate: dict[str, Any] = {"hotSwap": {"strategy": "Recreate"}}
+
+    def volumes(size: str) -> list[dict[str, Any]]:
+        return [{"name": "data", "mountPath": "/data", "size": size}]
+
+    api.apply_plugin("files", _spec(**recreate, volumes=volumes("1Gi")))
+    wait_for(lambda: api.ready("files"), timeout=90, what=f"files Ready ({controller.log})")
+    claim = api.read("persistentvolumeclaims", f"bh-{cid}-files-data")
+    api.apply_plugin("files", _spec("1.0.1", **recreate, volumes=volumes("2Gi")))
+    wait_for(
+        lambda: api.ready("files") and api.status("files").get("activeVersion") == "1.0.1",
+        timeout=90,
+        what=f"files replaced ({controller.log})",
+    )
+    grown = api.read("persistentvolumeclaims", f"bh-{cid}-files-data")
+    assert grown["metadata"]["uid"] == claim["metadata"]["uid"]
+    assert grown["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    # Smaller: refused before anything is stopped, naming the field and why.
+    api.apply_plugin("files", _spec("1.0.2", **recreate, volumes=volumes("1Gi")))
+
+    def refused() -> str:
+        ready = [c for c in api.status("files").get("conditions", []) if c["type"] == "Ready"]
+        return str(ready[0]["message"]) if ready and ready[0]["reason"] == "InvalidSpec" else ""
+
+    wait_for(
+        lambda: "cannot shrink" in refused(), timeout=60, what=f"the refusal ({controller.log})"
+    )
+    assert "spec.volumes[0].size" in refused()
+    assert api.status("files").get("activeVersion") == "1.0.1"
+    assert api.read("deployments", f"bh-{cid}-files-blue")["spec"]["replicas"] == 1
