@@ -379,6 +379,35 @@ def run_controller(
     lease_seconds: float = typer.Option(15.0, "--lease-seconds", min=1.0),
     renew_seconds: float = typer.Option(10.0, "--renew-seconds", min=0.5),
     retry_seconds: float = typer.Option(2.0, "--retry-seconds", min=0.1),
+    image_pull_secret: list[str] | None = typer.Option(
+        None,
+        "--image-pull-secret",
+        help="With --kubernetes: a Secret (in each plugin's namespace) that plugin images are "
+        "pulled with (repeat).",
+    ),
+    dns_namespace: str = typer.Option(
+        "kube-system",
+        "--dns-namespace",
+        help="With --kubernetes: the namespace of the cluster DNS pods that plugins with named "
+        "egress destinations may query.",
+    ),
+    dns_selector: str = typer.Option(
+        "k8s-app=kube-dns",
+        "--dns-selector",
+        help="With --kubernetes: the labels of those DNS pods (key=value[,key=value]).",
+    ),
+    storage_class: str | None = typer.Option(
+        None,
+        "--storage-class",
+        help="With --kubernetes: the StorageClass of plugins' volume claims; default the "
+        "cluster's default class.",
+    ),
+    network_policy_enforced: bool = typer.Option(
+        False,
+        "--network-policy-enforced",
+        help="With --kubernetes: you checked that the cluster enforces NetworkPolicy (the API "
+        "cannot tell); without it every plugin's status says its isolation is unverified.",
+    ),
 ) -> None:
     """Run the controller in the foreground until SIGTERM; instances keep running after it."""
     from controller.cli import logs, run
@@ -410,6 +439,10 @@ def run_controller(
                 pod=pod,
                 gateway_service=gateway_service or None,
                 gateway_control_secret=gateway_control_secret,
+                image_pull_secrets=tuple(image_pull_secret or ()),
+                dns=_dns(dns_namespace, dns_selector),
+                storage_class=storage_class or None,
+                network_policy_enforced=network_policy_enforced,
             )
             kubernetes.lease()
         except ValueError as e:
@@ -630,3 +663,17 @@ def _remote_or_bundle(spec: models.PluginSpec) -> str:
 
 def main() -> None:
     app()
+
+
+def _dns(namespace: str, selector: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``--dns-namespace`` and ``--dns-selector`` as (namespace, labels)."""
+    labels = []
+    for term in selector.split(","):
+        key, equals, value = term.strip().partition("=")
+        if not equals or not key or not value:
+            raise typer.BadParameter(
+                f"{term.strip()!r} is not key=value, e.g. k8s-app=kube-dns",
+                param_hint="--dns-selector",
+            )
+        labels.append((key, value))
+    return namespace, tuple(labels)

@@ -56,7 +56,7 @@ from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
 from controller.registry import registry
-from controller.runtimes import base, container, process
+from controller.runtimes import base, container, kubernetes_manifests, process
 from controller.runtimes import kubernetes as kubernetes_runtime
 from controller.runtimes import remote as remote_runtime
 from controller.sources import base as sources_base
@@ -99,6 +99,11 @@ class KubernetesOptions:
     each of its endpoints. None: the gateway runs in the leader's pod."""
     gateway_control_secret: Path | None = None
     """The secret the controller proves to those gateways."""
+    image_pull_secrets: tuple[str, ...] = ()
+    dns: tuple[str, tuple[tuple[str, str], ...]] = ("kube-system", (("k8s-app", "kube-dns"),))
+    """(namespace, labels) of the cluster DNS pods plugins may query."""
+    storage_class: str | None = None
+    network_policy_enforced: bool = False
 
     def lease(self) -> lease.Settings:
         return lease.Settings(
@@ -765,6 +770,12 @@ async def _backend(
                 controller_id=options.controller_id,
                 controller_namespace=k8s.controller_namespace,
                 namespaces=k8s.namespaces,
+                pods=kubernetes_manifests.PodOptions(
+                    image_pull_secrets=k8s.image_pull_secrets,
+                    dns=kubernetes_manifests.Dns(*k8s.dns),
+                    storage_class=k8s.storage_class,
+                ),
+                network_policy_enforced=k8s.network_policy_enforced,
             ),
             api,
         )

@@ -648,6 +648,7 @@ class _Pass:
             held_back=c.held_back,
             pinned=(str(c.spec.version), str(c.plugin.spec.version)) if c.pinned else None,
             violations=self.r.violations.current(c.key),
+            unenforced=self.s.runtime.capabilities().not_enforced,
         )
         return status.compute(c.old, c.status, c.finding, beside, c.generation, datetime.now(UTC))
 
@@ -733,7 +734,8 @@ class _Pass:
             log.warning("%s: moving the stable address failed: %s", c.key, e)
 
     async def start(self, want: base.InstanceSpec) -> None:
-        await self.s.runtime.start(want)
+        started = await self.s.runtime.start(want)
+        self.c.memory.crashes_counted[started.id] = 0  # each of its exits is a new one
         specs = self.r.specs
         if specs is not None:  # kept so that a swap away from it can be undone
             text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
@@ -756,6 +758,8 @@ class _Pass:
         if instance.color is c.status.active_color and c.status.swap is None:
             self.s.routes.clear_route(c.key)
         c.memory.handshaken.discard(instance.id)
+        c.memory.crashes_counted.pop(instance.id, None)
+        c.memory.waiting_said.pop(instance.name, None)
         c.memory.probe_delay.pop(instance.name, None)
         self.s.metrics.track(instance.name, None)
         await self.s.runtime.remove(instance.name)

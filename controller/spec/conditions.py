@@ -33,6 +33,9 @@ DEGRADED = "Degraded"
 STALLED = "Stalled"
 """True when the plugin cannot get anywhere until its spec changes (kstatus' Stalled)."""
 PINNED = "Pinned"
+UNENFORCED = "Unenforced"
+"""True while the runtime cannot enforce part of the spec (``resources.pids`` on
+Kubernetes, say): a warning, not a failure."""
 
 SWAP_REASONS = frozenset(
     {"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted", "CanaryPaused", "Analyzing"}
@@ -48,6 +51,7 @@ __all__ = [
     "READY",
     "STALLED",
     "SWAP_REASONS",
+    "UNENFORCED",
     "ConditionStatus",
     "EventType",
     "Finding",

@@ -153,6 +153,13 @@ class Memory:
 
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     """When it restarted crashed instances, within the restart window."""
+    crash_held: str | None = None
+    """The id of the instance stopped for a crash loop of its platform's restarts."""
+    waiting_said: dict[str, str] = field(default_factory=dict)
+    """Instance name -> the reason it waits to run that its event told (said once)."""
+    crashes_counted: dict[str, int] = field(default_factory=dict)
+    """Instance id -> how many of the exits its platform restarted it from are counted
+    (runtimes that restart crashed instances by themselves)."""
     probe_delay: dict[str, float] = field(default_factory=dict)
     """The next readiness probe's delay, per instance that is not Ready yet."""
     health_failures: int = 0

@@ -206,14 +206,25 @@ class Coordinator:
                 )
             await self._check_serving(old)
             if not await self._ready(progress, new):
-                waited = c.now - progress.started.timestamp()
+                delay = c.memory.next_probe(new.name)
+                if new.waiting and new.started_at is None:  # scheduling, pulling: not counted
+                    self._swapping(
+                        "SwapStarting",
+                        f"waiting for {new.name} to run: {new.waiting}"
+                        + (f" ({new.waiting_message})" if new.waiting_message else ""),
+                    )
+                    return delay
+                since = progress.started.timestamp()
+                if new.started_at is not None:
+                    since = max(since, new.started_at.timestamp())
                 deadline = c.spec.health.startup_deadline_seconds
-                if waited > deadline:
+                if c.now - since > deadline:
+                    waited = f" ({new.waiting}: {new.waiting_message})" if new.waiting else ""
                     raise SwapFailure(
                         "SwapFailedNotReady",
-                        f"{new.name} was not Ready within startupDeadlineSeconds ({deadline}s)",
+                        f"{new.name} was not Ready within startupDeadlineSeconds "
+                        f"({deadline}s){waited}",
                     )
-                delay = c.memory.next_probe(new.name)
                 self._swapping("SwapStarting", f"waiting for {new.name} to be Ready")
                 return delay
             c.instance_status(progress.to_color).ready = True

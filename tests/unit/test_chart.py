@@ -829,3 +829,27 @@ def test_the_dashboard_service_selects_the_leader_only(helm):
     assert service["spec"]["ports"][0]["targetPort"] == "dashboard"
     default = helm.render(*ci("default"))
     assert not [d for d in default if d["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_plugin_pod_options_reach_the_controllers_command_line(helm):
+    """plugins.*: image pull secrets, the DNS pods and NetworkPolicy enforcement, as flags
+    (the DNS ones only when they differ from the controller's own defaults)."""
+    values = [
+        "--set", "plugins.imagePullSecrets={registry-a,registry-b}",
+        "--set", "plugins.dns.namespace=openshift-dns",
+        "--set", "plugins.dns.podLabels.k8s-app=null",
+        "--set", "plugins.dns.podLabels.dns\\.operator\\.openshift\\.io/daemonset-dns=default",
+        "--set", "plugins.networkPolicyEnforced=true",
+        "--set", "plugins.storageClass=fast-ssd",
+    ]  # fmt: skip
+    (container,) = controller(helm.render(*ci("default"), *values))["spec"]["template"]["spec"][
+        "containers"
+    ]
+    args = container["args"]
+    assert args[args.index("--lease-name") + 2 :] == [
+        "--image-pull-secret", "registry-a", "--image-pull-secret", "registry-b",
+        "--dns-namespace", "openshift-dns",
+        "--dns-selector", "dns.operator.openshift.io/daemonset-dns=default",
+        "--storage-class", "fast-ssd",
+        "--network-policy-enforced",
+    ]  # fmt: skip

@@ -124,3 +124,12 @@ seccompProfile:
 {{- $_ := set $labels "app.kubernetes.io/component" "controller" -}}
 {{- toYaml (merge $labels (deepCopy .Values.podLabels)) -}}
 {{- end -}}
+
+{{/* The DNS pods' labels as --dns-selector takes them: key=value,... */}}
+{{- define "blackhole.dnsSelector" -}}
+{{- $terms := list -}}
+{{- range $key, $value := .Values.plugins.dns.podLabels -}}
+{{- $terms = append $terms (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $terms -}}
+{{- end -}}
