@@ -42,19 +42,6 @@ def openapi_schema() -> dict[str, Any]:
     }
     props["metadata"] = {"type": "object"}
     schema["required"] = [r for r in schema.get("required", []) if r not in {"apiVersion", "kind"}]
-    props["spec"]["x-kubernetes-validations"] = [
-        {
-            "rule": "has(self.bundle) || (has(self.image) && has(self.version))",
-            "message": "image and version are required unless bundle names a bundle",
-        }
-    ]
-    status = props["status"]["properties"]
-    status["conditions"].update(
-        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
-    )
-    status["instances"].update(
-        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["color"]}
-    )
     return schema
 
 
@@ -141,6 +128,12 @@ def definition() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                            "description": "Whether the plugin serves calls.",
+                        },
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Version", "type": "string", "jsonPath": ".spec.version"},
                         {
