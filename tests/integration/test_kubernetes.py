@@ -141,24 +141,45 @@ class Api:
         return _json(read(name, NAMESPACE, _preload_content=False))
 
 
+def _namespaces(client: k8s_client.ApiClient) -> None:
+    core = k8s_client.CoreV1Api(client)
+    for namespace in (NAMESPACE, SYSTEM):
+        body: Any = {"metadata": {"name": namespace}}
+        try:
+            core.create_namespace(body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
+
+def install_crd(client: k8s_client.ApiClient, path: Path = CRD) -> None:
+    """Create or replace the CRD from ``path``, as ``kubectl apply`` (or Helm) would."""
+    extensions = k8s_client.ApiextensionsV1Api(client)
+    body = yaml.safe_load(path.read_text())
+    try:
+        extensions.create_custom_resource_definition(body, _preload_content=False)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        name = body["metadata"]["name"]
+        current = _json(extensions.read_custom_resource_definition(name, _preload_content=False))
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        extensions.replace_custom_resource_definition(name, body, _preload_content=False)
+
+
 @pytest.fixture(params=["kmock", pytest.param("cluster", marks=pytest.mark.cluster)])
 def api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
     if request.param == "cluster":
         if not os.environ.get("KUBECONFIG"):
             pytest.fail("-m cluster needs KUBECONFIG naming a cluster (kind, k3d) to test against")
         with kubeapi.connect(os.environ["KUBECONFIG"]) as real:
-            core = k8s_client.CoreV1Api(real)
-            for namespace in (NAMESPACE, SYSTEM):
-                body: Any = {"metadata": {"name": namespace}}
-                try:
-                    core.create_namespace(body)
-                except ApiException as e:
-                    if e.status != 409:
-                        raise
+            _namespaces(real)
             yield Api(real, Path(os.environ["KUBECONFIG"]))
         return
     engine = get_engine(container.Engine.DOCKER)
     with kube.Cluster(engine.client, tmp_path) as cluster, cluster.api() as stand_in:
+        _namespaces(stand_in)
+        install_crd(stand_in)  # as the chart installs it
         yield Api(stand_in, cluster.kubeconfig(), cluster)
 
 
