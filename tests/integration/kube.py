@@ -44,6 +44,7 @@ import base64
 import copy
 import json
 import os
+import re
 import threading
 import traceback
 import urllib.error
@@ -640,12 +641,17 @@ def printer_columns(crd_path: Path) -> list[dict[str, Any]]:
 
 
 def json_path(obj: dict[str, Any], path: str) -> Any:
-    """The value at a simple ``.a.b`` JSON path (as the CRD's printer columns use)."""
+    """The value at a printer column's JSON path: ``.a.b``, with list filters such as
+    ``.a[?(@.type=="Ready")].b`` (the first item that matches)."""
     value: Any = obj
-    for part in path.strip(".").split("."):
-        if not isinstance(value, dict):
+    for part in re.findall(r"[^.\[]+|\[\?\(@\.[^)]*\)\]", path):
+        if part.startswith("[?"):
+            key, wanted = re.fullmatch(r'\[\?\(@\.(\w+)=="([^"]*)"\)\]', part).groups()  # type: ignore[union-attr]
+            value = next((i for i in value or [] if i.get(key) == wanted), None)
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
             return None
-        value = value.get(part)
     return value
 
 
