@@ -22,6 +22,8 @@ import yaml
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
+from tests.unit import test_chart
+
 from .conftest import TIME_SCALE, wait_for
 from .test_kubernetes import CRD, GROUP, NAMESPACE, PLURAL, VERSION, Api, _json, api, install_crd
 
@@ -192,20 +194,28 @@ def test_status_and_spec_are_written_each_through_its_own_endpoint(api: Api, fol
 
 @pytest.mark.parametrize("api", ["kmock"], indirect=True)  # on a cluster: prunes live Plugins
 @doc("upgrade")
-def test_a_field_added_by_a_newer_crd_is_kept_once_the_crd_is_replaced(
+def test_a_field_added_by_a_newer_charts_crd_survives_the_upgrade(
     api: Api, follows: str, tmp_path: Path
 ):
-    """A chart upgrade's CRD must reach the server: the old schema prunes the new field."""
-    old = yaml.safe_load(CRD.read_text())
-    spec_schema = old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    del spec_schema["properties"]["dependsOn"]
-    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
-    install_crd(api.client, tmp_path / "old.yaml")
+    """The chart's CRD as an older and the current chart version render it (`helm template`),
+    applied in turn as `helm upgrade` applies them: the old schema prunes the new field, the
+    new one keeps it."""
+    helm = test_chart.Helm(tmp_path / "helm")
+    old = test_chart.older_chart(tmp_path)
+    rendered = []
+    for chart in (old, test_chart.CHART):
+        result = helm("template", "bh", str(chart), *test_chart.ci("default"))
+        assert result.returncode == 0, result.stderr
+        documents = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+        rendered.append(test_chart.find(documents, "CustomResourceDefinition", test_chart.CRD_NAME))
+    for index, crd in enumerate(rendered):
+        (tmp_path / f"crd-{index}.yaml").write_text(yaml.safe_dump(crd))
+    install_crd(api.client, tmp_path / "crd-0.yaml")
     name = _name("upgrade")
     wanted = [{"name": "kv-store", "version": "^1"}]
     created = _create_plugin(api, _plugin(name, dependsOn=wanted))
     assert "dependsOn" not in created["spec"]  # pruned by the old schema
-    install_crd(api.client)
+    install_crd(api.client, tmp_path / "crd-1.yaml")
     api.objects.patch_namespaced_custom_object(
         GROUP, VERSION, NAMESPACE, PLURAL, name, {"spec": {"dependsOn": wanted}}
     )

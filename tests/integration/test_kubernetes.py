@@ -41,7 +41,7 @@ from .conftest import (
     wait_for,
 )
 
-CRD = Path(__file__).parents[2] / "charts" / "blackhole" / "crds" / "plugins.blackhole.dev.yaml"
+CRD = Path(__file__).parents[2] / "deploy" / "kubernetes" / "crd-plugins.blackhole.dev.yaml"
 NAMESPACE = "plugins"
 SYSTEM = "blackhole-system"
 GROUP, VERSION, PLURAL = "blackhole.dev", "v1alpha1", "plugins"

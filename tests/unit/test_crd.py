@@ -19,7 +19,7 @@ from controller.spec import crd, loader
 from tests import kubeschema
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART_CRD = ROOT / "charts" / "blackhole" / "crds" / "plugins.blackhole.dev.yaml"
+CHART_CRD = ROOT / "charts" / "blackhole" / "files" / "crds" / "plugins.blackhole.dev.yaml"
 PLAIN_CRD = ROOT / "deploy" / "kubernetes" / "crd-plugins.blackhole.dev.yaml"
 EXAMPLES = sorted((ROOT / "examples" / "plugins").glob("*.yaml"))
 
