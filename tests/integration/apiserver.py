@@ -32,9 +32,17 @@ documentation it follows. In short:
   immutable, carried over when an update leaves it out; ports' ``protocol`` and
   ``targetPort`` defaulted;
 - **Secrets**: ``stringData`` folded into base64 ``data``, ``type`` defaulted;
-- **garbage collection**: once an object is gone, its dependents (by
-  ``ownerReferences`` uid) are deleted in the background, unless it was deleted
-  with ``propagationPolicy: Orphan`` (then their references to it are removed);
+- **garbage collection**: an object none of whose owners exists (by
+  ``ownerReferences`` uid, in its own namespace or cluster-scoped: a reference
+  across namespaces counts as absent) is deleted in the background, after its
+  owner's deletion or its own write; an owner deleted with
+  ``propagationPolicy: Orphan`` has its dependents' references to it removed
+  instead; references must name apiVersion, kind, name and uid, at most one
+  with ``controller: true``;
+- **PersistentVolumeClaims**: ``spec`` immutable but for ``resources``, whose
+  storage request may not shrink (growing it is allowed, as with an expandable
+  StorageClass);
+- **Events**: ``involvedObject.namespace`` must be the Event's;
 - **label selectors** (equality-based and existence) on list and watch;
 - **watches** from a ``resourceVersion`` send what happened after it (none, or
   ``0``: the current objects as ``ADDED`` first), end after ``timeoutSeconds``,
@@ -68,6 +76,7 @@ import aiohttp.web
 import kmock
 from kmock._internal import parsing
 
+from controller.spec import quantity
 from tests import kubeschema
 
 DEPLOYMENTS = "apps/v1/deployments"
@@ -268,6 +277,24 @@ _kmock_parse_path = parsing.parse_path
 parsing.parse_path = _parse_path
 
 
+def owner_causes(references: Any) -> list[kubeschema.Cause]:
+    """What a real server says of ``metadata.ownerReferences``."""
+    causes = []
+    for ref in references or []:
+        for field in ("apiVersion", "kind", "name", "uid"):
+            if not ref.get(field):
+                where = f"metadata.ownerReferences.{field}"
+                causes.append(_cause(where, f'Invalid value: "": {field} must not be empty'))
+    if sum(1 for ref in references or [] if ref.get("controller")) > 1:
+        causes.append(
+            _cause(
+                "metadata.ownerReferences",
+                "Invalid value: only one reference can have Controller set to true",
+            )
+        )
+    return causes
+
+
 def _patched(obj: dict[str, Any], patch: Any) -> dict[str, Any]:
     from kmock._internal import dicts
 
@@ -448,6 +475,7 @@ class ApiServer(kmock.KubernetesEmulator):
         name = metadata.get("name")
         kind = self._kind(resource)
         causes = name_causes(plural, name) + label_causes(metadata.get("labels"))
+        causes += owner_causes(metadata.get("ownerReferences"))
         if causes:
             raise invalid(kind, resource.group or "", str(name), causes)
         if namespace is not None and self._get(kmock.resource(NAMESPACES), None, namespace) is None:
@@ -475,6 +503,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if self._has_status(resource):
             obj.pop("status", None)
         obj = self._admit(resource, obj, None)
+        if metadata.get("ownerReferences"):
+            self._collect_soon()  # an owner that is not there: the collector deletes it
         return self._put(resource, obj, "ADDED")
 
     def _update(self, request: Any) -> dict[str, Any]:
@@ -521,7 +551,9 @@ class ApiServer(kmock.KubernetesEmulator):
                 after["status"] = stored["status"]
             else:
                 after.pop("status", None)
-        causes = label_causes(metadata.get("labels"))
+        causes = label_causes(metadata.get("labels")) + owner_causes(
+            metadata.get("ownerReferences")
+        )
         if causes:
             raise invalid(kind, resource.group or "", request.name, causes)
         after = self._admit(resource, after, stored)
@@ -537,6 +569,8 @@ class ApiServer(kmock.KubernetesEmulator):
             self._put(resource, after, "DELETED")
             self._collect_soon()
             return after
+        if metadata.get("ownerReferences"):
+            self._collect_soon()
         return self._put(resource, after, "MODIFIED")
 
     def _delete(
@@ -578,6 +612,17 @@ class ApiServer(kmock.KubernetesEmulator):
             causes = self._deployment(obj, stored)
         elif plural == "services":
             causes = self._service(obj, stored)
+        elif plural == "persistentvolumeclaims" and stored is not None:
+            causes = self._claim(obj, stored)
+        elif plural == "events":
+            involved = (obj.get("involvedObject") or {}).get("namespace")
+            if involved not in (None, "", obj["metadata"].get("namespace")):
+                causes = [
+                    _cause(
+                        "involvedObject.namespace",
+                        f'Invalid value: "{involved}": does not match event.namespace',
+                    )
+                ]
         elif plural == "secrets":
             data = obj.setdefault("data", {}) or {}
             for key, value in (obj.pop("stringData", None) or {}).items():
@@ -621,6 +666,34 @@ class ApiServer(kmock.KubernetesEmulator):
         if stored is not None and stored["spec"].get("selector") != selector:
             causes.append(_cause("spec.selector", f"Invalid value: {selector}: field is immutable"))
         return causes
+
+    def _claim(self, obj: dict[str, Any], stored: dict[str, Any]) -> list[Any]:
+        """A claim's spec is immutable but for its requests, which may only grow."""
+        spec, old = obj.get("spec") or {}, stored.get("spec") or {}
+        if {k: v for k, v in spec.items() if k != "resources"} != {
+            k: v for k, v in old.items() if k != "resources"
+        }:
+            return [
+                _cause(
+                    "spec",
+                    "Forbidden: spec is immutable after creation except "
+                    "resources.requests and volumeAttributesClassName for bound claims",
+                )
+            ]
+        size = ((spec.get("resources") or {}).get("requests") or {}).get("storage")
+        before = ((old.get("resources") or {}).get("requests") or {}).get("storage")
+        if (
+            size
+            and before
+            and quantity.Quantity(size).as_int() < quantity.Quantity(before).as_int()
+        ):
+            return [
+                _cause(
+                    "spec.resources.requests.storage",
+                    f"Forbidden: field can not be less than previous value ({before})",
+                )
+            ]
+        return []
 
     def _service(self, obj: dict[str, Any], stored: dict[str, Any] | None) -> list[Any]:
         spec = obj.setdefault("spec", {})
@@ -674,12 +747,17 @@ class ApiServer(kmock.KubernetesEmulator):
         await asyncio.sleep(0)
         while True:
             async with self._writes:
-                uids = {o["metadata"].get("uid") for o in self._everything().values()}
+                everything = self._everything()
+                # An owner is found by uid, in the dependent's namespace or cluster-scoped:
+                # a reference across namespaces counts as absent.
+                owners = {(ns, o["metadata"].get("uid")) for (_, ns, _), o in everything.items()}
                 orphans = [
                     (resource, obj)
-                    for (resource, _, _), obj in self._everything().items()
+                    for (resource, ns, _), obj in everything.items()
                     if (refs := obj["metadata"].get("ownerReferences"))
-                    and not any(r.get("uid") in uids for r in refs)
+                    and not any(
+                        (ns, r.get("uid")) in owners or (None, r.get("uid")) in owners for r in refs
+                    )
                     and not obj["metadata"].get("deletionTimestamp")
                 ]
                 for resource, obj in orphans:

@@ -46,6 +46,9 @@ DOCS = {
     "namespaces": "https://kubernetes.io/docs/concepts/overview/working-with-objects/namespaces/",
     "gc": "https://kubernetes.io/docs/concepts/architecture/garbage-collection/#background-deletion",
     "orphan": "https://kubernetes.io/docs/concepts/architecture/garbage-collection/#orphaned-dependents",
+    "owners": "https://kubernetes.io/docs/concepts/overview/working-with-objects/owners-dependents/#owner-references-in-object-specifications",
+    "claims": "https://kubernetes.io/docs/concepts/storage/persistent-volumes/#expanding-persistent-volumes-claims",
+    "events": "https://kubernetes.io/docs/reference/kubernetes-api/cluster-resources/event-v1/",
     "finalizers": "https://kubernetes.io/docs/concepts/overview/working-with-objects/finalizers/",
     "selector": "https://kubernetes.io/docs/concepts/workloads/controllers/deployment/#selector",
     "cluster-ip": "https://kubernetes.io/docs/reference/networking/virtual-ips/#ip-address-assignment",
@@ -478,3 +481,71 @@ def test_a_watch_from_a_compacted_version_is_gone(api: Api, follows: str):
         api, resource_version=listing["metadata"]["resourceVersion"], timeout_seconds=5
     )
     assert [e["object"].get("code") for e in events if e["type"] == "ERROR"] == [410]
+
+
+@doc("owners")
+def test_an_owner_in_another_namespace_counts_as_absent(api: Api, follows: str):
+    from .test_kubernetes import SYSTEM
+
+    owner = _json(
+        api.core.create_namespaced_secret(SYSTEM, _secret(_name("far")), _preload_content=False)
+    )
+    ref = {"apiVersion": "v1", "kind": "Secret", "name": owner["metadata"]["name"],
+           "uid": owner["metadata"]["uid"]}  # fmt: skip
+    child = _name("near")
+    api.core.create_namespaced_secret(NAMESPACE, _secret(child, ownerReferences=[ref]))
+    wait_for(lambda: child not in _secret_names(api), timeout=60 * TIME_SCALE)
+    api.core.delete_namespaced_secret(owner["metadata"]["name"], SYSTEM)
+
+
+@doc("owners")
+def test_owner_references_name_their_owner_and_one_controller(api: Api, follows: str):
+    ref = {"apiVersion": "v1", "kind": "Secret", "name": "o", "uid": ""}
+    error = _refused(
+        api.core.create_namespaced_secret, NAMESPACE, _secret(_name("r"), ownerReferences=[ref])
+    )
+    assert _causes(error) == ["metadata.ownerReferences.uid"]
+    refs = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "name": n,
+            "uid": str(uuid.uuid4()),
+            "controller": True,
+        }
+        for n in ("a", "b")
+    ]
+    error = _refused(
+        api.core.create_namespaced_secret, NAMESPACE, _secret(_name("r"), ownerReferences=refs)
+    )
+    assert _causes(error) == ["metadata.ownerReferences"]
+
+
+@doc("claims")
+def test_a_claims_spec_is_immutable_but_for_a_larger_request(api: Api, follows: str):
+    name = _name("pvc")
+    body = _body(
+        {"name": name},
+        {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    )
+    api.core.create_namespaced_persistent_volume_claim(NAMESPACE, body)
+    change = {"spec": {"accessModes": ["ReadWriteMany"]}}
+    error = _refused(api.core.patch_namespaced_persistent_volume_claim, name, NAMESPACE, change)
+    assert _causes(error) == ["spec"]
+    smaller = {"spec": {"resources": {"requests": {"storage": "512Mi"}}}}
+    error = _refused(api.core.patch_namespaced_persistent_volume_claim, name, NAMESPACE, smaller)
+    assert _causes(error) == ["spec.resources.requests.storage"]
+    api.core.delete_namespaced_persistent_volume_claim(name, NAMESPACE)
+
+
+@doc("events")
+def test_an_events_object_is_in_its_own_namespace(api: Api, follows: str):
+    event: Any = {
+        "metadata": {"name": _name("ev")},
+        "involvedObject": {"kind": "Secret", "name": "s", "namespace": "elsewhere"},
+        "reason": "Test",
+        "message": "m",
+        "type": "Normal",
+    }
+    error = _refused(api.core.create_namespaced_event, NAMESPACE, event)
+    assert _causes(error) == ["involvedObject.namespace"]
