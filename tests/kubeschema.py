@@ -76,6 +76,36 @@ def prune(schema: dict[str, Any], value: Any, *, root: bool = True) -> Any:
     return value
 
 
+def pruned_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """The paths of the fields :func:`prune` drops from ``value``."""
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+            return []
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        found = []
+        for key, sub in value.items():
+            where = f"{path}.{key}" if path else key
+            if not path and key == "metadata":
+                continue
+            if props is not None and key in props:
+                if sub is None and not props[key].get("nullable"):
+                    continue  # a null is dropped as a removal, not a loss
+                found += pruned_fields(props[key], sub, where)
+            elif isinstance(extra, dict):
+                found += pruned_fields(extra, sub, f"{path}[{key}]")
+            elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                found.append(where)
+        return found
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [
+            p
+            for i, item in enumerate(value)
+            for p in pruned_fields(schema["items"], item, f"{path}[{i}]")
+        ]
+    return []
+
+
 def default(schema: dict[str, Any], value: Any) -> Any:
     """``value`` with the schema's defaults filled in where objects lack a field."""
     if isinstance(value, dict):

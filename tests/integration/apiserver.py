@@ -302,6 +302,17 @@ def _patched(obj: dict[str, Any], patch: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A request the server refused (4xx), for tests to check who was refused what."""
+
+    agent: str
+    method: str
+    path: str
+    status: int
+    message: str
+
+
+@dataclass(frozen=True)
 class _Event:
     version: int
     resource: Any
@@ -329,6 +340,10 @@ class ApiServer(kmock.KubernetesEmulator):
         self._changed = asyncio.Condition()
         self._addresses = (str(a) for a in itertools.islice(SERVICE_RANGE.hosts(), 10, None))
         self._collector: asyncio.Task[None] | None = None
+        self.refused: list[Refusal] = []
+        self.pruned: list[tuple[str, str, list[str]]] = []
+        """(User-Agent, object, fields) of every write the schema pruned fields from."""
+        self._agent = ""
         resources: Any = self.resources
         for resource in RESOURCES:
             resources[resource] = {}
@@ -431,6 +446,18 @@ class ApiServer(kmock.KubernetesEmulator):
     # Requests.
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        self._agent = str(request.headers.get("User-Agent", ""))
+        try:
+            return await self._answer(request)
+        except kmock.KubernetesError as e:
+            agent = str(request.headers.get("User-Agent", ""))
+            refusal = Refusal(
+                agent, str(request.method), str(request.url.path), e.status, e.message or ""
+            )
+            self.refused.append(refusal)
+            raise
+
+    async def _answer(self, request: Any) -> aiohttp.web.StreamResponse:
         if request.resource is None:
             return await super()._handle(request)
         self._require_served(request.resource, request.name)
@@ -607,6 +634,8 @@ class ApiServer(kmock.KubernetesEmulator):
             version = self._version_of(crd, resource) or {}
             schema = (version.get("schema") or {}).get("openAPIV3Schema")
             if schema is not None:
+                if dropped := kubeschema.pruned_fields(schema, obj):
+                    self.pruned.append((self._agent, f"{resource.plural}/{name}", dropped))
                 obj, causes = kubeschema.admit(schema, obj)
         elif plural == "deployments":
             causes = self._deployment(obj, stored)

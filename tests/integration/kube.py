@@ -2,24 +2,9 @@
 
 No API server can run on this machine, so the controller's Kubernetes code
 talks to ``kmock`` (a maintained HTTP emulator of the API) over real HTTP,
-with the official client. kmock lacks some semantics the controller relies
-on; :class:`ApiServer` adds the smallest faithful version of each:
-
-- **object identity and versions**: ``uid``, ``creationTimestamp``,
-  ``generation`` (bumped when ``spec`` changes, not by status writes) and a
-  cluster-wide ``resourceVersion`` bumped on every write;
-- **optimistic concurrency**: a write that carries a stale
-  ``metadata.resourceVersion`` gets ``409 Conflict`` (merge patches and PUT);
-- **PUT** (replace), which kmock does not route;
-- **label selectors** (equality-based, as the controller uses them) on list
-  and watch;
-- Secrets' ``stringData`` folded into base64 ``data``.
-
-It does NOT do: server-side apply, field validation against the CRD schema,
-garbage collection through ownerReferences, NetworkPolicy enforcement,
-Events' aggregation, or Table output for kubectl's printer columns. Tests
-check what those would act on (the ownerReferences, the NetworkPolicy
-objects validated offline, the printer columns' JSON paths), not their effect.
+with the official client, made to behave as a real API server in what the
+controller relies on by :class:`ApiServer` (``apiserver.py``: its docstring
+lists what it does and does not do, ``test_kube_conformance.py`` checks each).
 
 :class:`Kubelet` stands in for the controller manager and kubelet: for each
 Deployment it keeps ``spec.replicas`` Pod objects and runs each pod's

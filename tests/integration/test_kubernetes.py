@@ -269,6 +269,16 @@ def controllers(api: Api, tmp_path: Path) -> Iterator[list[KubeController]]:
     yield started
     for c in started:
         c.stop()
+    if api.cluster is not None and api.cluster.server is not None:
+        # A real server would have refused these: the controller must send none.
+        invalid = [
+            r
+            for r in api.cluster.server.refused
+            if r.agent.startswith("blackhole-controller/") and r.status in (400, 422)
+        ]
+        assert invalid == [], "the API server refused the controller's writes"
+        lost = [p for p in api.cluster.server.pruned if p[0].startswith("blackhole-controller/")]
+        assert lost == [], "the CRD's schema dropped fields the controller wrote"
 
 
 def _spec(version: str = "1.0.0", **more: Any) -> dict[str, Any]:

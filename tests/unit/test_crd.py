@@ -290,3 +290,25 @@ def test_the_ready_column_reads_the_ready_condition():
     (version,) = crd.definition()["spec"]["versions"]
     (ready,) = [c for c in version["additionalPrinterColumns"] if c["name"] == "Ready"]
     assert ready["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
+
+
+def test_the_schema_is_applied_as_a_server_applies_it():
+    """Pruning, then defaults, then validation: unknown fields and nulls go, missing fields of
+    objects that are there get their defaults, and duplicates in list types are refused."""
+    document = _with("spec.restart", {"maxRestarts": 2, "shade": "red", "backoffSeconds": None})
+    document["spec"]["colour"] = "red"
+    stored, causes = kubeschema.admit(crd.openapi_schema(), document)
+    assert causes == []
+    assert "colour" not in stored["spec"]
+    assert stored["spec"]["restart"] == {
+        "maxRestarts": 2,
+        "windowSeconds": 300,
+        "backoffSeconds": 1.0,
+        "maxBackoffSeconds": 60.0,
+    }
+    assert kubeschema.pruned_fields(crd.openapi_schema(), document) == [
+        "spec.restart.shade",
+        "spec.colour",
+    ]
+    _, causes = kubeschema.admit(crd.openapi_schema(), _with("spec.provides", ["a.b", "a.b"]))
+    assert [(c.field, c.reason) for c in causes] == [("spec.provides[1]", "FieldValueDuplicate")]
