@@ -17,6 +17,7 @@ import yaml
 from controller.errors import SpecError
 from controller.spec import crd, loader
 from tests import kubeschema
+from tests.integration import apiserver
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_CRD = ROOT / "charts" / "blackhole" / "files" / "crds" / "plugins.blackhole.dev.yaml"
@@ -227,10 +228,24 @@ CROSS_FIELD = [
 ]
 
 
+LOOSER = [
+    ("spec.env", {"BlackHole_TOKEN": "x"}, True),
+    ("metadata.name", "a.b", True),
+]
+"""What the models refuse and the CRD lets through, knowingly (the controller then reports
+InvalidSpec): rules a server's CEL cost estimator could not bound."""
+
+
+def _server_causes(document: dict[str, Any]) -> list[Any]:
+    """What a server says of ``document``: its name (``apiserver``) and the CRD's schema."""
+    _, causes = kubeschema.admit(crd.openapi_schema(), document)
+    return apiserver.name_causes(crd.PLURAL, document["metadata"]["name"]) + causes
+
+
 @pytest.mark.parametrize(("path", "value", "refused"), CROSS_FIELD, ids=lambda v: str(v)[:40])
 def test_the_crds_rules_refuse_what_the_models_refuse(path, value, refused):
     document = _with(path, value)
-    _, causes = kubeschema.admit(crd.openapi_schema(), document)
+    causes = _server_causes(document)
     try:
         loader.load_text(yaml.safe_dump(document))
         model_refused = False
@@ -238,6 +253,14 @@ def test_the_crds_rules_refuse_what_the_models_refuse(path, value, refused):
         model_refused = True
     assert model_refused is refused, f"the models {'accepted' if refused else 'refused'} it"
     assert bool(causes) is refused, f"the CRD {'accepted' if refused else 'refused'} it: {causes}"
+
+
+@pytest.mark.parametrize(("path", "value", "refused"), LOOSER, ids=lambda v: str(v)[:40])
+def test_what_the_crd_knowingly_lets_through_the_models_refuse(path, value, refused):
+    document = _with(path, value)
+    assert _server_causes(document) == []
+    with pytest.raises(SpecError):
+        loader.load_text(yaml.safe_dump(document))
 
 
 def test_every_cel_rule_compiles_and_says_why():
