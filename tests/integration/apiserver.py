@@ -446,7 +446,6 @@ class ApiServer(kmock.KubernetesEmulator):
     # Requests.
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
-        self._agent = str(request.headers.get("User-Agent", ""))
         try:
             return await self._answer(request)
         except kmock.KubernetesError as e:
@@ -464,6 +463,7 @@ class ApiServer(kmock.KubernetesEmulator):
         if request.method == "GET":
             return await super()._handle(request)
         async with self._writes:
+            self._agent = str(request.headers.get("User-Agent", ""))
             if request.method == "POST":
                 body = self._create(request)
             elif request.method == "DELETE" and request.name:
