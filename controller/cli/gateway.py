@@ -33,6 +33,7 @@ from controller.cli import locks
 from controller.errors import ControllerError
 from controller.gateway import auth, connections, control, router
 from controller.gateway import server as gateway_server
+from controller.gateway import tls as gateway_tls
 from controller.metrics import exposition, telemetry
 from controller.protocol import client
 
@@ -68,6 +69,8 @@ class GatewayOptions:
     """Also take controllers on TCP, HOST:PORT (Kubernetes: the controller is another pod)."""
     control_secret: Path | None = None
     """The secret a controller proves on ``control_address``."""
+    tls: tuple[Path, Path, Path | None] | None = None
+    """The listeners' certificate, key and client CA (None: plaintext)."""
 
     def arguments(self) -> list[str]:
         """This, as ``bhctl gateway`` options."""
@@ -87,6 +90,11 @@ class GatewayOptions:
             args += ["--control-addr", self.control_address]
         if self.control_secret is not None:
             args += ["--control-secret", str(self.control_secret)]
+        if self.tls is not None:
+            cert, key, client_ca = self.tls
+            args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            if client_ca is not None:
+                args += ["--tls-client-ca", str(client_ca)]
         return args
 
 
@@ -118,8 +126,12 @@ def _lock(data_dir: Path) -> contextlib.AbstractContextManager[None]:
     )
 
 
-async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
-    """Run the gateway until SIGTERM/SIGINT."""
+async def serve(
+    options: GatewayOptions,
+    tokens: auth.Tokens | None,
+    listener_tls: gateway_tls.ListenerTLS | None = None,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT (``listener_tls``: HTTPS and gRPC over TLS)."""
     secret = None
     if options.control_address:
         if options.control_secret is None:
@@ -146,6 +158,7 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             limits=options.limits,
             ready=controls.ready,
             ready_timeout=options.ready_timeout,
+            tls=listener_tls,
         )
         own_metrics = exposition.MetricsServer(metrics.registry)
         try:

@@ -216,6 +216,21 @@ def run_controller(
         help="YAML file of bearer tokens and the plugins each may call (mode 0600). "
         "Without it the gateway listens on loopback only and asks for no token.",
     ),
+    gateway_tls_cert: Path | None = typer.Option(
+        None,
+        "--gateway-tls-cert",
+        help="PEM certificate (chain) the gateway serves HTTPS and gRPC over TLS with; "
+        "needs --gateway-tls-key.",
+    ),
+    gateway_tls_key: Path | None = typer.Option(
+        None, "--gateway-tls-key", help="PEM private key of --gateway-tls-cert (mode 0600)."
+    ),
+    gateway_tls_client_ca: Path | None = typer.Option(
+        None,
+        "--gateway-tls-client-ca",
+        help="PEM CA the gateway requires callers' client certificates from; a caller "
+        "without a token is the --gateway-tokens entry that lists its certificate.",
+    ),
     gateway_header_timeout: float = typer.Option(
         10.0,
         "--gateway-header-timeout",
@@ -308,6 +323,11 @@ def run_controller(
         help="File of the secret (mode 0600, 16 bytes or more) that signs the swaps' "
         "webhooks (HMAC-SHA256); without it they are sent unsigned.",
     ),
+    prometheus_url: str | None = typer.Option(
+        None,
+        "--prometheus-url",
+        help="The Prometheus (http(s)://HOST:PORT) that swaps' Prometheus analyses query.",
+    ),
     ca_cert: Path | None = typer.Option(
         None,
         "--ca-cert",
@@ -384,6 +404,9 @@ def run_controller(
             raise typer.BadParameter(str(e), param_hint="--lease-seconds") from None
     if (ca_cert is None) != (ca_key is None):
         raise typer.BadParameter("give both --ca-cert and --ca-key", param_hint="--ca-cert")
+    listener_files = _tls_files(
+        gateway_tls_cert, gateway_tls_key, gateway_tls_client_ca, "--gateway-tls"
+    )
     logs.configure(log_format, log_level)
     options = run.Options(
         specs=specs,
@@ -397,6 +420,7 @@ def run_controller(
         gateway_address=gateway_addr,
         gateway_grpc_address=gateway_grpc_addr or None,
         gateway_tokens=gateway_tokens,
+        gateway_tls=listener_files,
         gateway_limits=connections.Limits(
             header_timeout=gateway_header_timeout,
             idle_timeout=gateway_idle_timeout,
@@ -414,6 +438,7 @@ def run_controller(
         kubernetes=kubernetes,
         plugins_dir=plugins_dir,
         webhook_secret=webhook_secret,
+        prometheus_url=prometheus_url,
         ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
         trust_dir=trust_dir,
         policy=policy,
@@ -428,6 +453,24 @@ def run_controller(
         output.fail(str(e))
 
 
+def _tls_files(
+    cert: Path | None, key: Path | None, client_ca: Path | None, prefix: str
+) -> tuple[Path, Path, Path | None] | None:
+    """The listeners' TLS files, given together (checked when the gateway starts)."""
+    if (cert is None) != (key is None):
+        raise typer.BadParameter(
+            f"give both {prefix}-cert and {prefix}-key", param_hint=f"{prefix}-cert"
+        )
+    if cert is None or key is None:
+        if client_ca is not None:
+            raise typer.BadParameter(
+                f"{prefix}-client-ca needs {prefix}-cert and {prefix}-key",
+                param_hint=f"{prefix}-client-ca",
+            )
+        return None
+    return cert, key, client_ca
+
+
 @app.command("gateway")
 def run_gateway(
     data_dir: Path | None = flags.DATA_DIR,
@@ -439,6 +482,17 @@ def run_gateway(
         None,
         "--tokens",
         help="YAML file of bearer tokens (mode 0600); without it, loopback addresses only.",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate (chain): serve HTTPS and gRPC over TLS."
+    ),
+    tls_key: Path | None = typer.Option(
+        None, "--tls-key", help="PEM private key of --tls-cert (mode 0600)."
+    ),
+    tls_client_ca: Path | None = typer.Option(
+        None,
+        "--tls-client-ca",
+        help="PEM CA callers' client certificates must come from (see --tokens).",
     ),
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001),
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", min=0.001),
@@ -477,7 +531,7 @@ def run_gateway(
     """Run the gateway in the foreground until SIGTERM; bhctl run sends it its routes."""
     from controller.cli import gateway, logs, run
     from controller.errors import ControllerError
-    from controller.gateway import connections
+    from controller.gateway import connections, tls
 
     directory = data_dir or run.default_data_dir()
     if stop:
@@ -488,6 +542,7 @@ def run_gateway(
         output.out.print(json.dumps(gateway.status(directory), indent=2))
         return
     logs.configure(log_format, log_level)
+    listener_files = _tls_files(tls_cert, tls_key, tls_client_ca, "--tls")
     limits = connections.Limits(
         header_timeout=header_timeout, idle_timeout=idle_timeout, max_connections=max_connections
     )
@@ -502,9 +557,11 @@ def run_gateway(
         gateway_address=addr,
         gateway_grpc_address=grpc_addr or None,
         gateway_tokens=tokens,
+        gateway_tls=listener_files,
     )
     try:
         found = run.gateway_tokens(options)
+        listener_tls = run.gateway_tls(options, tls.GATEWAY_FLAGS)
         run.own_data_dir(directory)
         limits = run.fit_gateway_limits(limits, run.open_files_limit())
         settings = gateway.GatewayOptions(
@@ -517,9 +574,10 @@ def run_gateway(
             ready_timeout=ready_timeout,
             control_address=control_addr or None,
             control_secret=control_secret,
+            tls=listener_files,
         )
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
-            runner.run(gateway.serve(settings, found))
+            runner.run(gateway.serve(settings, found, listener_tls))
     except ControllerError as e:
         output.fail(str(e))
 

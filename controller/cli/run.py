@@ -43,6 +43,7 @@ from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
 from controller.gateway import control as control_protocol
 from controller.gateway import server as gateway_server
+from controller.gateway import tls as gateway_tls_files
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
@@ -54,7 +55,7 @@ from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
 from controller.spec.keys import split_key
 from controller.state import snapshots
-from controller.swap import webhooks
+from controller.swap import analysis, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Options:
     gateway_address: str = "127.0.0.1:8080"
     gateway_grpc_address: str | None = "127.0.0.1:8081"
     gateway_tokens: Path | None = None
+    gateway_tls: tuple[Path, Path, Path | None] | None = None
+    """The listeners' certificate, key and client CA (None: plaintext)."""
     gateway_limits: connections.Limits = field(default_factory=connections.Limits)
     """Time and number bounds of the gateway's connections."""
     metrics_address: str | None = "127.0.0.1:9100"
@@ -127,6 +130,8 @@ class Options:
     """Bundles installed into the registry at start."""
     webhook_secret: Path | None = None
     """The secret that signs the swaps' webhooks."""
+    prometheus_url: str | None = None
+    """The Prometheus that the swaps' Prometheus analyses query."""
     ca: tuple[Path, Path] | None = None
     """An operator's CA (certificate, key); default the controller's own in the data dir."""
     trust_dir: Path | None = None
@@ -150,6 +155,7 @@ class Options:
             tokens=self.gateway_tokens,
             limits=self.gateway_limits,
             ready_timeout=self.gateway_ready_timeout,
+            tls=self.gateway_tls,
         )
 
     @property
@@ -331,6 +337,21 @@ def gateway_tokens(options: Options) -> auth.Tokens | None:
     return None
 
 
+def gateway_tls(
+    options: Options, flags: gateway_tls_files.Flags = gateway_tls_files.RUN_FLAGS
+) -> gateway_tls_files.ListenerTLS | None:
+    """The listeners' TLS files, checked (None: plaintext listeners)."""
+    if options.gateway_tls is None:
+        return None
+    cert, key, client_ca = options.gateway_tls
+    if client_ca is not None and options.gateway_tokens is None:
+        raise GatewayConfigError(
+            f"{flags.client_ca} names callers by their certificates in the tokens file's "
+            "entries: give the tokens file too"
+        )
+    return gateway_tls_files.ListenerTLS.load(cert, key, client_ca, flags)
+
+
 def _loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -473,6 +494,7 @@ async def serve(options: Options) -> None:
     """Run the controller until SIGTERM/SIGINT (or, on Kubernetes, until it stops leading)."""
     map_large_buffers()
     tokens = gateway_tokens(options)
+    gateway_tls(options)  # its files refused before anything starts, in every mode
     if options.webhook_secret is not None:
         webhooks.read_secret(options.webhook_secret)  # refused before anything starts
     limits = fit_gateway_limits(options.gateway_limits, open_files_limit())
@@ -572,6 +594,7 @@ async def _lead(
         webhooks=webhooks.Sender(
             webhooks.read_secret(options.webhook_secret) if options.webhook_secret else None
         ),
+        prometheus=analysis.Prometheus(options.prometheus_url),
     )
     down = Down(stop) if options.kubernetes is None else None
     admin = server.AdminServer(
@@ -740,7 +763,12 @@ def _data_plane(
     else:
         plane.routes = routes = router.Router(metrics)
         plane.gateway = gateway_server.Gateway(
-            _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
+            _lookup(source),
+            routes,
+            plugins,
+            tokens=tokens,
+            limits=options.gateway_limits,
+            tls=gateway_tls(options),
         )
 
 

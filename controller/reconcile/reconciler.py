@@ -52,7 +52,7 @@ from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey, split_key
 from controller.state import snapshots as snapshots_module
-from controller.swap import context, coordinator, transfer
+from controller.swap import analysis, context, coordinator, transfer
 from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,13 @@ class Reconciler:
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
         webhooks: webhooks_module.Sender | None = None,
+        prometheus: analysis.Prometheus | None = None,
     ) -> None:
         self.source = source
         self.webhooks = webhooks or webhooks_module.Sender()
         """Sends the swaps' webhooks (unsigned unless given a secret)."""
+        self.prometheus = prometheus or analysis.Prometheus(None)
+        """Where the swaps' Prometheus analyses query."""
         self.requests: requests_module.Requests = requests or requests_module.MemoryRequests()
         """Operators' requests, each carried out and answered by a pass of its plugin."""
         self._answered: dict[int, asyncio.Event] = {}
@@ -181,7 +184,13 @@ class Reconciler:
     def services(self) -> context.Services:
         """What every pass works with."""
         return context.Services(
-            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics, self.webhooks
+            self.runtime,
+            self.plugins,
+            self.routes,
+            self.snapshots,
+            self.metrics,
+            self.webhooks,
+            self.prometheus,
         )
 
     def check_may_act(self) -> None:
@@ -598,7 +607,7 @@ class _Pass:
             current is not None
             and current.spec_hash != c.want_for(c.color).spec_hash
             and current.state is base.InstanceState.RUNNING
-            and c.spec.hot_swap.strategy == "BlueGreen"
+            and c.spec.hot_swap.strategy != "Recreate"
             and c.instance_status(current.color).ready
             and not self._swap_refused(current)
         )

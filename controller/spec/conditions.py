@@ -34,7 +34,9 @@ STALLED = "Stalled"
 """True when the plugin cannot get anywhere until its spec changes (kstatus' Stalled)."""
 PINNED = "Pinned"
 
-SWAP_REASONS = frozenset({"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted"})
+SWAP_REASONS = frozenset(
+    {"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted", "CanaryPaused", "Analyzing"}
+)
 """The reasons of ``Progressing`` while a swap is under way."""
 
 ConditionStatus = Literal["True", "False", "Unknown"]
