@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import copy
 import datetime
@@ -357,10 +358,17 @@ class ApiServer(kmock.KubernetesEmulator):
         return str(self._version)
 
     def _get(self, resource: Any, namespace: str | None, name: str | None) -> dict[str, Any] | None:
+        found = self._peek(resource, namespace, name)
+        return copy.deepcopy(found) if found is not None else None
+
+    def _peek(
+        self, resource: Any, namespace: str | None, name: str | None
+    ) -> dict[str, Any] | None:
+        """The stored object itself, not to be changed (:meth:`_get` gives a copy)."""
         key: Any = (resource, namespace, name)
         if key not in self.objects or self.objects[key].deleted:
             return None
-        return copy.deepcopy(dict(self.objects[key].raw))
+        return dict(self.objects[key].raw)
 
     def _put(self, resource: Any, obj: dict[str, Any], kind: str) -> dict[str, Any]:
         """Store ``obj`` at a new resourceVersion (or remove it: DELETED) and record the event."""
@@ -376,8 +384,9 @@ class ApiServer(kmock.KubernetesEmulator):
         self._history.append(
             _Event(self._version, resource, metadata.get("namespace"), kind, copy.deepcopy(obj))
         )
-        if len(self._history) > HISTORY:
-            self._compacted = self._history.pop(0).version
+        if len(self._history) > 2 * HISTORY:
+            self._compacted = self._history[-HISTORY - 1].version
+            del self._history[:-HISTORY]
         self._notify()
         return obj
 
@@ -415,7 +424,7 @@ class ApiServer(kmock.KubernetesEmulator):
         ):
             return None
         name = f"{resource.plural}.{resource.group}"
-        return self._get(kmock.resource(CRDS), None, name) or {"missing": name}
+        return self._peek(kmock.resource(CRDS), None, name) or {"missing": name}
 
     def _version_of(self, crd: dict[str, Any], resource: Any) -> dict[str, Any] | None:
         for version in crd["spec"]["versions"]:
@@ -760,7 +769,11 @@ class ApiServer(kmock.KubernetesEmulator):
                 ]
             spec["clusterIPs"] = [spec["clusterIP"]]
         else:
-            taken = {(s.get("spec") or {}).get("clusterIP") for s in self.live(SERVICES)}
+            taken = {
+                (dict(o.raw).get("spec") or {}).get("clusterIP")
+                for key, o in list(self.objects.items())
+                if key[0] == kmock.resource(SERVICES) and not o.deleted
+            }
             address = next(a for a in self._addresses if a not in taken)
             spec["clusterIP"], spec["clusterIPs"] = address, [address]
         return []
@@ -776,7 +789,7 @@ class ApiServer(kmock.KubernetesEmulator):
         await asyncio.sleep(0)
         while True:
             async with self._writes:
-                everything = self._everything()
+                everything = self._view()
                 # An owner is found by uid, in the dependent's namespace or cluster-scoped:
                 # a reference across namespaces counts as absent.
                 owners = {(ns, o["metadata"].get("uid")) for (_, ns, _), o in everything.items()}
@@ -798,17 +811,25 @@ class ApiServer(kmock.KubernetesEmulator):
                 return
 
     def _orphan(self, uid: str) -> None:
-        for (resource, _, _), obj in self._everything().items():
-            refs = obj["metadata"].get("ownerReferences") or []
+        for (resource, _, _), viewed in self._view().items():
+            refs = viewed["metadata"].get("ownerReferences") or []
             if any(r.get("uid") == uid for r in refs):
+                obj = copy.deepcopy(viewed)
                 obj["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
                 self._put(resource, obj, "MODIFIED")
 
-    def _everything(self) -> dict[tuple[Any, str | None, str], dict[str, Any]]:
+    def _view(self) -> dict[tuple[Any, str | None, str], dict[str, Any]]:
+        """The stored objects themselves, to read only."""
+        return {key: dict(obj.raw) for key, obj in list(self.objects.items()) if not obj.deleted}
+
+    def _everything(
+        self, resource: Any = None
+    ) -> dict[tuple[Any, str | None, str], dict[str, Any]]:
+        """Copies of the stored objects (of ``resource``, or all)."""
         return {
             key: copy.deepcopy(dict(obj.raw))
             for key, obj in list(self.objects.items())
-            if not obj.deleted
+            if not obj.deleted and (resource is None or key[0] == resource)
         }
 
     # Reads.
@@ -836,8 +857,8 @@ class ApiServer(kmock.KubernetesEmulator):
 
         if given == "0":
             cursor = self._version
-            for (res, ns, _), obj in self._everything().items():
-                if res == resource and wanted(obj, ns):
+            for (_, ns, _), obj in self._everything(resource).items():
+                if wanted(obj, ns):
                     yield {"type": "ADDED", "object": obj}
         else:
             cursor = int(given)
@@ -846,7 +867,8 @@ class ApiServer(kmock.KubernetesEmulator):
                 return
         next_bookmark = loop.time() + self.bookmark_seconds
         while True:
-            for event in [e for e in self._history if e.version > cursor]:
+            start = bisect.bisect_right(self._history, cursor, key=lambda e: e.version)
+            for event in self._history[start:]:
                 cursor = event.version
                 if event.resource == resource and wanted(event.object, event.namespace):
                     yield {"type": event.type, "object": event.object}
@@ -914,8 +936,7 @@ class ApiServer(kmock.KubernetesEmulator):
         self._notify()
 
     def live(self, resource: str) -> list[dict[str, Any]]:
-        ref = kmock.resource(resource)
-        return [obj for (res, _, _), obj in self._everything().items() if res == ref]
+        return list(self._everything(kmock.resource(resource)).values())
 
 
 __all__ = ["ApiServer", "matches", "now"]
