@@ -76,7 +76,7 @@ docs: venv-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 crd: venv
-	$(BIN)/bhctl crd > charts/blackhole/crds/plugins.blackhole.dev.yaml
+	$(BIN)/bhctl crd > charts/blackhole/files/crds/plugins.blackhole.dev.yaml
 	$(BIN)/bhctl crd > deploy/kubernetes/crd-plugins.blackhole.dev.yaml
 
 # The chart rendered as plain manifests (deploy/kubernetes/blackhole.yaml), after

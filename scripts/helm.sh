@@ -100,7 +100,8 @@ render_manifests() {
   # creates (deploy/kubernetes/README.md): no token hash is shipped.
   run_helm template blackhole "$chart" --namespace blackhole-system \
     --set gateway.tokens.existingSecret=blackhole-gateway-tokens \
-    --set gateway.controlSecret.existingSecret=blackhole-gateway-control >"$out.new"
+    --set gateway.controlSecret.existingSecret=blackhole-gateway-control \
+    --set crds.install=false >"$out.new"
   mv -f "$out.new" "$out"
   bh_log "rendered $out"
 }

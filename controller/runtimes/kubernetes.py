@@ -724,10 +724,7 @@ def _describe(body: dict[str, Any]) -> str:
 
 def _token_of(secret: kubeapi.Object) -> str:
     data = secret.get("data") or {}
-    if manifests.TOKEN_KEY in data:
-        return base64.b64decode(data[manifests.TOKEN_KEY]).decode()
-    # An API server stand-in that does not fold stringData into data.
-    return str((secret.get("stringData") or {}).get(manifests.TOKEN_KEY, ""))
+    return base64.b64decode(data.get(manifests.TOKEN_KEY, "")).decode()
 
 
 def _time(text: str | None) -> datetime | None:

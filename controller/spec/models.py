@@ -48,6 +48,25 @@ DnsLabel = Annotated[str, Field(pattern=DNS1123_LABEL, min_length=1, max_length=
 """A DNS-1123 label: lower-case letters, digits and '-', starting and ending alphanumeric."""
 
 
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """``x-kubernetes-validations`` for the CRD: CEL rules, each with its message, that a
+    Kubernetes API server checks as the model's validator does (``controller.spec.crd``)."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+SET: dict[str, Any] = {"x-kubernetes-list-type": "set"}
+"""A list whose entries are unique (the API server refuses duplicates)."""
+
+
+def keyed_by(*keys: str) -> dict[str, Any]:
+    """A list of objects unique by ``keys`` (the API server refuses duplicates)."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+MAX_ITEMS = 64
+"""The most entries a list of the spec may hold: bounds what CEL rules cost on the server."""
+
+
 class Model(BaseModel):
     """Base of every spec model (and of the registry's manifests, indexes and policy):
     unknown fields are errors, camelCase on the wire."""
@@ -149,19 +168,47 @@ class ObjectMeta(Model):
         return labels
 
 
+_PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+
+
 class Permissions(Model):
     """What the plugin may reach. Must stay within what its manifest asks for."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.egress) || size(self.egress) == 0 || self.network == 'egress'",
+                "egress destinations are only allowed with network: egress",
+            ),
+            (
+                "!has(self.peers) || size(self.peers) == 0 || self.network == 'private'",
+                "peers are only allowed with network: private",
+            ),
+            (
+                "self.network != 'private' || (has(self.peers) && size(self.peers) > 0)",
+                "network: private needs at least one plugin in peers",
+            ),
+            (
+                f"!has(self.egress) || self.egress.all(d, d.matches(':{_PORT}$'))",
+                "egress: port must be 1-65535",
+            ),
+        )
+    )
 
     network: NetworkMode = NetworkMode.NONE
     """none: no network at all, reached only over its Unix socket (the default);
     egress: a network of its own, outbound only to the hosts in egress;
     private: a network shared only with the plugins named in peers."""
-    egress: list[Annotated[str, Field(pattern=HOST_PORT)]] = Field(default_factory=list)
+    egress: list[Annotated[str, Field(pattern=HOST_PORT, max_length=259)]] = Field(
+        default_factory=list, max_length=MAX_ITEMS, json_schema_extra=SET
+    )
     """host:port destinations the plugin may connect to, with network: egress
     (e.g. api.example.com:443; *.example.com:443 for any subdomain)."""
-    peers: list[DnsLabel] = Field(default_factory=list)
+    peers: list[DnsLabel] = Field(default_factory=list, max_length=MAX_ITEMS, json_schema_extra=SET)
     """Plugins sharing the private network, with network: private."""
-    call_plugins: list[DnsLabel] = Field(default_factory=list, alias="callPlugins")
+    call_plugins: list[DnsLabel] = Field(
+        default_factory=list, alias="callPlugins", max_length=MAX_ITEMS, json_schema_extra=SET
+    )
     """Plugins this plugin may call through the gateway."""
 
     @model_validator(mode="after")
@@ -177,7 +224,8 @@ class Permissions(Model):
             )
         if self.network is NetworkMode.PRIVATE and not self.peers:
             raise ValueError("network: private needs at least one plugin in peers")
-        for field, items in (("egress", self.egress), ("peers", self.peers)):
+        lists = (("egress", self.egress), ("peers", self.peers), ("callPlugins", self.call_plugins))
+        for field, items in lists:
             if len(set(items)) != len(items):
                 raise ValueError(f"{field} lists an entry twice")
         for destination in self.egress:
@@ -246,11 +294,28 @@ class Volume(Model):
 
     name: DnsLabel
     """The volume's name, unique within the plugin."""
-    mount_path: str = Field(alias="mountPath")
+    mount_path: str = Field(
+        alias="mountPath",
+        min_length=1,
+        max_length=4096,
+        json_schema_extra=cel(
+            ("self.startsWith('/')", "mountPath must be an absolute path"),
+            ("!self.matches('(^|/)[.][.](/|$)')", 'mountPath must not contain ".."'),
+            ("!self.matches('^/+$')", 'mountPath "/" would hide the whole root filesystem'),
+        ),
+    )
     """Absolute path inside the instance, without "..", e.g. /data."""
     size: Quantity | None = None
     """Requested size (a Kubernetes quantity, e.g. 1Gi); a PVC request on Kubernetes."""
-    host_path: str | None = Field(default=None, alias="hostPath")
+    host_path: str | None = Field(
+        default=None,
+        alias="hostPath",
+        max_length=4096,
+        json_schema_extra=cel(
+            ("self.startsWith('/')", "hostPath must be an absolute path"),
+            ("!self.matches('(^|/)[.][.](/|$)')", 'hostPath must not contain ".."'),
+        ),
+    )
     """A host directory to mount instead of a named volume. Must lie under the
     controller's allowed host-path root; ".." is refused and symlinks that leave
     the root are refused when the instance starts."""
@@ -293,6 +358,15 @@ class Health(Model):
 
 class Restart(Model):
     """How crashed instances are restarted: exponential backoff, then a crash loop."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "self.maxBackoffSeconds >= self.backoffSeconds",
+                "maxBackoffSeconds must not be below backoffSeconds",
+            )
+        )
+    )
 
     max_restarts: int = Field(default=5, ge=0, le=1000, alias="maxRestarts")
     """Restarts allowed within windowSeconds before the plugin is Degraded with reason
@@ -344,6 +418,15 @@ def link_local(host: str) -> bool:
 
 class Webhook(Model):
     """An HTTP POST at a step of the swap (as Flagger's webhooks); see the swaps guide."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "self.type != 'Rollback' || !has(self.onFailure) || self.onFailure == 'Ignore'",
+                "onFailure: a Rollback hook only tells; use Ignore (or leave it)",
+            )
+        )
+    )
 
     name: DnsLabel
     """The hook's name, unique among the plugin's hooks."""
@@ -533,7 +616,7 @@ class HotSwap(Model):
     """Longest wait for the old version's in-flight calls to finish. Default 30."""
     scale_down_delay_seconds: int = Field(default=30, ge=0, le=86400, alias="scaleDownDelaySeconds")
     """Seconds the old version is kept after promotion, for instant rollback. Default 30."""
-    checks: list[Check] = Field(default_factory=list)
+    checks: list[Check] = Field(default_factory=list, max_length=MAX_ITEMS)
     """Calls the new version must answer as expected before it is promoted."""
     state_transfer: Literal["PreCopy", "FullCopy"] = Field(default="PreCopy", alias="stateTransfer")
     """How state moves to the new version. PreCopy (the default): copied while the old
@@ -549,7 +632,9 @@ class HotSwap(Model):
     )
     """Changes small enough to move while calls are held: the rounds stop once what
     changed during the last one is at most this many bytes. Default 262144."""
-    webhooks: list[Webhook] = Field(default_factory=list, max_length=16)
+    webhooks: list[Webhook] = Field(
+        default_factory=list, max_length=16, json_schema_extra=keyed_by("name")
+    )
     """HTTP POSTs at the swap's steps, signed when the controller has --webhook-secret."""
     canary: Canary | None = None
     """The steps of a Canary swap (needed with strategy Canary, refused with others)."""
@@ -614,7 +699,7 @@ class ProcessSource(Model):
     packages, the SDK among them, must be installed in it). Default: the controller's
     own Python, which has the SDK already imported, so the plugin starts in milliseconds."""
     python_path: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
-        default_factory=list, alias="pythonPath"
+        default_factory=list, alias="pythonPath", max_length=MAX_ITEMS
     )
     """Directories, relative to path, put in front of the plugin's sys.path."""
 
@@ -760,6 +845,15 @@ REMOTE_EXCLUDES = ("image", "bundle", "runtime", "process", "volumes", "env")
 class PluginSpec(Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "has(self.bundle) || (has(self.image) && has(self.version))",
+                "image and version are required unless bundle names a bundle",
+            )
+        )
+    )
+
     image: str | None = Field(default=None, pattern=IMAGE_REFERENCE, max_length=512)
     """The container image, e.g. blackhole/example-storage:1.2.0, optionally pinned by
     @sha256 digest. Required unless bundle names a bundle, which then supplies it."""
@@ -782,15 +876,46 @@ class PluginSpec(Model):
     health is checked, calls are routed to it and swaps move its state to the next address.
     Excludes image, bundle, runtime, process, volumes and env; resources and restarts do
     not apply to it."""
-    provides: list[Annotated[str, Field(pattern=CAPABILITY)]] = Field(default_factory=list)
+    provides: list[Annotated[str, Field(pattern=CAPABILITY, max_length=253)]] = Field(
+        default_factory=list, max_length=MAX_ITEMS, json_schema_extra=SET
+    )
     """Capabilities the plugin offers, searchable in the registry, e.g. storage.kv."""
     permissions: Permissions = Field(default_factory=Permissions)
     """What the plugin may reach. Default: no network, no calls to other plugins."""
     resources: Resources = Field(default_factory=Resources)
     """Limits of each instance. Default: cpu 500m, memory 128Mi, pids 64."""
-    volumes: list[Volume] = Field(default_factory=list)
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        json_schema_extra={
+            **keyed_by("name"),
+            **cel(
+                (
+                    "self.all(v, self.exists_one(w, w.mountPath == v.mountPath))",
+                    "volumes: a mountPath is used more than once",
+                ),
+                (
+                    "!self.exists(v, v.mountPath.matches('^/+tmp/*$'))",
+                    "volumes: /tmp is always a private tmpfs; mount elsewhere",
+                ),
+            ),
+        },
+    )
     """Volumes to mount. The root filesystem is read-only; /tmp is always a tmpfs."""
-    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(default_factory=dict)
+    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
+        default_factory=dict,
+        max_length=256,
+        json_schema_extra=cel(
+            (
+                # startsWith costs by its prefix, not by the key (whose length a server's
+                # cost estimator cannot bound): the usual spellings here, every case in
+                # the controller.
+                "self.all(k, !k.startsWith('BLACKHOLE_') && !k.startsWith('blackhole_') "
+                "&& !k.startsWith('Blackhole_'))",
+                "names starting with BLACKHOLE_ are reserved for the controller",
+            )
+        ),
+    )
     """Environment variables. Names starting with BLACKHOLE_ are reserved."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Free-form configuration handed to the plugin's Initialize call."""
@@ -804,7 +929,12 @@ class PluginSpec(Model):
     """How the gateway admits calls: timeout, concurrency, rate and size limits."""
     state: State | None = None
     """The plugin's state schema; omit for a stateless plugin (nothing is carried over)."""
-    depends_on: list[Dependency] = Field(default_factory=list, alias="dependsOn")
+    depends_on: list[Dependency] = Field(
+        default_factory=list,
+        alias="dependsOn",
+        max_length=MAX_ITEMS,
+        json_schema_extra=keyed_by("name"),
+    )
     """Plugins that must be Ready first, with the versions that will do."""
 
     @field_validator("env")
@@ -1100,9 +1230,13 @@ class PluginStatus(Model):
     """The color receiving calls."""
     active_version: str | None = Field(default=None, alias="activeVersion")
     """The version receiving calls."""
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=keyed_by("type")
+    )
     """Ready, Progressing and Degraded."""
-    instances: list[InstanceStatus] = Field(default_factory=list)
+    instances: list[InstanceStatus] = Field(
+        default_factory=list, max_length=2, json_schema_extra=keyed_by("color")
+    )
     """The plugin's instances, one per color that exists."""
     last_swap: SwapStatus | None = Field(default=None, alias="lastSwap")
     """The last blue/green swap."""
@@ -1115,6 +1249,18 @@ class PluginStatus(Model):
 class Plugin(Model):
     """A plugin: one isolated, health-checked, hot-swappable component run by the Blackhole
     controller."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                # The server checks the rest of a name (a DNS-1123 subdomain); a "." is
+                # refused by the controller (a label). size() costs the same for any name.
+                "size(self.metadata.name) <= 63",
+                "metadata.name must be at most 63 characters: it names the plugin's "
+                "Deployment, Services, network and volumes",
+            )
+        )
+    )
 
     api_version: Literal["blackhole.dev/v1alpha1"] = Field(alias="apiVersion")
     """The API version: blackhole.dev/v1alpha1."""

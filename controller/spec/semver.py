@@ -122,6 +122,10 @@ class _Comparator:
         }[self.op]
 
 
+RANGE_MAX_LENGTH = 256
+"""The longest version range (the CRD's maxLength)."""
+
+
 @dataclass(frozen=True)
 class VersionRange:
     """A set of versions written as a range, e.g. ``">=1.0,<2"`` or ``"^1.2"``."""
@@ -133,6 +137,8 @@ class VersionRange:
     def parse(cls, text: str) -> VersionRange:
         if not isinstance(text, str) or not text.strip():
             raise VersionError(_range_help(text))
+        if len(text) > RANGE_MAX_LENGTH:
+            raise VersionError(f"a version range is at most {RANGE_MAX_LENGTH} characters")
         alternatives = []
         for alternative in text.split("||"):
             tokens = _tokens(alternative)
@@ -168,7 +174,7 @@ class VersionRange:
     def __get_pydantic_json_schema__(
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"type": "string", "minLength": 1}
+        return {"type": "string", "minLength": 1, "maxLength": RANGE_MAX_LENGTH}
 
 
 def _validator(parse: Any, cls: type) -> Any:

@@ -2,24 +2,9 @@
 
 No API server can run on this machine, so the controller's Kubernetes code
 talks to ``kmock`` (a maintained HTTP emulator of the API) over real HTTP,
-with the official client. kmock lacks some semantics the controller relies
-on; :class:`ApiServer` adds the smallest faithful version of each:
-
-- **object identity and versions**: ``uid``, ``creationTimestamp``,
-  ``generation`` (bumped when ``spec`` changes, not by status writes) and a
-  cluster-wide ``resourceVersion`` bumped on every write;
-- **optimistic concurrency**: a write that carries a stale
-  ``metadata.resourceVersion`` gets ``409 Conflict`` (merge patches and PUT);
-- **PUT** (replace), which kmock does not route;
-- **label selectors** (equality-based, as the controller uses them) on list
-  and watch;
-- Secrets' ``stringData`` folded into base64 ``data``.
-
-It does NOT do: server-side apply, field validation against the CRD schema,
-garbage collection through ownerReferences, NetworkPolicy enforcement,
-Events' aggregation, or Table output for kubectl's printer columns. Tests
-check what those would act on (the ownerReferences, the NetworkPolicy
-objects validated offline, the printer columns' JSON paths), not their effect.
+with the official client, made to behave as a real API server in what the
+controller relies on by :class:`ApiServer` (``apiserver.py``: its docstring
+lists what it does and does not do, ``test_kube_conformance.py`` checks each).
 
 :class:`Kubelet` stands in for the controller manager and kubelet: for each
 Deployment it keeps ``spec.replicas`` Pod objects and runs each pod's
@@ -58,21 +43,19 @@ import asyncio
 import base64
 import copy
 import datetime
-import itertools
 import json
 import os
+import re
 import threading
 import traceback
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp.web
-import attrs
 import docker
 import docker.errors
 import kmock
@@ -81,30 +64,20 @@ from kubernetes import client as k8s_client
 
 from controller.spec import quantity
 
-DEPLOYMENTS = "apps/v1/deployments"
-PODS = "v1/pods"
-SERVICES = "v1/services"
-ENDPOINT_SLICES = "discovery.k8s.io/v1/endpointslices"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-RESOURCES = [
-    ENDPOINT_SLICES,
-    "blackhole.dev/v1alpha1/plugins",
+from .apiserver import (
     DEPLOYMENTS,
+    ENDPOINT_SLICES,
     PODS,
-    "v1/services",
-    "v1/secrets",
-    "v1/persistentvolumeclaims",
-    "v1/events",
-    "networking.k8s.io/v1/networkpolicies",
-    "coordination.k8s.io/v1/leases",
-]
+    SERVICE_NAME_LABEL,
+    SERVICES,
+    ApiServer,
+    matches,
+)
+from .apiserver import now as _now
+
 KUBELET_LABEL = "blackhole.dev/test-kubelet"
 CONTAINER_NAME = "plugin"
 """The name the kubelet reports its pods' (single) container under."""
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _seconds_between(started: str, finished: str) -> float | None:
@@ -121,208 +94,6 @@ def _seconds_between(started: str, finished: str) -> float | None:
 
 def _labels_match(labels: dict[str, str], wanted: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in wanted.items())
-
-
-def matches(obj: dict[str, Any], selector: str | None) -> bool:
-    """Whether ``obj``'s labels satisfy an equality-based selector (``a=b,c!=d,e,!f``)."""
-    if not selector:
-        return True
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    for term in selector.split(","):
-        term = term.strip()
-        if "!=" in term:
-            key, value = term.split("!=", 1)
-            if labels.get(key) == value:
-                return False
-        elif "=" in term:
-            key, value = term.split("=", 1)
-            if labels.get(key.rstrip("=")) != value:
-                return False
-        elif term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        elif term not in labels:
-            return False
-    return True
-
-
-@attrs.frozen
-class Conflict(kmock.KubernetesError):
-    """409, as the API server answers a write from a stale read."""
-
-    status: int = 409
-    reason: str = "Conflict"
-    message: str = (
-        "Operation cannot be fulfilled: the object has been modified; "
-        "please apply your changes to the latest version and try again"
-    )
-
-
-def _patched(obj: dict[str, Any], patch: Any) -> dict[str, Any]:
-    from kmock._internal import dicts
-
-    return dict(copy.deepcopy(dicts.patch_dict(copy.deepcopy(obj), patch)))
-
-
-class ApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator with the semantics listed in the module's docstring."""
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self._versions = itertools.count(1)
-        self._writes = asyncio.Lock()
-        resources: Any = self.resources
-        for resource in RESOURCES:
-            resources[resource] = {}
-
-    def _next(self) -> str:
-        return str(next(self._versions))
-
-    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
-        if request.resource is None or request.method == "GET":
-            return await super()._handle(request)
-        async with self._writes:
-            if request.method == "PUT" and request.name:
-                return await self._replace(request)
-            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
-                self._stamp_created(request)
-            elif request.action == kmock.action.UPDATE and request.name:
-                self._stamp_patch(request)
-            return await super()._handle(request)
-
-    def _key(self, request: Any) -> tuple[Any, str | None, str]:
-        return (request.resource, request.namespace, request.name)
-
-    def _stored(self, request: Any) -> dict[str, Any] | None:
-        key = self._key(request)
-        if key not in self.objects or self.objects[key].deleted:
-            return None
-        return dict(self.objects[key].raw)
-
-    def _stamp_created(self, request: Any) -> None:
-        data = request.data
-        metadata = data.setdefault("metadata", {})
-        if request.namespace:
-            metadata["namespace"] = request.namespace
-        metadata.setdefault("uid", str(uuid.uuid4()))
-        metadata.setdefault("creationTimestamp", _now())
-        metadata["resourceVersion"] = self._next()
-        metadata["generation"] = 1
-        if data.get("kind") == "Secret" and "stringData" in data:
-            folded = {
-                k: base64.b64encode(v.encode()).decode() for k, v in data["stringData"].items()
-            }
-            data["data"] = {**(data.get("data") or {}), **folded}
-            del data["stringData"]
-
-    def _stamp_patch(self, request: Any) -> None:
-        stored = self._stored(request)
-        if stored is None:
-            return  # kmock answers 404
-        patch = request.data
-        current = stored["metadata"].get("resourceVersion")
-        if isinstance(patch, dict):
-            wanted = (patch.get("metadata") or {}).get("resourceVersion")
-            if wanted is not None and wanted != current:
-                raise Conflict()
-        after = _patched(stored, patch)
-        bumped: dict[str, Any] = {"resourceVersion": self._next()}
-        if request.subresource is None and after.get("spec") != stored.get("spec"):
-            bumped["generation"] = int(stored["metadata"].get("generation") or 1) + 1
-        if isinstance(patch, dict):
-            patch.setdefault("metadata", {}).update(bumped)
-        else:
-            patch.extend(
-                {"op": "add", "path": f"/metadata/{k}", "value": v} for k, v in bumped.items()
-            )
-
-    async def _replace(self, request: Any) -> aiohttp.web.StreamResponse:
-        stored = self._stored(request)
-        if stored is None:
-            raise kmock.KubernetesObjectNotFoundError()
-        body = dict(request.data)
-        metadata = dict(body.get("metadata") or {})
-        given = metadata.get("resourceVersion")
-        if given is not None and given != stored["metadata"].get("resourceVersion"):
-            raise Conflict()
-        for kept in ("uid", "creationTimestamp", "namespace", "generation"):
-            if kept in stored["metadata"]:
-                metadata[kept] = stored["metadata"][kept]
-        metadata["resourceVersion"] = self._next()
-        if body.get("spec") != stored.get("spec"):
-            metadata["generation"] = int(stored["metadata"].get("generation") or 1) + 1
-        body["metadata"] = metadata
-        self.objects[self._key(request)].create(body)
-        await self._buses[request.resource].put({"type": "MODIFIED", "object": body})
-        return aiohttp.web.json_response(body)
-
-    async def _serve_list(self, request: Any) -> Any:
-        payload: Any = await super()._serve_list(request)
-        selector = request.params.get("labelSelector")
-        payload["items"] = [i for i in payload["items"] if matches(i, selector)]
-        payload["metadata"] = {"resourceVersion": self._next()}
-        return payload
-
-    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
-        selector = request.params.get("labelSelector")
-        event: Any
-        async for event in super()._serve_watch(request):
-            if (
-                isinstance(event, bytes)
-                or event.get("type") == "ERROR"
-                or matches(event.get("object") or {}, selector)
-            ):
-                yield event
-
-    # The kubelet's writes, inside the server's loop.
-
-    async def store(self, resource: str, obj: dict[str, Any]) -> None:
-        """Store ``obj`` (created or replaced) and tell the watchers."""
-        async with self._writes:
-            ref = kmock.resource(resource)
-            metadata = obj["metadata"]
-            key = (ref, metadata.get("namespace"), metadata["name"])
-            metadata["resourceVersion"] = self._next()
-            exists = key in self.objects and not self.objects[key].deleted
-            if exists:
-                self.objects[key].create(obj)
-            else:
-                self.objects[key] = obj
-            await self._buses[ref].put({"type": "MODIFIED" if exists else "ADDED", "object": obj})
-
-    async def discard(self, resource: str, namespace: str, name: str) -> None:
-        async with self._writes:
-            ref = kmock.resource(resource)
-            key = (ref, namespace, name)
-            if key in self.objects and not self.objects[key].deleted:
-                raw = self.objects[key].raw
-                self.objects[key].delete()
-                await self._buses[ref].put({"type": "DELETED", "object": raw})
-
-    async def expire(self) -> None:
-        """End every watch with ``410 Gone``, as a server does when its history is compacted."""
-        gone = {
-            "type": "ERROR",
-            "object": {
-                "kind": "Status",
-                "apiVersion": "v1",
-                "metadata": {},
-                "status": "Failure",
-                "message": "too old resource version",
-                "reason": "Expired",
-                "code": 410,
-            },
-        }
-        for resource in RESOURCES:
-            await self._buses[kmock.resource(resource)].put(gone)
-
-    def live(self, resource: str) -> list[dict[str, Any]]:
-        ref = kmock.resource(resource)
-        return [
-            copy.deepcopy(dict(obj.raw))
-            for (res, _, _), obj in list(self.objects.items())
-            if res == ref and not obj.deleted
-        ]
 
 
 @dataclass(frozen=True)
@@ -1133,12 +904,17 @@ def printer_columns(crd_path: Path) -> list[dict[str, Any]]:
 
 
 def json_path(obj: dict[str, Any], path: str) -> Any:
-    """The value at a simple ``.a.b`` JSON path (as the CRD's printer columns use)."""
+    """The value at a printer column's JSON path: ``.a.b``, with list filters such as
+    ``.a[?(@.type=="Ready")].b`` (the first item that matches)."""
     value: Any = obj
-    for part in path.strip(".").split("."):
-        if not isinstance(value, dict):
+    for part in re.findall(r"[^.\[]+|\[\?\(@\.[^)]*\)\]", path):
+        if part.startswith("[?"):
+            key, wanted = re.fullmatch(r'\[\?\(@\.(\w+)=="([^"]*)"\)\]', part).groups()  # type: ignore[union-attr]
+            value = next((i for i in value or [] if i.get(key) == wanted), None)
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
             return None
-        value = value.get(part)
     return value
 
 
@@ -1146,4 +922,16 @@ def iter_items(listing: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from listing.get("items") or []
 
 
-__all__ = ["Cluster", "json", "json_path", "matches", "printer_columns"]
+__all__ = [
+    "DEPLOYMENTS",
+    "ENDPOINT_SLICES",
+    "PODS",
+    "SERVICES",
+    "SERVICE_NAME_LABEL",
+    "ApiServer",
+    "Cluster",
+    "json",
+    "json_path",
+    "matches",
+    "printer_columns",
+]

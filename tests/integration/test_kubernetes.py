@@ -41,7 +41,7 @@ from .conftest import (
     wait_for,
 )
 
-CRD = Path(__file__).parents[2] / "charts" / "blackhole" / "crds" / "plugins.blackhole.dev.yaml"
+CRD = Path(__file__).parents[2] / "deploy" / "kubernetes" / "crd-plugins.blackhole.dev.yaml"
 NAMESPACE = "plugins"
 SYSTEM = "blackhole-system"
 GROUP, VERSION, PLURAL = "blackhole.dev", "v1alpha1", "plugins"
@@ -141,24 +141,45 @@ class Api:
         return _json(read(name, NAMESPACE, _preload_content=False))
 
 
+def _namespaces(client: k8s_client.ApiClient) -> None:
+    core = k8s_client.CoreV1Api(client)
+    for namespace in (NAMESPACE, SYSTEM):
+        body: Any = {"metadata": {"name": namespace}}
+        try:
+            core.create_namespace(body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
+
+def install_crd(client: k8s_client.ApiClient, path: Path = CRD) -> None:
+    """Create or replace the CRD from ``path``, as ``kubectl apply`` (or Helm) would."""
+    extensions = k8s_client.ApiextensionsV1Api(client)
+    body = yaml.safe_load(path.read_text())
+    try:
+        extensions.create_custom_resource_definition(body, _preload_content=False)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        name = body["metadata"]["name"]
+        current = _json(extensions.read_custom_resource_definition(name, _preload_content=False))
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        extensions.replace_custom_resource_definition(name, body, _preload_content=False)
+
+
 @pytest.fixture(params=["kmock", pytest.param("cluster", marks=pytest.mark.cluster)])
 def api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
     if request.param == "cluster":
         if not os.environ.get("KUBECONFIG"):
             pytest.fail("-m cluster needs KUBECONFIG naming a cluster (kind, k3d) to test against")
         with kubeapi.connect(os.environ["KUBECONFIG"]) as real:
-            core = k8s_client.CoreV1Api(real)
-            for namespace in (NAMESPACE, SYSTEM):
-                body: Any = {"metadata": {"name": namespace}}
-                try:
-                    core.create_namespace(body)
-                except ApiException as e:
-                    if e.status != 409:
-                        raise
+            _namespaces(real)
             yield Api(real, Path(os.environ["KUBECONFIG"]))
         return
     engine = get_engine(container.Engine.DOCKER)
     with kube.Cluster(engine.client, tmp_path) as cluster, cluster.api() as stand_in:
+        _namespaces(stand_in)
+        install_crd(stand_in)  # as the chart installs it
         yield Api(stand_in, cluster.kubeconfig(), cluster)
 
 
@@ -248,6 +269,16 @@ def controllers(api: Api, tmp_path: Path) -> Iterator[list[KubeController]]:
     yield started
     for c in started:
         c.stop()
+    if api.cluster is not None and api.cluster.server is not None:
+        # A real server would have refused these: the controller must send none.
+        invalid = [
+            r
+            for r in api.cluster.server.refused
+            if r.agent.startswith("blackhole-controller/") and r.status in (400, 422)
+        ]
+        assert invalid == [], "the API server refused the controller's writes"
+        lost = [p for p in api.cluster.server.pruned if p[0].startswith("blackhole-controller/")]
+        assert lost == [], "the CRD's schema dropped fields the controller wrote"
 
 
 def _spec(version: str = "1.0.0", **more: Any) -> dict[str, Any]:

@@ -237,6 +237,19 @@ def test_helm_lint_strict_is_clean(helm, path):
     assert "[ERROR]" not in output, output
 
 
+def test_bare_helm_lint_strict_is_clean_with_the_default_values(helm):
+    result = helm("lint", "--strict", str(CHART))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "[WARNING]" not in output, output
+
+
+def test_an_install_with_the_default_values_asks_for_tokens(helm):
+    result = helm("template", RELEASE, str(CHART))
+    assert result.returncode != 0
+    assert "gateway.tokens" in result.stderr
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("path", CI_VALUES, ids=lambda p: p.name)
 def test_rendered_documents_validate_strict(helm, path, version):
@@ -252,7 +265,9 @@ def test_ci_values_cover_every_optional_object(helm):
         "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
+        "CustomResourceDefinition",
         "Deployment",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "PrometheusRule",
         "Role",
@@ -853,3 +868,125 @@ def test_plugin_pod_options_reach_the_controllers_command_line(helm):
         "--storage-class", "fast-ssd",
         "--network-policy-enforced",
     ]  # fmt: skip
+
+
+# The Plugin CRD: a template (Helm never upgrades crds/), kept on uninstall.
+
+CRD_NAME = "plugins.blackhole.dev"
+CRD_FILE = CHART / "files" / "crds" / f"{CRD_NAME}.yaml"
+
+
+def _rendered_crd(documents: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    return find(documents, "CustomResourceDefinition", CRD_NAME)
+
+
+def test_the_crd_is_a_template_kept_on_uninstall(helm):
+    assert not (CHART / "crds").exists(), "helm installs crds/ once and never upgrades it"
+    crd = _rendered_crd(helm.render(*ci("default")))
+    generated = yaml.safe_load(CRD_FILE.read_text())
+    assert crd["spec"] == generated["spec"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crd["metadata"]["labels"]["app.kubernetes.io/part-of"] == "blackhole"
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    off = helm.render(*ci("default"), "--set", "crds.install=false")
+    assert "CustomResourceDefinition" not in kinds(off)
+    unkept = _rendered_crd(helm.render(*ci("default"), "--set", "crds.keep=false"))
+    assert "annotations" not in unkept["metadata"]
+
+
+def older_chart(directory: Path) -> Path:
+    """The chart as a previous release: version 0.0.1, and its CRD without spec.dependsOn."""
+    old = directory / "blackhole"
+    shutil.copytree(CHART, old)
+    chart = yaml.safe_load((old / "Chart.yaml").read_text())
+    (old / "Chart.yaml").write_text(yaml.safe_dump({**chart, "version": "0.0.1"}))
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    del spec["properties"]["dependsOn"]
+    (old / "files" / "crds" / CRD_FILE.name).write_text(yaml.safe_dump(crd))
+    return old
+
+
+def test_an_upgrade_renders_the_newer_charts_crd_over_the_older_one(helm, tmp_path):
+    """Both versions render the CRD as a release object of the same name, so `helm upgrade`
+    replaces the old schema with the new one (the stand-in test of test_kubernetes.py
+    applies both and writes the new field)."""
+    old = older_chart(tmp_path)
+    result = helm("template", RELEASE, str(old), "--namespace", NAMESPACE, *ci("default"))
+    assert result.returncode == 0, result.stderr
+    before = _rendered_crd(tuple(d for d in yaml.safe_load_all(result.stdout) if d))
+    after = _rendered_crd(helm.render(*ci("default")))
+    schema = [
+        "spec",
+        "versions",
+        "0",
+        "schema",
+        "openAPIV3Schema",
+        "properties",
+        "spec",
+        "properties",
+    ]
+
+    def fields(crd: dict[str, Any]) -> set[str]:
+        node: Any = crd
+        for part in schema:
+            node = node[int(part)] if part.isdigit() else node[part]
+        return set(node)
+
+    assert fields(after) - fields(before) == {"dependsOn"}
+    assert before["metadata"]["labels"]["helm.sh/chart"] == "blackhole-0.0.1"
+    for crd in (before, after):
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+# NetworkPolicies of the controller and gateway pods.
+
+
+def _policy(documents: tuple[dict[str, Any], ...], name: str) -> dict[str, Any]:
+    return find(documents, "NetworkPolicy", name)
+
+
+def _ports(deployment: dict[str, Any]) -> set[str]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return {p["name"] for c in containers for p in c.get("ports") or []}
+
+
+def test_network_policies_select_the_pods_and_open_only_their_ports(helm):
+    documents = helm.render(*ci("default"))
+    for policy_name, deployment in (
+        (RELEASE, controller(documents)),
+        (f"{RELEASE}-gateway", gateway(documents)),
+    ):
+        policy = _policy(documents, policy_name)["spec"]
+        assert policy["policyTypes"] == ["Ingress"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+        opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        assert opened <= _ports(deployment), f"{policy_name} opens a port its pods lack"
+    gateway_policy = _policy(documents, f"{RELEASE}-gateway")["spec"]
+    (control,) = [r for r in gateway_policy["ingress"] if r["ports"][0]["port"] == "control"]
+    assert control["from"] == [{"podSelector": {"matchLabels": SELECTOR}}]
+    callers = [r for r in gateway_policy["ingress"] if r["ports"][0]["port"] == "http"]
+    assert "from" not in callers[0]  # default: every pod may call the gateway
+
+
+def test_network_policies_admit_only_the_configured_peers(helm):
+    apps = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+    documents = helm.render(
+        *ci("default"),
+        "--set-json", f"networkPolicy.gatewayFrom={json.dumps(apps)}",
+        "--set-json", f"networkPolicy.metricsFrom={json.dumps(monitoring)}",
+        "--set", "dashboard.enabled=true",
+    )  # fmt: skip
+    by_port = {
+        (name, rule["ports"][0]["port"]): rule.get("from")
+        for name in (RELEASE, f"{RELEASE}-gateway")
+        for rule in _policy(documents, name)["spec"]["ingress"]
+    }
+    assert by_port[(f"{RELEASE}-gateway", "http")] == apps
+    assert by_port[(f"{RELEASE}-gateway", "metrics")] == monitoring
+    assert by_port[(RELEASE, "metrics")] == monitoring
+    assert by_port[(RELEASE, "dashboard")] is None
+    off = helm.render(*ci("default"), "--set", "networkPolicy.enabled=false")
+    assert "NetworkPolicy" not in kinds(off)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import kmock
 import pytest
@@ -32,6 +33,9 @@ async def api() -> AsyncIterator[k8s_client.ApiClient]:
         configuration = k8s_client.Configuration()
         configuration.host = str(http.url).rstrip("/")
         with k8s_client.ApiClient(configuration) as api_client:
+            namespace: Any = {"metadata": {"name": "system"}}
+            core = k8s_client.CoreV1Api(api_client)
+            await asyncio.to_thread(core.create_namespace, namespace)
             yield api_client
 
 
