@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from controller.errors import IncompatiblePluginError, SpecError, SpecIssue
 from controller.spec import models
@@ -378,10 +378,13 @@ class InstanceSpec:
     controller_id: str = DEFAULT_CONTROLLER
     owner_uid: str | None = None
     """The uid of the Plugin object it belongs to, where the source has one (Kubernetes)."""
+    standby: bool = False
+    """The warm standby of the color's instance (see :class:`Standbys`), not the instance."""
 
     @property
     def name(self) -> str:
-        return instance_name(self.plugin, self.color, self.namespace, self.controller_id)
+        name = instance_name(self.plugin, self.color, self.namespace, self.controller_id)
+        return standby_name(name) if self.standby else name
 
     @property
     def spec_hash(self) -> str:
@@ -505,6 +508,34 @@ class Stats:
     memory_bytes: int
     memory_limit_bytes: int
     pids: int
+
+
+def standby_name(name: str) -> str:
+    """The name of the warm standby of instance ``name``."""
+    return f"{name}-{STANDBY_SUFFIX}"
+
+
+STANDBY_SUFFIX = "standby"
+
+
+@runtime_checkable
+class Standbys(Protocol):
+    """What a runtime that keeps warm standbys adds to :class:`Runtime`.
+
+    A standby is started like any instance (:attr:`InstanceSpec.standby` gives
+    it its own name), frozen once its socket accepts, and promoted in the
+    place of its color's crashed instance: it then has that instance's name
+    and endpoint, and is thawed.
+    """
+
+    async def freeze(self, name: str) -> None:
+        """Pause instance ``name``: alive, using no CPU, answering nothing until thawed."""
+        ...
+
+    async def promote(self, standby: str, name: str) -> Instance:
+        """Give frozen ``standby`` the name and endpoint of instance ``name`` (removed
+        already) and thaw it; the instance it is now."""
+        ...
 
 
 class Runtime(Protocol):
