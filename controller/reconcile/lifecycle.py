@@ -11,6 +11,7 @@ changes. Each step says what it found on the pass's context
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -190,14 +191,20 @@ class Lifecycle:
                 degraded=("BackOff", said) if history else None,
             )
             return Result(requeue_after=wait)
-        lines = await self.e.last_logs(current.name)
-        await self.e.remove(current)
+        frozen = await self.standby.frozen(current)
+        thawing = asyncio.ensure_future(self.standby.thaw(frozen)) if frozen else None
+        try:  # the standby thaws meanwhile
+            lines = await self.e.last_logs(current.name)
+            await self.e.remove(current)
+        finally:
+            if thawing is not None:
+                await thawing
+        promoted = await self.standby.promote(frozen, current) if frozen else None
         history.append(c.now)
         self.s.metrics.restarts.labels(c.key).inc()
         self.violations.restarted(c.key)
         restarts = record.restarts + 1
         said = f"after {how} (restart {restarts}); last log lines:\n{lines}"
-        promoted = await self.standby.take(current)
         if promoted is None:
             result = await self.start("Restarted", f"restarted {current.name} {said}")
         else:

@@ -97,14 +97,12 @@ class Standby:
             promoted=promoted,
         )
 
-    async def take(self, crashed: base.Instance) -> base.Instance | None:
-        """The frozen standby of ``crashed``'s color and spec, promoted in its place (which
-        must be removed already); None when there is none to take."""
-        runtime = self.runtime
-        if runtime is None:
+    async def frozen(self, crashed: base.Instance) -> base.Instance | None:
+        """The frozen standby of ``crashed``'s color and spec, to take its place; None when
+        there is none."""
+        if self.runtime is None:
             return None
-        want = self.want(crashed.color)
-        found = await self._find(want.name)
+        found = await self._find(self.want(crashed.color).name)
         if (
             found is None
             or found.state is not base.InstanceState.PAUSED
@@ -112,12 +110,21 @@ class Standby:
             or found.spec_hash != self.c.want_for(crashed.color).spec_hash
         ):
             return None
-        promoted = await runtime.promote(found.name, crashed.name)
+        return found
+
+    async def thaw(self, standby: base.Instance) -> None:
+        assert self.runtime is not None
+        await self.runtime.thaw(standby.name)
+
+    async def promote(self, standby: base.Instance, crashed: base.Instance) -> base.Instance:
+        """The thawed ``standby`` in the place of ``crashed`` (removed already)."""
+        assert self.runtime is not None
+        promoted = await self.runtime.promote(standby.name, crashed.name)
         previous = self.c.status.standby
         self.c.status.standby = models.StandbyStatus(
-            name=found.name,
-            color=found.color,
-            version=found.version,
+            name=standby.name,
+            color=standby.color,
+            version=standby.version,
             state=models.StandbyState.PROMOTED,
             promoted=(previous.promoted if previous is not None else 0) + 1,
         )

@@ -523,18 +523,22 @@ class Standbys(Protocol):
     """What a runtime that keeps warm standbys adds to :class:`Runtime`.
 
     A standby is started like any instance (:attr:`InstanceSpec.standby` gives
-    it its own name), frozen once its socket accepts, and promoted in the
-    place of its color's crashed instance: it then has that instance's name
-    and endpoint, and is thawed.
+    it its own name), frozen once its socket accepts, and, when its color's
+    instance crashed, thawed (while the crashed one is removed) and promoted
+    in its place: it then has that instance's name and endpoint.
     """
 
     async def freeze(self, name: str) -> None:
         """Pause instance ``name``: alive, using no CPU, answering nothing until thawed."""
         ...
 
+    async def thaw(self, name: str) -> None:
+        """Resume a frozen instance."""
+        ...
+
     async def promote(self, standby: str, name: str) -> Instance:
-        """Give frozen ``standby`` the name and endpoint of instance ``name`` (removed
-        already) and thaw it; the instance it is now."""
+        """Give thawed ``standby`` the name and endpoint of instance ``name`` (removed
+        already); the instance it is now."""
         ...
 
 

@@ -257,15 +257,20 @@ class ContainerRuntime:
         await self._call(self.client.api.pause, name)
         self._cache.forget(name)
 
+    async def thaw(self, name: str) -> None:
+        self._cache.forget(name)
+        await self._call(self.client.api.unpause, name)
+        self._cache.forget(name)
+
     async def promote(self, standby: str, name: str) -> base.Instance:
-        frozen = await self.inspect(standby)
+        thawed = await self.inspect(standby)
         await self._call(self._promote, standby, name)
         for forgotten in (standby, name):
             self._cache.forget(forgotten)
         if standby in self._settled:
             self._settled.discard(standby)
             self._settled.add(name)
-        return dataclasses.replace(frozen, name=name, state=base.InstanceState.RUNNING)
+        return dataclasses.replace(thawed, name=name)
 
     def _promote(self, standby: str, name: str) -> None:
         # The socket directory is bind-mounted by its inode: renamed, the standby keeps it,
@@ -274,7 +279,6 @@ class ContainerRuntime:
         shutil.rmtree(target, ignore_errors=True)
         self.socket_dir(standby).rename(target)
         self.client.api.rename(standby, name)
-        self.client.api.unpause(name)
 
     async def remove(self, name: str) -> None:
         self._cache.forget(name)
