@@ -119,11 +119,18 @@ def fd_address(descriptor: int) -> str:
     return f"/proc/self/fd/{descriptor}"
 
 
+LISTEN_GRACE_SECONDS = 0.05
+"""How long a socket that is bound but refuses connections is tried again (a server binds,
+then listens: one seen between the two accepts a moment later)."""
+
+
 async def probe_socket(path: Path, timeout: float) -> bool:
     """Whether the plugin's socket at ``path`` accepts a connection within ``timeout`` seconds.
 
     A name there that is no socket of the plugin's counts as there: the
-    connection that follows (the handshake) refuses it, with the reason.
+    connection that follows (the handshake) refuses it, with the reason. A
+    socket that refuses is tried again every millisecond for up to
+    :data:`LISTEN_GRACE_SECONDS` (within ``timeout``).
     """
     try:
         descriptor = open_socket(path)
@@ -131,9 +138,18 @@ async def probe_socket(path: Path, timeout: float) -> bool:
         return True
     except OSError:
         return False
+    loop = asyncio.get_running_loop()
+    retry_until = loop.time() + min(timeout, LISTEN_GRACE_SECONDS)
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_unix_connection(fd_address(descriptor))
+            while True:
+                try:
+                    _, writer = await asyncio.open_unix_connection(fd_address(descriptor))
+                    break
+                except ConnectionRefusedError:
+                    if loop.time() >= retry_until:
+                        return False
+                    await asyncio.sleep(0.001)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
