@@ -61,14 +61,16 @@ class Standby:
         """
         c = self.c
         runtime = self.runtime
-        promoted = c.status.standby.promoted if c.status.standby is not None else 0
-        for color in models.Color:
-            if runtime is not None and color is active.color:
-                continue
-            await self._remove(self.want(color).name)
-        if runtime is None:
+        known = c.status.standby
+        promoted = known.promoted if known is not None else 0
+        if runtime is None:  # only one the status knows of: no calls for plugins without
+            if known is not None:
+                await self._remove(known.name)
             c.status.standby = None
             return
+        for color in models.Color:
+            if color is not active.color:
+                await self._remove(self.want(color).name)
         want = self.want(active.color)
         found = await self._find(want.name)
         if found is not None and (

@@ -153,3 +153,21 @@ async def test_turning_it_off_or_deleting_the_plugin_removes_the_standby(world: 
         await world.reconciler.reconcile("echo")
     assert world.runtime.instances == {}
     assert world.store.status("echo") is None
+
+
+async def test_a_plugin_without_one_never_looks_for_one(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(world, standby=False)
+    await world.settle("echo")
+    asked: list[str] = []
+    inspect = world.runtime.inspect
+
+    async def recorded(name: str) -> base.Instance:
+        asked.append(name)
+        return await inspect(name)
+
+    monkeypatch.setattr(world.runtime, "inspect", recorded)
+    await world.settle("echo")
+    assert asked
+    assert not [name for name in asked if name.endswith(base.STANDBY_SUFFIX)]
