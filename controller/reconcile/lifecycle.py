@@ -5,7 +5,10 @@ are seen and counted: a dead instance is restarted after an exponential
 backoff; past ``restart.maxRestarts`` within ``restart.windowSeconds`` the
 plugin is Degraded with reason CrashLoop, its exit code and last log lines,
 and is left stopped until its oldest restart leaves the window or its spec
-changes. Each step says what it found on the pass's context
+changes. Where the platform restarts a crashed instance by itself (a
+kubelet, with its own back-off), its exits are counted from what the
+platform reports (``Instance.crashes``) against the same limit, and the
+instance is left to it: nothing is recreated. Each step says what it found on the pass's context
 (:meth:`~controller.swap.context.PassContext.found`).
 """
 
@@ -76,6 +79,11 @@ class Lifecycle:
             return await self.start(
                 "Replaced", f"replaced {self.want.name} (stop, then start): {change}"
             )
+        counted = await self._platform_restarts(current)
+        if counted is not None:
+            return counted
+        if current.state is base.InstanceState.EXITED and current.restarting:
+            return self._restarting(current)
         if current.state is base.InstanceState.CREATED:
             await self.e.remove(current)  # a start cut short, e.g. by a crash of ours
             return await self.start("Created", f"started {self.want.name} ({c.spec.version})")
@@ -148,9 +156,15 @@ class Lifecycle:
         ):  # the kernel said so, though the engine did not (Podman on cgroup v1)
             current = dataclasses.replace(current, oom_killed=True)
         restart = c.spec.restart
-        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
         record.state = current.state.value
         record.ready = False
+        held = c.memory.crash_held == current.id
+        if held:  # stopped by us for a crash loop whose exits are all counted: no new one
+            how = f"exit code {record.last_exit_code}" + (
+                " (OOM killed)" if record.oom_killed else ""
+            )
+            return await self._crash_loop_held(current, how)
+        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
         record.last_exit_code = current.exit_code
         record.oom_killed = current.oom_killed
         if current.oom_killed:
@@ -168,19 +182,7 @@ class Lifecycle:
             # Held down: where the platform would restart it by itself, stop it.
             await self.s.runtime.stop(current.name, STOP_TIMEOUT)
         if looping:
-            lines = await self.e.last_logs(current.name)
-            message = (
-                f"{current.name} crashed {len(history) + 1} times within "
-                f"{restart.window_seconds}s (maxRestarts {restart.max_restarts}); last "
-                f"{how}; not restarting until the spec changes or the window passes. "
-                f"Last log lines:\n{lines}"
-            )
-            before = conditions.find(c.old.conditions, conditions.DEGRADED)
-            if before is None or before.status != "True" or before.reason != "CrashLoop":
-                await self.e.event("Warning", "CrashLoop", message)
-            c.found("False", "CrashLoop", message, degraded=("CrashLoop", message))
-            retry = history[0] + restart.window_seconds - c.now if history else None
-            return Result(requeue_after=retry)
+            return await self._crash_loop(current, len(history) + 1, how)
         if wait > 0:
             said = f"{current.name} {how}; restarting in {wait:.1f}s"
             c.found(
@@ -217,6 +219,120 @@ class Lifecycle:
             c.memory.handshaken.discard(promoted.id)
             return await self._probe(promoted, since=c.now)
         return result
+
+    async def _crash_loop_held(self, current: base.Instance, how: str) -> Result:
+        """The instance a crash loop of platform restarts stopped: held until the window
+        lets a restart in (made then, as after any crash), or the spec changes."""
+        c = self.c
+        history = c.memory.restarts
+        while history and history[0] <= c.now - c.spec.restart.window_seconds:
+            history.popleft()
+        if len(history) > c.spec.restart.max_restarts:
+            return await self._crash_loop(current, len(history), how)
+        c.memory.crash_held = None
+        lines = await self.e.last_logs(current.name)
+        await self.e.remove(current)
+        history.append(c.now)
+        self.s.metrics.restarts.labels(c.key).inc()
+        self.violations.restarted(c.key)
+        restarts = c.instance_status(current.color).restarts + 1
+        result = await self.start(
+            "Restarted",
+            f"restarted {current.name} after its crash loop ({how}; restart {restarts}); "
+            f"last log lines:\n{lines}",
+        )
+        c.instance_status(self.want.color).restarts = restarts
+        return result
+
+    async def _crash_loop(self, current: base.Instance, crashes: int, how: str) -> Result:
+        c = self.c
+        restart = c.spec.restart
+        history = c.memory.restarts
+        lines = await self.e.last_logs(current.name)
+        message = (
+            f"{current.name} crashed {crashes} times within "
+            f"{restart.window_seconds}s (maxRestarts {restart.max_restarts}); last "
+            f"{how}; not restarting until the spec changes or the window passes. "
+            f"Last log lines:\n{lines}"
+        )
+        before = conditions.find(c.old.conditions, conditions.DEGRADED)
+        if before is None or before.status != "True" or before.reason != "CrashLoop":
+            await self.e.event("Warning", "CrashLoop", message)
+        c.found("False", "CrashLoop", message, degraded=("CrashLoop", message))
+        retry = history[0] + restart.window_seconds - c.now if history else None
+        return Result(requeue_after=retry)
+
+    async def _platform_restarts(self, current: base.Instance) -> Result | None:
+        """Count the exits the platform restarts ``current`` from by itself.
+
+        Each new one is a restart against ``restart.maxRestarts`` (the
+        instance shakes hands again and gets its checkpoint back once Ready);
+        past the limit it is stopped and the plugin is in CrashLoop (the
+        result), else None and the pass goes on.
+        """
+        c = self.c
+        counted = c.memory.crashes_counted.get(current.id)
+        if counted is None:
+            counted = current.crashes  # first seen by this process: counted by whoever saw them
+        elif current.crashes < counted:
+            counted = 0  # a new pod of the same Deployment: its count starts over
+        c.memory.crashes_counted[current.id] = current.crashes
+        new = current.crashes - counted
+        if new <= 0:
+            return None
+        record = c.instance_status(current.color)
+        restart = c.spec.restart
+        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
+        self.s.routes.clear_route(c.key)
+        c.memory.handshaken.discard(current.id)  # a new process: it shakes hands again
+        c.memory.probe_delay.pop(current.name, None)
+        record.ready = False
+        record.restarts += new
+        record.last_exit_code = current.exit_code
+        record.oom_killed = current.oom_killed
+        if current.oom_killed:
+            self.violations.oom_killed(
+                c.key,
+                f"{current.name} was killed for memory (limit {c.spec.resources.memory}); "
+                "raise spec.resources.memory or find what grows",
+            )
+        history = c.memory.restarts
+        while history and history[0] <= c.now - restart.window_seconds:
+            history.popleft()
+        for _ in range(new):
+            history.append(c.now)
+            self.s.metrics.restarts.labels(c.key).inc()
+            self.violations.restarted(c.key)
+        if len(history) > restart.max_restarts:
+            await self.s.runtime.stop(current.name, STOP_TIMEOUT)
+            c.memory.crash_held = current.id
+            return await self._crash_loop(current, len(history), how)
+        lines = await self.e.last_logs(current.name)
+        await self.e.event(
+            "Normal",
+            "Restarted",
+            f"{current.name} {how}, restarted by the platform (restart {record.restarts}); "
+            f"last log lines:\n{lines}",
+        )
+        return None
+
+    def _restarting(self, current: base.Instance) -> Result:
+        """An exited instance the platform starts again after its back-off: left to it."""
+        c = self.c
+        record = c.instance_status(current.color)
+        self.s.routes.clear_route(c.key)
+        record.state = current.state.value
+        record.ready = False
+        how = f"exit code {current.exit_code}" + (" (OOM killed)" if current.oom_killed else "")
+        said = f"{current.name} exited ({how}); the platform restarts it after its back-off"
+        c.found(
+            "False",
+            "BackOff",
+            said,
+            progressing=("BackOff", said),
+            degraded=("BackOff", said),
+        )
+        return Result(requeue_after=float(c.spec.health.period_seconds))
 
     async def _probe(self, current: base.Instance, since: float | None = None) -> Result:
         """Probe ``current``; ``since``: when it was started, if not when the runtime says
@@ -265,6 +381,8 @@ class Lifecycle:
             return Result(requeue_after=after)
         if not record.ready:  # still starting
             started = current.started_at.timestamp() if current.started_at else c.now
+            if current.waiting and c.now - started < health.startup_deadline_seconds:
+                return await self._waiting(current)
             if c.now - started < health.startup_deadline_seconds:
                 c.found(
                     "False",
@@ -273,10 +391,11 @@ class Lifecycle:
                     progressing=("InstanceStarting", f"waiting for {current.name} to be Ready"),
                 )
                 return Result(requeue_after=c.memory.next_probe(current.name))
+            waited = f" ({current.waiting}: {current.waiting_message})" if current.waiting else ""
             return await self._unhealthy(
                 current,
                 f"{current.name} was not Ready within startupDeadlineSeconds "
-                f"({health.startup_deadline_seconds}s)",
+                f"({health.startup_deadline_seconds}s){waited}",
             )
         self.s.routes.clear_route(c.key)
         c.memory.health_failures += 1
@@ -292,6 +411,29 @@ class Lifecycle:
             )
             return Result(requeue_after=float(health.period_seconds))
         return await self._unhealthy(current, failed)
+
+    async def _waiting(self, current: base.Instance) -> Result:
+        """An instance the platform has not run yet: scheduling and pulling are reported
+        as such and do not count against the startup deadline; a failed wait (an image
+        that cannot be pulled) is Degraded and counts from when the instance was made."""
+        c = self.c
+        failed = current.started_at is not None
+        said = f"{current.name} does not run yet: {current.waiting}" + (
+            f" ({current.waiting_message})" if current.waiting_message else ""
+        )
+        if not failed:
+            said += "; the startup deadline counts from when it runs"
+        if c.memory.waiting_said.get(current.name) != current.waiting:
+            c.memory.waiting_said[current.name] = current.waiting
+            await self.e.event("Warning" if failed else "Normal", current.waiting, said)
+        c.found(
+            "False",
+            current.waiting,
+            said,
+            progressing=(current.waiting, said),
+            degraded=(current.waiting, said) if failed else None,
+        )
+        return Result(requeue_after=float(c.spec.health.period_seconds))
 
     async def _handshake(self, current: base.Instance, endpoint: str, timeout: float) -> bool:
         """Initialize the instance (idempotent) and check what it says; True when it is healthy.

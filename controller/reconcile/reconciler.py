@@ -46,13 +46,13 @@ from controller.metrics import violations as violations_module
 from controller.reconcile import checkpoints, gates, lifecycle, standby, status
 from controller.reconcile import requests as requests_module
 from controller.reconcile.workers import Result
-from controller.runtimes import base
+from controller.runtimes import base, remote
 from controller.sources import base as sources_base
 from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey, split_key
 from controller.state import snapshots as snapshots_module
-from controller.swap import context, coordinator, transfer
+from controller.swap import analysis, context, coordinator, transfer
 from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,13 @@ class Reconciler:
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
         webhooks: webhooks_module.Sender | None = None,
+        prometheus: analysis.Prometheus | None = None,
     ) -> None:
         self.source = source
         self.webhooks = webhooks or webhooks_module.Sender()
         """Sends the swaps' webhooks (unsigned unless given a secret)."""
+        self.prometheus = prometheus or analysis.Prometheus(None)
+        """Where the swaps' Prometheus analyses query."""
         self.requests: requests_module.Requests = requests or requests_module.MemoryRequests()
         """Operators' requests, each carried out and answered by a pass of its plugin."""
         self._answered: dict[int, asyncio.Event] = {}
@@ -181,7 +184,13 @@ class Reconciler:
     def services(self) -> context.Services:
         """What every pass works with."""
         return context.Services(
-            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics, self.webhooks
+            self.runtime,
+            self.plugins,
+            self.routes,
+            self.snapshots,
+            self.metrics,
+            self.webhooks,
+            self.prometheus,
         )
 
     def check_may_act(self) -> None:
@@ -599,7 +608,7 @@ class _Pass:
             current is not None
             and current.spec_hash != c.want_for(c.color).spec_hash
             and current.state is base.InstanceState.RUNNING
-            and c.spec.hot_swap.strategy == "BlueGreen"
+            and c.spec.hot_swap.strategy != "Recreate"
             and c.instance_status(current.color).ready
             and not self._swap_refused(current)
         )
@@ -631,11 +640,16 @@ class _Pass:
 
     def _computed(self) -> models.PluginStatus:
         c = self.c
+        for instance in c.observed:  # a remote plugin's: where it is, what does not apply
+            for record in c.status.instances:
+                if record.color is instance.color:
+                    record.remote = remote.status_of(instance)
         beside = status.Beside(
             waiting=self.waiting,
             held_back=c.held_back,
             pinned=(str(c.spec.version), str(c.plugin.spec.version)) if c.pinned else None,
             violations=self.r.violations.current(c.key),
+            unenforced=self.s.runtime.capabilities().not_enforced,
         )
         return status.compute(c.old, c.status, c.finding, beside, c.generation, datetime.now(UTC))
 
@@ -721,7 +735,8 @@ class _Pass:
             log.warning("%s: moving the stable address failed: %s", c.key, e)
 
     async def start(self, want: base.InstanceSpec) -> None:
-        await self.s.runtime.start(want)
+        started = await self.s.runtime.start(want)
+        self.c.memory.crashes_counted[started.id] = 0  # each of its exits is a new one
         specs = self.r.specs
         if specs is not None:  # kept so that a swap away from it can be undone
             text = want.spec.model_dump_json(by_alias=True, exclude_none=True)
@@ -744,6 +759,8 @@ class _Pass:
         if instance.color is c.status.active_color and c.status.swap is None:
             self.s.routes.clear_route(c.key)
         c.memory.handshaken.discard(instance.id)
+        c.memory.crashes_counted.pop(instance.id, None)
+        c.memory.waiting_said.pop(instance.name, None)
         c.memory.probe_delay.pop(instance.name, None)
         self.s.metrics.track(instance.name, None)
         await self.s.runtime.remove(instance.name)

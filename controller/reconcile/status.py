@@ -39,6 +39,8 @@ class Beside:
     """(the version that runs, the declared one) while ``bhctl swap undo`` pins a spec."""
     violations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """Resource violations that hold now (kind to message)."""
+    unenforced: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Spec fields the runtime cannot enforce (field to why)."""
 
 
 def compute(
@@ -108,6 +110,11 @@ def compute(
             "changes")  # fmt: skip
     elif conditions.is_true(found, conditions.PINNED):
         put(conditions.PINNED, "False", "SpecChanged", "")
+    if beside.unenforced:
+        said = "; ".join(f"{name}: {why}" for name, why in sorted(beside.unenforced.items()))
+        put(conditions.UNENFORCED, "True", "NotEnforced", said)
+    elif conditions.is_true(found, conditions.UNENFORCED):
+        put(conditions.UNENFORCED, "False", "Enforced", "")
     for kind, text in beside.violations.items():
         put(kind, "True", kind, text)
     for condition in list(found):

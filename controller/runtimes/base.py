@@ -373,6 +373,7 @@ def instance_hash(spec: models.PluginSpec) -> str:
             "env",
             "config",
             "state",
+            "remote",
         },
     )
     made_of.get("permissions", {}).pop("callPlugins", None)
@@ -433,6 +434,19 @@ class Instance:
     """The main process on this host, when it runs here (its cgroup holds the instance)."""
     address: str | None = None
     """``host:port`` where it is reached over the network, for runtimes that reach it so."""
+    crashes: int = 0
+    """Where the platform restarts crashed instances by itself (``restarts_crashed``): how
+    many times this one exited so far (a kubelet's ``restartCount``, plus one while it
+    waits out its restart back-off). ``exit_code``, ``oom_killed`` and ``finished_at``
+    then tell of its last exit even while it runs again."""
+    restarting: bool = False
+    """Exited, and the platform starts it again by itself after its back-off."""
+    waiting: str = ""
+    """Why it does not run yet, where the platform says (CamelCase, e.g. Unschedulable,
+    ContainerCreating, ImagePullBackOff); ``waiting_message`` says more. Until it runs its
+    ``started_at`` is None and the startup deadline does not count, except for a wait that
+    fails (``ImagePullBackOff``, ...), whose ``started_at`` is when it was made."""
+    waiting_message: str = ""
 
     @property
     def key(self) -> PluginKey:
@@ -514,6 +528,9 @@ class Capabilities:
     restarts_crashed: bool = False
     """Whether the platform restarts an exited instance by itself (a kubelet does): the
     controller then stops one it decides not to restart yet."""
+    not_enforced: Mapping[str, str] = field(default_factory=dict)
+    """Spec fields this backend runs but cannot enforce (field -> why): the plugin's status
+    says so (condition Unenforced), its spec is not refused."""
 
 
 @dataclass(frozen=True)

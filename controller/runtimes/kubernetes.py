@@ -12,6 +12,14 @@ termination (the kubelet restarts a crashed container; the controller's
 crash-loop rules see every exit). Plugins are reached over TCP at their pod's
 IP, with the per-plugin token of the plugin's Secret on every call.
 
+The kubelet restarts a crashed container itself: its exits are counted from
+the pod's ``restartCount`` and ``lastState`` (``Instance.crashes``), and the
+Deployment is kept; a pod not running yet says why (``Instance.waiting``:
+scheduling, pulling), so the startup deadline counts from when it runs.
+Volumes are ReadWriteOnce claims, per color or shared
+(:mod:`~controller.runtimes.kubernetes_manifests` says which and why); a
+claim grows with its spec, never shrinks.
+
 The stable Service ``bh-<plugin>`` follows the active color (:meth:`route`),
 so in-cluster callers that hold the token see the flip of a blue/green swap
 when the gateway does.
@@ -26,7 +34,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -43,7 +51,7 @@ from controller.errors import (
 )
 from controller.runtimes import base
 from controller.runtimes import kubernetes_manifests as manifests
-from controller.spec import models
+from controller.spec import models, quantity
 from controller.spec.keys import plugin_key
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,22 @@ class Settings:
     """The namespaces whose plugins this controller runs; empty for all."""
     default_namespace: str = "default"
     """Where a plugin declared without a namespace runs."""
+    pods: manifests.PodOptions = field(default_factory=manifests.PodOptions)
+    """Image pull secrets and the DNS pods, for every plugin pod."""
+    network_policy_enforced: bool = False
+    """The operator checked that the cluster's network plugin enforces NetworkPolicy (the
+    API cannot tell): else every plugin's status says its isolation is unverified."""
+
+
+PIDS_NOT_ENFORCED = (
+    "Kubernetes has no per-pod PID limit to set; the kubelet's podPidsLimit (node "
+    "configuration, the same for every pod of a node) is what bounds a plugin's processes"
+)
+NETWORK_POLICY_UNVERIFIED = (
+    "isolation is a NetworkPolicy, which only a network plugin that enforces NetworkPolicy "
+    "applies, and the API does not say whether this cluster's does; check it (see the "
+    "Kubernetes guide) and run the controller with --network-policy-enforced"
+)
 
 
 class KubernetesRuntime:
@@ -103,6 +127,8 @@ class KubernetesRuntime:
         """Plugin key -> its protocol token."""
         self._endpoint_keys: dict[str, str] = {}
         self._routed: dict[str, models.Color] = {}
+        self._claim_sizes: dict[kubeapi.ObjectKey, str] = {}
+        """The size of each claim as last made or read: a shrink is refused up front."""
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._started = False
 
@@ -116,11 +142,15 @@ class KubernetesRuntime:
     # What it can do.
 
     def capabilities(self) -> base.Capabilities:
+        not_enforced = {"spec.resources.pids": PIDS_NOT_ENFORCED}
+        if not self.settings.network_policy_enforced:
+            not_enforced["spec.permissions"] = NETWORK_POLICY_UNVERIFIED
         return base.Capabilities(
             networks=frozenset(models.NetworkMode),
             volumes=True,
             host_paths=False,
             restarts_crashed=True,
+            not_enforced=not_enforced,
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
@@ -154,6 +184,19 @@ class KubernetesRuntime:
                 )
             )
         namespace = self._namespace(desired.namespace)
+        for index, volume in enumerate(desired.spec.volumes):
+            have = self._claim_sizes.get((namespace, manifests.claim_of(desired, volume.name)))
+            if have is not None and volume.size is not None and _shrinks(str(volume.size), have):
+                issues.append(
+                    SpecIssue(
+                        "runtime",
+                        None,
+                        f"spec.volumes[{index}].size",
+                        _shrink_refused(str(volume.size), have),
+                        value=str(volume.size),
+                        has_value=True,
+                    )
+                )
         if self.settings.namespaces and namespace not in self.settings.namespaces:
             issues.append(
                 SpecIssue(
@@ -241,7 +284,7 @@ class KubernetesRuntime:
         plugin = labels.get(base.LABEL_PLUGIN, "")
         namespace = labels.get(base.LABEL_NAMESPACE) or None
         pod = self._pod(deployment)
-        state, exit_code, oom, started, finished = _state(deployment, pod)
+        seen = _state(deployment, pod)
         address = ((pod or {}).get("status") or {}).get("podIP")
         return base.Instance(
             name=base.instance_name(plugin, color, namespace, self.controller_id),
@@ -249,11 +292,15 @@ class KubernetesRuntime:
             color=color,
             version=labels.get(base.LABEL_VERSION, ""),
             spec_hash=labels.get(base.LABEL_SPEC_HASH, ""),
-            state=state,
-            exit_code=exit_code,
-            oom_killed=oom,
-            started_at=started,
-            finished_at=finished,
+            state=seen.state,
+            exit_code=seen.exit_code,
+            oom_killed=seen.oom_killed,
+            started_at=seen.started_at,
+            finished_at=seen.finished_at,
+            crashes=seen.crashes,
+            restarting=seen.restarting,
+            waiting=seen.waiting,
+            waiting_message=seen.waiting_message,
             namespace=namespace,
             id=str(metadata.get("uid") or metadata.get("name")),
             labels=dict(labels),
@@ -284,23 +331,30 @@ class KubernetesRuntime:
 
     async def start(self, desired: base.InstanceSpec) -> base.Instance:
         await self._sync()
+        settings = self.settings
         namespace = self._namespace(desired.namespace)
         owner = manifests.Owner(desired.plugin, desired.owner_uid) if desired.owner_uid else None
         key = plugin_key(desired.plugin, desired.namespace)
         await self._ensure_token(desired.plugin, namespace, key, owner)
         await self._apply(
             "networkpolicy",
-            manifests.network_policy(desired, namespace, self.settings.controller_namespace, owner),
+            manifests.network_policy(
+                desired, namespace, self.settings.controller_namespace, owner, settings.pods.dns
+            ),
         )
         for volume in desired.spec.volumes:
-            await self._create_if_missing("pvc", manifests.claim(desired, volume, namespace, owner))
+            await self._claim(
+                manifests.claim(desired, volume, namespace, owner, settings.pods.storage_class)
+            )
         await self._apply("service", manifests.color_service(desired, namespace, owner))
         stable = manifests.stable_service(
             desired.plugin, desired.color, namespace, self.controller_id, owner
         )
         if await self._create_if_missing("service", stable):
             self._routed[key] = desired.color
-        body = manifests.deployment(desired, namespace, owner, secrets.token_hex(6))
+        body = manifests.deployment(
+            desired, namespace, owner, secrets.token_hex(6), self.settings.pods
+        )
         raw = await self._request(
             f"creating {_describe(body)}", self.apps.create_namespaced_deployment, namespace, body
         )
@@ -310,6 +364,46 @@ class KubernetesRuntime:
         assert instance is not None  # it carries the labels it was made with
         log.info("created deployment %s/%s", namespace, body["metadata"]["name"])
         return instance
+
+    async def _claim(self, body: dict[str, Any]) -> None:
+        """Make a volume's claim, or grow the one there to the spec's size.
+
+        A claim can grow where its StorageClass allows expansion (the API server
+        refuses it otherwise, and that refusal is the error); it can never
+        shrink, which is refused here with what to do instead.
+        """
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        read = self.core.read_namespaced_persistent_volume_claim
+        existing = await self._read(read, name, namespace)
+        want = body["spec"]["resources"]["requests"]["storage"]
+        if existing is None:
+            await self._create_if_missing("pvc", body)
+            self._claim_sizes[(namespace, name)] = want
+            return
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            raise RuntimeBackendError(
+                f"the claim {namespace}/{name} is still being deleted (a pod may still use it)"
+            )
+        requests = ((existing.get("spec") or {}).get("resources") or {}).get("requests") or {}
+        have = requests.get("storage")
+        if have is None or quantity.Quantity(have).value == quantity.Quantity(want).value:
+            return
+        self._claim_sizes[(namespace, name)] = str(have)
+        if _shrinks(want, str(have)):
+            volume = body["metadata"]["labels"][base.LABEL_VOLUME]
+            raise RuntimeBackendError(
+                f"spec.volumes[{volume}].size: {_shrink_refused(want, str(have))} "
+                f"(claim {namespace}/{name})"
+            )
+        await self._patch(
+            f"growing the claim to {want}:",
+            self.core.patch_namespaced_persistent_volume_claim,
+            name,
+            namespace,
+            {"spec": {"resources": {"requests": {"storage": want}}}},
+        )
+        self._claim_sizes[(namespace, name)] = want
+        log.info("claim %s/%s grown from %s to %s", namespace, name, have, want)
 
     async def stop(self, name: str, timeout: float) -> None:
         """Scale to zero: the pod gets SIGTERM and its grace period, as on any Kubernetes."""
@@ -329,12 +423,32 @@ class KubernetesRuntime:
         if where is None:
             return
         namespace, object_name = where
+        deployment = self._deployments.get(where) or {}
         for delete in (
             self.apps.delete_namespaced_deployment,
             self.core.delete_namespaced_service,
         ):
             await self._delete(delete, object_name, namespace)
         self._names.pop(name, None)
+        await self._remove_color_claims(deployment, namespace)
+
+    async def _remove_color_claims(self, deployment: kubeapi.Object, namespace: str) -> None:
+        """The claims of a color that goes while the other one carries on (a swap's end:
+        promoted or rolled back); a color restarted alone keeps them."""
+        labels = (deployment.get("metadata") or {}).get("labels") or {}
+        plugin, color = labels.get(base.LABEL_PLUGIN), labels.get(base.LABEL_COLOR)
+        if not plugin or color not in {c.value for c in models.Color}:
+            return
+        other = models.Color.GREEN if color == models.Color.BLUE.value else models.Color.BLUE
+        scope = labels.get(base.LABEL_NAMESPACE) or None
+        if base.instance_name(plugin, other, scope, self.controller_id) not in self._names:
+            return
+        for claim in await self._list_claims(plugin, namespace, color=models.Color(color)):
+            await self._delete(
+                self.core.delete_namespaced_persistent_volume_claim, claim, namespace
+            )
+            self._claim_sizes.pop((namespace, claim), None)
+            log.info("removed the claim %s/%s of the %s color that went", namespace, claim, color)
 
     async def release(self, plugin: str, namespace: str | None = None) -> None:
         """The plugin is deleted: its stable Service, NetworkPolicy, token and volumes go too."""
@@ -354,6 +468,7 @@ class KubernetesRuntime:
         claims = await self._list_claims(plugin, where)
         for claim in claims:
             await self._delete(self.core.delete_namespaced_persistent_volume_claim, claim, where)
+            self._claim_sizes.pop((where, claim), None)
         key = plugin_key(plugin, namespace)
         self._tokens.pop(key, None)
         self._routed.pop(key, None)
@@ -364,10 +479,14 @@ class KubernetesRuntime:
             "object is deleted (kubectl delete plugin NAME); the controller with helm uninstall"
         )
 
-    async def _list_claims(self, plugin: str, namespace: str) -> list[str]:
-        selector = ",".join(
-            f"{k}={v}" for k, v in manifests.plugin_selector(plugin, self.controller_id).items()
-        )
+    async def _list_claims(
+        self, plugin: str, namespace: str, color: models.Color | None = None
+    ) -> list[str]:
+        """The plugin's claims (of ``color`` only, when given: per-color claims)."""
+        wanted = manifests.plugin_selector(plugin, self.controller_id)
+        if color is not None:
+            wanted = {**wanted, base.LABEL_COLOR: color.value}
+        selector = ",".join(f"{k}={v}" for k, v in wanted.items())
         listing = await self._request(
             f"listing the volumes of {plugin}",
             self.core.list_namespaced_persistent_volume_claim,
@@ -378,7 +497,9 @@ class KubernetesRuntime:
         for item in listing.get("items") or []:
             metadata = item.get("metadata") or {}
             labels = metadata.get("labels") or {}
-            if labels.get(base.LABEL_PLUGIN) == plugin and labels.get(base.LABEL_VOLUME):
+            if labels.get(base.LABEL_PLUGIN) != plugin or not labels.get(base.LABEL_VOLUME):
+                continue
+            if color is None or labels.get(base.LABEL_COLOR) == color.value:
                 names.append(str(metadata["name"]))
         return names
 
@@ -584,6 +705,18 @@ class KubernetesRuntime:
             await self._patch("updating", patch, name, namespace, change)
 
 
+def _shrinks(want: str, have: str) -> bool:
+    return quantity.Quantity(want).value < quantity.Quantity(have).value
+
+
+def _shrink_refused(want: str, have: str) -> str:
+    return (
+        f"{want} is less than the {have} of the volume's claim, and a PersistentVolumeClaim "
+        "cannot shrink; keep the size, or declare spec.state, whose swaps give the new color "
+        "claims of its own"
+    )
+
+
 def _describe(body: dict[str, Any]) -> str:
     metadata = body.get("metadata") or {}
     return f"{body.get('kind', 'object')} {metadata.get('namespace')}/{metadata.get('name')}"
@@ -606,42 +739,103 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
-def _state(
-    deployment: kubeapi.Object, pod: kubeapi.Object | None
-) -> tuple[base.InstanceState, int | None, bool, datetime | None, datetime | None]:
-    """(state, exit code, OOM-killed, started, finished) of a color from its pod.
+@dataclass(frozen=True)
+class _Observed:
+    """What a color's pod says of its container."""
 
-    A Deployment whose pod is not running yet (scheduling, pulling) counts as
-    running but not ready: the startup deadline judges it. One scaled to zero
-    (stopped) or whose container last terminated counts as exited.
+    state: base.InstanceState
+    exit_code: int | None = None
+    oom_killed: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    crashes: int = 0
+    restarting: bool = False
+    waiting: str = ""
+    waiting_message: str = ""
+
+
+FAILED_WAITS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+"""Container waiting reasons that are failures, not progress: the startup deadline counts
+them (from the pod's creation)."""
+
+
+def _not_running(pod: kubeapi.Object | None, mine: dict[str, Any]) -> _Observed:
+    """A pod (or none yet) whose container has not run: why, from its status."""
+    if pod is None:
+        return _Observed(
+            base.InstanceState.RUNNING, waiting="Pending", waiting_message="no pod yet"
+        )
+    status = pod.get("status") or {}
+    scheduled = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
+    )
+    if scheduled is not None and scheduled.get("status") == "False":
+        return _Observed(
+            base.InstanceState.RUNNING,
+            waiting=str(scheduled.get("reason") or "Unschedulable"),
+            waiting_message=str(scheduled.get("message") or ""),
+        )
+    waiting = (mine.get("state") or {}).get("waiting") or {}
+    reason = str(waiting.get("reason") or ("ContainerCreating" if scheduled else "Pending"))
+    created = _time((pod.get("metadata") or {}).get("creationTimestamp"))
+    return _Observed(
+        base.InstanceState.RUNNING,
+        started_at=created if reason in FAILED_WAITS else None,
+        waiting=reason,
+        waiting_message=str(waiting.get("message") or ""),
+    )
+
+
+def _state(deployment: kubeapi.Object, pod: kubeapi.Object | None) -> _Observed:
+    """A color's state from its pod's container status.
+
+    A Deployment whose pod is not running yet counts as running but not ready,
+    with why it waits (scheduling, pulling: the startup deadline counts from
+    when its container runs; a failed pull counts from the pod's creation). The
+    kubelet restarts
+    a container that exits, after a back-off: meanwhile it is exited and
+    ``restarting``, with the code of its last termination; its exits are
+    counted from ``restartCount`` (restarts made) and the termination it waits
+    out, so that an exit the status coalesced into a restart is counted too.
+    One scaled to zero (stopped) counts as exited, not restarting.
     """
     replicas = (deployment.get("spec") or {}).get("replicas", 1)
     statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
-    mine = next((s for s in statuses if s.get("name") == manifests.CONTAINER), None)
-    state = (mine or {}).get("state") or {}
-    last = (mine or {}).get("lastState") or {}
-    terminated = state.get("terminated") or (
-        last.get("terminated") if "running" not in state else None
-    )
+    mine = next((s for s in statuses if s.get("name") == manifests.CONTAINER), None) or {}
+    state = mine.get("state") or {}
+    last = (mine.get("lastState") or {}).get("terminated")
+    now = state.get("terminated")
+    terminated = now or last
+    restarts = int(mine.get("restartCount") or 0)
+    crashes = restarts + (1 if "running" not in state and terminated else 0)
+    exit_code = terminated.get("exitCode") if terminated else None
+    oom = (terminated or {}).get("reason") == "OOMKilled"
+    finished = _time(terminated.get("finishedAt")) if terminated else None
     if "running" in state and replicas:
-        return (
-            base.InstanceState.RUNNING,
-            None,
-            False,
-            _time(state["running"].get("startedAt")),
-            None,
-        )
+        started = _time(state["running"].get("startedAt"))
+        return _Observed(base.InstanceState.RUNNING, exit_code, oom, started, finished, crashes)
     if terminated:
-        return (
+        return _Observed(
             base.InstanceState.EXITED,
-            terminated.get("exitCode"),
-            terminated.get("reason") == "OOMKilled",
+            exit_code,
+            oom,
             _time(terminated.get("startedAt")),
-            _time(terminated.get("finishedAt")),
+            finished,
+            crashes,
+            restarting=bool(replicas),
         )
     if not replicas:
-        return base.InstanceState.EXITED, None, False, None, None
-    return base.InstanceState.RUNNING, None, False, None, None
+        return _Observed(base.InstanceState.EXITED)
+    return _not_running(pod, mine)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,16 @@ the Kubernetes schemas. Per plugin:
   spec grants;
 - a **PVC** per volume, and a **Secret** with the plugin's protocol token.
 
+Volumes are ReadWriteOnce claims, which one node at a time may mount. A
+plugin that declares ``spec.state`` gets a claim per color
+(``bh-<plugin>-<volume>-<color>``): the new color of a swap may land on any
+node, its claim starts empty, and what must survive the swap moves by the
+state export and import; the old color's claim goes with the old color. A
+plugin without ``spec.state`` has only its volumes to keep its data in, so
+both colors share one claim (``bh-<plugin>-<volume>``) and the new color is
+scheduled onto the node of the old one (a required pod affinity), where the
+claim is already attached.
+
 Everything carries the controller's ownership labels and an ownerReference
 to the Plugin object, so Kubernetes' garbage collector removes what the
 controller could not.
@@ -26,7 +36,7 @@ controller could not.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from controller.runtimes import base
@@ -54,6 +64,27 @@ GATEWAY_POD_LABELS = {
     "app.kubernetes.io/component": "gateway",
 }
 """Labels of the gateway's pods (the Helm chart sets them), which call the plugins."""
+
+
+@dataclass(frozen=True)
+class Dns:
+    """The cluster's DNS pods, which a plugin with named egress destinations may reach."""
+
+    namespace: str = "kube-system"
+    labels: tuple[tuple[str, str], ...] = (("k8s-app", "kube-dns"),)
+    """The DNS pods' labels (CoreDNS keeps kube-dns's ``k8s-app=kube-dns``; OpenShift's
+    are ``dns.operator.openshift.io/daemonset-dns=default`` in ``openshift-dns``)."""
+
+
+@dataclass(frozen=True)
+class PodOptions:
+    """What every plugin pod of this controller gets, from the controller's settings."""
+
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets (in each plugin's namespace) the kubelet pulls plugin images with."""
+    dns: Dns = field(default_factory=Dns)
+    storage_class: str | None = None
+    """The StorageClass of the plugins' claims; None: the cluster's default class."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +142,22 @@ def policy_name(plugin: str, controller_id: str) -> str:
     return stable_name(plugin, controller_id)
 
 
-def claim_name(plugin: str, volume: str, controller_id: str) -> str:
-    return base.volume_name(plugin, volume, None, controller_id)
+def per_color_claims(spec: models.PluginSpec) -> bool:
+    """Whether each color has claims of its own (its state moves by export and import)."""
+    return spec.state is not None
+
+
+def claim_name(
+    plugin: str, volume: str, controller_id: str, color: models.Color | None = None
+) -> str:
+    """The claim of a volume: of one color, or (``color`` None) shared by both."""
+    shared = base.volume_name(plugin, volume, None, controller_id)
+    return shared if color is None else f"{shared}-{color.value}"
+
+
+def claim_of(desired: base.InstanceSpec, volume: str) -> str:
+    color = desired.color if per_color_claims(desired.spec) else None
+    return claim_name(desired.plugin, volume, desired.controller_id, color)
 
 
 def plugin_selector(plugin: str, controller_id: str) -> dict[str, str]:
@@ -142,7 +187,11 @@ def _owned_labels(plugin: str, controller_id: str) -> dict[str, str]:
 
 
 def deployment(
-    desired: base.InstanceSpec, namespace: str, owner: Owner | None, run: str = "0"
+    desired: base.InstanceSpec,
+    namespace: str,
+    owner: Owner | None,
+    run: str = "0",
+    options: PodOptions | None = None,
 ) -> Manifest:
     spec = desired.spec
     cid = desired.controller_id
@@ -180,12 +229,11 @@ def deployment(
         volumes.append(
             {
                 "name": f"v-{volume.name}",
-                "persistentVolumeClaim": {
-                    "claimName": claim_name(desired.plugin, volume.name, cid)
-                },
+                "persistentVolumeClaim": {"claimName": claim_of(desired, volume.name)},
             }
         )
     resources = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
+    pull_secrets = (options or PodOptions()).image_pull_secrets
     container = {
         "name": CONTAINER,
         "image": spec.image,
@@ -237,9 +285,39 @@ def deployment(
                     },
                     "containers": [container],
                     "volumes": volumes,
+                    **_beside_the_other_color(desired),
+                    **(
+                        {"imagePullSecrets": [{"name": n} for n in pull_secrets]}
+                        if pull_secrets
+                        else {}
+                    ),
                 },
             },
         },
+    }
+
+
+def _beside_the_other_color(desired: base.InstanceSpec) -> dict[str, Any]:
+    """Where both colors share claims: a required pod affinity to the plugin's pods, on
+    the node (``kubernetes.io/hostname``). One node may mount a ReadWriteOnce claim, so the
+    new color must run where the old one does. The term selects every color, the pod's
+    own included: with no other pod of the plugin (a first start, a pod rescheduled after
+    the old color went) the scheduler lets it go to any node, as it does for the first
+    pod of a group that matches its own affinity."""
+    if not desired.spec.volumes or per_color_claims(desired.spec):
+        return {}
+    selector = plugin_selector(desired.plugin, desired.controller_id)
+    return {
+        "affinity": {
+            "podAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "labelSelector": {"matchLabels": selector},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }
+                ]
+            }
+        }
     }
 
 
@@ -294,7 +372,11 @@ def _port() -> dict[str, Any]:
 
 
 def network_policy(
-    desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
+    desired: base.InstanceSpec,
+    namespace: str,
+    controller_namespace: str,
+    owner: Owner | None,
+    dns: Dns | None = None,
 ) -> Manifest:
     """Default deny; in: the controller's and the gateway's pods on the protocol port (and
     peers); out: the spec's."""
@@ -316,7 +398,7 @@ def network_policy(
     ]
     egress: list[dict[str, Any]] = []
     if permissions.network is models.NetworkMode.EGRESS:
-        egress += _egress(permissions.egress)
+        egress += _egress(permissions.egress, dns or Dns())
     if permissions.network is models.NetworkMode.PRIVATE:
         peers = {
             "podSelector": {
@@ -347,13 +429,13 @@ def network_policy(
     }
 
 
-def _egress(destinations: list[str]) -> list[dict[str, Any]]:
+def _egress(destinations: list[str], dns: Dns) -> list[dict[str, Any]]:
     """``host:port`` destinations as egress rules.
 
     An IP address becomes that address alone; a name cannot be written in a
     NetworkPolicy, so it becomes its port to any public address (not the
     private, carrier-grade NAT or link-local ranges: no cluster addresses, no
-    cloud metadata endpoint), plus DNS to the cluster's DNS pods to resolve it.
+    cloud metadata endpoint), plus DNS to the cluster's DNS pods (``dns``) to resolve it.
     """
     rules: list[dict[str, Any]] = []
     named_ports: set[int] = set()
@@ -398,9 +480,9 @@ def _egress(destinations: list[str]) -> list[dict[str, Any]]:
                 "to": [
                     {
                         "namespaceSelector": {
-                            "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                            "matchLabels": {"kubernetes.io/metadata.name": dns.namespace}
                         },
-                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                        "podSelector": {"matchLabels": dict(dns.labels)},
                     }
                 ],
                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
@@ -409,22 +491,33 @@ def _egress(destinations: list[str]) -> list[dict[str, Any]]:
     return rules
 
 
+DEFAULT_CLAIM_SIZE = "1Gi"
+"""The size of a volume's claim when the spec gives none."""
+
+
 def claim(
-    desired: base.InstanceSpec, volume: models.Volume, namespace: str, owner: Owner | None
+    desired: base.InstanceSpec,
+    volume: models.Volume,
+    namespace: str,
+    owner: Owner | None,
+    storage_class: str | None = None,
 ) -> Manifest:
     cid = desired.controller_id
     labels = {**_owned_labels(desired.plugin, cid), base.LABEL_VOLUME: volume.name}
-    size = str(volume.size) if volume.size is not None else "1Gi"
+    if per_color_claims(desired.spec):
+        labels[base.LABEL_COLOR] = desired.color.value
+    size = str(volume.size) if volume.size is not None else DEFAULT_CLAIM_SIZE
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": size}},
+    }
+    if storage_class:
+        spec["storageClassName"] = storage_class
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(
-            claim_name(desired.plugin, volume.name, cid), namespace, labels, owner
-        ),
-        "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": size}},
-        },
+        "metadata": _metadata(claim_of(desired, volume.name), namespace, labels, owner),
+        "spec": spec,
     }
 
 
@@ -446,14 +539,19 @@ def token_secret(
 
 
 def all_for(
-    desired: base.InstanceSpec, namespace: str, controller_namespace: str, owner: Owner | None
+    desired: base.InstanceSpec,
+    namespace: str,
+    controller_namespace: str,
+    owner: Owner | None,
+    options: PodOptions | None = None,
 ) -> list[Manifest]:
     """Every object ``desired`` needs, in the order they are made (for validation and docs)."""
+    options = options or PodOptions()
     return [
         token_secret(desired.plugin, "example-token", namespace, desired.controller_id, owner),
-        network_policy(desired, namespace, controller_namespace, owner),
-        *[claim(desired, v, namespace, owner) for v in desired.spec.volumes],
+        network_policy(desired, namespace, controller_namespace, owner, options.dns),
+        *[claim(desired, v, namespace, owner, options.storage_class) for v in desired.spec.volumes],
         color_service(desired, namespace, owner),
         stable_service(desired.plugin, desired.color, namespace, desired.controller_id, owner),
-        deployment(desired, namespace, owner),
+        deployment(desired, namespace, owner, options=options),
     ]

@@ -33,8 +33,13 @@ DEGRADED = "Degraded"
 STALLED = "Stalled"
 """True when the plugin cannot get anywhere until its spec changes (kstatus' Stalled)."""
 PINNED = "Pinned"
+UNENFORCED = "Unenforced"
+"""True while the runtime cannot enforce part of the spec (``resources.pids`` on
+Kubernetes, say): a warning, not a failure."""
 
-SWAP_REASONS = frozenset({"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted"})
+SWAP_REASONS = frozenset(
+    {"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted", "CanaryPaused", "Analyzing"}
+)
 """The reasons of ``Progressing`` while a swap is under way."""
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -46,6 +51,7 @@ __all__ = [
     "READY",
     "STALLED",
     "SWAP_REASONS",
+    "UNENFORCED",
     "ConditionStatus",
     "EventType",
     "Finding",

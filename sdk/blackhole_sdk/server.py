@@ -10,6 +10,14 @@ must not restart a plugin waiting for its handshake), and on SIGTERM drains
 (stops taking calls, lets those in flight finish) and exits 0. Logs go to
 stderr.
 
+Drained over TCP (the controller's ``Drain`` at a blue/green flip), the
+server also lets every connection go as a graceful stop does: each gets an
+HTTP/2 GOAWAY, its calls in flight finish, and its client opens a new
+connection for the next call, through the plugin's Service, which by then
+selects the new color. As a Service's endpoints reach every node a little
+later, this is done again every :data:`GOAWAY_SECONDS` while the plugin
+stays drained, so a client that reconnected before the move is let go again.
+
 Reached over TCP, a plugin is started with ``BLACKHOLE_PLUGIN_TOKEN`` too:
 every call of the plugin protocol must then carry ``authorization: Bearer
 <token>``, and is refused with UNAUTHENTICATED otherwise (health checks
@@ -59,6 +67,8 @@ STATE_CHUNK_BYTES = 256 << 10
 these)."""
 DRAIN_GRACE_SECONDS = 30.0
 """How long SIGTERM waits for calls in flight."""
+GOAWAY_SECONDS = 2.0
+"""While drained over TCP: how often every connection is let go (GOAWAY) again."""
 MAX_MESSAGE_BYTES = 16 << 20
 """Largest single message accepted (state chunks and Handle payloads)."""
 
@@ -72,6 +82,8 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
         self.answer: plugin_pb2.InitializeResponse | None = None
         self.in_flight = 0
         self.draining = False
+        self.on_drain: Callable[[], None] | None = None
+        """Called when a drain begins (the listener lets its connections go)."""
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -317,6 +329,8 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
         """Stop taking calls; wait up to ``timeout`` s for those in flight; the number left."""
         self.draining = True
         log.info("draining: %d call(s) in flight", self.in_flight)
+        if self.on_drain is not None:
+            self.on_drain()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -578,6 +592,11 @@ def server_for(
     With ``token``, protocol calls must carry it (see :class:`TokenCheck`);
     with ``clients``, every call must come from a client it admits (over TLS).
     """
+    servicer = Servicer(plugin)
+    return _server(servicer, token, clients), servicer
+
+
+def _server(servicer: Servicer, token: str | None, clients: ClientCheck | None) -> grpc.aio.Server:
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if clients is not None:
         interceptors.append(clients)
@@ -587,13 +606,89 @@ def server_for(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A second server on the same port takes over the listening at each GOAWAY.
+            ("grpc.so_reuseport", 1),
         ],
         interceptors=interceptors or None,
     )
-    servicer = Servicer(plugin)
     plugin_pb2_grpc.add_PluginServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(servicer), server)
-    return server, servicer
+    return server
+
+
+class Listener:
+    """The servicer's gRPC server on one address; over TCP, drains let connections go.
+
+    A GOAWAY for every connection, and only that, is what a graceful stop
+    does; so at each one a new server (same servicer, same port, bound with
+    ``SO_REUSEPORT``) takes over the listening first, then the old one stops
+    gracefully: its calls in flight finish (within :data:`DRAIN_GRACE_SECONDS`),
+    its clients reconnect, to the new server or, through a Service, elsewhere.
+    A Unix socket (reached by the controller and gateway only, which route by
+    instance) is never let go.
+    """
+
+    def __init__(
+        self,
+        servicer: Servicer,
+        address: str,
+        *,
+        token: str | None = None,
+        clients: ClientCheck | None = None,
+        tls: TLSFiles | None = None,
+    ) -> None:
+        self.servicer = servicer
+        self.address = address
+        self.token = token
+        self.clients = clients
+        self.tls = tls
+        self.server = self._bound(address)
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._letting_go: asyncio.Task[None] | None = None
+        self.goaways = 0
+        """How many times every connection was let go."""
+        if not address.startswith("unix:"):
+            servicer.on_drain = self._drained
+
+    def _bound(self, address: str) -> grpc.aio.Server:
+        server = _server(self.servicer, self.token, self.clients)
+        if self.tls is not None:
+            port = server.add_secure_port(address, self.tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
+        if not address.startswith("unix:"):
+            host = address.rpartition(":")[0]
+            self.address = f"{host}:{port}"  # port 0 asked for any: keep the one given
+        return server
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    def _drained(self) -> None:
+        if self._letting_go is None or self._letting_go.done():
+            self._letting_go = asyncio.get_running_loop().create_task(self._let_go())
+
+    async def _let_go(self) -> None:
+        while self.servicer.draining:
+            await self.goaway()
+            await asyncio.sleep(GOAWAY_SECONDS)
+
+    async def goaway(self) -> None:
+        """Let every connection go (GOAWAY); a new server listens on from now."""
+        old, self.server = self.server, self._bound(self.address)
+        await self.server.start()
+        task = asyncio.get_running_loop().create_task(old.stop(grace=DRAIN_GRACE_SECONDS))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        self.goaways += 1
+        log.info("drained: every connection told to go away (GOAWAY %d)", self.goaways)
+
+    async def stop(self, grace: float | None) -> None:
+        if self._letting_go is not None:
+            self._letting_go.cancel()
+        await self.server.stop(grace)
+        for task in list(self._stopping):
+            await task
 
 
 def address_from_environment() -> str:
@@ -627,13 +722,11 @@ async def serve_async(
                 os.unlink(stale)
         bound = f"unix:{path}{STARTING_SUFFIX}"
     clients = ClientCheck(clients_from_environment()) if tls is not None else None
-    server, servicer = server_for(plugin, os.environ.get("BLACKHOLE_PLUGIN_TOKEN") or None, clients)
-    if tls is not None:
-        server.add_secure_port(bound, tls.credentials())
-    else:
-        server.add_insecure_port(bound)
+    servicer = Servicer(plugin)
+    token = os.environ.get("BLACKHOLE_PLUGIN_TOKEN") or None
+    listener = Listener(servicer, bound, token=token, clients=clients, tls=tls)
     started = time.monotonic()
-    await server.start()
+    await listener.start()
     if path is not None:
         os.rename(path + STARTING_SUFFIX, path)
     log.info(
@@ -645,8 +738,9 @@ async def serve_async(
         (time.monotonic() - started) * 1000,
     )
     await stop.wait()
+    servicer.on_drain = None  # stopping for good: no new server to hand over to
     left = await servicer.drain(DRAIN_GRACE_SECONDS)
-    await server.stop(grace=1.0 if left else 0)
+    await listener.stop(grace=1.0 if left else 0)
     log.info("stopped")
 
 

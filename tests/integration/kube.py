@@ -25,7 +25,8 @@ objects validated offline, the printer columns' JSON paths), not their effect.
 Deployment it keeps ``spec.replicas`` Pod objects and runs each pod's
 container on the real Docker engine (its image, command and args, env with
 Secret references resolved, user, read-only root, dropped capabilities,
-memory and CPU limits; PVCs as tmpfs; emptyDirs as tmpfs, or as a host
+memory and CPU limits; PVCs as a host directory per claim, kept across its
+pods; emptyDirs as tmpfs, or as a host
 directory shared with the pod's init containers when it has any, which run
 to completion first; Secret volumes as read-only files, root's, group
 ``fsGroup`` made group-readable as the kubelet does), reports the
@@ -33,7 +34,21 @@ container's IP as the pod IP and its Ready condition from the
 ``readinessProbe`` when it is an ``httpGet`` (without one, or with a grpc
 or exec probe, which it does not run, a running unpaused container is
 ready),
-restarts it when it exits (``restartCount``, ``lastState.terminated``), and
+restarts it when it exits with the kubelet's back-off (10 s doubling to 300 s,
+:class:`KubeletBackoff`), reporting it meanwhile as waiting in
+``CrashLoopBackOff`` with ``lastState.terminated`` and ``restartCount`` as a
+kubelet does;
+schedules each pod onto one of its named nodes as the scheduler would (its
+claims must exist; a required pod affinity by ``matchLabels`` over
+``kubernetes.io/hostname`` must hold, the first pod of a group matching its
+own term going anywhere; the node with the fewest pods wins), setting
+``spec.nodeName`` or reporting ``PodScheduled=False``/``Unschedulable``;
+keeps a pod whose ReadWriteOnce claim a pod on another node uses in
+``ContainerCreating`` with the attach/detach controller's Multi-Attach error;
+reports an image that is not there as ``ErrImagePull``, then
+``ImagePullBackOff``, and starts the pod once it is (with ``pull_seconds``,
+the first pod of an image on a node waits that long in ``ContainerCreating``,
+as for a pull); and
 stops and removes pods when the Deployment goes or is scaled down.
 """
 
@@ -84,10 +99,28 @@ RESOURCES = [
     "coordination.k8s.io/v1/leases",
 ]
 KUBELET_LABEL = "blackhole.dev/test-kubelet"
+CONTAINER_NAME = "plugin"
+"""The name the kubelet reports its pods' (single) container under."""
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _seconds_between(started: str, finished: str) -> float | None:
+    """Seconds from Docker's ``StartedAt`` to its ``FinishedAt`` (nanosecond RFC 3339)."""
+    try:
+        start, end = (
+            datetime.datetime.fromisoformat(t[:26].rstrip("Z") + "+00:00")
+            for t in (started, finished)
+        )
+    except ValueError:
+        return None
+    return (end - start).total_seconds()
+
+
+def _labels_match(labels: dict[str, str], wanted: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in wanted.items())
 
 
 def matches(obj: dict[str, Any], selector: str | None) -> bool:
@@ -292,6 +325,24 @@ class ApiServer(kmock.KubernetesEmulator):
         ]
 
 
+@dataclass(frozen=True)
+class KubeletBackoff:
+    """The kubelet's restart back-off for crashed containers (its defaults).
+
+    The first restart comes ``initial`` seconds after the exit, each further one
+    twice as late, at most ``limit``; a container that ran ``reset`` seconds
+    before it exited starts over at ``initial`` (kubelet's ``backOffPeriod`` and
+    ``MaxContainerBackOff``: 10 s doubling to 300 s, reset after 10 minutes).
+    """
+
+    initial: float = 10.0
+    limit: float = 300.0
+    reset: float = 600.0
+
+    def delay(self, steps: int) -> float:
+        return float(min(self.limit, self.initial * 2.0**steps))
+
+
 @dataclass
 class _Pod:
     name: str
@@ -306,15 +357,43 @@ class _Pod:
     address: str | None = None
     ready: bool = False
     probed: float = 0.0
+    restart_at: float | None = None
+    """When the kubelet starts the exited container again (its back-off), if it exited."""
+    backoff_steps: int = 0
+    """Restarts in a row without a long enough run between: the back-off's exponent."""
+    node: str = ""
+    """The node it is scheduled on ("" while unschedulable)."""
+    running: bool = False
+    """Its containers were created (scheduled, claims attached, image there)."""
+    pulls_failed: int = 0
+    pulled_at: float | None = None
+    """When its image is pulled onto its node, while it is being pulled."""
+    claims: tuple[str, ...] = ()
+    """The PersistentVolumeClaims it mounts."""
 
 
 class Kubelet:
     """Runs the pods of the API server's Deployments as Docker containers (see the module)."""
 
     def __init__(
-        self, server: ApiServer, docker_client: docker.DockerClient, session: str, logs: Path
+        self,
+        server: ApiServer,
+        docker_client: docker.DockerClient,
+        session: str,
+        logs: Path,
+        *,
+        backoff: KubeletBackoff | None = None,
+        nodes: tuple[str, ...] = ("node-a",),
+        pull_seconds: float = 0.0,
     ) -> None:
         self.server = server
+        self.pull_seconds = pull_seconds
+        """How long the first pod of an image on a node waits in ContainerCreating (its
+        pull); the image itself always comes from the Docker engine."""
+        self._pulled: set[tuple[str, str]] = set()
+        self.backoff = backoff or KubeletBackoff()
+        self.nodes = nodes
+        """The nodes pods are scheduled on (names only: every pod runs on this Docker)."""
         self.logs = logs
         """Where each pod's output is kept when it is removed (for the failures' reports)."""
         self.volumes = logs.parent / "volumes"
@@ -351,7 +430,10 @@ class Kubelet:
             while len(pods) > replicas:
                 await self._stop(pods.pop())
             for pod in list(pods):
-                await self._observe(pod, deployment)
+                if pod.running:
+                    await self._observe(pod, deployment)
+                else:
+                    await self._launch(pod, deployment)
             while len(pods) < replicas:
                 pods.append(await self._start(deployment))
         await self._endpoint_slices()
@@ -362,7 +444,6 @@ class Kubelet:
         template = deployment["spec"]["template"]
         name = f"{metadata['name']}-{uuid.uuid4().hex[:5]}"
         spec = template["spec"]
-        container = spec["containers"][0]
         pod = _Pod(name, namespace, metadata["uid"], f"bhk-{self.session}-{namespace}-{name}")
         obj = {
             "apiVersion": "v1",
@@ -387,9 +468,145 @@ class Kubelet:
             "status": {"phase": "Pending"},
         }
         await self.server.store(PODS, obj)
-        await asyncio.to_thread(self._run_pod, pod, namespace, spec, container)
-        await self._observe(pod, deployment)
+        pod.claims = tuple(
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec.get("volumes") or []
+            if "persistentVolumeClaim" in v
+        )
+        await self._launch(pod, deployment)
         return pod
+
+    # Scheduling, attaching claims, pulling: what keeps a pod Pending.
+
+    async def _launch(self, pod: _Pod, deployment: dict[str, Any]) -> None:
+        """Run the pod's containers once it is scheduled, its claims are attachable and its
+        image is there; until then report it Pending with the reason a cluster gives."""
+        spec = deployment["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        if not pod.node:
+            node, why = self._schedule(pod, spec)
+            if node is None:
+                await self._pending(pod, None, why)
+                return
+            pod.node = node
+        if why := self._unattachable(pod):
+            await self._pending(pod, {"reason": "ContainerCreating", "message": why}, "")
+            return
+        try:
+            await asyncio.to_thread(self.docker.images.get, container["image"])
+        except docker.errors.ImageNotFound:
+            pod.pulls_failed += 1
+            reason = "ErrImagePull" if pod.pulls_failed == 1 else "ImagePullBackOff"
+            message = f'failed to pull image "{container["image"]}": not found'
+            await self._pending(pod, {"reason": reason, "message": message}, "")
+            return
+        if self.pull_seconds and (pod.node, container["image"]) not in self._pulled:
+            now = asyncio.get_running_loop().time()
+            if pod.pulled_at is None:
+                pod.pulled_at = now + self.pull_seconds
+            if now < pod.pulled_at:
+                await self._pending(pod, {"reason": "ContainerCreating"}, "")
+                return
+            self._pulled.add((pod.node, container["image"]))
+        await asyncio.to_thread(self._run_pod, pod, pod.namespace, spec, container)
+        pod.running = True
+        await self._observe(pod, deployment)
+
+    def _schedule(self, pod: _Pod, spec: dict[str, Any]) -> tuple[str | None, str]:
+        """(the node, or None and why not), as the scheduler picks one: its claims must
+        exist, its required pod affinity (``matchLabels`` over ``kubernetes.io/hostname``)
+        must hold, and of the nodes left the one with the fewest pods wins (spreading)."""
+        claims = {
+            (c["metadata"]["namespace"], c["metadata"]["name"])
+            for c in self.server.live("v1/persistentvolumeclaims")
+        }
+        for claim in pod.claims:
+            if (pod.namespace, claim) not in claims:
+                return None, f'persistentvolumeclaim "{claim}" not found'
+        candidates = list(self.nodes)
+        own = self._labels_of(pod)
+        terms = ((spec.get("affinity") or {}).get("podAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ) or []
+        for term in terms:
+            wanted = (term.get("labelSelector") or {}).get("matchLabels") or {}
+            hosts = {
+                other.node
+                for other in self._all_pods()
+                if other is not pod
+                and other.node
+                and other.namespace == pod.namespace
+                and _labels_match(self._labels_of(other), wanted)
+            }
+            if not hosts and _labels_match(own, wanted):
+                continue  # the first pod of a group that matches its own term: anywhere
+            candidates = [n for n in candidates if n in hosts]
+        if not candidates:
+            return None, (
+                f"0/{len(self.nodes)} nodes are available: {len(self.nodes)} node(s) didn't "
+                "match pod affinity rules"
+            )
+        load = {n: sum(1 for p in self._all_pods() if p.node == n) for n in candidates}
+        return min(candidates, key=lambda n: (load[n], n)), ""
+
+    def _unattachable(self, pod: _Pod) -> str:
+        """Why a ReadWriteOnce claim of the pod cannot be attached to its node: a pod on
+        another node uses it (the attach/detach controller's Multi-Attach error)."""
+        for claim in pod.claims:
+            users = [
+                other.name
+                for other in self._all_pods()
+                if other is not pod
+                and other.running
+                and other.node != pod.node
+                and other.namespace == pod.namespace
+                and claim in other.claims
+            ]
+            if users:
+                return (
+                    f'Multi-Attach error for volume "{claim}" Volume is already used by '
+                    f"pod(s) {', '.join(users)}"
+                )
+        return ""
+
+    def _all_pods(self) -> list[_Pod]:
+        return [p for pods in self.pods.values() for p in pods]
+
+    def _labels_of(self, pod: _Pod) -> dict[str, str]:
+        for live in self.server.live(PODS):
+            metadata = live["metadata"]
+            if metadata["name"] == pod.name and metadata["namespace"] == pod.namespace:
+                return dict(metadata.get("labels") or {})
+        return {}
+
+    async def _pending(self, pod: _Pod, waiting: dict[str, Any] | None, unschedulable: str) -> None:
+        """Report the pod Pending: unschedulable (``waiting`` None), or scheduled with its
+        container waiting (ContainerCreating, ErrImagePull, ImagePullBackOff)."""
+        scheduled: dict[str, Any] = {"type": "PodScheduled", "status": "True"}
+        if waiting is None:
+            scheduled = {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": unschedulable,
+            }
+        status: dict[str, Any] = {
+            "phase": "Pending",
+            "conditions": [scheduled, {"type": "Ready", "status": "False"}],
+        }
+        if waiting is not None:
+            status["containerStatuses"] = [
+                {
+                    "name": CONTAINER_NAME,
+                    "image": "",
+                    "imageID": "",
+                    "state": {"waiting": waiting},
+                    "lastState": {},
+                    "restartCount": 0,
+                    "ready": False,
+                }
+            ]
+        await self._store_status(pod, status)
 
     def _run_pod(
         self, pod: _Pod, namespace: str, spec: dict[str, Any], container: dict[str, Any]
@@ -420,6 +637,11 @@ class Kubelet:
             if "secret" in volume:
                 where = self._secret_volume(pod, namespace, mount["name"], volume["secret"], group)
                 binds.append(f"{where}:{mount['mountPath']}{suffix}")
+            elif "persistentVolumeClaim" in volume:
+                where = self.claim_directory(
+                    namespace, volume["persistentVolumeClaim"]["claimName"]
+                )
+                binds.append(f"{where}:{mount['mountPath']}{suffix}")
             elif "emptyDir" in volume and shared:
                 where = self.volumes / pod.name / mount["name"]
                 where.mkdir(parents=True, exist_ok=True)
@@ -431,6 +653,14 @@ class Kubelet:
             else:
                 tmpfs[mount["mountPath"]] = f"size=64m,uid={uid},gid={gid}"
         return tmpfs, binds
+
+    def claim_directory(self, namespace: str, claim: str) -> Path:
+        """Where a claim's data lives: a directory of its own, kept across its pods."""
+        where = self.volumes / "claims" / namespace / claim
+        if not where.exists():
+            where.mkdir(parents=True)
+            where.chmod(0o777)  # the volume's owner is the pod's fsGroup on a cluster
+        return where
 
     def _secret_volume(
         self, pod: _Pod, namespace: str, name: str, source: dict[str, Any], group: int | None
@@ -532,22 +762,44 @@ class Kubelet:
             container = deployment["spec"]["template"]["spec"]["containers"][0]
             pod.ready = await self._probe(pod, container, address, paused=state["Paused"])
         else:
-            pod.restarts += 1
+            await self._exited(pod, deployment, state)
+            return
+        await self._report(pod, deployment, container_state, address)
+
+    async def _exited(self, pod: _Pod, deployment: dict[str, Any], state: dict[str, Any]) -> None:
+        """An exited container: reported as waiting in CrashLoopBackOff with its last
+        termination, then started again once its back-off has passed, with
+        ``restartCount`` one more (as the kubelet counts: restarts made, not exits)."""
+        now = asyncio.get_running_loop().time()
+        if pod.restart_at is None:
+            ran = _seconds_between(state["StartedAt"], state["FinishedAt"])
+            if ran is not None and ran >= self.backoff.reset:
+                pod.backoff_steps = 0
+            pod.restart_at = now + self.backoff.delay(pod.backoff_steps)
             pod.last = {
                 "terminated": {
                     "exitCode": state["ExitCode"],
                     "reason": "OOMKilled" if state["OOMKilled"] else "Error",
                     "startedAt": state["StartedAt"],
                     "finishedAt": state["FinishedAt"],
+                    "containerID": f"docker://{pod.container_id}",
                 }
             }
-            container_state = {"waiting": {"reason": "CrashLoopBackOff"}}
             pod.ready = False
-            await self._report(pod, deployment, container_state, None)
-            await asyncio.sleep(1.0)  # the kubelet's back-off, shortened
-            await asyncio.to_thread(self.docker.api.start, pod.container)
+        if now < pod.restart_at:
+            waiting = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {self.backoff.delay(pod.backoff_steps):g}s "
+                    f"restarting failed container={CONTAINER_NAME} pod={pod.name}",
+                }
+            }
+            await self._report(pod, deployment, waiting, None)
             return
-        await self._report(pod, deployment, container_state, address)
+        await asyncio.to_thread(self.docker.api.start, pod.container)
+        pod.restarts += 1
+        pod.backoff_steps += 1
+        pod.restart_at = None
 
     async def _report(
         self,
@@ -561,7 +813,7 @@ class Kubelet:
             "podIP": address,
             "containerStatuses": [
                 {
-                    "name": "plugin",
+                    "name": CONTAINER_NAME,
                     "image": deployment["spec"]["template"]["spec"]["containers"][0]["image"],
                     "imageID": f"docker-pullable://{pod.image_id}",
                     "containerID": f"docker://{pod.container_id}",
@@ -575,6 +827,10 @@ class Kubelet:
         }
         if not address:
             del status["podIP"]
+        await self._store_status(pod, status)
+
+    async def _store_status(self, pod: _Pod, status: dict[str, Any]) -> None:
+        """Write the pod's status (and its node) when either changed."""
         if status == pod.status:
             return
         pod.status = status
@@ -588,6 +844,8 @@ class Kubelet:
         )
         if current is not None:
             current["status"] = status
+            if pod.node:
+                current["spec"] = {**current["spec"], "nodeName": pod.node}
             await self.server.store(PODS, current)
 
     async def _probe(
@@ -734,7 +992,18 @@ class Call:
 class Cluster:
     """The API server and kubelet above, served from a thread of their own."""
 
-    def __init__(self, docker_client: docker.DockerClient, directory: Path) -> None:
+    def __init__(
+        self,
+        docker_client: docker.DockerClient,
+        directory: Path,
+        *,
+        backoff: KubeletBackoff | None = None,
+        nodes: tuple[str, ...] = ("node-a", "node-b"),
+        pull_seconds: float = 0.0,
+    ) -> None:
+        self.backoff = backoff
+        self.nodes = nodes
+        self.pull_seconds = pull_seconds
         self.session = uuid.uuid4().hex[:8]
         self.docker = docker_client
         self.directory = directory
@@ -771,7 +1040,15 @@ class Cluster:
         async with ApiServer() as server, kmock.Server(server) as http:
             self.server = server
             self.url = str(http.url).rstrip("/")
-            self.kubelet = Kubelet(server, self.docker, self.session, self.directory / "pods")
+            self.kubelet = Kubelet(
+                server,
+                self.docker,
+                self.session,
+                self.directory / "pods",
+                backoff=self.backoff,
+                nodes=self.nodes,
+                pull_seconds=self.pull_seconds,
+            )
             task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
             await self._stop.wait()

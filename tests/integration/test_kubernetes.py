@@ -569,10 +569,12 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
     api.apply_plugin("kv", _spec(**stateful, **volume))
     api.apply_plugin("crashy", _spec(env={"MODE": "crash"}, restart={"maxRestarts": 0}))
     recreate: dict[str, Any] = {"hotSwap": {"strategy": "Recreate"}}
-    api.apply_plugin("plain", _spec(**recreate))
+    small = [{"name": "data", "mountPath": "/data", "size": "1Gi"}]
+    api.apply_plugin("plain", _spec(**recreate, volumes=small))
     wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
     wait_for(lambda: api.ready("plain"), timeout=90, what=f"plain Ready ({controller.log})")
-    api.apply_plugin("plain", _spec("1.0.1", **recreate))  # stopped, then replaced
+    grown = [{**small[0], "size": "2Gi"}]
+    api.apply_plugin("plain", _spec("1.0.1", **recreate, volumes=grown))  # replaced, claim grown
     api.apply_plugin("kv", _spec("1.1.0", **stateful, **volume))
     wait_for(
         lambda: (api.status("kv").get("lastSwap") or {}).get("result") == "Promoted",
@@ -660,3 +662,248 @@ def test_an_invalid_plugin_changes_nothing_that_runs(api: Api, controllers: list
     assert "blackhole.dev/owner" in next(
         c["message"] for c in api.status("kv")["conditions"] if c["type"] == "Ready"
     )
+
+
+def _pods_of(api: Api, deployment: str) -> list[dict[str, Any]]:
+    listing = _json(api.core.list_namespaced_pod(NAMESPACE, _preload_content=False))
+    return [
+        p
+        for p in listing["items"]
+        if p["metadata"]["name"].startswith(f"{deployment}-")
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def _record(api: Api, name: str, color: str) -> dict[str, Any]:
+    return next((i for i in api.status(name).get("instances", []) if i["color"] == color), {})
+
+
+def test_a_crash_is_counted_from_restart_count_and_the_deployment_kept(
+    api: Api, controllers: list[KubeController]
+):
+    """The kubelet restarts a crashed container itself (after its back-off): the controller
+    counts the exit from restartCount and lastState, leaves the Deployment (same uid, same
+    pod), and its crash-loop limit counts these restarts."""
+    controller = controllers[0]
+    controller.start()
+    api.apply_plugin("kv", _spec(restart={"maxRestarts": 1, "windowSeconds": 600}))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    name = f"bh-{controller.controller_id}-kv-blue"
+    uid = api.read("deployments", name)["metadata"]["uid"]
+    [pod] = _pods_of(api, name)
+    assert controller.call("kv", "crash", {})[0] != 200
+
+    def restarted() -> bool:
+        return _record(api, "kv", "blue").get("restarts") == 1 and api.ready("kv")
+
+    wait_for(restarted, timeout=120 * TIME_SCALE, what=f"kv restarted ({controller.log})")
+    assert api.read("deployments", name)["metadata"]["uid"] == uid
+    [same] = _pods_of(api, name)
+    assert same["metadata"]["uid"] == pod["metadata"]["uid"]
+    [container_status] = same["status"]["containerStatuses"]
+    assert container_status["restartCount"] == 1
+    assert container_status["lastState"]["terminated"]["exitCode"] == 3
+    assert _record(api, "kv", "blue")["lastExitCode"] == 3
+    assert controller.call("kv", "echo", {"again": True}) == (200, {"again": True})
+    # The second crash is past maxRestarts 1: a crash loop, the Deployment scaled to zero.
+    assert controller.call("kv", "crash", {})[0] != 200
+    wait_for(
+        lambda: api.status("kv").get("phase") == "Degraded",
+        timeout=60 * TIME_SCALE,
+        what=f"a crash loop ({controller.log})",
+    )
+    degraded = next(c for c in api.status("kv")["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "CrashLoop"
+    assert "crashed 2 times" in degraded["message"]
+    deployment = api.read("deployments", name)
+    assert deployment["metadata"]["uid"] == uid
+    wait_for(lambda: api.read("deployments", name)["spec"]["replicas"] == 0, what="scaled down")
+
+
+def _node_of(api: Api, deployment: str) -> str:
+    pods = _pods_of(api, deployment)
+    return str(pods[0]["spec"].get("nodeName") or "") if pods else ""
+
+
+def _claims_mounted(api: Api, deployment: str) -> list[str]:
+    volumes = api.read("deployments", deployment)["spec"]["template"]["spec"]["volumes"]
+    return [
+        v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
+    ]
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_second_color_runs_on_another_node_with_its_own_claim(
+    api: Api, controllers: list[KubeController]
+):
+    """Two nodes, ReadWriteOnce claims: a plugin with state gets a claim per color, so the
+    new color may land on the other node (it does here: the scheduler spreads), starts with
+    an empty claim of its own, and gets the state by the import; the old color's claim goes
+    with it. (One claim shared by both would leave the new color in ContainerCreating with
+    the Multi-Attach error until the startup deadline rolled it back.)"""
+    assert api.cluster is not None
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    spec: dict[str, Any] = {
+        "env": {"STATE_VERSION": "1"},
+        "state": {"version": 1},
+        "volumes": [{"name": "data", "mountPath": "/data", "size": "1Gi"}],
+    }
+    api.apply_plugin("kv", _spec(**spec))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    blue, green = f"bh-{cid}-kv-blue", f"bh-{cid}-kv-green"
+    assert _claims_mounted(api, blue) == [f"bh-{cid}-kv-data-blue"]
+    assert controller.call("kv", "put", {"key": "k", "value": "kept"})[0] == 200
+    wrote = controller.call("kv", "run", {"argv": ["sh", "-c", "echo blue > /data/mine"]})
+    assert wrote == (200, {"code": 0, "output": ""})
+    blue_node = _node_of(api, blue)
+    assert blue_node in {"node-a", "node-b"}
+    api.apply_plugin("kv", _spec("1.1.0", **spec))
+
+    def promoted() -> bool:
+        last = api.status("kv").get("lastSwap") or {}
+        return last.get("result") == "Promoted" and last.get("to") == "1.1.0"
+
+    wait_for(promoted, timeout=120 * TIME_SCALE, what=f"the swap ({controller.log})")
+    green_node = _node_of(api, green)
+    assert green_node
+    assert green_node != blue_node
+    assert _claims_mounted(api, green) == [f"bh-{cid}-kv-data-green"]
+    assert controller.call("kv", "get", {"key": "k"}) == (200, {"value": "kept"})
+    # Its own claim: what blue wrote on blue's claim is not there.
+    looked = controller.call("kv", "run", {"argv": ["sh", "-c", "ls /data"]})
+    assert looked == (200, {"code": 0, "output": ""})
+    wait_for(
+        lambda: api.names("persistentvolumeclaims") == {f"bh-{cid}-kv-data-green"},
+        timeout=90 * TIME_SCALE,
+        what="blue's claim removed with blue",
+    )
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_plugin_without_state_keeps_one_claim_and_both_colors_on_its_node(
+    api: Api, controllers: list[KubeController]
+):
+    """Without spec.state the data is only on the volume: both colors mount the one claim,
+    so the new color is scheduled onto the old one's node (pod affinity), and sees its data."""
+    assert api.cluster is not None
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    volumes: dict[str, Any] = {"volumes": [{"name": "data", "mountPath": "/data", "size": "1Gi"}]}
+    api.apply_plugin("files", _spec(**volumes))
+    wait_for(lambda: api.ready("files"), timeout=90, what=f"files Ready ({controller.log})")
+    wrote = controller.call("files", "run", {"argv": ["sh", "-c", "echo kept > /data/mine"]})
+    assert wrote == (200, {"code": 0, "output": ""})
+    blue_node = _node_of(api, f"bh-{cid}-files-blue")
+    api.apply_plugin("files", _spec("1.1.0", **volumes))
+    wait_for(
+        lambda: (api.status("files").get("lastSwap") or {}).get("result") == "Promoted",
+        timeout=120 * TIME_SCALE,
+        what=f"the swap ({controller.log})",
+    )
+    assert _node_of(api, f"bh-{cid}-files-green") == blue_node
+    assert _claims_mounted(api, f"bh-{cid}-files-green") == [f"bh-{cid}-files-data"]
+    read = controller.call("files", "run", {"argv": ["cat", "/data/mine"]})
+    assert read == (200, {"code": 0, "output": "kept\n"})
+    assert api.names("persistentvolumeclaims") == {f"bh-{cid}-files-data"}
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_scheduling_and_pulls_are_reported_and_not_counted_against_the_startup_deadline(
+    api: Api, controllers: list[KubeController]
+):
+    """A pod that waits for its image (ContainerCreating, longer than the startup deadline)
+    is reported so, then Ready, in a swap too; an image that cannot be pulled is Degraded
+    with the kubelet's reason. The pods get the controller's imagePullSecrets, and the
+    status says what Kubernetes cannot enforce."""
+    assert api.cluster is not None
+    assert api.cluster.kubelet is not None
+    api.cluster.kubelet.pull_seconds = 12.0
+    controller = controllers[0]
+    controller.start("--image-pull-secret", "registry-a")
+    cid = controller.controller_id
+    health: dict[str, Any] = {"health": {"startupDeadlineSeconds": 4}}
+    stateful: dict[str, Any] = {"env": {"STATE_VERSION": "1"}, "state": {"version": 1}}
+
+    def reason(name: str) -> str:
+        ready = [c for c in api.status(name).get("conditions", []) if c["type"] == "Ready"]
+        return str(ready[0]["reason"]) if ready else ""
+
+    api.apply_plugin("slow", _spec(**health, **stateful))
+    wait_for(lambda: reason("slow") == "ContainerCreating", timeout=60, what="a pull reported")
+    wait_for(lambda: api.ready("slow"), timeout=90, what=f"slow Ready ({controller.log})")
+    blue = api.read("deployments", f"bh-{cid}-slow-blue")
+    assert blue["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-a"}]
+    assert _record(api, "slow", "blue").get("restarts", 0) == 0
+    # The new color lands on the other node, where the image is pulled again: no rollback.
+    api.apply_plugin("slow", _spec("1.1.0", **health, **stateful))
+    wait_for(
+        lambda: (api.status("slow").get("lastSwap") or {}).get("result") == "Promoted",
+        timeout=120 * TIME_SCALE,
+        what=f"the swap past a pull longer than the deadline ({controller.log})",
+    )
+    unenforced = next(c for c in api.status("slow")["conditions"] if c["type"] == "Unenforced")
+    assert unenforced["status"] == "True"
+    assert "spec.resources.pids" in unenforced["message"]
+    assert "NetworkPolicy" in unenforced["message"]
+    # An image that is not there: the kubelet's reason, Degraded.
+    missing = {**_spec(**health), "image": "blackhole/not-there:0.0.1"}
+    api.apply_plugin("nowhere", missing)
+
+    def pull_failed() -> bool:
+        degraded = [
+            c for c in api.status("nowhere").get("conditions", []) if c["type"] == "Degraded"
+        ]
+        return (
+            bool(degraded)
+            and degraded[0]["status"] == "True"
+            and degraded[0]["reason"]
+            in (
+                "ErrImagePull",
+                "ImagePullBackOff",
+            )
+        )
+
+    wait_for(pull_failed, timeout=60, what=f"the failed pull reported ({controller.log})")
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_larger_volume_grows_its_claim_and_a_smaller_one_is_refused(
+    api: Api, controllers: list[KubeController]
+):
+    """(Stand-in only: whether a real cluster grows a claim is its StorageClass's choice.)"""
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    recreate: dict[str, Any] = {"hotSwap": {"strategy": "Recreate"}}
+
+    def volumes(size: str) -> list[dict[str, Any]]:
+        return [{"name": "data", "mountPath": "/data", "size": size}]
+
+    api.apply_plugin("files", _spec(**recreate, volumes=volumes("1Gi")))
+    wait_for(lambda: api.ready("files"), timeout=90, what=f"files Ready ({controller.log})")
+    claim = api.read("persistentvolumeclaims", f"bh-{cid}-files-data")
+    api.apply_plugin("files", _spec("1.0.1", **recreate, volumes=volumes("2Gi")))
+    wait_for(
+        lambda: api.ready("files") and api.status("files").get("activeVersion") == "1.0.1",
+        timeout=90,
+        what=f"files replaced ({controller.log})",
+    )
+    grown = api.read("persistentvolumeclaims", f"bh-{cid}-files-data")
+    assert grown["metadata"]["uid"] == claim["metadata"]["uid"]
+    assert grown["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    # Smaller: refused before anything is stopped, naming the field and why.
+    api.apply_plugin("files", _spec("1.0.2", **recreate, volumes=volumes("1Gi")))
+
+    def refused() -> str:
+        ready = [c for c in api.status("files").get("conditions", []) if c["type"] == "Ready"]
+        return str(ready[0]["message"]) if ready and ready[0]["reason"] == "InvalidSpec" else ""
+
+    wait_for(
+        lambda: "cannot shrink" in refused(), timeout=60, what=f"the refusal ({controller.log})"
+    )
+    assert "spec.volumes[0].size" in refused()
+    assert api.status("files").get("activeVersion") == "1.0.1"
+    assert api.read("deployments", f"bh-{cid}-files-blue")["spec"]["replicas"] == 1

@@ -154,3 +154,85 @@ def test_a_name_whose_service_would_pass_63_characters_is_refused_before_anythin
     assert "would be 64 characters, over Kubernetes' 63" in issue.message
     assert f"at most {len(longest)} characters" in issue.message
     assert manifests.names_too_long(longest, "blue-team") is None
+
+
+OPTIONS = manifests.PodOptions(
+    image_pull_secrets=("registry-a", "registry-b"),
+    dns=manifests.Dns("openshift-dns", (("dns.operator.openshift.io/daemonset-dns", "default"),)),
+)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_controllers_pod_options_validate_strictly(version: str):
+    for manifest in manifests.all_for(
+        _desired(**SPECS["everything"]), "team-a", "blackhole-system", OWNER, OPTIONS
+    ):
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_plugin_pods_get_the_image_pull_secrets_and_none_without():
+    pod = manifests.deployment(_desired(), "team-a", OWNER, options=OPTIONS)["spec"]["template"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry-a"}, {"name": "registry-b"}]
+    bare = manifests.deployment(_desired(), "team-a", OWNER)["spec"]["template"]
+    assert "imagePullSecrets" not in bare["spec"]
+
+
+def test_named_egress_may_query_the_configured_dns_pods_only():
+    desired = _desired(permissions={"network": "egress", "egress": ["api.example.com:443"]})
+    policy = manifests.network_policy(desired, "team-a", "blackhole-system", OWNER, OPTIONS.dns)
+    [dns] = [r for r in policy["spec"]["egress"] if {"protocol": "UDP", "port": 53} in r["ports"]]
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "openshift-dns"}},
+            "podSelector": {"matchLabels": {"dns.operator.openshift.io/daemonset-dns": "default"}},
+        }
+    ]
+    default = manifests.network_policy(desired, "team-a", "blackhole-system", OWNER)
+    [dns] = [r for r in default["spec"]["egress"] if {"protocol": "UDP", "port": 53} in r["ports"]]
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"
+    }
+
+
+VOLUME = {"volumes": [{"name": "data", "mountPath": "/data", "size": "2Gi"}]}
+
+
+def _claims_of(deployment: dict[str, Any]) -> list[str]:
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    return [
+        v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
+    ]
+
+
+def test_a_plugin_with_state_has_claims_per_color_and_no_affinity():
+    desired = _desired(state={"version": 1}, **VOLUME)
+    made = manifests.deployment(desired, "team-a", OWNER)
+    assert _claims_of(made) == ["bh-kv-data-green"]
+    assert "affinity" not in made["spec"]["template"]["spec"]
+    claim = manifests.claim(desired, desired.spec.volumes[0], "team-a", OWNER, "fast-ssd")
+    assert claim["metadata"]["name"] == "bh-kv-data-green"
+    assert claim["metadata"]["labels"][base.LABEL_COLOR] == "green"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+
+
+def test_a_plugin_without_state_shares_its_claims_and_runs_beside_its_other_color():
+    desired = _desired(**VOLUME)
+    made = manifests.deployment(desired, "team-a", OWNER)
+    assert _claims_of(made) == ["bh-kv-data"]
+    [term] = made["spec"]["template"]["spec"]["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    # Every color of the plugin, its own pod's labels included (so a lone pod schedules).
+    pod_labels = made["spec"]["template"]["metadata"]["labels"]
+    assert base.LABEL_COLOR not in term["labelSelector"]["matchLabels"]
+    assert term["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    claim = manifests.claim(desired, desired.spec.volumes[0], "team-a", OWNER)
+    assert base.LABEL_COLOR not in claim["metadata"]["labels"]
+    assert "storageClassName" not in claim["spec"]
+    assert (
+        "affinity"
+        not in manifests.deployment(_desired(), "team-a", OWNER)["spec"]["template"]["spec"]
+    )

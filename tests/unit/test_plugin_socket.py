@@ -183,20 +183,13 @@ async def test_the_sdks_socket_has_its_name_only_once_it_listens(
     path = instances / "alpha" / base.SOCKET_NAME
     path.parent.mkdir()
     seen: list[bool] = []
-    made = server.server_for
+    start = server.Listener.start
 
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        grpc_server, servicer = made(*args, **kwargs)
-        start = grpc_server.start
+    async def start_checked(listener: server.Listener) -> None:
+        seen.append(os.path.lexists(path))  # bound by now, not listening yet
+        await start(listener)
 
-        async def start_checked() -> None:
-            seen.append(os.path.lexists(path))  # bound by now, not listening yet
-            await start()
-
-        monkeypatch.setattr(grpc_server, "start", start_checked)
-        return grpc_server, servicer
-
-    monkeypatch.setattr(server, "server_for", checked)
+    monkeypatch.setattr(server.Listener, "start", start_checked)
     stop = asyncio.Event()
     serving = asyncio.create_task(server.serve_async(Named("alpha"), f"unix:{path}", stop))
     async with asyncio.timeout(30):

@@ -232,3 +232,31 @@ async def test_an_error_a_pass_meets_reaches_status_with_one_event(tmp_path: Pat
     status = await world.settle("echo")
     assert status.phase is models.Phase.RUNNING
     consistent(status)
+
+
+def test_what_the_runtime_cannot_enforce_is_a_condition_until_it_can() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    found = conditions.Finding("True", "InstanceReady", "answers")
+    why = {"spec.resources.pids": "no per-pod PID limit here"}
+    one = status_module.compute(
+        models.PluginStatus(),
+        models.PluginStatus(),
+        found,
+        status_module.Beside(unenforced=why),
+        1,
+        now,
+    )
+    unenforced = conditions.find(one.conditions, conditions.UNENFORCED)
+    assert unenforced is not None
+    assert (unenforced.status, unenforced.reason) == ("True", "NotEnforced")
+    assert unenforced.message == "spec.resources.pids: no per-pod PID limit here"
+    assert one.phase is models.Phase.RUNNING  # a warning: it runs, Ready
+    consistent(one)
+    two = status_module.compute(one, models.PluginStatus(), found, status_module.Beside(), 1, now)
+    after = conditions.find(two.conditions, conditions.UNENFORCED)
+    assert after is not None
+    assert (after.status, after.reason) == ("False", "Enforced")
+    never = status_module.compute(
+        models.PluginStatus(), models.PluginStatus(), found, status_module.Beside(), 1, now
+    )
+    assert conditions.find(never.conditions, conditions.UNENFORCED) is None

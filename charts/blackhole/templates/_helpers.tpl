@@ -92,7 +92,10 @@ blackhole.dev/leader: "true"
 {{- define "blackhole.tokensFile" -}}
 {{- $tokens := list -}}
 {{- range .Values.gateway.tokens.items -}}
-{{- $tokens = append $tokens (dict "name" .name "sha256" .sha256 "plugins" .plugins) -}}
+{{- $entry := dict "name" .name "plugins" .plugins -}}
+{{- with .sha256 }}{{ $_ := set $entry "sha256" . }}{{ end -}}
+{{- with .certificates }}{{ $_ := set $entry "certificates" . }}{{ end -}}
+{{- $tokens = append $tokens $entry -}}
 {{- end -}}
 {{- toYaml (dict "tokens" $tokens) -}}
 {{- end -}}
@@ -120,4 +123,13 @@ seccompProfile:
 {{- $labels := include "blackhole.labels" . | fromYaml -}}
 {{- $_ := set $labels "app.kubernetes.io/component" "controller" -}}
 {{- toYaml (merge $labels (deepCopy .Values.podLabels)) -}}
+{{- end -}}
+
+{{/* The DNS pods' labels as --dns-selector takes them: key=value,... */}}
+{{- define "blackhole.dnsSelector" -}}
+{{- $terms := list -}}
+{{- range $key, $value := .Values.plugins.dns.podLabels -}}
+{{- $terms = append $terms (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $terms -}}
 {{- end -}}
