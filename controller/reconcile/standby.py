@@ -38,11 +38,11 @@ class Standby:
 
     @property
     def runtime(self) -> base.Standbys | None:
-        """The runtime, where it keeps standbys and the spec asks for one; else None."""
-        runtime = self.s.runtime
-        if not self.c.spec.restart.standby or not isinstance(runtime, base.Standbys):
+        """The runtime, where it keeps standbys and the spec asks for one; else None
+        (always for a remote plugin: it runs elsewhere)."""
+        if not self.c.spec.restart.standby or self.c.spec.remote is not None:
             return None
-        return runtime
+        return base.standbys_of(self.s.runtime)
 
     def want(self, color: models.Color) -> base.InstanceSpec:
         return dataclasses.replace(self.c.want_for(color), standby=True)

@@ -575,6 +575,15 @@ class Standbys(Protocol):
         ...
 
 
+def standbys_of(runtime: object) -> Standbys | None:
+    """``runtime`` as one that keeps warm standbys, or None. A runtime that wraps another
+    (``host``: the host's runtime with remote plugins beside it) keeps its host's."""
+    if isinstance(runtime, Standbys):
+        return runtime
+    host = getattr(runtime, "host", None)
+    return standbys_of(host) if host is not None else None
+
+
 class Runtime(Protocol):
     """What the reconciler needs from a place that runs plugin instances."""
 

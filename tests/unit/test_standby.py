@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.runtimes import base
+from controller.runtimes import base, remote
+from controller.runtimes.memory import MemoryRuntime
 from controller.spec import conditions, models
 
 from .test_reconciler import World
@@ -171,3 +172,9 @@ async def test_a_plugin_without_one_never_looks_for_one(
     await world.settle("echo")
     assert asked
     assert not [name for name in asked if name.endswith(base.STANDBY_SUFFIX)]
+
+
+def test_a_runtime_wrapped_with_remote_plugins_keeps_its_hosts_standbys() -> None:
+    host = MemoryRuntime()
+    assert base.standbys_of(remote.WithRemotes(host, None)) is host
+    assert base.standbys_of(object()) is None
