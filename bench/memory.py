@@ -6,8 +6,10 @@ are Ready and a few seconds have passed, every process in each plugin's
 cgroup is read from ``/proc/PID/smaps_rollup``: USS (private clean + private
 dirty) and PSS, summed per plugin. The controller's and the gateway's RSS and
 USS are read before the plugins are applied and after, and the difference is
-divided by the number of plugins. Prints JSON with p50 and max per plugin and
-the machine's load.
+divided by the number of plugins; then as many again are applied, and the
+growth from the first batch to the second gives the cost of each further
+plugin (``*_per_further_plugin``: without the one-off costs of the first).
+Prints JSON with p50 and max per plugin and the machine's load.
 
 ``--against PATH`` runs a second controller from another copy of the
 ``controller`` and ``sdk`` packages (e.g. ``git archive OLD controller sdk |
@@ -132,6 +134,14 @@ async def measure(runtime: str, plugins: int, root: Path, against: Path | None) 
             await running.until(lambda: all(running.status(name) for name in names))
             await asyncio.sleep(SETTLE_SECONDS)
             after = {"controller": own(running.process.pid), "gateway": own(gateway)}
+            # As many again: what each further plugin costs, past the first ones' one-off
+            # costs (threads, connection pools, caches made on first use).
+            for index in range(plugins, 2 * plugins):
+                await asyncio.to_thread(running.admin.apply, spec(index), f"echo-{index}.yaml")
+            names = [f"echo-{index}" for index in range(2 * plugins)]
+            await running.until(lambda: all(running.status(name) for name in names))
+            await asyncio.sleep(SETTLE_SECONDS)
+            further = {"controller": own(running.process.pid), "gateway": own(gateway)}
             per_plugin: dict[str, dict[str, float]] = {}
             for name, pid in plugin_pids(runtime, running, client).items():
                 readings = [rollup(p) for p in group_pids(pid)]
@@ -149,6 +159,14 @@ async def measure(runtime: str, plugins: int, root: Path, against: Path | None) 
         f"{who}_{kind}_mib_per_plugin": mib((after[who][kind] - before[who][kind]) / plugins)
         for who in ("controller", "gateway")
         if before[who] and after[who]
+        for kind in ("rss", "uss")
+    }
+    growth |= {
+        f"{who}_{kind}_mib_per_further_plugin": mib(
+            (further[who][kind] - after[who][kind]) / plugins
+        )
+        for who in ("controller", "gateway")
+        if after[who] and further[who]
         for kind in ("rss", "uss")
     }
     return {

@@ -6,7 +6,11 @@ the growth of the process's resident memory per plugin; then every key is
 resynced unchanged and the runtime calls it makes are counted (writes must
 be zero). The same N services, with the same image and isolation settings,
 are brought up by Debian's docker-compose 1.29, timed until ``up -d``
-returns and until every service's socket accepts. A resync of 1,000
+returns and until every service's socket accepts. For both, the CPU spent per
+plugin started: the starter's own (the controller in this process, with the
+benchmark's light polling; docker-compose as a child process), the engine's
+(dockerd, containerd and the containers' shims, runc included) and the
+plugins' own start-up (their cgroups), and the ratio of the totals. A resync of 1,000
 unchanged specs on the in-memory runtime shows the write count at scale.
 
 Prints JSON; ``--plot FILE`` draws the times. Needs Docker, docker-compose
@@ -22,6 +26,7 @@ import collections
 import gc
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -78,6 +83,65 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+ENGINE_PROCESSES = ("dockerd", "containerd")
+"""The engine's daemons; each container's ``containerd-shim*`` is counted too."""
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and of its children it waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_cpu(since: dict[int, float] | None = None) -> dict[int, float]:
+    """CPU seconds so far of the engine's daemons and the containers' shims (runc runs as
+    their children), by pid; with ``since``, what each spent after it (processes gone in
+    between are left out, new ones count whole)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            if comm in ENGINE_PROCESSES or comm.startswith("containerd-shim"):
+                found[int(entry.name)] = _process_cpu(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    if since is None:
+        return found
+    return {pid: cpu - since.get(pid, 0.0) for pid, cpu in found.items()}
+
+
+def containers_cpu(client: Any, label: str) -> float:
+    """CPU seconds so far of the running containers carrying ``label`` (their cgroups)."""
+    total = 0.0
+    for row in client.api.containers(filters={"label": label}):
+        for path in (
+            Path(f"/sys/fs/cgroup/cpuacct/docker/{row['Id']}/cpuacct.usage"),
+            Path(f"/sys/fs/cgroup/cpu,cpuacct/docker/{row['Id']}/cpuacct.usage"),
+        ):
+            if path.exists():
+                total += int(path.read_text()) / 1e9
+                break
+        else:
+            found = list(Path("/sys/fs/cgroup").glob(f"**/*{row['Id']}*/cpu.stat"))
+            for line in found[0].read_text().splitlines() if found else []:
+                if line.startswith("usage_usec"):
+                    total += int(line.split()[1]) / 1e6
+    return total
+
+
+def cpu_row(n: int, own: float, engine: float, plugins: float) -> dict[str, float]:
+    """CPU per plugin started, in milliseconds: the starter's own (the controller or
+    docker-compose), the engine's, the plugins' own start-up, and their sum."""
+    return {
+        "own_cpu_ms_per_plugin": round(own / n * 1000, 1),
+        "engine_cpu_ms_per_plugin": round(engine / n * 1000, 1),
+        "plugin_cpu_ms_per_plugin": round(plugins / n * 1000, 1),
+        "total_cpu_ms_per_plugin": round((own + engine + plugins) / n * 1000, 1),
+    }
+
+
 async def until_idle(work: queue.WorkQueue) -> None:
     while len(work) or work.processing:
         await asyncio.sleep(0.01)
@@ -105,16 +169,22 @@ async def measure_controller(n: int, workers: int, root: Path) -> dict[str, Any]
         gc.collect()
         baseline = rss_bytes()
         keys = [f"p{i:03d}" for i in range(n)]
+        engine_before = engine_cpu()
         cpu = time.process_time()
         start = time.perf_counter()
         for key in keys:
             (specs / f"{key}.yaml").write_text(SPEC.format(name=key, image=IMAGE))
-        pending = set(keys)
-        while pending:
+        pending = sorted(keys)
+        while pending:  # one status read a look while the last is not Ready: little CPU
             await asyncio.sleep(0.05)
-            pending = {k for k in pending if not _ready(records.status(k))}
+            if _ready(records.status(pending[-1])):
+                pending = [k for k in pending if not _ready(records.status(k))]
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu
+        engine = sum(engine_cpu(engine_before).values())
+        plugins_cpu = await asyncio.to_thread(
+            containers_cpu, real.client, f"{base.LABEL_CONTROLLER}={ident}"
+        )
         gc.collect()
         growth = rss_bytes() - baseline
         await until_idle(work)
@@ -126,6 +196,7 @@ async def measure_controller(n: int, workers: int, root: Path) -> dict[str, Any]
         return {
             "ready_seconds": round(elapsed, 2),
             "controller_cpu_seconds": round(cpu, 2),
+            **cpu_row(n, cpu, engine, plugins_cpu),
             "rss_growth_bytes_per_plugin": round(growth / n),
             "resync_calls": resync,
             "resync_writes": sum(resync.get(c, 0) for c in memory.WRITES),
@@ -191,20 +262,33 @@ def measure_compose(n: int, root: Path) -> dict[str, Any]:
     project = f"bhbench{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "COMPOSE_PARALLEL_LIMIT": str(n + 10)}
     command = ["docker-compose", "-p", project, "-f", str(path)]
+    client = container.connect(container.Engine.DOCKER)
     try:
+        engine_before = engine_cpu()
+        own = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run([*command, "up", "-d", "--quiet-pull"], env=env, check=True,
                        capture_output=True)  # fmt: skip
         up = time.perf_counter() - start
-        pending = {sockets / f"p{i:03d}" / "plugin.sock" for i in range(n)}
-        while pending:
-            pending = {p for p in pending if not accepts(p)}
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        pending = sorted(sockets / f"p{i:03d}" / "plugin.sock" for i in range(n))
+        while pending:  # as for the controller: the last first
+            if accepts(pending[-1]):
+                pending = [p for p in pending if not accepts(p)]
             if pending:
                 time.sleep(0.05)
         ready = time.perf_counter() - start
+        engine = sum(engine_cpu(engine_before).values())
+        plugins = containers_cpu(client, f"com.docker.compose.project={project}")
     finally:
         subprocess.run([*command, "down", "-t", "0"], env=env, check=False, capture_output=True)
-    return {"up_seconds": round(up, 2), "ready_seconds": round(ready, 2)}
+        client.close()
+    spent = done.ru_utime + done.ru_stime - own.ru_utime - own.ru_stime
+    return {
+        "up_seconds": round(up, 2),
+        "ready_seconds": round(ready, 2),
+        **cpu_row(n, spent, engine, plugins),
+    }
 
 
 async def resync_on_memory(n: int, root: Path) -> dict[str, Any]:
@@ -264,6 +348,7 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    load = os.getloadavg()
     runs = []
     for n in args.n:
         with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
@@ -281,12 +366,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio_controller_over_compose_ready": round(
                     controller["ready_seconds"] / compose["ready_seconds"], 2
                 ),
+                "ratio_controller_over_compose_total_cpu": round(
+                    controller["total_cpu_ms_per_plugin"] / compose["total_cpu_ms_per_plugin"], 2
+                ),
             }
         )
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
         at_scale = await resync_on_memory(args.resync_specs, Path(temp))
     return {
         "benchmark": "reconcile",
+        "loadavg_before": load,
+        "loadavg_after": os.getloadavg(),
         "image": IMAGE,
         "workers": args.workers,
         "runs": runs,

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import tempfile
 import time
@@ -75,6 +76,8 @@ class Watched:
     running: support.Controller
     instances: Instances
     store: Store
+    version: str = "0.1.0"
+    """The version of echo it was last given (the event measurements change it)."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -122,14 +125,17 @@ class Store:
         return self.status(name) is None
 
     async def until(self, running: support.Controller, check: Any, *args: Any) -> None:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while True:
             self.written.clear()
             if check(*args):
                 return
             if running.process.poll() is not None or time.monotonic() > deadline:
                 log = running.data.parent / "controller.log"
-                raise SystemExit(f"gave up waiting for {check.__name__}{args}:\n{log.read_text()}")
+                raise SystemExit(
+                    f"gave up waiting for {check.__name__}{args} (status of echo: "
+                    f"{self.status('echo')}):\n{log.read_text()}"
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.written.wait(), FALLBACK_SECONDS)
 
@@ -331,6 +337,146 @@ async def measure(
     return results
 
 
+RESTART = (
+    "  restart: {{backoffSeconds: 0.001, maxBackoffSeconds: 0.001, maxRestarts: 1000, "
+    "standby: {standby}}}\n  hotSwap: {{scaleDownDelaySeconds: 0}}\n"
+)
+"""Restarted at once (the backoff out of the measurement), old colors removed at once."""
+
+
+def events_spec(version: str, standby: bool) -> str:
+    text = spec("echo").replace("version: 0.1.0", f"version: {version}")
+    return text.rstrip("\n") + "\n" + RESTART.format(standby="true" if standby else "false")
+
+
+def restarts(store: Store) -> int:
+    return sum(int(i.get("restarts", 0)) for i in (store.status("echo") or {}).get("instances", []))
+
+
+def standby_state(store: Store) -> str | None:
+    standby = (store.status("echo") or {}).get("standby") or {}
+    return standby.get("state")
+
+
+def main_pid(watched: Watched) -> int:
+    """The host pid of echo's active instance's main process."""
+    status = watched.store.status("echo") or {}
+    color = models.Color(status.get("activeColor") or "blue")
+    name = base.instance_name("echo", color, None, watched.running.ident)
+    client = watched.instances.client
+    if client is None:
+        record = json.loads((watched.running.data / "processes" / f"{name}.json").read_text())
+        return int(record["pid"])
+    return int(client.api.inspect_container(name)["State"]["Pid"])
+
+
+async def crash_once(watched: Watched, standby: bool) -> tuple[float, float]:
+    """Seconds from a SIGKILL of echo's active instance until it is Ready again (restarted
+    from its frozen standby, or cold), and the controller's CPU seconds meanwhile."""
+    running, store = watched.running, watched.store
+    text = events_spec(watched.version, standby)
+    await asyncio.to_thread(running.admin.apply, text, "echo.yaml")
+    if standby:
+        await store.until(running, lambda: standby_state(store) == "Frozen")
+    else:
+        await store.until(running, lambda: standby_state(store) is None)
+    await store.until(running, store.ready, "echo")
+    before = restarts(store)
+    pid = main_pid(watched)
+    cpu = cpu_seconds(running.process.pid)
+    started = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    await store.until(running, lambda: restarts(store) > before and store.ready("echo"))
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(running.process.pid) - cpu
+    if standby:
+        events = running.admin.get("echo")["events"]
+        said = [e["message"] for e in events if e["reason"] == "Restarted"][-1]
+        if "from its standby" not in said:
+            raise SystemExit(f"the standby was not used: {said}")
+    return elapsed, cpu
+
+
+async def swap_once(watched: Watched, version: str) -> tuple[float, float]:
+    """Seconds from the apply of a new version of echo until its new color is Ready (the
+    old one serving meanwhile), and the controller's CPU seconds meanwhile; the swap is then
+    let finish."""
+    running, store = watched.running, watched.store
+
+    def new_color_ready() -> bool:
+        return any(
+            i.get("version") == version and i.get("ready")
+            for i in (store.status("echo") or {}).get("instances", [])
+        )
+
+    def swapped() -> bool:
+        status = store.status("echo") or {}
+        return status.get("swap") is None and len(status.get("instances", [])) == 1
+
+    cpu = cpu_seconds(running.process.pid)
+    started = time.perf_counter()
+    await asyncio.to_thread(running.admin.apply, events_spec(version, False), "echo.yaml")
+    await store.until(running, new_color_ready)
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(running.process.pid) - cpu
+    await store.until(running, lambda: store.ready("echo") and swapped())
+    watched.version = version
+    return elapsed, cpu
+
+
+async def measure_events(
+    runtime: str, runs: int, root: Path, with_floor: bool = True
+) -> dict[str, Any]:
+    """echo's swap to a new color, and its crash restarts with and without a standby,
+    interleaved with the floor; one controller."""
+    options = ["--gateway-grpc-addr", "", "--metrics-addr", ""]
+    if runtime == "process":
+        options += ["--plugin-root", str(EXAMPLES)]
+    async with contextlib.AsyncExitStack() as stack:
+        floor = None
+        if runtime != "process" and with_floor:
+            floor = Floor(runtime)
+            stack.callback(floor.close)
+        running = await stack.enter_async_context(
+            support.controller(root, {}, *options, runtime=runtime)
+        )
+        await until(
+            running,
+            lambda: all((running.data / f).exists() for f in ("state.db", "admin.sock")),
+            poll=0.05,
+        )
+        instances = Instances(runtime, running.data, running.ident)
+        stack.callback(instances.close)
+        store = Store(running.data)
+        stack.callback(store.close)
+        watched = Watched(running, instances, store)
+        await asyncio.to_thread(running.admin.apply, events_spec("0.1.0", False), "echo.yaml")
+        await store.until(running, store.ready, "echo")
+        steps = ["swap", "crash", "crash-standby"]
+        if runtime == "process":
+            steps.remove("crash-standby")  # no standby on this runtime
+        samples: dict[str, list[tuple[float, float]]] = {step: [] for step in steps}
+        floors: list[tuple[float, float]] = []
+        versions = iter(f"0.1.{n}" for n in range(1, 2 * runs + 2))
+        await swap_once(watched, next(versions))  # warms caches; not counted
+        for run in range(runs):
+            for step in steps if run % 2 == 0 else steps[::-1]:
+                if step == "swap":
+                    samples[step].append(await swap_once(watched, next(versions)))
+                else:
+                    samples[step].append(await crash_once(watched, step == "crash-standby"))
+            if floor is not None:
+                floors.append((await floor.once("echo", None), 0.0))
+    results: dict[str, Any] = {step: summary(rows) for step, rows in samples.items()}
+    if floors:
+        bare = summary(floors)
+        del bare["controller_cpu_ms_p50"]
+        results["floor"] = bare
+        for step in steps:
+            results[step]["p50_over_floor"] = round(results[step]["p50_ms"] / bare["p50_ms"], 2)
+    return results
+
+
 def plot(results: dict[str, Any], path: str) -> None:
     plt = support.pyplot()
     runtimes = list(results["runtimes"])
@@ -362,12 +508,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for wait in args.wait
     ]
     load = os.getloadavg()
-    measured = {}
-    for runtime in args.runtime:
+    measured: dict[str, Any] = {runtime: {} for runtime in args.runtime}
+    for runtime in args.runtime if not args.only_events else []:
         with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
             measured[runtime] = await measure(
                 runtime, args.runs, Path(temp), variants, not args.no_floor
             )
+    events = {}
+    for runtime in args.runtime if args.events or args.only_events else []:
+        with tempfile.TemporaryDirectory(prefix="bh-bench-") as temp:
+            events[runtime] = await measure_events(
+                runtime, args.runs, Path(temp), not args.no_floor
+            )
+    if args.only_events:
+        return {
+            "benchmark": "startup",
+            "runs": args.runs,
+            "loadavg_before": load,
+            "echo_events": events,
+            "loadavg_after": os.getloadavg(),
+        }
     ratios = {}
     if "process" in measured:
         for runtime in set(measured) - {"process"}:
@@ -389,6 +549,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for runtime, rows in measured.items()
             if "p50_over_floor" in rows[PLUGINS[0]]
         },
+        "echo_events": events,
         "loadavg_after": os.getloadavg(),
     }
 
@@ -402,6 +563,12 @@ def main() -> None:
     parser.add_argument("--start-cpu", action="append", type=int, metavar="MILLIS")
     parser.add_argument("--plot", metavar="FILE")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare create+start")
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="also echo's swap to a new color and its crash restarts, cold and from a standby",
+    )
+    parser.add_argument("--only-events", action="store_true", help="only those (implies --events)")
     args = parser.parse_args()
     args.runtime = args.runtime or list(RUNTIMES)
     args.wait = args.wait or ["store"]

@@ -14,6 +14,7 @@ instance is left to it: nothing is recreated. Each step says what it found on th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -22,6 +23,7 @@ from typing import NoReturn
 from controller.errors import ControllerError, IncompatiblePluginError, PermanentError
 from controller.metrics import violations as violations_module
 from controller.reconcile.checkpoints import Checkpoints
+from controller.reconcile.standby import Standby
 from controller.reconcile.workers import Result
 from controller.runtimes import base
 from controller.spec import conditions
@@ -48,6 +50,7 @@ class Lifecycle:
         self.e = effects
         self.violations = violations
         self.checkpoints = Checkpoints(ctx, services, effects)
+        self.standby = Standby(ctx, services)
 
     @property
     def want(self) -> base.InstanceSpec:
@@ -90,8 +93,13 @@ class Lifecycle:
         return await self._probe(current)  # a paused one fails its health checks
 
     async def start(self, reason: str, message: str) -> Result:
-        c = self.c
         await self.e.start(self.want)
+        await self._started(reason, message)
+        return Result(requeue_after=self.c.memory.next_probe(self.want.name))
+
+    async def _started(self, reason: str, message: str) -> None:
+        """What a start of the active instance resets and tells."""
+        c = self.c
         c.memory.probe_delay.pop(self.want.name, None)
         c.memory.health_failures = 0
         c.status.active_color = self.want.color
@@ -108,7 +116,6 @@ class Lifecycle:
             f"{self.want.name} is starting",
             progressing=(reason if reason != "Created" else "InstanceStarting", message),
         )
-        return Result(requeue_after=c.memory.next_probe(self.want.name))
 
     async def hold_back(self, current: base.Instance) -> Result:
         """Keep an old instance whose spec is not known serving: health checks, no handshake.
@@ -186,20 +193,31 @@ class Lifecycle:
                 degraded=("BackOff", said) if history else None,
             )
             return Result(requeue_after=wait)
-        lines = await self.e.last_logs(current.name)
-        await self.e.remove(current)
+        frozen = await self.standby.frozen(current)
+        thawing = asyncio.ensure_future(self.standby.thaw(frozen)) if frozen else None
+        try:  # the standby thaws meanwhile
+            lines = await self.e.last_logs(current.name)
+            await self.e.remove(current)
+        finally:
+            if thawing is not None:
+                await thawing
+        promoted = await self.standby.promote(frozen, current) if frozen else None
         history.append(c.now)
         self.s.metrics.restarts.labels(c.key).inc()
         self.violations.restarted(c.key)
         restarts = record.restarts + 1
-        result = await self.start(
-            "Restarted",
-            f"restarted {current.name} after {how} (restart {restarts}); last log lines:\n{lines}",
-        )
+        said = f"after {how} (restart {restarts}); last log lines:\n{lines}"
+        if promoted is None:
+            result = await self.start("Restarted", f"restarted {current.name} {said}")
+        else:
+            await self._started("Restarted", f"restarted {current.name} from its standby {said}")
         record = c.instance_status(self.want.color)
         record.restarts = restarts
         record.last_exit_code = current.exit_code
         record.oom_killed = current.oom_killed
+        if promoted is not None:  # started long ago: Ready as soon as it answers, this pass
+            c.memory.handshaken.discard(promoted.id)
+            return await self._probe(promoted, since=c.now)
         return result
 
     async def _crash_loop_held(self, current: base.Instance, how: str) -> Result:
@@ -316,7 +334,9 @@ class Lifecycle:
         )
         return Result(requeue_after=float(c.spec.health.period_seconds))
 
-    async def _probe(self, current: base.Instance) -> Result:
+    async def _probe(self, current: base.Instance, since: float | None = None) -> Result:
+        """Probe ``current``; ``since``: when it was started, if not when the runtime says
+        (a promoted standby was started long before it took over)."""
         c = self.c
         record = c.instance_status(current.color)
         health = c.spec.health
@@ -343,8 +363,10 @@ class Lifecycle:
             c.status.active_version = current.version
             c.memory.health_failures = 0
             c.memory.probe_delay.pop(current.name, None)
-            if not record.ready:
+            became_ready = not record.ready
+            if became_ready:
                 started = current.started_at.timestamp() if current.started_at else c.now
+                started = started if since is None else since
                 await self.e.event(
                     "Normal",
                     "Ready",
@@ -352,7 +374,11 @@ class Lifecycle:
                 )
             record.ready = True
             c.found("True", "InstanceReady", f"{current.name} answers its health check")
-            return Result(requeue_after=await self.checkpoints.checkpoint(current, endpoint))
+            after = await self.checkpoints.checkpoint(current, endpoint)
+            if became_ready and self.standby.runtime is not None:
+                return Result(requeue_after=0.0)  # its standby next pass: this one says Ready
+            await self.standby.keep(current)
+            return Result(requeue_after=after)
         if not record.ready:  # still starting
             started = current.started_at.timestamp() if current.started_at else c.now
             if current.waiting and c.now - started < health.startup_deadline_seconds:

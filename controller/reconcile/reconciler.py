@@ -43,7 +43,7 @@ from controller.errors import (
 )
 from controller.metrics import telemetry
 from controller.metrics import violations as violations_module
-from controller.reconcile import checkpoints, gates, lifecycle, status
+from controller.reconcile import checkpoints, gates, lifecycle, standby, status
 from controller.reconcile import requests as requests_module
 from controller.reconcile.workers import Result
 from controller.runtimes import base, remote
@@ -265,6 +265,7 @@ class Reconciler:
             await self.runtime.remove(instance.name)
             await self.plugins.drop(self.runtime.endpoint(instance))
             log.info("removed %s: its plugin is deleted", instance.name, extra={"plugin": key})
+        await standby.remove_all(self.runtime, name, namespace, self.runtime.controller_id)
         await self.runtime.release(name, namespace)
         await self.source.forget(key)
         self._memory.pop(key, None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from controller.errors import IncompatiblePluginError, SpecError, SpecIssue
 from controller.spec import models
@@ -119,11 +119,18 @@ def fd_address(descriptor: int) -> str:
     return f"/proc/self/fd/{descriptor}"
 
 
+LISTEN_GRACE_SECONDS = 0.05
+"""How long a socket that is bound but refuses connections is tried again (a server binds,
+then listens: one seen between the two accepts a moment later)."""
+
+
 async def probe_socket(path: Path, timeout: float) -> bool:
     """Whether the plugin's socket at ``path`` accepts a connection within ``timeout`` seconds.
 
     A name there that is no socket of the plugin's counts as there: the
-    connection that follows (the handshake) refuses it, with the reason.
+    connection that follows (the handshake) refuses it, with the reason. A
+    socket that refuses is tried again every millisecond for up to
+    :data:`LISTEN_GRACE_SECONDS` (within ``timeout``).
     """
     try:
         descriptor = open_socket(path)
@@ -131,9 +138,18 @@ async def probe_socket(path: Path, timeout: float) -> bool:
         return True
     except OSError:
         return False
+    loop = asyncio.get_running_loop()
+    retry_until = loop.time() + min(timeout, LISTEN_GRACE_SECONDS)
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_unix_connection(fd_address(descriptor))
+            while True:
+                try:
+                    _, writer = await asyncio.open_unix_connection(fd_address(descriptor))
+                    break
+                except ConnectionRefusedError:
+                    if loop.time() >= retry_until:
+                        return False
+                    await asyncio.sleep(0.001)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
@@ -379,10 +395,13 @@ class InstanceSpec:
     controller_id: str = DEFAULT_CONTROLLER
     owner_uid: str | None = None
     """The uid of the Plugin object it belongs to, where the source has one (Kubernetes)."""
+    standby: bool = False
+    """The warm standby of the color's instance (see :class:`Standbys`), not the instance."""
 
     @property
     def name(self) -> str:
-        return instance_name(self.plugin, self.color, self.namespace, self.controller_id)
+        name = instance_name(self.plugin, self.color, self.namespace, self.controller_id)
+        return standby_name(name) if self.standby else name
 
     @property
     def spec_hash(self) -> str:
@@ -522,6 +541,47 @@ class Stats:
     memory_bytes: int
     memory_limit_bytes: int
     pids: int
+
+
+def standby_name(name: str) -> str:
+    """The name of the warm standby of instance ``name``."""
+    return f"{name}-{STANDBY_SUFFIX}"
+
+
+STANDBY_SUFFIX = "standby"
+
+
+@runtime_checkable
+class Standbys(Protocol):
+    """What a runtime that keeps warm standbys adds to :class:`Runtime`.
+
+    A standby is started like any instance (:attr:`InstanceSpec.standby` gives
+    it its own name), frozen once its socket accepts, and, when its color's
+    instance crashed, thawed (while the crashed one is removed) and promoted
+    in its place: it then has that instance's name and endpoint.
+    """
+
+    async def freeze(self, name: str) -> None:
+        """Pause instance ``name``: alive, using no CPU, answering nothing until thawed."""
+        ...
+
+    async def thaw(self, name: str) -> None:
+        """Resume a frozen instance."""
+        ...
+
+    async def promote(self, standby: str, name: str) -> Instance:
+        """Give thawed ``standby`` the name and endpoint of instance ``name`` (removed
+        already); the instance it is now."""
+        ...
+
+
+def standbys_of(runtime: object) -> Standbys | None:
+    """``runtime`` as one that keeps warm standbys, or None. A runtime that wraps another
+    (``host``: the host's runtime with remote plugins beside it) keeps its host's."""
+    if isinstance(runtime, Standbys):
+        return runtime
+    host = getattr(runtime, "host", None)
+    return standbys_of(host) if host is not None else None
 
 
 class Runtime(Protocol):

@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from controller.errors import RuntimeBackendError
-from controller.inotify import IN_CREATE, IN_IGNORED, Inotify
+from controller.inotify import IN_CREATE, IN_IGNORED, IN_MOVED_TO, Inotify
 from controller.runtimes import base
 
 
@@ -43,8 +43,11 @@ class SocketWatch:
         self.notify = None
         self._keys.clear()
 
-    def add(self, directory: Path, key: str, mask: int = IN_CREATE) -> None:
-        """Watch ``directory`` for the socket of ``key``'s instance; nothing while not open."""
+    def add(self, directory: Path, key: str, mask: int = IN_CREATE | IN_MOVED_TO) -> None:
+        """Watch ``directory`` for the socket of ``key``'s instance; nothing while not open.
+
+        Created, or renamed into place (the SDK binds under another name and renames the
+        socket once it listens)."""
         if self.notify is not None:
             with contextlib.suppress(OSError):  # the directory is gone: nothing will appear
                 self._keys[self.notify.add(directory, mask)] = key

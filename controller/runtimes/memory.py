@@ -25,7 +25,9 @@ from controller.runtimes import base
 from controller.spec import models
 from controller.spec.keys import plugin_key
 
-WRITES = frozenset({"start", "stop", "remove", "release", "remove_volumes"})
+WRITES = frozenset(
+    {"start", "stop", "remove", "release", "remove_volumes", "freeze", "thaw", "promote"}
+)
 """The calls that change what runs."""
 
 
@@ -124,6 +126,23 @@ class MemoryRuntime:
     def pause(self, name: str) -> None:
         """Freeze a running instance, as ``docker pause`` does: alive, answering nothing."""
         self.instances[name] = replace(self.instances[name], state=base.InstanceState.PAUSED)
+
+    async def freeze(self, name: str) -> None:
+        self.calls["freeze"] += 1
+        self.pause(name)
+
+    async def thaw(self, name: str) -> None:
+        self.calls["thaw"] += 1
+        self.instances[name] = replace(self.instances[name], state=base.InstanceState.RUNNING)
+
+    async def promote(self, standby: str, name: str) -> base.Instance:
+        self.calls["promote"] += 1
+        if name in self.instances:
+            raise InstanceConflictError(f"memory: {name} exists")
+        thawed = self.instances.pop(standby)
+        self.output[name] = self.output.pop(standby, [])
+        self.instances[name] = replace(thawed, name=name)
+        return self.instances[name]
 
     async def stop(self, name: str, timeout: float) -> None:
         self.calls["stop"] += 1

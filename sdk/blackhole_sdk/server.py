@@ -700,6 +700,10 @@ def address_from_environment() -> str:
     sys.exit("no address to listen on: set BLACKHOLE_SOCKET or BLACKHOLE_ADDRESS, or pass one")
 
 
+STARTING_SUFFIX = ".starting"
+"""The name a Unix socket is bound under until its server listens (then renamed)."""
+
+
 async def serve_async(
     plugin: Plugin, address: str, stop: asyncio.Event, tls: TLSFiles | None = None
 ) -> None:
@@ -707,16 +711,24 @@ async def serve_async(
 
     With ``tls``, over mutual TLS only (see the module's docstring).
     """
+    path = None
+    bound = address
     if address.startswith("unix:"):
+        # Bound under another name and renamed once it listens: the socket appears under its
+        # name only when it accepts (a watch of the directory sees it ready, not just bound).
         path = address.removeprefix("unix:").removeprefix("//")
-        if os.path.exists(path):
-            os.unlink(path)
+        for stale in (path, path + STARTING_SUFFIX):
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        bound = f"unix:{path}{STARTING_SUFFIX}"
     clients = ClientCheck(clients_from_environment()) if tls is not None else None
     servicer = Servicer(plugin)
     token = os.environ.get("BLACKHOLE_PLUGIN_TOKEN") or None
-    listener = Listener(servicer, address, token=token, clients=clients, tls=tls)
+    listener = Listener(servicer, bound, token=token, clients=clients, tls=tls)
     started = time.monotonic()
     await listener.start()
+    if path is not None:
+        os.rename(path + STARTING_SUFFIX, path)
     log.info(
         "%s %s listening on %s%s (%.0f ms)",
         os.environ.get("BLACKHOLE_PLUGIN", type(plugin).__name__),

@@ -8,6 +8,7 @@ and checks what a client of the controller reaches.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -157,3 +158,45 @@ def test_deep_socket_paths_are_reached(tmp_path: Path) -> None:
                 peer.connect(base.fd_address(pinned))
         finally:
             os.close(pinned)
+
+
+async def test_a_bound_socket_that_listens_a_moment_later_is_seen_accepting(instances: Path):
+    path = instances / "alpha" / base.SOCKET_NAME
+    path.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(path))  # a server between its bind and its listen
+        asyncio.get_running_loop().call_later(0.005, bound.listen)
+        assert await base.probe_socket(path, 5)
+
+
+async def test_a_socket_that_never_listens_is_not_accepting(instances: Path):
+    path = instances / "alpha" / base.SOCKET_NAME
+    path.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(path))
+        assert not await base.probe_socket(path, 5)
+
+
+async def test_the_sdks_socket_has_its_name_only_once_it_listens(
+    instances: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = instances / "alpha" / base.SOCKET_NAME
+    path.parent.mkdir()
+    seen: list[bool] = []
+    start = server.Listener.start
+
+    async def start_checked(listener: server.Listener) -> None:
+        seen.append(os.path.lexists(path))  # bound by now, not listening yet
+        await start(listener)
+
+    monkeypatch.setattr(server.Listener, "start", start_checked)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(server.serve_async(Named("alpha"), f"unix:{path}", stop))
+    async with asyncio.timeout(30):
+        while not path.exists():
+            await asyncio.sleep(0.005)
+    assert seen == [False], "the name appeared before the server listened"
+    assert await ask(f"unix:{path}", "alpha") == {"served_by": "alpha"}
+    assert sorted(p.name for p in path.parent.iterdir()) == [base.SOCKET_NAME]
+    stop.set()
+    await serving

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import shutil
 import threading
@@ -248,6 +249,36 @@ class ContainerRuntime:
             with contextlib.suppress(docker.errors.APIError):  # thawed in between
                 self.client.api.unpause(name)
         self.client.api.stop(name, timeout=timeout)
+
+    # Warm standbys (base.Standbys).
+
+    async def freeze(self, name: str) -> None:
+        self._cache.forget(name)
+        await self._call(self.client.api.pause, name)
+        self._cache.forget(name)
+
+    async def thaw(self, name: str) -> None:
+        self._cache.forget(name)
+        await self._call(self.client.api.unpause, name)
+        self._cache.forget(name)
+
+    async def promote(self, standby: str, name: str) -> base.Instance:
+        thawed = await self.inspect(standby)
+        await self._call(self._promote, standby, name)
+        for forgotten in (standby, name):
+            self._cache.forget(forgotten)
+        if standby in self._settled:
+            self._settled.discard(standby)
+            self._settled.add(name)
+        return dataclasses.replace(thawed, name=name)
+
+    def _promote(self, standby: str, name: str) -> None:
+        # The socket directory is bind-mounted by its inode: renamed, the standby keeps it,
+        # and the crashed instance's endpoint now leads to the standby's socket.
+        target = self.socket_dir(name)
+        shutil.rmtree(target, ignore_errors=True)
+        self.socket_dir(standby).rename(target)
+        self.client.api.rename(standby, name)
 
     async def remove(self, name: str) -> None:
         self._cache.forget(name)
