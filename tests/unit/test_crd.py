@@ -328,6 +328,7 @@ def test_the_schema_is_applied_as_a_server_applies_it():
         "windowSeconds": 300,
         "backoffSeconds": 1.0,
         "maxBackoffSeconds": 60.0,
+        "standby": False,
     }
     assert kubeschema.pruned_fields(crd.openapi_schema(), document) == [
         "spec.restart.shade",
