@@ -33,7 +33,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,10 +291,12 @@ class Router:
         *,
         preview: bool = False,
         headers: Mapping[str, Any] | None = None,
+        avoid: Collection[str] = (),
     ) -> AsyncIterator[str]:
         """Let one call through to ``key``'s active endpoint (``preview``: to the new color of
         its swap, never the active one; during a canary, to its new color by weight, sticky
-        by a header of ``headers``), or raise :class:`Refused`."""
+        by a header of ``headers``), or raise :class:`Refused`. Of a color of replicas, the
+        one with the fewest calls in flight, other than those of ``avoid`` while there are."""
         gate = self.gates[key]
         if gate.bucket is not None:
             wait = gate.bucket.take()
@@ -337,7 +339,7 @@ class Router:
             if gate.canary is not None and not preview:
                 endpoint = self._pick(gate, endpoint, headers)
             pool = gate.pools.get(endpoint) if gate.pools else None
-            replica = self._least(pool) if pool is not None else endpoint
+            replica = self._least(pool, avoid) if pool is not None else endpoint
             self.by_endpoint[endpoint] += 1
             failed = True
             started = time.perf_counter()
@@ -366,10 +368,12 @@ class Router:
             gate.in_flight -= 1
             in_flight.dec()
 
-    def _least(self, pool: Pool) -> str:
+    def _least(self, pool: Pool, avoid: Collection[str] = ()) -> str:
         """The replica of ``pool`` with the fewest calls in flight; of those tied, the first
         from where the last pick left off, so that calls one at a time go round."""
         busy, endpoints = self.by_replica, pool.endpoints
+        if avoid:
+            endpoints = tuple(e for e in endpoints if e not in avoid) or endpoints
         pool.turn = start = (pool.turn + 1) % len(endpoints)
         best, fewest = endpoints[start], busy[endpoints[start]]
         for offset in range(1, len(endpoints)):
@@ -378,6 +382,15 @@ class Router:
                 best, fewest = candidate, busy[candidate]
         busy[best] += 1
         return best
+
+    def spare(self, key: str, replica: str, avoid: Collection[str]) -> bool:
+        """Whether a call that ``replica`` dropped unanswered has another replica of its
+        color to go to, none of ``avoid``."""
+        gate = self.gates.get(key)
+        if gate is None:
+            return False
+        pools = (p.endpoints for p in gate.pools.values() if replica in p.endpoints)
+        return any(e != replica and e not in avoid for pool in pools for e in pool)
 
     def _pick(self, gate: Gate, stable: str, headers: Mapping[str, Any] | None) -> str:
         """The endpoint of one call during a canary: the new color's, ``gate.weight`` percent

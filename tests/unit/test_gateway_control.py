@@ -535,3 +535,25 @@ def test_an_older_entry_without_endpoints_routes_as_before() -> None:
     controls.apply_table({"kv": control.entry(KV, "unix:/a.sock", "bh-kv-blue")})
     assert controls.router.gates["kv"].endpoint == "unix:/a.sock"
     assert not controls.router.gates["kv"].pools
+
+
+async def test_a_call_a_dead_replica_drops_goes_to_another_replica(socket_dir: Path) -> None:
+    """A replica whose socket is gone (it died) fails no caller: each call it would have
+    taken goes to another replica of its color at once; with no other left, it fails."""
+    dead = f"unix:{socket_dir / 'gone.sock'}"
+    async with _plugin(socket_dir) as alive:
+        routes, plugins = router.Router(), client.Clients()
+        routes.set_route("kv", dead, "bh-kv-blue", spec(), [dead, alive])
+        gateway = server.Gateway(lambda key: KV if key == "kv" else None, routes, plugins)
+        bound = await gateway.start("127.0.0.1:0", None)
+        url = f"http://{bound['http']}/v1/plugins/kv/call/echo"
+        try:
+            for _ in range(6):  # half of them are first sent to the dead one
+                assert await asyncio.to_thread(_post, url) == (200, {"a": 1})
+            assert routes.counts[dead].calls == 6 + 3, "each tried once on the dead one"
+            routes.set_route("kv", dead, "bh-kv-blue", spec())  # the dead one alone
+            status, _ = await asyncio.to_thread(_post, url)
+            assert status == 502
+        finally:
+            await gateway.stop()
+            await plugins.close()
