@@ -697,6 +697,10 @@ class Dependency(Model):
     "1.x"; "||" between alternatives. Default "*" (any)."""
 
 
+MAX_REPLICAS = 32
+"""The most instances of one color a plugin may ask for."""
+
+
 class PluginSpec(Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
@@ -739,6 +743,10 @@ class PluginSpec(Model):
     """How the gateway admits calls: timeout, concurrency, rate and size limits."""
     state: State | None = None
     """The plugin's state schema; omit for a stateless plugin (nothing is carried over)."""
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    """Instances of each color, for a stateless plugin: the gateway sends each call to the
+    one with the fewest calls in flight, each is health-checked and restarted on its own,
+    and a swap makes all of the new color's Ready before it flips."""
     depends_on: list[Dependency] = Field(default_factory=list, alias="dependsOn")
     """Plugins that must be Ready first, with the versions that will do."""
 
@@ -795,6 +803,15 @@ class PluginSpec(Model):
         return self
 
     @model_validator(mode="after")
+    def _check_replicas_stateless(self) -> Self:
+        if self.replicas > 1 and self.state is not None:
+            raise ValueError(
+                f"replicas {self.replicas}: each replica would keep a state of its own, and "
+                "this plugin keeps state (spec.state): a stateful plugin runs one instance"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_canary_stateless(self) -> Self:
         if self.hot_swap.strategy == "Canary" and self.state is not None:
             raise ValueError(
@@ -834,7 +851,7 @@ class Condition(Model):
 
 
 class InstanceStatus(Model):
-    """What one instance (one color) of the plugin is doing."""
+    """What one instance (one replica of one color) of the plugin is doing."""
 
     color: Color
     """blue or green."""
@@ -853,6 +870,8 @@ class InstanceStatus(Model):
     start_cpu: str | None = Field(default=None, alias="startCpu", max_length=32)
     """The CPU it started with above its spec's (the start-up boost), e.g. "2"; it has its
     spec's cpu since its socket accepted. Unset when it started at its spec's cpu."""
+    replica: int = Field(default=0, ge=0, lt=MAX_REPLICAS)
+    """Which of its color's instances it is (spec.replicas), from 0."""
 
 
 class SwapStep(StrEnum):
