@@ -121,6 +121,7 @@ class KubernetesRuntime:
             volumes=True,
             host_paths=False,
             restarts_crashed=True,
+            replicas=False,  # one Deployment of one pod a color: the handshake is per pod
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
