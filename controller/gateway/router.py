@@ -371,16 +371,21 @@ class Router:
     def _least(self, pool: Pool, avoid: Collection[str] = ()) -> str:
         """The replica of ``pool`` with the fewest calls in flight; of those tied, the first
         from where the last pick left off, so that calls one at a time go round."""
-        busy, endpoints = self.by_replica, pool.endpoints
+        busy, endpoints = self.by_replica.get, pool.endpoints
         if avoid:
             endpoints = tuple(e for e in endpoints if e not in avoid) or endpoints
-        pool.turn = start = (pool.turn + 1) % len(endpoints)
-        best, fewest = endpoints[start], busy[endpoints[start]]
-        for offset in range(1, len(endpoints)):
-            candidate = endpoints[(start + offset) % len(endpoints)]
-            if busy[candidate] < fewest:
-                best, fewest = candidate, busy[candidate]
-        busy[best] += 1
+        count = len(endpoints)
+        pool.turn = start = (pool.turn + 1) % count
+        best = endpoints[start]
+        fewest = busy(best, 0)
+        if fewest:  # else no replica has fewer
+            for offset in range(1, count):
+                candidate = endpoints[(start + offset) % count]
+                if (calls := busy(candidate, 0)) < fewest:
+                    best, fewest = candidate, calls
+                    if not calls:
+                        break
+        self.by_replica[best] = fewest + 1
         return best
 
     def spare(self, key: str, replica: str, avoid: Collection[str]) -> bool:
