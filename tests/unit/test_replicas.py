@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 from controller.admin import columns
+from controller.cli import tree
 from controller.errors import PermanentError
 from controller.gateway import router
 from controller.spec import conditions, models
@@ -128,6 +129,10 @@ async def test_bhctl_get_shows_how_many_replicas_are_ready(echo: World) -> None:
     status = echo.store.status("echo")
     item = desired.plugin.model_copy(update={"status": status}).to_document()
     assert columns.row(item, ["READY"]) == ["2/3"]
+    lines = tree.rollout(item, [])
+    assert "    ├── instance blue: running, ready" in lines
+    assert "    ├── instance blue-1: running, ready" in lines
+    assert "    └── instance blue-2: exited, not ready" in lines
 
 
 async def test_replicas_on_a_runtime_of_one_instance_a_color_are_refused(echo: World) -> None:
