@@ -389,13 +389,15 @@ class Router:
         return best
 
     def spare(self, key: str, replica: str, avoid: Collection[str]) -> bool:
-        """Whether a call that ``replica`` dropped unanswered has another replica of its
-        color to go to, none of ``avoid``."""
+        """Whether a call that ``replica`` dropped unanswered has another replica to go to,
+        none of ``avoid``: ``key`` is a plugin of replicas (its route has a pool, which
+        may no longer hold ``replica``: the controller can take it out under the call)."""
         gate = self.gates.get(key)
         if gate is None:
             return False
-        pools = (p.endpoints for p in gate.pools.values() if replica in p.endpoints)
-        return any(e != replica and e not in avoid for pool in pools for e in pool)
+        return any(
+            e != replica and e not in avoid for pool in gate.pools.values() for e in pool.endpoints
+        )
 
     def _pick(self, gate: Gate, stable: str, headers: Mapping[str, Any] | None) -> str:
         """The endpoint of one call during a canary: the new color's, ``gate.weight`` percent

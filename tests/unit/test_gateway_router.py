@@ -276,3 +276,15 @@ async def test_a_canary_weight_applies_to_its_color_and_its_replicas_share_it() 
     assert routes.counts[blue[0]].calls == 30
     routes.set_canary("kv", None, 0)
     assert set(routes.gates["kv"].pools) == {blue[0]}
+
+
+def test_a_call_a_replica_dropped_has_a_spare_even_once_the_replica_left_the_pool() -> None:
+    routes = router.Router()
+    replicas = ["unix:/r0.sock", "unix:/r1.sock", "unix:/r2.sock"]
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec(), replicas)
+    assert routes.spare("kv", replicas[1], set())
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec(), [replicas[0], replicas[2]])
+    assert routes.spare("kv", replicas[1], set()), "taken out under the call: others remain"
+    assert not routes.spare("kv", replicas[1], {replicas[0], replicas[2]})
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec())  # one instance: no replicas
+    assert not routes.spare("kv", replicas[0], set())
