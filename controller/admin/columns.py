@@ -44,6 +44,18 @@ def declared_if_other(item: dict[str, Any]) -> str | None:
     return str(declared)
 
 
+def ready_column(item: dict[str, Any], ready: dict[str, Any]) -> str:
+    """The Ready condition's status, or for a plugin of replicas how many of the active
+    color's are Ready, e.g. 2/3."""
+    wanted = int(item["spec"].get("replicas") or 1)
+    status = item.get("status") or {}
+    active = status.get("activeColor")
+    records = [i for i in status.get("instances", []) if i.get("color") == active]
+    if wanted == 1 and len(records) <= 1:
+        return str(ready.get("status", "Unknown"))
+    return f"{sum(1 for i in records if i.get('ready'))}/{wanted}"
+
+
 def columns(items: list[dict[str, Any]], wide: bool, declared: bool) -> list[str]:
     columns = ["NAME", "VERSION", "PHASE", "READY", "RESTARTS", "ACTIVE", "AGE"]
     if declared:
@@ -67,7 +79,7 @@ def row(item: dict[str, Any], columns: list[str]) -> list[str]:
         "VERSION": str(status.get("activeVersion") or "-"),  # what runs, not what is declared
         "DECLARED": declared_if_other(item) or "",
         "PHASE": f"{phase} ({shown})" if shown else phase,
-        "READY": ready.get("status", "Unknown"),
+        "READY": ready_column(item, ready),
         "RESTARTS": str(sum(i.get("restarts", 0) for i in status.get("instances", []))),
         "ACTIVE": status.get("activeColor", "-"),
         "AGE": age(ready.get("lastTransitionTime")),

@@ -416,7 +416,7 @@ def describe(name: str = typer.Argument(...), data_dir: Path | None = flags.DATA
         last_exit = "-" if code is None else str(code) + (" OOM" if i.get("oomKilled") else "")
         instances.append(
             [
-                i["color"],
+                i["color"] + (f"-{i['replica']}" if i.get("replica") else ""),
                 i["version"],
                 i["state"],
                 str(i.get("ready", False)),

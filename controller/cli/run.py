@@ -440,19 +440,26 @@ async def resync_from_store(
         desired = source.get(key)
         if status is None or desired is None or status.active_color is None:
             continue
-        record = next((i for i in status.instances if i.color is status.active_color), None)
-        if record is None or not record.ready:
-            continue
         namespace, name = split_key(key)
-        instance_name = base.instance_name(
-            name, status.active_color, namespace, runtime.controller_id
-        )
-        try:
-            instance = await runtime.inspect(instance_name)
-        except InstanceNotFoundError:
-            continue
-        if instance.state is base.InstanceState.RUNNING:
-            routes.set_route(key, runtime.endpoint(instance), instance.name, desired.plugin.spec)
+        serving = []  # the Ready replicas of the active color (one, unless spec.replicas)
+        for record in status.instances:
+            if record.color is not status.active_color or not record.ready:
+                continue
+            instance_name = base.instance_name(
+                name, status.active_color, namespace, runtime.controller_id, record.replica
+            )
+            try:
+                instance = await runtime.inspect(instance_name)
+            except InstanceNotFoundError:
+                continue
+            if instance.state is base.InstanceState.RUNNING:
+                serving.append(instance)
+        if serving:
+            first = serving[0]
+            endpoints = [runtime.endpoint(i) for i in serving] if len(status.instances) > 1 else []
+            color = base.instance_name(name, status.active_color, namespace, runtime.controller_id)
+            endpoint = runtime.endpoint(first) if first.name == color else endpoints[0]
+            routes.set_route(key, endpoint, color, desired.plugin.spec, endpoints)
             routed += 1
     return routed
 

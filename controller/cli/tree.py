@@ -74,7 +74,10 @@ def _branches(status: dict[str, Any], revisions: list[dict[str, Any]]) -> list[N
     swap = status.get("swap")
     active = status.get("activeColor")
     by_hash = {r.get("specHash"): r.get("revision") for r in revisions}
-    instances = {i["color"]: i for i in status.get("instances", [])}
+    replicas: dict[str, list[dict[str, Any]]] = {}
+    for record in status.get("instances", []):
+        replicas.setdefault(record["color"], []).append(record)
+    instances = {color: records[0] for color, records in replicas.items()}
     weight = swap.get("weight") if swap else None
     branches = []
     for color in sorted(instances, key=lambda c: (c != active, c)):
@@ -104,10 +107,7 @@ def _branches(status: dict[str, Any], revisions: list[dict[str, Any]]) -> list[N
         label = f"revision {revision if revision is not None else '-'}  {color}  "
         label += f"{instance.get('version', '?')}  weight {share}%"
         label += "".join(f"  [{m}]" for m in marks)
-        state = [instance.get("state", "?"), "ready" if instance.get("ready") else "not ready"]
-        if instance.get("restarts"):
-            state.append(f"{int(instance['restarts'])} restart(s)")
-        children: list[Any] = [(f"instance {color}: {', '.join(state)}", [])]
+        children: list[Any] = [_instance(record) for record in replicas[color]]
         if new and swap is not None:
             runs = [*swap.get("analyses", [])]
             if swap.get("analysis"):
@@ -115,6 +115,14 @@ def _branches(status: dict[str, Any], revisions: list[dict[str, Any]]) -> list[N
             children += [_analysis(run) for run in runs]
         branches.append((label, children))
     return branches
+
+
+def _instance(record: dict[str, Any]) -> Node:
+    state = [record.get("state", "?"), "ready" if record.get("ready") else "not ready"]
+    if record.get("restarts"):
+        state.append(f"{int(record['restarts'])} restart(s)")
+    name = record["color"] + (f"-{record['replica']}" if record.get("replica") else "")
+    return (f"instance {name}: {', '.join(state)}", [])
 
 
 def _analysis(run: dict[str, Any]) -> Node:

@@ -46,8 +46,9 @@ message N says that every message before it was applied too:
   started (``calls``, ``failures``: the 5xx, ``buckets``: latencies in
   :data:`~controller.gateway.counts.LATENCY_BOUNDS`), which a swap's builtin
   analysis measures the new color by; summed over the replicas.
-- ``status``: each plugin's endpoint, calls in flight and held, holds, a
-  canary's endpoint and weight.
+- ``status``: each plugin's endpoint (and ``endpoints``, its Ready replicas,
+  for a color of several), calls in flight and held, holds, a canary's
+  endpoint and weight.
 - ``metrics``: the gateway's ``blackhole_gateway_*`` series in Prometheus'
   text format (the controller serves them on its own ``/metrics``).
 
@@ -57,7 +58,11 @@ transport), keeps the version (a gateway answers an unknown type with
 reason ``UnknownMessage``, a controller ignores what it does not know;
 ``canary`` in a table entry, ``{"endpoint", "weight", "header"}``: the
 share of calls in percent that go to a canary's new color, sticky by a
-header's value, and ``stats``: an older gateway routes every call to the
+header's value; ``endpoints`` in a table entry and in its ``canary``, a list of
+``{"endpoint", "incarnation"}``: the Ready replicas of a color of several
+(``spec.replicas``), which the gateway balances that color's calls over,
+while ``endpoint`` still names the color (an older gateway sends all of them
+to that one replica); and ``stats``: an older gateway routes every call to the
 active color and answers ``stats`` UnknownMessage, which fails a builtin
 analysis saying so); any
 other change (a field of ``models.Gateway`` included: the gateway validates
@@ -104,7 +109,7 @@ import secrets
 import socket
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -239,6 +244,16 @@ class RouteEntry(TypedDict):
     tls: NotRequired[dict[str, EndpointTLS]]
     """How each of its endpoints reached over mutual TLS (a remote plugin: the active one,
     a preview's, a canary's) is checked; the gateway presents its own client certificate."""
+    endpoints: NotRequired[list[ReplicaEntry]]
+    """The Ready replicas of the color ``endpoint`` names, when it has several."""
+
+
+class ReplicaEntry(TypedDict):
+    """One replica of a color of several, as it crosses the socket."""
+
+    endpoint: str
+    incarnation: int
+    """As :attr:`RouteEntry.incarnation`, for this replica's endpoint."""
 
 
 class Canary(TypedDict):
@@ -249,6 +264,8 @@ class Canary(TypedDict):
     """Percent of the calls, 0 to 100."""
     header: str | None
     """The header whose value picks a call's color (None: a random draw per call)."""
+    endpoints: NotRequired[list[ReplicaEntry]]
+    """The canary color's Ready replicas, when it has several."""
 
 
 class EndpointTLS(TypedDict):
@@ -275,6 +292,12 @@ def entry(
         "callPlugins": sorted(declared.calls),
         "preview": preview,
     }
+
+
+def _pool_of(endpoint: str, endpoints: Sequence[str]) -> tuple[str, ...]:
+    """The replicas a color's calls are balanced over (none: all go to ``endpoint``)."""
+    pool = tuple(dict.fromkeys(endpoints))
+    return pool if pool and pool != (endpoint,) else ()
 
 
 def choose_version(theirs: list[Any], ours: tuple[int, ...] = PROTOCOL_VERSIONS) -> int | None:
@@ -433,21 +456,35 @@ class ControlServer:
             for endpoint, checked in item.get("tls", {}).items()
         }
         for item in routes.values():
-            endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
-            if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:
-                self.incarnations[endpoint] = incarnation
-                if self.replaced is not None:
-                    self.replaced(endpoint)
+            pooled = list(item.get("endpoints", ()))
+            if canary := item.get("canary"):
+                pooled += canary.get("endpoints", ())
+            for one in (item, *pooled):
+                endpoint, incarnation = one["endpoint"], int(one.get("incarnation", 0))
+                if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:
+                    self.incarnations[endpoint] = incarnation
+                    if self.replaced is not None:
+                        self.replaced(endpoint)
         for key, item in routes.items():
             if item["endpoint"]:
-                self.router.route_to(key, item["endpoint"], item["instance"] or "", table[key])
+                self.router.route_to(
+                    key,
+                    item["endpoint"],
+                    item["instance"] or "",
+                    table[key],
+                    [str(one["endpoint"]) for one in item.get("endpoints", ())],
+                )
             else:
                 self.router.clear_route(key)
             self.router.set_preview(key, item.get("preview"))
             canary = item.get("canary")
             if canary:
                 self.router.set_canary(
-                    key, str(canary["endpoint"]), float(canary["weight"]), canary.get("header")
+                    key,
+                    str(canary["endpoint"]),
+                    float(canary["weight"]),
+                    canary.get("header"),
+                    [str(one["endpoint"]) for one in canary.get("endpoints", ())],
                 )
             else:
                 self.router.set_canary(key, None, 0)
@@ -505,7 +542,7 @@ class ControlServer:
         self.router.set_holds(peer.holds, {})
 
     def status(self) -> dict[str, Any]:
-        plugins = {}
+        plugins: dict[str, dict[str, Any]] = {}
         for key in sorted(self.table):
             gate = self.router.gates.get(key)
             plugins[key] = {
@@ -517,6 +554,8 @@ class ControlServer:
                 "canary": gate.canary if gate else None,
                 "weight": gate.weight if gate else 0.0,
             }
+            if gate is not None and gate.endpoint in gate.pools:  # a color of replicas
+                plugins[key]["endpoints"] = list(gate.pools[gate.endpoint].endpoints)
         return {"ready": self.ready.is_set(), "generation": self.generation, "plugins": plugins}
 
     # Serving.
@@ -752,7 +791,7 @@ class RemoteRoutes:
         """What a gateway said in its last hello."""
         self.connected = asyncio.Event()
         """Set while at least one gateway is connected."""
-        self._routes: dict[str, tuple[str, str]] = {}
+        self._routes: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         self._tokens: Callable[[str], str | None] | None = None
         self._tls: Callable[[str], EndpointTLS | None] | None = None
         self._holds: Counter[str] = Counter()
@@ -781,9 +820,17 @@ class RemoteRoutes:
 
     # Routes, as the coordinator and the reconciler call them.
 
-    def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
-        if self._routes.get(key) != (endpoint, instance):
-            self._routes[key] = (endpoint, instance)
+    def set_route(
+        self,
+        key: str,
+        endpoint: str,
+        instance: str,
+        spec: models.PluginSpec,
+        endpoints: Sequence[str] = (),
+    ) -> None:
+        want = (endpoint, instance, _pool_of(endpoint, endpoints))
+        if self._routes.get(key) != want:
+            self._routes[key] = want
             self.changed()
 
     def clear_route(self, key: str) -> None:
@@ -799,13 +846,18 @@ class RemoteRoutes:
             self.changed()
 
     def set_canary(
-        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+        self,
+        key: str,
+        endpoint: str | None,
+        weight: float,
+        header: str | None = None,
+        endpoints: Sequence[str] = (),
     ) -> None:
-        want: Canary | None = (
-            {"endpoint": endpoint, "weight": float(weight), "header": header}
-            if endpoint is not None
-            else None
-        )
+        want: Canary | None = None
+        if endpoint is not None:
+            want = {"endpoint": endpoint, "weight": float(weight), "header": header}
+            if pool := _pool_of(endpoint, endpoints):
+                want["endpoints"] = [{"endpoint": e, "incarnation": 0} for e in pool]
         if self._canaries.get(key) != want:
             if want is None:
                 del self._canaries[key]
@@ -949,16 +1001,29 @@ class RemoteRoutes:
     def table(self) -> dict[str, RouteEntry]:
         table = {}
         for key, declared in self.declared().items():
-            endpoint, instance = self._routes.get(key, (None, None))
+            endpoint, instance, pool = self._routes.get(key, (None, None, ()))
             incarnation = self._incarnations[endpoint] if endpoint else 0
             table[key] = entry(declared, endpoint, instance, incarnation, self._previews.get(key))
+            if pool:
+                table[key]["endpoints"] = [
+                    {"endpoint": e, "incarnation": self._incarnations[e]} for e in pool
+                ]
             if key in self._canaries:
-                table[key]["canary"] = self._canaries[key]
+                canary = self._canaries[key]
+                if "endpoints" in canary:
+                    canary = {
+                        **canary,
+                        "endpoints": [
+                            {"endpoint": e, "incarnation": self._incarnations[e]}
+                            for e in (one["endpoint"] for one in canary["endpoints"])
+                        ],
+                    }
+                table[key]["canary"] = canary
             if endpoint and self._tokens is not None and (token := self._tokens(endpoint)):
                 table[key]["token"] = token
             if self._tls is not None:
-                canary = self._canaries.get(key)
-                reached = [endpoint, self._previews.get(key), canary and canary["endpoint"]]
+                weighted = self._canaries.get(key)
+                reached = [endpoint, self._previews.get(key), weighted and weighted["endpoint"]]
                 checked = {e: tls for e in reached if e and (tls := self._tls(e)) is not None}
                 if checked:
                     table[key]["tls"] = checked

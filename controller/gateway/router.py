@@ -13,6 +13,12 @@ protocol (:mod:`controller.gateway.control`) sets the routes and holds.
 During a canary a gate also has the new color's endpoint and its weight:
 each call goes to it with that probability (one random draw, or a hash of
 the sticky header's value, so that a caller keeps its color at a weight).
+A color of several replicas (``spec.replicas``) is one endpoint to the rest
+of the controller (its first replica's: what routes, previews, canaries,
+drains and analyses name it by, and what its calls are counted under) and a
+pool of endpoints here, those of its Ready replicas: once a call's color is
+picked, it goes to the replica of that pool with the fewest calls in flight,
+ties taken in turn.
 Every call is counted per endpoint (:class:`~controller.swap.counts.Stats`:
 calls, 5xx, latency buckets), which is what a swap's builtin analysis
 measures the new color by.
@@ -27,7 +33,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +94,15 @@ class Declared:
 
 
 @dataclass
+class Pool:
+    """The Ready replicas of one color (which need not include the endpoint it is named by)."""
+
+    endpoints: tuple[str, ...]
+    turn: int = 0
+    """Where the next pick starts (ties are taken in turn)."""
+
+
+@dataclass
 class Gate:
     """One plugin's route and limits."""
 
@@ -111,6 +126,9 @@ class Gate:
     weight: float = 0.0
     sticky: str | None = None
     """The header whose value picks the color of a call (None: a random draw each)."""
+    pools: dict[str, Pool] = field(default_factory=dict)
+    """A color's endpoint to the pool of its Ready replicas, for each color balanced over
+    several (the active color's, a canary's)."""
 
     def __post_init__(self) -> None:
         self.open.set()
@@ -123,7 +141,9 @@ class Router:
         self.metrics = metrics or telemetry.Metrics()
         self.gates: dict[str, Gate] = collections.defaultdict(Gate)
         self.by_endpoint: collections.Counter[str] = collections.Counter()
-        """Calls in flight to each endpoint."""
+        """Calls in flight to each endpoint (a color of several replicas: to all of them)."""
+        self.by_replica: collections.Counter[str] = collections.Counter()
+        """Calls in flight to each replica of a pool, which its balancing reads."""
         self._idle: dict[str, asyncio.Event] = {}
         self.listeners: list[Callable[[str], None]] = []
         """Called with a plugin's key when its route changes."""
@@ -133,14 +153,32 @@ class Router:
 
     # What the reconciler and the swap coordinator call.
 
-    def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
-        self.route_to(key, endpoint, instance, Declared.of(spec))
+    def set_route(
+        self,
+        key: str,
+        endpoint: str,
+        instance: str,
+        spec: models.PluginSpec,
+        endpoints: Sequence[str] = (),
+    ) -> None:
+        self.route_to(key, endpoint, instance, Declared.of(spec), endpoints)
 
-    def route_to(self, key: str, endpoint: str, instance: str, declared: Declared) -> None:
-        """Send ``key``'s calls to ``endpoint`` with ``declared``'s limits."""
+    def route_to(
+        self,
+        key: str,
+        endpoint: str,
+        instance: str,
+        declared: Declared,
+        endpoints: Sequence[str] = (),
+    ) -> None:
+        """Send ``key``'s calls to ``endpoint`` with ``declared``'s limits, balanced over
+        ``endpoints`` (the Ready replicas of its color) when there are several."""
         gate = self.gates[key]
         calls = tuple(sorted(declared.calls))
         changed = gate.endpoint != endpoint or gate.calls != calls
+        if gate.endpoint is not None and gate.endpoint != endpoint != gate.canary:
+            gate.pools.pop(gate.endpoint, None)
+        _pool(gate, endpoint, endpoints)
         gate.endpoint, gate.instance, gate.calls = endpoint, instance, calls
         if changed:
             self._changed(key)
@@ -155,13 +193,22 @@ class Router:
             self.gates[key].preview = endpoint
 
     def set_canary(
-        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+        self,
+        key: str,
+        endpoint: str | None,
+        weight: float,
+        header: str | None = None,
+        endpoints: Sequence[str] = (),
     ) -> None:
         """Send ``weight`` percent of ``key``'s calls to ``endpoint`` (None: none), picked by
-        the value of ``header`` when a call has it."""
+        the value of ``header`` when a call has it, balanced over ``endpoints`` when given."""
         if endpoint is None and key not in self.gates:
             return
         gate = self.gates[key]
+        if gate.canary is not None and gate.canary != endpoint != gate.endpoint:
+            gate.pools.pop(gate.canary, None)
+        if endpoint is not None:
+            _pool(gate, endpoint, endpoints)
         gate.canary = endpoint
         gate.weight = float(weight) if endpoint is not None else 0.0
         gate.sticky = header.lower() if endpoint is not None and header else None
@@ -174,6 +221,8 @@ class Router:
     def clear_route(self, key: str) -> None:
         gate = self.gates.get(key)
         if gate is not None and gate.endpoint is not None:
+            if gate.endpoint != gate.canary:
+                gate.pools.pop(gate.endpoint, None)
             gate.endpoint = gate.instance = None
             self._changed(key)
 
@@ -242,10 +291,12 @@ class Router:
         *,
         preview: bool = False,
         headers: Mapping[str, Any] | None = None,
+        avoid: Collection[str] = (),
     ) -> AsyncIterator[str]:
         """Let one call through to ``key``'s active endpoint (``preview``: to the new color of
         its swap, never the active one; during a canary, to its new color by weight, sticky
-        by a header of ``headers``), or raise :class:`Refused`."""
+        by a header of ``headers``), or raise :class:`Refused`. Of a color of replicas, the
+        one with the fewest calls in flight, other than those of ``avoid`` while there are."""
         gate = self.gates[key]
         if gate.bucket is not None:
             wait = gate.bucket.take()
@@ -287,11 +338,13 @@ class Router:
                 raise Refused(503, "PluginNotReady", f"{key} has no Ready instance")
             if gate.canary is not None and not preview:
                 endpoint = self._pick(gate, endpoint, headers)
+            pool = gate.pools.get(endpoint) if gate.pools else None
+            replica = self._least(pool, avoid) if pool is not None else endpoint
             self.by_endpoint[endpoint] += 1
             failed = True
             started = time.perf_counter()
             try:
-                yield endpoint
+                yield replica
                 failed = False
             except Refused as e:
                 failed = e.status >= 500
@@ -300,6 +353,10 @@ class Router:
                 failed = False  # the caller went away: nothing the plugin did
                 raise
             finally:
+                if pool is not None:
+                    self.by_replica[replica] -= 1
+                    if not self.by_replica[replica]:
+                        del self.by_replica[replica]
                 self.counts[endpoint].record(failed, time.perf_counter() - started)
                 self.by_endpoint[endpoint] -= 1
                 if not self.by_endpoint[endpoint]:
@@ -311,6 +368,37 @@ class Router:
             gate.in_flight -= 1
             in_flight.dec()
 
+    def _least(self, pool: Pool, avoid: Collection[str] = ()) -> str:
+        """The replica of ``pool`` with the fewest calls in flight; of those tied, the first
+        from where the last pick left off, so that calls one at a time go round."""
+        busy, endpoints = self.by_replica.get, pool.endpoints
+        if avoid:
+            endpoints = tuple(e for e in endpoints if e not in avoid) or endpoints
+        count = len(endpoints)
+        pool.turn = start = (pool.turn + 1) % count
+        best = endpoints[start]
+        fewest = busy(best, 0)
+        if fewest:  # else no replica has fewer
+            for offset in range(1, count):
+                candidate = endpoints[(start + offset) % count]
+                if (calls := busy(candidate, 0)) < fewest:
+                    best, fewest = candidate, calls
+                    if not calls:
+                        break
+        self.by_replica[best] = fewest + 1
+        return best
+
+    def spare(self, key: str, replica: str, avoid: Collection[str]) -> bool:
+        """Whether a call that ``replica`` dropped unanswered has another replica to go to,
+        none of ``avoid``: ``key`` is a plugin of replicas (its route has a pool, which
+        may no longer hold ``replica``: the controller can take it out under the call)."""
+        gate = self.gates.get(key)
+        if gate is None:
+            return False
+        return any(
+            e != replica and e not in avoid for pool in gate.pools.values() for e in pool.endpoints
+        )
+
     def _pick(self, gate: Gate, stable: str, headers: Mapping[str, Any] | None) -> str:
         """The endpoint of one call during a canary: the new color's, ``gate.weight`` percent
         of the time."""
@@ -321,3 +409,13 @@ class Router:
         else:
             roll = self.draw() * 100
         return gate.canary if roll < gate.weight and gate.canary else stable
+
+
+def _pool(gate: Gate, endpoint: str, endpoints: Sequence[str]) -> None:
+    """Balance the calls to ``endpoint``'s color over ``endpoints`` (none: no pool)."""
+    pool = tuple(dict.fromkeys(endpoints))
+    if pool and pool != (endpoint,):
+        if endpoint not in gate.pools or gate.pools[endpoint].endpoints != pool:
+            gate.pools[endpoint] = Pool(pool)
+    else:
+        gate.pools.pop(endpoint, None)

@@ -72,6 +72,8 @@ MAX_METHOD_BYTES = 256
 """The longest method name forwarded, in UTF-8 bytes; longer ones are refused with 400."""
 DRAINING = "draining: not taking calls"
 """What an instance a swap drained answers (UNAVAILABLE) a call it did not run."""
+UNANSWERED = frozenset({"UNAVAILABLE", "CANCELLED"})
+"""The gRPC codes of a call that a replica dropped unanswered (it died under the call)."""
 DRAINING_RETRY = 0.01
 DRAINING_RETRY_MAX = 0.2
 """Seconds between tries of a call a draining instance refused, doubling up to this."""
@@ -464,6 +466,11 @@ class Gateway:
         ``raw``: ``body`` is a whole ``HandleRequest`` as its caller encoded it, sent on
         as it is, and the answer is the plugin's ``HandleResponse`` as it came.
 
+        A call that a replica of a color of several drops unanswered (it died, or its
+        socket is gone: UNAVAILABLE, or CANCELLED by the channel closed with it) goes to
+        another replica of that color at once: replicas are for stateless plugins, and the
+        call may have run on the one that died.
+
         An instance is draining only between a swap's hold and its flip (or
         rollback); a call reaches one when the controller went away in
         between and its hold was released to the old route. The call waits
@@ -472,21 +479,27 @@ class Gateway:
         """
         deadline = time.monotonic() + timeout
         pause = DRAINING_RETRY
+        dropped: set[str] = set()
         while True:
             left = deadline - time.monotonic()
             async with self.router.admit(
-                name, limits, left, preview=preview, headers=headers
+                name, limits, left, preview=preview, headers=headers, avoid=dropped
             ) as endpoint:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
-                plugin = self.clients.get(endpoint)
                 try:
+                    plugin = self.clients.get(endpoint)
                     if raw:
                         return await plugin.handle_raw(body, left)
                     return await plugin.handle(method, body, timeout=left)
                 except PluginCallError as e:
-                    if (e.code, e.message) != ("UNAVAILABLE", DRAINING):
+                    if (e.code, e.message) == ("UNAVAILABLE", DRAINING):
+                        pass
+                    elif e.code in UNANSWERED and self.router.spare(name, endpoint, dropped):
+                        dropped.add(endpoint)  # a replica that died: another one takes it
+                        continue
+                    else:
                         raise _from_plugin(name, e, timeout) from None
             if time.monotonic() + pause >= deadline:
                 raise router.Refused(504, "Timeout", f"{name}: its instance is draining")

@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -139,7 +140,7 @@ class Reconciler:
         self.check_may_act()
         namespace, name = split_key(key)
         desired = self.source.get(key)
-        observed = await self._observe(name, namespace)
+        observed = await self._observe(name, namespace, await self._replicas(key, desired))
         for instance in observed:
             self._track(instance)
         if desired is None and self.source.declares(key):
@@ -156,10 +157,12 @@ class Reconciler:
         stored = await self.source.read_status(key) or models.PluginStatus()
         pinned = await self._pinned(key, desired)
         color = stored.active_color or models.Color.BLUE
+        spec = pinned or desired.plugin.spec
         return context.PassContext(
+            count=spec.replicas,
             key=key,
             plugin=desired.plugin,
-            spec=pinned or desired.plugin.spec,
+            spec=spec,
             generation=desired.generation,
             declared_hash=desired.spec_hash,
             observed=observed,
@@ -229,7 +232,16 @@ class Reconciler:
             else None,
         )
 
-    async def _observe(self, name: str, namespace: str | None) -> list[base.Instance]:
+    async def _replicas(self, key: str, desired: sources_base.Desired | None) -> int:
+        """How many replicas of each color to look for: as many as the spec asks for, or
+        as the status last recorded (those left over from a scale-down are removed)."""
+        stored = await self.source.read_status(key)
+        recorded = max((i.replica + 1 for i in stored.instances), default=1) if stored else 1
+        return max(recorded, desired.plugin.spec.replicas if desired is not None else 1)
+
+    async def _observe(
+        self, name: str, namespace: str | None, replicas: int = 1
+    ) -> list[base.Instance]:
         """The plugin's instances that this controller owns, found by their deterministic names.
 
         Two inspections by name cost the engine far less than a filtered
@@ -239,8 +251,10 @@ class Reconciler:
         not ours, and is left alone.
         """
         found = []
-        for color in models.Color:
-            instance_name = base.instance_name(name, color, namespace, self.runtime.controller_id)
+        for color, replica in itertools.product(models.Color, range(replicas)):
+            instance_name = base.instance_name(
+                name, color, namespace, self.runtime.controller_id, replica
+            )
             try:
                 instance = await self.runtime.inspect(instance_name)
             except InstanceNotFoundError:
@@ -371,7 +385,12 @@ class _Pass:
 
     async def _validate(self) -> Result | None:
         c = self.c
-        issues = self.s.runtime.validate(c.want_for(c.color))
+        want = c.want_for(c.color)
+        issues = self.s.runtime.validate(want)
+        if not self.s.runtime.capabilities().replicas:
+            issues = issues + base.replicas_refused(
+                want, f"the {self.s.runtime.name} runtime runs one instance of each color"
+            )
         if issues:
             error = SpecError(issues)
             await self.event("Warning", "InvalidSpec", str(error))
@@ -481,7 +500,17 @@ class _Pass:
                 await self.event(
                     "Normal", "Removed", f"removed {instance.name}: not the active color"
                 )
-        c.status.instances = [i for i in c.status.instances if i.color is c.color]
+            elif instance.replica >= c.count and c.status.swap is None:
+                await self.remove(instance)
+                await self.event(
+                    "Normal", "Removed", f"removed {instance.name}: spec.replicas is {c.count}"
+                )
+        c.observed = [i for i in c.observed if i.replica < c.count or i.color is not c.color]
+        c.status.instances = [
+            i
+            for i in c.status.instances
+            if i.color is c.color and (i.replica < c.count or c.status.swap is not None)
+        ]
         return None
 
     async def _dependencies(self) -> Result | None:
@@ -522,7 +551,53 @@ class _Pass:
         return await self._blocked(self.waiting)  # dependencies start first
 
     async def _converge(self) -> Result | None:
-        return await self.life.converge(self.c.instance(self.c.color))
+        c = self.c
+        if c.count == 1:
+            return await self.life.converge(c.instance(c.color))
+        return await self._converge_replicas()
+
+    async def _converge_replicas(self) -> Result:
+        """Each replica's lifecycle on its own (a crash of one touches no other), then one
+        route to the Ready ones and one finding for them all."""
+        c = self.c
+        ready: dict[int, str] = {}
+        views = [c.of_replica(replica) for replica in range(c.count)]
+        results = []
+        for view in views:
+            services = dataclasses.replace(self.s, routes=_ReadyReplica(view.replica, ready))
+            life = lifecycle.Lifecycle(view, services, self, self.r.violations)
+            results.append(await life.converge(view.instance(c.color)))
+        first = c.instance(c.color)
+        endpoints = [ready[r] for r in sorted(ready)]
+        if endpoints:
+            color = self.s.runtime.endpoint(first) if first is not None else endpoints[0]
+            name = base.instance_name(c.name, c.color, c.namespace, c.controller_id)
+            self.s.routes.set_route(c.key, color, name, c.spec, endpoints)
+        else:
+            self.s.routes.clear_route(c.key)
+        self._find_replicas(views, len(endpoints))
+        waits = [r.requeue_after for r in results if r.requeue_after is not None]
+        return Result(requeue_after=min(waits) if waits else None)
+
+    def _find_replicas(self, views: list[context.PassContext], ready: int) -> None:
+        """What the pass found of a color of replicas: Ready while one of them is, and
+        progressing or degraded as the first that is not Ready says."""
+        c = self.c
+        behind = next((v.finding for v in views if v.finding.ready != "True"), None)
+        if behind is None:
+            c.found("True", "InstanceReady", f"{ready}/{c.count} replicas Ready")
+            return
+        if not ready:
+            c.finding = behind
+            return
+        said = f"{ready}/{c.count} replicas Ready; {behind.message}"
+        c.found(
+            "True",
+            "InstanceReady",
+            said,
+            progressing=(behind.progressing[0], said) if behind.progressing else None,
+            degraded=(behind.degraded[0], said) if behind.degraded else None,
+        )
 
     # What the steps decide with.
 
@@ -756,12 +831,13 @@ class _Pass:
 
     async def remove(self, instance: base.Instance) -> None:
         c = self.c
-        if instance.color is c.status.active_color and c.status.swap is None:
-            self.s.routes.clear_route(c.key)
-        c.memory.handshaken.discard(instance.id)
-        c.memory.crashes_counted.pop(instance.id, None)
-        c.memory.waiting_said.pop(instance.name, None)
-        c.memory.probe_delay.pop(instance.name, None)
+        if instance.color is c.status.active_color and c.status.swap is None and c.count == 1:
+            self.s.routes.clear_route(c.key)  # of replicas: the pass routes to the others
+        memory = c.memory.of_replica(instance.replica)
+        memory.handshaken.discard(instance.id)
+        memory.crashes_counted.pop(instance.id, None)
+        memory.waiting_said.pop(instance.name, None)
+        memory.probe_delay.pop(instance.name, None)
         self.s.metrics.track(instance.name, None)
         await self.s.runtime.remove(instance.name)
         await self.s.plugins.drop(self.s.runtime.endpoint(instance))
@@ -777,6 +853,28 @@ class _Pass:
         except ControllerError as e:  # logs are a courtesy: never fail a pass for them
             return f"(logs unavailable: {e})"
         return "\n".join(lines) if lines else "(no output)"
+
+
+class _ReadyReplica(context.NoRoutes):
+    """The route one replica's lifecycle sets, taken as that replica being Ready (into
+    ``ready``, replica to endpoint): the pass then routes the color once, to those."""
+
+    def __init__(self, replica: int, ready: dict[int, str]) -> None:
+        self.replica = replica
+        self.ready = ready
+
+    def set_route(
+        self,
+        key: str,
+        endpoint: str,
+        instance: str,
+        spec: models.PluginSpec,
+        endpoints: Sequence[str] = (),
+    ) -> None:
+        self.ready[self.replica] = endpoint
+
+    def clear_route(self, key: str) -> None:
+        self.ready.pop(self.replica, None)
 
 
 def _reason(error: Exception) -> str:

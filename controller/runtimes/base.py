@@ -36,6 +36,8 @@ LABEL_NAMESPACE = models.LABEL_PREFIX + "namespace"
 LABEL_COLOR = models.LABEL_PREFIX + "color"
 LABEL_VERSION = models.LABEL_PREFIX + "version"
 LABEL_SPEC_HASH = models.LABEL_PREFIX + "spec-hash"
+LABEL_REPLICA = models.LABEL_PREFIX + "replica"
+"""Which of its color's instances it is (spec.replicas), on all but the first."""
 LABEL_START_CPU = models.LABEL_PREFIX + "start-cpu-millis"
 """On an instance started with more CPU than its spec's: that CPU, in millicores."""
 LABEL_QUOTA_WHEN_READY = models.LABEL_PREFIX + "start-cpu-boost"
@@ -182,6 +184,14 @@ def host_paths_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:
     ]
 
 
+def replicas_refused(desired: InstanceSpec, why: str) -> list[SpecIssue]:
+    """An issue for a spec of several replicas, on a runtime that runs one a color."""
+    replicas = desired.spec.replicas
+    if replicas == 1:
+        return []
+    return [SpecIssue("runtime", None, "spec.replicas", why, value=replicas, has_value=True)]
+
+
 def check_host_paths(spec: models.PluginSpec, root: Path | None) -> list[SpecIssue]:
     """The host-path rules of every backend that mounts host directories, one issue a volume.
 
@@ -310,15 +320,17 @@ def instance_name(
     color: models.Color,
     namespace: str | None = None,
     controller_id: str = DEFAULT_CONTROLLER,
+    replica: int = 0,
 ) -> str:
-    """The deterministic name of a plugin's instance: ``bh-<plugin>-<color>``.
+    """The deterministic name of a plugin's instance: ``bh-<plugin>-<color>``, and
+    ``bh-<plugin>-<color>-<replica>`` for the replicas after the first.
 
     A namespace, and a controller id other than the default, are put in front
     of the plugin's name, so that controllers sharing an engine never collide.
     """
     scope = [] if controller_id == DEFAULT_CONTROLLER else [controller_id]
     scope += [namespace] if namespace else []
-    return "-".join(["bh", *scope, plugin, color.value])
+    return "-".join(["bh", *scope, plugin, color.value, *([str(replica)] if replica else [])])
 
 
 def volume_name(
@@ -397,10 +409,14 @@ class InstanceSpec:
     """The uid of the Plugin object it belongs to, where the source has one (Kubernetes)."""
     standby: bool = False
     """The warm standby of the color's instance (see :class:`Standbys`), not the instance."""
+    replica: int = 0
+    """Which of its color's instances it is (0 unless the spec asks for replicas)."""
 
     @property
     def name(self) -> str:
-        name = instance_name(self.plugin, self.color, self.namespace, self.controller_id)
+        name = instance_name(
+            self.plugin, self.color, self.namespace, self.controller_id, self.replica
+        )
         return standby_name(name) if self.standby else name
 
     @property
@@ -452,6 +468,12 @@ class Instance:
     def key(self) -> PluginKey:
         """The key of the plugin it belongs to."""
         return plugin_key(self.plugin, self.namespace)
+
+    @property
+    def replica(self) -> int:
+        """Which of its color's instances it is (0: the first, or the only one)."""
+        text = self.labels.get(LABEL_REPLICA, "")
+        return int(text) if text.isdigit() else 0
 
 
 def started_instance(
@@ -531,6 +553,9 @@ class Capabilities:
     not_enforced: Mapping[str, str] = field(default_factory=dict)
     """Spec fields this backend runs but cannot enforce (field -> why): the plugin's status
     says so (condition Unenforced), its spec is not refused."""
+    replicas: bool = True
+    """Whether it runs ``spec.replicas`` (each replica an instance of its own); where not,
+    a spec asking for more than one is refused."""
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ class KubernetesRuntime:
             host_paths=False,
             restarts_crashed=True,
             not_enforced=not_enforced,
+            replicas=False,  # one Deployment of one pod a color: the handshake is per pod
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:

@@ -848,6 +848,10 @@ REMOTE_EXCLUDES = ("image", "bundle", "runtime", "process", "volumes", "env")
 """What a remote plugin's spec cannot have: the controller runs nothing of it."""
 
 
+MAX_REPLICAS = 32
+"""The most instances of one color a plugin may ask for."""
+
+
 class PluginSpec(Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
@@ -935,6 +939,10 @@ class PluginSpec(Model):
     """How the gateway admits calls: timeout, concurrency, rate and size limits."""
     state: State | None = None
     """The plugin's state schema; omit for a stateless plugin (nothing is carried over)."""
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    """Instances of each color, for a stateless plugin: the gateway sends each call to the
+    one with the fewest calls in flight, each is health-checked and restarted on its own,
+    and a swap makes all of the new color's Ready before it flips."""
     depends_on: list[Dependency] = Field(
         default_factory=list,
         alias="dependsOn",
@@ -978,7 +986,17 @@ class PluginSpec(Model):
                 )
             if self.version is None:
                 raise ValueError("version required: the version the remote plugin runs")
+            if self.replicas > 1:
+                raise ValueError(
+                    "replicas: a remote plugin is one address the controller does not run; "
+                    "remove replicas, or balance behind that address"
+                )
             return self
+        if self.replicas > 1 and self.restart.standby:
+            raise ValueError(
+                "restart.standby: a plugin of several replicas has its others serving while "
+                "one restarts; remove restart.standby or replicas"
+            )
         if self.bundle is None:
             missing = [f for f in ("image", "version") if getattr(self, f) is None]
             if missing:
@@ -1009,6 +1027,15 @@ class PluginSpec(Model):
         twice = sorted({d for d in deps if deps.count(d) > 1})
         if twice:
             raise ValueError(f"dependsOn: {', '.join(twice)} listed more than once")
+        return self
+
+    @model_validator(mode="after")
+    def _check_replicas_stateless(self) -> Self:
+        if self.replicas > 1 and self.state is not None:
+            raise ValueError(
+                f"replicas {self.replicas}: each replica would keep a state of its own, and "
+                "this plugin keeps state (spec.state): a stateful plugin runs one instance"
+            )
         return self
 
     @model_validator(mode="after")
@@ -1065,7 +1092,7 @@ class RemoteStatus(Model):
 
 
 class InstanceStatus(Model):
-    """What one instance (one color) of the plugin is doing."""
+    """What one instance (one replica of one color) of the plugin is doing."""
 
     color: Color
     """blue or green."""
@@ -1084,6 +1111,8 @@ class InstanceStatus(Model):
     start_cpu: str | None = Field(default=None, alias="startCpu", max_length=32)
     """The CPU it started with above its spec's (the start-up boost), e.g. "2"; it has its
     spec's cpu since its socket accepted. Unset when it started at its spec's cpu."""
+    replica: int = Field(default=0, ge=0, lt=MAX_REPLICAS)
+    """Which of its color's instances it is (spec.replicas), from 0."""
     remote: RemoteStatus | None = None
     """Set for a remote plugin (spec.remote): its address and what does not apply to it."""
 

@@ -13,6 +13,8 @@ next lives in :class:`Memory`, kept per plugin by the reconciler.
 from __future__ import annotations
 
 import collections
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,8 +56,15 @@ class Routes(Protocol):
     :class:`~controller.gateway.control.RemoteRoutes` for a gateway in its own process)."""
 
     def set_route(
-        self, key: str, endpoint: str, instance: str, spec: models.PluginSpec
-    ) -> None: ...
+        self,
+        key: str,
+        endpoint: str,
+        instance: str,
+        spec: models.PluginSpec,
+        endpoints: Sequence[str] = (),
+    ) -> None:
+        """Send ``key``'s calls to ``endpoint`` (its color), balanced over ``endpoints`` (the
+        color's Ready replicas) when given."""
 
     def clear_route(self, key: str) -> None: ...
 
@@ -67,10 +76,15 @@ class Routes(Protocol):
         """Let preview calls reach ``endpoint`` (a swap's new color); None: no preview."""
 
     def set_canary(
-        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+        self,
+        key: str,
+        endpoint: str | None,
+        weight: float,
+        header: str | None = None,
+        endpoints: Sequence[str] = (),
     ) -> None:
         """Send ``weight`` percent of the calls to ``endpoint`` (a canary's new color; None:
-        none), sticky by the value of ``header``."""
+        none), sticky by the value of ``header``, balanced over ``endpoints``."""
 
     async def stats(self, endpoint: str) -> counts.Stats | None:
         """What the gateways counted of ``endpoint``'s calls (None: they do not count)."""
@@ -85,7 +99,14 @@ class Routes(Protocol):
 class NoRoutes:
     """Routes for a controller without a gateway."""
 
-    def set_route(self, key: str, endpoint: str, instance: str, spec: models.PluginSpec) -> None:
+    def set_route(
+        self,
+        key: str,
+        endpoint: str,
+        instance: str,
+        spec: models.PluginSpec,
+        endpoints: Sequence[str] = (),
+    ) -> None:
         pass
 
     def clear_route(self, key: str) -> None:
@@ -98,7 +119,12 @@ class NoRoutes:
         pass
 
     def set_canary(
-        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+        self,
+        key: str,
+        endpoint: str | None,
+        weight: float,
+        header: str | None = None,
+        endpoints: Sequence[str] = (),
     ) -> None:
         pass
 
@@ -176,6 +202,13 @@ class Memory:
     baselines: dict[str, tuple[float, counts.Stats]] = field(default_factory=dict)
     """Per builtin measurement of the running analysis: when its interval began and what
     the gateway had counted then."""
+    replicas: dict[int, Memory] = field(default_factory=dict)
+    """What is remembered of each replica after the first (spec.replicas), which is health
+    checked and restarted on its own: its restarts, health failures, probe delays."""
+
+    def of_replica(self, replica: int) -> Memory:
+        """The memory of replica ``replica`` (this one for the first)."""
+        return self if not replica else self.replicas.setdefault(replica, Memory())
 
     def next_probe(self, instance: str) -> float:
         """The delay before probing ``instance`` again; each call lengthens the next."""
@@ -216,6 +249,25 @@ class PassContext:
     """Whether the old version runs on because the swap to this spec rolled back."""
     finding: conditions.Finding = conditions.UNKNOWN
     log: dict[str, Any] = field(default_factory=dict)
+    count: int = 1
+    """How many instances each color runs (spec.replicas)."""
+    replica: int = 0
+    """The replica that :meth:`instance`, :meth:`want_for` and :meth:`instance_status` are
+    of (see :meth:`of_replica`)."""
+
+    def of_replica(self, replica: int) -> PassContext:
+        """This pass as one replica's lifecycle sees it: its instance, its memory and a
+        finding of its own, the status shared."""
+        return dataclasses.replace(
+            self,
+            replica=replica,
+            memory=self.memory.of_replica(replica),
+            finding=conditions.UNKNOWN,
+        )
+
+    def replicas(self, color: models.Color) -> list[base.Instance]:
+        """The observed instances of ``color``, by replica."""
+        return sorted((i for i in self.observed if i.color is color), key=lambda i: i.replica)
 
     @property
     def asked(self) -> str | None:
@@ -248,7 +300,9 @@ class PassContext:
         self.finding = conditions.Finding(ready, reason, message, progressing, degraded, stalled)
 
     def instance(self, color: models.Color) -> base.Instance | None:
-        return next((i for i in self.observed if i.color is color), None)
+        return next(
+            (i for i in self.observed if i.color is color and i.replica == self.replica), None
+        )
 
     def want_for(self, color: models.Color) -> base.InstanceSpec:
         return base.InstanceSpec(
@@ -259,6 +313,7 @@ class PassContext:
             namespace=self.plugin.metadata.namespace,
             controller_id=self.controller_id,
             owner_uid=self.plugin.metadata.uid,
+            replica=self.replica,
         )
 
     def _labels(self, color: models.Color) -> dict[str, str]:
@@ -271,17 +326,26 @@ class PassContext:
         }
         if self.plugin.metadata.namespace:
             labels[base.LABEL_NAMESPACE] = self.plugin.metadata.namespace
+        if self.replica:
+            labels[base.LABEL_REPLICA] = str(self.replica)
         return labels
 
     def instance_status(self, color: models.Color) -> models.InstanceStatus:
-        """The status record of ``color``'s instance, made when there is none."""
+        """The status record of ``color``'s instance (of :attr:`replica`), made when there is
+        none."""
         for record in self.status.instances:
-            if record.color is color:
+            if record.color is color and record.replica == self.replica:
                 return record
         record = models.InstanceStatus(
-            color=color, version=str(self.spec.version), state=base.InstanceState.UNKNOWN.value
+            color=color,
+            version=str(self.spec.version),
+            state=base.InstanceState.UNKNOWN.value,
+            replica=self.replica,
         )
-        self.status.instances = [i for i in self.status.instances if i.color is not color] + [
-            record
+        records = [
+            i for i in self.status.instances if (i.color, i.replica) != (color, self.replica)
         ]
+        records.append(record)
+        colors = list(dict.fromkeys(i.color for i in records))  # in the order they came
+        self.status.instances = sorted(records, key=lambda i: (colors.index(i.color), i.replica))
         return record

@@ -144,10 +144,14 @@ class Coordinator:
         )
         await self.e.start(want)
         await self.e.revision_result(want.spec_hash, "InProgress")
-        record = c.instance_status(target)
-        record.version, record.state, record.ready = str(c.spec.version), "running", False
-        record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
-        record.start_cpu = None  # known once observed
+        for replica in range(c.count):
+            view = c.of_replica(replica)
+            if replica:
+                await self.e.start(view.want_for(target))
+            record = view.instance_status(target)
+            record.version, record.state, record.ready = str(c.spec.version), "running", False
+            record.restarts, record.last_exit_code, record.oom_killed = 0, None, False
+            record.start_cpu = None  # known once observed
         message = (
             f"swapping {current.version} -> {c.spec.version}: started {want.name} beside "
             f"{current.name}"
@@ -205,7 +209,7 @@ class Coordinator:
                     f"{new.name} exited before promotion ({how}); last log lines:\n{lines}",
                 )
             await self._check_serving(old)
-            if not await self._ready(progress, new):
+            if not await self._ready(progress, new) or not await self._replicas_ready(progress):
                 delay = c.memory.next_probe(new.name)
                 if new.waiting and new.started_at is None:  # scheduling, pulling: not counted
                     self._swapping(
@@ -288,18 +292,69 @@ class Coordinator:
         """Keep health-checking the color that serves while the new one starts or waits."""
         c = self.c
         endpoint = self.s.runtime.endpoint(old)
+        timeout = float(c.spec.health.timeout_seconds)
+        for replica in c.replicas(old.color):
+            if replica.replica and replica.replica < c.count:
+                record = c.of_replica(replica.replica).instance_status(old.color)
+                record.ready = replica.state is base.InstanceState.RUNNING and (
+                    await self.s.plugins.healthy(self.s.runtime.endpoint(replica), timeout)
+                )
         record = c.instance_status(old.color)
-        record.ready = await self.s.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds))
-        if record.ready:
-            self.s.routes.set_route(c.key, endpoint, old.name, c.spec)
+        record.ready = await self.s.plugins.healthy(endpoint, timeout)
+        pool = self._pool(old.color)
+        if record.ready or pool:
+            self.s.routes.set_route(c.key, endpoint, old.name, c.spec, pool)
         else:
             self.s.routes.clear_route(c.key)
 
     def _instance(self, color: models.Color) -> base.Instance | None:
-        return next((i for i in self.c.observed if i.color is color), None)
+        return next((i for i in self.c.observed if i.color is color and not i.replica), None)
 
-    async def _ready(self, progress: models.SwapProgress, new: base.Instance) -> bool:
+    def _pool(self, color: models.Color) -> list[str]:
+        """The endpoints of ``color``'s Ready replicas, when it has several (spec.replicas)."""
         c = self.c
+        if c.count == 1:
+            return []
+        ready = {i.replica for i in c.status.instances if i.color is color and i.ready}
+        return [
+            self.s.runtime.endpoint(i)
+            for i in c.replicas(color)
+            if i.replica in ready and i.replica < c.count and i.state is base.InstanceState.RUNNING
+        ]
+
+    async def _replicas_ready(self, progress: models.SwapProgress) -> bool:
+        """Whether the new color's replicas after the first are all Ready too (each started
+        again when it is missing; one that exited fails the swap)."""
+        c = self.c
+        ready = True
+        for replica in range(1, c.count):
+            view = c.of_replica(replica)
+            new = view.instance(progress.to_color)
+            if new is None or new.state is base.InstanceState.CREATED:
+                if new is not None:
+                    await self.e.remove(new)
+                await self.e.start(view.want_for(progress.to_color))
+                ready = False
+                continue
+            if new.state is not base.InstanceState.RUNNING:
+                lines = await self.e.last_logs(new.name)
+                how = f"exit code {new.exit_code}" + (" (OOM killed)" if new.oom_killed else "")
+                raise SwapFailure(
+                    "SwapFailedCrashed",
+                    f"{new.name} exited before promotion ({how}); last log lines:\n{lines}",
+                )
+            record = view.instance_status(progress.to_color)
+            record.ready = record.ready or await self._ready(progress, new, view)
+            ready = ready and record.ready
+        return ready
+
+    async def _ready(
+        self,
+        progress: models.SwapProgress,
+        new: base.Instance,
+        view: context.PassContext | None = None,
+    ) -> bool:
+        c = view or self.c
         timeout = float(c.spec.health.timeout_seconds)
         c.instance_status(new.color).start_cpu = base.start_cpu_of(new)
         if not await self.s.runtime.ready(new, timeout):
@@ -404,7 +459,9 @@ class Coordinator:
         canary = c.spec.hot_swap.canary
         weight = progress.weight or 0
         header = canary.sticky_header if canary else None
-        self.s.routes.set_canary(c.key, endpoint if weight else None, weight, header)
+        self.s.routes.set_canary(
+            c.key, endpoint if weight else None, weight, header, self._pool(progress.to_color)
+        )
         self.s.metrics.canary_weight.labels(c.key).set(weight)
 
     def _analyzed(self, progress: models.SwapProgress, where: str) -> bool:
@@ -646,7 +703,9 @@ class Coordinator:
             await self.e.persist()
             step("status")
             _checkpoint("flipped")
-            self.s.routes.set_route(c.key, new_endpoint, new.name, c.spec)
+            self.s.routes.set_route(
+                c.key, new_endpoint, new.name, c.spec, self._pool(progress.to_color)
+            )
             self.s.routes.set_canary(c.key, None, 0)
             self.s.metrics.canary_weight.labels(c.key).set(0)
             flipped = True
@@ -661,7 +720,9 @@ class Coordinator:
                 raise SwapFailure("SwapFailedFlip", f"the flip was not applied: {e}") from None
         except BaseException:  # a failed step, or anything else: the old color serves again
             if flipped:
-                self.s.routes.set_route(c.key, old_endpoint, old.name, c.spec)
+                self.s.routes.set_route(
+                    c.key, old_endpoint, old.name, c.spec, self._pool(progress.from_color)
+                )
             await self._resume(old_endpoint)
             self.s.routes.release(c.key)
             self.held_ms = (time.monotonic() - started) * 1000
@@ -782,7 +843,7 @@ class Coordinator:
             raise SwapFailure(
                 "SwapFailedAfterPromotion", f"{new.name} failed its health check after promotion"
             )
-        self.s.routes.set_route(c.key, endpoint, new.name, c.spec)
+        self.s.routes.set_route(c.key, endpoint, new.name, c.spec, self._pool(progress.to_color))
         self.s.routes.set_preview(c.key, None)
         assert progress.promoted is not None
         progress.weight = 100 if progress.weight is not None else None
@@ -802,8 +863,8 @@ class Coordinator:
                 kept_for = f"; {old.name} is kept meanwhile" if old is not None else ""
                 self._swapping("SwapBlockedByWebhook", blocked + kept_for)
                 return float(c.spec.health.period_seconds)
-        if old is not None:
-            await self.e.remove(old)
+        for instance in c.replicas(progress.from_color):
+            await self.e.remove(instance)
         c.status.instances = [i for i in c.status.instances if i.color is progress.to_color]
         c.status.swap = None
         if c.status.last_swap is not None:
@@ -847,7 +908,9 @@ class Coordinator:
             if old_alive and old is not None:
                 old_endpoint = self.s.runtime.endpoint(old)
                 await self._resume(old_endpoint)
-                self.s.routes.set_route(c.key, old_endpoint, old.name, c.spec)
+                self.s.routes.set_route(
+                    c.key, old_endpoint, old.name, c.spec, self._pool(progress.from_color)
+                )
             else:
                 self.s.routes.clear_route(c.key)
             c.status.active_color = progress.from_color
@@ -892,8 +955,8 @@ class Coordinator:
             drain = max(0.001, float(c.spec.hot_swap.drain_timeout_seconds))
             with contextlib.suppress(ControllerError):
                 await self.s.routes.wait_idle(self.s.runtime.endpoint(new), drain)
-        if new is not None:
-            await self.e.remove(new)
+        for instance in c.replicas(progress.to_color):
+            await self.e.remove(instance)
         if self.held_ms is not None:
             self.s.metrics.swap_pause.labels(c.key).observe(self.held_ms / 1000)
         self.s.metrics.swaps.labels(c.key, c.status.last_swap.result).inc()

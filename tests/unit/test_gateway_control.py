@@ -497,3 +497,63 @@ async def test_a_call_whose_own_task_is_cancelled_is_still_cancelled(socket_dir:
         finally:
             hang.set()
             await plugins.close()
+
+
+async def test_a_color_of_replicas_crosses_the_socket_beside_its_single_endpoint(
+    socket_dir: Path,
+) -> None:
+    path = socket_dir / "gateway.sock"
+    blue = ["unix:/b0.sock", "unix:/b1.sock", "unix:/b2.sock"]
+    green = ["unix:/g0.sock", "unix:/g1.sock"]
+    async with gateway_side(path) as gateway, controller_side(path) as (remote, _):
+        remote.set_route("kv", blue[0], "bh-kv-blue", spec(), blue)
+        remote.set_canary("kv", green[0], 50, None, green)
+        remote.start_syncing()
+        await asyncio.wait_for(remote.connected.wait(), 10)
+        gates = gateway.router.gates
+        await _wait(lambda: "kv" in gates and len(gates["kv"].pools) == 2, "the pools")
+        assert gates["kv"].endpoint == blue[0]
+        assert gates["kv"].pools[blue[0]].endpoints == tuple(blue)
+        assert gates["kv"].pools[green[0]].endpoints == tuple(green)
+        entry = remote.table()["kv"]
+        assert entry["endpoint"] == blue[0]  # what an older gateway routes every call to
+        assert [one["endpoint"] for one in entry.get("endpoints", [])] == blue
+        remote.dropped(blue[1])  # that replica was restarted on its socket path
+        assert remote.table()["kv"].get("endpoints", [])[1]["incarnation"] == 1
+        remote.set_route("kv", blue[0], "bh-kv-blue", spec(), blue[1:])  # b0 is down
+        await _wait(lambda: gates["kv"].pools[blue[0]].endpoints == tuple(blue[1:]), "b0 out")
+        status = (await remote.request({"type": "status"}, 5))["plugins"]["kv"]
+        assert status["endpoints"] == blue[1:]
+        remote.set_route("kv", blue[0], "bh-kv-blue", spec())  # one replica again
+        remote.set_canary("kv", None, 0)
+        await _wait(lambda: not gates["kv"].pools, "no pools")
+        assert "endpoints" not in remote.table()["kv"]
+
+
+def test_an_older_entry_without_endpoints_routes_as_before() -> None:
+    controls = control.ControlServer(router.Router())
+    controls.apply_table({"kv": control.entry(KV, "unix:/a.sock", "bh-kv-blue")})
+    assert controls.router.gates["kv"].endpoint == "unix:/a.sock"
+    assert not controls.router.gates["kv"].pools
+
+
+async def test_a_call_a_dead_replica_drops_goes_to_another_replica(socket_dir: Path) -> None:
+    """A replica whose socket is gone (it died) fails no caller: each call it would have
+    taken goes to another replica of its color at once; with no other left, it fails."""
+    dead = f"unix:{socket_dir / 'gone.sock'}"
+    async with _plugin(socket_dir) as alive:
+        routes, plugins = router.Router(), client.Clients()
+        routes.set_route("kv", dead, "bh-kv-blue", spec(), [dead, alive])
+        gateway = server.Gateway(lambda key: KV if key == "kv" else None, routes, plugins)
+        bound = await gateway.start("127.0.0.1:0", None)
+        url = f"http://{bound['http']}/v1/plugins/kv/call/echo"
+        try:
+            for _ in range(6):  # half of them are first sent to the dead one
+                assert await asyncio.to_thread(_post, url) == (200, {"a": 1})
+            assert routes.counts[dead].calls == 6 + 3, "each tried once on the dead one"
+            routes.set_route("kv", dead, "bh-kv-blue", spec())  # the dead one alone
+            status, _ = await asyncio.to_thread(_post, url)
+            assert status == 502
+        finally:
+            await gateway.stop()
+            await plugins.close()

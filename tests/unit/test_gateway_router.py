@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import resource
@@ -196,3 +198,93 @@ def test_the_open_files_limit_is_raised_and_the_connection_cap_fits_it() -> None
     assert fitted.header_timeout == limits.header_timeout
     with pytest.raises(ValueError, match="header_timeout"):
         connections.Limits(header_timeout=0)
+
+
+async def test_a_color_of_replicas_is_balanced_by_fewest_calls_in_flight() -> None:
+    routes = router.Router()
+    replicas = ["unix:/r0.sock", "unix:/r1.sock", "unix:/r2.sock"]
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec(), replicas)
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(routes.admit("kv", spec().gateway, 5))
+        second = await stack.enter_async_context(routes.admit("kv", spec().gateway, 5))
+        assert first != second  # the busy one is passed over
+        third = await stack.enter_async_context(routes.admit("kv", spec().gateway, 5))
+        assert {first, second, third} == set(replicas)
+        # One call ends: the next goes to the replica it left idle, whichever turn it is.
+        async with routes.admit("kv", spec().gateway, 5) as fourth:
+            assert fourth in replicas
+        assert routes.in_flight(replicas[0]) == 3  # the color's calls, all its replicas
+    assert routes.in_flight(replicas[0]) == 0
+    assert not routes.by_replica
+    reached: collections.Counter[str] = collections.Counter()
+    for _ in range(30):  # one call at a time: all tied at 0, taken in turn
+        async with routes.admit("kv", spec().gateway, 5) as endpoint:
+            reached[endpoint] += 1
+    assert reached == {r: 10 for r in replicas}
+    assert routes.counts[replicas[0]].calls == 34  # counted under the color's endpoint
+
+
+async def test_a_busy_replica_gets_no_calls_until_it_is_the_least_busy() -> None:
+    routes = router.Router()
+    replicas = ["unix:/r0.sock", "unix:/r1.sock"]
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec(), replicas)
+    slow = routes.admit("kv", spec().gateway, 5)
+    busy = await slow.__aenter__()
+    for _ in range(5):
+        async with routes.admit("kv", spec().gateway, 5) as endpoint:
+            assert endpoint != busy
+    await slow.__aexit__(None, None, None)
+
+
+async def test_a_replica_dropped_from_the_route_gets_no_more_calls() -> None:
+    routes = router.Router()
+    routes.set_route(
+        "kv", "unix:/r0.sock", "bh-kv-blue", spec(), ["unix:/r0.sock", "unix:/r1.sock"]
+    )
+    routes.set_route("kv", "unix:/r0.sock", "bh-kv-blue", spec(), ["unix:/r1.sock"])  # r0 is down
+    for _ in range(4):
+        async with routes.admit("kv", spec().gateway, 5) as endpoint:
+            assert endpoint == "unix:/r1.sock"
+    routes.set_route("kv", "unix:/r0.sock", "bh-kv-blue", spec())  # one replica: no pool
+    assert not routes.gates["kv"].pools
+    async with routes.admit("kv", spec().gateway, 5) as endpoint:
+        assert endpoint == "unix:/r0.sock"
+    routes.set_route(
+        "kv", "unix:/r0.sock", "bh-kv-blue", spec(), ["unix:/r0.sock", "unix:/r1.sock"]
+    )
+    routes.clear_route("kv")
+    assert not routes.gates["kv"].pools
+
+
+async def test_a_canary_weight_applies_to_its_color_and_its_replicas_share_it() -> None:
+    routes = router.Router()
+    blue = ["unix:/b0.sock", "unix:/b1.sock"]
+    green = ["unix:/g0.sock", "unix:/g1.sock", "unix:/g2.sock"]
+    routes.set_route("kv", blue[0], "bh-kv-blue", spec(), blue)
+    routes.set_canary("kv", green[0], 50, endpoints=green)
+    draws = iter([0.1, 0.9] * 30)
+    routes.draw = lambda: next(draws)
+    reached: collections.Counter[str] = collections.Counter()
+    for _ in range(60):
+        async with routes.admit("kv", spec().gateway, 5) as endpoint:
+            reached[endpoint] += 1
+    assert sum(reached[g] for g in green) == 30
+    assert sum(reached[b] for b in blue) == 30
+    assert all(reached[g] == 10 for g in green)
+    assert all(reached[b] == 15 for b in blue)
+    assert routes.counts[green[0]].calls == 30
+    assert routes.counts[blue[0]].calls == 30
+    routes.set_canary("kv", None, 0)
+    assert set(routes.gates["kv"].pools) == {blue[0]}
+
+
+def test_a_call_a_replica_dropped_has_a_spare_even_once_the_replica_left_the_pool() -> None:
+    routes = router.Router()
+    replicas = ["unix:/r0.sock", "unix:/r1.sock", "unix:/r2.sock"]
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec(), replicas)
+    assert routes.spare("kv", replicas[1], set())
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec(), [replicas[0], replicas[2]])
+    assert routes.spare("kv", replicas[1], set()), "taken out under the call: others remain"
+    assert not routes.spare("kv", replicas[1], {replicas[0], replicas[2]})
+    routes.set_route("kv", replicas[0], "bh-kv-blue", spec())  # one instance: no replicas
+    assert not routes.spare("kv", replicas[0], set())

@@ -130,7 +130,7 @@ def test_a_spec_file_over_one_mebibyte_is_refused_without_reading_it_all(tmp_pat
 
 
 def test_one_bad_document_does_not_hide_the_others_problems() -> None:
-    text = spec("one", "  config: {n: !!int abc}\n") + "---\n" + spec("two", "  replicas: 2\n")
+    text = spec("one", "  config: {n: !!int abc}\n") + "---\n" + spec("two", "  replicas: 0\n")
     with pytest.raises(SpecError) as caught:
         loader.load_text(text)
     assert [(i.document, i.path) for i in caught.value.issues] == [

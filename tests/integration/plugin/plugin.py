@@ -56,6 +56,7 @@ class TestPlugin(Plugin):
             return {
                 "version": os.environ.get("BLACKHOLE_VERSION"),
                 "color": os.environ.get("BLACKHOLE_COLOR"),
+                "host": socket.gethostname(),  # one per instance: which replica answered
             }
         if method == "sleep":
             await asyncio.sleep(float(payload["seconds"]))
