@@ -1296,9 +1296,11 @@ class PluginStatus(Model):
     )
     """Ready, Progressing and Degraded."""
     instances: list[InstanceStatus] = Field(
-        default_factory=list, max_length=2, json_schema_extra=keyed_by("color")
+        default_factory=list,
+        max_length=2 * MAX_REPLICAS,
+        json_schema_extra=keyed_by("color", "replica"),
     )
-    """The plugin's instances, one per color that exists."""
+    """The plugin's instances, one per replica of each color that exists."""
     last_swap: SwapStatus | None = Field(default=None, alias="lastSwap")
     """The last blue/green swap."""
     swap: SwapProgress | None = None
