@@ -16,9 +16,11 @@ channel opened for one plugin refuses a certificate issued to another.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import ipaddress
+import logging
 import os
 import shutil
 import stat
@@ -34,6 +36,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.errors import ControllerError
 
+log = logging.getLogger(__name__)
+
 SCHEME = "blackhole"
 """The scheme of identity URIs."""
 SERVER_NAME_SUFFIX = "plugin.blackhole"
@@ -47,7 +51,8 @@ INSTANCE_LIFETIME = datetime.timedelta(hours=1)
 RENEW_AT = 2 / 3
 """Fraction of a certificate's lifetime after which it is renewed."""
 BACKDATE = datetime.timedelta(minutes=5)
-"""How far before now a certificate is made valid (clocks across hosts differ)."""
+"""How far before now a certificate is made valid (clocks across hosts differ); a quarter of
+the lifetime at most, so that a short-lived certificate is not due the moment it is made."""
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -304,9 +309,9 @@ class Authority:
         """A certificate for ``identity``: a server's for a plugin (its server name and
         ``hosts``, names or addresses, in the SAN), a client's for a role."""
         key = _new_key()
-        start = not_before if not_before is not None else _now() - BACKDATE
-        end = min(start + lifetime + (BACKDATE if not_before is None else datetime.timedelta()),
-                  self.cert.not_valid_after_utc)  # fmt: skip
+        backdate = min(BACKDATE, lifetime / 4) if not_before is None else datetime.timedelta()
+        start = not_before if not_before is not None else _now() - backdate
+        end = min(start + lifetime + backdate, self.cert.not_valid_after_utc)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
         if identity.namespace is not None:
             names.append(x509.DNSName(identity.server_name))
@@ -417,6 +422,7 @@ class Renewer:
         *,
         hosts: Sequence[str] = (),
         lifetime: datetime.timedelta = INSTANCE_LIFETIME,
+        follow: bool = False,
     ) -> None:
         self.authority = authority
         self.identity = identity
@@ -424,14 +430,26 @@ class Renewer:
         self.directory = directory
         self.hosts = tuple(hosts)
         self.lifetime = lifetime
+        self.follow = follow
+        """Renew only a certificate there of this same CA, never issue the first nor replace
+        another CA's (a gateway behind its controller, which decides the CA)."""
 
     def ensure(self, now: datetime.datetime | None = None) -> bool:
-        """Issue and write a new certificate if the one there is due; whether it did."""
-        if not due(self.files.cert, now) and self.files.ca.exists():
+        """Issue and write a new certificate if the one there is due, or is another CA's (the
+        controller started with another ``--ca-cert``); whether it did."""
+        if self.follow and not self._same_ca():
+            return False
+        if not due(self.files.cert, now) and self._same_ca():
             return False
         issued = self.authority.issue(self.identity, hosts=self.hosts, lifetime=self.lifetime)
         issued.write(self.directory, self.authority.cert_pem)
         return True
+
+    def _same_ca(self) -> bool:
+        try:
+            return self.files.ca.read_bytes() == self.authority.cert_pem
+        except OSError:
+            return False
 
     def next_check(self) -> float:
         """Seconds until the current certificate is due (0 if it is)."""
@@ -441,3 +459,65 @@ class Renewer:
             return 0.0
         at = renew_time(cert.not_valid_before_utc, cert.not_valid_after_utc)
         return max(0.0, (at - _now()).total_seconds())
+
+
+RENEW_CHECK_SECONDS = 60.0
+"""Longest sleep between two looks at the certificates kept renewed (a clock jump, a file
+someone removed)."""
+
+
+async def keep_renewed(renewers: Sequence[Renewer], stop: asyncio.Event) -> None:
+    """Renew each of ``renewers``' certificates when it is due, until ``stop``.
+
+    Issued at once where missing or due, then each time the first is due.
+    A renewal that fails (a full disk) is logged and tried again at the
+    next look; the certificate in place serves meanwhile.
+    """
+    while not stop.is_set():
+        wait = RENEW_CHECK_SECONDS
+        for renewer in renewers:
+            try:
+                if await asyncio.to_thread(renewer.ensure):
+                    log.info("renewed the certificate of %s", renewer.identity.uri)
+            except PKIError as e:
+                log.error("cannot renew the certificate of %s: %s", renewer.identity.uri, e)
+            wait = min(wait, await asyncio.to_thread(renewer.next_check))
+        # Not before the due time: a certificate due now was just renewed (or failed).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(wait, 1.0))
+
+
+class Credentials:
+    """A client certificate and key kept renewed in a directory, read again when renewed.
+
+    :meth:`current` is cheap enough for every call: it looks at the
+    directory's ``..data`` link at most every :data:`LOOK_SECONDS` and
+    reads the files only when it points elsewhere (a renewal swapped it).
+    """
+
+    LOOK_SECONDS = 0.5
+
+    def __init__(self, directory: Path) -> None:
+        self.files = Files.in_directory(directory)
+        self.directory = directory
+        self._seen: str | None = None
+        self._looked = -1e9
+        self._current: tuple[bytes, bytes, bytes] | None = None
+
+    def current(self) -> tuple[bytes, bytes, bytes] | None:
+        """``(ca, key, cert)`` as PEM; None while there is none (not issued yet)."""
+        now = time.monotonic()
+        if now - self._looked < self.LOOK_SECONDS and self._current is not None:
+            return self._current
+        self._looked = now
+        try:
+            version = os.readlink(self.directory / DATA_LINK)
+        except OSError:
+            return self._current
+        if version != self._seen or self._current is None:
+            try:
+                self._current = read_pair(self.files)
+                self._seen = version
+            except PKIError as e:  # being replaced: the set read last goes on
+                log.debug("client certificate in %s not read: %s", self.directory, e)
+        return self._current

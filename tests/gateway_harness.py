@@ -33,7 +33,7 @@ import grpc
 from blackhole_sdk.proto import plugin_pb2
 from hypothesis import strategies as st
 
-from controller.gateway import auth, connections, router, server
+from controller.gateway import auth, connections, router, server, tls
 from controller.protocol import client
 from controller.spec import models
 
@@ -82,8 +82,13 @@ class GatewayThread:
         tokens: bool = True,
         call_timeout: float = 5.0,
         max_request_bytes: int = 1 << 20,
+        listener_tls: tls.ListenerTLS | None = None,
+        more_tokens: tuple[auth.Token, ...] = (),
     ) -> None:
         self.limits = limits or connections.Limits()
+        self.listener_tls = listener_tls
+        self.more_tokens = more_tokens
+        """Entries after :data:`OPS` and :data:`NARROW` (e.g. known by certificates)."""
         self.tokens = tokens
         self.call_timeout = call_timeout
         self.max_request_bytes = max_request_bytes
@@ -155,6 +160,7 @@ class GatewayThread:
                     auth.Token(
                         "narrow", hashlib.sha256(NARROW.encode()).hexdigest(), frozenset({"kv"})
                     ),
+                    *self.more_tokens,
                 ]
             )
         plugins = client.Clients()
@@ -164,6 +170,7 @@ class GatewayThread:
             plugins,
             tokens=tokens,
             limits=self.limits,
+            tls=self.listener_tls,
         )
         try:
             bound = await self.gateway.start("127.0.0.1:0", "127.0.0.1:0")

@@ -28,7 +28,11 @@ def age(since: str | None) -> str:
     return f"{max(seconds, 0)}s"
 
 
-STEP_SHOWN = {"AwaitingPromotion": "awaiting promotion", "Promoting": "promoting"}
+STEP_SHOWN = {
+    "AwaitingPromotion": "awaiting promotion",
+    "Promoting": "promoting",
+    "Analyzing": "analyzing",
+}
 
 
 def declared_if_other(item: dict[str, Any]) -> str | None:
@@ -53,18 +57,31 @@ def row(item: dict[str, Any], columns: list[str]) -> list[str]:
     status = item.get("status") or {}
     ready = condition(item, "Ready")
     phase = status.get("phase", "Pending")
-    step = (status.get("swap") or {}).get("step")
+    swap = status.get("swap") or {}
+    step = swap.get("step")
+    shown = STEP_SHOWN.get(step or "")
+    if step == "Canary":
+        shown = f"canary {swap.get('weight') or 0}%"
     values = {
         "NAME": item["metadata"]["name"],
         "VERSION": str(status.get("activeVersion") or "-"),  # what runs, not what is declared
         "DECLARED": declared_if_other(item) or "",
-        "PHASE": f"{phase} ({STEP_SHOWN[step]})" if step in STEP_SHOWN else phase,
+        "PHASE": f"{phase} ({shown})" if shown else phase,
         "READY": ready.get("status", "Unknown"),
         "RESTARTS": str(sum(i.get("restarts", 0) for i in status.get("instances", []))),
         "ACTIVE": status.get("activeColor", "-"),
         "AGE": age(ready.get("lastTransitionTime")),
-        "IMAGE": item["spec"].get("image") or item["spec"].get("bundle", "-"),
+        "IMAGE": _image(item["spec"]),
         "REASON": ready.get("reason", "-"),
         "MESSAGE": (ready.get("message", "").splitlines() or [""])[0],
     }
     return [values[c] for c in columns]
+
+
+def _image(spec: dict[str, Any]) -> str:
+    """What runs: the image, ``remote ADDRESS`` for a plugin the controller does not run,
+    else the bundle."""
+    remote = spec.get("remote")
+    if not spec.get("image") and isinstance(remote, dict):
+        return f"remote {remote.get('address', '')}"
+    return str(spec.get("image") or spec.get("bundle", "-"))

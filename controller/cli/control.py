@@ -209,7 +209,11 @@ def get(
     ),
     no_headers: bool = typer.Option(False, "--no-headers", help="Tables without the header."),
     watch: bool = typer.Option(
-        False, "--watch", "-w", help="After the list, print each change as it happens (Ctrl-C)."
+        False,
+        "--watch",
+        "-w",
+        help="After the list, print each change as it happens (Ctrl-C); with NAME, its "
+        "rollout as a tree (revisions, colors, weights, analyses), redrawn as it changes.",
     ),
     data_dir: Path | None = flags.DATA_DIR,
 ) -> None:
@@ -223,6 +227,9 @@ def get(
         flags.Format.NAME,
     )
     admin = client(data_dir)
+    if name is not None and watch and fmt in {flags.Format.TABLE, flags.Format.WIDE}:
+        _watch_tree(admin, name)
+        return
     try:
         items, errors, controller_conditions = _fetch(admin, name)
     except ControllerError as e:
@@ -263,6 +270,38 @@ def get(
         )
     if watch:
         _watch(admin, name, fmt, columns, widths, items)
+
+
+def _watch_tree(admin: admin_client.AdminClient, name: str) -> None:
+    """Draw ``name``'s rollout tree, again at each change, until Ctrl-C (exit 0) or until
+    the plugin is deleted."""
+    from controller.cli import tree
+
+    drawn: list[str] = []
+    try:
+        while True:
+            try:
+                plugin = admin.get(name)["plugin"]
+                revisions = admin.revisions(name)["revisions"]
+            except admin_client.AdminError as e:
+                if e.status != 404 or not drawn:
+                    raise fail(e) from None
+                sys.stdout.write(f"plugin {name} deleted\n")
+                return
+            except ControllerError as e:
+                raise fail(e) from None
+            lines = tree.rollout(plugin, revisions)
+            if lines != drawn:
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place, as a watch does
+                elif drawn:
+                    sys.stdout.write("\n")
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+                drawn = lines
+            time.sleep(WATCH_SECONDS)
+    except KeyboardInterrupt:
+        return
 
 
 def _line(cells: list[str], widths: list[int]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fcntl
 import logging
 import os
@@ -29,10 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import controller
-from controller.cli import locks
+from controller import pki
+from controller.cli import locks, paths
 from controller.errors import ControllerError
 from controller.gateway import auth, connections, control, router
 from controller.gateway import server as gateway_server
+from controller.gateway import tls as gateway_tls
 from controller.metrics import exposition, telemetry
 from controller.protocol import client
 
@@ -68,6 +71,12 @@ class GatewayOptions:
     """Also take controllers on TCP, HOST:PORT (Kubernetes: the controller is another pod)."""
     control_secret: Path | None = None
     """The secret a controller proves on ``control_address``."""
+    controller_id: str = "default"
+    ca: tuple[Path, Path] | None = None
+    """The operator's CA its controller runs with; default the controller's own, if any."""
+    client_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    tls: tuple[Path, Path, Path | None] | None = None
+    """The listeners' certificate, key and client CA (None: plaintext)."""
 
     def arguments(self) -> list[str]:
         """This, as ``bhctl gateway`` options."""
@@ -87,6 +96,15 @@ class GatewayOptions:
             args += ["--control-addr", self.control_address]
         if self.control_secret is not None:
             args += ["--control-secret", str(self.control_secret)]
+        args += ["--controller-id", self.controller_id]
+        args += ["--client-cert-lifetime", repr(self.client_cert_lifetime)]
+        if self.ca is not None:
+            args += ["--ca-cert", str(self.ca[0]), "--ca-key", str(self.ca[1])]
+        if self.tls is not None:
+            cert, key, client_ca = self.tls
+            args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            if client_ca is not None:
+                args += ["--tls-client-ca", str(client_ca)]
         return args
 
 
@@ -118,8 +136,12 @@ def _lock(data_dir: Path) -> contextlib.AbstractContextManager[None]:
     )
 
 
-async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
-    """Run the gateway until SIGTERM/SIGINT."""
+async def serve(
+    options: GatewayOptions,
+    tokens: auth.Tokens | None,
+    listener_tls: gateway_tls.ListenerTLS | None = None,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT (``listener_tls``: HTTPS and gRPC over TLS)."""
     secret = None
     if options.control_address:
         if options.control_secret is None:
@@ -135,7 +157,14 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
         metrics = telemetry.Metrics(version=controller.__version__)
         routes = router.Router(metrics)
         about = {"pid": os.getpid(), "gatewayVersion": controller.__version__}
-        plugins = client.Clients(tokens=lambda endpoint: controls.tokens.get(endpoint))
+        credentials = pki.Credentials(paths.client_certificates(options.data_dir, pki.GATEWAY))
+        renewal = asyncio.create_task(
+            pki.keep_renewed(await asyncio.to_thread(_renewers, options), stop), name="certificate"
+        )
+        plugins = client.Clients(
+            tokens=lambda endpoint: controls.tokens.get(endpoint),
+            tls=lambda endpoint: _tls(controls, credentials, endpoint),
+        )
         # At once, while the table that routes calls there is applied: see Clients.forget.
         controls = control.ControlServer(routes, about=about, replaced=plugins.forget)
         gateway = gateway_server.Gateway(
@@ -146,6 +175,7 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             limits=options.limits,
             ready=controls.ready,
             ready_timeout=options.ready_timeout,
+            tls=listener_tls,
         )
         own_metrics = exposition.MetricsServer(metrics.registry)
         try:
@@ -162,6 +192,9 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             log.info("gateway %s: waiting for routes (pid %d)", controller.__version__, os.getpid())
             await stop.wait()
         finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
             await controls.stop()
             await gateway.stop()
             await own_metrics.stop()
@@ -169,6 +202,50 @@ async def serve(options: GatewayOptions, tokens: auth.Tokens | None) -> None:
             with contextlib.suppress(FileNotFoundError):
                 control_socket(options.data_dir).unlink()
         log.info("gateway stopped")
+
+
+def _renewers(options: GatewayOptions) -> list[pki.Renewer]:
+    """The gateway's own client certificate, renewed here too when due, so that a gateway
+    serving on without its controller still reaches remote plugins: with the CA it was
+    issued from only (the controller's, in the data directory, or ``--ca-cert``), which the
+    controller decides; none when the gateway cannot read that CA's key."""
+    if options.ca is not None:
+        cert, key = options.ca
+    else:
+        cert, key = (options.data_dir / paths.PKI_DIR / n for n in (pki.CA_CERT, pki.CA_KEY))
+        if not cert.exists():
+            return []
+    try:
+        authority = pki.Authority.from_files(cert, key)
+    except pki.PKIError as e:
+        log.warning("gateway: its client certificate is renewed by the controller only: %s", e)
+        return []
+    return [
+        pki.Renewer(
+            authority,
+            pki.Identity.role(options.controller_id, pki.GATEWAY),
+            paths.client_certificates(options.data_dir, pki.GATEWAY),
+            lifetime=datetime.timedelta(seconds=options.client_cert_lifetime),
+            follow=True,
+        )
+    ]
+
+
+def _tls(
+    controls: control.ControlServer, credentials: pki.Credentials, endpoint: str
+) -> client.ChannelTLS | None:
+    """How the gateway reaches ``endpoint`` over mutual TLS (a remote plugin): checked as the
+    table says, with the gateway's own client certificate, which the controller renews."""
+    entry = controls.tls.get(endpoint)
+    if entry is None:
+        return None
+    current = credentials.current()
+    if current is None:
+        return None
+    _, key, cert = current
+    return client.ChannelTLS(
+        ca=entry["ca"].encode(), cert=cert, key=key, server_name=entry["serverName"]
+    )
 
 
 def status(data_dir: Path) -> dict[str, object]:

@@ -21,11 +21,15 @@ import platform
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 import controller
-from controller.cli import control, flags, output, plugin, state, swap
+from controller.cli import certificate, control, flags, output, plugin, state, swap
+
+if TYPE_CHECKING:
+    from controller.spec import models
 
 app = typer.Typer(
     name="bhctl",
@@ -129,7 +133,7 @@ def validate(
         spec = item.plugin.spec
         output.out.print(
             f"[green]valid[/]  {escape(item.source)}: {item.plugin.key} "
-            f"{spec.version or spec.bundle} ({escape(spec.image or 'from the bundle')})"
+            f"{spec.version or spec.bundle} ({escape(spec.image or _remote_or_bundle(spec))})"
         )
 
 
@@ -215,6 +219,21 @@ def run_controller(
         "--gateway-tokens",
         help="YAML file of bearer tokens and the plugins each may call (mode 0600). "
         "Without it the gateway listens on loopback only and asks for no token.",
+    ),
+    gateway_tls_cert: Path | None = typer.Option(
+        None,
+        "--gateway-tls-cert",
+        help="PEM certificate (chain) the gateway serves HTTPS and gRPC over TLS with; "
+        "needs --gateway-tls-key.",
+    ),
+    gateway_tls_key: Path | None = typer.Option(
+        None, "--gateway-tls-key", help="PEM private key of --gateway-tls-cert (mode 0600)."
+    ),
+    gateway_tls_client_ca: Path | None = typer.Option(
+        None,
+        "--gateway-tls-client-ca",
+        help="PEM CA the gateway requires callers' client certificates from; a caller "
+        "without a token is the --gateway-tokens entry that lists its certificate.",
     ),
     gateway_header_timeout: float = typer.Option(
         10.0,
@@ -308,6 +327,11 @@ def run_controller(
         help="File of the secret (mode 0600, 16 bytes or more) that signs the swaps' "
         "webhooks (HMAC-SHA256); without it they are sent unsigned.",
     ),
+    prometheus_url: str | None = typer.Option(
+        None,
+        "--prometheus-url",
+        help="The Prometheus (http(s)://HOST:PORT) that swaps' Prometheus analyses query.",
+    ),
     ca_cert: Path | None = typer.Option(
         None,
         "--ca-cert",
@@ -316,6 +340,14 @@ def run_controller(
     ),
     ca_key: Path | None = typer.Option(
         None, "--ca-key", help="The private key (PEM, ECDSA, mode 0600) of --ca-cert."
+    ),
+    client_cert_lifetime: float = typer.Option(
+        3600.0,
+        "--client-cert-lifetime",
+        min=10.0,
+        max=30 * 86400.0,
+        help="Seconds the client certificates of the controller and of the gateway (with "
+        "which they reach remote plugins) live; each is renewed at two thirds of it.",
     ),
     trust_dir: Path | None = flags.TRUST_DIR,
     policy: Path | None = flags.POLICY,
@@ -417,6 +449,9 @@ def run_controller(
             raise typer.BadParameter(str(e), param_hint="--lease-seconds") from None
     if (ca_cert is None) != (ca_key is None):
         raise typer.BadParameter("give both --ca-cert and --ca-key", param_hint="--ca-cert")
+    listener_files = _tls_files(
+        gateway_tls_cert, gateway_tls_key, gateway_tls_client_ca, "--gateway-tls"
+    )
     logs.configure(log_format, log_level)
     options = run.Options(
         specs=specs,
@@ -430,6 +465,7 @@ def run_controller(
         gateway_address=gateway_addr,
         gateway_grpc_address=gateway_grpc_addr or None,
         gateway_tokens=gateway_tokens,
+        gateway_tls=listener_files,
         gateway_limits=connections.Limits(
             header_timeout=gateway_header_timeout,
             idle_timeout=gateway_idle_timeout,
@@ -447,7 +483,9 @@ def run_controller(
         kubernetes=kubernetes,
         plugins_dir=plugins_dir,
         webhook_secret=webhook_secret,
+        prometheus_url=prometheus_url,
         ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
+        client_cert_lifetime=client_cert_lifetime,
         trust_dir=trust_dir,
         policy=policy,
         gateway_mode=gateway_mode,
@@ -461,6 +499,24 @@ def run_controller(
         output.fail(str(e))
 
 
+def _tls_files(
+    cert: Path | None, key: Path | None, client_ca: Path | None, prefix: str
+) -> tuple[Path, Path, Path | None] | None:
+    """The listeners' TLS files, given together (checked when the gateway starts)."""
+    if (cert is None) != (key is None):
+        raise typer.BadParameter(
+            f"give both {prefix}-cert and {prefix}-key", param_hint=f"{prefix}-cert"
+        )
+    if cert is None or key is None:
+        if client_ca is not None:
+            raise typer.BadParameter(
+                f"{prefix}-client-ca needs {prefix}-cert and {prefix}-key",
+                param_hint=f"{prefix}-client-ca",
+            )
+        return None
+    return cert, key, client_ca
+
+
 @app.command("gateway")
 def run_gateway(
     data_dir: Path | None = flags.DATA_DIR,
@@ -472,6 +528,17 @@ def run_gateway(
         None,
         "--tokens",
         help="YAML file of bearer tokens (mode 0600); without it, loopback addresses only.",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate (chain): serve HTTPS and gRPC over TLS."
+    ),
+    tls_key: Path | None = typer.Option(
+        None, "--tls-key", help="PEM private key of --tls-cert (mode 0600)."
+    ),
+    tls_client_ca: Path | None = typer.Option(
+        None,
+        "--tls-client-ca",
+        help="PEM CA callers' client certificates must come from (see --tokens).",
     ),
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001),
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", min=0.001),
@@ -498,6 +565,23 @@ def run_gateway(
         "--control-secret",
         help="File of the secret a controller proves on --control-addr (16 bytes or more).",
     ),
+    controller_id: str = typer.Option(
+        "default", "--controller-id", help="The --controller-id of the controller it serves."
+    ),
+    ca_cert: Path | None = typer.Option(
+        None,
+        "--ca-cert",
+        help="The operator's CA the controller runs with (with --ca-key): the gateway renews "
+        "its client certificate with it when due. Default the controller's own CA, if any.",
+    ),
+    ca_key: Path | None = typer.Option(None, "--ca-key", help="The key of --ca-cert."),
+    client_cert_lifetime: float = typer.Option(
+        3600.0,
+        "--client-cert-lifetime",
+        min=10.0,
+        max=30 * 86400.0,
+        help="Seconds its client certificate lives when it renews it (as bhctl run's).",
+    ),
     stop: bool = typer.Option(
         False, "--stop", help="Stop the gateway running on the data directory, and exit."
     ),
@@ -510,7 +594,7 @@ def run_gateway(
     """Run the gateway in the foreground until SIGTERM; bhctl run sends it its routes."""
     from controller.cli import gateway, logs, run
     from controller.errors import ControllerError
-    from controller.gateway import connections
+    from controller.gateway import connections, tls
 
     directory = data_dir or run.default_data_dir()
     if stop:
@@ -520,7 +604,10 @@ def run_gateway(
     if status:
         output.out.print(json.dumps(gateway.status(directory), indent=2))
         return
+    if (ca_cert is None) != (ca_key is None):
+        raise typer.BadParameter("give both --ca-cert and --ca-key", param_hint="--ca-cert")
     logs.configure(log_format, log_level)
+    listener_files = _tls_files(tls_cert, tls_key, tls_client_ca, "--tls")
     limits = connections.Limits(
         header_timeout=header_timeout, idle_timeout=idle_timeout, max_connections=max_connections
     )
@@ -535,9 +622,11 @@ def run_gateway(
         gateway_address=addr,
         gateway_grpc_address=grpc_addr or None,
         gateway_tokens=tokens,
+        gateway_tls=listener_files,
     )
     try:
         found = run.gateway_tokens(options)
+        listener_tls = run.gateway_tls(options, tls.GATEWAY_FLAGS)
         run.own_data_dir(directory)
         limits = run.fit_gateway_limits(limits, run.open_files_limit())
         settings = gateway.GatewayOptions(
@@ -550,9 +639,13 @@ def run_gateway(
             ready_timeout=ready_timeout,
             control_address=control_addr or None,
             control_secret=control_secret,
+            controller_id=controller_id,
+            ca=(ca_cert, ca_key) if ca_cert is not None and ca_key is not None else None,
+            client_cert_lifetime=client_cert_lifetime,
+            tls=listener_files,
         )
         with asyncio.Runner(loop_factory=run.loop_factory()) as runner:
-            runner.run(gateway.serve(settings, found))
+            runner.run(gateway.serve(settings, found, listener_tls))
     except ControllerError as e:
         output.fail(str(e))
 
@@ -561,6 +654,11 @@ control.register(app)
 app.add_typer(swap.app, name="swap")
 app.add_typer(state.app, name="state")
 app.add_typer(plugin.app, name="plugin")
+app.add_typer(certificate.app, name="certificate")
+
+
+def _remote_or_bundle(spec: models.PluginSpec) -> str:
+    return f"remote at {spec.remote.address}" if spec.remote else "from the bundle"
 
 
 def main() -> None:

@@ -39,3 +39,13 @@ def gateway_address(data_dir: Path) -> str:
         return str(json.loads(addresses_file(data_dir).read_text())["http"])
     except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_GATEWAY
+
+
+PKI_DIR = "pki"
+"""The directory, in the data directory, of the controller's CA and client certificates."""
+
+
+def client_certificates(data_dir: Path, role: str) -> Path:
+    """Where the controller keeps the renewed client certificate of ``role`` (``controller``,
+    ``gateway``): the gateway process reads its own from there."""
+    return data_dir / PKI_DIR / "clients" / role

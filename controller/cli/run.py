@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import functools
 import ipaddress
 import json
@@ -37,24 +38,33 @@ from controller.admin import server
 from controller.cli import gateway as gateway_process
 from controller.cli import locks
 from controller.cli.flags import GatewayMode, RuntimeChoice
-from controller.cli.paths import addresses_file, admin_socket, default_data_dir, gateway_address
+from controller.cli.paths import (
+    PKI_DIR,
+    addresses_file,
+    admin_socket,
+    client_certificates,
+    default_data_dir,
+    gateway_address,
+)
 from controller.dashboard import server as dashboard_server
 from controller.errors import ControllerError, InstanceNotFoundError
 from controller.gateway import auth, connections, router
 from controller.gateway import control as control_protocol
 from controller.gateway import server as gateway_server
+from controller.gateway import tls as gateway_tls_files
 from controller.metrics import exposition, telemetry, violations
 from controller.protocol import client
 from controller.reconcile import manager, queue
 from controller.registry import registry
 from controller.runtimes import base, container, kubernetes_manifests, process
 from controller.runtimes import kubernetes as kubernetes_runtime
+from controller.runtimes import remote as remote_runtime
 from controller.sources import base as sources_base
 from controller.sources import directory, store
 from controller.sources import kubernetes as kubernetes_source
 from controller.spec.keys import split_key
 from controller.state import snapshots
-from controller.swap import webhooks
+from controller.swap import analysis, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +129,8 @@ class Options:
     gateway_address: str = "127.0.0.1:8080"
     gateway_grpc_address: str | None = "127.0.0.1:8081"
     gateway_tokens: Path | None = None
+    gateway_tls: tuple[Path, Path, Path | None] | None = None
+    """The listeners' certificate, key and client CA (None: plaintext)."""
     gateway_limits: connections.Limits = field(default_factory=connections.Limits)
     """Time and number bounds of the gateway's connections."""
     metrics_address: str | None = "127.0.0.1:9100"
@@ -132,8 +144,12 @@ class Options:
     """Bundles installed into the registry at start."""
     webhook_secret: Path | None = None
     """The secret that signs the swaps' webhooks."""
+    prometheus_url: str | None = None
+    """The Prometheus that the swaps' Prometheus analyses query."""
     ca: tuple[Path, Path] | None = None
     """An operator's CA (certificate, key); default the controller's own in the data dir."""
+    client_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    """Seconds the controller's and the gateway's client certificates live (renewed at 2/3)."""
     trust_dir: Path | None = None
     policy: Path | None = None
     plugin_root: Path | None = None
@@ -155,6 +171,10 @@ class Options:
             tokens=self.gateway_tokens,
             limits=self.gateway_limits,
             ready_timeout=self.gateway_ready_timeout,
+            controller_id=self.controller_id,
+            ca=self.ca,
+            client_cert_lifetime=self.client_cert_lifetime,
+            tls=self.gateway_tls,
         )
 
     @property
@@ -241,10 +261,6 @@ class AlreadyRunningError(ControllerError):
 
 class DataDirError(ControllerError):
     """The data directory exists and is not one the controller may make its own."""
-
-
-PKI_DIR = "pki"
-"""The directory, in the data directory, of the controller's CA."""
 
 
 DATA_DIR_ENTRIES = frozenset(
@@ -336,6 +352,21 @@ def gateway_tokens(options: Options) -> auth.Tokens | None:
     return None
 
 
+def gateway_tls(
+    options: Options, flags: gateway_tls_files.Flags = gateway_tls_files.RUN_FLAGS
+) -> gateway_tls_files.ListenerTLS | None:
+    """The listeners' TLS files, checked (None: plaintext listeners)."""
+    if options.gateway_tls is None:
+        return None
+    cert, key, client_ca = options.gateway_tls
+    if client_ca is not None and options.gateway_tokens is None:
+        raise GatewayConfigError(
+            f"{flags.client_ca} names callers by their certificates in the tokens file's "
+            "entries: give the tokens file too"
+        )
+    return gateway_tls_files.ListenerTLS.load(cert, key, client_ca, flags)
+
+
 def _loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -356,11 +387,25 @@ def _lookup(source: sources_base.Source) -> gateway_server.Lookup:
 
 class _Clients(client.Clients):
     """The controller's plugin clients: an instance it lets go of is let go of by the
-    gateway process too (a restarted instance reuses its socket's path)."""
+    gateway process too (a restarted instance reuses its socket's path). Remote plugins
+    are reached over mutual TLS with the controller's client certificate."""
 
-    def __init__(self, dropped: Callable[[str], None]) -> None:
-        super().__init__()
+    def __init__(
+        self, dropped: Callable[[str], None], remotes: remote_runtime.RemoteRuntime | None
+    ) -> None:
+        super().__init__(tls=functools.partial(_channel_tls, remotes) if remotes else None)
         self.dropped = dropped
+        self.remotes = remotes
+
+    async def handshake(
+        self, endpoint: str, want: base.InstanceSpec, timeout: float
+    ) -> client.Handshake:
+        """Refused, with the reason, for a remote plugin whose certificate (or its lack of
+        TLS) the last probe refused: the plugin is Failed until its spec changes."""
+        refused = self.remotes.refusal(endpoint) if self.remotes is not None else None
+        if refused is not None:
+            raise refused
+        return await super().handshake(endpoint, want, timeout)
 
     async def drop(self, endpoint: str) -> None:
         await super().drop(endpoint)
@@ -410,6 +455,37 @@ async def resync_from_store(
             routes.set_route(key, runtime.endpoint(instance), instance.name, desired.plugin.spec)
             routed += 1
     return routed
+
+
+def _channel_tls(remotes: remote_runtime.RemoteRuntime, endpoint: str) -> client.ChannelTLS | None:
+    found = remotes.reach(endpoint)
+    if found is None:
+        return None
+    target, key, cert = found
+    return client.ChannelTLS(ca=target.ca, cert=cert, key=key, server_name=target.server_name)
+
+
+def _endpoint_tls(
+    remotes: remote_runtime.RemoteRuntime, endpoint: str
+) -> control_protocol.EndpointTLS | None:
+    target = remotes.target_at(endpoint)
+    if target is None:
+        return None
+    return {"serverName": target.server_name, "ca": target.ca.decode()}
+
+
+def client_renewers(options: Options, authority: pki.Authority) -> list[pki.Renewer]:
+    """The controller's and the gateway's client certificates, each in its directory."""
+    lifetime = datetime.timedelta(seconds=options.client_cert_lifetime)
+    return [
+        pki.Renewer(
+            authority,
+            pki.Identity.role(options.controller_id, role),
+            client_certificates(options.data_dir, role),
+            lifetime=lifetime,
+        )
+        for role in (pki.CONTROLLER, pki.GATEWAY)
+    ]
 
 
 def certificate_authority(options: Options) -> pki.Authority:
@@ -478,6 +554,7 @@ async def serve(options: Options) -> None:
     """Run the controller until SIGTERM/SIGINT (or, on Kubernetes, until it stops leading)."""
     map_large_buffers()
     tokens = gateway_tokens(options)
+    gateway_tls(options)  # its files refused before anything starts, in every mode
     if options.webhook_secret is not None:
         webhooks.read_secret(options.webhook_secret)  # refused before anything starts
     limits = fit_gateway_limits(options.gateway_limits, open_files_limit())
@@ -515,8 +592,9 @@ async def serve(options: Options) -> None:
                 elif not await election.acquire(stop):
                     return
             await _lead(
-                options, tokens, metrics, exposition_server, bound, stop, api, election, lost
-            )
+                options, tokens, metrics, exposition_server, bound, stop, api, election, lost,
+                authority,
+            )  # fmt: skip
         finally:
             if election is not None:
                 await election.release()
@@ -534,20 +612,40 @@ async def _lead(
     api: Any,
     election: lease.Election | None,
     lost: asyncio.Event,
+    authority: pki.Authority,
 ) -> None:
     """Everything that acts: source, runtime, gateway, admin API and the reconcile loop."""
     records = store.Store(options.data_dir / "state.db", metrics.stores)
     work = queue.WorkQueue()
     plane = _Plane()
+    renewers = client_renewers(options, authority)
+    for renewer in renewers:  # before any pass: a remote plugin is reached with them
+        await asyncio.to_thread(renewer.ensure)
+    renewal = asyncio.create_task(pki.keep_renewed(renewers, stop), name="certificates")
+    remotes = (
+        remote_runtime.RemoteRuntime(
+            options.controller_id,
+            options.data_dir / remote_runtime.RECORDS_DIR,
+            authority.cert_pem,
+            pki.Credentials(client_certificates(options.data_dir, pki.CONTROLLER)),
+        )
+        if options.kubernetes is None
+        else None
+    )
 
     def enqueue(key: str) -> None:
         work.add(key)
         if plane.remote is not None:
             plane.remote.changed()  # the declared plugins may differ: the gateway's table too
 
-    source, runtime, plugins, images = await _backend(options, api, records, enqueue, plane)
+    source, runtime, plugins, images = await _backend(
+        options, api, records, enqueue, plane, remotes
+    )
     _data_plane(options, plane, source, runtime, plugins, tokens, metrics, exposition_server,
                 bound, api)  # fmt: skip
+    runtime = remote_runtime.WithRemotes(runtime, remotes)
+    if remotes is not None and plane.remote is not None:
+        plane.remote.carry_tls(functools.partial(_endpoint_tls, remotes))
     routes, remote, gateway = plane.routes, plane.remote, plane.gateway
     supervisor, replicas = plane.supervisor, plane.replicas
     assert routes is not None
@@ -577,6 +675,7 @@ async def _lead(
         webhooks=webhooks.Sender(
             webhooks.read_secret(options.webhook_secret) if options.webhook_secret else None
         ),
+        prometheus=analysis.Prometheus(options.prometheus_url),
     )
     down = Down(stop) if options.kubernetes is None else None
     admin = server.AdminServer(
@@ -609,6 +708,9 @@ async def _lead(
             connection.result()  # the gateway refused this controller: exit 1 with why
     finally:
         renewing.set()
+        renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewal
         if holding is not None:
             await holding
         if gateway is not None:
@@ -646,6 +748,7 @@ async def _backend(
     records: store.Store,
     enqueue: Callable[[str], None],
     plane: _Plane,
+    remotes: remote_runtime.RemoteRuntime | None,
 ) -> tuple[sources_base.Source, base.Runtime, client.Clients, registry.Images | None]:
     """Where specs come from and where instances run: Kubernetes, or a directory and an
     engine (or processes) on this host."""
@@ -689,7 +792,7 @@ async def _backend(
         )
         runtime = await _runtime(options)
         plugins = _Clients(
-            lambda endpoint: plane.remote.dropped(endpoint) if plane.remote else None
+            lambda endpoint: plane.remote.dropped(endpoint) if plane.remote else None, remotes
         )
         if isinstance(runtime, container.ContainerRuntime):
             images = runtime  # bundles' images are loaded into the engine
@@ -751,7 +854,12 @@ def _data_plane(
     else:
         plane.routes = routes = router.Router(metrics)
         plane.gateway = gateway_server.Gateway(
-            _lookup(source), routes, plugins, tokens=tokens, limits=options.gateway_limits
+            _lookup(source),
+            routes,
+            plugins,
+            tokens=tokens,
+            limits=options.gateway_limits,
+            tls=gateway_tls(options),
         )
 
 

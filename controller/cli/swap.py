@@ -210,6 +210,12 @@ def _where(plugin: dict[str, Any]) -> tuple[str, int | None]:
     if swap is not None:
         step = swap["step"]
         hint = f"; promote with bhctl swap promote {name}" if step == "AwaitingPromotion" else ""
+        if step == "Canary":
+            steps = len((plugin["spec"].get("hotSwap") or {}).get("canary", {}).get("steps", []))
+            at = min(int(swap.get("canaryStep") or 0) + 1, steps)
+            hint = f" step {at}/{steps}, weight {swap.get('weight') or 0}%"
+        if swap.get("analysis"):
+            hint += f"; analysis {swap['analysis']['at']} running"
         return f"{name}: swap {swap['fromVersion']} -> {swap['toVersion']}: {step}{hint}", None
     generation = plugin["metadata"].get("generation")
     if generation is not None and status.get("observedGeneration") != generation:

@@ -13,7 +13,10 @@ bounded before any request is read:
   new one is refused only when every open connection is in a call), so idle
   connections cannot lock callers out;
 - request lines and header fields are bounded in length
-  (:data:`MAX_LINE_BYTES`, :data:`MAX_FIELD_BYTES`, :data:`MAX_HEADERS`).
+  (:data:`MAX_LINE_BYTES`, :data:`MAX_FIELD_BYTES`, :data:`MAX_HEADERS`);
+- on a TLS listener (:class:`Site`), the handshake is done within
+  :attr:`Limits.header_timeout` too, or the connection is closed (a
+  connection counts against the cap once its handshake is done).
 
 The same limits become channel arguments of the gRPC listener
 (:func:`grpc_options`), where gRPC's core enforces them: a handshake deadline,
@@ -240,3 +243,35 @@ class Server(web.Server):
             state.closing = True
             self._closing += 1
         handler.force_close()
+
+
+class Site(web.SockSite):
+    """A listening socket for :class:`Server`; with ``ssl_context``, its TLS handshakes are
+    bounded by ``handshake_timeout`` seconds (aiohttp's own sites leave asyncio's 60)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: Any,
+        *,
+        handshake_timeout: float,
+        ssl_context: Any = None,
+        backlog: int = 128,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context, backlog=backlog)
+        self.handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self.handshake_timeout,
+        )

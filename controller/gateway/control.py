@@ -21,7 +21,10 @@ message N says that every message before it was applied too:
 
 - ``routes``: the **whole** route table: every declared plugin with its
   limits, whom it may call, its endpoint (``null``: declared, not Ready,
-  503) and, on Kubernetes, the protocol ``token`` its instance asks for.
+  503) and, on Kubernetes, the protocol ``token`` its instance asks for; for
+  an endpoint reached over mutual TLS (a remote plugin), ``tls``: the server
+  name and CA its certificate is checked against, for each of the entry's
+  endpoints (the active one, a preview's, a canary's).
   Level-triggered: the controller sends it on every change and on every
   (re)connect, never a delta that could be lost; the gateway replaces what
   it had. A gateway answers calls only once it has a table (until then it
@@ -39,14 +42,24 @@ message N says that every message before it was applied too:
   event on each plugin and counts ``blackhole_gateway_hold_releases_total``.
 - ``wait_idle``: wait until no call is in flight to an endpoint (a swap's
   drain), at most ``timeout`` seconds; answers ``left``.
-- ``status``: each plugin's endpoint, calls in flight and held, holds.
+- ``stats``: what the gateway counted of an ``endpoint``'s calls since it
+  started (``calls``, ``failures``: the 5xx, ``buckets``: latencies in
+  :data:`~controller.gateway.counts.LATENCY_BOUNDS`), which a swap's builtin
+  analysis measures the new color by; summed over the replicas.
+- ``status``: each plugin's endpoint, calls in flight and held, holds, a
+  canary's endpoint and weight.
 - ``metrics``: the gateway's ``blackhole_gateway_*`` series in Prometheus'
   text format (the controller serves them on its own ``/metrics``).
 
 Version 1 is this text. A new message type, or a new field that the other
-side may ignore (``token``, ``released``, ``challenge`` on the new TCP
+side may ignore (``token``, ``tls``, ``released``, ``challenge`` on the new TCP
 transport), keeps the version (a gateway answers an unknown type with
-reason ``UnknownMessage``, a controller ignores what it does not know); any
+reason ``UnknownMessage``, a controller ignores what it does not know;
+``canary`` in a table entry, ``{"endpoint", "weight", "header"}``: the
+share of calls in percent that go to a canary's new color, sticky by a
+header's value, and ``stats``: an older gateway routes every call to the
+active color and answers ``stats`` UnknownMessage, which fails a builtin
+analysis saying so); any
 other change (a field of ``models.Gateway`` included: the gateway validates
 entries strictly) adds a version.
 
@@ -101,7 +114,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from controller.errors import ControllerError
-from controller.gateway import router
+from controller.gateway import counts, router
 from controller.metrics import exposition, telemetry
 from controller.spec import models
 
@@ -221,6 +234,30 @@ class RouteEntry(TypedDict):
     """The endpoint of a swap's new color, while preview calls may reach it."""
     token: NotRequired[str]
     """The protocol token the instance asks for (Kubernetes: the gateway is another pod)."""
+    canary: NotRequired[Canary | None]
+    """A canary's new color and the share of calls it takes."""
+    tls: NotRequired[dict[str, EndpointTLS]]
+    """How each of its endpoints reached over mutual TLS (a remote plugin: the active one,
+    a preview's, a canary's) is checked; the gateway presents its own client certificate."""
+
+
+class Canary(TypedDict):
+    """A canary's split, as it crosses the socket."""
+
+    endpoint: str
+    weight: float
+    """Percent of the calls, 0 to 100."""
+    header: str | None
+    """The header whose value picks a call's color (None: a random draw per call)."""
+
+
+class EndpointTLS(TypedDict):
+    """What a gateway checks of the certificate an endpoint presents."""
+
+    serverName: str
+    """The name the certificate must carry."""
+    ca: str
+    """The CA certificate(s), PEM, it must chain to."""
 
 
 def entry(
@@ -309,6 +346,8 @@ class ControlServer:
         self.incarnations: dict[str, int] = {}
         self.tokens: dict[str, str] = {}
         """Endpoint to the protocol token its instance asks for, as the table says."""
+        self.tls: dict[str, EndpointTLS] = {}
+        """Endpoint to how it is reached over mutual TLS, as the table says."""
         self.table: dict[str, router.Declared] = {}
         """The declared plugins of the last table: the gateway's lookup."""
         self.ready = asyncio.Event()
@@ -388,6 +427,11 @@ class ControlServer:
             for item in routes.values()
             if item.get("endpoint") and item.get("token")
         }
+        self.tls = {
+            endpoint: checked
+            for item in routes.values()
+            for endpoint, checked in item.get("tls", {}).items()
+        }
         for item in routes.values():
             endpoint, incarnation = item["endpoint"], int(item.get("incarnation", 0))
             if endpoint and self.incarnations.setdefault(endpoint, incarnation) != incarnation:
@@ -400,10 +444,18 @@ class ControlServer:
             else:
                 self.router.clear_route(key)
             self.router.set_preview(key, item.get("preview"))
+            canary = item.get("canary")
+            if canary:
+                self.router.set_canary(
+                    key, str(canary["endpoint"]), float(canary["weight"]), canary.get("header")
+                )
+            else:
+                self.router.set_canary(key, None, 0)
         for key in list(self.router.gates):
             if key not in table:
                 self.router.clear_route(key)
                 self.router.set_preview(key, None)
+                self.router.set_canary(key, None, 0)
         self.generation += 1
         self.ready.set()
 
@@ -462,6 +514,8 @@ class ControlServer:
                 "inFlight": gate.in_flight if gate else 0,
                 "held": gate.held if gate else 0,
                 "holds": gate.holds if gate else 0,
+                "canary": gate.canary if gate else None,
+                "weight": gate.weight if gate else 0.0,
             }
         return {"ready": self.ready.is_set(), "generation": self.generation, "plugins": plugins}
 
@@ -591,6 +645,9 @@ class ControlServer:
                 task = asyncio.get_running_loop().create_task(wait())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            elif kind == "stats":
+                found = self.router.counts.get(str(message["endpoint"]))
+                answer(ok=True, **(found or counts.Stats()).to_json())
             elif kind == "status":
                 answer(ok=True, **self.status())
             elif kind == "metrics":
@@ -697,6 +754,7 @@ class RemoteRoutes:
         """Set while at least one gateway is connected."""
         self._routes: dict[str, tuple[str, str]] = {}
         self._tokens: Callable[[str], str | None] | None = None
+        self._tls: Callable[[str], EndpointTLS | None] | None = None
         self._holds: Counter[str] = Counter()
         self._incarnations: Counter[str] = Counter()
         self._links: dict[str, _Link] = {}
@@ -707,12 +765,19 @@ class RemoteRoutes:
         self._flush_scheduled = False
         self._previews: dict[str, str] = {}
         """Per plugin: the endpoint preview calls reach (a swap's new color)."""
+        self._canaries: dict[str, Canary] = {}
+        """Per plugin: a canary's new color and its weight."""
         self._ids = itertools.count(1)
 
     def carry_tokens(self, tokens: Callable[[str], str | None]) -> None:
         """Send each endpoint's protocol token in its entry (``token``: a gateway of another
         pod calls plugins that ask for one). A field an older gateway ignores."""
         self._tokens = tokens
+
+    def carry_tls(self, tls: Callable[[str], EndpointTLS | None]) -> None:
+        """Send how each endpoint reached over mutual TLS is checked in its entry (``tls``).
+        A field an older gateway ignores (and then cannot reach remote plugins)."""
+        self._tls = tls
 
     # Routes, as the coordinator and the reconciler call them.
 
@@ -732,6 +797,41 @@ class RemoteRoutes:
             else:
                 self._previews[key] = endpoint
             self.changed()
+
+    def set_canary(
+        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+    ) -> None:
+        want: Canary | None = (
+            {"endpoint": endpoint, "weight": float(weight), "header": header}
+            if endpoint is not None
+            else None
+        )
+        if self._canaries.get(key) != want:
+            if want is None:
+                del self._canaries[key]
+            else:
+                self._canaries[key] = want
+            self.changed()
+
+    async def stats(self, endpoint: str) -> counts.Stats | None:
+        """What the gateways counted of ``endpoint``'s calls, summed (None: one of them does
+        not count them: an older gateway)."""
+        links = [link for link in self._needed() if link.writer is not None]
+        total = counts.Stats()
+        message = {"type": "stats", "endpoint": endpoint}
+        for answer in await asyncio.gather(
+            *(self._request(link, message, self.ack_timeout) for link in links),
+            return_exceptions=True,
+        ):
+            if isinstance(answer, GatewayUnavailableError) and "UnknownMessage" in str(answer):
+                return None
+            if isinstance(answer, BaseException):
+                raise GatewayUnavailableError(f"the gateway's counts: {answer}")
+            try:
+                total = total.plus(counts.Stats.from_json(answer))
+            except (KeyError, TypeError, ValueError) as e:
+                raise GatewayUnavailableError(f"the gateway's counts: {e}") from None
+        return total
 
     def route(self, key: str) -> str | None:
         found = self._routes.get(key)
@@ -852,8 +952,16 @@ class RemoteRoutes:
             endpoint, instance = self._routes.get(key, (None, None))
             incarnation = self._incarnations[endpoint] if endpoint else 0
             table[key] = entry(declared, endpoint, instance, incarnation, self._previews.get(key))
+            if key in self._canaries:
+                table[key]["canary"] = self._canaries[key]
             if endpoint and self._tokens is not None and (token := self._tokens(endpoint)):
                 table[key]["token"] = token
+            if self._tls is not None:
+                canary = self._canaries.get(key)
+                reached = [endpoint, self._previews.get(key), canary and canary["endpoint"]]
+                checked = {e: tls for e in reached if e and (tls := self._tls(e)) is not None}
+                if checked:
+                    table[key]["tls"] = checked
         return table
 
     def _flush(self) -> None:

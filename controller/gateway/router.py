@@ -9,6 +9,13 @@ active by then. The HTTP and gRPC front ends
 (:mod:`controller.gateway.server`) pass every call through here; in the
 gateway's own process (:mod:`controller.gateway.process`) the control
 protocol (:mod:`controller.gateway.control`) sets the routes and holds.
+
+During a canary a gate also has the new color's endpoint and its weight:
+each call goes to it with that probability (one random draw, or a hash of
+the sticky header's value, so that a caller keeps its color at a weight).
+Every call is counted per endpoint (:class:`~controller.swap.counts.Stats`:
+calls, 5xx, latency buckets), which is what a swap's builtin analysis
+measures the new color by.
 """
 
 from __future__ import annotations
@@ -17,10 +24,14 @@ import asyncio
 import collections
 import contextlib
 import math
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from controller.gateway import counts
 from controller.metrics import telemetry
 from controller.spec import models
 
@@ -95,6 +106,11 @@ class Gate:
     """The plugins it may call, as its route was last set: a change re-makes its socket."""
     preview: str | None = None
     """The endpoint of a swap's new color while it may be previewed (before promotion)."""
+    canary: str | None = None
+    """The endpoint of a canary's new color, which takes ``weight`` percent of the calls."""
+    weight: float = 0.0
+    sticky: str | None = None
+    """The header whose value picks the color of a call (None: a random draw each)."""
 
     def __post_init__(self) -> None:
         self.open.set()
@@ -111,6 +127,9 @@ class Router:
         self._idle: dict[str, asyncio.Event] = {}
         self.listeners: list[Callable[[str], None]] = []
         """Called with a plugin's key when its route changes."""
+        self.counts: dict[str, counts.Stats] = collections.defaultdict(counts.Stats)
+        """Per endpoint: the calls answered, the 5xx among them, their latencies."""
+        self.draw: Callable[[], float] = random.random
 
     # What the reconciler and the swap coordinator call.
 
@@ -134,6 +153,23 @@ class Router:
         """Send ``key``'s preview calls to ``endpoint`` (a swap's new color); None: none."""
         if endpoint is not None or key in self.gates:
             self.gates[key].preview = endpoint
+
+    def set_canary(
+        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+    ) -> None:
+        """Send ``weight`` percent of ``key``'s calls to ``endpoint`` (None: none), picked by
+        the value of ``header`` when a call has it."""
+        if endpoint is None and key not in self.gates:
+            return
+        gate = self.gates[key]
+        gate.canary = endpoint
+        gate.weight = float(weight) if endpoint is not None else 0.0
+        gate.sticky = header.lower() if endpoint is not None and header else None
+
+    async def stats(self, endpoint: str) -> counts.Stats | None:
+        """What was counted of ``endpoint``'s calls."""
+        found = self.counts.get(endpoint) or counts.Stats()
+        return counts.Stats(found.calls, found.failures, list(found.buckets))
 
     def clear_route(self, key: str) -> None:
         gate = self.gates.get(key)
@@ -199,10 +235,17 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, key: str, limits: models.Gateway, timeout: float, *, preview: bool = False
+        self,
+        key: str,
+        limits: models.Gateway,
+        timeout: float,
+        *,
+        preview: bool = False,
+        headers: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[str]:
         """Let one call through to ``key``'s active endpoint (``preview``: to the new color of
-        its swap, never the active one), or raise :class:`Refused`."""
+        its swap, never the active one; during a canary, to its new color by weight, sticky
+        by a header of ``headers``), or raise :class:`Refused`."""
         gate = self.gates[key]
         if gate.bucket is not None:
             wait = gate.bucket.take()
@@ -242,10 +285,22 @@ class Router:
                 raise Refused(409, "NoPreview", f"{key} has no new color to preview")
             if endpoint is None:
                 raise Refused(503, "PluginNotReady", f"{key} has no Ready instance")
+            if gate.canary is not None and not preview:
+                endpoint = self._pick(gate, endpoint, headers)
             self.by_endpoint[endpoint] += 1
+            failed = True
+            started = time.perf_counter()
             try:
                 yield endpoint
+                failed = False
+            except Refused as e:
+                failed = e.status >= 500
+                raise
+            except asyncio.CancelledError:
+                failed = False  # the caller went away: nothing the plugin did
+                raise
             finally:
+                self.counts[endpoint].record(failed, time.perf_counter() - started)
                 self.by_endpoint[endpoint] -= 1
                 if not self.by_endpoint[endpoint]:
                     del self.by_endpoint[endpoint]
@@ -255,3 +310,14 @@ class Router:
         finally:
             gate.in_flight -= 1
             in_flight.dec()
+
+    def _pick(self, gate: Gate, stable: str, headers: Mapping[str, Any] | None) -> str:
+        """The endpoint of one call during a canary: the new color's, ``gate.weight`` percent
+        of the time."""
+        value = headers.get(gate.sticky) if gate.sticky and headers is not None else None
+        if value is not None:
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            roll = zlib.crc32(raw) % 10_000 / 100
+        else:
+            roll = self.draw() * 100
+        return gate.canary if roll < gate.weight and gate.canary else stable

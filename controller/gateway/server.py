@@ -16,7 +16,9 @@ true`` may make one (403 ``PreviewForbidden``); without a tokens file
 anyone on loopback may.
 
 Callers from outside present ``Authorization: Bearer TOKEN`` when a tokens
-file is configured (401 without a known token). A plugin calls others over
+file is configured (401 without a known token), or, on listeners that
+require client certificates, a certificate a tokens file entry lists
+(:mod:`controller.gateway.tls`: HTTPS and gRPC over TLS). A plugin calls others over
 ``gateway.sock`` beside its own socket, and only those its spec's
 ``permissions.callPlugins`` lists. A plugin the caller may not call gets the
 same answer as one that does not exist (404 ``PluginNotFound``), so a caller
@@ -46,18 +48,16 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
-from blackhole_sdk.proto import plugin_pb2
-from google.protobuf import message as protobuf_message
 
 from controller.errors import ControllerError, PluginCallError
-from controller.gateway import auth, connections, router
+from controller.gateway import auth, connections, router, tls
 from controller.metrics import exposition
 from controller.protocol import client
 from controller.runtimes import base
@@ -163,8 +163,11 @@ class Gateway:
         limits: connections.Limits | None = None,
         ready: asyncio.Event | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        tls: tls.ListenerTLS | None = None,
     ) -> None:
         self.lookup = lookup
+        self.tls = tls
+        """HTTPS and gRPC over TLS on the listeners (None: plaintext)."""
         self.ready = ready
         """Set once the gateway has its routes; calls wait for it (None: it has them)."""
         self.ready_timeout = ready_timeout
@@ -203,8 +206,16 @@ class Gateway:
             listener.close()
             raise GatewayError(f"the gateway cannot listen on {http_address}: {e.strerror}") from e
         bound = {"http": _join(host, listener.getsockname()[1])}
-        await web.SockSite(self._runner, listener, backlog=LISTEN_BACKLOG).start()
-        log.info("gateway: HTTP on http://%s", bound["http"])
+        context = self.tls.ssl_context() if self.tls is not None else None
+        await connections.Site(
+            self._runner,
+            listener,
+            backlog=LISTEN_BACKLOG,
+            ssl_context=context,
+            handshake_timeout=self.limits.header_timeout,
+        ).start()
+        scheme = "https" if context is not None else "http"
+        log.info("gateway: HTTP on %s://%s", scheme, bound["http"])
         if grpc_address:
             self._grpc = grpc.aio.server(
                 options=[
@@ -221,7 +232,7 @@ class Gateway:
             grpc_port = await self._add_grpc_port(grpc_address)
             bound["grpc"] = _join(grpc_host, grpc_port)
             await self._grpc.start()
-            log.info("gateway: gRPC on %s", bound["grpc"])
+            log.info("gateway: gRPC%s on %s", " over TLS" if self.tls else "", bound["grpc"])
         return bound
 
     async def _add_grpc_port(self, address: str) -> int:
@@ -232,6 +243,9 @@ class Gateway:
         delay = 0.05
         while True:
             try:
+                if self.tls is not None:
+                    credentials = self.tls.grpc_credentials()
+                    return int(self._grpc.add_secure_port(address, credentials))
                 return int(self._grpc.add_insecure_port(address))
             except RuntimeError as e:
                 if time.monotonic() >= deadline:
@@ -332,9 +346,21 @@ class Gateway:
 
     # Who calls.
 
-    def _caller(self, authorization: str | None) -> Caller:
+    def _caller(
+        self, authorization: str | None, certificate: Callable[[], frozenset[str]]
+    ) -> Caller:
+        """Who calls: by the bearer token it sends, else by its verified client certificate's
+        ``certificate()`` names (a listener that requires client certificates)."""
         if self.tokens is None:
             return Caller("anonymous", lambda _plugin: True, may_preview=True)
+        by_certificate = self.tls is not None and self.tls.client_ca is not None
+        if not authorization and by_certificate:
+            token = self.tokens.by_certificate(certificate())
+            if token is None:
+                raise router.Refused(
+                    401, "Unauthenticated", "no tokens file entry lists this client certificate"
+                )
+            return Caller(f"certificate of {token.name}", token.allows, token.preview)
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise router.Refused(401, "Unauthenticated", "send Authorization: Bearer TOKEN")
@@ -383,7 +409,12 @@ class Gateway:
         if namespace := match["namespace"]:
             name = plugin_key(name, namespace)  # plugins on Kubernetes: namespace/name
         try:
-            caller = self._caller(request.headers.get("Authorization"))
+            caller = self._caller(
+                request.headers.get("Authorization"),
+                lambda: tls.names_of_peercert(
+                    request.transport.get_extra_info("peercert") if request.transport else None
+                ),
+            )
         except router.Refused as e:
             return _refusal(e)
         return await self._answer(request, name, match["method"], caller)
@@ -406,7 +437,9 @@ class Gateway:
             preview = _preview(caller, request.headers.get(PREVIEW_HEADER), name)
             body = await _read(request, name, limit, timeout)
             reached = True
-            answer = await self._forward(name, limits, method, body, timeout, preview)
+            answer = await self._forward(
+                name, limits, method, body, timeout, preview, request.headers
+            )
         except router.Refused as e:
             if plugin is not None:  # names nobody declared stay out of the labels
                 self.router.metrics.answered(name, method if reached else None, e.status, started)
@@ -422,8 +455,14 @@ class Gateway:
         body: bytes,
         timeout: float,
         preview: bool = False,
+        headers: Mapping[str, Any] | None = None,
+        *,
+        raw: bool = False,
     ) -> bytes:
         """The plugin's answer; a call a draining instance refused unrun is tried again.
+
+        ``raw``: ``body`` is a whole ``HandleRequest`` as its caller encoded it, sent on
+        as it is, and the answer is the plugin's ``HandleResponse`` as it came.
 
         An instance is draining only between a swap's hold and its flip (or
         rollback); a call reaches one when the controller went away in
@@ -435,12 +474,17 @@ class Gateway:
         pause = DRAINING_RETRY
         while True:
             left = deadline - time.monotonic()
-            async with self.router.admit(name, limits, left, preview=preview) as endpoint:
+            async with self.router.admit(
+                name, limits, left, preview=preview, headers=headers
+            ) as endpoint:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise router.Refused(504, "Timeout", f"{name}: no time left after the hold")
+                plugin = self.clients.get(endpoint)
                 try:
-                    return await self.clients.get(endpoint).handle(method, body, timeout=left)
+                    if raw:
+                        return await plugin.handle_raw(body, left)
+                    return await plugin.handle(method, body, timeout=left)
                 except PluginCallError as e:
                     if (e.code, e.message) != ("UNAVAILABLE", DRAINING):
                         raise _from_plugin(name, e, timeout) from None
@@ -461,7 +505,10 @@ class Gateway:
         method: str | None = None
         try:
             try:
-                caller = self._caller(str(metadata.get("authorization", "")) or None)
+                caller = self._caller(
+                    str(metadata.get("authorization", "")) or None,
+                    lambda: tls.names_of_auth_context(context.auth_context()),
+                )
                 if not name:
                     raise router.Refused(400, "NoPlugin", f"set the {PLUGIN_HEADER} metadata")
                 await self._routes(context.time_remaining() or READY_TIMEOUT)
@@ -473,17 +520,11 @@ class Gateway:
                 timeout = limits.timeout_seconds
                 if (left := context.time_remaining()) is not None:
                     timeout = min(timeout, left)
-                try:
-                    decoded = plugin_pb2.HandleRequest.FromString(request)
-                except protobuf_message.DecodeError:
-                    raise router.Refused(
-                        400, "BadRequest", "the request is not a blackhole.plugin.v1.HandleRequest"
-                    ) from None
-                _check_method(decoded.method)
-                method = decoded.method
+                method = _method_of(request)
+                _check_method(method)
                 preview = _preview(caller, metadata.get(PREVIEW_HEADER.lower()), name)
                 answer = await self._forward(
-                    name, limits, method, decoded.payload, timeout, preview
+                    name, limits, method, request, timeout, preview, metadata, raw=True
                 )
             except router.Refused:
                 raise
@@ -498,7 +539,7 @@ class Gateway:
                 code = grpc.StatusCode[e.grpc_code]
             await context.abort(code, str(e))
         self.router.metrics.answered(name, method, 200, started)
-        return plugin_pb2.HandleResponse(payload=answer).SerializeToString()
+        return answer
 
 
 def _preview(caller: Caller, asked: str | bytes | None, name: str) -> bool:
@@ -514,6 +555,88 @@ def _preview(caller: Caller, asked: str | bytes | None, name: str) -> bool:
     return True
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at ``at`` and where it ends; ValueError when it is cut short or too long."""
+    value = shift = 0
+    while True:
+        byte = data[at]  # IndexError past the end
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+MAX_GROUP_DEPTH = 100
+"""Groups nested deeper are refused, as protobuf's parser refuses them."""
+
+
+def _fields(
+    data: bytes, at: int = 0, group: int = 0, depth: int = 0
+) -> Iterator[tuple[int, int, int, int]]:
+    """The top-level fields of protobuf ``data`` from ``at``: (number, wire type, start, end)
+    of each value, its bytes not looked into; ValueError on a malformed message. Within a
+    ``group`` (its field number, ``depth`` deep), up to its end, yielded as number 0."""
+    if depth > MAX_GROUP_DEPTH:
+        raise ValueError("groups nested too deep")
+    size = len(data)
+    while at < size:
+        tag, at = _varint(data, at)
+        number, wire = tag >> 3, tag & 7
+        start = at
+        if not 0 < number < 1 << 29 or tag >> 32:
+            raise ValueError(f"field number {number}")
+        if wire == 0:
+            _, at = _varint(data, at)
+        elif wire == 2:
+            length, start = _varint(data, at)
+            at = start + length
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        elif wire == 3:  # a group (never in a HandleRequest, but parsed as unknown)
+            for inner, *_, end in _fields(data, at, number, depth + 1):
+                at = end
+                if inner == 0:
+                    break
+            else:
+                raise ValueError("a group with no end")
+        elif wire == 4 and number == group:
+            yield 0, wire, start, at
+            return
+        else:
+            raise ValueError(f"wire type {wire}")
+        if at > size:
+            raise ValueError("cut short")
+        yield number, wire, start, at
+    if group:
+        raise ValueError("a group with no end")
+
+
+def _method_of(request: bytes) -> str:
+    """The method of a ``HandleRequest`` as its caller encoded it, checked as the plugin will
+    parse it (strings UTF-8, metadata entries of strings), its payload's bytes not copied.
+
+    Raises :class:`router.Refused` (400) for what is not a ``HandleRequest``.
+    """
+    method = ""
+    try:
+        for number, wire, start, end in _fields(request):
+            if number == 1 and wire == 2:
+                method = request[start:end].decode()  # the last one counts, as in protobuf
+            elif number == 2 and wire == 2:  # a map entry: key 1, value 2, both strings
+                entry = request[start:end]
+                for inner, inner_wire, begin, finish in _fields(entry):
+                    if inner in (1, 2) and inner_wire == 2:
+                        entry[begin:finish].decode()
+    except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+        raise router.Refused(
+            400, "BadRequest", "the request is not a blackhole.plugin.v1.HandleRequest"
+        ) from None
+    return method
+
+
 def _check_method(method: str) -> None:
     """Refuse a method name too long to forward (or to keep anywhere)."""
     if len(method) > MAX_METHOD_BYTES or len(method.encode(errors="replace")) > MAX_METHOD_BYTES:
@@ -524,8 +647,11 @@ def _check_method(method: str) -> None:
 
 async def _read(request: web.BaseRequest, name: str, limit: int, timeout: float) -> bytes:
     """The body, at most ``limit`` bytes, arrived within ``timeout`` seconds (else 408)."""
+    content = request.content
     body = bytearray()
     try:
+        if content.is_eof() and content.total_bytes <= limit:
+            return content.read_nowait()  # it came with the head: nothing to wait for
         async with asyncio.timeout(timeout):
             async for chunk in request.content.iter_chunked(1 << 16):
                 body += chunk

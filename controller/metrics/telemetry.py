@@ -74,11 +74,16 @@ ROLLBACK_REASONS = (
     "SwapFailedWebhook",
     "SwapFailedHold",
     "SwapFailedFlip",
+    "SwapFailedAnalysis",
 )
 """Why a swap rolls back: the reasons of the swap coordinator's failures."""
 VIOLATION_KINDS = ("MemoryNearLimit", "CPUThrottled", "OOMKilled", "RestartBurst")
 CHECKPOINT_KINDS = ("full", "delta")
 RESTORE_RESULTS = ("Restored", "Skipped", "Empty")
+WEBHOOK_TYPES = ("PrePromotion", "PostPromotion", "Rollback")
+WEBHOOK_RESULTS = ("Passed", "Block", "RollBack", "Ignore")
+ANALYSIS_RESULTS = ("Successful", "Failed", "Skipped")
+MEASUREMENT_RESULTS = ("Successful", "Failed")
 _KERNEL = "kernel"
 """The run of an instance whose OOM kill the kernel reported, not yet the engine."""
 
@@ -147,8 +152,26 @@ class Metrics:
         self.webhooks = Counter(
             "blackhole_swap_webhooks",
             "Swap webhooks called, by type and result (Passed, or what the failure did: "
-            "Block, RollBack, Ignore). Made at a plugin's first call of a hook.",
+            "Block, RollBack, Ignore).",
             ["plugin", "type", "result"],
+            registry=r,
+        )
+        self.canary_weight = Gauge(
+            "blackhole_canary_weight",
+            "The share of calls, in percent, a canary's new color takes (0: no canary).",
+            ["plugin"],
+            registry=r,
+        )
+        self.analysis_runs = Counter(
+            "blackhole_swap_analysis_runs",
+            "Swap analyses ended, by result (Successful, Failed, Skipped by a promote).",
+            ["plugin", "result"],
+            registry=r,
+        )
+        self.analysis_measurements = Counter(
+            "blackhole_swap_analysis_measurements",
+            "Measurements of swap analyses taken, by result (Successful, Failed).",
+            ["plugin", "result"],
             registry=r,
         )
         self.checkpoints = Counter(
@@ -308,6 +331,9 @@ class Metrics:
             self.swap_pause,
             self.rollbacks,
             self.webhooks,
+            self.canary_weight,
+            self.analysis_runs,
+            self.analysis_measurements,
             self.checkpoints,
             self.checkpoint_bytes,
             self.checkpoint_failures,
@@ -332,6 +358,14 @@ class Metrics:
             yield self.swaps, (key, result)
         for reason in ROLLBACK_REASONS:
             yield self.rollbacks, (key, reason)
+        for type in WEBHOOK_TYPES:
+            for outcome in WEBHOOK_RESULTS:
+                yield self.webhooks, (key, type, outcome)
+        yield self.canary_weight, (key,)
+        for outcome in ANALYSIS_RESULTS:
+            yield self.analysis_runs, (key, outcome)
+        for outcome in MEASUREMENT_RESULTS:
+            yield self.analysis_measurements, (key, outcome)
         for kind in VIOLATION_KINDS:
             yield self.violations, (key, kind)
         for kind in CHECKPOINT_KINDS:

@@ -27,6 +27,7 @@ from controller.runtimes import base
 from controller.sources import base as sources_base
 from controller.spec.keys import plugin_key
 from controller.state import snapshots as snapshots_module
+from controller.swap import analysis
 from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Manager:
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
         webhooks: webhooks_module.Sender | None = None,
+        prometheus: analysis.Prometheus | None = None,
         workers: int = 8,
         sweep_seconds: float | None = None,
     ) -> None:
@@ -82,6 +84,7 @@ class Manager:
             may_act=may_act,
             requests=requests,
             webhooks=webhooks,
+            prometheus=prometheus,
         )
         self.pool = _pool(queue, self.reconciler, workers)
         self.metrics.queue_depth.set_function(lambda: len(queue))

@@ -46,13 +46,13 @@ from controller.metrics import violations as violations_module
 from controller.reconcile import checkpoints, gates, lifecycle, status
 from controller.reconcile import requests as requests_module
 from controller.reconcile.workers import Result
-from controller.runtimes import base
+from controller.runtimes import base, remote
 from controller.sources import base as sources_base
 from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey, split_key
 from controller.state import snapshots as snapshots_module
-from controller.swap import context, coordinator, transfer
+from controller.swap import analysis, context, coordinator, transfer
 from controller.swap import webhooks as webhooks_module
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,13 @@ class Reconciler:
         may_act: Callable[[], bool] | None = None,
         requests: requests_module.Requests | None = None,
         webhooks: webhooks_module.Sender | None = None,
+        prometheus: analysis.Prometheus | None = None,
     ) -> None:
         self.source = source
         self.webhooks = webhooks or webhooks_module.Sender()
         """Sends the swaps' webhooks (unsigned unless given a secret)."""
+        self.prometheus = prometheus or analysis.Prometheus(None)
+        """Where the swaps' Prometheus analyses query."""
         self.requests: requests_module.Requests = requests or requests_module.MemoryRequests()
         """Operators' requests, each carried out and answered by a pass of its plugin."""
         self._answered: dict[int, asyncio.Event] = {}
@@ -181,7 +184,13 @@ class Reconciler:
     def services(self) -> context.Services:
         """What every pass works with."""
         return context.Services(
-            self.runtime, self.plugins, self.routes, self.snapshots, self.metrics, self.webhooks
+            self.runtime,
+            self.plugins,
+            self.routes,
+            self.snapshots,
+            self.metrics,
+            self.webhooks,
+            self.prometheus,
         )
 
     def check_may_act(self) -> None:
@@ -598,7 +607,7 @@ class _Pass:
             current is not None
             and current.spec_hash != c.want_for(c.color).spec_hash
             and current.state is base.InstanceState.RUNNING
-            and c.spec.hot_swap.strategy == "BlueGreen"
+            and c.spec.hot_swap.strategy != "Recreate"
             and c.instance_status(current.color).ready
             and not self._swap_refused(current)
         )
@@ -630,6 +639,10 @@ class _Pass:
 
     def _computed(self) -> models.PluginStatus:
         c = self.c
+        for instance in c.observed:  # a remote plugin's: where it is, what does not apply
+            for record in c.status.instances:
+                if record.color is instance.color:
+                    record.remote = remote.status_of(instance)
         beside = status.Beside(
             waiting=self.waiting,
             held_back=c.held_back,

@@ -357,6 +357,7 @@ def instance_hash(spec: models.PluginSpec) -> str:
             "env",
             "config",
             "state",
+            "remote",
         },
     )
     made_of.get("permissions", {}).pop("callPlugins", None)

@@ -37,7 +37,9 @@ UNENFORCED = "Unenforced"
 """True while the runtime cannot enforce part of the spec (``resources.pids`` on
 Kubernetes, say): a warning, not a failure."""
 
-SWAP_REASONS = frozenset({"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted"})
+SWAP_REASONS = frozenset(
+    {"SwapStarting", "SwapAwaitingPromotion", "SwapPromoted", "CanaryPaused", "Analyzing"}
+)
 """The reasons of ``Progressing`` while a swap is under way."""
 
 ConditionStatus = Literal["True", "False", "Unknown"]

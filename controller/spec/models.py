@@ -396,12 +396,131 @@ class Webhook(Model):
         )
 
 
+HEADER_NAME = r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$"
+
+
+class PrometheusQuery(Model):
+    """A PromQL query whose result (a scalar, or a vector of one sample) is the measurement."""
+
+    query: str = Field(min_length=1, max_length=8192)
+    """The query, sent to the address given to the controller (bhctl run --prometheus-url).
+    {{plugin}}, {{namespace}}, {{color}} and {{version}} are replaced by the new color's."""
+
+
+class Measurement(Model):
+    """One metric an analysis measures, again and again, against its limits (as Argo's
+    AnalysisTemplate metrics)."""
+
+    name: DnsLabel
+    """The measurement's name, unique among the plugin's; steps and phases name it."""
+    builtin: (
+        Literal["SuccessRate", "ErrorCount", "Calls", "LatencyP50", "LatencyP90", "LatencyP99"]
+        | None
+    ) = None
+    """What the gateway counts of the new color's calls over each interval: SuccessRate
+    (answered calls that were not a 5xx, 0 to 1), ErrorCount (5xx), Calls, LatencyP50,
+    LatencyP90, LatencyP99 (seconds). An interval without calls is Inconclusive (the
+    analysis waits for calls)."""
+    prometheus: PrometheusQuery | None = None
+    """A Prometheus query instead of a builtin."""
+    min: float | None = None
+    """The least value that passes."""
+    max: float | None = None
+    """The greatest value that passes."""
+    interval_seconds: int = Field(default=10, ge=1, le=3600, alias="intervalSeconds")
+    """Seconds between measurements. Default 10."""
+    count: int = Field(default=3, ge=1, le=1000)
+    """Measurements to take; the analysis passes once they are all taken within the
+    failure limit. Default 3."""
+    failure_limit: int = Field(default=0, ge=0, le=1000, alias="failureLimit")
+    """Measurements that may fail (out of limits, or a query error) before the analysis
+    fails and the swap rolls back. Default 0."""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> Self:
+        if (self.builtin is None) == (self.prometheus is None):
+            raise ValueError(f"analysis {self.name}: give builtin or prometheus, one of them")
+        if self.min is None and self.max is None:
+            raise ValueError(f"analysis {self.name}: give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"analysis {self.name}: min {self.min} is above max {self.max}")
+        return self
+
+    def passes(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    @property
+    def limits(self) -> str:
+        """The limits as said in messages, e.g. ">= 0.95"."""
+        parts = []
+        if self.min is not None:
+            parts.append(f">= {self.min:g}")
+        if self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        return " and ".join(parts)
+
+
+class Pause(Model):
+    """A canary step that waits."""
+
+    duration_seconds: int | None = Field(default=None, ge=0, le=86400, alias="durationSeconds")
+    """Seconds to wait. Default: until bhctl swap promote."""
+
+
+class AnalysisStep(Model):
+    """A canary step that measures the new color, at the weight set so far."""
+
+    metrics: list[DnsLabel] = Field(default_factory=list, max_length=16)
+    """The names of the measurements of hotSwap.analysis to take. Default: all of them."""
+
+
+class CanaryStep(Model):
+    """One step of a canary, as Argo's: exactly one of setWeight, pause and analysis."""
+
+    set_weight: int | None = Field(default=None, ge=0, le=100, alias="setWeight")
+    """The share of calls, in percent, the new color takes from now on."""
+    pause: Pause | None = None
+    """Wait for durationSeconds, or until bhctl swap promote."""
+    analysis: AnalysisStep | None = None
+    """Measure the new color; a failed analysis rolls the swap back."""
+
+    @model_validator(mode="after")
+    def _check_one(self) -> Self:
+        given = [f for f in ("set_weight", "pause", "analysis") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("a canary step is exactly one of setWeight, pause and analysis")
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.set_weight is not None:
+            return f"setWeight {self.set_weight}"
+        if self.pause is not None:
+            duration = self.pause.duration_seconds
+            return "pause" + (f" {duration}s" if duration is not None else " until promoted")
+        assert self.analysis is not None
+        return "analysis " + (", ".join(self.analysis.metrics) or "(all)")
+
+
+class Canary(Model):
+    """How a canary moves calls to the new color, step by step."""
+
+    steps: list[CanaryStep] = Field(min_length=1, max_length=64)
+    """The steps, in order; after the last the new color is promoted (all calls)."""
+    sticky_header: str | None = Field(default=None, pattern=HEADER_NAME, alias="stickyHeader")
+    """A request header (gRPC: metadata key) whose value picks the color: calls with the
+    same value go to the same color at a given weight (a hash of the value). Calls
+    without it are split at random. Default: every call at random."""
+
+
 class HotSwap(Model):
     """How a running plugin is moved to a new version, image, config or state version."""
 
-    strategy: Literal["BlueGreen", "Recreate"] = "BlueGreen"
+    strategy: Literal["BlueGreen", "Recreate", "Canary"] = "BlueGreen"
     """BlueGreen: start the new version beside the old, move state and traffic, then stop
-    the old (the default). Recreate: stop the old, then start the new."""
+    the old (the default). Recreate: stop the old, then start the new. Canary (stateless
+    plugins only): start the new version beside the old and move calls to it by weight,
+    as canary.steps say."""
     auto_promote: bool = Field(default=True, alias="autoPromote")
     """Promote the new version as soon as it is Ready and its checks pass. With false,
     wait for `bhctl swap promote`. Default true."""
@@ -432,6 +551,21 @@ class HotSwap(Model):
     changed during the last one is at most this many bytes. Default 262144."""
     webhooks: list[Webhook] = Field(default_factory=list, max_length=16)
     """HTTP POSTs at the swap's steps, signed when the controller has --webhook-secret."""
+    canary: Canary | None = None
+    """The steps of a Canary swap (needed with strategy Canary, refused with others)."""
+    analysis: list[Measurement] = Field(default_factory=list, max_length=16)
+    """Measurements of the new color that canary analysis steps, prePromotionAnalysis and
+    postPromotionAnalysis name."""
+    pre_promotion_analysis: list[DnsLabel] = Field(
+        default_factory=list, max_length=16, alias="prePromotionAnalysis"
+    )
+    """Measurements taken before promotion (BlueGreen: of preview calls), which must pass
+    for the swap to be promoted."""
+    post_promotion_analysis: list[DnsLabel] = Field(
+        default_factory=list, max_length=16, alias="postPromotionAnalysis"
+    )
+    """Measurements taken after promotion, within the scale-down window (the old color is
+    kept until they pass, however long the window is); a failure rolls back."""
 
     @field_validator("webhooks")
     @classmethod
@@ -441,6 +575,30 @@ class HotSwap(Model):
         if twice:
             raise ValueError(f"webhook names must be unique: {', '.join(twice)} more than once")
         return hooks
+
+    @model_validator(mode="after")
+    def _check_canary(self) -> Self:
+        if self.strategy == "Canary" and self.canary is None:
+            raise ValueError("strategy Canary needs canary.steps")
+        if self.strategy != "Canary" and self.canary is not None:
+            raise ValueError(f"canary is for strategy Canary, not {self.strategy}")
+        names = [m.name for m in self.analysis]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"analysis names must be unique: {', '.join(twice)} more than once")
+        named = [*self.pre_promotion_analysis, *self.post_promotion_analysis]
+        for step in self.canary.steps if self.canary else []:
+            named += step.analysis.metrics if step.analysis else []
+        unknown = sorted(set(named) - set(names))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: no such measurement in hotSwap.analysis")
+        if self.canary and any(s.analysis for s in self.canary.steps) and not names:
+            raise ValueError("a canary analysis step needs measurements in hotSwap.analysis")
+        return self
+
+    def measurements(self, names: list[str]) -> list[Measurement]:
+        """The measurements ``names`` name (none named: all of them)."""
+        return [m for m in self.analysis if not names or m.name in names]
 
 
 class ProcessSource(Model):
@@ -539,6 +697,66 @@ class Dependency(Model):
     "1.x"; "||" between alternatives. Default "*" (any)."""
 
 
+_HOSTNAME_RE = re.compile(
+    r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$"
+)
+
+
+class Remote(Model):
+    """A plugin the controller does not run: reached at an address, over mutual TLS only."""
+
+    address: str = Field(min_length=3, max_length=262)
+    """Where it listens, HOST:PORT: a DNS name, an IPv4 address or an [IPv6] address,
+    e.g. 10.0.3.2:7443 or kv.example.net:7443."""
+    server_name: str | None = Field(default=None, alias="serverName", max_length=253)
+    """The DNS name its certificate must carry in its SAN (its identity). Default
+    <plugin>.<namespace>.<controller-id>.plugin.blackhole, the name the controller's CA
+    certifies for this plugin (namespace "default" on one host)."""
+    ca_file: str | None = Field(default=None, alias="caFile", max_length=4096)
+    """An absolute path, on the controller's host, of the PEM CA certificate(s) its
+    certificate must chain to. Default: the controller's CA (its own, or --ca-cert)."""
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        host, colon, port = address.rpartition(":")
+        if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f'"{address}" is not HOST:PORT with a port 1-65535, e.g. 10.0.3.2:7443'
+            )
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise ValueError(f'"{address}": {host} is not an IPv6 address') from None
+        elif not _HOSTNAME_RE.match(host) or len(host) > 253:
+            raise ValueError(
+                f'"{address}": {host or "(nothing)"} is not a host name or an address; '
+                "write an IPv6 address in brackets, e.g. [fd00::2]:7443"
+            )
+        return address
+
+    @field_validator("server_name")
+    @classmethod
+    def _check_server_name(cls, name: str | None) -> str | None:
+        if name is not None and not _HOSTNAME_RE.match(name):
+            raise ValueError(f'"{name}" is not a DNS name, e.g. kv.plugins.example.net')
+        return name
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if not path.startswith("/"):
+            raise ValueError(f'"{path}" must be an absolute path')
+        return _clean_path(path, "caFile")
+
+
+REMOTE_EXCLUDES = ("image", "bundle", "runtime", "process", "volumes", "env")
+"""What a remote plugin's spec cannot have: the controller runs nothing of it."""
+
+
 class PluginSpec(Model):
     """The desired state of a plugin: what runs, how isolated, how swapped."""
 
@@ -559,6 +777,11 @@ class PluginSpec(Model):
     process: ProcessSource | None = None
     """Where the process runtime finds the plugin's code (its directory and entrypoint);
     needed on the process runtime, unused by the others (they run image)."""
+    remote: Remote | None = None
+    """A plugin the controller does not run, reached at an address over mutual TLS: its
+    health is checked, calls are routed to it and swaps move its state to the next address.
+    Excludes image, bundle, runtime, process, volumes and env; resources and restarts do
+    not apply to it."""
     provides: list[Annotated[str, Field(pattern=CAPABILITY)]] = Field(default_factory=list)
     """Capabilities the plugin offers, searchable in the registry, e.g. storage.kv."""
     permissions: Permissions = Field(default_factory=Permissions)
@@ -604,6 +827,22 @@ class PluginSpec(Model):
 
     @model_validator(mode="after")
     def _check_source(self) -> Self:
+        if self.remote is not None:
+            given = [name for name in REMOTE_EXCLUDES if getattr(self, name)]
+            if given:
+                raise ValueError(
+                    f"remote: a plugin the controller does not run has no {', '.join(given)}; "
+                    f"remove {'it' if len(given) == 1 else 'them'}, or remove remote to run "
+                    "the plugin here"
+                )
+            if self.permissions != Permissions():
+                raise ValueError(
+                    "remote: permissions do not apply to a plugin the controller does not "
+                    "run (its network is its host's, it has no gateway socket); remove them"
+                )
+            if self.version is None:
+                raise ValueError("version required: the version the remote plugin runs")
+            return self
         if self.bundle is None:
             missing = [f for f in ("image", "version") if getattr(self, f) is None]
             if missing:
@@ -636,6 +875,16 @@ class PluginSpec(Model):
             raise ValueError(f"dependsOn: {', '.join(twice)} listed more than once")
         return self
 
+    @model_validator(mode="after")
+    def _check_canary_stateless(self) -> Self:
+        if self.hot_swap.strategy == "Canary" and self.state is not None:
+            raise ValueError(
+                "hotSwap.strategy Canary splits calls between two versions, each with its "
+                "own state, and this plugin keeps state (spec.state): use BlueGreen (its "
+                "prePromotionAnalysis measures the new version on preview calls)"
+            )
+        return self
+
 
 def parse_bundle(text: str) -> tuple[str, VersionRange]:
     """``NAME@RANGE`` (or ``NAME``, any version) as the plugin's name and the versions that do."""
@@ -665,6 +914,20 @@ class Condition(Model):
     """The generation of the spec this condition was computed from."""
 
 
+class RemoteStatus(Model):
+    """Where a remote plugin's instance is reached, and what the controller cannot do to it."""
+
+    address: str
+    """The address it is reached at (spec.remote.address when it was bound)."""
+    server_name: str = Field(alias="serverName")
+    """The name its certificate must carry."""
+    not_applicable: list[str] = Field(default_factory=list, alias="notApplicable")
+    """What the controller does to the instances it runs and cannot do to this one: resources
+    (no limits applied), cgroupMetrics (no CPU, memory or OOM readings), processRestart (an
+    unhealthy one is only probed again, nothing is restarted), logs (its output stays on its
+    host)."""
+
+
 class InstanceStatus(Model):
     """What one instance (one color) of the plugin is doing."""
 
@@ -685,6 +948,8 @@ class InstanceStatus(Model):
     start_cpu: str | None = Field(default=None, alias="startCpu", max_length=32)
     """The CPU it started with above its spec's (the start-up boost), e.g. "2"; it has its
     spec's cpu since its socket accepted. Unset when it started at its spec's cpu."""
+    remote: RemoteStatus | None = None
+    """Set for a remote plugin (spec.remote): its address and what does not apply to it."""
 
 
 class SwapStep(StrEnum):
@@ -694,10 +959,50 @@ class SwapStep(StrEnum):
     """The new color is starting; the old one serves."""
     AWAITING_PROMOTION = "AwaitingPromotion"
     """The new color is Ready and passed its checks; waiting for bhctl swap promote."""
+    ANALYZING = "Analyzing"
+    """The new color is Ready and passed its checks; prePromotionAnalysis measures it."""
+    CANARY = "Canary"
+    """The new color takes the canary's share of calls while its steps go on."""
     PROMOTING = "Promoting"
     """Calls are held while state moves and the route flips."""
     PROMOTED = "Promoted"
     """The new color serves; the old one is kept until scaleDownDelaySeconds pass."""
+
+
+class MeasurementResult(Model):
+    """How one measurement of an analysis went so far."""
+
+    name: str
+    """The measurement (spec.hotSwap.analysis[].name)."""
+    phase: Literal["Running", "Successful", "Failed"]
+    """Running until count measurements are taken or more than failureLimit failed."""
+    measured: int = Field(default=0, ge=0)
+    """Measurements taken."""
+    failures: int = Field(default=0, ge=0)
+    """Measurements out of limits, or that could not be taken."""
+    inconclusive: int = Field(default=0, ge=0)
+    """Intervals without calls to measure (not counted)."""
+    value: float | None = None
+    """The last value measured."""
+    failed_values: list[float | None] = Field(default_factory=list, alias="failedValues")
+    """The values that failed (the last ten; none: it could not be taken)."""
+    message: str | None = Field(default=None, max_length=4096)
+    """What the last measurement found wrong, if anything."""
+    at: datetime | None = None
+    """When the last measurement was taken."""
+
+
+class AnalysisRun(Model):
+    """One analysis of a swap's new color: at a canary step, before or after promotion."""
+
+    at: str
+    """Where in the swap: PrePromotion, PostPromotion, or step N of a canary."""
+    phase: Literal["Running", "Successful", "Failed", "Skipped"]
+    """How it went (Skipped: bhctl swap promote went past it)."""
+    started: datetime
+    """When it began."""
+    measurements: list[MeasurementResult] = Field(default_factory=list)
+    """Each measurement's results."""
 
 
 class SwapProgress(Model):
@@ -721,6 +1026,16 @@ class SwapProgress(Model):
     """When it began."""
     promoted: datetime | None = None
     """When the route flipped to the new color."""
+    canary_step: int | None = Field(default=None, ge=0, alias="canaryStep")
+    """A canary's current step (0: the first of spec.hotSwap.canary.steps)."""
+    weight: int | None = Field(default=None, ge=0, le=100)
+    """The share of calls, in percent, a canary's new color takes."""
+    step_started: datetime | None = Field(default=None, alias="stepStarted")
+    """When the current canary step began."""
+    analysis: AnalysisRun | None = None
+    """The analysis running now."""
+    analyses: list[AnalysisRun] = Field(default_factory=list)
+    """The analyses of this swap that ended."""
 
 
 class SwapStatus(Model):

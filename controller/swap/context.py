@@ -16,6 +16,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from controller.gateway import counts
 from controller.metrics import telemetry
 from controller.protocol import client
 from controller.runtimes import base
@@ -23,7 +24,7 @@ from controller.sources import store
 from controller.spec import conditions, models
 from controller.spec.keys import PluginKey
 from controller.state import snapshots as snapshots_module
-from controller.swap import transfer, webhooks
+from controller.swap import analysis, transfer, webhooks
 
 FIRST_PROBE = 0.05
 """Seconds before the first readiness probe of a new instance; it grows by half each time.
@@ -65,6 +66,15 @@ class Routes(Protocol):
     def set_preview(self, key: str, endpoint: str | None) -> None:
         """Let preview calls reach ``endpoint`` (a swap's new color); None: no preview."""
 
+    def set_canary(
+        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+    ) -> None:
+        """Send ``weight`` percent of the calls to ``endpoint`` (a canary's new color; None:
+        none), sticky by the value of ``header``."""
+
+    async def stats(self, endpoint: str) -> counts.Stats | None:
+        """What the gateways counted of ``endpoint``'s calls (None: they do not count)."""
+
     def hold(self, key: str) -> None: ...
 
     def release(self, key: str) -> None: ...
@@ -87,6 +97,14 @@ class NoRoutes:
     def set_preview(self, key: str, endpoint: str | None) -> None:
         pass
 
+    def set_canary(
+        self, key: str, endpoint: str | None, weight: float, header: str | None = None
+    ) -> None:
+        pass
+
+    async def stats(self, endpoint: str) -> counts.Stats | None:
+        return None
+
     def hold(self, key: str) -> None:
         pass
 
@@ -107,6 +125,7 @@ class Services:
     snapshots: snapshots_module.Snapshots | None
     metrics: telemetry.Metrics
     webhooks: webhooks.Sender
+    prometheus: analysis.Prometheus = field(default_factory=lambda: analysis.Prometheus(None))
 
 
 class Effects(Protocol):
@@ -154,6 +173,9 @@ class Memory:
     checkpoint_failing: bool = False
     error: str = ""
     """The last error a pass met, so that its event is not repeated every pass."""
+    baselines: dict[str, tuple[float, counts.Stats]] = field(default_factory=dict)
+    """Per builtin measurement of the running analysis: when its interval began and what
+    the gateway had counted then."""
 
     def next_probe(self, instance: str) -> float:
         """The delay before probing ``instance`` again; each call lengthens the next."""

@@ -24,6 +24,19 @@ controller that dies at any step finds it when it starts again:
 4. Promoted: the old color is kept, frozen, for ``scaleDownDelaySeconds``;
    then it is removed and the swap is done.
 
+A Canary swap (``hotSwap.strategy: Canary``, stateless plugins only) goes
+from Starting through its steps instead of waiting for promotion (step
+``Canary``): ``setWeight`` has the gateway send that share of the calls to
+the new color, ``pause`` waits for its duration or for ``bhctl swap
+promote`` (which also goes past an analysis), ``analysis`` measures the new
+color. After the last step it is promoted as above; an abort or a failed
+analysis at any step returns every call to the old color and removes the
+new one once its calls in flight have ended. A BlueGreen swap may be
+measured before promotion (``prePromotionAnalysis``, step ``Analyzing``) and
+either after it (``postPromotionAnalysis``, within the scale-down window,
+which lasts until it passed); :mod:`~controller.swap.analysis` takes the
+measurements, one pass at a time.
+
 The spec's webhooks (:mod:`~controller.swap.webhooks`) are called before
 promotion (PrePromotion: a no blocks the swap at AwaitingPromotion or rolls
 it back), when the scale-down window has passed (PostPromotion: a no rolls
@@ -32,7 +45,7 @@ back or keeps both colors) and after a rollback (Rollback: to tell).
 Any failure rolls back: the route stays on (or returns to) the old color,
 which takes calls again with its state as it was frozen; the new color is
 removed; the plugin is Degraded with the reason (``SwapFailedNotReady``,
-``SwapFailedChecks``, ``SwapFailedImport``, ``SwapFailedHold`` and
+``SwapFailedChecks``, ``SwapFailedImport``, ``SwapFailedAnalysis``, ``SwapFailedHold`` and
 ``SwapFailedFlip`` when a gateway does not acknowledge the hold or the flip
 in time, ...), and that spec is not tried
 again until it changes (its generation: any edit, the swap settings
@@ -43,6 +56,7 @@ and tries again; one that died after the flip goes on from Promoted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -55,7 +69,7 @@ from controller.errors import ControllerError, IncompatiblePluginError, PluginCa
 from controller.runtimes import base
 from controller.spec import models
 from controller.state import snapshots as snapshots_module
-from controller.swap import context, transfer
+from controller.swap import analysis, context, transfer
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +230,9 @@ class Coordinator:
             c.instance_status(progress.to_color).ready = True
             await self._checks(new)
             self.s.routes.set_preview(c.key, self.s.runtime.endpoint(new))
-            if not c.spec.hot_swap.auto_promote and request != "promote":
-                if progress.step is not models.SwapStep.AWAITING_PROMOTION:
-                    progress.step = models.SwapStep.AWAITING_PROMOTION
-                    await self.e.event(
-                        "Normal",
-                        "SwapAwaitingPromotion",
-                        f"{new.name} ({progress.to_version}) is Ready and passed its checks; "
-                        f"promote it with bhctl swap promote {c.key}",
-                    )
-                self._swapping("SwapAwaitingPromotion", f"{new.name} waits for bhctl swap promote")
-                return float(c.spec.health.period_seconds)
+            waiting, request = await self._before_promotion(progress, new, request)
+            if waiting is not None:
+                return waiting
             blocked = await self._gate("PrePromotion", progress, can_roll_back=True)
             if blocked is not None:
                 if request == "promote":
@@ -239,6 +245,44 @@ class Coordinator:
             return await self._promote(progress, old, new)
         except SwapFailure as failure:
             return await self._roll_back(progress, old, new, failure)
+
+    async def _before_promotion(
+        self, progress: models.SwapProgress, new: base.Instance, request: str | None
+    ) -> tuple[float | None, str | None]:
+        """The canary's steps, the pre-promotion analysis, the wait for bhctl swap promote:
+        the requeue delay while one waits (None: on to the promotion), and the request
+        left to answer."""
+        c = self.c
+        swap = c.spec.hot_swap
+        canary = swap.strategy == "Canary"
+        if canary:
+            delay = await self._canary(progress, new, request)
+            if delay is not None:
+                return delay, request
+            request = c.asked
+        elif (
+            swap.pre_promotion_analysis
+            and not self._analyzed(progress, "PrePromotion")
+            and request != "promote"
+        ):
+            progress.step = models.SwapStep.ANALYZING
+            delay = await self._analyze(progress, new, "PrePromotion", swap.pre_promotion_analysis)
+            if delay is not None:
+                return delay, request
+        elif request == "promote":
+            self._skip_analysis(progress)
+        if not swap.auto_promote and request != "promote" and not canary:
+            if progress.step is not models.SwapStep.AWAITING_PROMOTION:
+                progress.step = models.SwapStep.AWAITING_PROMOTION
+                await self.e.event(
+                    "Normal",
+                    "SwapAwaitingPromotion",
+                    f"{new.name} ({progress.to_version}) is Ready and passed its checks; "
+                    f"promote it with bhctl swap promote {c.key}",
+                )
+            self._swapping("SwapAwaitingPromotion", f"{new.name} waits for bhctl swap promote")
+            return float(c.spec.health.period_seconds), request
+        return None, request
 
     async def _check_serving(self, old: base.Instance) -> None:
         """Keep health-checking the color that serves while the new one starts or waits."""
@@ -296,6 +340,138 @@ class Coordinator:
                     f"{where} answered {json.dumps(answer)[:500]}, "
                     f"expected {json.dumps(check.expect)}",
                 )
+
+    # Canary steps and analyses.
+
+    async def _canary(
+        self, progress: models.SwapProgress, new: base.Instance, request: str | None
+    ) -> float | None:
+        """Go through the canary's steps from where it is; the requeue delay while a step
+        waits, None once they are all done (the swap is promoted then)."""
+        c = self.c
+        canary = c.spec.hot_swap.canary
+        assert canary is not None
+        steps = canary.steps
+        endpoint = self.s.runtime.endpoint(new)
+        if progress.step is not models.SwapStep.CANARY:
+            progress.step = models.SwapStep.CANARY
+            progress.canary_step, progress.weight = 0, 0
+            progress.step_started = datetime.fromtimestamp(c.now, UTC)
+        while (index := progress.canary_step or 0) < len(steps):
+            step = steps[index]
+            where = f"step {index + 1} of {len(steps)}"
+            self._weigh(progress, endpoint)
+            if step.set_weight is not None:
+                progress.weight = step.set_weight
+                self._weigh(progress, endpoint)
+                await self.e.event(
+                    "Normal",
+                    "CanaryWeight",
+                    f"{where}: {new.name} ({progress.to_version}) takes {step.set_weight}% "
+                    "of the calls",
+                )
+            elif request == "promote":
+                c.answered("Done", f"{where} ({step.kind}) skipped by bhctl swap promote")
+                request = None
+                self._skip_analysis(progress)
+            elif step.pause is not None:
+                duration = step.pause.duration_seconds
+                waited = c.now - (progress.step_started or progress.started).timestamp()
+                if duration is None or waited < duration:
+                    until = "bhctl swap promote" if duration is None else f"{duration}s pass"
+                    self._swapping(
+                        "CanaryPaused",
+                        f"{where}: paused at weight {progress.weight}% until {until}",
+                    )
+                    if duration is None:
+                        return float(c.spec.health.period_seconds)
+                    return max(0.05, min(float(c.spec.health.period_seconds), duration - waited))
+            else:
+                assert step.analysis is not None
+                delay = await self._analyze(progress, new, where, step.analysis.metrics)
+                if delay is not None:
+                    return delay
+            progress.canary_step = index + 1
+            progress.step_started = datetime.fromtimestamp(c.now, UTC)
+        progress.weight = 100
+        self._weigh(progress, endpoint)
+        return None
+
+    def _weigh(self, progress: models.SwapProgress, endpoint: str) -> None:
+        """Keep the gateway's canary weight as the progress says (every pass: a gateway that
+        started again gets it)."""
+        c = self.c
+        canary = c.spec.hot_swap.canary
+        weight = progress.weight or 0
+        header = canary.sticky_header if canary else None
+        self.s.routes.set_canary(c.key, endpoint if weight else None, weight, header)
+        self.s.metrics.canary_weight.labels(c.key).set(weight)
+
+    def _analyzed(self, progress: models.SwapProgress, where: str) -> bool:
+        return any(r.at == where and r.phase != "Running" for r in progress.analyses)
+
+    def _skip_analysis(self, progress: models.SwapProgress) -> None:
+        """A promote goes past the analysis that runs, if one does."""
+        if progress.analysis is not None and progress.analysis.phase == "Running":
+            progress.analysis.phase = "Skipped"
+            self.s.metrics.analysis_runs.labels(self.c.key, "Skipped").inc()
+            self._keep_run(progress)
+
+    def _keep_run(self, progress: models.SwapProgress) -> None:
+        if progress.analysis is not None:
+            progress.analyses = [*progress.analyses[-19:], progress.analysis]
+            progress.analysis = None
+
+    async def _analyze(
+        self, progress: models.SwapProgress, new: base.Instance, where: str, names: list[str]
+    ) -> float | None:
+        """Take the measurements due of the analysis at ``where``; the requeue delay while it
+        runs, None once it passed (a failure raises :class:`SwapFailure`)."""
+        c = self.c
+        spec = c.spec.hot_swap.measurements(names)
+        run = progress.analysis
+        if run is None or run.at != where:
+            run = progress.analysis = analysis.start(where, spec, c.now)
+            c.memory.baselines.clear()
+            await self.e.event(
+                "Normal",
+                "AnalysisStarted",
+                f"analysis {where} of {new.name}: {', '.join(m.name for m in spec)}",
+            )
+        source = analysis.Source(
+            stats=self.s.routes.stats,
+            prometheus=self.s.prometheus,
+            endpoint=self.s.runtime.endpoint(new),
+            labels={
+                "plugin": c.name,
+                "namespace": c.namespace or "",
+                "color": new.color.value,
+                "version": progress.to_version,
+            },
+            baselines=c.memory.baselines,
+        )
+        before = {r.name: (r.measured, r.failures) for r in run.measurements}
+        delay = await analysis.measure(run, spec, source, c.now)
+        for result in run.measurements:
+            measured, failures = before.get(result.name, (0, 0))
+            failed = result.failures - failures
+            self.s.metrics.analysis_measurements.labels(c.key, "Failed").inc(failed)
+            passed = result.measured - measured - failed
+            self.s.metrics.analysis_measurements.labels(c.key, "Successful").inc(passed)
+        if delay is not None:
+            said = "; ".join(
+                f"{r.name} {r.measured}/{m.count}"
+                + (f" ({r.failures} failed)" if r.failures else "")
+                for r, m in zip(run.measurements, spec, strict=False)
+            )
+            self._swapping("Analyzing", f"analysis {where}: {said}")
+            return delay
+        self.s.metrics.analysis_runs.labels(c.key, run.phase).inc()
+        self._keep_run(progress)
+        if run.phase == "Failed":
+            raise SwapFailure("SwapFailedAnalysis", analysis.failed_message(run, spec))
+        await self.e.event("Normal", "AnalysisSuccessful", f"analysis {where} of {new.name} passed")
+        return None
 
     # Promoting: the pre-copy, then the pause.
 
@@ -471,6 +647,8 @@ class Coordinator:
             step("status")
             _checkpoint("flipped")
             self.s.routes.set_route(c.key, new_endpoint, new.name, c.spec)
+            self.s.routes.set_canary(c.key, None, 0)
+            self.s.metrics.canary_weight.labels(c.key).set(0)
             flipped = True
             try:
                 await self.s.routes.acknowledged()
@@ -607,6 +785,12 @@ class Coordinator:
         self.s.routes.set_route(c.key, endpoint, new.name, c.spec)
         self.s.routes.set_preview(c.key, None)
         assert progress.promoted is not None
+        progress.weight = 100 if progress.weight is not None else None
+        names = c.spec.hot_swap.post_promotion_analysis
+        if names and old_alive and not self._analyzed(progress, "PostPromotion"):
+            delay = await self._analyze(progress, new, "PostPromotion", names)
+            if delay is not None:
+                return delay
         kept = c.now - progress.promoted.timestamp()
         window = float(c.spec.hot_swap.scale_down_delay_seconds)
         changed = progress.to_hash != c.want_for(progress.to_color).spec_hash
@@ -655,6 +839,8 @@ class Coordinator:
         # old color active, never the one being removed.
         self.s.routes.hold(c.key)
         self.s.routes.set_preview(c.key, None)
+        self.s.routes.set_canary(c.key, None, 0)
+        self.s.metrics.canary_weight.labels(c.key).set(0)
         try:
             if promoted and old_alive and old is not None:
                 message += await self._return_state(old, new)
@@ -701,6 +887,11 @@ class Coordinator:
             await self.e.persist()
         finally:
             self.s.routes.release(c.key)
+        if new is not None and progress.weight and not promoted:
+            # A canary's calls in flight on the new color end there before it goes.
+            drain = max(0.001, float(c.spec.hot_swap.drain_timeout_seconds))
+            with contextlib.suppress(ControllerError):
+                await self.s.routes.wait_idle(self.s.runtime.endpoint(new), drain)
         if new is not None:
             await self.e.remove(new)
         if self.held_ms is not None:

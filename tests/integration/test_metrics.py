@@ -43,10 +43,10 @@ def scrape(controller: ControllerProcess) -> str:
 
 
 class Prometheus:
-    def __init__(self, root: Path, target: str) -> None:
+    def __init__(self, root: Path, target: str, address: str | None = None) -> None:
         if shutil.which("prometheus") is None:
             pytest.fail("prometheus is missing: run scripts/engines.sh prometheus")
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = address or f"127.0.0.1:{_free_port()}"
         config = root / "prometheus.yml"
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
@@ -156,8 +156,10 @@ def test_prometheus_sees_cpu_memory_and_calls_and_loads_the_rules(controller, pr
     rules = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(rules) == {
         "PluginDown", "PluginCrashLooping", "PluginMemoryNearLimit", "PluginCPUThrottled",
-        "PluginOOMKilled", "PluginSwapFailed", "PluginStateRestored", "PluginCheckpointsFailing",
-        "ControllerReconcileErrors", "ControllerStoreErrors", "GatewayErrorRate",
+        "PluginOOMKilled", "PluginSwapFailed", "PluginSwapAnalysisFailing",
+        "PluginSwapWebhookFailing", "PluginCanaryStalled", "PluginStateRestored",
+        "PluginCheckpointsFailing", "ControllerReconcileErrors", "ControllerStoreErrors",
+        "GatewayErrorRate",
     }  # fmt: skip
     wait_for(
         lambda: all(

@@ -52,8 +52,8 @@ class Host:
     address: str
 
 
-@pytest.fixture
-def other_host() -> Iterator[Host]:
+@contextlib.contextmanager
+def network_namespace() -> Iterator[Host]:
     """A network namespace with an address this one reaches (names unique to this run)."""
     tag = secrets.token_hex(3)
     namespace, outside, inside = f"bh-tls-{tag}", f"bht{tag}a", f"bht{tag}b"
@@ -71,6 +71,12 @@ def other_host() -> Iterator[Host]:
     finally:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", outside], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def other_host() -> Iterator[Host]:
+    with network_namespace() as host:
+        yield host
 
 
 @dataclass

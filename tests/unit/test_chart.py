@@ -333,6 +333,8 @@ BASE_ARGS = [
             "bh",
             [
                 "bh",
+                "--prometheus-url",
+                "http://prometheus-operated.monitoring:9090",
                 "--dashboard-addr",
                 "0.0.0.0:9300",
                 "--watch-namespace",
@@ -457,9 +459,10 @@ def test_gateway_tokens_reach_the_gateway_as_a_file_it_accepts(helm, tmp_path):
     tokens_file.write_bytes(base64.b64decode(secret["data"]["tokens.yaml"]))
     tokens_file.chmod(0o600)
     loaded = auth.Tokens.load(tokens_file)
-    assert [(t.name, sorted(t.plugins)) for t in loaded.tokens] == [
-        ("ops", ["*"]),
-        ("billing", ["analytics", "kv-store"]),
+    assert [(t.name, sorted(t.plugins), sorted(t.certificates)) for t in loaded.tokens] == [
+        ("ops", ["*"], []),
+        ("billing", ["analytics", "kv-store"], []),
+        ("reports", ["analytics"], ["reports.example.com"]),
     ]
 
     pod = gateway(documents, "bh")["spec"]["template"]["spec"]
@@ -492,6 +495,36 @@ def test_gateway_tokens_reach_the_gateway_as_a_file_it_accepts(helm, tmp_path):
     assert "checksum/gateway-tokens" in annotations
 
 
+def test_gateway_tls_reaches_the_gateway_as_files_it_accepts(helm):
+    """gateway.tls: the certificate and key copied 0600 as the gateway's user, the client CA
+    beside them, the flags that name them, and a readiness probe the kubelet can pass."""
+    pod = gateway(helm.render(*ci("all")), "bh")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (prepare,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert volumes["gateway-tls-secret"]["secret"]["secretName"] == "gateway-tls"
+    assert volumes["gateway-client-ca-secret"]["secret"]["secretName"] == "gateway-client-ca"
+    assert volumes["gateway-tls"]["emptyDir"]["medium"] == "Memory"
+    script = prepare["command"][-1]
+    assert "install -m 0600 /prepare/tls-secret/tls.key /prepare/tls/tls.key" in script
+    assert "install -m 0644 /prepare/client-ca-secret/ca.crt /prepare/tls/client-ca.crt" in script
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    args = container["args"]
+    for flag, name in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        assert args[args.index(flag) + 1] == f"{mounts['gateway-tls']}/{name}"
+    assert args[args.index("--tls-client-ca") + 1] == f"{mounts['gateway-tls']}/client-ca.crt"
+    # Client certificates required: the kubelet, which has none, checks the port only.
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "http"}
+
+    tls_only = helm.render(*ci("default"), "--set", "gateway.tls.secretName=gateway-tls")
+    (container,) = gateway(tls_only)["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert "--tls-client-ca" not in container["args"]
+    plaintext = gateway(helm.render(*ci("default")))["spec"]["template"]["spec"]
+    assert "--tls-cert" not in plaintext["containers"][0]["args"]
+    assert "gateway-tls" not in {v["name"] for v in plaintext["volumes"]}
+
+
 def test_existing_tokens_secret_is_used_as_it_is(helm):
     documents = helm.render(*ci("single-replica"))
     secrets = [d["metadata"]["name"] for d in documents if d["kind"] == "Secret"]
@@ -513,8 +546,12 @@ def test_existing_tokens_secret_is_used_as_it_is(helm):
             (*ci("default"), "--set", "leaderElection.enabled=false"),
             "leaderElection.enabled: false runs every replica as the leader; set replicas: 1",
         ),
+        (
+            (*ci("default"), "--set", "gateway.tls.clientCASecretName=ca"),
+            "gateway.tls.clientCASecretName: client certificates are asked for over TLS",
+        ),
     ],
-    ids=["no-tokens", "both-tokens", "several-leaders"],
+    ids=["no-tokens", "both-tokens", "several-leaders", "client-ca-without-tls"],
 )
 def test_template_refuses_an_unusable_release(helm, args, message):
     result = helm("template", RELEASE, str(CHART), *args)

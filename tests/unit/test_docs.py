@@ -58,7 +58,7 @@ def test_the_spec_reference_has_every_field_with_its_text_and_default() -> None:
         assert first_words in rows[0], f"{path}.{key}: its docstring is missing"
     hot_swap = _sections(_reference().spec_reference())["plugin.spec.hotSwap"]
     assert "| `maxPauseMilliseconds` | integer (>= 1, <= 60000) | `200` |" in hot_swap
-    assert '| `strategy` | "BlueGreen" \\| "Recreate" | `BlueGreen` |' in hot_swap
+    assert '| `strategy` | "BlueGreen" \\| "Recreate" \\| "Canary" | `BlueGreen` |' in hot_swap
     resources = _sections(_reference().spec_reference())["plugin.spec.resources"]
     assert "| `memory` | quantity | `128Mi` |" in resources
 

@@ -303,7 +303,7 @@ async def test_a_frozen_replica_fails_the_acknowledgement_and_the_other_goes_on(
         )
         assert status["plugins"]["kv"] == {
             "endpoint": "unix:/blue.sock", "instance": "bh-kv-blue", "inFlight": 0,
-            "held": 0, "holds": 0,
+            "held": 0, "holds": 0, "canary": None, "weight": 0.0,
         }  # fmt: skip
 
 
@@ -347,3 +347,26 @@ async def test_holds_released_without_the_controller_are_reported_to_it() -> Non
     assert released == [
         ("a", {"type": "released", "plugins": ["kv"], "cause": "ControllerGone", "lease": 30.0})
     ]
+
+
+async def test_every_replica_takes_the_canary_and_their_counts_are_summed() -> None:
+    async with (
+        tcp_gateway() as (one, first),
+        tcp_gateway() as (two, second),
+        controller({"a": control.Replica(first), "b": control.Replica(second)}) as remote,
+    ):
+        remote.set_route("kv", "tcp:10.0.0.1:50051", "bh-kv-blue", spec())
+        remote.set_canary("kv", "tcp:10.0.0.2:50051", 30, "X-User")
+        remote.start_syncing()
+        await _wait(lambda: one.router.route("kv") and two.router.route("kv"))
+        await remote.acknowledged()
+        for gateway in (one, two):
+            gate = gateway.router.gates["kv"]
+            assert (gate.canary, gate.weight, gate.sticky) == ("tcp:10.0.0.2:50051", 30, "x-user")
+        one.router.counts["tcp:10.0.0.2:50051"].record(False, 0.001)
+        for failed in (True, False, False):
+            two.router.counts["tcp:10.0.0.2:50051"].record(failed, 0.3)
+        stats = await remote.stats("tcp:10.0.0.2:50051")
+        assert stats is not None
+        assert (stats.calls, stats.failures) == (4, 1)
+        assert stats.value("SuccessRate") == 0.75

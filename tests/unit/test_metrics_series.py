@@ -62,6 +62,18 @@ def test_a_plugin_first_seen_has_every_series_with_known_labels_at_0() -> None:
         assert value(metrics, "blackhole_swap_rollbacks_total", "kv", reason=reason) == 0
     for kind in telemetry.VIOLATION_KINDS:
         assert value(metrics, "blackhole_resource_violations_total", "kv", kind=kind) == 0
+    for type in telemetry.WEBHOOK_TYPES:
+        for result in telemetry.WEBHOOK_RESULTS:
+            assert (
+                value(metrics, "blackhole_swap_webhooks_total", "kv", type=type, result=result) == 0
+            )
+    for result in telemetry.ANALYSIS_RESULTS:
+        assert value(metrics, "blackhole_swap_analysis_runs_total", "kv", result=result) == 0
+    for result in telemetry.MEASUREMENT_RESULTS:
+        assert (
+            value(metrics, "blackhole_swap_analysis_measurements_total", "kv", result=result) == 0
+        )
+    assert value(metrics, "blackhole_canary_weight", "kv") == 0
     for name in (
         "blackhole_instance_restarts_total",
         "blackhole_instance_oom_kills_total",

@@ -92,7 +92,10 @@ blackhole.dev/leader: "true"
 {{- define "blackhole.tokensFile" -}}
 {{- $tokens := list -}}
 {{- range .Values.gateway.tokens.items -}}
-{{- $tokens = append $tokens (dict "name" .name "sha256" .sha256 "plugins" .plugins) -}}
+{{- $entry := dict "name" .name "plugins" .plugins -}}
+{{- with .sha256 }}{{ $_ := set $entry "sha256" . }}{{ end -}}
+{{- with .certificates }}{{ $_ := set $entry "certificates" . }}{{ end -}}
+{{- $tokens = append $tokens $entry -}}
 {{- end -}}
 {{- toYaml (dict "tokens" $tokens) -}}
 {{- end -}}

@@ -1,9 +1,9 @@
 """The plugin the integration tests run: serves the protocol, or misbehaves as MODE says.
 
 MODE=serve (default): serve until SIGTERM. Methods: ``echo`` (answers its
-payload), ``sleep`` (``{"seconds": s}``), ``put``/``get`` (a map: its
-state), ``crash`` (the process dies in the middle of the call), ``connect``
-``spin`` (``{"seconds": s}``: burns CPU), ``allocate`` (``{"mib": n}``:
+payload), ``who`` (answers its version and color), ``sleep`` (``{"seconds": s}``),
+``put``/``get`` (a map: its state), ``crash`` (the process dies in the middle of the
+call), ``connect`` ``spin`` (``{"seconds": s}``: burns CPU), ``allocate`` (``{"mib": n}``:
 holds that much memory), ``connect``
 (``{"host": h, "port": p}`` or ``{"path": p}``: tries to open a connection
 and says what happened), ``call`` (``{"plugin", "method", "payload"}``: calls
@@ -19,21 +19,24 @@ map in the SDK's Store (revisions and deltas, as StatefulPlugin does);
 DIVERGE=1 with it: write a key of its own after each whole import, so that
 the next delta (made on the exporter's revision) no longer applies.
 LINK_OUT=PATH: before it listens, put a directory beside its socket holding a
-link to PATH.
+link to PATH. FAIL_RATE=F: fail that share of calls at random (gRPC INTERNAL, a 500).
 """
 
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
+import grpc
 from blackhole_sdk import Plugin, PluginError, StatefulPlugin, calls, serve
 
 mode = os.environ.get("MODE", "serve")
+fail_rate = float(os.environ.get("FAIL_RATE", "0"))
 print(f"test plugin {os.environ.get('BLACKHOLE_PLUGIN')} mode={mode}", flush=True)
 
 
@@ -45,8 +48,15 @@ class TestPlugin(Plugin):
 
     async def handle(self, method: str, payload: Any) -> Any:
         payload = payload or {}
+        if fail_rate and random.random() < fail_rate:
+            raise PluginError("failing on purpose (FAIL_RATE)", grpc.StatusCode.INTERNAL)
         if method == "echo":
             return payload
+        if method == "who":
+            return {
+                "version": os.environ.get("BLACKHOLE_VERSION"),
+                "color": os.environ.get("BLACKHOLE_COLOR"),
+            }
         if method == "sleep":
             await asyncio.sleep(float(payload["seconds"]))
             return {"slept": payload["seconds"]}
