@@ -272,6 +272,24 @@ def run_controller(
         "--gateway-control-secret",
         help="With --gateway-service: the file of the secret the gateways ask for.",
     ),
+    ca_secret: str = typer.Option(
+        "",
+        "--ca-secret",
+        help="With --kubernetes: the Secret (kubernetes.io/tls, in the controller's namespace) "
+        "of the CA that certifies the plugins' pods; made there on first start.",
+    ),
+    ca_existing_secret: str = typer.Option(
+        "",
+        "--ca-existing-secret",
+        help="With --kubernetes: as --ca-secret, an operator's CA (tls.crt, tls.key: an ECDSA "
+        "CA, e.g. cert-manager's), which must exist; the controller never writes it.",
+    ),
+    gateway_client_secret: str = typer.Option(
+        "",
+        "--gateway-client-secret",
+        help="With --gateway-service: the Secret (in the controller's namespace) the leader "
+        "keeps the gateways' client certificate renewed in; their pods mount it.",
+    ),
     gateway_ack_timeout: float = typer.Option(
         2.0,
         "--gateway-ack-timeout",
@@ -443,6 +461,9 @@ def run_controller(
                 dns=_dns(dns_namespace, dns_selector),
                 storage_class=storage_class or None,
                 network_policy_enforced=network_policy_enforced,
+                ca_secret=ca_existing_secret or ca_secret or None,
+                ca_secret_given=bool(ca_existing_secret),
+                gateway_client_secret=gateway_client_secret or None,
             )
             kubernetes.lease()
         except ValueError as e:
