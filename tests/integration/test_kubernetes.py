@@ -11,6 +11,7 @@ must be loadable by the cluster's nodes (``kind load docker-image ...``).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import signal
@@ -928,7 +929,7 @@ def _health(address: str, credentials: grpc.ChannelCredentials | None, name: str
         else grpc.insecure_channel(address)
     )
     with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub: Any = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(), timeout=10 * TIME_SCALE)
 
 
@@ -948,7 +949,9 @@ def test_pods_serve_mutual_tls_only_and_one_naming_another_plugin_is_refused(
     for name in ("alpha", "beta"):
         api.apply_plugin(name, _spec())
     for name in ("alpha", "beta"):
-        wait_for(lambda n=name: api.ready(n), timeout=90, what=f"{name} Ready ({controller.log})")
+        wait_for(
+            functools.partial(api.ready, name), timeout=90, what=f"{name} Ready ({controller.log})"
+        )
     assert controller.call("alpha", "echo", {"over": "tls"}) == (200, {"over": "tls"})
 
     secrets_of = {n: api.read("secrets", f"bh-{cid}-{n}-blue-tls") for n in ("alpha", "beta")}
@@ -979,7 +982,7 @@ def test_pods_serve_mutual_tls_only_and_one_naming_another_plugin_is_refused(
     get_engine(container.Engine.DOCKER).client.containers.get(pod.container).kill()
 
     def refused() -> bool:
-        ready = next(
+        ready: dict[str, Any] = next(
             (c for c in api.status("alpha").get("conditions", []) if c["type"] == "Ready"), {}
         )
         return ready.get("status") == "False" and ready.get("reason") == "IdentityMismatch"
