@@ -284,6 +284,15 @@ def run_controller(
         help="With --kubernetes: as --ca-secret, an operator's CA (tls.crt, tls.key: an ECDSA "
         "CA, e.g. cert-manager's), which must exist; the controller never writes it.",
     ),
+    instance_cert_lifetime: float = typer.Option(
+        3600.0,
+        "--instance-cert-lifetime",
+        min=10.0,
+        max=30 * 86400.0,
+        help="With --kubernetes: seconds the certificates of the plugins' pods live; each is "
+        "renewed in its Secret at two thirds of it (the kubelet takes up to a minute or so to "
+        "refresh the files: keep it well above that).",
+    ),
     gateway_client_secret: str = typer.Option(
         "",
         "--gateway-client-secret",
@@ -464,6 +473,7 @@ def run_controller(
                 ca_secret=ca_existing_secret or ca_secret or None,
                 ca_secret_given=bool(ca_existing_secret),
                 gateway_client_secret=gateway_client_secret or None,
+                instance_cert_lifetime=instance_cert_lifetime,
             )
             kubernetes.lease()
         except ValueError as e:

@@ -111,6 +111,8 @@ class KubernetesOptions:
     """The operator's (it must exist), not made by the controller."""
     gateway_client_secret: str | None = None
     """The Secret the leader keeps the gateways' client certificate renewed in."""
+    instance_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    """Seconds the plugin pods' certificates live."""
 
     def lease(self) -> lease.Settings:
         return lease.Settings(
@@ -853,6 +855,7 @@ async def _backend(
                     storage_class=k8s.storage_class,
                 ),
                 network_policy_enforced=k8s.network_policy_enforced,
+                certificate_lifetime=k8s.instance_cert_lifetime,
             ),
             api,
             authority,

@@ -152,6 +152,8 @@ class KubernetesRuntime:
         self._refusals: dict[str, IncompatiblePluginError] = {}
         """Endpoint -> why its pod is refused, as the last probe found."""
         self._renewal: asyncio.Task[None] | None = None
+        self._issued = asyncio.Event()
+        """Set when a certificate was issued: the renewal's next look is due sooner."""
         self._routed: dict[str, models.Color] = {}
         self._claim_sizes: dict[kubeapi.ObjectKey, str] = {}
         """The size of each claim as last made or read: a shrink is refused up front."""
@@ -630,6 +632,7 @@ class KubernetesRuntime:
     ) -> None:
         """Issue the color's certificate into its Secret (made, or its data replaced)."""
         issued = await asyncio.to_thread(self._issue, desired.plugin, desired.color, namespace)
+        self._issued.set()
         body = manifests.certificate_secret(
             desired, namespace, owner, issued, self.authority.cert_pem
         )
@@ -711,12 +714,18 @@ class KubernetesRuntime:
 
     async def _keep_renewed(self) -> None:
         while True:
+            self._issued.clear()
             try:
                 wait = await self.renew_due()
             except (RuntimeBackendError, InstanceNotFoundError, InstanceConflictError) as e:
                 log.error("cannot renew the instances' certificates: %s", e)
                 wait = pki.RENEW_CHECK_SECONDS
-            await asyncio.sleep(wait)
+            # A certificate issued meanwhile may be due before the next look: look again
+            # then, once it is listed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._issued.wait(), wait)
+            if self._issued.is_set():
+                await asyncio.sleep(1.0)
 
     def endpoint(self, instance: base.Instance) -> str:
         if instance.address is not None:

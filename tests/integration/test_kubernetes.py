@@ -566,6 +566,9 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
         "bh-gateway-control",
         "--gateway-control-secret",
         str(secret),
+        # The CA's and the gateways' Secrets made, and every certificate renewed once.
+        "--ca-secret", "bh-ca", "--gateway-client-secret", "bh-gateway-client",
+        "--client-cert-lifetime", "15", "--instance-cert-lifetime", "15",
         env={"POD_NAME": "blackhole-0", "POD_NAMESPACE": SYSTEM},
     )  # fmt: skip
     stateful: dict[str, Any] = {"env": {"STATE_VERSION": "1"}, "state": {"version": 1}}

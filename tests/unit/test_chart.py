@@ -322,6 +322,8 @@ BASE_ARGS = [
     "{release}-gateway-client",
     "--client-cert-lifetime",
     "{lifetime}",
+    "--instance-cert-lifetime",
+    "{lifetime}",
     "--metrics-addr",
     "0.0.0.0:9100",
     "--lease-name",
