@@ -21,7 +21,8 @@ the Kubernetes schemas. Per plugin:
   ``blackhole://<controller-id>/<namespace>/<plugin>`` and server name in the
   SAN), its key and the CA, mounted read-only into the pod (files 0440, the
   pod's group) and named by ``BLACKHOLE_TLS_CERT``/``_KEY``/``_CA``: the
-  plugin serves mutual TLS only, and the controller renews the Secret before
+  plugin serves mutual TLS only, to this controller's and its gateway's
+  client certificates only (``BLACKHOLE_TLS_CLIENTS``), and the controller renews the Secret before
   the certificate expires (the kubelet refreshes the files, the SDK reads them
   again at the next handshake). The kubelet's gRPC probes speak no TLS: they
   ask a plaintext port (``BLACKHOLE_HEALTH_ADDRESS``) that serves only the
@@ -237,6 +238,13 @@ def deployment(
         {"name": "BLACKHOLE_TLS_CERT", "value": f"{TLS_DIR}/{pki.CERT}"},
         {"name": "BLACKHOLE_TLS_KEY", "value": f"{TLS_DIR}/{pki.KEY}"},
         {"name": "BLACKHOLE_TLS_CA", "value": f"{TLS_DIR}/{pki.CA_CERT}"},
+        {
+            # This controller's clients only, not another's certified by the same CA.
+            "name": "BLACKHOLE_TLS_CLIENTS",
+            "value": ",".join(
+                pki.Identity.role(cid, role).uri for role in (pki.CONTROLLER, pki.GATEWAY)
+            ),
+        },
         {"name": "BLACKHOLE_HEALTH_ADDRESS", "value": f"0.0.0.0:{HEALTH_PORT}"},
     ]
     env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]

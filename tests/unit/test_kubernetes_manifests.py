@@ -265,6 +265,10 @@ def test_each_color_serves_mutual_tls_from_its_own_certificate_secret():
     assert env["BLACKHOLE_TLS_CERT"] == f"{manifests.TLS_DIR}/tls.crt"
     assert env["BLACKHOLE_TLS_KEY"] == f"{manifests.TLS_DIR}/tls.key"
     assert env["BLACKHOLE_TLS_CA"] == f"{manifests.TLS_DIR}/ca.crt"
+    # Only this controller's own clients are let in, not another's of the same CA.
+    assert (
+        env["BLACKHOLE_TLS_CLIENTS"] == "blackhole://default/controller,blackhole://default/gateway"
+    )
     # The kubelet's gRPC probes speak no TLS: a plaintext port with the health service only.
     assert env["BLACKHOLE_HEALTH_ADDRESS"] == f"0.0.0.0:{manifests.HEALTH_PORT}"
     assert "BLACKHOLE_PLUGIN_TOKEN" in env  # the token stays, a second factor
