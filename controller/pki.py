@@ -208,6 +208,10 @@ class Authority:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def key_pem(self) -> bytes:
+        return _key_pem(self.key)
+
     @classmethod
     def create(cls, controller_id: str, lifetime: datetime.timedelta = CA_LIFETIME) -> Authority:
         key = _new_key()
@@ -274,28 +278,33 @@ class Authority:
                 f"--ca-key {key_path} is readable by others (mode {mode:o}); "
                 f"make it private: chmod 600 {key_path}"
             )
+        return cls.from_pem(cert_data, key_data, f"--ca-cert {cert_path}", f"--ca-key {key_path}")
+
+    @classmethod
+    def from_pem(
+        cls, cert_data: bytes, key_data: bytes, cert_name: str, key_name: str
+    ) -> Authority:
+        """A CA from PEM, checked to be a CA and a pair (named as given in errors)."""
         try:
             cert = x509.load_pem_x509_certificate(cert_data)
         except ValueError as e:
-            raise PKIError(f"--ca-cert {cert_path} is not a PEM certificate: {e}") from e
+            raise PKIError(f"{cert_name} is not a PEM certificate: {e}") from e
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
         except (ValueError, TypeError) as e:
-            raise PKIError(f"--ca-key {key_path} is not an unencrypted PEM private key: {e}") from e
+            raise PKIError(f"{key_name} is not an unencrypted PEM private key: {e}") from e
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PKIError(f"--ca-key {key_path} is not an EC key; give an ECDSA (P-256) CA key")
+            raise PKIError(f"{key_name} is not an EC key; give an ECDSA (P-256) CA key")
         try:
             constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             constraints = None
         if constraints is None or not constraints.ca:
-            raise PKIError(f"--ca-cert {cert_path} is not a CA certificate (basicConstraints)")
+            raise PKIError(f"{cert_name} is not a CA certificate (basicConstraints)")
         if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
-            raise PKIError(f"--ca-key {key_path} is not the key of --ca-cert {cert_path}")
+            raise PKIError(f"{key_name} is not the key of {cert_name}")
         if cert.not_valid_after_utc <= _now():
-            raise PKIError(
-                f"--ca-cert {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-            )
+            raise PKIError(f"{cert_name} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
         return cls(cert, key)
 
     def issue(

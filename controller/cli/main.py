@@ -272,6 +272,33 @@ def run_controller(
         "--gateway-control-secret",
         help="With --gateway-service: the file of the secret the gateways ask for.",
     ),
+    ca_secret: str = typer.Option(
+        "",
+        "--ca-secret",
+        help="With --kubernetes: the Secret (kubernetes.io/tls, in the controller's namespace) "
+        "of the CA that certifies the plugins' pods; made there on first start.",
+    ),
+    ca_existing_secret: str = typer.Option(
+        "",
+        "--ca-existing-secret",
+        help="With --kubernetes: as --ca-secret, an operator's CA (tls.crt, tls.key: an ECDSA "
+        "CA, e.g. cert-manager's), which must exist; the controller never writes it.",
+    ),
+    instance_cert_lifetime: float = typer.Option(
+        3600.0,
+        "--instance-cert-lifetime",
+        min=10.0,
+        max=30 * 86400.0,
+        help="With --kubernetes: seconds the certificates of the plugins' pods live; each is "
+        "renewed in its Secret at two thirds of it (the kubelet takes up to a minute or so to "
+        "refresh the files: keep it well above that).",
+    ),
+    gateway_client_secret: str = typer.Option(
+        "",
+        "--gateway-client-secret",
+        help="With --gateway-service: the Secret (in the controller's namespace) the leader "
+        "keeps the gateways' client certificate renewed in; their pods mount it.",
+    ),
     gateway_ack_timeout: float = typer.Option(
         2.0,
         "--gateway-ack-timeout",
@@ -443,6 +470,10 @@ def run_controller(
                 dns=_dns(dns_namespace, dns_selector),
                 storage_class=storage_class or None,
                 network_policy_enforced=network_policy_enforced,
+                ca_secret=ca_existing_secret or ca_secret or None,
+                ca_secret_given=bool(ca_existing_secret),
+                gateway_client_secret=gateway_client_secret or None,
+                instance_cert_lifetime=instance_cert_lifetime,
             )
             kubernetes.lease()
         except ValueError as e:

@@ -104,6 +104,15 @@ class KubernetesOptions:
     """(namespace, labels) of the cluster DNS pods plugins may query."""
     storage_class: str | None = None
     network_policy_enforced: bool = False
+    ca_secret: str | None = None
+    """The Secret of the CA in the controller's namespace; None: ``--ca-cert`` or the data
+    directory's, as on a host."""
+    ca_secret_given: bool = False
+    """The operator's (it must exist), not made by the controller."""
+    gateway_client_secret: str | None = None
+    """The Secret the leader keeps the gateways' client certificate renewed in."""
+    instance_cert_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    """Seconds the plugin pods' certificates live."""
 
     def lease(self) -> lease.Settings:
         return lease.Settings(
@@ -412,6 +421,46 @@ class _Clients(client.Clients):
         self.dropped(endpoint)
 
 
+class _PodClients(client.Clients):
+    """The controller's clients of plugin pods on Kubernetes: over mutual TLS, with the
+    plugin's token as a second factor; a pod whose certificate (or its lack of TLS) the
+    last probe refused is refused with the reason, so the plugin is Failed."""
+
+    def __init__(self, pods: kubernetes_runtime.KubernetesRuntime) -> None:
+        super().__init__(tokens=pods.token, tls=functools.partial(_pod_channel_tls, pods))
+        self.pods = pods
+
+    async def handshake(
+        self, endpoint: str, want: base.InstanceSpec, timeout: float
+    ) -> client.Handshake:
+        refused = self.pods.refusal(endpoint)
+        if refused is not None:
+            raise refused
+        return await super().handshake(endpoint, want, timeout)
+
+
+def _pod_channel_tls(
+    pods: kubernetes_runtime.KubernetesRuntime, endpoint: str
+) -> client.ChannelTLS | None:
+    server_name = pods.server_name(endpoint)
+    current = pods.credentials.current()
+    if server_name is None or current is None:
+        return None
+    _, key, cert = current
+    return client.ChannelTLS(
+        ca=pods.authority.cert_pem, cert=cert, key=key, server_name=server_name
+    )
+
+
+def _pod_endpoint_tls(
+    pods: kubernetes_runtime.KubernetesRuntime, endpoint: str
+) -> control_protocol.EndpointTLS | None:
+    server_name = pods.server_name(endpoint)
+    if server_name is None:
+        return None
+    return {"serverName": server_name, "ca": pods.authority.cert_pem.decode()}
+
+
 def _declared(source: sources_base.Source) -> control_protocol.DeclaredPlugins:
     def declared() -> dict[str, router.Declared]:
         found = {}
@@ -567,10 +616,10 @@ async def serve(options: Options) -> None:
     limits = fit_gateway_limits(options.gateway_limits, open_files_limit())
     options = replace(options, gateway_limits=limits)
     with _lock(options.data_dir):
-        authority = await asyncio.to_thread(certificate_authority, options)
-        log.info(
-            "plugins reached over TLS are certified by %s", authority.cert.subject.rfc4514_string()
-        )
+        k8s = options.kubernetes
+        authority: pki.Authority | None = None
+        if k8s is None or not k8s.ca_secret:  # else from its Secret, once leading
+            authority = await asyncio.to_thread(certificate_authority, options)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -598,6 +647,22 @@ async def serve(options: Options) -> None:
                     election = None
                 elif not await election.acquire(stop):
                     return
+            if authority is None:
+                assert k8s is not None
+                assert k8s.ca_secret is not None
+                assert api is not None
+                authority = await asyncio.to_thread(
+                    kubernetes_runtime.authority_in_secret,
+                    api,
+                    k8s.controller_namespace,
+                    k8s.ca_secret,
+                    options.controller_id,
+                    make=not k8s.ca_secret_given,
+                )
+            log.info(
+                "plugins reached over TLS are certified by %s",
+                authority.cert.subject.rfc4514_string(),
+            )
             await _lead(
                 options, tokens, metrics, exposition_server, bound, stop, api, election, lost,
                 authority,
@@ -646,8 +711,21 @@ async def _lead(
             plane.remote.changed()  # the declared plugins may differ: the gateway's table too
 
     source, runtime, plugins, images = await _backend(
-        options, api, records, enqueue, plane, remotes
+        options, api, records, enqueue, plane, remotes, authority
     )
+    k8s = options.kubernetes
+    if k8s is not None and k8s.gateway_client_secret:
+        keeper = kubernetes_runtime.keep_client_secret(
+            api,
+            k8s.controller_namespace,
+            k8s.gateway_client_secret,
+            authority,
+            pki.Identity.role(options.controller_id, pki.GATEWAY),
+            datetime.timedelta(seconds=options.client_cert_lifetime),
+            stop,
+        )
+        gateway_certificate = asyncio.create_task(keeper, name="gateway-certificate")
+        renewal.add_done_callback(lambda _: gateway_certificate.cancel())
     _data_plane(options, plane, source, runtime, plugins, tokens, metrics, exposition_server,
                 bound, api)  # fmt: skip
     runtime = remote_runtime.WithRemotes(runtime, remotes)
@@ -756,6 +834,7 @@ async def _backend(
     enqueue: Callable[[str], None],
     plane: _Plane,
     remotes: remote_runtime.RemoteRuntime | None,
+    authority: pki.Authority,
 ) -> tuple[sources_base.Source, base.Runtime, client.Clients, registry.Images | None]:
     """Where specs come from and where instances run: Kubernetes, or a directory and an
     engine (or processes) on this host."""
@@ -783,10 +862,13 @@ async def _backend(
                     storage_class=k8s.storage_class,
                 ),
                 network_policy_enforced=k8s.network_policy_enforced,
+                certificate_lifetime=k8s.instance_cert_lifetime,
             ),
             api,
+            authority,
+            pki.Credentials(client_certificates(options.data_dir, pki.CONTROLLER)),
         )
-        runtime, plugins = backend, client.Clients(tokens=backend.token)
+        runtime, plugins = backend, _PodClients(backend)
         log.info(
             "controller %s on Kubernetes (%s), data in %s",
             options.controller_id,
@@ -852,6 +934,7 @@ def _data_plane(
             ack_timeout=options.ack_timeout,
         )
         remote.carry_tokens(runtime.token)
+        remote.carry_tls(functools.partial(_pod_endpoint_tls, runtime))
         plane.replicas = kubernetes_runtime.GatewayReplicas(
             api,
             options.kubernetes.controller_namespace,

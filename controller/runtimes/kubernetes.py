@@ -9,8 +9,14 @@ Deployments and pods are read from two informers (list, then watch, by the
 controller's labels), so inspecting costs no request; the instance's state
 comes from its pod: running, or exited with the code and OOM kill of its last
 termination (the kubelet restarts a crashed container; the controller's
-crash-loop rules see every exit). Plugins are reached over TCP at their pod's
-IP, with the per-plugin token of the plugin's Secret on every call.
+crash-loop rules see every exit). Plugins are reached over mutual TLS at their
+pod's IP: each color's pod serves the certificate of a Secret of its own,
+issued by the controller's CA with the plugin's identity in the SAN and renewed
+before it expires (:meth:`KubernetesRuntime.renew_due`); the controller and the
+gateway present their client certificates and accept only a certificate that
+names the plugin expected there, and a pod presenting another's is refused with
+the reason (:meth:`KubernetesRuntime.refusal`). The per-plugin token of the
+plugin's Secret goes on every call as a second factor.
 
 The kubelet restarts a crashed container itself: its exits are counted from
 the pod's ``restartCount`` and ``lastState`` (``Instance.crashes``), and the
@@ -33,17 +39,20 @@ import contextlib
 import json
 import logging
 import secrets
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import urllib3
+from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controller import kubeapi
+from controller import kubeapi, pki
 from controller.errors import (
+    IncompatiblePluginError,
     InstanceConflictError,
     InstanceNotFoundError,
     RuntimeBackendError,
@@ -75,6 +84,8 @@ class Settings:
     network_policy_enforced: bool = False
     """The operator checked that the cluster's network plugin enforces NetworkPolicy (the
     API cannot tell): else every plugin's status says its isolation is unverified."""
+    certificate_lifetime: float = pki.INSTANCE_LIFETIME.total_seconds()
+    """Seconds an instance's certificate is valid; renewed after two thirds of it."""
 
 
 PIDS_NOT_ENFORCED = (
@@ -89,12 +100,22 @@ NETWORK_POLICY_UNVERIFIED = (
 
 
 class KubernetesRuntime:
-    """Plugin instances as Deployments, reached over TCP with a per-plugin token."""
+    """Plugin instances as Deployments, reached over mutual TLS with a per-plugin token."""
 
     name = "kubernetes"
 
-    def __init__(self, settings: Settings, api: client.ApiClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        api: client.ApiClient,
+        authority: pki.Authority,
+        credentials: pki.Credentials,
+    ) -> None:
         self.settings = settings
+        self.authority = authority
+        """Issues the instances' certificates; the one their certificates must chain to."""
+        self.credentials = credentials
+        """The controller's client certificate, kept renewed."""
         self.controller_id = settings.controller_id
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
@@ -126,6 +147,13 @@ class KubernetesRuntime:
         self._tokens: dict[str, str] = {}
         """Plugin key -> its protocol token."""
         self._endpoint_keys: dict[str, str] = {}
+        self._endpoint_identities: dict[str, pki.Identity] = {}
+        """Endpoint -> the identity the pod there must prove."""
+        self._refusals: dict[str, IncompatiblePluginError] = {}
+        """Endpoint -> why its pod is refused, as the last probe found."""
+        self._renewal: asyncio.Task[None] | None = None
+        self._issued = asyncio.Event()
+        """Set when a certificate was issued: the renewal's next look is due sooner."""
         self._routed: dict[str, models.Color] = {}
         self._claim_sizes: dict[kubeapi.ObjectKey, str] = {}
         """The size of each claim as last made or read: a shrink is refused up front."""
@@ -218,6 +246,9 @@ class KubernetesRuntime:
             self._started = True
             self._deployments.start()
             self._pods.start()
+            self._renewal = asyncio.get_running_loop().create_task(
+                self._keep_renewed(), name="instance-certificates"
+            )
         try:
             async with asyncio.timeout(SYNC_SECONDS):
                 await self._deployments.synced.wait()
@@ -337,6 +368,7 @@ class KubernetesRuntime:
         owner = manifests.Owner(desired.plugin, desired.owner_uid) if desired.owner_uid else None
         key = plugin_key(desired.plugin, desired.namespace)
         await self._ensure_token(desired.plugin, namespace, key, owner)
+        await self._certify(desired, namespace, owner)
         await self._apply(
             "networkpolicy",
             manifests.network_policy(
@@ -430,6 +462,7 @@ class KubernetesRuntime:
             self.core.delete_namespaced_service,
         ):
             await self._delete(delete, object_name, namespace)
+        await self._delete(self.core.delete_namespaced_secret, f"{object_name}-tls", namespace)
         self._names.pop(name, None)
         await self._remove_color_claims(deployment, namespace)
 
@@ -524,20 +557,176 @@ class KubernetesRuntime:
     # Reaching instances.
 
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
-        """Whether the instance's pod has an address that accepts connections."""
+        """Whether the instance's pod completes a TLS handshake at its address; False while
+        nothing answers there (yet).
+
+        A pod that answers with a certificate the controller must not trust (one that
+        names another plugin, of another CA, expired) or without TLS counts as there:
+        :meth:`refusal` then says why, and the plugin client's handshake refuses it.
+        """
         if instance.address is None:
             return False
         await self._ensure_token_loaded(instance)
+        endpoint = self.endpoint(instance)
+        identity = self._endpoint_identities[endpoint]
         host, _, port = instance.address.rpartition(":")
+        self._refusals.pop(endpoint, None)
         try:
+            context = await asyncio.to_thread(self._context)
             async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_connection(host, int(port))
+                _, writer = await asyncio.open_connection(
+                    host, int(port), ssl=context, server_hostname=identity.server_name
+                )
+        except ssl.SSLCertVerificationError as e:
+            self._refusals[endpoint] = _refusal(endpoint, identity, e)
+            return True
+        except ssl.SSLError as e:
+            self._refusals[endpoint] = _not_tls(endpoint, str(e.reason or e))
+            return True
+        except (ConnectionResetError, asyncio.IncompleteReadError) as e:
+            self._refusals[endpoint] = _not_tls(endpoint, f"closed: {e}")
+            return True
         except (OSError, TimeoutError):
             return False
         writer.close()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
         return True
+
+    def refusal(self, endpoint: str) -> IncompatiblePluginError | None:
+        """Why the plugin client must not handshake with ``endpoint``, as the last probe of
+        it found; None when nothing was wrong."""
+        return self._refusals.get(endpoint)
+
+    def server_name(self, endpoint: str) -> str | None:
+        """The name the certificate of the pod at ``endpoint`` must carry (its plugin's
+        identity); None for an endpoint of no instance."""
+        identity = self._endpoint_identities.get(endpoint)
+        return identity.server_name if identity is not None else None
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_verify_locations(cadata=self.authority.cert_pem.decode())
+        files = self.credentials.files
+        for attempt in (1, 2):  # a renewal between the two reads: read the new pair
+            try:
+                context.load_cert_chain(files.cert, files.key)
+                break
+            except (ssl.SSLError, OSError) as e:
+                if attempt == 2:
+                    raise RuntimeBackendError(
+                        f"the controller's client certificate in "
+                        f"{self.credentials.directory} cannot be used: {e}"
+                    ) from e
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    def identity(self, plugin: str, namespace: str | None) -> pki.Identity:
+        """Who an instance of ``plugin`` must prove to be: its certificate's SAN."""
+        return pki.Identity.plugin(self.controller_id, self._namespace(namespace), plugin)
+
+    # Certificates.
+
+    async def _certify(
+        self, desired: base.InstanceSpec, namespace: str, owner: manifests.Owner | None
+    ) -> None:
+        """Issue the color's certificate into its Secret (made, or its data replaced)."""
+        issued = await asyncio.to_thread(self._issue, desired.plugin, desired.color, namespace)
+        self._issued.set()
+        body = manifests.certificate_secret(
+            desired, namespace, owner, issued, self.authority.cert_pem
+        )
+        name = body["metadata"]["name"]
+        if await self._read(self.core.read_namespaced_secret, name, namespace) is None:
+            with contextlib.suppress(InstanceConflictError):
+                await self._request(
+                    f"creating {_describe(body)}",
+                    self.core.create_namespaced_secret,
+                    namespace,
+                    body,
+                )
+                return
+        await self._patch(
+            "certifying",
+            self.core.patch_namespaced_secret,
+            name,
+            namespace,
+            {"metadata": {"labels": body["metadata"]["labels"]}, "data": body["data"]},
+        )
+
+    def _issue(self, plugin: str, color: models.Color, namespace: str) -> pki.Issued:
+        return self.authority.issue(
+            pki.Identity.plugin(self.controller_id, namespace, plugin),
+            hosts=manifests.certificate_hosts(plugin, color, namespace, self.controller_id),
+            lifetime=timedelta(seconds=self.settings.certificate_lifetime),
+        )
+
+    async def renew_due(self, now: datetime | None = None) -> float:
+        """Renew each instance certificate that is due (or of another CA) in its Secret;
+        the seconds until the next one is due.
+
+        The kubelet refreshes a mounted Secret's files within about a minute, and
+        the plugin serves them from its next handshake on, long before the old
+        certificate expires (a third of its lifetime later).
+        """
+        when = now or datetime.now(UTC)
+        selector = ",".join(
+            f"{k}={v}"
+            for k, v in {
+                base.LABEL_MANAGED_BY: base.MANAGED_BY,
+                base.LABEL_CONTROLLER: self.controller_id,
+                manifests.LABEL_CERTIFICATE: manifests.CERTIFICATE_INSTANCE,
+            }.items()
+        )
+        listings = [
+            await self._request(
+                "listing the instances' certificates", fn, **kwargs, label_selector=selector
+            )
+            for fn, kwargs in self._listers(
+                self.core.list_namespaced_secret, self.core.list_secret_for_all_namespaces
+            )
+        ]
+        wait = pki.RENEW_CHECK_SECONDS
+        for item in (item for listing in listings for item in listing.get("items") or []):
+            metadata = item.get("metadata") or {}
+            labels = metadata.get("labels") or {}
+            data = item.get("data") or {}
+            try:
+                color = models.Color(labels.get(base.LABEL_COLOR, ""))
+            except ValueError:
+                continue
+            at = _renew_at(data, self.authority.cert_pem)
+            if at is not None and when < at:
+                wait = min(wait, (at - when).total_seconds())
+                continue
+            plugin, namespace = labels[base.LABEL_PLUGIN], str(metadata["namespace"])
+            issued = await asyncio.to_thread(self._issue, plugin, color, namespace)
+            await self._patch(
+                "renewing the certificate of",
+                self.core.patch_namespaced_secret,
+                str(metadata["name"]),
+                namespace,
+                {"data": manifests.certificate_data(issued, self.authority.cert_pem)},
+            )
+            log.info("renewed the certificate of %s/%s", namespace, metadata["name"])
+            wait = min(wait, (issued.renew_after - when).total_seconds())
+        return max(wait, 1.0)
+
+    async def _keep_renewed(self) -> None:
+        while True:
+            self._issued.clear()
+            try:
+                wait = await self.renew_due()
+            except (RuntimeBackendError, InstanceNotFoundError, InstanceConflictError) as e:
+                log.error("cannot renew the instances' certificates: %s", e)
+                wait = pki.RENEW_CHECK_SECONDS
+            # A certificate issued meanwhile may be due before the next look: look again
+            # then, once it is listed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._issued.wait(), wait)
+            if self._issued.is_set():
+                await asyncio.sleep(1.0)
 
     def endpoint(self, instance: base.Instance) -> str:
         if instance.address is not None:
@@ -549,6 +738,7 @@ class KubernetesRuntime:
             )
             endpoint = f"{object_name}.{namespace}.svc:{manifests.PROTOCOL_PORT}"
         self._endpoint_keys[endpoint] = instance.key
+        self._endpoint_identities[endpoint] = self.identity(instance.plugin, instance.namespace)
         return endpoint
 
     def token(self, endpoint: str) -> str | None:
@@ -612,6 +802,10 @@ class KubernetesRuntime:
     async def close(self) -> None:
         self._deployments.stop()
         self._pods.stop()
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
 
     # The API, in threads, its errors translated.
 
@@ -721,6 +915,48 @@ def _shrink_refused(want: str, have: str) -> str:
 def _describe(body: dict[str, Any]) -> str:
     metadata = body.get("metadata") or {}
     return f"{body.get('kind', 'object')} {metadata.get('namespace')}/{metadata.get('name')}"
+
+
+def _renew_at(data: dict[str, str], ca_pem: bytes) -> datetime | None:
+    """When a certificate Secret's certificate is due; None if it must be issued now
+    (missing, unreadable, or of another CA than the controller's)."""
+    try:
+        if base64.b64decode(data.get(pki.CA_CERT, "")) != ca_pem:
+            return None
+        cert = x509.load_pem_x509_certificate(base64.b64decode(data[pki.CERT]))
+    except (KeyError, ValueError):
+        return None
+    return pki.renew_time(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def _not_tls(endpoint: str, what: str) -> IncompatiblePluginError:
+    return IncompatiblePluginError(
+        "NotTLS",
+        f"the pod at {endpoint} did not complete a TLS handshake ({what}): plugins are "
+        "reached over mutual TLS only (does its SDK serve BLACKHOLE_TLS_CERT, "
+        "BLACKHOLE_TLS_KEY and BLACKHOLE_TLS_CA?)",
+    )
+
+
+def _refusal(
+    endpoint: str, identity: pki.Identity, e: ssl.SSLCertVerificationError
+) -> IncompatiblePluginError:
+    why = e.verify_message or str(e)
+    if "hostname mismatch" in why.lower() or "ip address mismatch" in why.lower():
+        return IncompatiblePluginError(
+            "IdentityMismatch",
+            f"the pod at {endpoint} presented a certificate that does not name "
+            f"{identity.uri} ({identity.server_name}: {why}): it is not this plugin's",
+        )
+    if "expired" in why.lower():
+        return IncompatiblePluginError(
+            "CertificateExpired", f"the pod at {endpoint} presented an expired certificate"
+        )
+    return IncompatiblePluginError(
+        "CertificateUntrusted",
+        f"the pod at {endpoint} presented a certificate that does not chain to the "
+        f"controller's CA ({why})",
+    )
 
 
 def _token_of(secret: kubeapi.Object) -> str:
@@ -912,3 +1148,124 @@ class GatewayReplicas:
                 ready = conditions.get("ready") is not False
                 found[str(name)] = GatewayEndpoint(str(addresses[0]), port, ready)
         return found
+
+
+def authority_in_secret(
+    api: client.ApiClient, namespace: str, name: str, controller_id: str, *, make: bool
+) -> pki.Authority:
+    """The CA kept in the ``kubernetes.io/tls`` Secret ``namespace/name`` (``tls.crt``,
+    ``tls.key``: what cert-manager writes for a CA too); with ``make``, made there on first
+    start (by whichever controller creates the Secret first: the others read it)."""
+    core = client.CoreV1Api(api)
+    where = f"the CA Secret {namespace}/{name}"
+    for _ in range(2):
+        try:
+            response: Any = core.read_namespaced_secret(name, namespace, _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise pki.PKIError(str(kubeapi.error(e, f"reading {where}"))) from e
+            if not make:
+                raise pki.PKIError(
+                    f"{where} does not exist: create it (tls.crt and tls.key of an ECDSA CA, "
+                    "e.g. a cert-manager CA Certificate's Secret) or let the controller make one"
+                ) from e
+            authority = pki.Authority.create(controller_id)
+            body: Any = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": base.owner_labels(controller_id),
+                },
+                "type": "kubernetes.io/tls",
+                "data": {
+                    pki.CERT: base64.b64encode(authority.cert_pem).decode(),
+                    pki.KEY: base64.b64encode(authority.key_pem).decode(),
+                },
+            }
+            try:
+                core.create_namespaced_secret(namespace, body, _preload_content=False)
+            except ApiException as created:
+                if created.status == 409:
+                    continue  # another controller made it first: read that one
+                raise pki.PKIError(str(kubeapi.error(created, f"creating {where}"))) from created
+            log.info("made the CA in %s", where)
+            return authority
+        data = json.loads(response.data).get("data") or {}
+        try:
+            cert, key = (base64.b64decode(data[k]) for k in (pki.CERT, pki.KEY))
+        except KeyError as e:
+            raise pki.PKIError(f"{where} has no {e.args[0]}") from e
+        return pki.Authority.from_pem(cert, key, f"{where} ({pki.CERT})", f"{where} ({pki.KEY})")
+    raise pki.PKIError(f"{where} was neither readable nor made")
+
+
+async def keep_client_secret(
+    api: client.ApiClient,
+    namespace: str,
+    name: str,
+    authority: pki.Authority,
+    identity: pki.Identity,
+    lifetime: timedelta,
+    stop: asyncio.Event,
+) -> None:
+    """Keep a client certificate of ``identity`` (the gateway's) current in the Secret
+    ``namespace/name``, which its pods mount: issued when missing, due, or of another CA,
+    until ``stop``. The kubelet refreshes the mounted files; the gateway reads them again
+    once their ``..data`` link moves."""
+    core = client.CoreV1Api(api)
+    where = f"{namespace}/{name}"
+    while not stop.is_set():
+        wait = pki.RENEW_CHECK_SECONDS
+        try:
+            wait = await asyncio.to_thread(
+                _ensure_client_secret, core, namespace, name, authority, identity, lifetime
+            )
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            log.error("cannot keep the client certificate in %s: %s", where, kubeapi.error(e, ""))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(wait, 1.0))
+
+
+def _ensure_client_secret(
+    core: client.CoreV1Api,
+    namespace: str,
+    name: str,
+    authority: pki.Authority,
+    identity: pki.Identity,
+    lifetime: timedelta,
+) -> float:
+    """Issue into the Secret if due; the seconds until the one there is due."""
+    now = datetime.now(UTC)
+    try:
+        response: Any = core.read_namespaced_secret(name, namespace, _preload_content=False)
+        existing = json.loads(response.data)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        existing = None
+    at = _renew_at((existing or {}).get("data") or {}, authority.cert_pem)
+    if at is not None and now < at:
+        return min(pki.RENEW_CHECK_SECONDS, (at - now).total_seconds())
+    issued = authority.issue(identity, lifetime=lifetime)
+    data = manifests.certificate_data(issued, authority.cert_pem)
+    if existing is None:
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": base.owner_labels(identity.controller_id),
+            },
+            "type": "kubernetes.io/tls",
+            "data": data,
+        }
+        core.create_namespaced_secret(namespace, body, _preload_content=False)
+    else:
+        core.patch_namespaced_secret(
+            name, namespace, {"data": data}, _preload_content=False, _content_type=MERGE_PATCH
+        )
+    log.info("issued the client certificate of %s into %s/%s", identity.uri, namespace, name)
+    return min(pki.RENEW_CHECK_SECONDS, (issued.renew_after - now).total_seconds())

@@ -16,7 +16,17 @@ the Kubernetes schemas. Per plugin:
 - a **NetworkPolicy** denying everything but the protocol port from the
   controller's pods (where the gateway runs), plus the egress and peers the
   spec grants;
-- a **PVC** per volume, and a **Secret** with the plugin's protocol token.
+- a **PVC** per volume, and a **Secret** with the plugin's protocol token;
+- a **Secret per color** with the instance's certificate (its identity
+  ``blackhole://<controller-id>/<namespace>/<plugin>`` and server name in the
+  SAN), its key and the CA, mounted read-only into the pod (files 0440, the
+  pod's group) and named by ``BLACKHOLE_TLS_CERT``/``_KEY``/``_CA``: the
+  plugin serves mutual TLS only, to this controller's and its gateway's
+  client certificates only (``BLACKHOLE_TLS_CLIENTS``), and the controller renews the Secret before
+  the certificate expires (the kubelet refreshes the files, the SDK reads them
+  again at the next handshake). The kubelet's gRPC probes speak no TLS: they
+  ask a plaintext port (``BLACKHOLE_HEALTH_ADDRESS``) that serves only the
+  health service.
 
 Volumes are ReadWriteOnce claims, which one node at a time may mount. A
 plugin that declares ``spec.state`` gets a claim per color
@@ -35,10 +45,12 @@ controller could not.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller import pki
 from controller.runtimes import base
 from controller.spec import models
 
@@ -47,6 +59,16 @@ Manifest = dict[str, Any]
 PROTOCOL_PORT = 7000
 """The port plugins listen on in their pods."""
 PORT_NAME = "grpc"
+HEALTH_PORT = 7001
+"""The port of the plaintext health service the kubelet's gRPC probes ask (no TLS there)."""
+TLS_DIR = "/var/run/blackhole/tls"
+"""Where a plugin pod's certificate Secret is mounted."""
+TLS_VOLUME = "tls"
+TLS_MODE = 0o440
+"""The files' mode: the kubelet makes them the pod's fsGroup's, which the plugin runs in."""
+LABEL_CERTIFICATE = models.LABEL_PREFIX + "certificate"
+CERTIFICATE_INSTANCE = "instance"
+"""``LABEL_CERTIFICATE`` on an instance's certificate Secret (what renewal lists by)."""
 PLUGIN_USER = 65532
 """The user plugins run as (the plugin runtime image's)."""
 TOKEN_KEY = "token"
@@ -138,6 +160,11 @@ def token_name(plugin: str, controller_id: str) -> str:
     return f"{stable_name(plugin, controller_id)}-token"
 
 
+def certificate_name(plugin: str, color: models.Color, controller_id: str) -> str:
+    """The Secret of a color's certificate."""
+    return f"{object_name(plugin, color, controller_id)}-tls"
+
+
 def policy_name(plugin: str, controller_id: str) -> str:
     return stable_name(plugin, controller_id)
 
@@ -208,6 +235,17 @@ def deployment(
                 "secretKeyRef": {"name": token_name(desired.plugin, cid), "key": TOKEN_KEY}
             },
         },
+        {"name": "BLACKHOLE_TLS_CERT", "value": f"{TLS_DIR}/{pki.CERT}"},
+        {"name": "BLACKHOLE_TLS_KEY", "value": f"{TLS_DIR}/{pki.KEY}"},
+        {"name": "BLACKHOLE_TLS_CA", "value": f"{TLS_DIR}/{pki.CA_CERT}"},
+        {
+            # This controller's clients only, not another's certified by the same CA.
+            "name": "BLACKHOLE_TLS_CLIENTS",
+            "value": ",".join(
+                pki.Identity.role(cid, role).uri for role in (pki.CONTROLLER, pki.GATEWAY)
+            ),
+        },
+        {"name": "BLACKHOLE_HEALTH_ADDRESS", "value": f"0.0.0.0:{HEALTH_PORT}"},
     ]
     env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     health = spec.health
@@ -216,8 +254,20 @@ def deployment(
         "timeoutSeconds": health.timeout_seconds,
         "failureThreshold": health.failure_threshold,
     }
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        {
+            "name": TLS_VOLUME,
+            "secret": {
+                "secretName": certificate_name(desired.plugin, desired.color, cid),
+                "defaultMode": TLS_MODE,
+            },
+        },
+    ]
     for volume in spec.volumes:
         mounts.append(
             {
@@ -251,9 +301,9 @@ def deployment(
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "readinessProbe": {"grpc": {"port": PROTOCOL_PORT}, **probe_timing},
+        "readinessProbe": {"grpc": {"port": HEALTH_PORT}, **probe_timing},
         "livenessProbe": {
-            "grpc": {"port": PROTOCOL_PORT, "service": "liveness"},
+            "grpc": {"port": HEALTH_PORT, "service": "liveness"},
             "initialDelaySeconds": health.startup_deadline_seconds,
             **probe_timing,
         },
@@ -538,6 +588,50 @@ def token_secret(
     }
 
 
+def certificate_secret(
+    desired: base.InstanceSpec,
+    namespace: str,
+    owner: Owner | None,
+    issued: pki.Issued,
+    ca_pem: bytes,
+) -> Manifest:
+    """A color's certificate, key and CA, as the pod mounts them (``kubernetes.io/tls``)."""
+    cid = desired.controller_id
+    labels = {
+        **_owned_labels(desired.plugin, cid),
+        base.LABEL_COLOR: desired.color.value,
+        LABEL_CERTIFICATE: CERTIFICATE_INSTANCE,
+    }
+    if desired.namespace:
+        labels[base.LABEL_NAMESPACE] = desired.namespace
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(
+            certificate_name(desired.plugin, desired.color, cid), namespace, labels, owner
+        ),
+        "type": "kubernetes.io/tls",
+        "data": certificate_data(issued, ca_pem),
+    }
+
+
+def certificate_data(issued: pki.Issued, ca_pem: bytes) -> dict[str, str]:
+    """A certificate Secret's ``data``: ``tls.crt``, ``tls.key`` and ``ca.crt``, base64."""
+    return {
+        pki.CERT: base64.b64encode(issued.cert_pem).decode(),
+        pki.KEY: base64.b64encode(issued.key_pem).decode(),
+        pki.CA_CERT: base64.b64encode(ca_pem).decode(),
+    }
+
+
+def certificate_hosts(plugin: str, color: models.Color, namespace: str, cid: str) -> list[str]:
+    """The names, besides its identity's, a color's certificate carries: its Services'."""
+    names = []
+    for service in (object_name(plugin, color, cid), stable_name(plugin, cid)):
+        names += [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+    return names
+
+
 def all_for(
     desired: base.InstanceSpec,
     namespace: str,
@@ -547,7 +641,10 @@ def all_for(
 ) -> list[Manifest]:
     """Every object ``desired`` needs, in the order they are made (for validation and docs)."""
     options = options or PodOptions()
+    ca = pki.Authority.create(desired.controller_id)
+    identity = pki.Identity.plugin(desired.controller_id, namespace, desired.plugin)
     return [
+        certificate_secret(desired, namespace, owner, ca.issue(identity), ca.cert_pem),
         token_secret(desired.plugin, "example-token", namespace, desired.controller_id, owner),
         network_policy(desired, namespace, controller_namespace, owner, options.dns),
         *[claim(desired, v, namespace, owner, options.storage_class) for v in desired.spec.volumes],

@@ -32,7 +32,9 @@ clients are let in: a certificate whose SAN URI is a role of the controller
 (``blackhole://<controller-id>/<role>``), not another plugin's
 (``blackhole://<controller-id>/<namespace>/<plugin>``);
 ``BLACKHOLE_TLS_CLIENTS``, a comma-separated list of such URIs, narrows that
-to the ones named.
+to the ones named. ``BLACKHOLE_HEALTH_ADDRESS`` adds a plaintext listener
+with the health service only (``grpc.health.v1``, which says SERVING or not and
+nothing else), for probes that speak no TLS, such as the kubelet's.
 """
 
 from __future__ import annotations
@@ -729,6 +731,7 @@ async def serve_async(
     await listener.start()
     if path is not None:
         os.rename(path + STARTING_SUFFIX, path)
+    health = await _health_only(servicer, os.environ.get("BLACKHOLE_HEALTH_ADDRESS", ""))
     log.info(
         "%s %s listening on %s%s (%.0f ms)",
         os.environ.get("BLACKHOLE_PLUGIN", type(plugin).__name__),
@@ -741,7 +744,21 @@ async def serve_async(
     servicer.on_drain = None  # stopping for good: no new server to hand over to
     left = await servicer.drain(DRAIN_GRACE_SECONDS)
     await listener.stop(grace=1.0 if left else 0)
+    if health is not None:
+        await health.stop(0)
     log.info("stopped")
+
+
+async def _health_only(servicer: Servicer, address: str) -> grpc.aio.Server | None:
+    """The plaintext health listener on ``address``; None without one."""
+    if not address:
+        return None
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(servicer), server)
+    server.add_insecure_port(address)
+    await server.start()
+    log.info("health service (plaintext, health only) on %s", address)
+    return server
 
 
 def serve(plugin: Plugin, address: str | None = None) -> None:

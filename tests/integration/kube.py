@@ -14,7 +14,8 @@ memory and CPU limits; PVCs as a host directory per claim, kept across its
 pods; emptyDirs as tmpfs, or as a host
 directory shared with the pod's init containers when it has any, which run
 to completion first; Secret volumes as read-only files, root's, group
-``fsGroup`` made group-readable as the kubelet does), reports the
+``fsGroup`` made group-readable as the kubelet does, laid out as its atomic
+writer does (``..data``) and written again when the Secret changes), reports the
 container's IP as the pod IP and its Ready condition from the
 ``readinessProbe`` when it is an ``httpGet`` (without one, or with a grpc
 or exec probe, which it does not run, a running unpaused container is
@@ -46,7 +47,9 @@ import datetime
 import json
 import os
 import re
+import shutil
 import threading
+import time
 import traceback
 import urllib.error
 import urllib.request
@@ -143,6 +146,16 @@ class _Pod:
     """The PersistentVolumeClaims it mounts."""
 
 
+@dataclass
+class _SecretVolume:
+    where: Path
+    namespace: str
+    source: dict[str, Any]
+    group: int | None
+    version: str = ""
+    """The Secret's resourceVersion written last."""
+
+
 class Kubelet:
     """Runs the pods of the API server's Deployments as Docker containers (see the module)."""
 
@@ -173,6 +186,8 @@ class Kubelet:
         self.pods: dict[str, list[_Pod]] = {}
         """Deployment uid -> its pods."""
         self._slices: dict[tuple[str, str], dict[str, Any]] = {}
+        self._secret_volumes: dict[tuple[str, str], _SecretVolume] = {}
+        """(pod, volume) -> the Secret volume, refreshed when its Secret changes."""
 
     async def run(self) -> None:
         while True:
@@ -207,6 +222,7 @@ class Kubelet:
                     await self._launch(pod, deployment)
             while len(pods) < replicas:
                 pods.append(await self._start(deployment))
+        self._refresh_secret_volumes()
         await self._endpoint_slices()
 
     async def _start(self, deployment: dict[str, Any]) -> _Pod:
@@ -440,24 +456,66 @@ class Kubelet:
         if where.exists():
             return where
         where.mkdir(parents=True)
-        secret = next(
-            s
-            for s in self.server.live("v1/secrets")
-            if s["metadata"].get("namespace") == namespace
-            and s["metadata"]["name"] == source["secretName"]
-        )
-        data = secret.get("data") or {}
-        items = source.get("items") or [{"key": k, "path": k} for k in data]
-        mode = int(source.get("defaultMode", 0o644))
-        if group is not None and mode & 0o400:
-            mode |= 0o040  # the kubelet makes the files readable by fsGroup
-        for item in items:
-            path = where / item["path"]
-            path.write_bytes(base64.b64decode(data[item["key"]]))
-            os.chown(path, 0, group if group is not None else 0)
-            path.chmod(int(item.get("mode", mode)))
         where.chmod(0o755)
+        self._secret_volumes[(pod.name, name)] = _SecretVolume(where, namespace, source, group)
+        self._write_secret_volume(self._secret_volumes[(pod.name, name)])
         return where
+
+    def _write_secret_volume(self, volume: _SecretVolume) -> None:
+        """The Secret's files as the kubelet's atomic writer lays them out: in a new
+        ``..<timestamp>`` directory, the ``..data`` link swapped to it in one rename, and
+        each file a link through ``..data``; the previous set removed after."""
+        secret = next(
+            (
+                s
+                for s in self.server.live("v1/secrets")
+                if s["metadata"].get("namespace") == volume.namespace
+                and s["metadata"]["name"] == volume.source["secretName"]
+            ),
+            None,
+        )
+        if secret is None:
+            if not volume.source.get("optional"):
+                raise KeyError(f"secret {volume.namespace}/{volume.source['secretName']}")
+            return
+        version = str(secret["metadata"].get("resourceVersion"))
+        if version == volume.version:
+            return
+        data = secret.get("data") or {}
+        items = volume.source.get("items") or [{"key": k, "path": k} for k in data]
+        mode = int(volume.source.get("defaultMode", 0o644))
+        if volume.group is not None and mode & 0o400:
+            mode |= 0o040  # the kubelet makes the files readable by fsGroup
+        fresh = volume.where / f"..{time.time_ns()}"
+        fresh.mkdir()
+        fresh.chmod(0o755)
+        for item in items:
+            path = fresh / item["path"]
+            path.write_bytes(base64.b64decode(data[item["key"]]))
+            os.chown(path, 0, volume.group if volume.group is not None else 0)
+            path.chmod(int(item.get("mode", mode)))
+        link = volume.where / "..data"
+        previous = os.readlink(link) if link.is_symlink() else None
+        temporary = volume.where / "..data_tmp"
+        temporary.symlink_to(fresh.name)
+        temporary.replace(link)
+        for item in items:
+            entry = volume.where / item["path"]
+            if not entry.is_symlink():
+                entry.symlink_to(f"..data/{item['path']}")
+        if previous is not None:
+            shutil.rmtree(volume.where / previous, ignore_errors=True)
+        volume.version = version
+
+    def _refresh_secret_volumes(self) -> None:
+        """A Secret that changed is written again into the pods that mount it (the kubelet
+        does so within its sync period, about a minute; here at once)."""
+        running = {pod.name for pod in self._all_pods()}
+        for key, volume in list(self._secret_volumes.items()):
+            if key[0] not in running:
+                del self._secret_volumes[key]
+            else:
+                self._write_secret_volume(volume)
 
     def _run_container(
         self,

@@ -11,6 +11,7 @@ must be loadable by the cluster's nodes (``kind load docker-image ...``).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import signal
@@ -21,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
 from controller import __version__ as controller_version
-from controller import kubeapi
+from controller import kubeapi, pki
+from controller.cli import paths
 from controller.runtimes import base, container
 
 from . import kube
@@ -593,6 +597,9 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
         "bh-gateway-control",
         "--gateway-control-secret",
         str(secret),
+        # The CA's and the gateways' Secrets made, and every certificate renewed once.
+        "--ca-secret", "bh-ca", "--gateway-client-secret", "bh-gateway-client",
+        "--client-cert-lifetime", "15", "--instance-cert-lifetime", "15",
         env={"POD_NAME": "blackhole-0", "POD_NAMESPACE": SYSTEM},
     )  # fmt: skip
     stateful: dict[str, Any] = {"env": {"STATE_VERSION": "1"}, "state": {"version": 1}}
@@ -938,3 +945,84 @@ def test_a_larger_volume_grows_its_claim_and_a_smaller_one_is_refused(
     assert "spec.volumes[0].size" in refused()
     assert api.status("files").get("activeVersion") == "1.0.1"
     assert api.read("deployments", f"bh-{cid}-files-blue")["spec"]["replicas"] == 1
+
+
+def _pod_address(api: Api, deployment: str) -> str:
+    listing = _json(api.core.list_namespaced_pod(NAMESPACE, _preload_content=False))
+    for pod in listing["items"]:
+        if pod["metadata"]["name"].startswith(f"{deployment}-") and pod["status"].get("podIP"):
+            return f"{pod['status']['podIP']}:7000"
+    raise AssertionError(f"no pod of {deployment} has an address")
+
+
+def _health(address: str, credentials: grpc.ChannelCredentials | None, name: str = "") -> Any:
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    channel = (
+        grpc.secure_channel(address, credentials, options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=10 * TIME_SCALE)
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_pods_serve_mutual_tls_only_and_one_naming_another_plugin_is_refused(
+    api: Api, controllers: list[KubeController]
+):
+    """Each pod serves the certificate of its own Secret, naming its plugin; calls go over
+    mutual TLS only; a pod serving another plugin's certificate (the two plugins' Secrets
+    swapped, the pod restarted) is refused with the reason."""
+    assert api.cluster is not None
+    kubelet = api.cluster.kubelet
+    assert kubelet is not None
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    for name in ("alpha", "beta"):
+        api.apply_plugin(name, _spec())
+    for name in ("alpha", "beta"):
+        wait_for(
+            functools.partial(api.ready, name), timeout=90, what=f"{name} Ready ({controller.log})"
+        )
+    assert controller.call("alpha", "echo", {"over": "tls"}) == (200, {"over": "tls"})
+
+    secrets_of = {n: api.read("secrets", f"bh-{cid}-{n}-blue-tls") for n in ("alpha", "beta")}
+    for name, secret in secrets_of.items():
+        assert secret["type"] == "kubernetes.io/tls"
+        cert = base64.b64decode(secret["data"]["tls.crt"])
+        assert pki.identities_of(cert) == [pki.Identity.plugin(cid, NAMESPACE, name)]
+    ca = base64.b64decode(secrets_of["alpha"]["data"]["ca.crt"])
+
+    # Only mutual TLS is served: plaintext fails, and so does TLS without a client certificate.
+    address = _pod_address(api, f"bh-{cid}-alpha-blue")
+    server_name = pki.Identity.plugin(cid, NAMESPACE, "alpha").server_name
+    with pytest.raises(grpc.RpcError):
+        _health(address, None)
+    with pytest.raises(grpc.RpcError):
+        _health(address, grpc.ssl_channel_credentials(ca), server_name)
+    files = pki.Files.in_directory(paths.client_certificates(controller.data, pki.CONTROLLER))
+    ca_pem, key, cert = files.read()
+    mutual = grpc.ssl_channel_credentials(ca_pem, key, cert)
+    assert _health(address, mutual, server_name).status == health_pb2.HealthCheckResponse.SERVING
+
+    # alpha's pod gets beta's certificate: the kubelet refreshes its files, and once it
+    # restarts, the controller's check of who answers there refuses it.
+    api.core.patch_namespaced_secret(
+        f"bh-{cid}-alpha-blue-tls", NAMESPACE, {"data": secrets_of["beta"]["data"]}
+    )
+    [pod] = [p for p in kubelet._all_pods() if p.name.startswith(f"bh-{cid}-alpha-")]
+    get_engine(container.Engine.DOCKER).client.containers.get(pod.container).kill()
+
+    def refused() -> bool:
+        ready: dict[str, Any] = next(
+            (c for c in api.status("alpha").get("conditions", []) if c["type"] == "Ready"), {}
+        )
+        return ready.get("status") == "False" and ready.get("reason") == "IdentityMismatch"
+
+    wait_for(refused, timeout=120, what=f"alpha refused ({controller.log})")
+    ready = next(c for c in api.status("alpha")["conditions"] if c["type"] == "Ready")
+    assert f"blackhole://{cid}/{NAMESPACE}/alpha" in ready["message"]
+    assert api.ready("beta")  # the other plugin is untouched
+    assert controller.call("beta", "echo", {"still": "here"}) == (200, {"still": "here"})

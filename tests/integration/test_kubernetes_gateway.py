@@ -272,6 +272,7 @@ def _start(controller: KubeController, gateways: Gateways) -> None:
     controller.start(
         "--gateway-service", f"{RELEASE}-gateway-control",
         "--gateway-control-secret", str(gateways.secret),
+        "--gateway-client-secret", f"{RELEASE}-gateway-client",
         "--gateway-ack-timeout", "3",
     )  # fmt: skip
 

@@ -332,10 +332,19 @@ BASE_ARGS = [
     "{release}-gateway-control",
     "--gateway-control-secret",
     "/etc/blackhole/control/secret",
+    "{pki}",
+    "--gateway-client-secret",
+    "{release}-gateway-client",
+    "--client-cert-lifetime",
+    "{lifetime}",
+    "--instance-cert-lifetime",
+    "{lifetime}",
     "--metrics-addr",
     "0.0.0.0:9100",
     "--lease-name",
 ]
+OWN_CA = ["--ca-secret", "{release}-ca"]
+"""The CA the controller makes in a Secret at its first start."""
 
 
 @pytest.mark.parametrize(
@@ -365,7 +374,14 @@ def test_controller_command_line(helm, name, deployment, extra):
         "containers"
     ]
     assert container["command"] == ["bhctl"]
-    assert container["args"] == [a.format(release=deployment) for a in BASE_ARGS] + extra
+    ca = ["--ca-existing-secret", "blackhole-ca-from-cert-manager"] if name == "all" else OWN_CA
+    lifetime = "7200" if name == "all" else "3600"
+    expected = [
+        part.format(release=deployment, lifetime=lifetime)
+        for a in BASE_ARGS
+        for part in (ca if a == "{pki}" else [a])
+    ]
+    assert container["args"] == expected + extra
 
 
 GATEWAY_ARGS = [
@@ -374,6 +390,25 @@ GATEWAY_ARGS = [
     "--tokens", "/etc/blackhole/gateway/tokens.yaml", "--metrics-addr", "0.0.0.0:9100",
     "--control-addr", "0.0.0.0:9200", "--control-secret", "/etc/blackhole/control/secret",
 ]  # fmt: skip
+
+
+def test_the_gateway_mounts_the_client_certificate_the_controller_keeps_renewed(helm):
+    """Where the gateway reads its client certificate from, the Secret the controller's
+    --gateway-client-secret names, mounted whole (the kubelet's ..data link included)."""
+    from controller.cli import paths
+
+    documents = helm.render(*ci("default"))
+    pod = gateway(documents)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "client-certificate"]
+    data = next(m for m in container["volumeMounts"] if m["name"] == "data")["mountPath"]
+    assert mount["mountPath"] == str(paths.client_certificates(Path(data), "gateway"))
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == "client-certificate"]
+    assert "items" not in volume["secret"]
+    assert volume["secret"]["optional"] is True  # the leader makes it; the gateway may be first
+    args = controller(documents, RELEASE)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--gateway-client-secret") + 1] == volume["secret"]["secretName"]
 
 
 def test_gateway_is_a_deployment_of_its_own_with_the_control_port(helm):

@@ -7,12 +7,16 @@ and the newest version kubernetes-validate bundles.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+from cryptography import x509
 
+from controller import pki
 from controller.runtimes import base
 from controller.runtimes import kubernetes_manifests as manifests
 from controller.spec import models
@@ -91,11 +95,18 @@ def test_the_pod_is_locked_down_and_probed_over_grpc():
         "requests": {"cpu": "250m", "memory": "96Mi"},
         "limits": {"cpu": "250m", "memory": "96Mi"},
     }
-    assert container["readinessProbe"]["grpc"] == {"port": manifests.PROTOCOL_PORT}
-    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+    assert container["readinessProbe"]["grpc"] == {"port": manifests.HEALTH_PORT}
+    assert container["livenessProbe"]["grpc"] == {
+        "port": manifests.HEALTH_PORT,
+        "service": "liveness",
+    }
     token = next(e for e in container["env"] if e["name"] == "BLACKHOLE_PLUGIN_TOKEN")
     assert token["valueFrom"]["secretKeyRef"]["name"] == "bh-kv-token"
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"][1:]]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
     assert claims == ["bh-kv-data", "bh-kv-cache"]
 
 
@@ -138,13 +149,18 @@ def test_the_color_service_publishes_its_pod_before_it_is_ready():
     assert stable["metadata"]["ownerReferences"] == [OWNER.reference()]
 
 
-def test_a_name_whose_service_would_pass_63_characters_is_refused_before_anything_is_made():
+def test_a_name_whose_service_would_pass_63_characters_is_refused_before_anything_is_made(
+    tmp_path: Path,
+):
     from kubernetes import client
 
     from controller.runtimes import kubernetes
 
     runtime = kubernetes.KubernetesRuntime(
-        kubernetes.Settings(controller_id="blue-team"), client.ApiClient()
+        kubernetes.Settings(controller_id="blue-team"),
+        client.ApiClient(),
+        pki.Authority.create("blue-team"),
+        pki.Credentials(tmp_path),
     )
     longest = "p" * (63 - len("bh-blue-team--green"))
     fits = dataclasses.replace(_desired(), plugin=longest, controller_id="blue-team")
@@ -236,3 +252,50 @@ def test_a_plugin_without_state_shares_its_claims_and_runs_beside_its_other_colo
         "affinity"
         not in manifests.deployment(_desired(), "team-a", OWNER)["spec"]["template"]["spec"]
     )
+
+
+def test_each_color_serves_mutual_tls_from_its_own_certificate_secret():
+    spec = manifests.deployment(_desired(), "team-a", OWNER)["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == manifests.TLS_VOLUME]
+    assert volume["secret"] == {"secretName": "bh-kv-green-tls", "defaultMode": 0o440}
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == manifests.TLS_VOLUME]
+    assert mount == {"name": "tls", "mountPath": manifests.TLS_DIR, "readOnly": True}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BLACKHOLE_TLS_CERT"] == f"{manifests.TLS_DIR}/tls.crt"
+    assert env["BLACKHOLE_TLS_KEY"] == f"{manifests.TLS_DIR}/tls.key"
+    assert env["BLACKHOLE_TLS_CA"] == f"{manifests.TLS_DIR}/ca.crt"
+    # Only this controller's own clients are let in, not another's of the same CA.
+    assert (
+        env["BLACKHOLE_TLS_CLIENTS"] == "blackhole://default/controller,blackhole://default/gateway"
+    )
+    # The kubelet's gRPC probes speak no TLS: a plaintext port with the health service only.
+    assert env["BLACKHOLE_HEALTH_ADDRESS"] == f"0.0.0.0:{manifests.HEALTH_PORT}"
+    assert "BLACKHOLE_PLUGIN_TOKEN" in env  # the token stays, a second factor
+    # The files are the pod's fsGroup's, which the plugin's user is in: it can read its key.
+    assert spec["securityContext"]["fsGroup"] == container["securityContext"]["runAsGroup"]
+
+
+def test_the_certificate_secret_certifies_the_plugins_identity_and_nothing_else():
+    authority = pki.Authority.create("default")
+    identity = pki.Identity.plugin("default", "team-a", "kv")
+    hosts = manifests.certificate_hosts("kv", models.Color.GREEN, "team-a", "default")
+    issued = authority.issue(identity, hosts=hosts)
+    secret = manifests.certificate_secret(_desired(), "team-a", OWNER, issued, authority.cert_pem)
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["name"] == "bh-kv-green-tls"
+    assert secret["metadata"]["ownerReferences"] == [OWNER.reference()]
+    labels = secret["metadata"]["labels"]
+    assert labels[manifests.LABEL_CERTIFICATE] == manifests.CERTIFICATE_INSTANCE
+    assert labels[base.LABEL_COLOR] == "green"
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    assert data["ca.crt"] == authority.cert_pem
+    assert data["tls.key"] == issued.key_pem
+    assert pki.identities_of(data["tls.crt"]) == [identity]
+
+    cert = x509.load_pem_x509_certificate(data["tls.crt"])
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = names.get_values_for_type(x509.DNSName)
+    assert dns[0] == identity.server_name == "kv.team-a.default.plugin.blackhole"
+    assert "bh-kv-green.team-a.svc" in dns
+    assert "bh-kv.team-a.svc" in dns
