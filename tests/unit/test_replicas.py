@@ -157,13 +157,12 @@ async def test_replicas_on_a_runtime_of_one_instance_a_color_are_refused(echo: W
     ],
 )
 def test_replicas_are_refused_with_a_remote_address_or_a_standby(extra, refused):
+    spec = {"image": "blackhole/example-echo:0.1.0", "version": "0.1.0", "replicas": 3, **extra}
     document = {
         "apiVersion": "blackhole.dev/v1alpha1",
         "kind": "Plugin",
         "metadata": {"name": "echo"},
-        "spec": {"image": "blackhole/example-echo:0.1.0", "version": "0.1.0", "replicas": 3},
+        "spec": {k: v for k, v in spec.items() if v is not None},
     }
-    document["spec"].update(extra)
-    document["spec"] = {k: v for k, v in document["spec"].items() if v is not None}
     with pytest.raises(pydantic.ValidationError, match=refused):
         models.Plugin.model_validate(document)
