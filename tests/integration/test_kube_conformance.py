@@ -150,6 +150,7 @@ def test_defaults_are_filled_in_objects_that_are_there(api: Api, follows: str):
     stored = _create_plugin(api, _plugin(_name("defaults"), restart={"maxRestarts": 2}))
     assert stored["spec"]["restart"] == {
         "maxRestarts": 2, "windowSeconds": 300, "backoffSeconds": 1.0, "maxBackoffSeconds": 60.0,
+        "standby": False,
     }  # fmt: skip
     assert "health" not in stored["spec"]  # an object left out is not made to hold defaults
 
