@@ -40,6 +40,7 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -67,6 +68,12 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 SYNC_SECONDS = 30.0
+STALE_REASONS = frozenset({"CertificateExpired", "CertificateUntrusted"})
+"""Refusals that a pod still serving its Secret's previous files also gives."""
+STALE_GRACE_SECONDS = 180.0
+"""How long a pod may present an old certificate after its Secret holds a current one: the
+kubelet refreshes a mounted Secret within its sync period plus its cache's TTL (a minute
+or so each by default)."""
 """How long the first listing may take before the backend gives up."""
 
 
@@ -150,6 +157,7 @@ class KubernetesRuntime:
         self._endpoint_identities: dict[str, pki.Identity] = {}
         """Endpoint -> the identity the pod there must prove."""
         self._refusals: dict[str, IncompatiblePluginError] = {}
+        self._stale_since: dict[str, float] = {}
         """Endpoint -> why its pod is refused, as the last probe found."""
         self._renewal: asyncio.Task[None] | None = None
         self._issued = asyncio.Event()
@@ -578,7 +586,10 @@ class KubernetesRuntime:
                     host, int(port), ssl=context, server_hostname=identity.server_name
                 )
         except ssl.SSLCertVerificationError as e:
-            self._refusals[endpoint] = _refusal(endpoint, identity, e)
+            refusal = _refusal(endpoint, identity, e)
+            if refusal.reason in STALE_REASONS and await self._renewed_for(instance, refusal):
+                return False  # the kubelet serves the renewed files soon: not there yet
+            self._refusals[endpoint] = refusal
             return True
         except ssl.SSLError as e:
             self._refusals[endpoint] = _not_tls(endpoint, str(e.reason or e))
@@ -591,7 +602,50 @@ class KubernetesRuntime:
         writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
+        name = manifests.certificate_name(instance.plugin, instance.color, self.controller_id)
+        self._stale_since.pop(f"{self._namespace(instance.namespace)}/{name}", None)
         return True
+
+    async def _renewed_for(self, instance: base.Instance, refusal: IncompatiblePluginError) -> bool:
+        """Whether a pod presenting an expired certificate, or one of another CA, is only
+        serving files its kubelet has not refreshed yet: its color's Secret holds (or is
+        now given) a current certificate of the controller's CA. A controller that was
+        down past a certificate's renewal finds it so at start, as one given another CA
+        does; the plugin is refused only once its pod goes on presenting the old one for
+        :data:`STALE_GRACE_SECONDS` after the Secret holds the new one."""
+        namespace = self._namespace(instance.namespace)
+        name = manifests.certificate_name(instance.plugin, instance.color, self.controller_id)
+        key = f"{namespace}/{name}"
+        secret = await self._read(self.core.read_namespaced_secret, name, namespace)
+        if secret is None:
+            return False
+        data = secret.get("data") or {}
+        at = _renew_at(data, self.authority.cert_pem)
+        if at is None or _expired(data):
+            issued = await asyncio.to_thread(
+                self._issue, instance.plugin, instance.color, namespace
+            )
+            await self._patch(
+                "renewing the certificate of",
+                self.core.patch_namespaced_secret,
+                name,
+                namespace,
+                {"data": manifests.certificate_data(issued, self.authority.cert_pem)},
+            )
+            log.warning(
+                "%s: %s; its certificate is issued again in %s, which its kubelet "
+                "mounts within about a minute",
+                instance.name,
+                refusal,
+                key,
+            )
+            self._stale_since[key] = time.monotonic()
+            return True
+        since = self._stale_since.setdefault(key, time.monotonic())
+        if time.monotonic() - since < STALE_GRACE_SECONDS:
+            return True
+        del self._stale_since[key]
+        return False
 
     def refusal(self, endpoint: str) -> IncompatiblePluginError | None:
         """Why the plugin client must not handshake with ``endpoint``, as the last probe of
@@ -927,6 +981,15 @@ def _renew_at(data: dict[str, str], ca_pem: bytes) -> datetime | None:
     except (KeyError, ValueError):
         return None
     return pki.renew_time(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def _expired(data: dict[str, str]) -> bool:
+    """Whether a certificate Secret's certificate is past its end (or unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(base64.b64decode(data[pki.CERT]))
+    except (KeyError, ValueError):
+        return True
+    return cert.not_valid_after_utc <= datetime.now(UTC)
 
 
 def _not_tls(endpoint: str, what: str) -> IncompatiblePluginError:

@@ -11,6 +11,7 @@ must be loadable by the cluster's nodes (``kind load docker-image ...``).
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import json
 import os
@@ -33,6 +34,7 @@ from controller import __version__ as controller_version
 from controller import kubeapi, pki
 from controller.cli import paths
 from controller.runtimes import base, container
+from controller.runtimes import kubernetes_manifests as manifests
 
 from . import kube
 from .conftest import (
@@ -1026,3 +1028,68 @@ def test_pods_serve_mutual_tls_only_and_one_naming_another_plugin_is_refused(
     assert f"blackhole://{cid}/{NAMESPACE}/alpha" in ready["message"]
     assert api.ready("beta")  # the other plugin is untouched
     assert controller.call("beta", "echo", {"still": "here"}) == (200, {"still": "here"})
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_certificate_that_expired_while_no_controller_ran_is_issued_again_not_refused(
+    api: Api, controllers: list[KubeController]
+):
+    """A controller down past its pods' certificates' end finds them expired at start: it
+    issues each again into its Secret and waits for the kubelet to serve it, rather than
+    refusing the plugin as it refuses a pod of another CA (which would hold it Failed until
+    its spec changes)."""
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    api.apply_plugin("gamma", _spec())
+    wait_for(
+        functools.partial(api.ready, "gamma"), timeout=90, what=f"gamma Ready ({controller.log})"
+    )
+    controller.stop()
+
+    authority = pki.Authority.load_or_create(controller.data / paths.PKI_DIR, cid)
+    now = datetime.datetime.now(datetime.UTC)
+    expired = authority.issue(
+        pki.Identity.plugin(cid, NAMESPACE, "gamma"),
+        hosts=[f"bh-{cid}-gamma-blue"],
+        lifetime=datetime.timedelta(hours=1),
+        not_before=now - datetime.timedelta(hours=2),
+    )
+    name = f"bh-{cid}-gamma-blue-tls"
+    api.core.patch_namespaced_secret(
+        name, NAMESPACE, {"data": manifests.certificate_data(expired, authority.cert_pem)}
+    )
+    address = _pod_address(api, f"bh-{cid}-gamma-blue")
+    server_name = pki.Identity.plugin(cid, NAMESPACE, "gamma").server_name
+    ca_pem, key, cert = pki.Files.in_directory(
+        paths.client_certificates(controller.data, pki.CONTROLLER)
+    ).read()
+
+    def serves_expired() -> bool:
+        try:
+            _health(address, grpc.ssl_channel_credentials(ca_pem, key, cert), server_name)
+        except grpc.RpcError:
+            return True
+        return False
+
+    wait_for(serves_expired, timeout=60, what="the pod serving the expired certificate")
+
+    controller.start()
+
+    def answers() -> bool:
+        try:
+            answer = controller.call("gamma", "echo", {"after": "renewal"})
+        except OSError:  # the gateway is not listening yet
+            return False
+        return answer == (200, {"after": "renewal"})
+
+    wait_for(
+        answers,
+        timeout=120,
+        what=f"gamma answering after its certificate is issued again ({controller.log})",
+    )
+    ready = next(c for c in api.status("gamma")["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True", ready
+    renewed = base64.b64decode(api.read("secrets", name)["data"]["tls.crt"])
+    assert renewed != expired.cert_pem
+    assert "CertificateExpired" not in json.dumps(api.status("gamma"))
