@@ -98,8 +98,13 @@ class EngineUnderTest:
 def _remove(client: docker.DockerClient, label: str) -> None:
     selector: dict[str, Any] = {"label": label}
     for item in client.containers.list(all=True, filters=selector):
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             item.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: its removal is already in progress (its owner's)
+                raise
     for network in client.networks.list(filters=selector):
         with contextlib.suppress(docker.errors.NotFound):
             network.remove()
