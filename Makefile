@@ -36,7 +36,7 @@ check: venv-dev
 
 setup: venv-dev
 	@$(STEP) helm bash scripts/helm.sh tools $(BIN)
-	@$(STEP) engines bash scripts/engines.sh docker podman prometheus browser
+	@$(STEP) engines bash scripts/engines.sh docker podman prometheus browser netns
 	@$(STEP) images bash images/build.sh
 
 # The virtual environment with what a target needs: venv the controller and the SDK
@@ -50,7 +50,7 @@ $(VENV)/.installed-%: pyproject.toml sdk/pyproject.toml VERSION
 	@touch $@
 
 engines:
-	bash scripts/engines.sh docker podman prometheus browser
+	bash scripts/engines.sh docker podman prometheus browser netns
 
 images: venv
 	PYTHON=$(BIN)/python bash images/build.sh

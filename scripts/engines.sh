@@ -6,8 +6,9 @@
 # root, installs Debian's packages, starts the engine in the background and
 # waits for it. Anywhere else it prints what the user must do and fails.
 #
-# Usage: scripts/engines.sh [docker] [podman] [prometheus] [compose] [browser]
-#   (default: docker podman; browser: Debian's chromium, for the dashboard's tests)
+# Usage: scripts/engines.sh [docker] [podman] [prometheus] [compose] [browser] [netns]
+#   (default: docker podman; browser: Debian's chromium, for the dashboard's tests;
+#   netns: iproute2's ip, for the tests of plugins on other hosts as network namespaces)
 # Writes the endpoints to "$BLACKHOLE_RUN_DIR/engines.env" for the tools to source.
 set -euo pipefail
 
@@ -142,6 +143,14 @@ ensure_browser() {  # the dashboard's browser tests: Debian's Chromium, driven b
   apt_install chromium
 }
 
+ensure_netns() {
+  if command -v ip >/dev/null 2>&1; then
+    bh_log "ip (iproute2) is there"
+    return
+  fi
+  apt_install iproute2
+}
+
 for engine in "${want[@]}"; do
   case $engine in
     docker) ensure_docker ;;
@@ -149,7 +158,8 @@ for engine in "${want[@]}"; do
     prometheus) ensure_prometheus ;;
     compose) ensure_compose ;;
     browser) ensure_browser ;;
-    *) bh_die "unknown engine '$engine'; use docker, podman, prometheus, compose or browser" ;;
+    netns) ensure_netns ;;
+    *) bh_die "unknown engine '$engine'; use docker, podman, prometheus, compose, browser or netns" ;;
   esac
 done
 
