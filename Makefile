@@ -69,7 +69,7 @@ unit:
 	$(BIN)/pytest tests/unit examples
 
 integration:
-	$(BIN)/pytest tests/integration
+	$(BIN)/pytest tests/integration --durations=30
 
 # The docs site into site/, strict: a broken link or a missing page fails.
 docs: venv-docs

@@ -839,10 +839,21 @@ class Coordinator:
                 f"the {progress.from_color.value} instance is gone: nothing to go back to",
             )
         endpoint = self.s.runtime.endpoint(new)
-        if not await self.s.plugins.healthy(endpoint, float(c.spec.health.timeout_seconds)):
-            raise SwapFailure(
-                "SwapFailedAfterPromotion", f"{new.name} failed its health check after promotion"
+        health = c.spec.health
+        if not await self.s.plugins.healthy(endpoint, float(health.timeout_seconds)):
+            # As for any serving instance: rolled back at failureThreshold checks in a row,
+            # not for one slow answer.
+            c.memory.health_failures += 1
+            failed = f"{new.name} failed {c.memory.health_failures} health check(s) in a row"
+            if c.memory.health_failures >= health.failure_threshold:
+                raise SwapFailure("SwapFailedAfterPromotion", f"{failed} after promotion")
+            self._swapping(
+                "HealthCheckFailed",
+                f"{failed} after promotion; rolled back at failureThreshold "
+                f"({health.failure_threshold})",
             )
+            return float(health.period_seconds)
+        c.memory.health_failures = 0
         self.s.routes.set_route(c.key, endpoint, new.name, c.spec, self._pool(progress.to_color))
         self.s.routes.set_preview(c.key, None)
         assert progress.promoted is not None

@@ -174,15 +174,21 @@ TIME_SCALE = float(os.environ.get("BLACKHOLE_TEST_TIME_SCALE", "1") or "1")
 """How much longer waits may take on a loaded machine (scripts/loaded.sh sets it)."""
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = 30.0,
+    what: str | Callable[[], str] = "condition",
+) -> T:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds
-    (times :data:`TIME_SCALE`)."""
+    (times :data:`TIME_SCALE`). ``what`` may be a function, called only on failure, to say
+    what was seen then."""
     timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     last: T = condition()
     while not last:
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout}s waiting for {said} (last: {last!r})")
         time.sleep(0.05)
         last = condition()
     return last

@@ -619,7 +619,7 @@ def test_the_charts_rbac_grants_exactly_what_the_controller_calls(
     wait_for(
         lambda: (api.status("kv").get("lastSwap") or {}).get("result") == "Promoted",
         timeout=120,
-        what="the swap",
+        what=lambda: f"the swap: {json.dumps(api.status('kv'))}\n{controller.log_text()[-8000:]}",
     )
     wait_for(
         lambda: api.status("crashy").get("phase") == "Degraded", timeout=90, what="a crash loop"

@@ -408,7 +408,7 @@ def test_a_swap_between_two_remote_plugins_keeps_every_key_under_calls(
         finally:
             load.stop()
         swap = controller.status("kv")["lastSwap"]
-        assert swap["result"] == "Promoted", swap
+        assert swap["result"] == "Promoted", f"{json.dumps(swap)}\n{controller.log_text()[-6000:]}"
         assert swap["stateBytes"] > 0
         assert _instance(controller, "kv")["remote"]["address"] == second
         assert load.failures == []

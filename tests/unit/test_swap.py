@@ -113,6 +113,28 @@ async def test_a_crash_after_promotion_returns_to_the_old_color(kv: World) -> No
     assert kv.plugins.states["bh-kv-blue"] == b'{"a": 1}', "the frozen state serves again"
 
 
+async def test_one_failed_health_check_after_promotion_is_not_a_rollback(kv: World) -> None:
+    """After promotion as before it: rolled back at failureThreshold checks in a row."""
+    await ready_on_blue(kv)
+    write(kv, "1.1.0")
+    status = await kv.settle("kv")
+    assert status.active_color is models.Color.GREEN
+    kv.runtime.unready.add("bh-kv-green")
+    status = await kv.settle("kv", passes=1)
+    assert status.active_color is models.Color.GREEN, "one slow answer"
+    assert status.swap is not None
+    kv.runtime.unready.discard("bh-kv-green")
+    status = await kv.settle("kv", passes=1)
+    assert status.active_color is models.Color.GREEN
+    kv.runtime.unready.add("bh-kv-green")
+    status = await kv.settle("kv", passes=3)  # failureThreshold: 3 in a row
+    assert status.active_color is models.Color.BLUE
+    degraded = conditions.find(status.conditions, "Degraded")
+    assert degraded is not None
+    assert degraded.reason == "SwapFailedAfterPromotion"
+    assert "3 health check(s) in a row" in degraded.message
+
+
 async def test_checks_and_manual_promotion(kv: World) -> None:
     await ready_on_blue(kv)
     check = ", autoPromote: false, checks: [{method: echo, payload: {x: 1}, expect: {x: 1}}]"
