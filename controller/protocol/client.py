@@ -69,6 +69,9 @@ class Handshake:
     state_version: int
     sdk: str
     features: tuple[str, ...] = ()
+    initializations: int = 0
+    """Initialize calls the process answered, this one included: 1 from a new process,
+    0 from an SDK that does not say."""
 
     @property
     def deltas(self) -> bool:
@@ -272,6 +275,7 @@ class PluginClient:
             state_version=answer.state_version,
             sdk=answer.sdk,
             features=tuple(answer.features),
+            initializations=answer.initializations,
         )
 
     async def healthy(self, timeout: float) -> bool:

@@ -52,6 +52,8 @@ class MemoryPlugins:
         """The state of each instance that keeps revisions, by instance name."""
         self.on_export: Callable[[str], None] | None = None
         self.chunk_bytes = 64 << 10
+        self.initializations: collections.Counter[str] = collections.Counter()
+        """Handshakes each process (by instance id) answered, as the SDK counts them."""
 
     def _name(self, endpoint: str) -> str:
         return endpoint.removeprefix("memory:")
@@ -71,12 +73,16 @@ class MemoryPlugins:
         self.declared[name] = self.state_versions.get(name, declared)
         if self.revisions and name not in self.stores:
             self.stores[name] = sdk_state.Store()
+        current = self.runtime.instances.get(name)
+        process = current.id if current is not None else name
+        self.initializations[process] += 1
         return client.Handshake(
             protocol_version=1,
             provides=tuple(want.spec.provides),
             state_version=self.declared[name],
             sdk="memory",
             features=(client.DELTA_FEATURE,) if name in self.stores else (),
+            initializations=self.initializations[process],
         )
 
     async def healthy(self, endpoint: str, timeout: float) -> bool:

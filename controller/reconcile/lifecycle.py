@@ -458,6 +458,16 @@ class Lifecycle:
                 f"{current.name} reads and writes state version {handshake.state_version}, "
                 f"but spec.state.version is {expected or 'not set (no state)'}",
             )
+        record = c.instance_status(current.color)
+        if record.ready and handshake.initializations == 1:
+            # Recorded Ready, yet a process that never shook hands: replaced while no one
+            # watched (a pod of the same Deployment). It has none of the state: restore it.
+            log.warning(
+                "%s was Ready but answers as a new process: its checkpoint is restored",
+                current.name,
+                extra=c.log,
+            )
+            record.ready = False
         c.memory.handshaken.add(current.id)
         return await self.s.plugins.healthy(endpoint, timeout)
 

@@ -82,6 +82,8 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
         self.plugin = plugin
         self.config: dict[str, Any] | None = None
         self.answer: plugin_pb2.InitializeResponse | None = None
+        self.initializations = 0
+        """Initialize calls answered: the controller tells a new process by the first."""
         self.in_flight = 0
         self.draining = False
         self.on_drain: Callable[[], None] | None = None
@@ -117,7 +119,7 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "already initialized with another config; start a new instance to change it",
                 )
-            return self.answer
+            return self._answered()
         try:
             await invoke(self.plugin.initialize, config)
         except PluginError as e:
@@ -137,7 +139,15 @@ class Servicer(plugin_pb2_grpc.PluginServicer):
             request.version,
             request.color or "no color",
         )
-        return self.answer
+        return self._answered()
+
+    def _answered(self) -> plugin_pb2.InitializeResponse:
+        assert self.answer is not None
+        self.initializations += 1
+        answer = plugin_pb2.InitializeResponse()
+        answer.CopyFrom(self.answer)
+        answer.initializations = self.initializations
+        return answer
 
     # Calls.
 

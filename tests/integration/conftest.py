@@ -43,12 +43,19 @@ RUNTIME_IMAGE = f"blackhole/plugin-runtime:{controller_version}"
 PLUGIN_DIR = Path(__file__).parent / "plugin"
 
 
+SDK_DIR = Path(__file__).parents[2] / "sdk" / "blackhole_sdk"
+"""The SDK the plugin runtime image installs: a change to it is a new test plugin too."""
+
+
 def _plugin_tag() -> str:
-    """The test plugin's tag: a digest of its files, so checkouts never run each other's."""
+    """The test plugin's tag: a digest of its files and of the SDK's the runtime image
+    installs, so checkouts never run each other's (nor an image of an older SDK)."""
     digest = hashlib.sha256(RUNTIME_IMAGE.encode())
-    for path in sorted(PLUGIN_DIR.iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    files = [p for p in PLUGIN_DIR.iterdir() if p.is_file()]
+    files += [p for p in SDK_DIR.rglob("*") if p.is_file() and p.suffix in {".py", ".proto"}]
+    for path in sorted(files):
+        digest.update(str(path.relative_to(PLUGIN_DIR.parents[2])).encode() + b"\0")
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 

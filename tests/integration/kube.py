@@ -210,8 +210,16 @@ class Kubelet:
             if uid not in wanted:
                 for pod in self.pods.pop(uid):
                     await self._stop(pod)
+        existing = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]) for p in self.server.live(PODS)
+        }
         for uid, deployment in wanted.items():
             pods = self.pods.setdefault(uid, [])
+            for pod in [p for p in pods if (p.namespace, p.name) not in existing]:
+                # Its Pod object was deleted (an eviction, kubectl delete pod): the kubelet
+                # stops it and the ReplicaSet makes another in its place.
+                pods.remove(pod)
+                await self._stop(pod)
             replicas = int(deployment["spec"].get("replicas", 1))
             while len(pods) > replicas:
                 await self._stop(pods.pop())

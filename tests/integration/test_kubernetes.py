@@ -11,11 +11,13 @@ must be loadable by the cluster's nodes (``kind load docker-image ...``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import functools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from controller import kubeapi, pki
 from controller.cli import paths
 from controller.runtimes import base, container
 from controller.runtimes import kubernetes_manifests as manifests
+from controller.state.snapshots import CHECKPOINT_REASONS
 
 from . import kube
 from .conftest import (
@@ -128,6 +131,7 @@ class Api:
             "networkpolicies": self.networking.list_namespaced_network_policy,
             "persistentvolumeclaims": self.core.list_namespaced_persistent_volume_claim,
             "secrets": self.core.list_namespaced_secret,
+            "pods": self.core.list_namespaced_pod,
         }[kind](NAMESPACE, _preload_content=False)
         items = _json(listing)["items"]
         return {
@@ -751,7 +755,7 @@ def test_a_crash_is_counted_from_restart_count_and_the_deployment_kept(
     assert controller.call("kv", "crash", {})[0] != 200
     wait_for(
         lambda: api.status("kv").get("phase") == "Degraded",
-        timeout=60 * TIME_SCALE,
+        timeout=60,
         what=f"a crash loop ({controller.log})",
     )
     degraded = next(c for c in api.status("kv")["conditions"] if c["type"] == "Degraded")
@@ -1095,3 +1099,70 @@ def test_a_certificate_that_expired_while_no_controller_ran_is_issued_again_not_
     renewed = base64.b64decode(api.read("secrets", name)["data"]["tls.crt"])
     assert renewed != expired.cert_pem
     assert "CertificateExpired" not in json.dumps(api.status("gamma"))
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_pod_replaced_while_no_controller_ran_gets_the_plugins_checkpoint(
+    api: Api, controllers: list[KubeController]
+):
+    """A pod the Deployment replaced while the controller was down (an eviction, a drain)
+    is a new process with none of the state: the next controller tells it by its first
+    handshake and restores the checkpoint into it before it is Ready."""
+    controller = controllers[0]
+    controller.start()
+    cid = controller.controller_id
+    state = {"version": 1, "checkpointSeconds": 1}
+    api.apply_plugin("kv", _spec(env={"STATE_VERSION": "1"}, state=state))
+    wait_for(lambda: api.ready("kv"), timeout=90, what=f"kv Ready ({controller.log})")
+    kept = controller.data / "snapshots.db"
+
+    def newest_checkpoint() -> int:
+        if not kept.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(f"file:{kept}?mode=ro", uri=True)) as db:
+            (newest,) = db.execute(
+                "SELECT max(id) FROM snapshots WHERE key = ? AND reason IN (?, ?) AND complete = 1",
+                (f"{NAMESPACE}/kv", *CHECKPOINT_REASONS),
+            ).fetchone()
+        return int(newest or 0)
+
+    before = newest_checkpoint()
+    assert controller.call("kv", "put", {"key": "a", "value": "kept"})[0] == 200
+    wait_for(
+        lambda: newest_checkpoint() > before,
+        timeout=60,
+        what=f"a checkpoint of kv after the write ({controller.log})",
+    )
+    controller.stop()
+
+    blue = f"bh-{cid}-kv-blue"
+
+    def pods() -> set[str]:
+        return {p for p in api.names("pods") if p.startswith(f"{blue}-")}
+
+    [old] = pods()
+    api.core.delete_namespaced_pod(old, NAMESPACE)
+
+    def replaced() -> bool:
+        new = pods() - {old}
+        return bool(new) and _address_of(api, new.pop()) is not None
+
+    wait_for(replaced, timeout=90, what="the Deployment's new pod")
+    controller.start()
+
+    def restored() -> bool:
+        try:
+            return controller.call("kv", "get", {"key": "a"}) == (200, {"value": "kept"})
+        except OSError:  # the gateway is not listening yet
+            return False
+
+    wait_for(restored, timeout=120, what=f"kv's state in its new pod ({controller.log})")
+    assert (api.status("kv").get("lastRestore") or {}).get("checkpoint") is not None
+
+
+def _address_of(api: Api, pod: str) -> str | None:
+    try:
+        found = _json(api.core.read_namespaced_pod(pod, NAMESPACE, _preload_content=False))
+    except ApiException:
+        return None
+    return (found.get("status") or {}).get("podIP")

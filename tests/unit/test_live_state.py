@@ -7,12 +7,14 @@ or damaged link, and a torn checkpoint is passed over for the one before.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from blackhole_sdk import RevisionError, Store
 
+from controller.reconcile.reconciler import Reconciler
 from controller.spec import conditions, models
 from controller.state import snapshots
 
@@ -357,3 +359,37 @@ async def test_more_state_than_the_plugins_memory_can_hold_is_not_stored(kv: Wor
     failed = [e for e in kv.store.events("kv") if e.reason == "CheckpointFailed"]
     assert failed
     assert "more than its memory limit" in failed[0].message
+
+
+async def test_an_instance_replaced_while_no_controller_ran_gets_its_checkpoint(
+    kv: World,
+) -> None:
+    """A process that answers its first handshake where the status recorded a Ready one (a
+    pod the platform replaced while the controller was down) has none of the state: the
+    next controller restores the newest checkpoint into it, as after a crash."""
+    blue = await ready_on_blue(kv)
+    await checkpointed(kv)
+    expected = contents(blue)
+    # The platform replaces the process: same instance, a new process with empty state.
+    instance = kv.runtime.instances["bh-kv-blue"]
+    kv.runtime.instances["bh-kv-blue"] = dataclasses.replace(instance, id=instance.id + "-new")
+    kv.plugins.stores["bh-kv-blue"] = Store()
+    kv.reconciler = Reconciler(kv.source, kv.runtime, kv.plugins, clock=kv.clock, requests=kv.store)
+    kv.reconciler.snapshots = snapshots.Snapshots(kv.store.path.parent / "snapshots.db")
+    status = await kv.settle("kv")
+    assert conditions.is_true(status.conditions, "Ready")
+    assert contents(store(kv, "blue")) == expected
+    assert status.last_restore is not None
+
+
+async def test_a_live_instance_adopted_by_a_new_controller_keeps_its_state(kv: World) -> None:
+    """The same process answering again (a controller restart) is not given a checkpoint."""
+    blue = await ready_on_blue(kv)
+    await checkpointed(kv)
+    blue["after-the-checkpoint"] = "kept"
+    kv.reconciler = Reconciler(kv.source, kv.runtime, kv.plugins, clock=kv.clock, requests=kv.store)
+    kv.reconciler.snapshots = snapshots.Snapshots(kv.store.path.parent / "snapshots.db")
+    status = await kv.settle("kv")
+    assert conditions.is_true(status.conditions, "Ready")
+    assert store(kv, "blue")["after-the-checkpoint"] == "kept"
+    assert status.last_restore is None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n blackhole_sdk/proto/plugin.proto\x12\x13\x62lackhole.plugin.v1\"r\n\x11InitializeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05\x63olor\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\x0c\"\x86\x01\n\x12InitializeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08provides\x18\x02 \x03(\t\x12\x15\n\rstate_version\x18\x03 \x01(\r\x12\x0b\n\x03sdk\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x0e\n\x06plugin\x18\x06 \x01(\t\"\xa5\x01\n\rHandleRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x42\n\x08metadata\x18\x02 \x03(\x0b\x32\x30.blackhole.plugin.v1.HandleRequest.MetadataEntry\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0eHandleResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x43\n\x08metadata\x18\x02 \x03(\x0b\x32\x31.blackhole.plugin.v1.HandleResponse.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x01\n\x0bHandleChunk\x12\x0e\n\x06method\x18\x01 \x01(\t\x12@\n\x08metadata\x18\x02 \x03(\x0b\x32..blackhole.plugin.v1.HandleChunk.MetadataEntry\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x12\x45xportStateRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\t\"\x87\x01\n\nStateChunk\x12\x15\n\rstate_version\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x08\x12\x15\n\rbase_revision\x18\x07 \x01(\t\"\\\n\x13ImportStateResponse\x12\x15\n\rstate_version\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\"<\n\x0c\x44rainRequest\x12\x1c\n\x14timeout_milliseconds\x18\x01 \x01(\r\x12\x0e\n\x06resume\x18\x02 \x01(\x08\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r2\x99\x04\n\x06Plugin\x12]\n\nInitialize\x12&.blackhole.plugin.v1.InitializeRequest\x1a\'.blackhole.plugin.v1.InitializeResponse\x12Q\n\x06Handle\x12\".blackhole.plugin.v1.HandleRequest\x1a#.blackhole.plugin.v1.HandleResponse\x12V\n\x0cHandleStream\x12 .blackhole.plugin.v1.HandleChunk\x1a .blackhole.plugin.v1.HandleChunk(\x01\x30\x01\x12Y\n\x0b\x45xportState\x12\'.blackhole.plugin.v1.ExportStateRequest\x1a\x1f.blackhole.plugin.v1.StateChunk0\x01\x12Z\n\x0bImportState\x12\x1f.blackhole.plugin.v1.StateChunk\x1a(.blackhole.plugin.v1.ImportStateResponse(\x01\x12N\n\x05\x44rain\x12!.blackhole.plugin.v1.DrainRequest\x1a\".blackhole.plugin.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n blackhole_sdk/proto/plugin.proto\x12\x13\x62lackhole.plugin.v1\"r\n\x11InitializeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05\x63olor\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\x0c\"\x9f\x01\n\x12InitializeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08provides\x18\x02 \x03(\t\x12\x15\n\rstate_version\x18\x03 \x01(\r\x12\x0b\n\x03sdk\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x0e\n\x06plugin\x18\x06 \x01(\t\x12\x17\n\x0finitializations\x18\x07 \x01(\r\"\xa5\x01\n\rHandleRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x42\n\x08metadata\x18\x02 \x03(\x0b\x32\x30.blackhole.plugin.v1.HandleRequest.MetadataEntry\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0eHandleResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x43\n\x08metadata\x18\x02 \x03(\x0b\x32\x31.blackhole.plugin.v1.HandleResponse.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x01\n\x0bHandleChunk\x12\x0e\n\x06method\x18\x01 \x01(\t\x12@\n\x08metadata\x18\x02 \x03(\x0b\x32..blackhole.plugin.v1.HandleChunk.MetadataEntry\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x12\x45xportStateRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\t\"\x87\x01\n\nStateChunk\x12\x15\n\rstate_version\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x08\x12\x15\n\rbase_revision\x18\x07 \x01(\t\"\\\n\x13ImportStateResponse\x12\x15\n\rstate_version\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\"<\n\x0c\x44rainRequest\x12\x1c\n\x14timeout_milliseconds\x18\x01 \x01(\r\x12\x0e\n\x06resume\x18\x02 \x01(\x08\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r2\x99\x04\n\x06Plugin\x12]\n\nInitialize\x12&.blackhole.plugin.v1.InitializeRequest\x1a\'.blackhole.plugin.v1.InitializeResponse\x12Q\n\x06Handle\x12\".blackhole.plugin.v1.HandleRequest\x1a#.blackhole.plugin.v1.HandleResponse\x12V\n\x0cHandleStream\x12 .blackhole.plugin.v1.HandleChunk\x1a .blackhole.plugin.v1.HandleChunk(\x01\x30\x01\x12Y\n\x0b\x45xportState\x12\'.blackhole.plugin.v1.ExportStateRequest\x1a\x1f.blackhole.plugin.v1.StateChunk0\x01\x12Z\n\x0bImportState\x12\x1f.blackhole.plugin.v1.StateChunk\x1a(.blackhole.plugin.v1.ImportStateResponse(\x01\x12N\n\x05\x44rain\x12!.blackhole.plugin.v1.DrainRequest\x1a\".blackhole.plugin.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITIALIZEREQUEST']._serialized_start=57
   _globals['_INITIALIZEREQUEST']._serialized_end=171
   _globals['_INITIALIZERESPONSE']._serialized_start=174
-  _globals['_INITIALIZERESPONSE']._serialized_end=308
-  _globals['_HANDLEREQUEST']._serialized_start=311
-  _globals['_HANDLEREQUEST']._serialized_end=476
-  _globals['_HANDLEREQUEST_METADATAENTRY']._serialized_start=429
-  _globals['_HANDLEREQUEST_METADATAENTRY']._serialized_end=476
-  _globals['_HANDLERESPONSE']._serialized_start=479
-  _globals['_HANDLERESPONSE']._serialized_end=630
-  _globals['_HANDLERESPONSE_METADATAENTRY']._serialized_start=429
-  _globals['_HANDLERESPONSE_METADATAENTRY']._serialized_end=476
-  _globals['_HANDLECHUNK']._serialized_start=633
-  _globals['_HANDLECHUNK']._serialized_end=791
-  _globals['_HANDLECHUNK_METADATAENTRY']._serialized_start=429
-  _globals['_HANDLECHUNK_METADATAENTRY']._serialized_end=476
-  _globals['_EXPORTSTATEREQUEST']._serialized_start=793
-  _globals['_EXPORTSTATEREQUEST']._serialized_end=837
-  _globals['_STATECHUNK']._serialized_start=840
-  _globals['_STATECHUNK']._serialized_end=975
-  _globals['_IMPORTSTATERESPONSE']._serialized_start=977
-  _globals['_IMPORTSTATERESPONSE']._serialized_end=1069
-  _globals['_DRAINREQUEST']._serialized_start=1071
-  _globals['_DRAINREQUEST']._serialized_end=1131
-  _globals['_DRAINRESPONSE']._serialized_start=1133
-  _globals['_DRAINRESPONSE']._serialized_end=1167
-  _globals['_PLUGIN']._serialized_start=1170
-  _globals['_PLUGIN']._serialized_end=1707
+  _globals['_INITIALIZERESPONSE']._serialized_end=333
+  _globals['_HANDLEREQUEST']._serialized_start=336
+  _globals['_HANDLEREQUEST']._serialized_end=501
+  _globals['_HANDLEREQUEST_METADATAENTRY']._serialized_start=454
+  _globals['_HANDLEREQUEST_METADATAENTRY']._serialized_end=501
+  _globals['_HANDLERESPONSE']._serialized_start=504
+  _globals['_HANDLERESPONSE']._serialized_end=655
+  _globals['_HANDLERESPONSE_METADATAENTRY']._serialized_start=454
+  _globals['_HANDLERESPONSE_METADATAENTRY']._serialized_end=501
+  _globals['_HANDLECHUNK']._serialized_start=658
+  _globals['_HANDLECHUNK']._serialized_end=816
+  _globals['_HANDLECHUNK_METADATAENTRY']._serialized_start=454
+  _globals['_HANDLECHUNK_METADATAENTRY']._serialized_end=501
+  _globals['_EXPORTSTATEREQUEST']._serialized_start=818
+  _globals['_EXPORTSTATEREQUEST']._serialized_end=862
+  _globals['_STATECHUNK']._serialized_start=865
+  _globals['_STATECHUNK']._serialized_end=1000
+  _globals['_IMPORTSTATERESPONSE']._serialized_start=1002
+  _globals['_IMPORTSTATERESPONSE']._serialized_end=1094
+  _globals['_DRAINREQUEST']._serialized_start=1096
+  _globals['_DRAINREQUEST']._serialized_end=1156
+  _globals['_DRAINRESPONSE']._serialized_start=1158
+  _globals['_DRAINRESPONSE']._serialized_end=1192
+  _globals['_PLUGIN']._serialized_start=1195
+  _globals['_PLUGIN']._serialized_end=1732
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,7 @@ class InitializeResponse(_message.Message):
     SDK_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     PLUGIN_FIELD_NUMBER: _builtins.int
+    INITIALIZATIONS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     state_version: _builtins.int
     """The state version this plugin reads and writes; 0 when it has no state."""
@@ -77,6 +78,13 @@ class InitializeResponse(_message.Message):
     """The plugin this instance was started as (BLACKHOLE_PLUGIN); the
     controller checks it is the one it called. A plugin started as another
     refuses the handshake with PERMISSION_DENIED.
+    """
+    initializations: _builtins.int
+    """How many Initialize calls this process has answered, this one included:
+    1 from a process that never shook hands before. A controller that
+    finds an instance it recorded Ready answering 1 knows it is a new
+    process (a pod replaced while no controller ran) and gives it its
+    checkpoint. 0 from SDKs before this field: not known.
     """
     @_builtins.property
     def provides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -96,10 +104,11 @@ class InitializeResponse(_message.Message):
         sdk: _builtins.str = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         plugin: _builtins.str = ...,
+        initializations: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "plugin", b"plugin", "protocol_version", b"protocol_version", "provides", b"provides", "sdk", b"sdk", "state_version", b"state_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "initializations", b"initializations", "plugin", b"plugin", "protocol_version", b"protocol_version", "provides", b"provides", "sdk", b"sdk", "state_version", b"state_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
