@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SERVING = "active"
-PREVIEW = "preview"
-CANARY = "canary"
+from controller.spec import rollout as rollout_model
 
 
 def rollout(document: dict[str, Any], revisions: list[dict[str, Any]]) -> list[str]:
@@ -71,50 +69,15 @@ Node = tuple[str, list[Any]]
 
 
 def _branches(status: dict[str, Any], revisions: list[dict[str, Any]]) -> list[Node]:
-    swap = status.get("swap")
-    active = status.get("activeColor")
-    by_hash = {r.get("specHash"): r.get("revision") for r in revisions}
-    replicas: dict[str, list[dict[str, Any]]] = {}
-    for record in status.get("instances", []):
-        replicas.setdefault(record["color"], []).append(record)
-    instances = {color: records[0] for color, records in replicas.items()}
-    weight = swap.get("weight") if swap else None
-    branches = []
-    for color in sorted(instances, key=lambda c: (c != active, c)):
-        instance = instances[color]
-        marks: list[str] = []
-        revision, share = None, None
-        new = swap is not None and color == swap.get("toColor")
-        if swap is not None and new:
-            revision = by_hash.get(swap.get("toHash"))
-            if weight is not None and color != active:
-                marks.append(CANARY)
-                share = weight
-            elif color != active:
-                marks.append(PREVIEW)
-        elif swap is not None and color == swap.get("fromColor"):
-            revision = by_hash.get(swap.get("fromHash"))
-            if weight is not None and color == active:
-                share = 100 - weight
-        elif color == active and revisions:
-            revision = revisions[-1].get("revision")
-        if color == active:
-            marks.insert(0, SERVING)
-            if share is None:
-                share = 100
-        elif share is None:
-            share = 0
-        label = f"revision {revision if revision is not None else '-'}  {color}  "
-        label += f"{instance.get('version', '?')}  weight {share}%"
-        label += "".join(f"  [{m}]" for m in marks)
-        children: list[Any] = [_instance(record) for record in replicas[color]]
-        if new and swap is not None:
-            runs = [*swap.get("analyses", [])]
-            if swap.get("analysis"):
-                runs.append(swap["analysis"])
-            children += [_analysis(run) for run in runs]
-        branches.append((label, children))
-    return branches
+    nodes: list[Node] = []
+    for branch in rollout_model.branches(status, revisions):
+        revision = branch.revision if branch.revision is not None else "-"
+        label = f"revision {revision}  {branch.color}  {branch.version}  weight {branch.weight}%"
+        label += "".join(f"  [{m}]" for m in branch.marks)
+        children: list[Any] = [_instance(record) for record in branch.instances]
+        children += [_analysis(run) for run in branch.analyses]
+        nodes.append((label, children))
+    return nodes
 
 
 def _instance(record: dict[str, Any]) -> Node:
@@ -126,16 +89,9 @@ def _instance(record: dict[str, Any]) -> Node:
 
 
 def _analysis(run: dict[str, Any]) -> Node:
-    measurements: list[Node] = []
-    for m in run.get("measurements", []):
-        said = f"{m['name']}: {m['phase']}, {m.get('measured', 0)} measured"
-        if m.get("failures"):
-            said += f", {m['failures']} failed"
-        if m.get("inconclusive"):
-            said += f", {m['inconclusive']} inconclusive"
-        if m.get("value") is not None:
-            said += f", last {m['value']:g}"
-        measurements.append((said, []))
+    measurements: list[Node] = [
+        (rollout_model.measurement(m), []) for m in run.get("measurements", [])
+    ]
     return (f"analysis {run['at']}: {run['phase']}", measurements)
 
 

@@ -17,7 +17,7 @@ from controller.admin import columns as plugin_columns
 from controller.dashboard import charts, history
 from controller.registry import catalog
 from controller.runtimes import base
-from controller.spec import models, quantity
+from controller.spec import models, quantity, rollout
 
 ACTIONS = ("promote", "abort", "undo", "retry")
 
@@ -265,51 +265,59 @@ def allowed_actions(document: dict[str, Any]) -> dict[str, bool]:
 
 
 def swap_tree(document: dict[str, Any], revisions: list[dict[str, Any]], controller_id: str) -> str:
-    """The plugin's revisions that have instances, each with its color and instances,
-    marked active (serves calls) or preview (a swap's new color, not yet promoted)."""
+    """The plugin's revisions that have instances, each with its color, the share of calls
+    it takes, its instances (one per replica) and the analyses run on it, marked active
+    (serves calls), preview (a swap's new color, not yet promoted) or canary (taking its
+    weight of the calls)."""
     status = document.get("status") or {}
     swap = status.get("swap")
-    active = status.get("activeColor")
-    by_hash = {r["specHash"]: r["revision"] for r in revisions}
-    instances = {i["color"]: i for i in status.get("instances", [])}
-    colors = sorted(instances, key=lambda c: (c != active, c))
-    if not colors:
+    found = rollout.branches(status, revisions)
+    if not found:
         return '<p class="empty">No instance runs.</p>'
     metadata = document["metadata"]
-    branches = []
-    for color in colors:
-        instance = instances[color]
-        marks = []
-        revision: int | None = None
-        if swap is not None and color == swap.get("toColor"):
-            revision = by_hash.get(swap.get("toHash"))
-            if color != active:
-                marks.append(("preview", "preview"))
-        elif swap is not None and color == swap.get("fromColor"):
-            revision = by_hash.get(swap.get("fromHash"))
-        elif color == active and revisions:
-            revision = revisions[-1]["revision"]
-        if color == active:
-            marks.insert(0, ("active", "active"))
-        name = base.instance_name(
-            metadata["name"], models.Color(color), metadata.get("namespace"), controller_id
-        )
-        state = [
-            escape(instance.get("state", "?")),
-            "ready" if instance.get("ready") else "not ready",
-        ]
-        if instance.get("restarts"):
-            state.append(f"{int(instance['restarts'])} restart(s)")
-        if instance.get("oomKilled"):
-            state.append("OOM-killed")
-        label = f"revision {revision}" if revision is not None else "revision -"
-        badges = "".join(f' <span class="mark {k}">{escape(t)}</span>' for k, t in marks)
-        branches.append(
-            f'<li data-color="{escape(color)}"><span class="node">{escape(label)} · '
-            f'<span class="color {escape(color)}">{escape(color)}</span> · '
-            f"{escape(instance.get('version', '?'))}{badges}</span>"
-            f'<ul><li><span class="node">instance <code>{escape(name)}</code>: '
-            f"{', '.join(state)}</span></li></ul></li>"
+    drawn = []
+    for branch in found:
+        label = f"revision {branch.revision}" if branch.revision is not None else "revision -"
+        badges = "".join(f' <span class="mark {m}">{escape(m)}</span>' for m in branch.marks)
+        children = []
+        for instance in branch.instances:
+            name = base.instance_name(
+                metadata["name"],
+                models.Color(branch.color),
+                metadata.get("namespace"),
+                controller_id,
+                int(instance.get("replica") or 0),
+            )
+            state = [
+                escape(instance.get("state", "?")),
+                "ready" if instance.get("ready") else "not ready",
+            ]
+            if instance.get("restarts"):
+                state.append(f"{int(instance['restarts'])} restart(s)")
+            if instance.get("oomKilled"):
+                state.append("OOM-killed")
+            children.append(
+                f'<li><span class="node">instance <code>{escape(name)}</code>: '
+                f"{', '.join(state)}</span></li>"
+            )
+        for run in branch.analyses:
+            measured = "".join(
+                f"<li>{escape(rollout.measurement(m))}</li>" for m in run.get("measurements", [])
+            )
+            children.append(
+                f'<li data-analysis="{escape(str(run.get("at", "")))}"><span class="node">'
+                f"analysis {escape(str(run.get('at', '')))}: "
+                f'<strong data-phase="{escape(str(run.get("phase", "")))}">'
+                f"{escape(str(run.get('phase', '')))}</strong></span>"
+                + (f"<ul>{measured}</ul>" if measured else "")
+                + "</li>"
+            )
+        drawn.append(
+            f'<li data-color="{escape(branch.color)}" data-weight="{branch.weight}">'
+            f'<span class="node">{escape(label)} · '
+            f'<span class="color {escape(branch.color)}">{escape(branch.color)}</span> · '
+            f"{escape(branch.version)} · {branch.weight}% of calls{badges}</span>"
+            f"<ul>{''.join(children)}</ul></li>"
         )
     step = ""
     if swap is not None:
@@ -317,7 +325,14 @@ def swap_tree(document: dict[str, Any], revisions: list[dict[str, Any]], control
         step = (
             f'<p class="step">Swap {escape(swap.get("fromVersion", "?"))} → '
             f'{escape(swap.get("toVersion", "?"))}: <strong data-step="{escape(swap["step"])}">'
-            f"{escape(swap['step'])}</strong> for {since}</p>"
+            f"{escape(swap['step'])}</strong> for {since}"
+            + (
+                f', <span data-weight="{int(swap["weight"])}">{int(swap["weight"])}% of calls '
+                "to the new color</span>"
+                if swap.get("weight") is not None
+                else ""
+            )
+            + "</p>"
         )
     last = status.get("lastSwap")
     ended = ""
@@ -343,7 +358,7 @@ def swap_tree(document: dict[str, Any], revisions: list[dict[str, Any]], control
     )
     return (
         step
-        + f'<ul class="tree" aria-label="Revisions, colors and instances">{"".join(branches)}</ul>'
+        + f'<ul class="tree" aria-label="Revisions, colors and instances">{"".join(drawn)}</ul>'
         + ended
         + restored
     )

@@ -134,6 +134,36 @@ def test_the_swap_tree_marks_the_active_and_the_preview_color():
     assert "bh-kv-green" in green
 
 
+def test_the_swap_tree_shows_a_canarys_weights_its_replicas_and_its_analysis():
+    document = plugin(
+        activeColor="blue",
+        instances=[
+            {"color": "blue", "version": "1.0.0", "state": "running", "ready": True},
+            {"color": "blue", "version": "1.0.0", "state": "running", "ready": True,
+             "replica": 1},
+            {"color": "green", "version": "1.1.0", "state": "running", "ready": True},
+            {"color": "green", "version": "1.1.0", "state": "exited", "ready": False,
+             "replica": 1},
+        ],
+        swap={"step": "Canary", "fromColor": "blue", "toColor": "green", "weight": 30,
+              "fromVersion": "1.0.0", "toVersion": "1.1.0", "fromHash": "h1", "toHash": "h2",
+              "started": "2026-01-01T00:00:00+00:00",
+              "analysis": {"at": "step 2 of 3", "phase": "Running", "measurements": [
+                  {"name": "success", "phase": "Running", "measured": 2, "failures": 1,
+                   "value": 0.8}]}},
+    )  # fmt: skip
+    revisions = [{"revision": 1, "specHash": "h1"}, {"revision": 2, "specHash": "h2"}]
+    tree = pages.swap_tree(document, revisions, "default")
+    blue, green = tree.split('data-color="green"')
+    assert 'data-weight="70"' in blue and "70% of calls" in blue
+    assert "bh-kv-blue</code>" in blue and "bh-kv-blue-1</code>" in blue
+    assert 'data-weight="30"' in green and 'mark canary"' in green
+    assert "bh-kv-green-1</code>: exited, not ready" in green
+    assert "analysis step 2 of 3" in green
+    assert "success: Running, 2 measured, 1 failed, last 0.8" in green
+    assert "30% of calls to the new color" in tree
+
+
 def test_charts_scale_to_the_limit_and_tell_their_numbers():
     drawn = charts.lines("CPU", {"blue": [(0.0, 0.1), (5.0, 0.2)]}, limit=0.5, unit=" cores")
     assert "<polyline" in drawn
