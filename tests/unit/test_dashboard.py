@@ -155,9 +155,12 @@ def test_the_swap_tree_shows_a_canarys_weights_its_replicas_and_its_analysis():
     revisions = [{"revision": 1, "specHash": "h1"}, {"revision": 2, "specHash": "h2"}]
     tree = pages.swap_tree(document, revisions, "default")
     blue, green = tree.split('data-color="green"')
-    assert 'data-weight="70"' in blue and "70% of calls" in blue
-    assert "bh-kv-blue</code>" in blue and "bh-kv-blue-1</code>" in blue
-    assert 'data-weight="30"' in green and 'mark canary"' in green
+    assert 'data-weight="70"' in blue
+    assert "70% of calls" in blue
+    assert "bh-kv-blue</code>" in blue
+    assert "bh-kv-blue-1</code>" in blue
+    assert 'data-weight="30"' in green
+    assert 'mark canary"' in green
     assert "bh-kv-green-1</code>: exited, not ready" in green
     assert "analysis step 2 of 3" in green
     assert "success: Running, 2 measured, 1 failed, last 0.8" in green
