@@ -138,8 +138,11 @@ class AdminClient:
         tail: int,
         previous: bool = False,
         timestamps: bool = False,
+        replica: int = 0,
     ) -> dict[str, Any]:
         query = {"tail": str(tail)} | ({"color": color} if color else {})
+        if replica:
+            query["replica"] = str(replica)
         if previous:
             query["previous"] = "true"
         if timestamps:

@@ -10,7 +10,7 @@ HTTP with JSON bodies, so that ``curl --unix-socket`` works too:
   nothing is applied and each plugin's change is told instead: ``created``,
   ``unchanged``, ``in-place``, ``swap`` or ``replace``, with the fields that differ;
 - ``DELETE /v1/plugins/{name}``: delete an applied spec (``409`` for a file's);
-- ``GET /v1/plugins/{name}/logs?color=&tail=&previous=&timestamps=``: an instance's last
+- ``GET /v1/plugins/{name}/logs?color=&replica=&tail=&previous=&timestamps=``: an instance's last
   lines (``previous=true``: of the instance other than the active one, while it is kept;
   ``timestamps=true``: each starting with the time the runtime read it, RFC 3339 in UTC);
 - ``POST /v1/plugins/{name}/swap/{action}``: request ``promote``, ``abort``, ``undo``
@@ -303,6 +303,20 @@ class AdminServer:
         color_text = request.query.get("color") or (
             status.active_color.value if status and status.active_color else "blue"
         )
+        try:
+            replica = int(request.query.get("replica", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text=_error("replica must be a number"), content_type="application/json"
+            ) from None
+        replicas = desired.plugin.spec.replicas
+        if not 0 <= replica < replicas:
+            raise web.HTTPBadRequest(
+                text=_error(
+                    f"replica {replica}: {desired.plugin.name} has replicas 0 to {replicas - 1}"
+                ),
+                content_type="application/json",
+            )
         previous = request.query.get("previous") == "true"
         if previous:  # the other color: the instance a swap replaced, while it is kept
             color_text = "green" if color_text == "blue" else "blue"
@@ -318,6 +332,7 @@ class AdminServer:
             color,
             desired.plugin.metadata.namespace,
             self.runtime.controller_id,
+            replica,
         )
         try:
             lines = await self.runtime.logs(

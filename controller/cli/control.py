@@ -466,6 +466,12 @@ def logs(
         "-p",
         help="The instance before the active one (the other color), while the runtime keeps it.",
     ),
+    replica: int = typer.Option(
+        0,
+        "--replica",
+        min=0,
+        help="Which of the color's instances (spec.replicas), from 0 (the default).",
+    ),
     tail: int = typer.Option(100, "--tail", min=0, help="Lines to show first."),
     follow: bool = typer.Option(
         False, "--follow", "-f", help="Then print new lines as they are written (Ctrl-C)."
@@ -499,7 +505,7 @@ def logs(
 
     def read(each: str, lines: int, first: bool) -> None:
         try:
-            got = admin.logs(each, color, lines, previous, timestamps)["lines"]
+            got = admin.logs(each, color, lines, previous, timestamps, replica)["lines"]
         except admin_client.AdminError as e:
             if first and name is not None:
                 raise fail(e) from None

@@ -1,4 +1,5 @@
-"""``bhctl logs --timestamps`` through the real admin API over the in-memory runtime."""
+"""``bhctl logs`` (``--timestamps``, ``--replica``) through the real admin API over the
+in-memory runtime."""
 
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ metadata: {name: echo}
 spec:
   image: blackhole/echo:0.1.0
   version: 0.1.0
+  replicas: 2
 """
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Iterator[Path]:
-    """A data directory whose admin API serves ``echo``, whose blue instance runs."""
+    """A data directory whose admin API serves ``echo``, whose two blue replicas run."""
     ready, stop = threading.Event(), threading.Event()
     (tmp_path / "specs").mkdir()
     (tmp_path / "specs" / "echo.yaml").write_text(SPEC)
@@ -47,6 +49,10 @@ def data(tmp_path: Path) -> Iterator[Path]:
             base.InstanceSpec("echo", models.Color.BLUE, desired.plugin.spec, labels)
         )
         runtime.write("bh-echo-blue", "serving")
+        await runtime.start(
+            base.InstanceSpec("echo", models.Color.BLUE, desired.plugin.spec, labels, replica=1)
+        )
+        runtime.write("bh-echo-blue-1", "serving as replica 1")
         api = server.AdminServer(source, runtime, tmp_path / "admin.sock")
         await api.start()
         ready.set()
@@ -80,3 +86,12 @@ def test_logs_timestamps_starts_each_line_with_when_it_was_written(data: Path) -
         assert stamp.endswith("Z")
         at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
         assert abs((at - before).total_seconds()) < 60
+
+
+def test_logs_of_another_replica_and_of_one_there_is_not(data: Path) -> None:
+    second = bhctl(data, "logs", "echo", "--replica", "1")
+    assert second.exit_code == 0, second.output
+    assert second.stdout.splitlines() == ["echo 0.1.0 started", "serving as replica 1"]
+    missing = bhctl(data, "logs", "echo", "--replica", "2")
+    assert missing.exit_code != 0
+    assert "replica 2: echo has replicas 0 to 1" in missing.output
