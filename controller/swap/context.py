@@ -33,6 +33,9 @@ FIRST_PROBE = 0.05
 
 The runtime's events usually say sooner when the instance's socket appears."""
 LONGEST_PROBE = 1.0
+SOCKET_FALLBACK_PROBE = 1.0
+"""Seconds between the probes of a starting instance whose socket does not accept yet, where
+the runtime announces the socket's appearance (the pass it brings then probes at once)."""
 
 
 class Plugins(transfer.Plugins, Protocol):

@@ -101,6 +101,7 @@ class ContainerRuntime:
             networks=frozenset({models.NetworkMode.NONE, models.NetworkMode.PRIVATE}),
             volumes=True,
             host_paths=self.settings.host_path_root is not None,
+            announces_sockets=self._cache.following,
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
