@@ -15,7 +15,8 @@ plugins' own start-up (their cgroups), and the ratio of the totals. The
 controller's own CPU is split by where it is spent: its event loop (the
 passes, the plugin protocol, status computing), the runtime's engine API
 threads (docker-py), the threads its file and store work runs on (SQLite,
-spec files), and the rest (the engine's event stream, gRPC's own threads). A resync of 1,000
+spec files), other threads (the engine's event stream, gRPC's own) and what
+is left (threads that ended, rounding to clock ticks). A resync of 1,000
 unchanged specs on the in-memory runtime shows the write count at scale.
 
 Prints JSON; ``--plot FILE`` draws the times. Needs Docker, docker-compose
@@ -174,10 +175,11 @@ def split_row(
     n: int, before: dict[str, float], after: dict[str, float], total: float
 ) -> dict[str, float]:
     """The controller's own CPU per plugin started, in milliseconds, by where it was spent
-    (``exited_threads``: of threads that ended meanwhile, the rest of ``total``)."""
+    (``unattributed``: the rest of ``total``, threads that ended meanwhile and each thread's
+    reading being in whole clock ticks)."""
     parts = ("event_loop", "engine_api_threads", "store_and_file_threads", "other_threads")
     spent = {part: after.get(part, 0.0) - before.get(part, 0.0) for part in parts}
-    spent["exited_threads"] = max(0.0, total - sum(spent.values()))
+    spent["unattributed"] = max(0.0, total - sum(spent.values()))
     return {f"{part}_ms": round(cpu / n * 1000, 1) for part, cpu in spent.items()}
 
 
