@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,13 +30,30 @@ class InspectionCache:
         self._seen: dict[str, tuple[float, base.Instance | None]] = {}
         self._changed: dict[str, float] = {}
         """When each container last changed, by an event or by this backend."""
+        self._listed: tuple[float, frozenset[str]] | None = None
+        """When the engine listed every container of ours, and their names: any other name
+        is no container, unless it changed since."""
 
     def get(self, name: str) -> tuple[bool, base.Instance | None]:
         """(whether it is known, the instance or None for "no such container")."""
         seen = self._seen.get(name)
         if seen is not None and time.monotonic() - seen[0] < SEEN_SECONDS:
             return True, seen[1]
+        listed = self._listed
+        if (
+            listed is not None
+            and name not in listed[1]
+            and self._changed.get(name, 0.0) < listed[0]
+            and time.monotonic() - listed[0] < SEEN_SECONDS
+        ):
+            return True, None
         return False, None
+
+    def listed(self, stamp: float, names: Iterable[str]) -> None:
+        """The engine's list, asked for at ``stamp``, of all the containers of ours: a new
+        plugin's names then cost no inspection each (while events are followed)."""
+        if self.following:
+            self._listed = (stamp, frozenset(names))
 
     def remember(self, name: str, stamp: float, instance: base.Instance | None) -> None:
         """What the engine said of ``name`` when asked at ``stamp``."""
@@ -52,6 +69,7 @@ class InspectionCache:
     def stop_following(self) -> None:
         self.following = False
         self._seen.clear()
+        self._listed = None
 
 
 def row_name(row: Mapping[str, Any]) -> str:
