@@ -4,7 +4,9 @@ Like an informer's cache: while the engine's event stream runs, any event of
 a container drops what is known of it, and so do the backend's own writes;
 entries also expire after :data:`SEEN_SECONDS`. Passes that find nothing
 changed then cost the engine nothing, which matters when hundreds of
-instances are being started.
+instances are being started. One list of the engine's containers, when its
+events begin to be followed, says which names are no container: a new
+plugin's first pass inspects nothing.
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ class InspectionCache:
             listed is not None
             and name not in listed[1]
             and self._changed.get(name, 0.0) < listed[0]
-            and time.monotonic() - listed[0] < SEEN_SECONDS
         ):
             return True, None
         return False, None
 
     def listed(self, stamp: float, names: Iterable[str]) -> None:
         """The engine's list, asked for at ``stamp``, of all the containers of ours: a new
-        plugin's names then cost no inspection each (while events are followed)."""
+        plugin's names then cost no inspection each, for as long as events are followed.
+
+        This knowledge does not expire: were an event missed, the create of a container
+        thought absent fails on its name, and that start forgets it."""
         if self.following:
             self._listed = (stamp, frozenset(names))
 
