@@ -343,6 +343,7 @@ class Lifecycle:
         timeout = float(health.timeout_seconds)
         endpoint = self.s.runtime.endpoint(current)
         plugins = self.s.plugins
+        accepting = True
         if record.ready and current.id in c.memory.handshaken:
             ready = await plugins.healthy(endpoint, timeout)
             if not ready:  # left draining by a swap that could not resume it? Resume it.
@@ -350,9 +351,8 @@ class Lifecycle:
                     await plugins.drain(endpoint, timeout, resume=True)
                     ready = await plugins.healthy(endpoint, timeout)
         else:
-            ready = await self.s.runtime.ready(current, timeout) and await self._handshake(
-                current, endpoint, timeout
-            )
+            accepting = await self.s.runtime.ready(current, timeout)
+            ready = accepting and await self._handshake(current, endpoint, timeout)
         record.state = current.state.value
         record.start_cpu = base.start_cpu_of(current)
         if ready and not record.ready and not await self.checkpoints.restore(current, endpoint):
@@ -390,7 +390,10 @@ class Lifecycle:
                     f"{current.name} is starting",
                     progressing=("InstanceStarting", f"waiting for {current.name} to be Ready"),
                 )
-                return Result(requeue_after=c.memory.next_probe(current.name))
+                delay = c.memory.next_probe(current.name)
+                if not accepting and self.s.runtime.capabilities().announces_sockets:
+                    delay = max(delay, context.SOCKET_FALLBACK_PROBE)  # its socket says sooner
+                return Result(requeue_after=delay)
             waited = f" ({current.waiting}: {current.waiting_message})" if current.waiting else ""
             return await self._unhealthy(
                 current,

@@ -11,6 +11,10 @@ at a time. Like client-go's rate-limited delaying queue:
 - :meth:`WorkQueue.add_after` queues a key later, the earliest pending time
   winning; :meth:`WorkQueue.add_rate_limited` uses per-key exponential backoff
   with jitter, reset by :meth:`WorkQueue.forget` after a success;
+- unlike client-go's, a key taken by a worker drops its pending delay: the
+  workers delay a key only after a pass over it, as that pass's result or
+  error says, so the pass it is taken for says anew when it is due (an event
+  that brings a plugin early saves the pass its last delay would have made);
 - :meth:`WorkQueue.shut_down` drops what waits and releases idle workers;
   :meth:`WorkQueue.drain` also waits for the passes in flight to finish.
   Nothing is lost by dropping: a restarted controller lists every key again.
@@ -126,7 +130,8 @@ class WorkQueue:
         self.backoff.forget(key)
 
     async def get(self) -> str:
-        """Take the next key; the caller must call :meth:`done` with it when finished."""
+        """Take the next key, dropping its pending delay; the caller must call :meth:`done`
+        with it when finished."""
         while not self._queue or self._shutting_down:
             if self._shutting_down:
                 raise ShutDownError
@@ -134,6 +139,9 @@ class WorkQueue:
         key = self._queue.popleft()
         self._processing.add(key)
         self._dirty.discard(key)
+        pending = self._timers.pop(key, None)
+        if pending is not None:  # this pass says when it is due next
+            pending[1].cancel()
         return key
 
     def done(self, key: str) -> None:

@@ -140,7 +140,8 @@ class Reconciler:
         self.check_may_act()
         namespace, name = split_key(key)
         desired = self.source.get(key)
-        observed = await self._observe(name, namespace, await self._replicas(key, desired))
+        stored = await self.source.read_status(key)  # once a pass: only passes write it
+        observed = await self._observe(name, namespace, self._replicas(stored, desired))
         for instance in observed:
             self._track(instance)
         if desired is None and self.source.declares(key):
@@ -148,13 +149,20 @@ class Reconciler:
         if desired is None:
             return await self._delete(key, name, namespace, observed)
         self.metrics.plugin_seen(key)
-        return await _Pass(self, await self._context(PluginKey(key), desired, observed)).run()
+        return await _Pass(
+            self, await self._context(PluginKey(key), desired, observed, stored)
+        ).run()
 
     async def _context(
-        self, key: PluginKey, desired: sources_base.Desired, observed: list[base.Instance]
+        self,
+        key: PluginKey,
+        desired: sources_base.Desired,
+        observed: list[base.Instance],
+        stored: models.PluginStatus | None,
     ) -> context.PassContext:
-        """The context of a pass over ``key``, every field set."""
-        stored = await self.source.read_status(key) or models.PluginStatus()
+        """The context of a pass over ``key``, every field set (``stored``: its status as
+        read at the start of the pass)."""
+        stored = stored or models.PluginStatus()
         pinned = await self._pinned(key, desired)
         color = stored.active_color or models.Color.BLUE
         spec = pinned or desired.plugin.spec
@@ -232,10 +240,11 @@ class Reconciler:
             else None,
         )
 
-    async def _replicas(self, key: str, desired: sources_base.Desired | None) -> int:
+    def _replicas(
+        self, stored: models.PluginStatus | None, desired: sources_base.Desired | None
+    ) -> int:
         """How many replicas of each color to look for: as many as the spec asks for, or
         as the status last recorded (those left over from a scale-down are removed)."""
-        stored = await self.source.read_status(key)
         recorded = max((i.replica + 1 for i in stored.instances), default=1) if stored else 1
         return max(recorded, desired.plugin.spec.replicas if desired is not None else 1)
 

@@ -556,6 +556,10 @@ class Capabilities:
     replicas: bool = True
     """Whether it runs ``spec.replicas`` (each replica an instance of its own); where not,
     a spec asking for more than one is refused."""
+    announces_sockets: bool = False
+    """Whether it queues a plugin the moment a starting instance's socket appears (its
+    :meth:`Runtime.events`): readiness probes before then are only a fallback, made
+    seldom."""
 
 
 @dataclass(frozen=True)

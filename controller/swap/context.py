@@ -33,6 +33,9 @@ FIRST_PROBE = 0.05
 
 The runtime's events usually say sooner when the instance's socket appears."""
 LONGEST_PROBE = 1.0
+SOCKET_FALLBACK_PROBE = 1.0
+"""Seconds between the probes of a starting instance whose socket does not accept yet, where
+the runtime announces the socket's appearance (the pass it brings then probes at once)."""
 
 
 class Plugins(transfer.Plugins, Protocol):
@@ -254,6 +257,10 @@ class PassContext:
     replica: int = 0
     """The replica that :meth:`instance`, :meth:`want_for` and :meth:`instance_status` are
     of (see :meth:`of_replica`)."""
+    _hashed: tuple[models.PluginSpec, str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """:attr:`spec` and its instance hash, made once a pass (the steps ask for it often)."""
 
     def of_replica(self, replica: int) -> PassContext:
         """This pass as one replica's lifecycle sees it: its instance, its memory and a
@@ -322,13 +329,19 @@ class PassContext:
             base.LABEL_PLUGIN: self.plugin.name,
             base.LABEL_COLOR: color.value,
             base.LABEL_VERSION: str(self.spec.version),
-            base.LABEL_SPEC_HASH: base.instance_hash(self.spec),
+            base.LABEL_SPEC_HASH: self._spec_hash(),
         }
         if self.plugin.metadata.namespace:
             labels[base.LABEL_NAMESPACE] = self.plugin.metadata.namespace
         if self.replica:
             labels[base.LABEL_REPLICA] = str(self.replica)
         return labels
+
+    def _spec_hash(self) -> str:
+        """The instance hash of :attr:`spec`, made again only when the pass changed it."""
+        if self._hashed is None or self._hashed[0] is not self.spec:
+            self._hashed = (self.spec, base.instance_hash(self.spec))
+        return self._hashed[1]
 
     def instance_status(self, color: models.Color) -> models.InstanceStatus:
         """The status record of ``color``'s instance (of :attr:`replica`), made when there is

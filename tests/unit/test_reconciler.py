@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -229,3 +230,36 @@ async def test_a_controller_that_may_not_act_touches_nothing(world: World) -> No
     assert world.runtime.writes() == writes
     assert world.store.status("echo") is not None
     assert world.store.status("echo").active_version == "1.0.0"  # type: ignore[union-attr]
+
+
+class AnnouncingRuntime(MemoryRuntime):
+    """A runtime that queues a plugin when its starting instance's socket appears."""
+
+    def capabilities(self) -> base.Capabilities:
+        return dataclasses.replace(super().capabilities(), announces_sockets=True)
+
+
+@pytest.mark.parametrize("announces", [False, True])
+async def test_a_starting_instance_is_probed_seldom_where_its_socket_is_announced(
+    tmp_path: Path, announces: bool
+) -> None:
+    world = World(tmp_path)
+    if announces:
+        world.runtime = AnnouncingRuntime()
+        world.reconciler = Reconciler(
+            world.source, world.runtime, memory_protocol.MemoryPlugins(world.runtime)
+        )
+    world.write("echo")
+    world.runtime.unready.add("bh-echo-blue")  # its socket does not accept yet
+    await world.reconciler.reconcile("echo")  # starts it
+    waits = [(await world.reconciler.reconcile("echo")).requeue_after for _ in range(3)]
+    assert all(w is not None for w in waits)
+    if announces:
+        assert min(w or 0 for w in waits) >= 1.0, waits
+    else:
+        assert max(w or 0 for w in waits) < 0.2, waits
+    world.runtime.unready.clear()  # its socket accepts: the pass it brings says Ready
+    await world.reconciler.reconcile("echo")
+    status = world.store.status("echo")
+    assert status is not None
+    assert conditions.is_true(status.conditions, "Ready")

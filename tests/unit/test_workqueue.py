@@ -78,6 +78,23 @@ def test_add_after_keeps_the_earliest_time():
     run(body)
 
 
+def test_a_key_taken_early_drops_its_pending_delay():
+    async def body() -> None:
+        q = WorkQueue()
+        q.add_after("a", 0.05)
+        q.add_after("b", 0.05)
+        q.add("a")  # an event brings it before its time
+        assert await q.get() == "a"
+        assert q.delayed == 1, "the pass it is taken for says when it is due next"
+        q.done("a")
+        assert await asyncio.wait_for(q.get(), 1) == "b"
+        q.done("b")
+        await asyncio.sleep(0.1)
+        assert len(q) == 0, "a's old delay must not bring it again"
+
+    run(body)
+
+
 def test_backoff_doubles_is_capped_jittered_and_reset():
     b = Backoff(base=1, cap=8, jitter=0, rand=lambda: 0.5)
     assert [b.when("k") for _ in range(6)] == [1, 2, 4, 8, 8, 8]

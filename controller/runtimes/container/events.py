@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 EVENTS = frozenset({"start", "die", "oom"})
 """Container events that send the plugin to the queue."""
+KEEPS_INSPECTION = frozenset({"update"})
+"""Container events that change nothing an inspection says of it (an ``update`` changes its
+resources, as the start-up CPU boost's lowering does to every instance that starts): what is
+known of it stays."""
 
 
 def selector(controller_id: str) -> dict[str, list[str]]:
@@ -42,8 +46,8 @@ def follow(
     """Read ``stream`` on a new thread until it ends; None is queued then.
 
     ``forget`` is called on the loop with each container's name an event
-    names; the key of each plugin whose instance started, died or was killed
-    for memory is put in ``queue``.
+    names (but those of :data:`KEEPS_INSPECTION`); the key of each plugin
+    whose instance started, died or was killed for memory is put in ``queue``.
     """
 
     def pump() -> None:
@@ -54,7 +58,7 @@ def follow(
                 if data.get("Type") != "container":
                     continue
                 labels = (data.get("Actor") or {}).get("Attributes") or {}
-                if labels.get("name"):  # whatever happened, what was known of it is old
+                if labels.get("name") and action not in KEEPS_INSPECTION:  # it is old now
                     loop.call_soon_threadsafe(forget, str(labels["name"]))
                 if action not in EVENTS:
                     continue

@@ -4,14 +4,16 @@ Like an informer's cache: while the engine's event stream runs, any event of
 a container drops what is known of it, and so do the backend's own writes;
 entries also expire after :data:`SEEN_SECONDS`. Passes that find nothing
 changed then cost the engine nothing, which matters when hundreds of
-instances are being started.
+instances are being started. One list of the engine's containers, when its
+events begin to be followed, says which names are no container: a new
+plugin's first pass inspects nothing.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,13 +32,32 @@ class InspectionCache:
         self._seen: dict[str, tuple[float, base.Instance | None]] = {}
         self._changed: dict[str, float] = {}
         """When each container last changed, by an event or by this backend."""
+        self._listed: tuple[float, frozenset[str]] | None = None
+        """When the engine listed every container of ours, and their names: any other name
+        is no container, unless it changed since."""
 
     def get(self, name: str) -> tuple[bool, base.Instance | None]:
         """(whether it is known, the instance or None for "no such container")."""
         seen = self._seen.get(name)
         if seen is not None and time.monotonic() - seen[0] < SEEN_SECONDS:
             return True, seen[1]
+        listed = self._listed
+        if (
+            listed is not None
+            and name not in listed[1]
+            and self._changed.get(name, 0.0) < listed[0]
+        ):
+            return True, None
         return False, None
+
+    def listed(self, stamp: float, names: Iterable[str]) -> None:
+        """The engine's list, asked for at ``stamp``, of all the containers of ours: a new
+        plugin's names then cost no inspection each, for as long as events are followed.
+
+        This knowledge does not expire: were an event missed, the create of a container
+        thought absent fails on its name, and that start forgets it."""
+        if self.following:
+            self._listed = (stamp, frozenset(names))
 
     def remember(self, name: str, stamp: float, instance: base.Instance | None) -> None:
         """What the engine said of ``name`` when asked at ``stamp``."""
@@ -52,6 +73,7 @@ class InspectionCache:
     def stop_following(self) -> None:
         self.following = False
         self._seen.clear()
+        self._listed = None
 
 
 def row_name(row: Mapping[str, Any]) -> str:

@@ -30,7 +30,7 @@ import docker.errors
 from docker.models import containers as docker_containers
 
 from controller import inotify as linux_inotify
-from controller.errors import InstanceNotFoundError, SpecIssue
+from controller.errors import ControllerError, InstanceNotFoundError, SpecIssue
 from controller.runtimes import base, inotify
 from controller.runtimes.container import (
     engine,
@@ -101,6 +101,7 @@ class ContainerRuntime:
             networks=frozenset({models.NetworkMode.NONE, models.NetworkMode.PRIVATE}),
             volumes=True,
             host_paths=self.settings.host_path_root is not None,
+            announces_sockets=self._cache.following,
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
@@ -328,6 +329,12 @@ class ContainerRuntime:
         loop.add_reader(notify.fd, self._socket_appeared, notify, queue)
         self._cache.following = True
         try:
+            stamp = time.monotonic()  # after the events are followed: no change falls between
+            with contextlib.suppress(ControllerError):  # then each name is inspected, as before
+                rows = await self._call(
+                    self.client.api.containers, all=True, filters=self._selector()
+                )
+                self._cache.listed(stamp, (inspection.row_name(row) for row in rows))
             while (key := await queue.get()) is not None:
                 yield key
         finally:
