@@ -144,7 +144,7 @@ class ProcessRuntime:
         return self.processes / f"{name}.{suffix}"
 
     def _group(self, name: str) -> str:
-        return f"blackhole/{self.controller_id}/{name}"
+        return f"{self._parent}/{name}"
 
     def plugin_dir(self, source: models.ProcessSource) -> Path:
         """The plugin's directory on this host (not yet checked to be under the root)."""
@@ -227,10 +227,13 @@ class ProcessRuntime:
         socket_dir = self.socket_dir(name)
         base.prepare_socket_dir(socket_dir, self.settings.user)
         self._file(name, "exit").unlink(missing_ok=True)
-        start_cpu = labels.get(base.LABEL_START_CPU)
-        group = self.cgroups.create(
-            self._group(name), spec.resources, int(start_cpu) if start_cpu else None
-        )
+        start_cpu = int(labels[base.LABEL_START_CPU]) if base.LABEL_START_CPU in labels else None
+        limits: list[cgroups.Write] = []
+        if self.cgroups.unified:  # made here; the launcher's spares are v1's (see .shim)
+            group = self.cgroups.create(self._group(name), spec.resources, start_cpu)
+        else:  # made by the launcher: its spare's groups renamed, these limits written
+            planned = self.cgroups.plan(self._group(name), spec.resources, start_cpu)
+            group, limits = planned.group, planned.writes
         directory = self.plugin_dir(spec.process).resolve()
         entrypoint = str(directory / spec.process.entrypoint)
         python_path = [str((directory / p).resolve()) for p in spec.process.python_path]
@@ -269,6 +272,7 @@ class ProcessRuntime:
             "uid": uid,
             "gid": gid,
             "cgroups": [str(d) for d in group.dirs],
+            "limits": [[str(w.path), w.value, w.optional] for w in limits],
             "oom_file": str(group.oom_file) if group.oom_file else None,
             "binds": sorted({b for b in binds if b != "/"}),
             "root": str(root),
@@ -294,8 +298,25 @@ class ProcessRuntime:
     async def _ensure_launcher(self) -> launcher.Launcher:
         async with self._starting_launcher:
             if self._launcher is None or not self._launcher.running:
-                self._launcher = await launcher.start(self.settings.python)
+                if self._launcher is not None:
+                    await self._launcher.close()  # its waiting copy then discards its spare
+                await asyncio.to_thread(self._remove_spares)  # left by a launcher gone
+                parents = [] if self.cgroups.unified else self.cgroups.spare_parents(self._parent)
+                self._launcher = await launcher.start(self.settings.python, parents, cgroups.SPARE)
             return self._launcher
+
+    @property
+    def _parent(self) -> str:
+        """The group under which this controller's instances' groups and spares lie."""
+        return f"blackhole/{self.controller_id}"
+
+    def _remove_spares(self) -> None:
+        """Kill the processes of spare groups found and remove those groups (no launcher of
+        this backend's runs: a spare found is an orphan, e.g. of a controller killed)."""
+        for group in self.cgroups.spares(self._parent):
+            log.info("removing the orphaned spare cgroup %s", group)
+            self.cgroups.kill(group)
+            self.cgroups.remove(group)
 
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
         if instance.state is not base.InstanceState.RUNNING:
@@ -434,9 +455,11 @@ class ProcessRuntime:
                     queue.put_nowait(key)
 
     async def close(self) -> None:
+        """Stop the launcher; its spare is discarded with it (here, if it is not by then)."""
         running, self._launcher = self._launcher, None
         if running is not None:
             await running.close()
+            await asyncio.to_thread(self._remove_spares)
 
 
 def _virtualenv_paths(venv: Path) -> list[str]:
