@@ -4,7 +4,10 @@ No engine: this backend runs a plugin from a directory (``spec.process``:
 the directory under the controller's plugin root, its entrypoint, and a
 virtual environment or ``pythonPath``), through the launcher (:mod:`.launcher`
 and :mod:`.shim`), a fork server with the SDK already imported that it starts
-once. Each instance gets what a container would: a cgroup of its own
+once; on cgroup v1 it keeps one spare plugin process already moved into a
+spare cgroup (``.spare-<pid>``, beside the instances' groups), which a start
+renames to the instance's and limits (spares found with no launcher running
+are orphans, removed). Each instance gets what a container would: a cgroup of its own
 (:mod:`.cgroups`; v1 or v2: memory with no swap beyond it, CPU quota, pids),
 new mount, PID, IPC, UTS and network namespaces (loopback only, ``network:
 none``), a read-only root with a private ``/tmp``, an unprivileged uid with no
@@ -212,6 +215,7 @@ class ProcessRuntime:
         if self._queue is not None:
             self._queue.put_nowait(key)
         pid = int(reply["pid"])
+        log.debug("%s started as pid %s%s", name, pid, " (a spare)" if reply.get("spare") else "")
         return base.started_instance(desired, f"{pid}.{reply['starttime']}", labels, pid=pid)
 
     def _prepare(

@@ -3,12 +3,20 @@
 Run by the process runtime as a program of its own (:mod:`.launcher` starts
 it and speaks its protocol; the standard library only, so it loads no part
 of the controller), it imports the plugin SDK and gRPC once, then keeps one
-forked copy of itself waiting: a warm interpreter. The backend writes a
-launch request (length-prefixed JSON) to the launcher's stdin; the waiting
-copy takes it, tells the launcher (which forks the next one: the launcher
+forked copy of itself waiting: a warm interpreter. On cgroup v1 that copy
+first forks a **spare** plugin process and moves it into a spare group
+``.spare-<pid>`` of its own in each hierarchy (the move waits for an RCU
+grace period of the kernel's, 5-25 ms: done before any start, not in one);
+the spare runs nothing more until it is handed a request. The backend writes
+a launch request (length-prefixed JSON) to the launcher's stdin; the waiting
+copy takes it, renames the spare's groups to the instance's (cgroup v1 allows
+a rename within the parent) and writes the spec's limits into them (without
+a spare: makes the groups, and the plugin process joins them), tells the
+launcher (which forks the next copy, which makes the next spare: the launcher
 itself never reads a request, so no plugin's settings linger in the memory
-the next plugin is forked from) and becomes the instance's **shim**: it
-forks the plugin, answers the backend with the plugin's pid, writes the
+the next plugin or spare is forked from) and becomes the instance's
+**shim**: it hands the spare its request (or forks the plugin), answers the
+backend with the plugin's pid, writes the
 instance's state file, copies the plugin's output into its log (kept under
 ``LOG_BYTES``: past it the log moves to ``.log.1``, so a chatty plugin
 cannot fill the controller's disk), waits for the plugin and writes its exit
@@ -16,8 +24,9 @@ file (exit code, 128 + signal when killed, whether its cgroup's OOM killer
 fired). The shim is in a session of its own: plugins and shims outlive the
 launcher and the controller, whose next run adopts them.
 
-The plugin process, before it runs a line of the plugin's code, joins its
-cgroups, enters new mount, PID, IPC, UTS and (``network``) network
+The plugin process, before it runs a line of the plugin's code, is in its
+cgroups with their limits written (a spare: it was moved in before its start;
+else it joins them), enters new mount, PID, IPC, UTS and (``network``) network
 namespaces with only loopback up, pivots into a read-only root built from
 bind mounts (system directories, the plugin's code, its interpreter) with a
 private ``/tmp``, ``/run`` and minimal ``/dev``, its socket directory at
