@@ -406,9 +406,13 @@ def test_the_spare_is_removed_at_stop_and_an_orphaned_one_at_start(
     controller.start()
     spare = wait_for(lambda: parked(controller), what=lambda: f"a spare: {spare_dirs(controller)}")
     controller.terminate()
+    parents = [
+        V1_ROOT / hierarchy / "blackhole" / controller.controller_id
+        for hierarchy in process_cgroups.V1_CONTROLLERS
+    ]
     wait_for(
-        lambda: not spare_dirs(controller) and not Path(f"/proc/{spare}").exists(),
-        what=lambda: f"the spare gone: {spare_dirs(controller)}",
+        lambda: not any(p.exists() for p in parents) and not Path(f"/proc/{spare}").exists(),
+        what=lambda: f"the spare and its parent groups gone: {spare_dirs(controller)}",
     )
     # What a launcher killed with its waiting copy leaves: a spare group, a process in it.
     orphan = [

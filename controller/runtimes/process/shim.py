@@ -455,7 +455,7 @@ class _Spare:
         self.child, self.dirs = child, dirs
 
     def discard(self) -> None:
-        """Kill the spare process and remove its groups."""
+        """Kill the spare process and remove its groups (and their parents once empty)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.child.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -465,6 +465,9 @@ class _Spare:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         _remove_dirs(self.dirs)
+        for directory in self.dirs:
+            with contextlib.suppress(OSError):  # other instances' groups are in it
+                os.rmdir(os.path.dirname(directory))
 
 
 def _remove_dirs(dirs: list[str]) -> None:
