@@ -8,9 +8,11 @@ cgroup files) and from inside the plugin (its ``connect`` method).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +31,7 @@ import typing_extensions
 
 from controller import cgroups
 from controller.runtimes import base, process
+from controller.runtimes.process import cgroups as process_cgroups
 from controller.spec import models
 
 from . import tamper
@@ -295,3 +298,142 @@ def test_a_plugin_starts_boosted_is_shown_so_and_has_its_specs_cpu_once_ready(
         if line.startswith("blackhole_container_spec_cpu_limit_cores{")
     }
     assert limits == {"alpha": 0.5, "beta": 0.5}
+
+
+# The launcher's spare: a plugin process moved into cgroups of its own before any start.
+
+V1_ONLY = pytest.mark.skipif(
+    cgroups.is_unified(), reason="spares are cgroup v1's (v2 cannot rename a cgroup)"
+)
+V1_ROOT = Path("/sys/fs/cgroup")
+
+
+def spare_dirs(controller: ControllerProcess) -> list[Path]:
+    """The spare groups of the controller's launcher, in every hierarchy."""
+    parent = Path("blackhole") / controller.controller_id
+    return sorted(
+        directory
+        for hierarchy in process_cgroups.V1_CONTROLLERS
+        for directory in (V1_ROOT / hierarchy / parent).glob(f"{process_cgroups.SPARE}*")
+    )
+
+
+def parked(controller: ControllerProcess) -> int | None:
+    """The pid of the spare, once it is alone in one spare group in each hierarchy."""
+    dirs = spare_dirs(controller)
+    if len(dirs) != len(process_cgroups.V1_CONTROLLERS) or len({d.name for d in dirs}) != 1:
+        return None
+    pids = set()
+    for directory in dirs:
+        with contextlib.suppress(OSError):
+            pids.update((directory / "cgroup.procs").read_text().split())
+    return int(pids.pop()) if len(pids) == 1 else None
+
+
+def assert_in_its_cgroups_with_its_limits(controller: ControllerProcess, pid: int) -> None:
+    name = base.instance_name("alpha", models.Color.BLUE, None, controller.controller_id)
+    paths = {
+        line.split(":", 2)[1]: line.split(":", 2)[2]
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    }
+    for hierarchy in process_cgroups.V1_CONTROLLERS:
+        assert paths[hierarchy] == f"/blackhole/{controller.controller_id}/{name}", hierarchy
+    group = f"blackhole/{controller.controller_id}/{name}"
+    assert (V1_ROOT / "memory" / group / "memory.limit_in_bytes").read_text().strip() == str(
+        64 << 20
+    )
+    assert (V1_ROOT / "cpu" / group / "cpu.cfs_quota_us").read_text().strip() == "50000"
+    assert (V1_ROOT / "pids" / group / "pids.max").read_text().strip() == "64"
+
+
+def owned(controller: ControllerProcess) -> list[base.Instance]:
+    runtime = process.ProcessRuntime(
+        process.Settings(data_dir=controller.data, controller_id=controller.controller_id)
+    )
+    return asyncio.run(runtime.list_owned())
+
+
+@V1_ONLY
+def test_a_plugin_starts_as_the_spare_already_in_cgroups_and_gets_its_own_with_its_limits(
+    controller: ControllerProcess,
+):
+    controller.start()
+    spare = wait_for(lambda: parked(controller), what=lambda: f"a spare: {spare_dirs(controller)}")
+    status = Path(f"/proc/{spare}/status").read_text()
+    assert "Seccomp:\t0" in status, "a spare is not isolated yet: it runs nothing of a plugin"
+    write(controller, "alpha")
+    wait_for(lambda: controller.ready("alpha"), what="alpha Ready")
+    pid = state(controller, "alpha")["pid"]
+    assert pid == spare, "the spare became the plugin: it was in cgroups before the start"
+    assert_in_its_cgroups_with_its_limits(controller, pid)
+    assert "Seccomp:\t2" in Path(f"/proc/{pid}/status").read_text(), "filtered now"
+    following = wait_for(
+        lambda: (found := parked(controller)) != spare and found, what="the next spare"
+    )
+    assert following != pid
+    assert [i.name for i in owned(controller)] == [
+        base.instance_name("alpha", models.Color.BLUE, None, controller.controller_id)
+    ], "a spare is no instance"
+    assert len(controller.status("alpha").get("instances") or []) == 1
+
+
+@V1_ONLY
+def test_a_crashed_plugin_is_restarted_from_the_next_spare_in_its_cgroups(
+    controller: ControllerProcess,
+):
+    controller.start()
+    write(controller, "alpha")
+    wait_for(lambda: controller.ready("alpha"), what="alpha Ready")
+    crashed = state(controller, "alpha")["pid"]
+    spare = wait_for(
+        lambda: (found := parked(controller)) != crashed and found, what="the next spare"
+    )
+    os.kill(crashed, signal.SIGKILL)
+    wait_for(
+        lambda: instance(controller, "alpha").get("restarts") == 1 and controller.ready("alpha"),
+        what="alpha restarted and Ready",
+    )
+    pid = state(controller, "alpha")["pid"]
+    assert pid == spare
+    assert_in_its_cgroups_with_its_limits(controller, pid)
+    assert controller.call("alpha", "echo", {"again": True})[:2] == (200, {"again": True})
+
+
+@V1_ONLY
+def test_the_spare_is_removed_at_stop_and_an_orphaned_one_at_start(
+    controller: ControllerProcess,
+):
+    controller.start()
+    spare = wait_for(lambda: parked(controller), what=lambda: f"a spare: {spare_dirs(controller)}")
+    controller.terminate()
+    parents = [
+        V1_ROOT / hierarchy / "blackhole" / controller.controller_id
+        for hierarchy in process_cgroups.V1_CONTROLLERS
+    ]
+    wait_for(
+        lambda: not any(p.exists() for p in parents) and not Path(f"/proc/{spare}").exists(),
+        what=lambda: f"the spare and its parent groups gone: {spare_dirs(controller)}",
+    )
+    # What a launcher killed with its waiting copy leaves: a spare group, a process in it.
+    orphan = [
+        V1_ROOT / hierarchy / "blackhole" / controller.controller_id / f"{process_cgroups.SPARE}1"
+        for hierarchy in process_cgroups.V1_CONTROLLERS
+    ]
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        for directory in orphan:
+            directory.mkdir(parents=True)
+            (directory / "cgroup.procs").write_text(str(sleeper.pid))
+        controller.start()
+        wait_for(
+            lambda: sleeper.poll() is not None and not any(d.exists() for d in orphan),
+            what=lambda: f"the orphan removed: {spare_dirs(controller)}",
+        )
+        fresh = wait_for(lambda: parked(controller), what="a new spare")
+        assert fresh not in (spare, sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for directory in orphan:
+            with contextlib.suppress(OSError):
+                directory.rmdir()

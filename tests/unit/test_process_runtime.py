@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 from controller.runtimes import base, process
-from controller.runtimes.process import cgroups
+from controller.runtimes.process import cgroups, shim
 from controller.spec import models
 
 
@@ -64,9 +64,60 @@ def test_cgroup_v1_limits_go_to_each_hierarchy(tmp_path: Path):
 def test_cgroup_v1_swap_is_pinned_to_the_memory_limit(tmp_path: Path):
     group = tmp_path / "memory" / "g"
     group.mkdir(parents=True)
-    (group / "memory.memsw.limit_in_bytes").write_text("9223372036854771712")
+    for directory in (group.parent, group):  # the hierarchy's root says swap is accounted
+        (directory / "memory.memsw.limit_in_bytes").write_text("9223372036854771712")
     cgroups.Cgroups(tmp_path).create("g", resources(memory="128Mi"))
     assert (group / "memory.memsw.limit_in_bytes").read_text() == str(128 << 20)
+
+
+def test_cgroup_v1_plan_is_the_writes_create_makes_in_order(tmp_path: Path):
+    for controller in ("memory", "cpu", "pids"):
+        (tmp_path / controller).mkdir()
+    (tmp_path / "memory" / "memory.memsw.limit_in_bytes").write_text("0")
+    groups = cgroups.Cgroups(tmp_path)
+    planned = groups.plan("blackhole/ctl/x", resources(), start_cpu_millis=1000)
+    assert not (tmp_path / "memory" / "blackhole").exists(), "a plan makes nothing"
+    memory = tmp_path / "memory" / "blackhole" / "ctl" / "x"
+    cpu = tmp_path / "cpu" / "blackhole" / "ctl" / "x"
+    assert [(w.path, w.value, w.optional) for w in planned.writes] == [
+        (memory / "memory.memsw.limit_in_bytes", 64 << 20, True),
+        (memory / "memory.limit_in_bytes", 64 << 20, False),
+        (memory / "memory.memsw.limit_in_bytes", 64 << 20, False),
+        (cpu / "cpu.cfs_period_us", 100_000, False),
+        (cpu / "cpu.cfs_quota_us", 100_000, False),
+        (tmp_path / "pids" / "blackhole" / "ctl" / "x" / "pids.max", 32, False),
+    ]
+    assert groups.create("blackhole/ctl/x", resources(), start_cpu_millis=1000) == planned.group
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "100000"
+    assert groups.spare_parents("blackhole/ctl") == [
+        tmp_path / c / "blackhole" / "ctl" for c in ("memory", "cpu", "pids")
+    ]
+
+
+def test_spare_groups_are_found_in_any_hierarchy_and_instances_are_not(tmp_path: Path):
+    for controller in ("memory", "pids"):
+        (tmp_path / controller / "blackhole" / "ctl" / "bh-a-blue").mkdir(parents=True)
+    (tmp_path / "pids" / "blackhole" / "ctl" / f"{cgroups.SPARE}12").mkdir()
+    (tmp_path / "memory" / "blackhole" / "other" / f"{cgroups.SPARE}13").mkdir(parents=True)
+    assert cgroups.Cgroups(tmp_path).spares("blackhole/ctl") == [f"blackhole/ctl/{cgroups.SPARE}12"]
+
+
+def test_a_spares_groups_are_renamed_to_the_instances_and_limited(tmp_path: Path):
+    parents = [tmp_path / "memory" / "ctl", tmp_path / "pids" / "ctl"]
+    spare_dirs = [str(p / f"{cgroups.SPARE}7") for p in parents]
+    for directory in spare_dirs:
+        Path(directory).mkdir(parents=True)
+    (parents[1] / "bh-a-blue").mkdir()  # an empty one, left by a start cut short
+    spare = shim._Spare(shim._Child(0, -1, -1, None), list(spare_dirs))
+    targets = [str(p / "bh-a-blue") for p in parents]
+    limit = str(parents[1] / "bh-a-blue" / "pids.max")
+    shim._place({"cgroups": targets, "limits": [[limit, 64, False]]}, spare)
+    assert spare.dirs == targets, "what is removed if the start fails"
+    assert not any(Path(d).exists() for d in spare_dirs)
+    assert Path(limit).read_text() == "64"
+    elsewhere = shim._Spare(shim._Child(0, -1, -1, None), [str(tmp_path / "x" / ".spare-8")])
+    with pytest.raises(OSError, match="not beside"):
+        shim._place({"cgroups": [str(tmp_path / "y" / "bh-b")], "limits": []}, elsewhere)
 
 
 def want(spec: dict[str, object]) -> base.InstanceSpec:

@@ -24,6 +24,10 @@ from controller.spec import models
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
 """The cgroup v1 hierarchies an instance joins (limits, and the readings of the metrics)."""
 V2_CONTROLLERS = ("memory", "cpu", "pids", "io")
+SPARE = ".spare-"
+"""The start of a spare group's name (``.spare-<pid>``): the launcher's spare plugin process
+waits there, limits unset, until a start renames the group to the instance's (v1 only; no
+instance's name starts with a dot)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,33 @@ class Group:
 
     dirs: tuple[Path, ...]
     oom_file: Path | None
+
+
+@dataclass(frozen=True)
+class Write:
+    """One limit: ``value`` into the cgroup file ``path``; ``optional``: it may fail."""
+
+    path: Path
+    value: int
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A v1 group's directories and the writes of its limits, in order."""
+
+    group: Group
+    writes: list[Write]
+
+
+def apply(writes: list[Write]) -> None:
+    """Write the limits, in order."""
+    for write in writes:
+        try:
+            cgroups.write(write.path, write.value)
+        except OSError:
+            if not write.optional:
+                raise
 
 
 class Cgroups:
@@ -57,31 +88,61 @@ class Cgroups:
     ) -> Group:
         """Make the group with ``resources``' limits; its CPU ``start_cpu_millis`` instead of
         the spec's when that is more (the start-up boost, see :meth:`set_cpu_quota`)."""
+        if self.unified:
+            memory = resources.memory.as_int()
+            quota = cgroups.cpu_quota(max(resources.cpu.as_millis(), start_cpu_millis or 0))
+            return self._create_v2(group, memory, quota, resources.pids)
+        planned = self.plan(group, resources, start_cpu_millis)
+        for directory in planned.group.dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+        apply(planned.writes)
+        return planned.group
+
+    def plan(
+        self, group: str, resources: models.Resources, start_cpu_millis: int | None = None
+    ) -> Plan:
+        """v1: the group's directories and the writes of its limits, in order, made by
+        :meth:`create` or by the launcher onto a spare group it renames (:data:`SPARE`)."""
         memory = resources.memory.as_int()
         quota = cgroups.cpu_quota(max(resources.cpu.as_millis(), start_cpu_millis or 0))
-        if self.unified:
-            return self._create_v2(group, memory, quota, resources.pids)
         made: list[Path] = []
+        writes: list[Write] = []
         for controller, directory in self.dirs(group).items():
-            directory.mkdir(parents=True, exist_ok=True)
             if directory.resolve() not in made:
                 made.append(directory.resolve())
             if controller == "memory":
                 swap = directory / "memory.memsw.limit_in_bytes"
-                accounted = swap.exists()  # only with swap accounting
+                # Only with swap accounting, which the hierarchy's root tells.
+                accounted = (self.root / controller / swap.name).exists()
+                if accounted:  # lowering: swap first (may fail); raising: after
+                    writes.append(Write(swap, memory, optional=True))
+                writes.append(Write(directory / "memory.limit_in_bytes", memory))
                 if accounted:
-                    with contextlib.suppress(OSError):  # lowering: swap first; raising: after
-                        cgroups.write(swap, memory)
-                cgroups.write(directory / "memory.limit_in_bytes", memory)
-                if accounted:
-                    cgroups.write(swap, memory)
+                    writes.append(Write(swap, memory))
             elif controller == "cpu":
-                cgroups.write(directory / "cpu.cfs_period_us", cgroups.CPU_PERIOD_US)
-                cgroups.write(directory / "cpu.cfs_quota_us", quota)
+                writes.append(Write(directory / "cpu.cfs_period_us", cgroups.CPU_PERIOD_US))
+                writes.append(Write(directory / "cpu.cfs_quota_us", quota))
             elif controller == "pids":
-                cgroups.write(directory / "pids.max", resources.pids)
+                writes.append(Write(directory / "pids.max", resources.pids))
         oom = self.dirs(group).get("memory")
-        return Group(tuple(made), oom / "memory.oom_control" if oom else None)
+        return Plan(Group(tuple(made), oom / "memory.oom_control" if oom else None), writes)
+
+    def spare_parents(self, parent: str) -> list[Path]:
+        """v1: the directories (one per hierarchy, in :meth:`plan`'s order) under which the
+        launcher keeps its spare group, beside the instances' groups of ``parent``."""
+        seen: list[Path] = []
+        for directory in self.dirs(parent).values():
+            if directory.resolve() not in seen:
+                seen.append(directory.resolve())
+        return seen
+
+    def spares(self, parent: str) -> list[str]:
+        """The spare groups (:data:`SPARE`) under ``parent``, in any hierarchy, as groups."""
+        found: set[str] = set()
+        for directory in self.dirs(parent).values():
+            with contextlib.suppress(OSError):
+                found.update(p.name for p in directory.iterdir() if p.name.startswith(SPARE))
+        return sorted(f"{parent}/{name}" for name in found)
 
     def _create_v2(self, group: str, memory: int, quota: int, pids: int) -> Group:
         available = set(cgroups.text(self.root / "cgroup.controllers").split())

@@ -1,10 +1,12 @@
 """The launcher protocol, on the backend's side: start the fork server, send it launch requests.
 
-The launcher is :mod:`.shim` run as a program of its own. It answers once
-when it is up (its pid, whether it preloaded the SDK, the directories its
-interpreter reads code from), then one answer per launch request (the
-plugin's pid and start time, or an error). Each message is JSON behind a
-4-byte big-endian length. One request is in flight at a time.
+The launcher is :mod:`.shim` run as a program of its own, given where to
+keep its spare plugin process's cgroups (cgroup v1; see :func:`start`). It
+answers once when it is up (its pid, whether it preloaded the SDK, the
+directories its interpreter reads code from), then one answer per launch
+request (the plugin's pid and start time and whether it was a spare, or an
+error). Each message is JSON behind a 4-byte big-endian length. One request
+is in flight at a time.
 """
 
 from __future__ import annotations
@@ -69,12 +71,16 @@ class Launcher:
             await self.process.wait()
 
 
-async def start(python: str) -> Launcher:
-    """Start the launcher under ``python`` and wait for its first answer."""
+async def start(python: str, spare_parents: list[Path], spare_prefix: str) -> Launcher:
+    """Start the launcher under ``python`` and wait for its first answer; it keeps a spare
+    plugin process in a group ``<spare_prefix><pid>`` under each of ``spare_parents`` (none:
+    no spare)."""
+    spares = {"parents": [str(p) for p in spare_parents], "prefix": spare_prefix}
     process = await asyncio.create_subprocess_exec(
         python,
         "-I",
         str(PROGRAM),
+        json.dumps(spares),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )

@@ -4,7 +4,10 @@ No engine: this backend runs a plugin from a directory (``spec.process``:
 the directory under the controller's plugin root, its entrypoint, and a
 virtual environment or ``pythonPath``), through the launcher (:mod:`.launcher`
 and :mod:`.shim`), a fork server with the SDK already imported that it starts
-once. Each instance gets what a container would: a cgroup of its own
+once; on cgroup v1 it keeps one spare plugin process already moved into a
+spare cgroup (``.spare-<pid>``, beside the instances' groups), which a start
+renames to the instance's and limits (spares found with no launcher running
+are orphans, removed). Each instance gets what a container would: a cgroup of its own
 (:mod:`.cgroups`; v1 or v2: memory with no swap beyond it, CPU quota, pids),
 new mount, PID, IPC, UTS and network namespaces (loopback only, ``network:
 none``), a read-only root with a private ``/tmp``, an unprivileged uid with no
@@ -144,7 +147,7 @@ class ProcessRuntime:
         return self.processes / f"{name}.{suffix}"
 
     def _group(self, name: str) -> str:
-        return f"blackhole/{self.controller_id}/{name}"
+        return f"{self._parent}/{name}"
 
     def plugin_dir(self, source: models.ProcessSource) -> Path:
         """The plugin's directory on this host (not yet checked to be under the root)."""
@@ -212,6 +215,7 @@ class ProcessRuntime:
         if self._queue is not None:
             self._queue.put_nowait(key)
         pid = int(reply["pid"])
+        log.debug("%s started as pid %s%s", name, pid, " (a spare)" if reply.get("spare") else "")
         return base.started_instance(desired, f"{pid}.{reply['starttime']}", labels, pid=pid)
 
     def _prepare(
@@ -227,10 +231,13 @@ class ProcessRuntime:
         socket_dir = self.socket_dir(name)
         base.prepare_socket_dir(socket_dir, self.settings.user)
         self._file(name, "exit").unlink(missing_ok=True)
-        start_cpu = labels.get(base.LABEL_START_CPU)
-        group = self.cgroups.create(
-            self._group(name), spec.resources, int(start_cpu) if start_cpu else None
-        )
+        start_cpu = int(labels[base.LABEL_START_CPU]) if base.LABEL_START_CPU in labels else None
+        limits: list[cgroups.Write] = []
+        if self.cgroups.unified:  # made here; the launcher's spares are v1's (see .shim)
+            group = self.cgroups.create(self._group(name), spec.resources, start_cpu)
+        else:  # made by the launcher: its spare's groups renamed, these limits written
+            planned = self.cgroups.plan(self._group(name), spec.resources, start_cpu)
+            group, limits = planned.group, planned.writes
         directory = self.plugin_dir(spec.process).resolve()
         entrypoint = str(directory / spec.process.entrypoint)
         python_path = [str((directory / p).resolve()) for p in spec.process.python_path]
@@ -269,6 +276,7 @@ class ProcessRuntime:
             "uid": uid,
             "gid": gid,
             "cgroups": [str(d) for d in group.dirs],
+            "limits": [[str(w.path), w.value, w.optional] for w in limits],
             "oom_file": str(group.oom_file) if group.oom_file else None,
             "binds": sorted({b for b in binds if b != "/"}),
             "root": str(root),
@@ -294,8 +302,25 @@ class ProcessRuntime:
     async def _ensure_launcher(self) -> launcher.Launcher:
         async with self._starting_launcher:
             if self._launcher is None or not self._launcher.running:
-                self._launcher = await launcher.start(self.settings.python)
+                if self._launcher is not None:
+                    await self._launcher.close()  # its waiting copy then discards its spare
+                await asyncio.to_thread(self._remove_spares)  # left by a launcher gone
+                parents = [] if self.cgroups.unified else self.cgroups.spare_parents(self._parent)
+                self._launcher = await launcher.start(self.settings.python, parents, cgroups.SPARE)
             return self._launcher
+
+    @property
+    def _parent(self) -> str:
+        """The group under which this controller's instances' groups and spares lie."""
+        return f"blackhole/{self.controller_id}"
+
+    def _remove_spares(self) -> None:
+        """Kill the processes of spare groups found and remove those groups (no launcher of
+        this backend's runs: a spare found is an orphan, e.g. of a controller killed)."""
+        for group in self.cgroups.spares(self._parent):
+            log.info("removing the orphaned spare cgroup %s", group)
+            self.cgroups.kill(group)
+            self.cgroups.remove(group)
 
     async def ready(self, instance: base.Instance, timeout: float) -> bool:
         if instance.state is not base.InstanceState.RUNNING:
@@ -434,9 +459,11 @@ class ProcessRuntime:
                     queue.put_nowait(key)
 
     async def close(self) -> None:
+        """Stop the launcher; its spare is discarded with it (here, if it is not by then)."""
         running, self._launcher = self._launcher, None
         if running is not None:
             await running.close()
+            await asyncio.to_thread(self._remove_spares)
 
 
 def _virtualenv_paths(venv: Path) -> list[str]:

@@ -3,12 +3,20 @@
 Run by the process runtime as a program of its own (:mod:`.launcher` starts
 it and speaks its protocol; the standard library only, so it loads no part
 of the controller), it imports the plugin SDK and gRPC once, then keeps one
-forked copy of itself waiting: a warm interpreter. The backend writes a
-launch request (length-prefixed JSON) to the launcher's stdin; the waiting
-copy takes it, tells the launcher (which forks the next one: the launcher
+forked copy of itself waiting: a warm interpreter. On cgroup v1 that copy
+first forks a **spare** plugin process and moves it into a spare group
+``.spare-<pid>`` of its own in each hierarchy (the move waits for an RCU
+grace period of the kernel's, 5-25 ms: done before any start, not in one);
+the spare runs nothing more until it is handed a request. The backend writes
+a launch request (length-prefixed JSON) to the launcher's stdin; the waiting
+copy takes it, renames the spare's groups to the instance's (cgroup v1 allows
+a rename within the parent) and writes the spec's limits into them (without
+a spare: makes the groups, and the plugin process joins them), tells the
+launcher (which forks the next copy, which makes the next spare: the launcher
 itself never reads a request, so no plugin's settings linger in the memory
-the next plugin is forked from) and becomes the instance's **shim**: it
-forks the plugin, answers the backend with the plugin's pid, writes the
+the next plugin or spare is forked from) and becomes the instance's
+**shim**: it hands the spare its request (or forks the plugin), answers the
+backend with the plugin's pid, writes the
 instance's state file, copies the plugin's output into its log (kept under
 ``LOG_BYTES``: past it the log moves to ``.log.1``, so a chatty plugin
 cannot fill the controller's disk), waits for the plugin and writes its exit
@@ -16,8 +24,9 @@ file (exit code, 128 + signal when killed, whether its cgroup's OOM killer
 fired). The shim is in a session of its own: plugins and shims outlive the
 launcher and the controller, whose next run adopts them.
 
-The plugin process, before it runs a line of the plugin's code, joins its
-cgroups, enters new mount, PID, IPC, UTS and (``network``) network
+The plugin process, before it runs a line of the plugin's code, is in its
+cgroups with their limits written (a spare: it was moved in before its start;
+else it joins them), enters new mount, PID, IPC, UTS and (``network``) network
 namespaces with only loopback up, pivots into a read-only root built from
 bind mounts (system directories, the plugin's code, its interpreter) with a
 private ``/tmp``, ``/run`` and minimal ``/dev``, its socket directory at
@@ -30,6 +39,7 @@ already imported (``warm``), or by executing another one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import errno
 import gc
@@ -220,11 +230,17 @@ def _make_root(request: dict[str, Any]) -> None:
     _pivot_root(root)
 
 
-def _isolate(request: dict[str, Any]) -> None:
-    """Everything between fork and the plugin's first line; raises on any failure."""
-    for group in request["cgroups"]:
+def _join(groups: list[str]) -> None:
+    """Move this process into ``groups`` (one directory per hierarchy)."""
+    for group in groups:
         with open(os.path.join(group, "cgroup.procs"), "w") as procs:
             procs.write("0")
+
+
+def _isolate(request: dict[str, Any]) -> None:
+    """Everything between fork and the plugin's first line; raises on any failure."""
+    if not request.get("placed"):  # a spare is in its groups already
+        _join(request["cgroups"])
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
     if request["network"]:
         flags |= CLONE_NEWNET
@@ -367,31 +383,178 @@ def _copy_output(source: int, path: str, limit: int = LOG_BYTES, stderr: bool = 
     os.close(log)
 
 
-def _shim(request: dict[str, Any]) -> int | None:
-    """Start the plugin, answer the backend, record the plugin's state and then its exit.
+class _Child:
+    """A plugin process forked by the shim, and the shim's ends of its pipes."""
 
-    Returns the plugin's exit code in the plugin process, None in the shim.
-    """
-    os.setsid()
+    def __init__(self, pid: int, output: int, errors: int, go: int | None) -> None:
+        self.pid, self.output, self.errors, self.go = pid, output, errors, go
+
+
+def _session() -> None:
+    """The shim's own session and signals (it outlives the launcher and the controller)."""
+    if os.getsid(0) != os.getpid():
+        os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _fork_plugin(request: dict[str, Any] | None, spare: list[str], taken: int) -> _Child:
+    """Fork the plugin process, PID 1 of a new PID namespace; with ``request`` None a spare:
+    it joins the groups ``spare`` and waits, running nothing, until it is handed its
+    request, then runs as the plugin (see :func:`_spare_plugin`)."""
     output_in, output_out = os.pipe2(os.O_CLOEXEC)
     errors_in, errors_out = os.pipe2(os.O_CLOEXEC)
+    go_in, go_out = os.pipe2(os.O_CLOEXEC) if request is None else (-1, -1)
     _check(_libc.unshare(CLONE_NEWPID), "unshare the PID namespace")
     pid = os.fork()
     if pid == 0:
         os.close(errors_in)
-        return _plugin(request, output_out, errors_out)
+        os.close(output_in)
+        if request is not None:
+            raise SystemExit(_plugin(request, output_out, errors_out))
+        os.close(go_out)
+        os.close(taken)  # the launcher hears of the shim's end, not of this process's
+        raise SystemExit(_spare_plugin(spare, go_in, output_out, errors_out))
     os.close(errors_out)
     os.close(output_out)
+    if request is not None:
+        return _Child(pid, output_in, errors_in, None)
+    os.close(go_in)
+    return _Child(pid, output_in, errors_in, go_out)
+
+
+def _spare_plugin(groups: list[str], go: int, log: int, errors: int) -> int:
+    """A spare plugin process: into its groups, a word to the shim, then wait for the request.
+
+    Nothing of any plugin's runs here before that request, and the shim sends it only once
+    the groups are the instance's with its limits written. The end of ``go`` (the shim is
+    gone) ends it.
+    """
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    try:
+        _join(groups)
+    except OSError as e:
+        os.write(errors, f"spare: {e}".encode(errors="replace")[:4000])
+        return 1
+    os.write(errors, b"p")
+    try:
+        size = struct.unpack("!I", _read_exactly(go, 4))[0]
+        request = json.loads(_read_exactly(go, size))
+    except EOFError:
+        return 0
+    os.close(go)
+    _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # a plugin outlives its shim, as any does
+    return _plugin({**request, "placed": True}, log, errors)
+
+
+class _Spare:
+    """A spare plugin process parked in a spare group of its own (:func:`_park`)."""
+
+    def __init__(self, child: _Child, dirs: list[str]) -> None:
+        self.child, self.dirs = child, dirs
+
+    def discard(self) -> None:
+        """Kill the spare process and remove its groups (and their parents once empty)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.child.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.child.pid, 0)
+        for fd in (self.child.output, self.child.errors, self.child.go):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        _remove_dirs(self.dirs)
+        for directory in self.dirs:
+            with contextlib.suppress(OSError):  # other instances' groups are in it
+                os.rmdir(os.path.dirname(directory))
+
+
+def _remove_dirs(dirs: list[str]) -> None:
+    for directory in dirs:
+        for _ in range(100):
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    break
+                time.sleep(0.01)  # the process is still being torn down
+
+
+def _park(parents: list[str], prefix: str, taken: int) -> _Spare | None:
+    """A spare: a plugin process forked now, moved into a new group ``<prefix><pid>`` in each
+    hierarchy (``parents``), waiting. A start then only renames the groups and writes the
+    limits: the move into a cgroup (which waits for the kernel's RCU grace period) is done
+    before the start, not in it. None if it cannot be made (the start then does it all)."""
+    name = f"{prefix}{os.getpid()}"
+    dirs = [os.path.join(parent, name) for parent in parents]
+    try:
+        for directory in dirs:
+            os.makedirs(directory, exist_ok=True)
+        _session()
+        child = _fork_plugin(None, dirs, taken)
+    except OSError as e:
+        print(f"launcher: no spare: {e}", file=sys.stderr)
+        _remove_dirs(dirs)
+        return None
+    spare = _Spare(child, dirs)
+    said = os.read(child.errors, 4096)
+    if said != b"p":
+        print(f"launcher: no spare: {said.decode(errors='replace')}", file=sys.stderr)
+        spare.discard()
+        return None
+    return spare
+
+
+def _place(request: dict[str, Any], spare: _Spare | None) -> None:
+    """Make the instance's groups (the spare's renamed, else new ones) and write its limits."""
+    targets = list(request["cgroups"])
+    if spare is not None:
+        if [os.path.dirname(d) for d in spare.dirs] != [os.path.dirname(t) for t in targets]:
+            raise OSError(errno.EINVAL, f"the spare's groups {spare.dirs} are not beside {targets}")
+        for index, (directory, target) in enumerate(zip(spare.dirs, targets, strict=True)):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(target)  # an empty one left by a start cut short
+            os.rename(directory, target)  # within its parent: cgroup v1 allows it
+            spare.dirs[index] = target
+    else:
+        for target in targets:
+            os.makedirs(target, exist_ok=True)
+    for path, value, optional in request["limits"]:
+        try:
+            with open(path, "w") as handle:
+                handle.write(str(value))
+        except OSError:
+            if not optional:
+                raise
+
+
+def _shim(request: dict[str, Any], spare: _Spare | None) -> None:
+    """Start the plugin (hand the spare its request, or fork one), answer the backend,
+    record the plugin's state and then its exit. (The plugin process leaves through
+    SystemExit, with the plugin's exit code.)
+    """
+    _session()
+    if spare is None:
+        child = _fork_plugin(request, [], -1)
+    else:
+        child = spare.child
+        body = json.dumps(request).encode()
+        assert child.go is not None
+        with open(child.go, "wb") as go:  # closed after: the spare then sees its end
+            go.write(struct.pack("!I", len(body)) + body)
+        child.go = None
+    pid = child.pid
     started = _starttime(pid)
     failure = b""
-    while chunk := os.read(errors_in, 4096):
+    while chunk := os.read(child.errors, 4096):
         failure += chunk
-    os.close(errors_in)
+    os.close(child.errors)
     if failure:
-        os.close(output_in)
+        os.close(child.output)
         os.waitpid(pid, 0)
         _answer({"error": failure.decode(errors="replace")})
         return None
@@ -399,12 +562,12 @@ def _shim(request: dict[str, Any]) -> int | None:
     record["shim_starttime"] = _starttime(os.getpid())
     record["started_at"] = time.time()
     _write_json(request["state"], record)
-    _answer({"pid": pid, "starttime": started})
+    _answer({"pid": pid, "starttime": started, "spare": spare is not None})
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1):
         os.dup2(null, fd)
     os.close(null)
-    _copy_output(output_in, request["log"])  # until the plugin's namespace is gone
+    _copy_output(child.output, request["log"])  # until the plugin's namespace is gone
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -444,22 +607,39 @@ def _answer(reply: dict[str, Any]) -> None:
     os.write(1, struct.pack("!I", len(body)) + body)  # one write: atomic below PIPE_BUF
 
 
-def _waiting(taken: int) -> int | None:
-    """A warm copy: take the next request, tell the launcher, become its shim."""
+def _waiting(taken: int, parents: list[str], prefix: str) -> None:
+    """A warm copy: park a spare (``parents``: where its groups go, ``prefix``: the start of
+    their name), take the next request,
+    place the instance's groups, tell the launcher (which forks the next copy), become its
+    shim."""
+    spare = _park(parents, prefix, taken) if parents else None
     try:
         size = struct.unpack("!I", _read_exactly(0, 4))[0]
         request = json.loads(_read_exactly(0, size))
     except EOFError:
+        if spare is not None:
+            spare.discard()
         os.write(taken, b"q")
-        return None
+        return
+    try:
+        # Before the next copy is forked: its spare's move into its groups holds the
+        # kernel's cgroup lock, which a rename waits for.
+        _place(request, spare)
+    except Exception as e:
+        os.write(taken, b"t")
+        if spare is not None:
+            spare.discard()
+        _answer({"error": f"the instance's cgroups: {type(e).__name__}: {e}"})
+        return
     os.write(taken, b"t")
     os.close(taken)
     try:
-        return _shim(request)
+        _shim(request, spare)
     except Exception as e:  # anything before the fork: the backend must hear of it
         traceback.print_exc()
+        if spare is not None:
+            spare.discard()
         _answer({"error": f"{type(e).__name__}: {e}"})
-        return None
 
 
 def interpreter_paths() -> list[str]:
@@ -474,6 +654,10 @@ def interpreter_paths() -> list[str]:
 
 
 def main() -> int:
+    # Where spare groups go (one directory per cgroup v1 hierarchy) and their names' start.
+    spares: dict[str, Any] = {"parents": [], "prefix": ""}
+    if len(sys.argv) > 1:
+        spares = json.loads(sys.argv[1])
     warm = True
     for name in PRELOAD:
         try:
@@ -495,10 +679,8 @@ def main() -> int:
         if pid == 0:
             os.close(taken_in)
             _check(_libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0), "pdeathsig")
-            code = _waiting(taken_out)
-            if code is None:
-                os._exit(0)
-            return code
+            _waiting(taken_out, spares["parents"], spares["prefix"])  # a plugin: SystemExit
+            os._exit(0)
         os.close(taken_out)
         said = os.read(taken_in, 1)
         os.close(taken_in)
