@@ -305,6 +305,17 @@ class ControllerProcess:
         self.process.kill()
         self.process.wait()
 
+    def end(self) -> None:
+        """At a test's end: the controller killed if it runs, and the gateway process a
+        killed controller leaves serving (as it must, for the next controller to adopt)
+        with it, so that no test's gateway outlives the test."""
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+        pid = self.gateway_pid() if self.data.exists() else None
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def gateway_pid(self) -> int | None:
         """The pid of the gateway process on this controller's data directory."""
         return gateway_process.running(self.data)
@@ -366,6 +377,5 @@ def controller(engine: EngineUnderTest, tmp_path: Path) -> Iterator[ControllerPr
     try:
         yield process
     finally:
-        if process.process is not None and process.process.poll() is None:
-            process.kill()
+        process.end()
         _remove(engine.client, f"{base.LABEL_CONTROLLER}={process.controller_id}")

@@ -96,8 +96,7 @@ def dashboard(tmp_path: Path) -> Iterator[ControllerProcess]:
     try:
         yield process
     finally:
-        if process.process is not None and process.process.poll() is None:
-            process.kill()
+        process.end()
         _remove(engine.client, f"{base.LABEL_CONTROLLER}={process.controller_id}")
         for found in engine.client.images.list():
             for tag in found.tags:

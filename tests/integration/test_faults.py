@@ -77,8 +77,7 @@ def docker_controller(tmp_path: Path) -> Iterator[ControllerProcess]:
         try:
             yield process
         finally:
-            if process.process is not None and process.process.poll() is None:
-                process.kill()
+            process.end()
             _remove(engine.client, f"{base.LABEL_CONTROLLER}={process.controller_id}")
 
 
@@ -207,8 +206,7 @@ def test_a_read_only_disk_leaves_calls_flowing_and_shows_a_condition(tmp_path):
             assert load.failures == [], "no call failed while the disk was read-only"
             assert alive(controller)
         finally:
-            if controller.process is not None and controller.process.poll() is None:
-                controller.kill()
+            controller.end()
             _remove(engine.client, f"{base.LABEL_CONTROLLER}={controller.controller_id}")
 
 

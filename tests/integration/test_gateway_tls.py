@@ -73,8 +73,7 @@ def controller(tmp_path: Path, certificates: dict[str, Path]) -> Iterator[Contro
     try:
         yield running
     finally:
-        if running.process is not None and running.process.poll() is None:
-            running.kill()
+        running.end()
         asyncio.run(_remove_all(running))
 
 

@@ -260,8 +260,7 @@ def test_a_killed_process_plugin_gets_its_newest_checkpoint_back(tmp_path: Path)
         for i in (0, 99):
             assert controller.call("st", "get", {"key": f"k{i}"})[1] == {"value": i}
     finally:
-        if controller.process is not None and controller.process.poll() is None:
-            controller.kill()
+        controller.end()
         asyncio.run(test_process._remove_all(controller))
 
 
@@ -319,6 +318,5 @@ def test_a_process_plugin_swaps_megabytes_under_writes_losing_nothing(tmp_path: 
         assert load.failures == [], "no call failed"
         assert all_readable(controller, {**filled, **load.written}) == [], "no write was lost"
     finally:
-        if controller.process is not None and controller.process.poll() is None:
-            controller.kill()
+        controller.end()
         asyncio.run(test_process._remove_all(controller))

@@ -53,8 +53,7 @@ def controller(tmp_path: Path) -> Iterator[ControllerProcess]:
     try:
         yield running
     finally:
-        if running.process is not None and running.process.poll() is None:
-            running.kill()
+        running.end()
         asyncio.run(_remove_all(running))
 
 
@@ -233,8 +232,7 @@ def test_a_plugin_root_and_virtualenv_under_tmp_work(
         assert status == 200, answer
         assert root_in_tmp.name in answer["output"].split(), "its code is bound into its /tmp"
     finally:
-        if running.process is not None and running.process.poll() is None:
-            running.kill()
+        running.end()
         asyncio.run(_remove_all(running))
 
 

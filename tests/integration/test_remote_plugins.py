@@ -114,6 +114,7 @@ def controller(tmp_path: Path, operator: Operator) -> Iterator[ControllerProcess
     finally:
         if running.process is not None and running.process.poll() is None:
             running.terminate()
+        running.end()
 
 
 @contextlib.contextmanager
