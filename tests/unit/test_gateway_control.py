@@ -530,6 +530,28 @@ async def test_a_color_of_replicas_crosses_the_socket_beside_its_single_endpoint
         assert "endpoints" not in remote.table()["kv"]
 
 
+async def test_every_replica_and_canary_pod_gets_its_token_and_tls_on_a_remote_gateway() -> None:
+    """Pods (Kubernetes) are reached over mutual TLS with the plugin's token: the table says
+    how for each endpoint a call may go to, not only the color's first replica."""
+    blue = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
+    green = ["10.0.1.1:7000", "10.0.1.2:7000"]
+    every = [*blue, *green]
+    routes = control.RemoteRoutes(None, lambda: {"kv": KV})
+    routes.carry_tokens(lambda e: "kv-token" if e in every else None)
+    checked: dict[str, control.EndpointTLS] = {
+        e: {"serverName": "kv.plugins.c1.plugin.blackhole", "ca": "PEM"} for e in every
+    }
+    routes.carry_tls(checked.get)
+    routes.set_route("kv", blue[0], "bh-kv-blue", spec(), blue)
+    routes.set_canary("kv", green[0], 10, None, green)
+    table = routes.table()
+    assert table["kv"]["tls"] == checked
+    gateway = control.ControlServer(router.Router())
+    gateway.apply_table(table)
+    assert gateway.tokens == dict.fromkeys(every, "kv-token")
+    assert gateway.tls == checked
+
+
 def test_an_older_entry_without_endpoints_routes_as_before() -> None:
     controls = control.ControlServer(router.Router())
     controls.apply_table({"kv": control.entry(KV, "unix:/a.sock", "bh-kv-blue")})
