@@ -559,6 +559,39 @@ def test_an_older_entry_without_endpoints_routes_as_before() -> None:
     assert not controls.router.gates["kv"].pools
 
 
+async def _not_initialized(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, server.NOT_INITIALIZED)
+    raise AssertionError("abort raises")
+
+
+async def test_a_call_a_replica_restarted_in_place_refuses_unrun_goes_to_another(
+    socket_dir: Path,
+) -> None:
+    """A replica the platform restarted at the same address (a pod's container) refuses
+    calls until the controller shook hands with it: those go to another replica; any other
+    refusal is the caller's answer."""
+    (socket_dir / "fresh").mkdir()
+    async with (
+        _plugin(socket_dir / "fresh", _not_initialized) as fresh,
+        _plugin(socket_dir) as alive,
+    ):
+        routes, plugins = router.Router(), client.Clients()
+        routes.set_route("kv", fresh, "bh-kv-blue", spec(), [fresh, alive])
+        gateway = server.Gateway(lambda key: KV if key == "kv" else None, routes, plugins)
+        bound = await gateway.start("127.0.0.1:0", None)
+        url = f"http://{bound['http']}/v1/plugins/kv/call/echo"
+        try:
+            for _ in range(6):
+                assert await asyncio.to_thread(_post, url) == (200, {"a": 1})
+            assert routes.counts[fresh].calls == 6 + 3, "each tried once on the fresh one"
+            routes.set_route("kv", fresh, "bh-kv-blue", spec())  # the fresh one alone
+            status, answer = await asyncio.to_thread(_post, url)
+            assert status == 409, answer
+        finally:
+            await gateway.stop()
+            await plugins.close()
+
+
 async def test_a_call_a_dead_replica_drops_goes_to_another_replica(socket_dir: Path) -> None:
     """A replica whose socket is gone (it died) fails no caller: each call it would have
     taken goes to another replica of its color at once; with no other left, it fails."""
