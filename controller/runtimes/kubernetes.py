@@ -817,10 +817,14 @@ class KubernetesRuntime:
     def endpoint(self, instance: base.Instance) -> str:
         if instance.address is not None:
             endpoint = instance.address
-        else:  # no pod IP yet: the color's Service
-            namespace = self._namespace(instance.namespace)
-            service = manifests.object_name(instance.plugin, instance.color, self.controller_id)
-            endpoint = f"{service}.{namespace}.svc:{manifests.PROTOCOL_PORT}"
+        else:  # no pod IP yet: a name of its own (each replica's), not reached until it has
+            namespace, object_name = self._names.get(instance.name) or (
+                self._namespace(instance.namespace),
+                manifests.deployment_name(
+                    instance.plugin, instance.color, self.controller_id, instance.replica
+                ),
+            )
+            endpoint = f"{object_name}.{namespace}.svc:{manifests.PROTOCOL_PORT}"
         self._endpoint_keys[endpoint] = instance.key
         self._endpoint_identities[endpoint] = self.identity(instance.plugin, instance.namespace)
         return endpoint
