@@ -93,6 +93,32 @@ async def test_a_scale_down_removes_the_last_replicas(echo: World) -> None:
     assert gate.endpoint == endpoint(echo, "bh-echo-blue")
 
 
+class _Watched(router.Router):
+    """A router that counts the times a plugin is left with no route."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleared = 0
+
+    def clear_route(self, key: str) -> None:
+        self.cleared += 1
+        super().clear_route(key)
+
+
+async def test_a_scale_down_keeps_the_first_replica_routed_throughout(echo: World) -> None:
+    """Calls go on to the replica kept while the ones past the count are removed: the
+    route is narrowed, never taken away (calls would fail with 503 meanwhile)."""
+    watched = _Watched()
+    echo.reconciler.routes = watched
+    await echo.settle("echo")
+    watched.cleared = 0
+    echo.write("echo", extra=REPLICAS.replace("3", "1"))
+    await echo.settle("echo")
+    assert sorted(echo.runtime.instances) == ["bh-echo-blue"]
+    assert watched.cleared == 0
+    assert watched.gates["echo"].endpoint == endpoint(echo, "bh-echo-blue")
+
+
 async def test_a_swap_starts_all_replicas_of_the_new_color_before_the_flip(echo: World) -> None:
     await echo.settle("echo")
     echo.write("echo", version="1.1.0", extra=REPLICAS)
