@@ -192,3 +192,20 @@ def test_replicas_are_refused_with_a_remote_address_or_a_standby(extra, refused)
     }
     with pytest.raises(pydantic.ValidationError, match=refused):
         models.Plugin.model_validate(document)
+
+
+def test_a_promoted_canary_of_replicas_keeps_its_pool_once_its_weight_goes() -> None:
+    """The table of a canary's end routes to its color and drops the canary in one go: the
+    color's replicas stay balanced over, not only its first."""
+    routes = router.Router()
+    spec = models.PluginSpec.model_validate({"image": "e:1", "version": "1.0.0"})
+    declared = router.Declared.of(spec)
+    blue, green = ["b0", "b1"], ["g0", "g1"]
+    routes.route_to("echo", blue[0], "bh-echo-blue", declared, blue)
+    routes.set_canary("echo", green[0], 50, None, green)
+    routes.route_to("echo", green[0], "bh-echo-green", declared, green)  # promoted
+    routes.set_canary("echo", None, 0)
+    gate = routes.gates["echo"]
+    assert gate.endpoint == green[0]
+    assert gate.pools[green[0]].endpoints == tuple(green)
+    assert blue[0] not in gate.pools
