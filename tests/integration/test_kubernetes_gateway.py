@@ -12,7 +12,9 @@ as a client behind the gateway's Service would.
 A plugin of replicas (a Deployment of one pod each) runs there too: the
 gateway pods balance its calls over all of them, one whose container dies is
 restarted in its pod while the others serve, a swap replaces them all, and
-lowering ``replicas`` removes the Deployments past it.
+lowering ``replicas`` removes the Deployments past it; a canary over
+replicas splits the calls by its weights on both gateway pods, and one that
+fails calls is rolled back by the builtin success-rate analysis.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from kubernetes import client as k8s_client
 from controller.runtimes import container
 
 from . import kube
-from .conftest import get_engine, wait_for
+from .conftest import BHCTL, TIME_SCALE, get_engine, wait_for
 from .test_kubernetes import (  # the fixtures
     NAMESPACE,
     SYSTEM,
@@ -673,3 +675,148 @@ def test_replicas_are_deployments_of_their_own_balanced_restarted_swapped_and_sc
         served = load.window(300)
         assert len({host for _, host in served}) == 1
     assert load.failures == [], "no call failed"
+
+
+def _canary(more: dict[str, Any], fail: float = 0) -> dict[str, Any]:
+    """echo of two replicas a color, swapped by a canary: ``more`` its hotSwap's own."""
+    return {
+        "replicas": 2,
+        "env": {"FAIL_RATE": str(fail)},
+        "gateway": {"maxConcurrentCalls": 1000},
+        "health": STARTUP,
+        "hotSwap": {"strategy": "Canary", "scaleDownDelaySeconds": 0, **SWAP["hotSwap"], **more},
+    }
+
+
+STEPS: dict[str, Any] = {
+    "canary": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]}
+}
+ANALYZED: dict[str, Any] = {
+    "analysis": [
+        {"name": "success", "builtin": "SuccessRate", "min": 0.95, "intervalSeconds": 2, "count": 5}
+    ],
+    "canary": {"steps": [{"setWeight": 50}, {"analysis": {"metrics": ["success"]}}]},
+}
+
+
+def _weights(gateways: Gateways, pods: dict[str, str]) -> list[float]:
+    """The weight each gateway replica itself applies to echo's new color."""
+    return [
+        float((gateways.status(p)["plugins"].get(f"{NAMESPACE}/echo") or {}).get("weight", 0))
+        for p in sorted(pods)
+    ]
+
+
+def _canary_at(api: Api, gateways: Gateways, pods: dict[str, str], step: int, weight: int) -> bool:
+    swap = api.status("echo").get("swap") or {}
+    return (
+        swap.get("canaryStep") == step
+        and swap.get("weight") == weight
+        and _weights(gateways, pods) == [weight] * len(pods)
+    )
+
+
+def _promote(controller: KubeController) -> None:
+    done = subprocess.run(
+        [str(BHCTL), "swap", "promote", f"{NAMESPACE}/echo", "--wait",
+         "--data-dir", str(controller.data)],
+        capture_output=True, text=True, timeout=300 * TIME_SCALE,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout, done.stderr)
+
+
+def _share(served: list[tuple[str, str]], version: str) -> float:
+    return sum(1 for v, _ in served if v == version) / len(served)
+
+
+@pytest.mark.timeout(900)  # a swap of several pods, on a loaded machine
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_canary_of_replicas_splits_calls_through_the_gateway_pods_by_its_weights(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**_canary(STEPS)))
+    wait_for(lambda: len(gateways.pods()) == 2, 120, "two gateway pods")
+    wait_for(
+        lambda: _all_ready(api, "echo", "1.0.0", 2),
+        180,
+        f"2 replicas Ready ({controller.log})",
+    )
+    pods = gateways.pods()
+    wait_for(lambda: _pooled(gateways, pods, 2), 120, f"both gateways pooling 2 ({controller.log})")
+    with Load.running(list(pods.values()), threads=8) as load:
+        load.window(200)
+        api.apply_plugin("echo", _spec("1.1.0", **_canary(STEPS)))
+        wait_for(
+            lambda: _canary_at(api, gateways, pods, 1, 10),
+            180,
+            f"the canary at 10% ({controller.log})",
+        )
+        at_10 = load.window(2000)
+        assert abs(_share(at_10, "1.1.0") - 0.10) < 0.03, _share(at_10, "1.1.0")
+        assert len({h for v, h in at_10 if v == "1.1.0"}) == 2, "the canary's replicas share"
+        assert len({h for v, h in at_10 if v == "1.0.0"}) == 2
+
+        _promote(controller)
+        wait_for(
+            lambda: _canary_at(api, gateways, pods, 3, 50),
+            120,
+            f"the canary at 50% ({controller.log})",
+        )
+        at_50 = load.window(2000)
+        assert abs(_share(at_50, "1.1.0") - 0.50) < 0.05, _share(at_50, "1.1.0")
+
+        _promote(controller)
+        wait_for(
+            lambda: _all_ready(api, "echo", "1.1.0", 2),
+            120,
+            f"the canary promoted ({controller.log})",
+        )
+        wait_for(lambda: _weights(gateways, pods) == [0, 0], 60, "no canary left on the gateways")
+        at_100 = load.window(1000)
+        assert _share(at_100, "1.1.0") == 1.0
+        assert len({h for _, h in at_100}) == 2
+    assert load.failures == [], "no call failed"
+
+
+@pytest.mark.timeout(900)  # a swap of several pods, on a loaded machine
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_canary_of_replicas_that_fails_calls_is_rolled_back_by_its_success_rate(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**_canary(ANALYZED)))
+    wait_for(lambda: len(gateways.pods()) == 2, 120, "two gateway pods")
+    wait_for(
+        lambda: _all_ready(api, "echo", "1.0.0", 2),
+        180,
+        f"2 replicas Ready ({controller.log})",
+    )
+    pods = gateways.pods()
+    wait_for(lambda: _pooled(gateways, pods, 2), 120, f"both gateways pooling 2 ({controller.log})")
+    with Load.running(list(pods.values())) as load:
+        load.window(100)
+        api.apply_plugin("echo", _spec("1.1.0", **_canary(ANALYZED, fail=0.2)))
+
+        def rolled_back() -> dict[str, Any]:
+            last = api.status("echo").get("lastSwap") or {}
+            return last if last.get("reason") == "SwapFailedAnalysis" else {}
+
+        last = wait_for(rolled_back, 240, f"the analysis to roll back ({controller.log})")
+        after = time.monotonic()
+        wait_for(lambda: _weights(gateways, pods) == [0, 0], 60, "the gateways back on 1.0.0")
+        versions = {v for v, _ in load.window(1000)}
+        assert versions == {"1.0.0"}
+    assert "success (SuccessRate) failed" in last["message"]
+    assert "wanted >= 0.95" in last["message"]
+    late = [f for f in load.failures if f[0] >= after]
+    assert late == [], "no call failed after the rollback"
+    assert load.failures, "the new version failed some calls while it was a canary"
+    assert {status for _, status, _ in load.failures} == {500}
+    assert api.status("echo")["activeVersion"] == "1.0.0"
