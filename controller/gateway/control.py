@@ -238,12 +238,14 @@ class RouteEntry(TypedDict):
     preview: NotRequired[str | None]
     """The endpoint of a swap's new color, while preview calls may reach it."""
     token: NotRequired[str]
-    """The protocol token the instance asks for (Kubernetes: the gateway is another pod)."""
+    """The protocol token the plugin's instances ask for (Kubernetes: the gateway is another
+    pod), the same for each of its endpoints: every color's, replica's, preview's, canary's."""
     canary: NotRequired[Canary | None]
     """A canary's new color and the share of calls it takes."""
     tls: NotRequired[dict[str, EndpointTLS]]
-    """How each of its endpoints reached over mutual TLS (a remote plugin: the active one,
-    a preview's, a canary's) is checked; the gateway presents its own client certificate."""
+    """How each of its endpoints reached over mutual TLS (a remote plugin, a pod: the active
+    one, a preview's, a canary's, each of their replicas) is checked; the gateway presents its
+    own client certificate."""
     endpoints: NotRequired[list[ReplicaEntry]]
     """The Ready replicas of the color ``endpoint`` names, when it has several."""
 
@@ -292,6 +294,20 @@ def entry(
         "callPlugins": sorted(declared.calls),
         "preview": preview,
     }
+
+
+def _endpoints_of(item: RouteEntry) -> list[str]:
+    """Every endpoint a table entry routes to: its color's, its replicas', a preview's, a
+    canary's and its replicas'."""
+    canary = item.get("canary")
+    found = [
+        item.get("endpoint"),
+        *(one["endpoint"] for one in item.get("endpoints", ())),
+        item.get("preview"),
+        *([canary["endpoint"], *(one["endpoint"] for one in canary.get("endpoints", ()))]
+          if canary else []),
+    ]  # fmt: skip
+    return [str(e) for e in dict.fromkeys(found) if e]
 
 
 def _pool_of(endpoint: str, endpoints: Sequence[str]) -> tuple[str, ...]:
@@ -446,9 +462,10 @@ class ControlServer:
         self.table = table
         self.router.metrics.gateway_plugins(table)
         self.tokens = {
-            str(item["endpoint"]): str(item["token"])
+            endpoint: str(item["token"])
             for item in routes.values()
-            if item.get("endpoint") and item.get("token")
+            if item.get("token")
+            for endpoint in _endpoints_of(item)
         }
         self.tls = {
             endpoint: checked
@@ -1022,9 +1039,8 @@ class RemoteRoutes:
             if endpoint and self._tokens is not None and (token := self._tokens(endpoint)):
                 table[key]["token"] = token
             if self._tls is not None:
-                weighted = self._canaries.get(key)
-                reached = [endpoint, self._previews.get(key), weighted and weighted["endpoint"]]
-                checked = {e: tls for e in reached if e and (tls := self._tls(e)) is not None}
+                reached = _endpoints_of(table[key])
+                checked = {e: tls for e in reached if (tls := self._tls(e)) is not None}
                 if checked:
                     table[key]["tls"] = checked
         return table

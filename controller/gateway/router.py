@@ -176,7 +176,7 @@ class Router:
         gate = self.gates[key]
         calls = tuple(sorted(declared.calls))
         changed = gate.endpoint != endpoint or gate.calls != calls
-        if gate.endpoint is not None and gate.endpoint != endpoint != gate.canary:
+        if gate.endpoint is not None and gate.endpoint not in (endpoint, gate.canary):
             gate.pools.pop(gate.endpoint, None)
         _pool(gate, endpoint, endpoints)
         gate.endpoint, gate.instance, gate.calls = endpoint, instance, calls
@@ -205,8 +205,8 @@ class Router:
         if endpoint is None and key not in self.gates:
             return
         gate = self.gates[key]
-        if gate.canary is not None and gate.canary != endpoint != gate.endpoint:
-            gate.pools.pop(gate.canary, None)
+        if gate.canary is not None and gate.canary not in (endpoint, gate.endpoint):
+            gate.pools.pop(gate.canary, None)  # not once promoted: the active color's pool
         if endpoint is not None:
             _pool(gate, endpoint, endpoints)
         gate.canary = endpoint

@@ -74,6 +74,10 @@ DRAINING = "draining: not taking calls"
 """What an instance a swap drained answers (UNAVAILABLE) a call it did not run."""
 UNANSWERED = frozenset({"UNAVAILABLE", "CANCELLED"})
 """The gRPC codes of a call that a replica dropped unanswered (it died under the call)."""
+NOT_INITIALIZED = "not initialized yet"
+"""What an instance answers (FAILED_PRECONDITION) a call before the controller's handshake,
+unrun: one the platform restarted in place (a pod's container, at the address the call was
+already on its way to) until the controller takes it out of the route."""
 DRAINING_RETRY = 0.01
 DRAINING_RETRY_MAX = 0.2
 """Seconds between tries of a call a draining instance refused, doubling up to this."""
@@ -469,7 +473,8 @@ class Gateway:
         A call that a replica of a color of several drops unanswered (it died, or its
         socket is gone: UNAVAILABLE, or CANCELLED by the channel closed with it) goes to
         another replica of that color at once: replicas are for stateless plugins, and the
-        call may have run on the one that died.
+        call may have run on the one that died. So does one a replica refused unrun as
+        not initialized yet (restarted in place, not yet shaken hands with).
 
         An instance is draining only between a swap's hold and its flip (or
         rollback); a call reaches one when the controller went away in
@@ -496,7 +501,7 @@ class Gateway:
                 except PluginCallError as e:
                     if (e.code, e.message) == ("UNAVAILABLE", DRAINING):
                         pass
-                    elif e.code in UNANSWERED and self.router.spare(name, endpoint, dropped):
+                    elif _unanswered(e) and self.router.spare(name, endpoint, dropped):
                         dropped.add(endpoint)  # a replica that died: another one takes it
                         continue
                     else:
@@ -700,6 +705,11 @@ def _timeout(asked: str | None, most: float) -> float:
             400, "BadTimeout", f"X-Timeout-Seconds: {asked!r} is not a positive number"
         )
     return min(value, most)
+
+
+def _unanswered(e: PluginCallError) -> bool:
+    """Whether a replica left the call unanswered (or refused it unrun): another may take it."""
+    return e.code in UNANSWERED or (e.code, e.message) == ("FAILED_PRECONDITION", NOT_INITIALIZED)
 
 
 def _from_plugin(name: str, e: PluginCallError, timeout: float) -> router.Refused:

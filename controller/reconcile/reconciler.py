@@ -840,8 +840,10 @@ class _Pass:
 
     async def remove(self, instance: base.Instance) -> None:
         c = self.c
-        if instance.color is c.status.active_color and c.status.swap is None and c.count == 1:
-            self.s.routes.clear_route(c.key)  # of replicas: the pass routes to the others
+        active = instance.color is c.status.active_color and c.status.swap is None
+        if active and c.count == 1 and instance.replica == 0:
+            # Of replicas (or one past a lowered count): the pass routes to the others.
+            self.s.routes.clear_route(c.key)
         memory = c.memory.of_replica(instance.replica)
         memory.handshaken.discard(instance.id)
         memory.crashes_counted.pop(instance.id, None)

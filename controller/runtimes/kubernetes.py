@@ -1,4 +1,4 @@
-"""The Kubernetes backend: each instance is a one-replica Deployment in its plugin's namespace.
+"""The Kubernetes backend: each instance is a one-pod Deployment in its plugin's namespace.
 
 What it makes is in :mod:`controller.runtimes.kubernetes_manifests`. Writes
 are idempotent get-then-create-or-merge-patch, not server-side apply: the
@@ -25,6 +25,14 @@ scheduling, pulling), so the startup deadline counts from when it runs.
 Volumes are ReadWriteOnce claims, per color or shared
 (:mod:`~controller.runtimes.kubernetes_manifests` says which and why); a
 claim grows with its spec, never shrinks.
+
+A plugin of several replicas (``spec.replicas``) has a Deployment of one pod
+per replica, named as the other runtimes name their instances
+(``bh-<plugin>-<color>-<k>`` after the first), so that the controller checks,
+restarts, drains and removes each on its own, and the gateway balances over
+their pod IPs; the replicas of a color share its Service and certificate
+Secret (the plugin's identity, which each pod proves), which go with the last
+of them.
 
 The stable Service ``bh-<plugin>`` follows the active color (:meth:`route`),
 so in-cluster callers that hold the token see the flip of a blue/green swap
@@ -187,7 +195,7 @@ class KubernetesRuntime:
             host_paths=False,
             restarts_crashed=True,
             not_enforced=not_enforced,
-            replicas=False,  # one Deployment of one pod a color: the handshake is per pod
+            replicas=True,  # a Deployment of one pod per replica: each an instance
         )
 
     def validate(self, desired: base.InstanceSpec) -> list[SpecIssue]:
@@ -208,7 +216,9 @@ class KubernetesRuntime:
                     has_value=True,
                 )
             )
-        too_long = manifests.names_too_long(desired.plugin, self.settings.controller_id)
+        too_long = manifests.names_too_long(
+            desired.plugin, self.settings.controller_id, desired.spec.replicas
+        )
         if too_long is not None:
             issues.append(
                 SpecIssue(
@@ -279,7 +289,7 @@ class KubernetesRuntime:
                 color = labels.get(base.LABEL_COLOR)
                 if color in {c.value for c in models.Color}:
                     name = base.instance_name(
-                        plugin, models.Color(color), namespace, self.controller_id
+                        plugin, models.Color(color), namespace, self.controller_id, _replica(labels)
                     )
                     if obj is after:
                         self._names[name] = kubeapi.key_of(obj)
@@ -327,7 +337,7 @@ class KubernetesRuntime:
         seen = _state(deployment, pod)
         address = ((pod or {}).get("status") or {}).get("podIP")
         return base.Instance(
-            name=base.instance_name(plugin, color, namespace, self.controller_id),
+            name=base.instance_name(plugin, color, namespace, self.controller_id, _replica(labels)),
             plugin=plugin,
             color=color,
             version=labels.get(base.LABEL_VERSION, ""),
@@ -460,19 +470,34 @@ class KubernetesRuntime:
             self._deployments.put(raw)
 
     async def remove(self, name: str) -> None:
+        """Remove the instance's Deployment; with the last replica of its color, the
+        color's Service, certificate Secret and (a swap's end) claims too."""
         where = self._names.get(name)
         if where is None:
             return
         namespace, object_name = where
         deployment = self._deployments.get(where) or {}
-        for delete in (
-            self.apps.delete_namespaced_deployment,
-            self.core.delete_namespaced_service,
-        ):
-            await self._delete(delete, object_name, namespace)
-        await self._delete(self.core.delete_namespaced_secret, f"{object_name}-tls", namespace)
+        await self._delete(self.apps.delete_namespaced_deployment, object_name, namespace)
         self._names.pop(name, None)
+        labels = (deployment.get("metadata") or {}).get("labels") or {}
+        plugin, color = labels.get(base.LABEL_PLUGIN), labels.get(base.LABEL_COLOR)
+        if plugin and color in {c.value for c in models.Color}:
+            scope = labels.get(base.LABEL_NAMESPACE) or None
+            if self._replicas_left(plugin, models.Color(color), scope):
+                return  # the others of the color go on serving with its Service and Secret
+            service = manifests.object_name(plugin, models.Color(color), self.controller_id)
+        else:
+            service = object_name  # unlabelled: of the first replica, named as its Service
+        await self._delete(self.core.delete_namespaced_service, service, namespace)
+        await self._delete(self.core.delete_namespaced_secret, f"{service}-tls", namespace)
         await self._remove_color_claims(deployment, namespace)
+
+    def _replicas_left(self, plugin: str, color: models.Color, namespace: str | None) -> bool:
+        """Whether a Deployment of any replica of the color is still there."""
+        return any(
+            base.instance_name(plugin, color, namespace, self.controller_id, replica) in self._names
+            for replica in range(models.MAX_REPLICAS)
+        )
 
     async def _remove_color_claims(self, deployment: kubeapi.Object, namespace: str) -> None:
         """The claims of a color that goes while the other one carries on (a swap's end:
@@ -483,7 +508,7 @@ class KubernetesRuntime:
             return
         other = models.Color.GREEN if color == models.Color.BLUE.value else models.Color.BLUE
         scope = labels.get(base.LABEL_NAMESPACE) or None
-        if base.instance_name(plugin, other, scope, self.controller_id) not in self._names:
+        if not self._replicas_left(plugin, other, scope):
             return
         for claim in await self._list_claims(plugin, namespace, color=models.Color(color)):
             await self._delete(
@@ -685,14 +710,21 @@ class KubernetesRuntime:
     async def _certify(
         self, desired: base.InstanceSpec, namespace: str, owner: manifests.Owner | None
     ) -> None:
-        """Issue the color's certificate into its Secret (made, or its data replaced)."""
+        """Issue the color's certificate into its Secret (made, or its data replaced). The
+        replicas after the first share the one there while it is current: the first's
+        start issues it, renewal keeps it so."""
+        name = manifests.certificate_name(desired.plugin, desired.color, self.controller_id)
+        existing = await self._read(self.core.read_namespaced_secret, name, namespace)
+        if desired.replica and existing is not None:
+            at = _renew_at(existing.get("data") or {}, self.authority.cert_pem)
+            if at is not None and datetime.now(UTC) < at:
+                return
         issued = await asyncio.to_thread(self._issue, desired.plugin, desired.color, namespace)
         self._issued.set()
         body = manifests.certificate_secret(
             desired, namespace, owner, issued, self.authority.cert_pem
         )
-        name = body["metadata"]["name"]
-        if await self._read(self.core.read_namespaced_secret, name, namespace) is None:
+        if existing is None:
             with contextlib.suppress(InstanceConflictError):
                 await self._request(
                     f"creating {_describe(body)}",
@@ -785,10 +817,12 @@ class KubernetesRuntime:
     def endpoint(self, instance: base.Instance) -> str:
         if instance.address is not None:
             endpoint = instance.address
-        else:
+        else:  # no pod IP yet: a name of its own (each replica's), not reached until it has
             namespace, object_name = self._names.get(instance.name) or (
                 self._namespace(instance.namespace),
-                manifests.object_name(instance.plugin, instance.color, self.controller_id),
+                manifests.deployment_name(
+                    instance.plugin, instance.color, self.controller_id, instance.replica
+                ),
             )
             endpoint = f"{object_name}.{namespace}.svc:{manifests.PROTOCOL_PORT}"
         self._endpoint_keys[endpoint] = instance.key
@@ -952,6 +986,12 @@ class KubernetesRuntime:
         change = {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]}
         with contextlib.suppress(InstanceNotFoundError):
             await self._patch("updating", patch, name, namespace, change)
+
+
+def _replica(labels: dict[str, str]) -> int:
+    """Which replica of its color a Deployment is (its ``replica`` label; 0 without)."""
+    text = labels.get(base.LABEL_REPLICA, "")
+    return int(text) if text.isdigit() else 0
 
 
 def _shrinks(want: str, have: str) -> bool:

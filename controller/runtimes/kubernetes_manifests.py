@@ -4,20 +4,25 @@ Pure functions of an :class:`~controller.runtimes.base.InstanceSpec` and the
 backend's settings, so that every manifest can be validated offline against
 the Kubernetes schemas. Per plugin:
 
-- a **Deployment per color** (one replica, ``Recreate``): non-root,
+- a **Deployment per replica of each color** (``bh-<plugin>-<color>``, and
+  ``bh-<plugin>-<color>-<k>`` for the replicas after the first of
+  ``spec.replicas``; each of one pod, ``Recreate``, selecting its own pods
+  only by the ``run`` label it was made with): non-root,
   read-only root filesystem, all capabilities dropped, no privilege
   escalation, seccomp ``RuntimeDefault``, no service-account token; requests
   and limits from the spec; gRPC readiness (``grpc.health.v1``, SERVING once
   the controller's handshake is done) and liveness (the ``liveness`` health
   service) probes;
-- a **headless Service per color** that publishes its pod before it is Ready
+- a **headless Service per color** that publishes its pods (every replica's)
+  before they are Ready
   (the controller must reach a pod to shake hands with it), and a **stable
   Service** ``bh-<plugin>`` whose selector follows the active color;
 - a **NetworkPolicy** denying everything but the protocol port from the
   controller's pods (where the gateway runs), plus the egress and peers the
   spec grants;
 - a **PVC** per volume, and a **Secret** with the plugin's protocol token;
-- a **Secret per color** with the instance's certificate (its identity
+- a **Secret per color**, which every replica of the color mounts, with the
+  instance's certificate (its identity
   ``blackhole://<controller-id>/<namespace>/<plugin>`` and server name in the
   SAN), its key and the CA, mounted read-only into the pod (files 0440, the
   pod's group) and named by ``BLACKHOLE_TLS_CERT``/``_KEY``/``_CA``: the
@@ -128,25 +133,42 @@ class Owner:
 
 
 def object_name(plugin: str, color: models.Color, controller_id: str) -> str:
-    """The name of a color's Deployment and Service, unique within the plugin's namespace."""
+    """The name of a color's Service (and of its first replica's Deployment), unique within
+    the plugin's namespace."""
     return base.instance_name(plugin, color, None, controller_id)
 
 
-SERVICE_NAME_MAX = 63
-"""Service names are DNS-1035 labels: at most 63 characters."""
+def deployment_name(plugin: str, color: models.Color, controller_id: str, replica: int = 0) -> str:
+    """The name of the Deployment of one replica of a color: the color's Service's name, and
+    ``-<replica>`` after it for the replicas after the first."""
+    return base.instance_name(plugin, color, None, controller_id, replica)
 
 
-def names_too_long(plugin: str, controller_id: str) -> str | None:
-    """Why the objects of ``plugin`` could not be created under these names (a Service's
-    name is at most 63 characters), or None. Checked before anything is created: the API
-    server would refuse the Service with a 422 after the Deployment was made."""
-    longest = max((object_name(plugin, color, controller_id) for color in models.Color), key=len)
-    if len(longest) <= SERVICE_NAME_MAX:
+NAME_MAX = 63
+"""Service names are DNS-1035 labels, at most 63 characters; the Deployments, named as the
+Service with a replica's suffix, are kept to a DNS label too."""
+
+
+def names_too_long(plugin: str, controller_id: str, replicas: int = 1) -> str | None:
+    """Why the objects of ``plugin`` with ``replicas`` replicas a color could not be made
+    under these names (each at most 63 characters), or None. Checked before anything is
+    created: the API server would refuse the Service with a 422 after a Deployment was made."""
+    names = [
+        (kind, name)
+        for color in models.Color
+        for kind, name in (
+            ("Service", object_name(plugin, color, controller_id)),
+            ("Deployment", deployment_name(plugin, color, controller_id, replicas - 1)),
+        )
+    ]
+    kind, longest = max(names, key=lambda n: len(n[1]))
+    if len(longest) <= NAME_MAX:
         return None
-    room = SERVICE_NAME_MAX - (len(longest) - len(plugin))
+    room = NAME_MAX - (len(longest) - len(plugin))
+    of = f" and {replicas} replicas" if replicas > 1 else ""
     return (
-        f"the Service {longest!r} would be {len(longest)} characters, over Kubernetes' "
-        f"{SERVICE_NAME_MAX}: with controller id {controller_id!r} a plugin's name may be at "
+        f"the {kind} {longest!r} would be {len(longest)} characters, over Kubernetes' "
+        f"{NAME_MAX}: with controller id {controller_id!r}{of} a plugin's name may be at "
         f"most {room} characters here"
     )
 
@@ -223,7 +245,9 @@ def deployment(
     spec = desired.spec
     cid = desired.controller_id
     labels = {**desired.labels, **color_selector(desired.plugin, desired.color, cid)}
-    pod_labels = {**labels, LABEL_RUN: run}
+    # What the Deployment selects: its own pods, not another replica's of the color.
+    own = {**color_selector(desired.plugin, desired.color, cid), LABEL_RUN: run}
+    pod_labels = {**labels, **own}
     env = [
         {"name": "BLACKHOLE_ADDRESS", "value": f"0.0.0.0:{PROTOCOL_PORT}"},
         {"name": "BLACKHOLE_PLUGIN", "value": desired.plugin},
@@ -313,13 +337,16 @@ def deployment(
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(
-            object_name(desired.plugin, desired.color, cid), namespace, labels, owner
+            deployment_name(desired.plugin, desired.color, cid, desired.replica),
+            namespace,
+            labels,
+            owner,
         ),
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},
             "revisionHistoryLimit": 1,
-            "selector": {"matchLabels": color_selector(desired.plugin, desired.color, cid)},
+            "selector": {"matchLabels": own},
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {

@@ -8,12 +8,21 @@ EndpointSlices. The controller runs on the host with ``--gateway-service``,
 finds both replicas from the EndpointSlices, and reaches each over TCP with
 the control secret. Calls go to each replica's pod IP with a caller token,
 as a client behind the gateway's Service would.
+
+A plugin of replicas (a Deployment of one pod each) runs there too: the
+gateway pods balance its calls over all of them, one whose container dies is
+restarted in its pod while the others serve, a swap replaces them all, and
+lowering ``replicas`` removes the Deployments past it; a canary over
+replicas splits the calls by its weights on both gateway pods, and one that
+fails calls is rolled back by the builtin success-rate analysis.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +33,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +47,7 @@ from kubernetes import client as k8s_client
 from controller.runtimes import container
 
 from . import kube
-from .conftest import get_engine, wait_for
+from .conftest import BHCTL, TIME_SCALE, get_engine, wait_for
 from .test_kubernetes import (  # the fixtures
     NAMESPACE,
     SYSTEM,
@@ -443,3 +454,369 @@ def test_a_replica_frozen_after_holding_rolls_the_flip_back_on_every_replica(
         "the thawed replica released",
     )
     assert gateways.route(frozen, "echo") == blue
+
+
+@dataclass
+class Load:
+    """Calls ``who`` through both gateway replicas from a few threads until stopped: who
+    answered each call (its version and host: one host per plugin pod), and what failed."""
+
+    addresses: list[str]
+    name: str = "echo"
+    threads: int = 6
+    answers: list[tuple[float, str, str]] = field(default_factory=list)
+    """(start, version, host) of each call answered."""
+    failures: list[tuple[float, int, Any]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _run(self, worker: int) -> None:
+        n = worker
+        while not self._stop.is_set():
+            began = time.monotonic()
+            address = self.addresses[n % len(self.addresses)]
+            try:
+                status, answer = call(address, self.name, {}, timeout=150, method="who")
+            except OSError as e:
+                status, answer = 0, str(e)
+            with self._lock:
+                if status == 200:
+                    self.answers.append((began, answer["version"], answer["host"]))
+                else:
+                    self.failures.append((began, status, answer))
+            n += 1
+            time.sleep(0.005)
+
+    def since(self, start: float) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(v, h) for at, v, h in self.answers if at >= start]
+
+    def window(self, calls: int, timeout: float = 120) -> list[tuple[str, str]]:
+        """(version, host) of the next ``calls`` answered calls."""
+        start = time.monotonic()
+        wait_for(
+            lambda: len(self.since(start)) >= calls,
+            timeout,
+            f"{calls} calls (failed: {self.failures[-3:]})",
+        )
+        return self.since(start)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, addresses: list[str], threads: int = 6) -> Iterator[Load]:
+        load = cls(addresses, threads=threads)
+        workers = [threading.Thread(target=load._run, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            yield load
+        finally:
+            load._stop.set()
+            for worker in workers:
+                worker.join(200)
+
+
+def _deployments(api: Api) -> dict[str, str]:
+    """Name to uid of the controller's Deployments in the plugins' namespace."""
+    listing: Any = api.apps.list_namespaced_deployment(NAMESPACE, _preload_content=False)
+    return {d["metadata"]["name"]: d["metadata"]["uid"] for d in json.loads(listing.data)["items"]}
+
+
+def _pods(api: Api, deployment: str) -> list[dict[str, Any]]:
+    """The live pods of one Deployment (by owner: ``bh-x-blue-`` is a prefix of ``-blue-1``)."""
+    listing: Any = api.core.list_namespaced_pod(NAMESPACE, _preload_content=False)
+    return [
+        p
+        for p in json.loads(listing.data)["items"]
+        if any(o.get("name") == deployment for o in p["metadata"].get("ownerReferences") or [])
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def _records(api: Api, name: str) -> list[dict[str, Any]]:
+    """The status records of the active color's replicas, by replica."""
+    status = api.status(name)
+    records = [i for i in status.get("instances", []) if i["color"] == status.get("activeColor")]
+    return sorted(records, key=lambda i: int(i.get("replica", 0)))
+
+
+def _all_ready(api: Api, name: str, version: str, replicas: int) -> bool:
+    status = api.status(name)
+    records = _records(api, name)
+    return (
+        status.get("swap") is None
+        and status.get("activeVersion") == version
+        and len(records) == replicas
+        and all(i["ready"] for i in records)
+    )
+
+
+def _replica_names(cid: str, color: str, replicas: int) -> list[str]:
+    return [f"bh-{cid}-echo-{color}" + (f"-{k}" if k else "") for k in range(replicas)]
+
+
+def _pooled(gateways: Gateways, pods: dict[str, str], replicas: int) -> bool:
+    """Whether every gateway replica balances echo over ``replicas`` endpoints."""
+    for pod in pods:
+        plugin = gateways.status(pod)["plugins"].get(f"{NAMESPACE}/echo") or {}
+        if len(plugin.get("endpoints") or [plugin.get("endpoint")]) != replicas:
+            return False
+    return True
+
+
+STARTUP = {"startupDeadlineSeconds": 180}
+"""Pods of several replicas start one after the other on a loaded machine."""
+REPLICAS: dict[str, Any] = {
+    "replicas": 3,
+    "gateway": {"maxConcurrentCalls": 1000},
+    "health": STARTUP,
+    "restart": {"backoffSeconds": 1},
+    "hotSwap": {"scaleDownDelaySeconds": 2, **SWAP["hotSwap"]},
+}
+
+
+@pytest.mark.timeout(900)  # a swap of several pods, on a loaded machine
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_replicas_are_deployments_of_their_own_balanced_restarted_swapped_and_scaled_down(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    cid = controller.controller_id
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**REPLICAS))
+    wait_for(lambda: len(gateways.pods()) == 2, 120, "two gateway pods")
+    wait_for(
+        lambda: _all_ready(api, "echo", "1.0.0", 3),
+        180,
+        f"3 replicas Ready ({controller.log})",
+    )
+    blue = _replica_names(cid, "blue", 3)
+    assert sorted(_deployments(api)) == sorted(blue)
+    assert [len(_pods(api, d)) for d in blue] == [1, 1, 1]
+    assert {f"bh-{cid}-echo-blue", f"bh-{cid}-echo"} == api.names("services")
+    assert f"bh-{cid}-echo-blue-tls" in api.names("secrets")
+    assert [api.read("deployments", d)["spec"]["replicas"] for d in blue] == [1, 1, 1]
+    pods = gateways.pods()
+    wait_for(lambda: _pooled(gateways, pods, 3), 120, f"both gateways pooling 3 ({controller.log})")
+    before = _deployments(api)
+    with Load.running(list(pods.values())) as load:
+        spread = collections.Counter(host for _, host in load.window(600))
+        assert len(spread) == 3, spread
+        assert min(spread.values()) > 600 / 3 * 0.5, f"calls spread over all 3: {spread}"
+
+        # One replica's container dies: the kubelet restarts it in its pod (or, if its
+        # health checks fail first, the controller replaces its Deployment); the others serve.
+        [crashed] = _pods(api, blue[1])
+        others = {d: [p["metadata"]["uid"] for p in _pods(api, d)] for d in (blue[0], blue[2])}
+        assert api.cluster is not None
+        session, pod = api.cluster.session, crashed["metadata"]["name"]
+        gateways.docker.containers.get(f"bhk-{session}-{NAMESPACE}-{pod}").kill()
+
+        def restarted() -> bool:
+            restarts = [i.get("restarts", 0) for i in _records(api, "echo")]
+            return (
+                len(restarts) == 3
+                and restarts[0] == restarts[2] == 0
+                and restarts[1] >= 1
+                and _all_ready(api, "echo", "1.0.0", 3)
+            )
+
+        wait_for(restarted, 180, f"{blue[1]} restarted and Ready ({controller.log})")
+        after = _deployments(api)
+        assert sorted(after) == sorted(blue)
+        assert [after[d] for d in others] == [before[d] for d in others], "the others untouched"
+        assert {d: [p["metadata"]["uid"] for p in _pods(api, d)] for d in others} == others
+        wait_for(lambda: _pooled(gateways, pods, 3), 60, "the restarted replica pooled again")
+        assert len({host for _, host in load.window(300)}) == 3, "it takes calls again"
+        assert load.failures == [], "no call failed while a replica was down"
+
+        # A swap starts three of the new version and removes the old three once promoted.
+        api.apply_plugin("echo", _spec("1.1.0", **REPLICAS))
+        wait_for(
+            lambda: _all_ready(api, "echo", "1.1.0", 3),
+            240,
+            f"3 replicas of 1.1.0 ({controller.log})",
+        )
+        green = _replica_names(cid, "green", 3)
+        wait_for(
+            lambda: sorted(_deployments(api)) == sorted(green),
+            60,
+            f"blue removed after the scale-down delay ({controller.log})",
+        )
+        wait_for(
+            lambda: api.names("services") == {f"bh-{cid}-echo-green", f"bh-{cid}-echo"},
+            60,
+            "blue's Service removed",
+        )
+        secrets = api.names("secrets")
+        assert f"bh-{cid}-echo-green-tls" in secrets
+        assert f"bh-{cid}-echo-blue-tls" not in secrets
+        wait_for(lambda: _pooled(gateways, pods, 3), 60, "both gateways pooling green's 3")
+        served = load.window(600)
+        assert {version for version, _ in served} == {"1.1.0"}
+        assert len({host for _, host in served}) == 3
+        assert load.failures == [], "no call failed in the swap"
+
+        # Lowered to one: the two past it go, and nothing else of the color.
+        kept = _deployments(api)[green[0]]
+        api.apply_plugin("echo", _spec("1.1.0", **{**REPLICAS, "replicas": 1}))
+        wait_for(
+            lambda: list(_deployments(api)) == [green[0]],
+            120,
+            f"replicas 1 and 2 removed ({controller.log})",
+        )
+        assert _deployments(api)[green[0]] == kept
+        wait_for(lambda: _all_ready(api, "echo", "1.1.0", 1), 60, "one replica Ready")
+        assert api.names("services") == {f"bh-{cid}-echo-green", f"bh-{cid}-echo"}
+        assert f"bh-{cid}-echo-green-tls" in api.names("secrets")
+        wait_for(lambda: _pooled(gateways, pods, 1), 60, "both gateways on the one left")
+        served = load.window(300)
+        assert len({host for _, host in served}) == 1
+    assert load.failures == [], "no call failed"
+
+
+def _canary(more: dict[str, Any], fail: float = 0) -> dict[str, Any]:
+    """echo of two replicas a color, swapped by a canary: ``more`` its hotSwap's own."""
+    return {
+        "replicas": 2,
+        "env": {"FAIL_RATE": str(fail)},
+        "gateway": {"maxConcurrentCalls": 1000},
+        "health": STARTUP,
+        "hotSwap": {"strategy": "Canary", "scaleDownDelaySeconds": 0, **SWAP["hotSwap"], **more},
+    }
+
+
+STEPS: dict[str, Any] = {
+    "canary": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]}
+}
+ANALYZED: dict[str, Any] = {
+    "analysis": [
+        {"name": "success", "builtin": "SuccessRate", "min": 0.95, "intervalSeconds": 2, "count": 5}
+    ],
+    "canary": {"steps": [{"setWeight": 50}, {"analysis": {"metrics": ["success"]}}]},
+}
+
+
+def _weights(gateways: Gateways, pods: dict[str, str]) -> list[float]:
+    """The weight each gateway replica itself applies to echo's new color."""
+    return [
+        float((gateways.status(p)["plugins"].get(f"{NAMESPACE}/echo") or {}).get("weight", 0))
+        for p in sorted(pods)
+    ]
+
+
+def _canary_at(api: Api, gateways: Gateways, pods: dict[str, str], step: int, weight: int) -> bool:
+    swap = api.status("echo").get("swap") or {}
+    return (
+        swap.get("canaryStep") == step
+        and swap.get("weight") == weight
+        and _weights(gateways, pods) == [weight] * len(pods)
+    )
+
+
+def _promote(controller: KubeController) -> None:
+    done = subprocess.run(
+        [str(BHCTL), "swap", "promote", f"{NAMESPACE}/echo", "--wait",
+         "--data-dir", str(controller.data)],
+        capture_output=True, text=True, timeout=300 * TIME_SCALE,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout, done.stderr)
+
+
+def _share(served: list[tuple[str, str]], version: str) -> float:
+    return sum(1 for v, _ in served if v == version) / len(served)
+
+
+@pytest.mark.timeout(900)  # a swap of several pods, on a loaded machine
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_canary_of_replicas_splits_calls_through_the_gateway_pods_by_its_weights(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**_canary(STEPS)))
+    wait_for(lambda: len(gateways.pods()) == 2, 120, "two gateway pods")
+    wait_for(
+        lambda: _all_ready(api, "echo", "1.0.0", 2),
+        180,
+        f"2 replicas Ready ({controller.log})",
+    )
+    pods = gateways.pods()
+    wait_for(lambda: _pooled(gateways, pods, 2), 120, f"both gateways pooling 2 ({controller.log})")
+    with Load.running(list(pods.values()), threads=8) as load:
+        load.window(200)
+        api.apply_plugin("echo", _spec("1.1.0", **_canary(STEPS)))
+        wait_for(
+            lambda: _canary_at(api, gateways, pods, 1, 10),
+            180,
+            f"the canary at 10% ({controller.log})",
+        )
+        at_10 = load.window(2000)
+        assert abs(_share(at_10, "1.1.0") - 0.10) < 0.03, _share(at_10, "1.1.0")
+        assert len({h for v, h in at_10 if v == "1.1.0"}) == 2, "the canary's replicas share"
+        assert len({h for v, h in at_10 if v == "1.0.0"}) == 2
+
+        _promote(controller)
+        wait_for(
+            lambda: _canary_at(api, gateways, pods, 3, 50),
+            120,
+            f"the canary at 50% ({controller.log})",
+        )
+        at_50 = load.window(2000)
+        assert abs(_share(at_50, "1.1.0") - 0.50) < 0.05, _share(at_50, "1.1.0")
+
+        _promote(controller)
+        wait_for(
+            lambda: _all_ready(api, "echo", "1.1.0", 2),
+            120,
+            f"the canary promoted ({controller.log})",
+        )
+        wait_for(lambda: _weights(gateways, pods) == [0, 0], 60, "no canary left on the gateways")
+        at_100 = load.window(1000)
+        assert _share(at_100, "1.1.0") == 1.0
+        assert len({h for _, h in at_100}) == 2
+    assert load.failures == [], "no call failed"
+
+
+@pytest.mark.timeout(900)  # a swap of several pods, on a loaded machine
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)
+def test_a_canary_of_replicas_that_fails_calls_is_rolled_back_by_its_success_rate(
+    api: Api,
+    controllers: list[KubeController],
+    gateways: Gateways,
+) -> None:
+    controller = controllers[0]
+    _start(controller, gateways)
+    api.apply_plugin("echo", _spec(**_canary(ANALYZED)))
+    wait_for(lambda: len(gateways.pods()) == 2, 120, "two gateway pods")
+    wait_for(
+        lambda: _all_ready(api, "echo", "1.0.0", 2),
+        180,
+        f"2 replicas Ready ({controller.log})",
+    )
+    pods = gateways.pods()
+    wait_for(lambda: _pooled(gateways, pods, 2), 120, f"both gateways pooling 2 ({controller.log})")
+    with Load.running(list(pods.values())) as load:
+        load.window(100)
+        api.apply_plugin("echo", _spec("1.1.0", **_canary(ANALYZED, fail=0.2)))
+
+        def rolled_back() -> dict[str, Any]:
+            last = api.status("echo").get("lastSwap") or {}
+            return last if last.get("reason") == "SwapFailedAnalysis" else {}
+
+        last = wait_for(rolled_back, 240, f"the analysis to roll back ({controller.log})")
+        after = time.monotonic()
+        wait_for(lambda: _weights(gateways, pods) == [0, 0], 60, "the gateways back on 1.0.0")
+        versions = {v for v, _ in load.window(1000)}
+        assert versions == {"1.0.0"}
+    assert "success (SuccessRate) failed" in last["message"]
+    assert "wanted >= 0.95" in last["message"]
+    late = [f for f in load.failures if f[0] >= after]
+    assert late == [], "no call failed after the rollback"
+    assert load.failures, "the new version failed some calls while it was a canary"
+    assert {status for _, status, _ in load.failures} == {500}
+    assert api.status("echo")["activeVersion"] == "1.0.0"

@@ -530,11 +530,66 @@ async def test_a_color_of_replicas_crosses_the_socket_beside_its_single_endpoint
         assert "endpoints" not in remote.table()["kv"]
 
 
+async def test_every_replica_and_canary_pod_gets_its_token_and_tls_on_a_remote_gateway() -> None:
+    """Pods (Kubernetes) are reached over mutual TLS with the plugin's token: the table says
+    how for each endpoint a call may go to, not only the color's first replica."""
+    blue = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
+    green = ["10.0.1.1:7000", "10.0.1.2:7000"]
+    every = [*blue, *green]
+    routes = control.RemoteRoutes(None, lambda: {"kv": KV})
+    routes.carry_tokens(lambda e: "kv-token" if e in every else None)
+    checked: dict[str, control.EndpointTLS] = {
+        e: {"serverName": "kv.plugins.c1.plugin.blackhole", "ca": "PEM"} for e in every
+    }
+    routes.carry_tls(checked.get)
+    routes.set_route("kv", blue[0], "bh-kv-blue", spec(), blue)
+    routes.set_canary("kv", green[0], 10, None, green)
+    table = routes.table()
+    assert table["kv"]["tls"] == checked
+    gateway = control.ControlServer(router.Router())
+    gateway.apply_table(table)
+    assert gateway.tokens == dict.fromkeys(every, "kv-token")
+    assert gateway.tls == checked
+
+
 def test_an_older_entry_without_endpoints_routes_as_before() -> None:
     controls = control.ControlServer(router.Router())
     controls.apply_table({"kv": control.entry(KV, "unix:/a.sock", "bh-kv-blue")})
     assert controls.router.gates["kv"].endpoint == "unix:/a.sock"
     assert not controls.router.gates["kv"].pools
+
+
+async def _not_initialized(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, server.NOT_INITIALIZED)
+    raise AssertionError("abort raises")
+
+
+async def test_a_call_a_replica_restarted_in_place_refuses_unrun_goes_to_another(
+    socket_dir: Path,
+) -> None:
+    """A replica the platform restarted at the same address (a pod's container) refuses
+    calls until the controller shook hands with it: those go to another replica; any other
+    refusal is the caller's answer."""
+    (socket_dir / "fresh").mkdir()
+    async with (
+        _plugin(socket_dir / "fresh", _not_initialized) as fresh,
+        _plugin(socket_dir) as alive,
+    ):
+        routes, plugins = router.Router(), client.Clients()
+        routes.set_route("kv", fresh, "bh-kv-blue", spec(), [fresh, alive])
+        gateway = server.Gateway(lambda key: KV if key == "kv" else None, routes, plugins)
+        bound = await gateway.start("127.0.0.1:0", None)
+        url = f"http://{bound['http']}/v1/plugins/kv/call/echo"
+        try:
+            for _ in range(6):
+                assert await asyncio.to_thread(_post, url) == (200, {"a": 1})
+            assert routes.counts[fresh].calls == 6 + 3, "each tried once on the fresh one"
+            routes.set_route("kv", fresh, "bh-kv-blue", spec())  # the fresh one alone
+            status, answer = await asyncio.to_thread(_post, url)
+            assert status == 409, answer
+        finally:
+            await gateway.stop()
+            await plugins.close()
 
 
 async def test_a_call_a_dead_replica_drops_goes_to_another_replica(socket_dir: Path) -> None:

@@ -299,3 +299,82 @@ def test_the_certificate_secret_certifies_the_plugins_identity_and_nothing_else(
     assert dns[0] == identity.server_name == "kv.team-a.default.plugin.blackhole"
     assert "bh-kv-green.team-a.svc" in dns
     assert "bh-kv.team-a.svc" in dns
+
+
+def _replica(replica: int, **spec: Any) -> base.InstanceSpec:
+    """Replica ``replica`` of kv's green color, with the labels the reconciler gives it."""
+    desired = _desired(replicas=3, **spec)
+    labels = dict(desired.labels)
+    if replica:
+        labels[base.LABEL_REPLICA] = str(replica)
+    return dataclasses.replace(desired, labels=labels, replica=replica)
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_replica_is_a_deployment_sharing_its_colors_service_and_secret(version: str):
+    made = [
+        manifests.deployment(_replica(k), "team-a", OWNER, run=f"run{k}", options=OPTIONS)
+        for k in range(3)
+    ]
+    for manifest in made:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    assert [m["metadata"]["name"] for m in made] == [
+        "bh-kv-green",
+        "bh-kv-green-1",
+        "bh-kv-green-2",
+    ]
+    assert [m["spec"]["replicas"] for m in made] == [1, 1, 1]
+    assert [m["metadata"]["labels"].get(base.LABEL_REPLICA) for m in made] == [None, "1", "2"]
+    pods = [m["spec"]["template"]["metadata"]["labels"] for m in made]
+    assert [p.get(base.LABEL_REPLICA) for p in pods] == [None, "1", "2"]
+    for k, manifest in enumerate(made):
+        selector = manifest["spec"]["selector"]["matchLabels"]
+        assert [_selects(selector, p) for p in pods] == [j == k for j in range(3)], (
+            "a Deployment's selector overlaps another replica's pods"
+        )
+    service = manifests.color_service(_replica(0), "team-a", OWNER)
+    assert all(_selects(service["spec"]["selector"], p) for p in pods), "one Service, every pod"
+    stable = manifests.stable_service("kv", models.Color.GREEN, "team-a", "default", OWNER)
+    assert all(_selects(stable["spec"]["selector"], p) for p in pods)
+    mounted = {
+        v["secret"]["secretName"]
+        for m in made
+        for v in m["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == manifests.TLS_VOLUME
+    }
+    assert mounted == {manifests.certificate_name("kv", models.Color.GREEN, "default")}
+
+
+def test_the_replicas_suffix_counts_against_the_name_limit(tmp_path: Path):
+    from kubernetes import client
+
+    from controller.runtimes import kubernetes
+
+    runtime = kubernetes.KubernetesRuntime(
+        kubernetes.Settings(controller_id="blue-team"),
+        client.ApiClient(),
+        pki.Authority.create("blue-team"),
+        pki.Credentials(tmp_path),
+    )
+    assert runtime.capabilities().replicas
+    longest = "p" * (63 - len("bh-blue-team--green"))
+    assert manifests.names_too_long(longest, "blue-team", 1) is None
+    # 10 replicas: the last Deployment is ...-green-9, two characters past the Service.
+    said = manifests.names_too_long(longest, "blue-team", 10)
+    assert said is not None
+    assert "the Deployment 'bh-blue-team-" in said
+    assert "-green-9' would be 65 characters" in said
+    assert "with controller id 'blue-team' and 10 replicas" in said
+    assert f"at most {len(longest) - 2} characters" in said
+    shorter = longest[:-2]
+    assert manifests.names_too_long(shorter, "blue-team", 10) is None
+    assert manifests.names_too_long(shorter, "blue-team", 11) is not None  # ...-green-10
+    fits = dataclasses.replace(_desired(replicas=10), plugin=shorter, controller_id="blue-team")
+    assert not [i for i in runtime.validate(fits) if i.path == "metadata.name"]
+    over = dataclasses.replace(fits, plugin=longest)
+    [issue] = [i for i in runtime.validate(over) if i.path == "metadata.name"]
+    assert "-green-9' would be 65 characters" in issue.message

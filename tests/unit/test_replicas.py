@@ -93,6 +93,32 @@ async def test_a_scale_down_removes_the_last_replicas(echo: World) -> None:
     assert gate.endpoint == endpoint(echo, "bh-echo-blue")
 
 
+class _Watched(router.Router):
+    """A router that counts the times a plugin is left with no route."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleared = 0
+
+    def clear_route(self, key: str) -> None:
+        self.cleared += 1
+        super().clear_route(key)
+
+
+async def test_a_scale_down_keeps_the_first_replica_routed_throughout(echo: World) -> None:
+    """Calls go on to the replica kept while the ones past the count are removed: the
+    route is narrowed, never taken away (calls would fail with 503 meanwhile)."""
+    watched = _Watched()
+    echo.reconciler.routes = watched
+    await echo.settle("echo")
+    watched.cleared = 0
+    echo.write("echo", extra=REPLICAS.replace("3", "1"))
+    await echo.settle("echo")
+    assert sorted(echo.runtime.instances) == ["bh-echo-blue"]
+    assert watched.cleared == 0
+    assert watched.gates["echo"].endpoint == endpoint(echo, "bh-echo-blue")
+
+
 async def test_a_swap_starts_all_replicas_of_the_new_color_before_the_flip(echo: World) -> None:
     await echo.settle("echo")
     echo.write("echo", version="1.1.0", extra=REPLICAS)
@@ -166,3 +192,20 @@ def test_replicas_are_refused_with_a_remote_address_or_a_standby(extra, refused)
     }
     with pytest.raises(pydantic.ValidationError, match=refused):
         models.Plugin.model_validate(document)
+
+
+def test_a_promoted_canary_of_replicas_keeps_its_pool_once_its_weight_goes() -> None:
+    """The table of a canary's end routes to its color and drops the canary in one go: the
+    color's replicas stay balanced over, not only its first."""
+    routes = router.Router()
+    spec = models.PluginSpec.model_validate({"image": "e:1", "version": "1.0.0"})
+    declared = router.Declared.of(spec)
+    blue, green = ["b0", "b1"], ["g0", "g1"]
+    routes.route_to("echo", blue[0], "bh-echo-blue", declared, blue)
+    routes.set_canary("echo", green[0], 50, None, green)
+    routes.route_to("echo", green[0], "bh-echo-green", declared, green)  # promoted
+    routes.set_canary("echo", None, 0)
+    gate = routes.gates["echo"]
+    assert gate.endpoint == green[0]
+    assert gate.pools[green[0]].endpoints == tuple(green)
+    assert blue[0] not in gate.pools
