@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import ssl
 import stat
 import time
 from collections.abc import Iterable, Sequence
@@ -360,6 +361,26 @@ def _host_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
         except ValueError:
             names.append(x509.DNSName(host))
     return names
+
+
+MISMATCH = "IdentityMismatch"
+"""A verification failure: the peer's certificate does not name the identity expected."""
+EXPIRED = "CertificateExpired"
+"""A verification failure: the peer's certificate is past its end."""
+UNTRUSTED = "CertificateUntrusted"
+"""A verification failure: the peer's certificate does not chain to the CA trusted."""
+
+
+def verification_failure(e: ssl.SSLCertVerificationError) -> tuple[str, str]:
+    """Why a peer's certificate was refused: one of :data:`MISMATCH`, :data:`EXPIRED` and
+    :data:`UNTRUSTED`, and OpenSSL's words for it."""
+    why = e.verify_message or str(e)
+    lowered = why.lower()
+    if "hostname mismatch" in lowered or "ip address mismatch" in lowered:
+        return MISMATCH, why
+    if "expired" in lowered:
+        return EXPIRED, why
+    return UNTRUSTED, why
 
 
 def identities_of(cert_pem: bytes) -> list[Identity]:

@@ -1044,19 +1044,19 @@ def _not_tls(endpoint: str, what: str) -> IncompatiblePluginError:
 def _refusal(
     endpoint: str, identity: pki.Identity, e: ssl.SSLCertVerificationError
 ) -> IncompatiblePluginError:
-    why = e.verify_message or str(e)
-    if "hostname mismatch" in why.lower() or "ip address mismatch" in why.lower():
+    kind, why = pki.verification_failure(e)
+    if kind == pki.MISMATCH:
         return IncompatiblePluginError(
-            "IdentityMismatch",
+            kind,
             f"the pod at {endpoint} presented a certificate that does not name "
             f"{identity.uri} ({identity.server_name}: {why}): it is not this plugin's",
         )
-    if "expired" in why.lower():
+    if kind == pki.EXPIRED:
         return IncompatiblePluginError(
-            "CertificateExpired", f"the pod at {endpoint} presented an expired certificate"
+            kind, f"the pod at {endpoint} presented an expired certificate ({why})"
         )
     return IncompatiblePluginError(
-        "CertificateUntrusted",
+        kind,
         f"the pod at {endpoint} presented a certificate that does not chain to the "
         f"controller's CA ({why})",
     )

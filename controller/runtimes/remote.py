@@ -356,16 +356,17 @@ def _not_tls(target: Target, what: str) -> IncompatiblePluginError:
 
 
 def _refusal(target: Target, e: ssl.SSLCertVerificationError) -> IncompatiblePluginError:
-    why = e.verify_message or str(e)
-    if "hostname mismatch" in why.lower() or "ip address mismatch" in why.lower():
+    kind, why = pki.verification_failure(e)
+    if kind == pki.MISMATCH:
         return IncompatiblePluginError(
             "RemoteIdentityMismatch",
             f"{target.address} presented a certificate that does not name "
             f"{target.server_name} ({why}): it is not the plugin expected there",
         )
-    if "expired" in why.lower():
+    if kind == pki.EXPIRED:
         return IncompatiblePluginError(
-            "RemoteCertificateExpired", f"{target.address} presented an expired certificate"
+            "RemoteCertificateExpired",
+            f"{target.address} presented an expired certificate ({why})",
         )
     return IncompatiblePluginError(
         "RemoteUntrusted",
