@@ -209,7 +209,10 @@ class Coordinator:
                     f"{new.name} exited before promotion ({how}); last log lines:\n{lines}",
                 )
             await self._check_serving(old)
-            if not await self._ready(progress, new) or not await self._replicas_ready(progress):
+            first_ready = await self._ready(progress, new)
+            # The other replicas are probed in the same pass, not only once the first is Ready.
+            others_ready = await self._replicas_ready(progress)
+            if not first_ready or not others_ready:
                 delay = c.memory.next_probe(new.name)
                 if new.waiting and new.started_at is None:  # scheduling, pulling: not counted
                     self._swapping(

@@ -119,6 +119,21 @@ async def test_a_scale_down_keeps_the_first_replica_routed_throughout(echo: Worl
     assert watched.gates["echo"].endpoint == endpoint(echo, "bh-echo-blue")
 
 
+async def test_a_swaps_replicas_are_probed_while_the_first_is_not_ready(echo: World) -> None:
+    await echo.settle("echo")
+    echo.write("echo", version="1.1.0", extra=REPLICAS)
+    echo.runtime.unready.add("bh-echo-green")
+    status = await echo.settle("echo")
+    assert status.swap is not None
+    records = {(i.color, i.replica): i.ready for i in status.instances}
+    assert records[(models.Color.GREEN, 0)] is False
+    assert records[(models.Color.GREEN, 1)] is True, "probed though the first is not Ready"
+    assert records[(models.Color.GREEN, 2)] is True
+    echo.runtime.unready.discard("bh-echo-green")
+    status = await echo.settle("echo", passes=1)
+    assert status.active_color is models.Color.GREEN, "the others were Ready already"
+
+
 async def test_a_swap_starts_all_replicas_of_the_new_color_before_the_flip(echo: World) -> None:
     await echo.settle("echo")
     echo.write("echo", version="1.1.0", extra=REPLICAS)
