@@ -68,7 +68,7 @@ imports:
 unit:
 	$(BIN)/pytest tests/unit examples
 
-# Two groups side by side: the Kubernetes stand-in's files and the rest (scripts/integration.sh).
+# Two groups side by side: the Kubernetes scenarios' files and the rest (scripts/integration.sh).
 integration:
 	BIN=$(BIN) bash scripts/integration.sh
 
