@@ -88,6 +88,16 @@ def value(controller: ControllerProcess, key: str) -> Any:
     return answer["value"]
 
 
+def settled_on(controller: ControllerProcess, version: str) -> None:
+    """Wait until ``version`` serves and no swap is in progress."""
+
+    def settled() -> bool:
+        status = controller.status("kv")
+        return status.get("activeVersion") == version and status.get("swap") is None
+
+    wait_for(settled, timeout=120, what=f"{version} serving, no swap in progress")
+
+
 def progressing(controller: ControllerProcess) -> str | None:
     return controller.condition("kv", "Progressing").get("reason")
 
@@ -147,14 +157,7 @@ def test_undo_to_a_revision_goes_back_to_it_with_the_state(controller: Controlle
     for n in range(20):
         assert controller.call("kv", "put", {"key": f"k{n}", "value": n})[0] == 200
     write_kv(controller, "1.2.0", PLAIN)
-    wait_for(
-        lambda: (
-            controller.status("kv").get("activeVersion") == "1.2.0"
-            and controller.status("kv").get("swap") is None
-        ),
-        timeout=120,
-        what="1.2.0 promoted",
-    )
+    settled_on(controller, "1.2.0")
     assert controller.call("kv", "put", {"key": "later", "value": "on 1.2.0"})[0] == 200
 
     listed = bhctl(controller, "swap", "history", "kv", "-o", "json")
@@ -168,14 +171,7 @@ def test_undo_to_a_revision_goes_back_to_it_with_the_state(controller: Controlle
     undone = bhctl(controller, "swap", "undo", "kv", "--to-revision", "1", "--wait", timeout=300)
     assert undone.returncode == 0, undone.stderr
     assert "going back to revision 1 (1.1.0)" in undone.stdout
-    wait_for(
-        lambda: (
-            controller.status("kv").get("activeVersion") == "1.1.0"
-            and controller.status("kv").get("swap") is None
-        ),
-        timeout=120,
-        what="back on 1.1.0",
-    )
+    settled_on(controller, "1.1.0")
     for n in (0, 19):
         assert value(controller, f"k{n}") == n
     assert value(controller, "later") == "on 1.2.0", "what the later revision wrote is carried back"
